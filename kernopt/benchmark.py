@@ -1,0 +1,148 @@
+"""Benchmark results in the one schema of shared/BENCHMARKS.md, and the timing rules behind them.
+
+Every suite script in examples/ builds a `Suite`, adds rows whose kernopt number comes from an output
+checked against the reference in the same run (`check=` problem string -> the row records the error
+and drops the kernopt number), prints the table and writes `benchmarks/results/<suite>-<gpu>.json`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def gpu_slug(name: str) -> str:
+    m = re.search(r"\b([A-Z]\d{2,4}[A-Za-z]?)\b", name)
+    return m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of `fn` on the GPU (CUDA events; L2 flushed between repeats by do_bench)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def time_rotating_ms(make_fn: Callable[[int], Callable[[], object]], copies: int, warmup: int = 25,
+                     rep: int = 100) -> float:
+    """Median ms per call, cycling through `copies` input sets so that repeats don't run from L2."""
+    fns = [make_fn(i) for i in range(copies)]
+    state = {"i": 0}
+
+    def step():
+        state["i"] = (state["i"] + 1) % copies
+        return fns[state["i"]]()
+
+    return time_ms(step, warmup, rep)
+
+
+class Suite:
+    def __init__(self, suite: str):
+        self.suite = suite
+        self.device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except Exception:
+            triton_version = "none"
+        self.header = {
+            "suite": suite,
+            "device": self.device,
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "kernopt_commit": _commit(),
+            "date": _dt.date.today().isoformat(),
+        }
+        self.rows: list[dict] = []
+
+    def add(self, case: str, metric: str, higher_is_better: bool, results: dict[str, float],
+            config: str = "", error: Optional[str] = None, **extra) -> dict:
+        results = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()}
+        row = {"case": case, "metric": metric, "higher_is_better": higher_is_better, "results": results}
+        if config:
+            row["config"] = config
+        if error:
+            row["error"] = error
+            row["results"].pop("kernopt", None)
+        row.update(extra)
+        self.rows.append(row)
+        return row
+
+    def table(self) -> str:
+        from tabulate import tabulate
+
+        systems: list[str] = []
+        for r in self.rows:
+            for k in r["results"]:
+                if k not in systems:
+                    systems.append(k)
+        out = []
+        for r in self.rows:
+            res = r["results"]
+            line = [r["case"], r["metric"]] + [res.get(s, "") for s in systems]
+            k = res.get("kernopt")
+            ratios = []
+            for s in systems:
+                if s != "kernopt" and k and res.get(s):
+                    ratios.append(f"{(k / res[s]) if r['higher_is_better'] else (res[s] / k):.2f}")
+            line.append(" ".join(ratios) or r.get("error", ""))
+            out.append(line)
+        return tabulate(out, headers=["case", "metric", *systems, "kernopt speedup vs " + "/".join(
+            s for s in systems if s != "kernopt")], floatfmt=".2f")
+
+    def write(self, directory: Optional[Path] = None, plot: bool = False) -> Path:
+        directory = Path(directory) if directory else RESULTS_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{self.suite}-{gpu_slug(self.device)}.json"
+        path.write_text(json.dumps({**self.header, "rows": self.rows}, indent=1) + "\n")
+        if plot:
+            self.plot(path.with_suffix(".png"))
+        return path
+
+    def plot(self, path: Path) -> Optional[Path]:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        systems = sorted({k for r in self.rows for k in r["results"]}, key=lambda s: (s != "kernopt", s))
+        fig, ax = plt.subplots(figsize=(max(6, len(self.rows) * 0.8), 4))
+        width = 0.8 / max(1, len(systems))
+        for i, s in enumerate(systems):
+            xs = [j + i * width for j in range(len(self.rows))]
+            ax.bar(xs, [r["results"].get(s, 0) for r in self.rows], width, label=s)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(self.rows))])
+        ax.set_xticklabels([r["case"] for r in self.rows], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel(self.rows[0]["metric"] if self.rows else "")
+        ax.set_title(f"kernopt {self.suite} on {self.device}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def require_cuda(script: str) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script}: benchmarks time GPU kernels; no CUDA device here. "
+                         "Run it on the GPU machine (see README, 'Benchmarks').")
+
+

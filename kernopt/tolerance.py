@@ -1,0 +1,54 @@
+"""Numerical tolerances by dtype, in one place: tests, `verify=True` and benchmarks all read them.
+
+A kernel output in dtype `d` is compared to a float64 reference (computed from the same inputs) with
+``|actual - expected| <= atol + rtol * |expected|``. The numbers are about one to two units of the
+output dtype's rounding, widened for fp32 accumulation-order differences in long reductions.
+"""
+from __future__ import annotations
+
+import torch
+
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {  # dtype -> (rtol, atol)
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    try:
+        return TOLERANCES[dtype]
+    except KeyError:
+        raise ValueError(f"no tolerance for {dtype}; known: {sorted(map(str, TOLERANCES))}") from None
+
+
+def mismatch(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+             scale: float = 1.0) -> str | None:
+    """None when `actual` matches `expected` within dtype tolerance (times `scale`), else a description.
+
+    NaN in `actual` where `expected` is finite is always a mismatch.
+    """
+    rtol, atol = tolerance(dtype or actual.dtype)
+    rtol, atol = rtol * scale, atol * scale
+    if actual.shape != expected.shape:
+        return f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    bad_nan = torch.isnan(a) & ~torch.isnan(e)
+    if bad_nan.any():
+        return f"{int(bad_nan.sum())} NaN values where the reference is finite"
+    err = (a - e).abs()
+    limit = atol + rtol * e.abs()
+    over = (err > limit) & torch.isfinite(e)
+    if over.any():
+        idx = int(torch.argmax((err - limit).masked_fill(~over, float("-inf"))))
+        return (f"{int(over.sum())}/{err.numel()} elements beyond rtol={rtol:g} atol={atol:g}; "
+                f"worst at flat index {idx}: got {a.flatten()[idx].item():.6g}, "
+                f"expected {e.flatten()[idx].item():.6g}; max abs err {err.max().item():.3g}")
+    return None
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 scale: float = 1.0) -> None:
+    problem = mismatch(actual, expected, dtype, scale)
+    assert problem is None, problem
