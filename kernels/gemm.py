@@ -1,0 +1,363 @@
+"""GEMM with a fused epilogue: y = act(x @ w.T + bias), or the SwiGLU gate silu(x @ w.T) * (x @ w_up.T).
+
+Algorithm (the Triton matmul tutorial, plus an epilogue and an optional second weight):
+  - each program owns a BLOCK_M x BLOCK_N output tile; programs are numbered in GROUP_M-tall column
+    groups so that neighbouring programs share x rows and w columns in L2;
+  - it walks K in BLOCK_K steps, loading one x tile and one w tile (two w tiles for "swiglu", which
+    share that x tile) and accumulating with tl.dot in fp32 (IEEE fp32 dot for fp32 inputs);
+  - the epilogue adds the bias, applies the activation in fp32 and rounds once to x's dtype;
+  - decode shapes (few rows, a long K) split K over SPLIT_K programs that write fp32 partial tiles,
+    and a second small kernel sums the partials and applies the same epilogue.
+
+Layouts: x [M, K] with any strides (a row-strided view of a wider buffer is fine); w and w_up [N, K]
+(nn.Linear layout) with any strides, e.g. a transposed [K, N] buffer's .T; bias [N]; out [M, N] with
+any strides. fp16, bf16 and fp32; x, w and w_up share one dtype and the output has it too.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "swiglu")
+_ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _activation(g, u, ACT: tl.constexpr):
+    """The epilogue on fp32 values; `u` is only read for swiglu (ACT == 4)."""
+    if ACT == 1:  # silu
+        g = g / (1.0 + tl.exp(-g))
+    elif ACT == 2:  # gelu, erf form (F.gelu's default)
+        g = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    elif ACT == 3:  # gelu, tanh form; tanh(z) = 1 - 2 / (1 + exp(2z)) saturates cleanly at +-inf
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        g = 0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z)))
+    elif ACT == 4:  # swiglu: silu(gate) * up
+        g = g / (1.0 + tl.exp(-g)) * u
+    return g
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr, w_ptr, wu_ptr, b_ptr, y_ptr, part_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_un, stride_uk, stride_ym, stride_yn,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    SWIGLU: tl.constexpr = ACT == 4
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-tiles walk the N tiles together, so their w tiles are reused from L2.
+    pids_in_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_in_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_in_group) % group_m
+    pid_n = (pid % pids_in_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past M / columns past N wrap onto valid ones: loads need no M/N mask, the store masks them.
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    k_start = pid_k * K_PER_SPLIT
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + (k_start + offs_k)[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+    if SWIGLU:
+        u_ptrs = wu_ptr + rn[None, :] * stride_un + (k_start + offs_k)[:, None] * stride_uk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K_PER_SPLIT, BLOCK_K)):
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            k_left = tl.minimum(K - k_start, K_PER_SPLIT) - kt * BLOCK_K
+            xt = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            wt = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if IEEE:
+            acc = tl.dot(xt, wt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, wt, acc)
+        if SWIGLU:
+            if EVEN_K:
+                ut = tl.load(u_ptrs)
+            else:
+                ut = tl.load(u_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if IEEE:
+                acc_u = tl.dot(xt, ut, acc_u, input_precision="ieee")
+            else:
+                acc_u = tl.dot(xt, ut, acc_u)
+            u_ptrs += BLOCK_K * stride_uk
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+        out = _activation(acc, acc_u, ACT)
+        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        # fp32 partials, laid out [2 (gate, up), SPLIT_K, M, N] contiguous; the reduce kernel finishes.
+        p_ptrs = part_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        tl.store(p_ptrs, acc, mask=mask)
+        if SWIGLU:
+            tl.store(p_ptrs + SPLIT_K * M * N, acc_u, mask=mask)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    part_ptr, b_ptr, y_ptr, M, N, stride_ym, stride_yn,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        p = part_ptr + (s * M + m).to(tl.int64) * N + offs_n
+        acc += tl.load(p, mask=nmask, other=0.0)
+        if ACT == 4:
+            acc_u += tl.load(p + SPLIT_K * M * N, mask=nmask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    out = _activation(acc, acc_u, ACT)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + offs_n.to(tl.int64) * stride_yn,
+             out.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs: the one shape -> config table of this family
+# --------------------------------------------------------------------------------------------------
+_SMS = 132  # H100 SXM; split-K aims to give every SM at least one program.
+
+
+def _cfg(bm, bn, bk, warps, stages, group=8, split=1) -> dict:
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "SPLIT_K": split,
+            "num_warps": warps, "num_stages": stages}
+
+
+def _split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int) -> int:
+    """Enough K splits that the grid covers the SMs about twice, each split keeping >= 8 K-tiles."""
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    split = 1
+    while tiles * split * 2 <= 2 * _SMS and K // (split * 2) >= 8 * bk and split < 16:
+        split *= 2
+    return split
+
+
+def select_config(M: int, N: int, K: int, activation: str = "none", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The config table, by M bucket (the scenario of kernopt.workload.classify, read off the row count).
+
+    | M (rows)           | scenario                 | tile (M x N x K), warps, stages          | why                          |
+    |--------------------|--------------------------|------------------------------------------|------------------------------|
+    | <= 16              | single-stream/interactive| 16 x 64 x 128, 4 warps, 5 stages, split-K| weight-bandwidth bound: GEMV-|
+    |                    |                          | until ~2 programs per SM                 | like, deep pipeline, fill SMs|
+    | 17 - 64            | interactive/server       | 64 x 64 x 128, 4 warps, 4 stages         | still bandwidth bound        |
+    | 65 - 256           | server                   | 64 x 128 x 64, 4 warps, 4 stages         | balanced                     |
+    | > 256              | server/offline           | 128 x 256 x 64 (swiglu 128 x 128), 8     | tensor-core bound: big tiles,|
+    |                    |                          | warps, 3 stages, GROUP_M 8               | grouped order for L2         |
+
+    swiglu holds two accumulators and loads two weight tiles, so its N tile is half the plain one from
+    M > 16 up. fp32 inputs halve BLOCK_K (twice the bytes per element, same shared memory).
+    """
+    swiglu = activation == "swiglu"
+    fp32 = dtype == torch.float32
+    if M <= 16:
+        bk = 64 if fp32 else 128
+        bn = 64
+        cfg = _cfg(16, bn, bk, 4, 4 if fp32 else 5, group=1, split=_split_k(M, N, K, 16, bn, bk))
+    elif M <= 64:
+        cfg = _cfg(64, 64, 64 if fp32 else 128, 4, 4)
+    elif M <= 256:
+        cfg = _cfg(64, 64 if swiglu else 128, 32 if fp32 else 64, 4, 4)
+    else:
+        cfg = _cfg(128, 128 if swiglu else 256, 32 if fp32 else 64, 8, 3)
+    return cfg
+
+
+def candidate_configs(M: int, N: int, K: int, activation: str = "none") -> list[dict]:
+    """A short list around the table's choice, for kernopt.workload.autotune (bf16/fp16 sizes)."""
+    swiglu = activation == "swiglu"
+    if M <= 16:
+        out = []
+        for bn, bk, stages in ((32, 128, 5), (64, 128, 5), (64, 256, 3), (128, 128, 4), (32, 256, 4)):
+            for split in sorted({1, _split_k(M, N, K, 16, bn, bk)}):
+                out.append(_cfg(16, bn, bk, 4, stages, group=1, split=split))
+        return out
+    if M <= 64:
+        return [_cfg(bm, bn, bk, 4, st) for bm, bn, bk, st in
+                ((32, 64, 128, 4), (64, 64, 128, 4), (64, 128, 64, 4), (32, 128, 128, 3), (64, 128, 128, 3))]
+    if M <= 256:
+        return [_cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
+                _cfg(128, 128, 64, 8, 3), _cfg(64, 128, 128, 4, 3), _cfg(128, 128, 64, 4, 4)]
+    big = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3),
+           _cfg(256, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4)]
+    if swiglu:  # two accumulators: a 128 x 256 tile spills
+        big = [c for c in big if c["BLOCK_M"] * c["BLOCK_N"] <= 128 * 128]
+        big.append(_cfg(128, 128, 32, 8, 4))
+    return big
+
+
+# --------------------------------------------------------------------------------------------------
+# Crossover: where the Triton kernel is expected to beat cuBLAS (+ Inductor's fused epilogue)
+# --------------------------------------------------------------------------------------------------
+# The pass rewrites a linear (+ activation) only when prefer_triton() returns None; otherwise it keeps
+# aten.mm/addmm (cuBLAS; addmm fuses the bias) and lets Inductor fuse the activation into one pointwise
+# kernel. The baseline costs one extra read+write of the [M, N] output per unfused op (for swiglu:
+# gate and up written, read back, product written) and one launch per op.
+#
+# | activation         | M range      | pick    | basis                                                      |
+# |--------------------|--------------|---------|------------------------------------------------------------|
+# | swiglu             | <= 2048      | Triton  | one pass over both weights, no gate/up round trip (expected) |
+# | swiglu             | > 2048       | cuBLAS  | compute bound: cuBLAS tiles beat ours by more than the epilogue saves (expected) |
+# | silu/gelu/gelu_tanh| <= 1024      | Triton  | saves the epilogue kernel and its [M, N] round trip (expected) |
+# | silu/gelu/gelu_tanh| > 1024       | cuBLAS  | compute bound (expected)                                   |
+# | none (+bias)       | any          | cuBLAS  | nothing to fuse: addmm already fuses the bias (expected)  |
+# | any, fp32 input    | any          | cuBLAS  | our fp32 path is IEEE (exact), cuBLAS' SGEMM is faster     |
+#
+# "expected" = the starting table before the H100 run of examples/bench_gemm.py; replace the entries
+# with measured crossovers (and say "measured" in the reason).
+_TRITON_MAX_M = {"swiglu": 2048, "silu": 1024, "gelu": 1024, "gelu_tanh": 1024}
+
+
+def prefer_triton(M: int, N: int, K: int, activation: str = "none", dtype: torch.dtype = torch.bfloat16
+                  ) -> Optional[str]:
+    """None when the Triton kernel is expected to be faster here, else why cuBLAS (+Inductor) is kept."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(map(repr, ACTIVATIONS))}")
+    if dtype == torch.float32:
+        return f"fp32 input: cuBLAS SGEMM is faster than the IEEE-fp32 Triton path (expected)"
+    if activation == "none":
+        return f"M={M} K={K} N={N} plain GEMM: nothing to fuse, cuBLAS (addmm fuses a bias) is as fast or faster (expected)"
+    limit = _TRITON_MAX_M[activation]
+    if M > limit:
+        return (f"M={M} K={K} N={N} {activation}: compute bound above M={limit}, cuBLAS + Inductor epilogue "
+                f"is faster (expected)")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher and reference
+# --------------------------------------------------------------------------------------------------
+def _check_config(config: dict) -> dict:
+    missing = [k for k in CONFIG_KEYS if k not in config and k not in ("GROUP_M", "SPLIT_K")]
+    unknown = [k for k in config if k not in CONFIG_KEYS]
+    if missing or unknown:
+        raise ValueError(f"gemm config {config}: missing {missing}, unknown {unknown}; keys are {CONFIG_KEYS}")
+    cfg = {"GROUP_M": 1, "SPLIT_K": 1, **config}
+    for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        v = cfg[k]
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"gemm config {k}={v}: must be a power of two >= 16 (tl.dot's minimum)")
+    if cfg["GROUP_M"] < 1 or cfg["SPLIT_K"] < 1:
+        raise ValueError(f"gemm config: GROUP_M and SPLIT_K must be >= 1, got {cfg}")
+    return cfg
+
+
+def _check_inputs(x, w, bias, w_up, activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(map(repr, ACTIVATIONS))}")
+    if x.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"gemm expects x [M, K] and w [N, K]; got x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"gemm: x dtype {x.dtype} not supported; valid: {', '.join(map(str, DTYPES))}")
+    if w.dtype != x.dtype:
+        raise ValueError(f"gemm: w dtype {w.dtype} differs from x dtype {x.dtype}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"gemm: K mismatch, x {tuple(x.shape)} vs w {tuple(w.shape)} (w is [N, K])")
+    if w.device != x.device:
+        raise ValueError(f"gemm: x on {x.device}, w on {w.device}")
+    N = w.shape[0]
+    if activation == "swiglu":
+        if w_up is None:
+            raise ValueError("gemm: activation='swiglu' needs w_up [N, K] (silu(x @ w.T) * (x @ w_up.T))")
+        if w_up.shape != w.shape or w_up.dtype != w.dtype or w_up.device != w.device:
+            raise ValueError(f"gemm: w_up {tuple(w_up.shape)} {w_up.dtype} {w_up.device} must match "
+                             f"w {tuple(w.shape)} {w.dtype} {w.device}")
+        if bias is not None:
+            raise ValueError("gemm: bias with activation='swiglu' is ambiguous (gate or up?); not supported")
+    elif w_up is not None:
+        raise ValueError(f"gemm: w_up is only used with activation='swiglu', got activation={activation!r}")
+    if bias is not None:
+        if bias.shape != (N,) or bias.device != x.device or not bias.dtype.is_floating_point:
+            raise ValueError(f"gemm: bias must be a float [N]={N} tensor on {x.device}, got "
+                             f"{tuple(bias.shape)} {bias.dtype} {bias.device}")
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, w_up: Optional[torch.Tensor] = None,
+         activation: str = "none", config: Optional[dict] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = act(x @ w.T + bias) (or silu(x @ w.T) * (x @ w_up.T) for "swiglu") in one kernel, fp32 accumulation."""
+    _check_inputs(x, w, bias, w_up, activation)
+    M, K = x.shape
+    N = w.shape[0]
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    elif out.shape != (M, N) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"gemm: out must be [{M}, {N}] {x.dtype} on {x.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} {out.device}")
+    if M == 0 or N == 0:
+        return out
+    cfg = _check_config(config if config is not None else select_config(M, N, K, activation, x.dtype))
+    bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
+    # Each split covers a whole number of K tiles; trailing splits may be empty (they write zeros).
+    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), split), bk) * bk if split > 1 else K
+    even_k = K % bk == 0 and (split == 1 or k_per_split * split == K)
+    act = _ACT_CODE[activation]
+    swiglu = activation == "swiglu"
+    wu = w_up if swiglu else w
+    part = (torch.empty((2 if swiglu else 1, split, M, N), dtype=torch.float32, device=x.device)
+            if split > 1 else out)
+    b = bias if bias is not None else out  # never read when HAS_BIAS is False
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
+    _gemm_kernel[grid](
+        x, w, wu, b, out, part, M, N, K, k_per_split,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), wu.stride(0), wu.stride(1),
+        out.stride(0), out.stride(1),
+        ACT=act, HAS_BIAS=bias is not None, EVEN_K=even_k, IEEE=x.dtype == torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if split > 1:
+        rbn = min(1024, triton.next_power_of_2(N))
+        _split_k_reduce_kernel[(M, triton.cdiv(N, rbn))](
+            part, b, out, M, N, out.stride(0), out.stride(1),
+            ACT=act, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_N=rbn, num_warps=4,
+        )
+    return out
+
+
+def gemm_ref(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+             w_up: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+    """Plain torch, in the input dtype: what eager runs and the pattern the pass recognises."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(map(repr, ACTIVATIONS))}")
+    y = F.linear(x, w, bias)
+    if activation == "none":
+        return y
+    if activation == "silu":
+        return F.silu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if w_up is None:
+        raise ValueError("gemm_ref: activation='swiglu' needs w_up [N, K]")
+    return F.silu(y) * F.linear(x, w_up)
