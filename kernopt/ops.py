@@ -64,7 +64,15 @@ def _run(module: str, launcher: str, like: Tensor, *args, **kwargs):
 @torch.library.custom_op("kernopt::linear", mutates_args=())
 def linear(x: Tensor, w: Tensor, bias: Optional[Tensor], w_up: Optional[Tensor], activation: str) -> Tensor:
     lead = x.shape[:-1]
-    out = _run("gemm", "gemm", x, x.reshape(-1, x.shape[-1]), w, bias=bias, w_up=w_up, activation=activation)
+    x2 = x.reshape(-1, x.shape[-1])
+    gemm = kernel_module("gemm")
+    impl = implementation(x)
+    # A graph compiled for a dynamic M decides per call: where the shape table says cuBLAS wins, use it.
+    if impl == "reference" or (impl == "triton" and gemm.prefer_triton(x2.shape[0], w.shape[0], x2.shape[1],
+                                                                       activation, x.dtype)):
+        out = gemm.gemm_ref(x2, w, bias=bias, w_up=w_up, activation=activation)
+    else:
+        out = gemm.gemm(x2, w, bias=bias, w_up=w_up, activation=activation)
     return out.reshape(*lead, w.shape[0])
 
 
