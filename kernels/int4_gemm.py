@@ -1,0 +1,381 @@
+"""INT4 weight-only GEMM: y = x @ dequant(qweight, scales, zeros).T (+ bias), dequantizing in registers.
+
+Weight format (kernopt's; `kernopt/int4.py` builds it and converts GPTQ/AWQ tensors into it):
+
+- ``qweight`` int32 [N, K // 8]: word ``qweight[n, j]`` holds k = 8*j .. 8*j+7, nibble i (bits 4i..4i+3)
+  is k = 8*j + i, an unsigned 4-bit code q in [0, 15]. Any strides are accepted: the row-major [N, K/8]
+  tensor is ours, and GPTQ's [K/8, N] ``qweight`` (same words, same nibble order) is accepted as its
+  ``.t()`` view without a copy. A uint8 [N, K/2] tensor with the low nibble first is the same bytes:
+  pass ``u8.view(torch.int32)``.
+- ``scales`` [N, K // group_size] fp16/bf16/fp32 (any strides: GPTQ's [K/g, N] ``.t()`` works).
+- ``zeros`` [N, K // group_size] (any dtype, any strides), or None for symmetric weights (zero = 8).
+- ``w[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g]``; group_size in {32, 64, 128, ...}
+  (a power of two >= 16 dividing K).
+
+Why K-contiguous words: the decode kernel walks K with each thread loading whole 16-byte runs of a row
+(4 words = 32 nibbles), and the tiled kernel turns the same [BLOCK_N, BLOCK_K/8] word tile into a
+[BLOCK_N, BLOCK_K] operand by shifting in registers, so one load layout serves both.
+
+Algorithms (chosen per shape by `select_config`, the one table of this family):
+
+- ``gemv`` (decode, M <= 8): FMA kernel. Each program owns BLOCK_N outputs and one K slice (split-K);
+  nibbles become floats with the 2^23 trick (``(q | 0x4B000000)`` bitcast to fp32 is 2^23 + q, one
+  subtraction away from q: no int->float conversion), zero and scale are applied once per group to
+  the partial dot products, and split-K partials are summed by a small second kernel.
+- ``tiled`` (M > 8): tensor-core kernel. The word tile is unpacked, zero-shifted and scaled in fp32,
+  cast to x's dtype and fed to ``tl.dot`` with fp32 accumulation; optional split-K for small M.
+- ``dequant_cublas`` (large M): a Triton kernel dequantizes the whole weight to x's dtype, then
+  ``F.linear`` (cuBLAS), which wins once the GEMM is compute-bound and the dequant is amortised.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_group_params(s_ptr, z_ptr, offs_n, mask_n, g, stride_sn, stride_sg, stride_zn, stride_zg,
+                       HAS_ZEROS: tl.constexpr):
+    s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
+    else:
+        z = tl.full(s.shape, 8.0, tl.float32)
+    return s, z
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, stride_zn, stride_zg,
+    stride_os, stride_om, stride_on,
+    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    shifts = tl.arange(0, 8) * 4
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    # BLOCK_K divides GROUP and GROUP divides K, so a K block never straddles a group or the end of K.
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        w = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (k0 // 8 + offs_w)[None, :] * stride_qk,
+                    mask=mask_n[:, None], other=0)
+        s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n, k0 // GROUP, stride_sn, stride_sg,
+                                  stride_zn, stride_zg, HAS_ZEROS)
+        q = ((w[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000
+        q = tl.reshape(q, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)  # 2^23 + q, exactly
+        q = q - 8388608.0
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                    mask=mask_m[:, None], other=0.0).to(tl.float32)
+        # sum_k x (q - z) = sum_k x q - z sum_k x: the zero (any float) is applied once per group.
+        part = tl.sum(x[:, None, :] * q[None, :, :], axis=2) - tl.sum(x, axis=1)[:, None] * z[None, :]
+        acc += part * s[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _int4_tiled_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, stride_zn, stride_zg,
+    stride_os, stride_om, stride_on,
+    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # Grouped ordering: GROUP_M row-blocks share each column block's weights while they sit in L2.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    shifts = tl.arange(0, 8) * 4
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                    mask=mask_m[:, None], other=0.0)
+        w = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (k0 // 8 + offs_w)[None, :] * stride_qk,
+                    mask=mask_n[:, None], other=0)
+        s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n, k0 // GROUP, stride_sn, stride_sg,
+                                  stride_zn, stride_zg, HAS_ZEROS)
+        q = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
+        # Rounded once to x's dtype, like the reference's dequantized weight.
+        wd = ((q.to(tl.float32) - z[:, None]) * s[:, None]).to(a.dtype)
+        acc = tl.dot(a, tl.trans(wd), acc)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, stride_ps, stride_om, stride_on,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * stride_ps + offs, mask=mask, other=0.0)
+    n = offs % N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (offs // N) * stride_om + n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K,
+                         stride_qn, stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, stride_wn, stride_wk,
+                         GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    shifts = tl.arange(0, 8) * 4
+    w = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (k0 // 8 + offs_w)[None, :] * stride_qk,
+                mask=mask_n[:, None], other=0)
+    s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n, k0 // GROUP, stride_sn, stride_sg,
+                              stride_zn, stride_zg, HAS_ZEROS)
+    q = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
+    wd = (q.to(tl.float32) - z[:, None]) * s[:, None]
+    tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, wd.to(w_ptr.dtype.element_ty),
+             mask=mask_n[:, None])
+
+
+# --------------------------------------------------------------------------------------------------
+# Shape -> config: the one table of this family.
+# --------------------------------------------------------------------------------------------------
+# Placeholders until the H100 measurement (examples/bench_gemm_int4.py prints the crossover):
+# rows M <= GEMV_MAX_M take the FMA kernel, rows up to DEQUANT_CUBLAS_MIN_M - 1 the tensor-core kernel,
+# and from DEQUANT_CUBLAS_MIN_M on dequantize + cuBLAS is faster (the dequant pass is amortised and
+# cuBLAS's bf16 GEMM beats a Triton tile that also dequantizes).
+GEMV_MAX_M = 8
+DEQUANT_CUBLAS_MIN_M = 1024
+_SM_COUNT = 132  # H100 SXM; split-K aims to put at least ~2 programs on every SM
+_PROGRAMS_WANTED = 2 * _SM_COUNT
+
+
+def _split_k(tiles: int, K: int, block_k: int, min_k_per_split: int = 512) -> int:
+    """Smallest power-of-two split that gives `_PROGRAMS_WANTED` programs, keeping >= min_k per slice."""
+    split = 1
+    while tiles * split < _PROGRAMS_WANTED and K // (split * 2) >= max(block_k, min_k_per_split):
+        split *= 2
+    return split
+
+
+def select_config(M: int, N: int, K: int, group_size: int) -> dict:
+    """The config (a plain dict with "impl") for an [M, K] x int4 [N, K] product with this group size."""
+    block_k = min(group_size, 128)
+    if M <= GEMV_MAX_M:
+        block_m = triton.next_power_of_2(max(M, 1))
+        block_n = 32 if M <= 2 else 16
+        split = _split_k(triton.cdiv(N, block_n), K, block_k)
+        return {"impl": "gemv", "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
+                "num_warps": 4, "num_stages": 4}
+    if M < DEQUANT_CUBLAS_MIN_M:
+        if M <= 16:
+            cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4}
+        elif M <= 64:
+            cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+        else:
+            cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+        bk = min(block_k, 64)
+        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        return {"impl": "tiled", **cfg, "BLOCK_K": bk, "GROUP_M": 8,
+                "SPLIT_K": _split_k(tiles, K, bk, min_k_per_split=1024)}
+    return {"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": min(block_k, 128), "num_warps": 4}
+
+
+def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
+    """Configs worth timing for this shape (the benchmark's --tune sweeps them)."""
+    block_k = min(group_size, 128)
+    out: list[dict] = []
+    if M <= 16:
+        for bn in (16, 32, 64):
+            for split in (1, 2, 4, 8):
+                if K // split >= block_k:
+                    for warps in (2, 4):
+                        out.append({"impl": "gemv", "BLOCK_M": triton.next_power_of_2(M), "BLOCK_N": bn,
+                                    "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps, "num_stages": 4})
+    for bm, bn, warps in ((16, 64, 4), (32, 64, 4), (64, 128, 4), (128, 128, 8), (128, 256, 8)):
+        if bm >= 2 * triton.next_power_of_2(M) and bm > 16:
+            continue
+        for split in (1, 2, 4):
+            if K // split >= 64:
+                out.append({"impl": "tiled", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": min(block_k, 64),
+                            "GROUP_M": 8, "SPLIT_K": split, "num_warps": warps, "num_stages": 3})
+    out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
+    return out
+
+
+def format_config(cfg: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.items())
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+           group_size: int, bias: Optional[torch.Tensor]) -> tuple[int, int, int]:
+    if x.dim() != 2:
+        raise ValueError(f"int4_gemm: x must be [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"int4_gemm: x must be float16 or bfloat16, got {x.dtype}")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(f"int4_gemm: qweight must be int32 [N, K // 8], got {qweight.dtype} {tuple(qweight.shape)}")
+    M, K = x.shape
+    N = qweight.shape[0]
+    if group_size < 16 or group_size & (group_size - 1) or K % group_size:
+        raise ValueError(f"int4_gemm: group_size must be a power of two >= 16 dividing K={K}, got {group_size}")
+    if qweight.shape[1] * 8 != K:
+        raise ValueError(f"int4_gemm: qweight {tuple(qweight.shape)} does not hold K={K} nibbles per row")
+    if tuple(scales.shape) != (N, K // group_size):
+        raise ValueError(f"int4_gemm: scales must be [N, K // group_size] = {(N, K // group_size)}, "
+                         f"got {tuple(scales.shape)}")
+    if zeros is not None and tuple(zeros.shape) != (N, K // group_size):
+        raise ValueError(f"int4_gemm: zeros must be [N, K // group_size] = {(N, K // group_size)} or None, "
+                         f"got {tuple(zeros.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"int4_gemm: bias must be [N] = ({N},), got {tuple(bias.shape)}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"int4_gemm: {name} is on {t.device}, x on {x.device}")
+    return M, N, K
+
+
+def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group_size: int,
+                    dtype: torch.dtype = torch.bfloat16, config: Optional[dict] = None) -> torch.Tensor:
+    """The [N, K] weight in `dtype`, dequantized by a Triton kernel (the first half of dequant_cublas)."""
+    N, K = qweight.shape[0], qweight.shape[1] * 8
+    cfg = config or {"BLOCK_N": 64, "BLOCK_K": min(group_size, 128), "num_warps": 4}
+    block_k = min(cfg["BLOCK_K"], group_size)
+    w = torch.empty((N, K), dtype=dtype, device=qweight.device)
+    z = zeros if zeros is not None else scales
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), K // block_k)
+    _int4_dequant_kernel[grid](
+        qweight, scales, z, w, N, K,
+        qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), z.stride(0), z.stride(1),
+        w.stride(0), w.stride(1),
+        GROUP=group_size, HAS_ZEROS=zeros is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+        num_warps=cfg.get("num_warps", 4))
+    return w
+
+
+def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+              group_size: int, bias: Optional[torch.Tensor] = None, config: Optional[dict] = None,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [M, K] fp16/bf16 times the int4 weight [N, K] (format in the module docstring) -> [M, N] in x's dtype."""
+    M, N, K = _check(x, qweight, scales, zeros, group_size, bias)
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (M, N) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"int4_gemm: out must be [M, N] = {(M, N)} {x.dtype} on {x.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} {out.device}")
+    if M == 0 or N == 0:
+        return out
+    cfg = dict(config) if config is not None else select_config(M, N, K, group_size)
+    impl = cfg.get("impl")
+    if impl == "dequant_cublas":
+        w = int4_dequantize(qweight, scales, zeros, group_size, x.dtype, cfg)
+        return out.copy_(F.linear(x, w, bias))
+    if impl not in ("gemv", "tiled"):
+        raise ValueError(f"int4_gemm: unknown impl {impl!r}; valid: 'gemv', 'tiled', 'dequant_cublas'")
+
+    block_k = cfg["BLOCK_K"]
+    if block_k < 8 or block_k & (block_k - 1) or group_size % block_k:
+        raise ValueError(f"int4_gemm: BLOCK_K={block_k} must be a power of two >= 8 dividing group_size={group_size}")
+    split = max(1, int(cfg.get("SPLIT_K", 1)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_per_split)
+    z = zeros if zeros is not None else scales  # a valid pointer that HAS_ZEROS=False never reads
+    b = bias if bias is not None else scales
+    if split == 1:
+        dst, stride_s = out, 0
+    else:
+        dst = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+        stride_s = dst.stride(0)
+    common = dict(GROUP=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    args = (x, qweight, scales, z, b, dst, M, N, K, k_per_split,
+            x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+            z.stride(0), z.stride(1), stride_s, dst.stride(-2), dst.stride(-1))
+    if impl == "gemv":
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
+        _int4_gemv_kernel[grid](*args, **common)
+    else:
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+        _int4_tiled_kernel[grid](*args, GROUP_M=cfg.get("GROUP_M", 8), **common)
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
+            dst, b, out, M * N, N, dst.stride(0), out.stride(0), out.stride(1),
+            SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference (plain torch): what Int4Linear runs eagerly and what the int4 pass recognises.
+# --------------------------------------------------------------------------------------------------
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 [N, K // 8] words -> int32 [N, K] codes in [0, 15] (nibble i of word j is k = 8j + i)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    q = torch.bitwise_and(torch.bitwise_right_shift(qweight.unsqueeze(-1), shifts), 0xF)
+    return q.reshape(qweight.shape[0], -1)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """[N, K] weight in `dtype`: (q - zero) * scale per group, in fp32, rounded once to `dtype`."""
+    q = unpack_int4(qweight)
+    N, K = q.shape
+    q = q.reshape(N, K // group_size, group_size).float()
+    z = zeros.float().unsqueeze(-1) if zeros is not None else 8.0
+    w = (q - z) * scales.float().unsqueeze(-1)
+    return w.reshape(N, K).to(dtype)
+
+
+def int4_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                  group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return F.linear(x, dequantize_int4(qweight, scales, zeros, group_size, x.dtype), bias)
