@@ -1,0 +1,185 @@
+"""Benchmark suite "attention": kernopt's FlashAttention prefill kernel against PyTorch SDPA backends.
+
+    python examples/bench_attention.py            # all cases of shared/BENCHMARKS.md, config sweep on D128
+    python examples/bench_attention.py --quick    # two cases, for a smoke run
+    python examples/bench_attention.py --out DIR  # where the JSON goes (default benchmarks/results)
+
+Each case runs kernopt and the SDPA backends (default, flash, efficient, cuDNN where available) on the
+same random bf16 inputs. Every kernopt config's output is checked against the fp32 reference in the same
+run before it is timed; kernopt's number is the best checked config, named in the row's "config".
+TFLOP/s counts 4*B*Hq*Sq*Skv*D (halved for causal, the FlashAttention convention).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from kernopt.benchmark import Suite, require_cuda, time_ms
+from kernopt.tolerance import tolerance
+
+# (B, Hq, Hkv, S, D)
+CASES = [
+    (4, 32, 32, 2048, 128),
+    (1, 32, 32, 8192, 128),
+    (8, 16, 16, 1024, 64),
+    (4, 32, 8, 4096, 128),
+]
+QUICK_CASES = [(4, 32, 32, 2048, 128)]
+
+
+def case_name(B, Hq, Hkv, S, D, causal):
+    heads = f"H{Hq}" if Hq == Hkv else f"Hq{Hq} Hkv{Hkv}"
+    return f"B{B} {heads} S{S} D{D} causal={int(causal)} bf16"
+
+
+def flops(B, Hq, S, D, causal):
+    f = 4.0 * B * Hq * S * S * D
+    return f / 2 if causal else f
+
+
+def check(out: torch.Tensor, ref: torch.Tensor) -> str | None:
+    """The kernopt.tolerance rule for bf16, evaluated on the GPU (the outputs are large)."""
+    rtol, atol = tolerance(torch.bfloat16)
+    o, r = out.float(), ref.float()
+    if torch.isnan(o).any():
+        return f"{int(torch.isnan(o).sum())} NaN values"
+    err = (o - r).abs()
+    over = err > atol + rtol * r.abs()
+    if over.any():
+        return f"{int(over.sum())}/{o.numel()} elements beyond rtol={rtol} atol={atol}; max abs err {err.max().item():.3g}"
+    return None
+
+
+def reference(q, k, v, causal):
+    from kernopt.kernels.flash_attention import flash_attention_ref
+
+    # one batch element at a time keeps the fp32 score matrix small enough
+    return torch.cat([flash_attention_ref(q[i:i + 1].float(), k[i:i + 1].float(), v[i:i + 1].float(),
+                                          causal=causal) for i in range(q.shape[0])])
+
+
+def sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    names = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
+    out = {"sdpa_default": None}
+    for name, attr in names.items():
+        if hasattr(SDPBackend, attr):
+            out[name] = getattr(SDPBackend, attr)
+    return out
+
+
+def sdpa_call(q, k, v, causal, backend):
+    from torch.nn.attention import sdpa_kernel
+
+    gqa = q.shape[1] != k.shape[1]
+
+    def ctx():
+        return sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+
+    def fn():
+        with ctx():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+    try:
+        fn()
+        return fn, ""
+    except Exception:
+        if not gqa:
+            raise
+    # this backend has no GQA: give it K/V already repeated (outside the timed region)
+    rep = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+
+    def fn_rep():
+        with ctx():
+            return F.scaled_dot_product_attention(q, kr, vr, is_causal=causal)
+
+    fn_rep()
+    return fn_rep, "pre-repeated K/V"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="two cases only, selected config only")
+    ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
+    ap.add_argument("--rep", type=int, default=60, help="do_bench repetition time in ms")
+    ap.add_argument("--no-sweep", action="store_true", help="time only select_config's config")
+    ap.add_argument("--plot", action="store_true")
+    args = ap.parse_args(argv)
+    require_cuda("bench_attention.py")
+
+    from kernopt.kernels.flash_attention import candidate_configs, config_str, flash_attention, select_config
+
+    suite = Suite("attention")
+    backends = sdpa_backends()
+    cases = QUICK_CASES if args.quick else CASES
+    torch.manual_seed(0)
+    for (B, Hq, Hkv, S, D) in cases:
+        for causal in (False, True):
+            name = case_name(B, Hq, Hkv, S, D, causal)
+            q = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+            fl = flops(B, Hq, S, D, causal)
+            ref = reference(q, k, v, causal)
+
+            results, notes = {}, {}
+            for sys_name, backend in backends.items():
+                try:
+                    fn, note = sdpa_call(q, k, v, causal, backend)
+                    results[sys_name] = fl / time_ms(fn, rep=args.rep) / 1e9
+                    if note:
+                        notes[sys_name] = note
+                except Exception as e:  # backend unavailable for this shape
+                    notes[sys_name] = f"unavailable: {type(e).__name__}"
+
+            chosen = select_config(D, causal, S, S, B * Hq, q.dtype)
+            sweep = not args.quick and not args.no_sweep and D == 128
+            configs = candidate_configs(D, causal, S, S, B * Hq, q.dtype) if sweep else [chosen]
+            per_config, best, best_cfg, first_error = {}, None, None, None
+            out = torch.empty_like(q)
+            for cfg in configs:
+                label = config_str(cfg)
+                try:
+                    out.fill_(float("nan"))
+                    flash_attention(q, k, v, causal=causal, config=cfg, out=out)
+                    torch.cuda.synchronize()
+                    problem = check(out, ref)
+                except Exception as e:
+                    problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                if problem:
+                    per_config[label] = f"error: {problem}"
+                    first_error = first_error or f"{label}: {problem}"
+                    print(f"  {name} [{label}] ERROR {problem}", file=sys.stderr)
+                    continue
+                tf = fl / time_ms(lambda: flash_attention(q, k, v, causal=causal, config=cfg, out=out),
+                                  rep=args.rep) / 1e9
+                per_config[label] = round(tf, 1)
+                print(f"  {name} [{label}] {tf:.1f} TFLOP/s", flush=True)
+                if best is None or tf > best:
+                    best, best_cfg = tf, cfg
+            extra = {"per_config": per_config, "selected_config": config_str(chosen)}
+            if notes:
+                extra["notes"] = notes
+            if best is None:
+                suite.add(name, "TFLOP/s", True, {"kernopt": 0.0, **results}, error=first_error or "no config ran",
+                          **extra)
+            else:
+                suite.add(name, "TFLOP/s", True, {"kernopt": best, **results}, config=config_str(best_cfg),
+                          **extra)
+            del q, k, v, ref, out
+            torch.cuda.empty_cache()
+
+    print(suite.table())
+    path = suite.write(args.out, plot=args.plot)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
