@@ -1,0 +1,105 @@
+"""Benchmark suite "gemm_int4": kernopt's INT4 weight-only GEMM vs bf16 cuBLAS and dequantize + cuBLAS.
+
+Cases (../shared/BENCHMARKS.md): group 128, M in {1, 4, 16, 64, 256} x (K, N) in {(4096, 14336),
+(14336, 4096), (4096, 4096)}; metric µs, lower is better. Systems in the same run, same inputs:
+
+- ``kernopt``: `int4_gemm` with the config `select_config` picks (checked against the reference first);
+- ``bf16_cublas``: `F.linear` on the already-dequantized bf16 weight (what an unquantized model pays);
+- ``dequant_cublas``: dequantize with the Triton kernel, then `F.linear` (the fallback past the crossover).
+
+Weights are random int4 words (never zeros) with asymmetric zero points; several weight copies are
+rotated when they fit in L2, and do_bench clears L2 between repeats anyway.
+
+    python examples/bench_gemm_int4.py [--quick] [--out DIR] [--tune] [--plot]
+
+``--tune`` also times every `candidate_configs` entry per case and prints the best (for the table).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from kernopt.benchmark import Suite, require_cuda, time_ms
+from kernopt.tolerance import mismatch
+
+SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]
+MS = [1, 4, 16, 64, 256]
+GROUP = 128
+
+
+def make_weights(N: int, K: int, g: int, device: str):
+    qweight = torch.randint(-2**31, 2**31 - 1, (N, K // 8), dtype=torch.int32, device=device)
+    scales = (torch.rand(N, K // g, device=device) * 0.01 + 0.005).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (N, K // g), device=device).to(torch.bfloat16)
+    return qweight, scales, zeros
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two cases only (a smoke run)")
+    parser.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
+    parser.add_argument("--tune", action="store_true", help="also time every candidate config per case")
+    parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
+    args = parser.parse_args()
+    require_cuda("bench_gemm_int4.py")
+
+    from kernopt.kernels.int4_gemm import (candidate_configs, format_config, int4_dequantize, int4_gemm,
+                                           int4_gemm_ref, select_config)
+
+    cases = [(m, k, n) for (k, n) in SHAPES for m in MS]
+    if args.quick:
+        cases = [(1, 4096, 14336), (64, 4096, 14336)]
+    suite = Suite("gemm_int4")
+    torch.manual_seed(0)
+    for K, N in dict.fromkeys((k, n) for _, k, n in cases):
+        qweight, scales, zeros = make_weights(N, K, GROUP, "cuda")
+        w_bf16 = int4_dequantize(qweight, scales, zeros, GROUP, torch.bfloat16)
+        for M in [m for m, k, n in cases if (k, n) == (K, N)]:
+            case = f"M={M} K={K} N={N} g{GROUP}"
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            cfg = select_config(M, N, K, GROUP)
+            expected = int4_gemm_ref(x.float(), qweight, scales.float(), zeros.float(), GROUP)
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+            error = None
+            try:
+                int4_gemm(x, qweight, scales, zeros, GROUP, config=cfg, out=out)
+                torch.cuda.synchronize()
+                # K-long fp32 sums of bf16 products: allow a few bf16 ulps of the output's scale.
+                error = mismatch(out, expected, torch.bfloat16, scale=2.0)
+            except Exception as e:  # a failing kernel is a result row, not a crash of the suite
+                error = f"{type(e).__name__}: {e}"
+            results: dict[str, float] = {}
+            if error is None:
+                results["kernopt"] = 1e3 * time_ms(lambda: int4_gemm(x, qweight, scales, zeros, GROUP, config=cfg),
+                                                   rep=args.rep)
+            results["bf16_cublas"] = 1e3 * time_ms(lambda: F.linear(x, w_bf16), rep=args.rep)
+            results["dequant_cublas"] = 1e3 * time_ms(
+                lambda: int4_gemm(x, qweight, scales, zeros, GROUP, config={"impl": "dequant_cublas"}), rep=args.rep)
+            extra = {}
+            if args.tune:
+                best, best_us = None, float("inf")
+                for cand in candidate_configs(M, N, K, GROUP):
+                    try:
+                        o = int4_gemm(x, qweight, scales, zeros, GROUP, config=cand)
+                        if mismatch(o, expected, torch.bfloat16, scale=2.0) is not None:
+                            continue
+                        us = 1e3 * time_ms(lambda: int4_gemm(x, qweight, scales, zeros, GROUP, config=cand), rep=30)
+                    except Exception:
+                        continue
+                    if us < best_us:
+                        best, best_us = cand, us
+                if best is not None:
+                    extra = {"tuned_best_us": round(best_us, 3), "tuned_best_config": format_config(best)}
+                    print(f"  {case}: best {best_us:.2f} us with {format_config(best)}")
+            suite.add(case, "µs", False, results, config=format_config(cfg), error=error, **extra)
+            print(f"{case}: " + " ".join(f"{k}={v:.2f}" for k, v in results.items()) + (f" ERROR {error}" if error else ""))
+    print(suite.table())
+    path = suite.write(args.out, plot=args.plot)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
