@@ -1,0 +1,424 @@
+"""Decode attention (flash-decoding): a few query tokens per sequence against a long KV cache.
+
+What: ``out = softmax(q k^T * scale) v`` for q ``[B, Hq, Sq, D]`` with small ``Sq`` (1 for decode, up to 8 for
+speculative verification; causal, aligned bottom-right: query ``i`` sees keys ``j < len - Sq + i + 1``), against
+either a contiguous cache (HF static/dynamic cache layout) or a paged cache (a page pool plus a block table per
+sequence, ragged lengths). GQA by index: query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+
+Algorithm (split-KV, "flash-decoding"):
+1. One program per (sequence, KV head, split). It loads the ``G = Hq // Hkv`` query heads that share the KV head,
+   times the ``Sq`` query tokens, as one ``[G * Sq (padded to >= 16), D]`` tile, so each K/V tile is read from
+   memory once for the whole group and both products run on tensor cores (``tl.dot``).
+2. The program streams its slice of the sequence in ``BLOCK_N``-token tiles with an online softmax (exp2, scale
+   folded into q). Paged tiles are gathered row by row through the block table, so any page size works; when the
+   page size is a multiple of ``BLOCK_N`` a tile sits inside one page and costs one table load.
+3. When ``B * Hkv`` programs can't fill the GPU, each sequence is cut into ``SPLITS`` equal chunks (per sequence,
+   so ragged batches stay balanced); every split writes its normalised partial output and log-sum-exp, and a
+   second kernel merges the splits (``out = sum_s exp2(lse_s - max) o_s / sum_s exp2(lse_s - max)``).
+A query row that sees no key (length 0) gets zeros, never NaN.
+
+Layouts: q/out ``[B, Hq, Sq, D]``; contiguous k/v ``[B, Hkv, S, D]`` with any strides and optional int32
+``kv_lens [B]``; paged k/v pools ``[num_pages, page_size, Hkv, D]`` (a token's heads are adjacent, so appending
+one token writes one contiguous ``Hkv * D`` row; within a tile each key row is ``D`` contiguous elements), int32
+``block_table [B, max_pages]`` (entries past a sequence's last page are never read), int32 ``seq_lens [B]``.
+Tiles and splits come from ``select_config`` (the one table), by batch, heads, the length bound and SM count.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_QUERY_LEN = 8  # speculative verification window; longer queries are prefill (flash_attention)
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _attend_split(
+    q_ptr, k_ptr, v_ptr, lens_ptr, table_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    qk_scale_log2,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_tb,
+    full_len, num_kv_heads,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_LENS: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    h = pid_bh % num_kv_heads
+
+    if HAS_LENS:
+        seq_len = tl.load(lens_ptr + b).to(tl.int32)
+    else:
+        seq_len = full_len
+    # Per-sequence chunks (a multiple of BLOCK_N, so tiles never straddle a split): ragged batches stay balanced.
+    chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, seq_len)
+
+    # Rows of the query tile: row r is query head h * GROUP + r // Q_LEN at query position r % Q_LEN.
+    offs_m = tl.arange(0, BLOCK_M)
+    row_head = h * GROUP + offs_m // Q_LEN
+    row_pos = offs_m % Q_LEN
+    row_ok = offs_m < GROUP * Q_LEN
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    # Bottom-right causal alignment: query i sees keys j < seq_len - Q_LEN + i + 1.
+    row_limit = seq_len - Q_LEN + 1 + row_pos
+
+    q_ptrs = (q_ptr + b.to(tl.int64) * stride_qb + row_head[:, None].to(tl.int64) * stride_qh
+              + row_pos[:, None] * stride_qs + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # Fold scale * log2(e) into q once, so the loop uses exp2 on raw dot products.
+    q = (q.to(tl.float32) * qk_scale_log2).to(q.dtype)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    if PAGED:
+        k_base = k_ptr + h.to(tl.int64) * stride_kh
+        v_base = v_ptr + h.to(tl.int64) * stride_vh
+        table_row = table_ptr + b.to(tl.int64) * stride_tb
+    else:
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < hi
+        if PAGED:
+            if PAGE_SIZE % BLOCK_N == 0:
+                # The tile lies inside one page: one table load, rows affine within the page.
+                page = tl.load(table_row + start // PAGE_SIZE).to(tl.int64)
+                slot = (start % PAGE_SIZE) + offs_n
+                k_rows = page * stride_kb + slot * stride_kn
+                v_rows = page * stride_vb + slot * stride_vn
+            else:
+                page = tl.load(table_row + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
+                slot = cols % PAGE_SIZE
+                k_rows = page * stride_kb + slot * stride_kn
+                v_rows = page * stride_vb + slot * stride_vn
+        else:
+            k_rows = cols.to(tl.int64) * stride_kn
+            v_rows = cols.to(tl.int64) * stride_vn
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+
+        if FP32_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        visible = col_ok[None, :] & (cols[None, :] < row_limit[:, None])
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no key yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FP32_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    out_mask = row_ok[:, None] & d_ok[None, :]
+    if SPLITS == 1:
+        o_ptrs = (out_ptr + b.to(tl.int64) * stride_ob + row_head[:, None].to(tl.int64) * stride_oh
+                  + row_pos[:, None] * stride_os + offs_d[None, :] * stride_od)
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Partials [B, Hq, Q_LEN, SPLITS, HEAD_DIM] (fp32) and lse [B, Hq, Q_LEN, SPLITS] (log2 units).
+        row_id = (b * (num_kv_heads * GROUP) + row_head).to(tl.int64) * Q_LEN + row_pos
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(part_lse_ptr + row_id * SPLITS + split, lse, mask=row_ok)
+        po_ptrs = part_o_ptr + (row_id[:, None] * SPLITS + split) * HEAD_DIM + offs_d[None, :]
+        tl.store(po_ptrs, o, mask=out_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_o_ptr, part_lse_ptr, out_ptr,
+    stride_ob, stride_oh, stride_os, stride_od,
+    num_q_heads,
+    Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # over B * Hq * Q_LEN
+    pos = row % Q_LEN
+    head = (row // Q_LEN) % num_q_heads
+    b = row // (Q_LEN * num_q_heads)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < SPLITS
+    d_ok = offs_d < HEAD_DIM
+    lse = tl.load(part_lse_ptr + row * SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)  # 0 for empty splits
+    o = tl.load(part_o_ptr + (row * SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    # Empty splits never wrote their partial output: select, don't multiply, so garbage can't leak in.
+    num = tl.sum(tl.where((w > 0.0)[:, None], o * w[:, None], 0.0), 0)
+    den = tl.sum(w, 0)
+    res = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + pos * stride_os + offs_d * stride_od,
+             res.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# Config: the one shape -> config table of this family
+# --------------------------------------------------------------------------------------------------
+def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_dim: int,
+                  sm_count: int = 132, q_len: int = 1) -> dict:
+    """Tiles, warps, stages and KV splits for decode attention.
+
+    Decode is memory-bound: the goal is every SM streaming K/V with several tiles in flight.
+    - BLOCK_N: 64 tokens for D=128 (a K+V stage is 32 KB in bf16, so 3 stages leave room for 2 programs per SM),
+      128 for D<=64, 32 for D>128.
+    - SPLITS: enough (sequence, KV head, split) programs for ~4 per SM, but never a chunk under 4 tiles (below
+      that the partial-output traffic and the merge cost more than the parallelism gains).
+    """
+    group = max(1, q_heads // max(1, kv_heads))
+    block_d = triton.next_power_of_2(head_dim)
+    block_m = max(16, triton.next_power_of_2(group * q_len))
+    if block_d <= 64:
+        block_n = 128
+    elif block_d <= 128:
+        block_n = 64
+    else:
+        block_n = 32
+    if block_m >= 64 and block_n > 32:
+        block_n //= 2  # a wide query tile (G * Sq >= 64) makes the score tile the register bottleneck
+    programs = max(1, batch * kv_heads)
+    target = 4 * sm_count
+    tiles = max(1, math.ceil(max_len / block_n))
+    splits = 1
+    if programs < target:
+        splits = min(math.ceil(target / programs), max(1, tiles // 4), 128)
+        splits = max(1, splits)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLITS": splits,
+            "num_warps": 4, "num_stages": 3 if block_d <= 128 else 2}
+
+
+def candidate_configs(batch: int, kv_heads: int, q_heads: int, max_len: int, head_dim: int,
+                      sm_count: int = 132, q_len: int = 1) -> list[dict]:
+    """Configs around the table's choice, for `kernopt.workload.autotune` on the GPU."""
+    base = select_config(batch, kv_heads, q_heads, max_len, head_dim, sm_count, q_len)
+    out = []
+    for block_n in (32, 64, 128):
+        for stages in (2, 3, 4):
+            for warps in (4, 8):
+                for mult in (0.5, 1, 2):
+                    splits = max(1, min(256, int(base["SPLITS"] * mult)))
+                    if block_n * 4 > max_len and splits > 1:
+                        continue
+                    cfg = {**base, "BLOCK_N": block_n, "num_stages": stages, "num_warps": warps, "SPLITS": splits}
+                    if cfg not in out:
+                        out.append(cfg)
+    return out
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def config_string(config: dict) -> str:
+    return (f"BLOCK_M={config['BLOCK_M']} BLOCK_N={config['BLOCK_N']} splits={config['SPLITS']} "
+            f"warps={config['num_warps']} stages={config['num_stages']}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+def _check_q(q: torch.Tensor, kv_heads: int, head_dim: int, name: str) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"{name}: q must be [B, Hq, Sq, D], got shape {tuple(q.shape)}")
+    b, hq, sq, d = q.shape
+    if d != head_dim:
+        raise ValueError(f"{name}: q head_dim {d} != k/v head_dim {head_dim}")
+    if kv_heads == 0 or hq % kv_heads:
+        raise ValueError(f"{name}: q heads {hq} must be a multiple of kv heads {kv_heads}")
+    if not 1 <= sq <= MAX_QUERY_LEN:
+        raise ValueError(f"{name}: query length {sq} not in 1..{MAX_QUERY_LEN} (longer queries are prefill: "
+                         "use flash_attention)")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{name}: dtype {q.dtype} not supported; valid: float16, bfloat16, float32")
+
+
+def _out(q: torch.Tensor, head_dim_v: int, out: Optional[torch.Tensor], name: str) -> torch.Tensor:
+    shape = (*q.shape[:3], head_dim_v)
+    if out is None:
+        return torch.empty(shape, dtype=q.dtype, device=q.device)
+    if tuple(out.shape) != shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"{name}: out must be {shape} {q.dtype} on {q.device}, got {tuple(out.shape)} "
+                         f"{out.dtype} on {out.device}")
+    return out
+
+
+def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_len, kv_heads,
+            k_strides, v_strides, table_stride):
+    b, hq, sq, d = q.shape
+    group = hq // kv_heads
+    cfg = dict(config)
+    splits = int(cfg["SPLITS"])
+    block_m = max(int(cfg["BLOCK_M"]), triton.next_power_of_2(group * sq), 16)
+    block_d = max(16, triton.next_power_of_2(d))
+    if splits > 1:
+        part_o = torch.empty((b, hq, sq, splits, d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((b, hq, sq, splits), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    dummy = lens if lens is not None else q
+    grid = (b * kv_heads, splits)
+    _attend_split[grid](
+        q, k, v, dummy, table if table is not None else dummy, out, part_o, part_lse,
+        float(sm_scale) * LOG2E,
+        *q.stride(), *k_strides, *v_strides, *out.stride(), table_stride,
+        full_len, kv_heads,
+        GROUP=group, Q_LEN=sq, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=int(cfg["BLOCK_N"]), BLOCK_D=block_d,
+        SPLITS=splits, PAGED=paged, PAGE_SIZE=page_size, HAS_LENS=lens is not None,
+        FP32_DOT=q.dtype == torch.float32,
+        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]),
+    )
+    if splits > 1:
+        _merge_splits_kernel[(b * hq * sq,)](
+            part_o, part_lse, out, *out.stride(), hq,
+            Q_LEN=sq, HEAD_DIM=d, SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            BLOCK_D=block_d, num_warps=4,
+        )
+    return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: Optional[torch.Tensor] = None,
+                     sm_scale: Optional[float] = None, config: Optional[dict] = None,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decode attention on a contiguous cache: q [B, Hq, Sq<=8, D], k/v [B, Hkv, S, D] (any strides).
+
+    kv_lens: optional int32 [B] valid lengths (None: all S keys). Causal, aligned bottom-right.
+    """
+    name = "decode_attention"
+    if k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"{name}: k and v must both be [B, Hkv, S, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    bk, hkv, s, d = k.shape
+    _check_q(q, hkv, d, name)
+    if bk != q.shape[0]:
+        raise ValueError(f"{name}: batch of q ({q.shape[0]}) and k/v ({bk}) differ")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if kv_lens is not None:
+        if kv_lens.shape != (bk,) or kv_lens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: kv_lens must be int32 [B={bk}], got {tuple(kv_lens.shape)} {kv_lens.dtype}")
+        kv_lens = kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    out = _out(q, d, out, name)
+    if sm_scale is None:
+        sm_scale = d ** -0.5
+    if config is None:
+        config = select_config(bk, hkv, q.shape[1], s, d, _sm_count(q.device), q.shape[2])
+    return _launch(q, k, v, kv_lens, None, out, sm_scale, config, paged=False, page_size=1, full_len=s,
+                   kv_heads=hkv, k_strides=k.stride(), v_strides=v.stride(), table_stride=0)
+
+
+def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                           block_table: torch.Tensor, seq_lens: torch.Tensor, sm_scale: Optional[float] = None,
+                           config: Optional[dict] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decode attention on a paged cache.
+
+    q [B, Hq, Sq<=8, D]; k_pages/v_pages [num_pages, page_size, Hkv, D] (D may have any stride, the rest too);
+    block_table int32 [B, max_pages]: page ids of each sequence in order; seq_lens int32 [B] (ragged).
+    """
+    name = "paged_decode_attention"
+    if k_pages.dim() != 4 or v_pages.shape != k_pages.shape:
+        raise ValueError(f"{name}: k_pages and v_pages must both be [num_pages, page_size, Hkv, D], got "
+                         f"{tuple(k_pages.shape)} and {tuple(v_pages.shape)}")
+    _, page_size, hkv, d = k_pages.shape
+    _check_q(q, hkv, d, name)
+    b = q.shape[0]
+    if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
+        raise ValueError(f"{name}: q, k_pages, v_pages dtypes differ ({q.dtype}, {k_pages.dtype}, {v_pages.dtype})")
+    if block_table.dim() != 2 or block_table.shape[0] != b or block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: block_table must be int32 [B={b}, max_pages], got {tuple(block_table.shape)} "
+                         f"{block_table.dtype}")
+    if seq_lens.shape != (b,) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: seq_lens must be int32 [B={b}], got {tuple(seq_lens.shape)} {seq_lens.dtype}")
+    if block_table.dtype != torch.int32 or block_table.stride(1) != 1:
+        block_table = block_table.to(torch.int32).contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    out = _out(q, d, out, name)
+    if sm_scale is None:
+        sm_scale = d ** -0.5
+    # The block table's width bounds every length without reading seq_lens back to the host.
+    max_len = block_table.shape[1] * page_size
+    if config is None:
+        config = select_config(b, hkv, q.shape[1], max_len, d, _sm_count(q.device), q.shape[2])
+    # Kernel strides for the paged layout are (page, head, slot, dim).
+    ks, vs = k_pages.stride(), v_pages.stride()
+    return _launch(q, k_pages, v_pages, seq_lens, block_table, out, sm_scale, config, paged=True,
+                   page_size=page_size, full_len=max_len, kv_heads=hkv,
+                   k_strides=(ks[0], ks[2], ks[1], ks[3]), v_strides=(vs[0], vs[2], vs[1], vs[3]),
+                   table_stride=block_table.stride(0))
+
+
+# --------------------------------------------------------------------------------------------------
+# References (plain torch): what eager runs, what the tests compare against
+# --------------------------------------------------------------------------------------------------
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: Optional[torch.Tensor] = None,
+                         sm_scale: Optional[float] = None) -> torch.Tensor:
+    """Softmax attention, GQA by index, causal aligned bottom-right within each sequence's valid length."""
+    b, hq, sq, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    if sm_scale is None:
+        sm_scale = d ** -0.5
+    acc = torch.promote_types(q.dtype, torch.float32)
+    lens = (torch.full((b,), s, device=q.device, dtype=torch.long) if kv_lens is None
+            else kv_lens.to(device=q.device, dtype=torch.long))
+    cols = torch.arange(s, device=q.device)
+    rows = torch.arange(sq, device=q.device)
+    limit = lens[:, None] - sq + 1 + rows[None, :]                                   # [B, Sq]
+    visible = (cols[None, None, :] < limit[:, :, None]) & (cols[None, None, :] < lens[:, None, None])  # [B, Sq, S]
+    key_ok = (cols[None, :] < lens[:, None])[:, None, :, None]                        # [B, 1, S, 1]
+    # Keys past the valid length may hold anything (NaN included): zero them so 0 * garbage can't leak in.
+    kf = torch.where(key_ok, k.to(acc), torch.zeros((), dtype=acc, device=q.device))
+    vf = torch.where(key_ok, v.to(acc), torch.zeros((), dtype=acc, device=q.device))
+    qf = q.to(acc).reshape(b, hkv, g * sq, d)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * sm_scale                       # [B, Hkv, G*Sq, S]
+    vis = visible[:, None, None, :, :].expand(b, hkv, g, sq, s).reshape(b, hkv, g * sq, s)
+    scores = scores.masked_fill(~vis, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    p = torch.where(vis, p, torch.zeros((), dtype=acc, device=q.device))             # rows with no key -> 0, not NaN
+    o = torch.matmul(p, vf)
+    return o.reshape(b, hq, sq, v.shape[-1]).to(q.dtype)
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                               block_table: torch.Tensor, seq_lens: torch.Tensor,
+                               sm_scale: Optional[float] = None) -> torch.Tensor:
+    """Gather each sequence's pages into a contiguous [B, Hkv, max_pages * page_size, D] cache, then attend."""
+    num_pages, page_size, hkv, d = k_pages.shape
+    b, max_pages = block_table.shape
+    # Table entries past a sequence's last page may be anything: clamp so the gather stays in bounds.
+    idx = block_table.long().clamp(0, num_pages - 1)
+    k = k_pages[idx].reshape(b, max_pages * page_size, hkv, d).transpose(1, 2)
+    v = v_pages[idx].reshape(b, max_pages * page_size, hkv, v_pages.shape[-1]).transpose(1, 2)
+    return decode_attention_ref(q, k, v, kv_lens=seq_lens, sm_scale=sm_scale)
