@@ -216,6 +216,13 @@ def candidate_configs(M: int, N: int, K: int, activation: str = "none") -> list[
     return big
 
 
+def format_config(cfg: dict) -> str:
+    """One line for explain() and benchmark rows."""
+    return (f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} BLOCK_K={cfg['BLOCK_K']} "
+            f"GROUP_M={cfg.get('GROUP_M', 1)} SPLIT_K={cfg.get('SPLIT_K', 1)} "
+            f"warps={cfg['num_warps']} stages={cfg['num_stages']}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Crossover: where the Triton kernel is expected to beat cuBLAS (+ Inductor's fused epilogue)
 # --------------------------------------------------------------------------------------------------
