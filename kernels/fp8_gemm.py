@@ -47,11 +47,11 @@ def _round_to_e4m3(v):
     """
     bits = v.to(tl.uint32, bitcast=True)
     # normal range: keep 3 of fp32's 23 mantissa bits, round half to even; a carry rolls into the exponent
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
-    normal = bits.to(tl.float32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
     # e4m3 subnormals (|v| < 2^-6) are multiples of 2^-9: adding 1.5 * 2^14 rounds to that grid in fp32
-    sub = (v + 24576.0) - 24576.0
-    return tl.where(tl.abs(v) < 0.015625, sub, normal)
+    # (the magnitude is rounded and the sign put back, so -tiny stays -0 as in torch's cast)
+    sub = ((tl.abs(v) + 24576.0) - 24576.0).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
+    return tl.where(tl.abs(v) < 0.015625, sub.to(tl.float32, bitcast=True), normal)
 
 
 @triton.jit
@@ -303,7 +303,9 @@ def _tma_ok(a: torch.Tensor, b_nk: torch.Tensor, c: torch.Tensor) -> bool:
 
 
 def _launch(a, b, sa, sb, bias, c, cfg, bias_along_m=False):
-    """c[M, N] = a[M, K] @ b[K, N] * sa * sb (+ bias), all checks done; picks the TMA or pointer kernel."""
+    """c[M, N] = a[M, K] @ b[K, N] * sa * sb (+ bias), all checks done; picks the TMA or pointer kernel.
+
+    Returns the launched compiled kernel (the GPU test reads its PTX)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = a.shape
@@ -324,19 +326,17 @@ def _launch(a, b, sa, sb, bias, c, cfg, bias_along_m=False):
         a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
         b_desc = TensorDescriptor.from_tensor(b_nk, [BN, BK])
         c_desc = TensorDescriptor.from_tensor(c, [BM, BN])
-        _fp8_gemm_tma_kernel[grid](a_desc, b_desc, c_desc, sa_flat, sb_flat, bias_arg, M, N, K,
+        return _fp8_gemm_tma_kernel[grid](a_desc, b_desc, c_desc, sa_flat, sb_flat, bias_arg, M, N, K,
                                    stride_sa, stride_sb, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                                    GROUP_M=cfg.get("GROUP_M", 8), NUM_SMS=grid[0], HAS_BIAS=has_bias,
                                    FLATTEN=bool(cfg.get("FLATTEN", False)),
                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return c
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    _fp8_gemm_kernel[grid](a, b, c, sa_flat, sb_flat, bias_arg, M, N, K,
+    return _fp8_gemm_kernel[grid](a, b, c, sa_flat, sb_flat, bias_arg, M, N, K,
                            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
                            stride_sa, stride_sb, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                            GROUP_M=cfg.get("GROUP_M", 8), HAS_BIAS=has_bias, BIAS_ALONG_M=bias_along_m,
                            EVEN_K=K % BK == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return c
 
 
 def _gemm(a, b, sa, sb, bias, out_dtype, config, out, who):

@@ -1,0 +1,107 @@
+"""Benchmark suite `gemm_fp8`: kernopt's FP8 GEMM against cuBLAS `torch._scaled_mm` (row-wise scales) and bf16 cuBLAS.
+
+Every case multiplies a row-wise-quantized e4m3 activation [M, K] by an e4m3 weight [N, K] with
+per-output-channel scales, bf16 output; kernopt's number is `fp8_scaled_mm` with the config
+`select_config` picks, checked against `fp8_scaled_mm_ref` in the same run. Unless `--no-sweep`, every
+config of `candidate_configs` is timed too (row field `candidates`, printed below the table), so one run
+says whether the table picks the best. The row field `fp8_linear_tflops` times `fp8_linear` (per-token
+activation quantization of a bf16 x included).
+
+    python examples/bench_gemm_fp8.py [--quick] [--no-sweep] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from kernopt.benchmark import Suite, require_cuda, time_ms
+from kernopt.tolerance import mismatch
+
+CASES = [(m, k, k) for k in (4096, 8192) for m in (16, 128, 1024, 4096, 8192)] + [(4096, 4096, 14336)]
+QUICK = [(16, 4096, 4096), (4096, 4096, 4096)]
+
+
+def tflops(M, N, K, ms):
+    return 2.0 * M * N * K / (ms * 1e-3) / 1e12
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="two cases, for a smoke run")
+    ap.add_argument("--no-sweep", action="store_true", help="time only the config select_config picks")
+    ap.add_argument("--rep", type=int, default=60, help="do_bench repetition time in ms")
+    ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
+    args = ap.parse_args(argv)
+    require_cuda("bench_gemm_fp8.py")
+
+    from kernopt.kernels import fp8_gemm as fp8
+
+    suite = Suite("gemm_fp8")
+    sweeps = []
+    for M, K, N in (QUICK if args.quick else CASES):
+        case = f"M={M} K={K} N={N}"
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+        w_fp8, w_scale = fp8.quantize_weight_fp8(w)
+        a, sa = fp8.quantize_rows_fp8(x)
+        b, sb = w_fp8.t(), w_scale.reshape(1, N)
+        bench = lambda fn: time_ms(fn, warmup=10, rep=args.rep)  # noqa: E731
+
+        results, error, extra = {}, None, {}
+        cfg = fp8.select_config(M, N, K)
+        try:
+            ref = fp8.fp8_scaled_mm_ref(a, b, sa, sb, out_dtype=torch.bfloat16)
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+            fp8.fp8_scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16, out=out)
+            error = mismatch(out, ref, torch.bfloat16)
+            if error is None:
+                results["kernopt"] = tflops(M, N, K, bench(
+                    lambda: fp8.fp8_scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16, out=out)))
+        except Exception as e:  # a compile/launch failure is a result of this run, not a crash
+            error = f"{type(e).__name__}: {e}"[:300]
+        results["cublas_scaled_mm_rowwise"] = tflops(M, N, K, bench(
+            lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)))
+        results["bf16_cublas"] = tflops(M, N, K, bench(lambda: torch.nn.functional.linear(x, w)))
+        try:
+            y = fp8.fp8_linear(x, w_fp8, w_scale)
+            lin_err = mismatch(y, fp8.fp8_linear_ref(x, w_fp8, w_scale), torch.bfloat16)
+            extra["fp8_linear_tflops"] = (round(tflops(M, N, K, bench(lambda: fp8.fp8_linear(x, w_fp8, w_scale))), 2)
+                                          if lin_err is None else f"error: {lin_err}")
+        except Exception as e:
+            extra["fp8_linear_tflops"] = f"error: {type(e).__name__}: {e}"[:300]
+
+        if not args.no_sweep:
+            cands = {}
+            for c in fp8.candidate_configs(M, N, K):
+                try:
+                    o = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+                    fp8.fp8_scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16, config=c, out=o)
+                    bad = mismatch(o, ref, torch.bfloat16)
+                    cands[fp8.config_str(c)] = "wrong" if bad else round(tflops(M, N, K, bench(
+                        lambda: fp8.fp8_scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16, config=c, out=o))), 1)
+                except Exception as e:
+                    cands[fp8.config_str(c)] = f"{type(e).__name__}"
+            extra["candidates"] = cands
+            sweeps.append((case, cands))
+        suite.add(case, "TFLOP/s", True, results, config=fp8.config_str(cfg), error=error, **extra)
+        print(f"{case}: " + " ".join(f"{k}={v:.1f}" for k, v in results.items()) + (f" error={error}" if error else ""),
+              file=sys.stderr, flush=True)
+        del x, w, w_fp8, a, b
+        torch.cuda.empty_cache()
+
+    print(suite.table())
+    for case, cands in sweeps:
+        nums = {k: v for k, v in cands.items() if isinstance(v, float)}
+        best = max(nums, key=nums.get) if nums else None
+        print(f"\n{case}: candidates (best: {best})")
+        for k, v in cands.items():
+            print(f"  {v!s:>8}  {k}")
+    path = suite.write(args.out)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
