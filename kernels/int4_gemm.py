@@ -105,6 +105,7 @@ def _int4_tiled_kernel(
     stride_os, stride_om, stride_on,
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -137,7 +138,7 @@ def _int4_tiled_kernel(
         q = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
         # Rounded once to x's dtype, like the reference's dequantized weight.
         wd = ((q.to(tl.float32) - z[:, None]) * s[:, None]).to(a.dtype)
-        acc = tl.dot(a, tl.trans(wd), acc)
+        acc = tl.dot(a, tl.trans(wd), acc, input_precision=DOT_PRECISION)
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -260,8 +261,8 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
            group_size: int, bias: Optional[torch.Tensor]) -> tuple[int, int, int]:
     if x.dim() != 2:
         raise ValueError(f"int4_gemm: x must be [M, K], got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"int4_gemm: x must be float16 or bfloat16, got {x.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"int4_gemm: x must be float16, bfloat16 or float32, got {x.dtype}")
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise ValueError(f"int4_gemm: qweight must be int32 [N, K // 8], got {qweight.dtype} {tuple(qweight.shape)}")
     M, K = x.shape
@@ -305,7 +306,8 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
               group_size: int, bias: Optional[torch.Tensor] = None, config: Optional[dict] = None,
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [M, K] fp16/bf16 times the int4 weight [N, K] (format in the module docstring) -> [M, N] in x's dtype."""
+    """x [M, K] fp16/bf16 (fp32 accepted) times the int4 weight [N, K] (format in the module docstring)
+    -> [M, N] in x's dtype. `out=` may be a preallocated [M, N] tensor; `config=` overrides select_config."""
     M, N, K = _check(x, qweight, scales, zeros, group_size, bias)
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -346,7 +348,9 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         _int4_gemv_kernel[grid](*args, **common)
     else:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
-        _int4_tiled_kernel[grid](*args, GROUP_M=cfg.get("GROUP_M", 8), **common)
+        # fp32 activations (CPU / debugging) get full-precision dots, never silent TF32.
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        _int4_tiled_kernel[grid](*args, GROUP_M=cfg.get("GROUP_M", 8), DOT_PRECISION=precision, **common)
     if split > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](

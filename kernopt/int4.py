@@ -1,0 +1,234 @@
+"""Group-wise INT4 weight-only quantization: kernopt's format, round-to-nearest quantization, the
+`Int4Linear` module, `quantize_int4_` (swap nn.Linear in place) and GPTQ / AWQ checkpoint loaders.
+
+The format (the one `kernopt.kernels.int4_gemm` reads; its docstring says why the words run along K):
+
+    qweight  int32 [N, K // 8]      nibble i of word [n, j] is the code q[n, 8j + i] in [0, 15]
+    scales   [N, K // g]            fp16 / bf16 (the float weight's dtype; fp32 for fp32 weights)
+    zeros    [N, K // g] or None    asymmetric: integer zero points in [0, 15], stored in scales' dtype;
+                                    symmetric: None, meaning zero = 8 (codes are q = round(w / s) + 8)
+    w[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g]
+
+Loaders convert other packings into it once, at load time:
+
+- GPTQ (AutoGPTQ / GPTQModel, "gptq" v1 checkpoints): qweight int32 [K/8, N] packed along K (the same
+  words: ours is its transpose), qzeros int32 [K/g, N/8] packed along N and stored minus one, scales
+  [K/g, N]. `g_idx` with act-order permutations is refused (not a plain group layout).
+- AWQ (AutoAWQ GEMM): qweight int32 [K, N/8] packed along N in the interleaved nibble order
+  0, 2, 4, 6, 1, 3, 5, 7; qzeros [K/g, N/8] packed the same way; scales [K/g, N].
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from kernopt.kernels.int4_gemm import dequantize_int4, int4_gemm_ref, unpack_int4
+
+GROUP_SIZES = (32, 64, 128)
+_SHIFTS = tuple(range(0, 32, 4))
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column 8j + AWQ_ORDER[i]
+
+
+def _to_int32_words(acc: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> int32 with the same bits (two's complement)."""
+    return torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] in [0, 15] (any int dtype) -> int32 [N, K // 8], nibble i of word j = q[:, 8j + i]."""
+    if q.dim() != 2 or q.shape[1] % 8:
+        raise ValueError(f"pack_int4: codes must be [N, K] with K % 8 == 0, got {tuple(q.shape)}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError("pack_int4: codes must lie in [0, 15]")
+    q = q.to(torch.int64).reshape(q.shape[0], -1, 8)
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=q.device)
+    return _to_int32_words((q << shifts).sum(-1))
+
+
+def _unpack_words_along_last(words: torch.Tensor, order: Iterable[int] = range(8)) -> torch.Tensor:
+    """int32 [..., W] -> int32 [..., 8W]: nibble i of word j is element 8j + order[i]."""
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=words.device)
+    nib = (words.unsqueeze(-1) >> shifts) & 0xF  # [..., W, 8], nibble position i
+    inverse = [0] * 8
+    for i, col in enumerate(order):
+        inverse[col] = i
+    nib = nib[..., inverse]  # element c of each word comes from nibble position inverse[c]
+    return nib.reshape(*words.shape[:-1], -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization (round to nearest)
+# --------------------------------------------------------------------------------------------------
+def quantize_weight(weight: torch.Tensor, group_size: int = 128, symmetric: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Float [N, K] -> (qweight, scales, zeros) in kernopt's format, round-to-nearest per group."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    if weight.dim() != 2 or weight.shape[1] % group_size:
+        raise ValueError(f"weight must be [N, K] with K a multiple of group_size={group_size}, "
+                         f"got {tuple(weight.shape)}")
+    N, K = weight.shape
+    scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    w = weight.detach().float().reshape(N, K // group_size, group_size)
+    if symmetric:
+        # Codes -8..7 around zero 8: the largest magnitude maps to +-7 so both signs round alike.
+        scales = (w.abs().amax(-1) / 7).clamp_min(1e-8).to(scale_dtype)
+        q = torch.round(w / scales.float().unsqueeze(-1)).clamp(-8, 7) + 8
+        zeros = None
+    else:
+        lo, hi = w.amin(-1).clamp_max(0), w.amax(-1).clamp_min(0)
+        scales = ((hi - lo) / 15).clamp_min(1e-8).to(scale_dtype)
+        zeros_f = torch.round(-lo / scales.float()).clamp(0, 15)
+        q = (torch.round(w / scales.float().unsqueeze(-1)) + zeros_f.unsqueeze(-1)).clamp(0, 15)
+        zeros = zeros_f.to(scale_dtype)
+    return pack_int4(q.reshape(N, K).to(torch.int32)), scales, zeros
+
+
+# --------------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------------
+class Int4Linear(nn.Module):
+    """y = x @ dequant(qweight, scales, zeros).T + bias. Eager forward is the plain-torch reference
+    (unpack with shifts and masks, subtract zeros, multiply scales, matmul); the int4 pass rewrites it
+    to `torch.ops.kernopt.int4_linear` under torch.compile(backend="kernopt")."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
+                 symmetric: bool = True, dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        if group_size not in GROUP_SIZES or in_features % group_size:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES} and divide in_features={in_features}, "
+                             f"got {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", None if symmetric else
+                             torch.full((out_features, groups), 8, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = True) -> "Int4Linear":
+        qweight, scales, zeros = quantize_weight(linear.weight, group_size, symmetric)
+        return cls.from_packed(qweight, scales, zeros, group_size, linear.bias)
+
+    @classmethod
+    def from_packed(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                    group_size: int, bias: Optional[torch.Tensor] = None) -> "Int4Linear":
+        N, K = qweight.shape[0], qweight.shape[1] * 8
+        m = cls(K, N, group_size, bias is not None, zeros is None, scales.dtype, qweight.device)
+        m.qweight = qweight.contiguous()
+        m.scales = scales.contiguous()
+        m.zeros = zeros.contiguous() if zeros is not None else None
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return m
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_gemm_ref(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"symmetric={self.zeros is None}, bias={self.bias is not None}")
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    parts = name.split(".")
+    return any(name == s or parts[-1] == s or name.endswith("." + s) for s in skip)
+
+
+def quantize_int4_(model: nn.Module, group_size: int = 128, symmetric: bool = True,
+                   skip: Iterable[str] = ("lm_head",)) -> nn.Module:
+    """Replace every nn.Linear in `model` (in place) by an Int4Linear, except those named in `skip`
+    (a module's full name or its last component) and those whose in_features is not a multiple of
+    group_size, which stay in high precision. Returns `model`."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    skip = tuple(skip or ())
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and not _skipped(name, skip) and mod.in_features % group_size == 0]
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int4Linear.from_linear(mod, group_size, symmetric))
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders: GPTQ / AWQ packed tensors -> kernopt's format
+# --------------------------------------------------------------------------------------------------
+def _group_size_of(scales_kg_n: torch.Tensor, K: int) -> int:
+    groups = scales_kg_n.shape[0]
+    if groups == 0 or K % groups:
+        raise ValueError(f"scales with {groups} groups do not divide K={K}")
+    return K // groups
+
+
+def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+              g_idx: Optional[torch.Tensor] = None, zeros_minus_one: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """GPTQ tensors (qweight int32 [K/8, N], qzeros int32 [K/g, N/8], scales [K/g, N]) ->
+    (qweight [N, K/8], scales [N, K/g], zeros [N, K/g], group_size). `zeros_minus_one`: v1 checkpoints
+    store zero - 1 (the `zeros + 1` of AutoGPTQ's dequant); v2 checkpoints store the zero itself."""
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    g = _group_size_of(scales, K)
+    if g_idx is not None:
+        expected = torch.arange(K, device=g_idx.device) // g
+        if not torch.equal(g_idx.to(expected.dtype), expected):
+            raise ValueError("from_gptq: g_idx is not k // group_size (act-order checkpoint); "
+                             "reorder the weight's columns first, kernopt reads plain groups only")
+    zeros = _unpack_words_along_last(qzeros.to(torch.int32))[:, :N]  # [K/g, N]
+    if zeros_minus_one:
+        zeros = zeros + 1
+    return qweight.t().contiguous(), scales.t().contiguous(), zeros.t().to(scales.dtype).contiguous(), g
+
+
+def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """AWQ GEMM tensors (qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales [K/g, N], interleaved
+    nibble order AWQ_ORDER) -> (qweight [N, K/8], scales [N, K/g], zeros [N, K/g], group_size)."""
+    K, N = qweight.shape[0], qweight.shape[1] * 8
+    g = _group_size_of(scales, K)
+    codes = _unpack_words_along_last(qweight.to(torch.int32), AWQ_ORDER)  # [K, N]
+    zeros = _unpack_words_along_last(qzeros.to(torch.int32), AWQ_ORDER)  # [K/g, N]
+    return pack_int4(codes.t()), scales.t().contiguous(), zeros.t().to(scales.dtype).contiguous(), g
+
+
+def load_int4_state_dict_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], fmt: str = "gptq",
+                          zeros_minus_one: bool = True) -> list[str]:
+    """Replace each nn.Linear whose prefix has `qweight`/`qzeros`/`scales` in `state_dict` by an
+    Int4Linear holding the converted tensors (bias taken from the state dict when present). Returns the
+    names of the replaced modules. `fmt`: "gptq" or "awq"."""
+    if fmt not in ("gptq", "awq"):
+        raise ValueError(f"fmt must be 'gptq' or 'awq', got {fmt!r}")
+    replaced = []
+    for name, mod in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        if prefix + "qweight" not in state_dict:
+            continue
+        qw, qz, sc = (state_dict[prefix + k] for k in ("qweight", "qzeros", "scales"))
+        if fmt == "gptq":
+            qweight, scales, zeros, g = from_gptq(qw, qz, sc, state_dict.get(prefix + "g_idx"), zeros_minus_one)
+        else:
+            qweight, scales, zeros, g = from_awq(qw, qz, sc)
+        bias = state_dict.get(prefix + "bias")
+        if isinstance(mod, nn.Linear) and (mod.in_features, mod.out_features) != (qweight.shape[1] * 8,
+                                                                                   qweight.shape[0]):
+            raise ValueError(f"{name}: checkpoint holds a [{qweight.shape[0]}, {qweight.shape[1] * 8}] weight, "
+                             f"module is [{mod.out_features}, {mod.in_features}]")
+        if g not in GROUP_SIZES:
+            raise ValueError(f"{name}: group size {g} not supported; valid: {GROUP_SIZES}")
+        new = Int4Linear.from_packed(qweight, scales, zeros, g, bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replaced.append(name)
+    return replaced
+
+
+__all__ = ["Int4Linear", "quantize_int4_", "quantize_weight", "pack_int4", "unpack_int4", "dequantize_int4",
+           "from_gptq", "from_awq", "load_int4_state_dict_", "AWQ_ORDER", "GROUP_SIZES"]

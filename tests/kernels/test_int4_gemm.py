@@ -1,0 +1,147 @@
+"""int4_gemm (gemv / tiled / dequant_cublas) vs a float64 reference on the dequantized weight.
+
+Runs the Triton kernels under the interpreter on CPU (fp16 activations) and on the GPU when present.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernopt.kernels.int4_gemm import (dequantize_int4, int4_dequantize, int4_gemm, int4_gemm_ref,
+                                       select_config)
+from kernopt.tolerance import assert_close
+
+
+def _weights(N, K, g, asym, device, dtype=torch.float16):
+    qweight = torch.randint(-2**31, 2**31 - 1, (N, K // 8), dtype=torch.int32, device=device)
+    scales = (torch.rand(N, K // g, device=device) * 0.02 + 0.005).to(dtype)
+    zeros = torch.randint(0, 16, (N, K // g), device=device).to(dtype) if asym else None
+    return qweight, scales, zeros
+
+
+def _expected(x, qweight, scales, zeros, g, bias=None):
+    w = dequantize_int4(qweight, scales, zeros, g, torch.float64)
+    y = x.double() @ w.t()
+    return y + bias.double() if bias is not None else y
+
+
+def _run(x, qweight, scales, zeros, g, cfg, bias=None):
+    out = torch.full((x.shape[0], qweight.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    res = int4_gemm(x, qweight, scales, zeros, g, bias=bias, config=cfg, out=out)
+    assert res is out
+    return out
+
+
+# Small explicit configs: several N blocks, a ragged last block, several K blocks per split.
+GEMV = {"impl": "gemv", "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4}
+GEMV_SPLIT = {"impl": "gemv", "BLOCK_M": 2, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "num_warps": 4}
+TILED = {"impl": "tiled", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 2}
+TILED_SPLIT = {"impl": "tiled", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "GROUP_M": 1}
+DEQUANT = {"impl": "dequant_cublas", "BLOCK_N": 16, "BLOCK_K": 32}
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("asym", [True, False])
+@pytest.mark.parametrize("cfg", [GEMV, GEMV_SPLIT, TILED, TILED_SPLIT, DEQUANT],
+                         ids=["gemv", "gemv_splitk", "tiled", "tiled_splitk", "dequant"])
+def test_int4_gemm_matches_reference(device, g, asym, cfg):
+    M, N, K = (3, 37, 2 * 128) if cfg["impl"] == "gemv" else (19, 45, 2 * 128)
+    x = torch.randn(M, K, dtype=torch.float16, device=device)
+    qweight, scales, zeros = _weights(N, K, g, asym, device)
+    out = _run(x, qweight, scales, zeros, g, cfg)
+    assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
+
+
+@pytest.mark.parametrize("cfg", [GEMV_SPLIT, TILED, TILED_SPLIT], ids=["gemv_splitk", "tiled", "tiled_splitk"])
+def test_int4_gemm_bias_and_strided_layouts(device, cfg):
+    """GPTQ-style transposed storage ([K/8, N] words, [K/g, N] scales/zeros, read through .t()), and a
+    strided x: the kernel honours strides instead of copying."""
+    M, N, K, g = 5, 41, 192, 64
+    x = torch.randn(M, 2 * K, dtype=torch.float16, device=device)[:, ::2]
+    qweight, scales, zeros = _weights(N, K, g, True, device)
+    qweight_t, scales_t, zeros_t = qweight.t().contiguous().t(), scales.t().contiguous().t(), zeros.t().contiguous().t()
+    assert not qweight_t.is_contiguous()
+    bias = torch.randn(N, dtype=torch.float16, device=device)
+    out = _run(x, qweight_t, scales_t, zeros_t, g, cfg, bias=bias)
+    assert_close(out, _expected(x, qweight, scales, zeros, g, bias), torch.float16)
+
+
+def test_int4_gemm_int_zeros_and_fractional_zeros(device):
+    """Zeros may be any dtype (GPTQ graphs produce int32 zeros) and need not be integers (float zeros)."""
+    M, N, K, g = 2, 24, 128, 32
+    x = torch.randn(M, K, dtype=torch.float16, device=device)
+    qweight, scales, _ = _weights(N, K, g, False, device)
+    int_zeros = torch.randint(0, 16, (N, K // g), dtype=torch.int32, device=device)
+    frac_zeros = (torch.rand(N, K // g, device=device) * 15).to(torch.float16)
+    for zeros in (int_zeros, frac_zeros):
+        for cfg in (GEMV, TILED):
+            out = _run(x, qweight, scales, zeros, g, cfg)
+            assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
+
+
+def test_int4_dequantize_kernel_matches_reference(device):
+    N, K, g = 37, 256, 64
+    qweight, scales, zeros = _weights(N, K, g, True, device)
+    w = int4_dequantize(qweight, scales, zeros, g, torch.float16, {"BLOCK_N": 16, "BLOCK_K": 64})
+    assert torch.equal(w, dequantize_int4(qweight, scales, zeros, g, torch.float16))
+
+
+def test_int4_gemm_ref_is_dequant_then_linear(device):
+    M, N, K, g = 4, 16, 64, 32
+    x = torch.randn(M, K, dtype=torch.float16, device=device)
+    qweight, scales, zeros = _weights(N, K, g, True, device)
+    assert_close(int4_gemm_ref(x, qweight, scales, zeros, g), _expected(x, qweight, scales, zeros, g), torch.float16)
+
+
+@settings(max_examples=6, deadline=None)
+@given(M=st.integers(1, 24), N=st.integers(1, 70), groups=st.integers(1, 3), g=st.sampled_from([32, 64, 128]),
+       asym=st.booleans())
+def test_int4_gemm_selected_config_hypothesis(M, N, groups, g, asym):
+    """Whatever select_config picks for the shape (shrunk tiles keep the interpreter quick)."""
+    K = groups * g
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(M, K, dtype=torch.float16, device=device)
+    qweight, scales, zeros = _weights(N, K, g, asym, device)
+    cfg = select_config(M, N, K, g)
+    if device == "cpu" and cfg["impl"] == "tiled":
+        cfg = {**cfg, "BLOCK_M": 16, "BLOCK_N": 32}
+    out = _run(x, qweight, scales, zeros, g, cfg)
+    assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
+
+
+def test_select_config_table():
+    assert select_config(1, 14336, 4096, 128)["impl"] == "gemv"
+    assert select_config(16, 14336, 4096, 128)["impl"] in ("gemv", "tiled")
+    assert select_config(256, 14336, 4096, 128)["impl"] in ("tiled", "dequant_cublas")
+    assert select_config(8192, 14336, 4096, 128)["impl"] == "dequant_cublas"
+    for M in (1, 7, 16, 64, 300):
+        for g in (32, 64, 128):
+            cfg = select_config(M, 4096, 4096, g)
+            assert g % cfg["BLOCK_K"] == 0
+
+
+def test_int4_gemm_rejects_bad_inputs():
+    x = torch.randn(2, 64, dtype=torch.float16)
+    qweight, scales, zeros = _weights(8, 64, 32, True, "cpu")
+    with pytest.raises(ValueError, match="group_size"):
+        int4_gemm(x, qweight, scales, zeros, 48)
+    with pytest.raises(ValueError, match="scales"):
+        int4_gemm(x, qweight, scales[:, :1], zeros, 32)
+    with pytest.raises(ValueError, match="qweight"):
+        int4_gemm(x, qweight.to(torch.int64), scales, zeros, 32)
+    with pytest.raises(ValueError, match="impl"):
+        int4_gemm(x, qweight, scales, zeros, 32, config={"impl": "magic"})
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV, "BLOCK_K": 64})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4, 16, 64, 256, 2048])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_gemm_gpu_selected_configs(M, dtype):
+    N, K, g = 1000, 1024, 128
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    qweight, scales, zeros = _weights(N, K, g, True, "cuda", dtype)
+    bias = torch.randn(N, dtype=dtype, device="cuda")
+    out = _run(x, qweight, scales, zeros, g, select_config(M, N, K, g), bias=bias)
+    assert_close(out, _expected(x, qweight, scales, zeros, g, bias), dtype, scale=2.0)
