@@ -187,6 +187,8 @@ class MatmulPass:
             why_not = gemm.prefer_triton(static_m, n, k, activation, xv.dtype)
             if why_not:
                 return why_not
+        elif impl != "triton" and activation == "none" and bias is None:
+            return f"plain matmul on {xv.device.type}: nothing to fuse without the GPU kernel"
         config = gemm.select_config(m_hint, n, k, activation, xv.dtype) if impl != "reference" else "plain-torch reference"
         scenario = workload.resolve_scenario(ctx.scenario, tokens=m_hint)
         if static_m is None:

@@ -33,3 +33,10 @@ def device():
 def _seed():
     torch.manual_seed(0)
 
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Each test compiles its own models with its own options: start from an empty Dynamo cache.
+    torch._dynamo.reset()
+    yield
