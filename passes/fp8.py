@@ -1,0 +1,445 @@
+"""FP8 matmuls -> `torch.ops.kernopt.fp8_scaled_mm` / `torch.ops.kernopt.fp8_linear`.
+
+Patterns (plain torch; a8, w8 are float8_e4m3fn, `up` is .float() / .to(dtype) / .half() / .bfloat16()):
+
+    torch._scaled_mm(a8, b8, scale_a, scale_b, bias=b, out_dtype=dt)            # cuBLAS's contract
+    ((up(a8) @ up(w8).t()) * sa * sw [+ b]).to(dt)                               # scale after the matmul:
+                                                                                #   kernopt.fp8.Fp8Linear's form
+    F.linear(up(a8) * sa, up(w8) * sw[:, None], b)   (or @ with .t())          # dequantize, then matmul
+    a8 = (up(x) / s).clamp(-448, 448).to(e4m3),                                 # per-token quantization
+    s = up(x).abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448               #   feeding the 2nd form:
+                                                                                #   -> fp8_linear(x, ...)
+
+sa is a per-row [.., M, 1] or scalar scale, sw a per-output-channel ([N], [1, N] or [N, 1] as the form
+needs) or scalar scale. When a8 is the per-token quantization of x with the same scale node, the whole
+subgraph becomes `fp8_linear(x, w8, sw, b)` (the quantization runs as kernopt's Triton kernel);
+otherwise the matmul + scaling becomes `fp8_scaled_mm` and the quantization stays in the graph.
+
+Guard: e4m3fn operands (e5m2 refused), 2-D weight, fp32-convertible scales of the shapes above, 1-D bias of
+width N, float output dtype, intermediates used only by the pattern. Refused with a reason:
+per-input-channel scales; `_scaled_mm` with scale_result or without out_dtype; and weight-only fp8
+(`F.linear(x, up(w8) * sw[:, None])` with x not quantized): the kernels quantize activations per token,
+which would move the result by a few percent, so that stays as written (never wrong, at worst not faster).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from kernopt import ops, workload
+from kernopt.passes.graph import (ADD, MUL, PassContext, arg, describe, example_value, insert_before, is_call,
+                                  replace, single_user, size_hint)
+
+E4M3 = torch.float8_e4m3fn
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+LINEAR = (F.linear, torch._C._nn.linear)
+MATMUL = (torch.matmul, operator.matmul, torch.mm, "matmul", "mm")
+TRANSPOSE = ("t", torch.t)
+UPCAST = ("float", "to", "half", "bfloat16", "type")
+DIV = (operator.truediv, torch.div, torch.true_divide, "div", "true_divide")
+CLAMP = (torch.clamp, "clamp", torch.clip, "clip")
+AMAX_FLOOR = 1e-12  # kernopt.kernels.fp8_gemm.AMAX_FLOOR (passes may not import kernels directly)
+FP8_MAX = 448.0
+
+
+def _dtype_of(node) -> Optional[torch.dtype]:
+    v = example_value(node)
+    return v.dtype if v is not None else None
+
+
+def _shape(node) -> Optional[tuple]:
+    v = example_value(node)
+    return tuple(v.shape) if v is not None else None
+
+
+def upcast_source(node) -> Optional[fx.Node]:
+    """For `up(t8)` with t8 an e4m3 tensor and a float result, t8; else None."""
+    if not is_call(node, *UPCAST) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    src = node.args[0]
+    if _dtype_of(src) == E4M3 and _dtype_of(node) in FLOATS:
+        return src
+    return None
+
+
+def _strip_transpose(node) -> tuple[Optional[fx.Node], bool]:
+    """(inner, True) for t.t() / t.T / t.transpose(0, 1) of a 2-D t; (node, False) otherwise."""
+    if is_call(node, *TRANSPOSE):
+        return node.args[0], True
+    if is_call(node, getattr) and len(node.args) == 2 and node.args[1] in ("T", "mT"):
+        return node.args[0], True
+    if is_call(node, "transpose", torch.transpose) and len(node.args) == 3 and \
+            set(node.args[1:3]) in ({0, 1}, {-1, -2}, {0, -1}, {-2, 1}):
+        return node.args[0], True
+    return node, False
+
+
+def _weight_operand(node) -> tuple[Optional[fx.Node], Optional[str]]:
+    """The [N, K] e4m3 weight behind `up(w8).t()` / `up(w8.t())` (matmul's second operand)."""
+    inner, transposed = _strip_transpose(node)
+    src = upcast_source(inner)
+    if src is not None:
+        if not transposed:
+            return None, None  # up(b8) with b8 [K, N]: handled by the caller as a [K, N] operand
+        return src, None
+    if transposed:
+        return None, None
+    src = upcast_source(node)
+    if src is not None:
+        inner, transposed = _strip_transpose(src)
+        if transposed:
+            return inner, None
+    return None, None
+
+
+def _dequant(node) -> tuple[Optional[fx.Node], Optional[fx.Node]]:
+    """(t8, s) for `up(t8) * s` or `s * up(t8)`."""
+    if not is_call(node, *MUL) or len(node.args) != 2:
+        return None, None
+    for t, s in (node.args, node.args[::-1]):
+        src = upcast_source(t)
+        if src is not None and isinstance(s, fx.Node):
+            return src, s
+    return None, None
+
+
+def _is_scalar_scale(s) -> bool:
+    shape = _shape(s)
+    return shape is not None and all(size_hint(d) == 1 for d in shape)
+
+
+def _row_scale_ok(s, lead: tuple) -> bool:
+    """A per-row scale of an activation with leading dims `lead`: shape (*lead, 1), or a scalar."""
+    shape = _shape(s)
+    if shape is None:
+        return False
+    if _is_scalar_scale(s):
+        return True
+    return len(shape) >= 1 and size_hint(shape[-1]) == 1 and \
+        [size_hint(d) for d in shape[:-1]][-len(lead):] == [size_hint(d) for d in lead] and \
+        all(size_hint(d) == 1 for d in shape[:-1 - len(lead)])
+
+
+def _col_scale_ok(s, n: int) -> bool:
+    """A per-output-channel scale multiplying a [.., N] result: (N,), (1, .., N), or a scalar."""
+    shape = _shape(s)
+    if shape is None:
+        return False
+    if _is_scalar_scale(s):
+        return True
+    return len(shape) >= 1 and size_hint(shape[-1]) == n and all(size_hint(d) == 1 for d in shape[:-1])
+
+
+def _const(v) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+class _Fp8Matmul:
+    """What the rewrite needs: a8 [.., K], w8 [N, K] (or b8 [K, N]), the scales, bias, output dtype."""
+
+    def __init__(self):
+        self.a8 = self.w8 = self.b8 = self.sa = self.sw = self.bias = None
+        self.out_dtype: Optional[torch.dtype] = None
+        self.tail: Optional[fx.Node] = None
+        self.dead: list[fx.Node] = []
+        self.form = ""
+
+
+class Fp8Pass:
+    name = "fp8"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        for node in list(gm.graph.nodes):
+            if node.graph is not gm.graph or node.op not in ("call_function", "call_method"):
+                continue
+            if is_call(node, torch._scaled_mm):
+                self._scaled_mm(gm, ctx, node)
+            elif is_call(node, *LINEAR, *MATMUL):
+                m, reason, matched = self._match_matmul(node)
+                if reason:
+                    ctx.refused(self.name, node, matched, reason)
+                elif m is not None:
+                    self._rewrite(gm, ctx, m)
+
+    # ---------------------------------------------------------------------------------------------
+    # torch._scaled_mm
+    # ---------------------------------------------------------------------------------------------
+    def _scaled_mm(self, gm, ctx, node: fx.Node) -> None:
+        a, b = arg(node, 0, "self"), arg(node, 1, "mat2")
+        sa, sb = arg(node, 2, "scale_a"), arg(node, 3, "scale_b")
+        bias, scale_result = arg(node, 4, "bias"), arg(node, 5, "scale_result")
+        out_dtype = arg(node, 6, "out_dtype")
+        matched = "torch._scaled_mm"
+        reason = None
+        av, bv, sav, sbv = (example_value(t) for t in (a, b, sa, sb))
+        if any(v is None for v in (av, bv, sav, sbv)):
+            reason = "operands have no recorded shapes"
+        elif av.dtype != E4M3 or bv.dtype != E4M3:
+            reason = f"operands {av.dtype}/{bv.dtype}: the kernel takes float8_e4m3fn"
+        elif scale_result is not None:
+            reason = "scale_result (fp8 output) is not supported"
+        elif out_dtype not in FLOATS:
+            reason = f"out_dtype {out_dtype}: the kernel writes bf16/fp16/fp32"
+        elif sav.dtype != torch.float32 or sbv.dtype != torch.float32:
+            reason = "scales are not float32"
+        elif not (sav.numel() == 1 or tuple(sav.shape) == (av.shape[0], 1)):
+            reason = f"scale_a of shape {tuple(sav.shape)}: tensor-wise or [M, 1] row-wise only"
+        elif not (sbv.numel() == 1 or tuple(sbv.shape) == (1, bv.shape[1])):
+            reason = f"scale_b of shape {tuple(sbv.shape)}: tensor-wise or [1, N] row-wise only"
+        elif bias is not None and (example_value(bias) is None or example_value(bias).dim() != 1):
+            reason = "bias is not 1-D"
+        if reason:
+            ctx.refused(self.name, node, matched, reason)
+            return
+        m, n, k = size_hint(av.shape[0]), size_hint(bv.shape[1]), size_hint(av.shape[1])
+        impl = ops.implementation(av)
+        replace(gm, node, torch.ops.kernopt.fp8_scaled_mm.default, (a, b, sa, sb, bias, out_dtype))
+        ctx.rewrote(self.name, node, f"{matched} M={m} N={n} K={k}", "kernopt.fp8_scaled_mm",
+                    self._config(m, n, k, impl), workload.resolve_scenario(ctx.scenario, tokens=m), impl)
+
+    # ---------------------------------------------------------------------------------------------
+    # matmul / linear on fp8 operands
+    # ---------------------------------------------------------------------------------------------
+    def _match_matmul(self, node: fx.Node) -> tuple[Optional[_Fp8Matmul], Optional[str], str]:
+        is_linear = is_call(node, *LINEAR)
+        if is_linear:
+            x, w, bias = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
+        else:
+            if len(node.args) != 2:
+                return None, None, ""
+            (x, w), bias = node.args, None
+        if not isinstance(x, fx.Node) or not isinstance(w, fx.Node):
+            return None, None, ""
+        m = _Fp8Matmul()
+        # (1) dequantize-then-matmul: both operands are up(t8) * s
+        a8, sa = _dequant(x)
+        if is_linear:
+            w8, sw = _dequant(w)
+        else:
+            inner, transposed = _strip_transpose(w)
+            w8, sw = _dequant(inner) if transposed else (None, None)
+        if w8 is not None and a8 is None:
+            if upcast_source(x) is None:
+                return None, ("weight-only fp8 (activations not quantized): the fp8 kernels quantize "
+                              "activations per token, which would change the result"), "dequant(w8) -> linear"
+        if a8 is not None and w8 is not None:
+            m.form = "dequant -> " + ("linear" if is_linear else "matmul")
+            m.a8, m.w8, m.sa, m.sw, m.bias, m.tail = a8, w8, sa, sw, bias, node
+            inner = _strip_transpose(w)[0] if not is_linear else w
+            m.dead = [node, x, w, inner, *x.args[:2], *inner.args[:2]]
+            m.out_dtype = _dtype_of(node)
+            return m, self._guard(m, dequant=True), m.form
+        # (2) matmul on the raw codes, scales applied to the result
+        a8 = upcast_source(x)
+        if a8 is None:
+            return None, None, ""
+        if is_linear:
+            w8 = upcast_source(w)
+        else:
+            w8, _ = _weight_operand(w)
+            if w8 is None and upcast_source(w) is not None:
+                m.b8 = upcast_source(w)  # up(b8) with b8 [K, N]
+        if w8 is None and m.b8 is None:
+            return None, None, ""
+        m.form = "fp8 " + ("linear" if is_linear else "matmul") + " * scales"
+        m.a8, m.w8 = a8, w8
+        dead = [node, x, w]
+        if not is_linear:
+            inner, transposed = _strip_transpose(w)
+            if transposed:
+                dead.append(inner)
+        # the epilogue chain: * s1 * s2 [+ bias] [.to(dtype)]
+        scales, tail = [], node
+        for _ in range(2):
+            user = single_user(tail)
+            if user is None or not is_call(user, *MUL) or len(user.args) != 2:
+                break
+            other = user.args[1] if user.args[0] is tail else user.args[0]
+            if not isinstance(other, fx.Node):
+                break
+            scales.append(other)
+            dead.append(tail)
+            tail = user
+        if len(scales) != 2:
+            return None, "fp8 matmul without a row scale and a column scale after it", m.form
+        user = single_user(tail)
+        n = self._n(m)
+        if bias is None and user is not None and is_call(user, *ADD) and len(user.args) == 2:
+            other = user.args[1] if user.args[0] is tail else user.args[0]
+            ov = example_value(other)
+            if ov is not None and ov.dim() == 1 and size_hint(ov.shape[0]) == n:
+                bias = other
+                dead.append(tail)
+                tail = user
+                user = single_user(tail)
+        m.out_dtype = _dtype_of(tail)
+        if user is not None and is_call(user, "to", "float", "half", "bfloat16") and _dtype_of(user) in FLOATS \
+                and len(user.args) <= 2 and not user.kwargs:
+            dead.append(tail)
+            tail = user
+            m.out_dtype = _dtype_of(user)
+        lead = _shape(a8)[:-1] if _shape(a8) is not None else ()
+        s1, s2 = scales
+        if _row_scale_ok(s1, lead) and _col_scale_ok(s2, n):
+            m.sa, m.sw = s1, s2
+        elif _row_scale_ok(s2, lead) and _col_scale_ok(s1, n):
+            m.sa, m.sw = s2, s1
+        else:
+            return None, (f"scales of shapes {_shape(s1)} and {_shape(s2)}: need a per-row [.., M, 1] (or "
+                          f"scalar) and a per-channel [N] / [1, N] (or scalar) scale"), m.form
+        m.bias, m.tail, m.dead = bias, tail, dead
+        return m, self._guard(m, dequant=False), m.form
+
+    def _n(self, m: _Fp8Matmul) -> int:
+        if m.w8 is not None:
+            return size_hint(_shape(m.w8)[0])
+        return size_hint(_shape(m.b8)[1])
+
+    def _guard(self, m: _Fp8Matmul, dequant: bool) -> Optional[str]:
+        a_shape = _shape(m.a8)
+        w = m.w8 if m.w8 is not None else m.b8
+        w_shape = _shape(w)
+        if a_shape is None or w_shape is None:
+            return "operands have no recorded shapes"
+        if len(w_shape) != 2:
+            return "batched matmul (second operand is not a 2-D weight)"
+        if len(a_shape) < 1:
+            return "0-d input"
+        if m.out_dtype not in FLOATS:
+            return f"output dtype {m.out_dtype}: the kernel writes bf16/fp16/fp32"
+        n = self._n(m)
+        if m.bias is not None:
+            bv = example_value(m.bias)
+            if bv is None or bv.dim() != 1 or size_hint(bv.shape[0]) != n:
+                return "bias is not 1-D of width N"
+        if dequant:
+            lead = a_shape[:-1]
+            if not _row_scale_ok(m.sa, lead):
+                return f"activation scale of shape {_shape(m.sa)}: per-row [.., M, 1] or scalar only"
+            sw_shape = _shape(m.sw)
+            if sw_shape is None or not (_is_scalar_scale(m.sw) or
+                                        (len(sw_shape) == 2 and size_hint(sw_shape[0]) == n and
+                                         size_hint(sw_shape[1]) == 1)):
+                return f"weight scale of shape {sw_shape}: per-output-channel [N, 1] or scalar only"
+        for s in (m.sa, m.sw):
+            if _dtype_of(s) not in FLOATS:
+                return f"scale dtype {_dtype_of(s)}"
+        for t in (m.sa, m.sw, m.bias, m.b8):
+            v = example_value(t) if t is not None else None
+            if v is not None and v.device != example_value(m.a8).device:
+                return "operands on different devices"
+        return None
+
+    # ---------------------------------------------------------------------------------------------
+    # the per-token quantization feeding a8
+    # ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _quantized_from(a8: fx.Node, sa: fx.Node) -> Optional[tuple[fx.Node, list]]:
+        """(x, the quantization's nodes) when a8 = (up(x) / sa).clamp(-448, 448).to(e4m3) and sa = up(x).abs().amax(-1, keepdim).clamp(1e-12) / 448."""
+        def source(n):  # x for up(x) or x itself
+            if is_call(n, "float", "to") and n.args and isinstance(n.args[0], fx.Node) and \
+                    _dtype_of(n) == torch.float32 and _dtype_of(n.args[0]) in FLOATS:
+                return n.args[0]
+            return n if _dtype_of(n) == torch.float32 else None
+
+        chain: list[fx.Node] = []
+        if not is_call(a8, "to") or _dtype_of(a8) != E4M3:
+            return None
+        clamp = a8.args[0]
+        if not is_call(clamp, *CLAMP) or _const(arg(clamp, 1, "min")) != -FP8_MAX or \
+                _const(arg(clamp, 2, "max")) != FP8_MAX:
+            return None
+        div = clamp.args[0]
+        if not is_call(div, *DIV) or len(div.args) != 2 or div.args[1] is not sa:
+            return None
+        x = source(div.args[0])
+        if x is None or not is_call(sa, *DIV) or _const(sa.args[1]) != FP8_MAX:
+            return None
+        floor = sa.args[0]
+        if not is_call(floor, *CLAMP, "clamp_min") or _const(arg(floor, 1, "min")) != AMAX_FLOOR:
+            return None
+        amax = floor.args[0]
+        if not is_call(amax, "amax", torch.amax) or arg(amax, 1, "dim") not in (-1, (-1,), [-1]) or \
+                not arg(amax, 2, "keepdim", False):
+            return None
+        ab = amax.args[0]
+        if not is_call(ab, "abs", torch.abs) or source(ab.args[0]) is not x:
+            return None
+        chain = [a8, clamp, div, div.args[0], sa, floor, amax, ab, ab.args[0]]
+        return x, chain
+
+    # ---------------------------------------------------------------------------------------------
+    def _config(self, m: int, n: int, k: int, impl: str) -> str:
+        if impl == "reference":
+            return "plain-torch reference"
+        from kernopt.kernels import fp8_gemm
+
+        return fp8_gemm.config_str(fp8_gemm.select_config(m, n, k))
+
+    def _as_fp32(self, gm, anchor, s: fx.Node) -> fx.Node:
+        if _dtype_of(s) == torch.float32:
+            return s
+        v = example_value(s)
+        return insert_before(gm, anchor, torch.Tensor.float, (s,), v.float() if v is not None else None)
+
+    def _rewrite(self, gm: fx.GraphModule, ctx: PassContext, m: _Fp8Matmul) -> None:
+        av = example_value(m.a8)
+        lead, k = tuple(av.shape[:-1]), av.shape[-1]
+        n = self._n(m)
+        rows = 1
+        for s in lead:
+            rows = rows * s
+        m_hint, k_hint = size_hint(rows), size_hint(k)
+        anchor = m.tail
+        quant = self._quantized_from(m.a8, m.sa) if m.w8 is not None else None
+        x, chain = quant if quant is not None else (None, [])
+        if x is not None and m.out_dtype == _dtype_of(x):
+            sw = self._as_fp32(gm, anchor, m.sw)
+            impl = ops.implementation(example_value(x))
+            replace(gm, m.tail, torch.ops.kernopt.fp8_linear.default, (x, m.w8, sw, m.bias),
+                    dead=m.dead + chain)
+            matched = f"quant_rows(x) -> {m.form} M={m_hint} N={n} K={k_hint}"
+            ctx.rewrote(self.name, anchor, matched, "kernopt.fp8_linear", self._config(m_hint, n, k_hint, impl),
+                        workload.resolve_scenario(ctx.scenario, tokens=m_hint), impl)
+            return
+        sa, sw = self._as_fp32(gm, anchor, m.sa), self._as_fp32(gm, anchor, m.sw)
+        a2 = m.a8
+        if len(lead) != 1:
+            a2 = insert_before(gm, anchor, torch.reshape, (m.a8, (-1, k)), av.reshape(-1, k))
+            if not _is_scalar_scale(sa):
+                sa = insert_before(gm, anchor, torch.reshape, (sa, (-1, 1)), None)
+        b = m.b8
+        if b is None:
+            wv = example_value(m.w8)
+            b = insert_before(gm, anchor, torch.t, (m.w8,), wv.t() if wv is not None else None)
+        with gm.graph.inserting_before(anchor):
+            y = gm.graph.call_function(torch.ops.kernopt.fp8_scaled_mm.default,
+                                       (a2, b, sa, sw, m.bias, m.out_dtype))
+        out = y
+        if len(lead) != 1:
+            with gm.graph.inserting_before(anchor):
+                out = gm.graph.call_function(torch.reshape, (y, (*lead, n)))
+        impl = ops.implementation(av)
+        replace_with(gm, m.tail, out, m.dead)
+        ctx.rewrote(self.name, anchor, f"{m.form} M={m_hint} N={n} K={k_hint}", "kernopt.fp8_scaled_mm",
+                    self._config(m_hint, n, k_hint, impl), workload.resolve_scenario(ctx.scenario, tokens=m_hint),
+                    impl)
+
+
+def replace_with(gm: fx.GraphModule, old: fx.Node, new: fx.Node, dead) -> None:
+    """Like graph.replace, for a replacement already built from several nodes."""
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("example_value", "val", "stack_trace",
+                                                                "nn_module_stack", "source_fn_stack")})
+    old.replace_all_uses_with(new)
+    order = {nd: i for i, nd in enumerate(gm.graph.nodes)}
+    doomed = {nd for nd in [old, *dead] if isinstance(nd, fx.Node) and nd in order}
+    for nd in sorted(doomed, key=order.__getitem__, reverse=True):
+        if nd.op in ("call_function", "call_method") and not nd.users:
+            gm.graph.erase_node(nd)
+
+
+__all__ = ["Fp8Pass", "describe"]
