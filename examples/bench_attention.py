@@ -140,7 +140,7 @@ def main(argv=None):
                     notes[sys_name] = f"unavailable: {type(e).__name__}"
 
             chosen = select_config(D, causal, S, S, B * Hq, q.dtype)
-            sweep = not args.quick and not args.no_sweep and D == 128
+            sweep = not args.quick and not args.no_sweep
             configs = candidate_configs(D, causal, S, S, B * Hq, q.dtype) if sweep else [chosen]
             per_config, best, best_cfg, first_error = {}, None, None, None
             out = torch.empty_like(q)

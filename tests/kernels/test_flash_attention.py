@@ -1,0 +1,177 @@
+"""FlashAttention prefill kernel vs the float64 reference (interpreter on CPU, Triton on CUDA)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from kernopt.kernels.flash_attention import (
+    candidate_configs, flash_attention, flash_attention_ref, select_config, supports)
+from kernopt.tolerance import assert_close, mismatch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Small tiles so that odd lengths span several blocks and hit every masked / unmasked loop.
+SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+
+
+def make_qkv(B, Hq, Hkv, Sq, Skv, D, dtype, q_transposed=True):
+    if q_transposed:  # HF hands q as a transpose of [B, S, H, D]
+        q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE).transpose(1, 2)
+    else:
+        q = torch.randn(B, Hq, Sq, D, dtype=dtype, device=DEVICE)
+    k = torch.randn(B, Hkv, Skv, D, dtype=dtype, device=DEVICE)
+    v = torch.randn(B, Skv, Hkv, D, dtype=dtype, device=DEVICE).transpose(1, 2)
+    return q, k, v
+
+
+def run(q, k, v, mask=None, causal=False, sm_scale=None, config=SMALL):
+    out = torch.full((*q.shape[:-1], v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
+    got = flash_attention(q, k, v, mask=mask, causal=causal, sm_scale=sm_scale, config=config, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    m64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
+    ref = flash_attention_ref(q.double(), k.double(), v.double(), m64, causal, sm_scale)
+    return out, ref
+
+
+def padding_mask(B, Skv, dtype=torch.bool):
+    """HF-style [B, 1, 1, Skv] key-padding mask, left padding of a random length per sequence."""
+    keep = torch.ones(B, Skv, dtype=torch.bool)
+    for b in range(B):
+        keep[b, : int(torch.randint(0, max(1, Skv // 2), ()))] = False
+    keep = keep[:, None, None, :].to(DEVICE)
+    if dtype == torch.bool:
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device=DEVICE).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Sq,Skv", [(17, 17), (33, 50), (50, 33), (1, 40), (129, 129)])
+def test_matches_reference(dtype, causal, Sq, Skv):
+    q, k, v = make_qkv(2, 4, 2, Sq, Skv, 32, dtype)
+    out, ref = run(q, k, v, causal=causal)
+    assert_close(out, ref, dtype)
+
+
+@settings(max_examples=12, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), ratio=st.sampled_from([1, 2, 4]),
+       Sq=st.sampled_from([1, 3, 17, 40]), Skv=st.sampled_from([1, 17, 33, 70]),
+       D=st.sampled_from([16, 32, 24]), causal=st.booleans(),
+       mask_kind=st.sampled_from(["none", "bool_pad", "add_pad", "bool_full", "add_heads"]),
+       dtype=st.sampled_from([torch.float16, torch.float32]), seed=st.integers(0, 2**16))
+def test_hypothesis(B, Hkv, ratio, Sq, Skv, D, causal, mask_kind, dtype, seed):
+    torch.manual_seed(seed)
+    Hq = Hkv * ratio
+    q, k, v = make_qkv(B, Hq, Hkv, Sq, Skv, D, dtype, q_transposed=bool(seed % 2))
+    mask = None
+    if mask_kind == "bool_pad":
+        mask = padding_mask(B, Skv)
+    elif mask_kind == "add_pad":
+        mask = padding_mask(B, Skv, dtype)
+    elif mask_kind == "bool_full":  # [B, 1, Sq, Skv], a broadcast over heads
+        mask = torch.rand(B, 1, Sq, Skv, device=DEVICE) > 0.3
+    elif mask_kind == "add_heads":  # [Hq, Sq, Skv] additive bias, broadcast over batch
+        mask = torch.randn(Hq, Sq, Skv, dtype=dtype, device=DEVICE)
+    out, ref = run(q, k, v, mask=mask, causal=causal, sm_scale=0.5 / math.sqrt(D) if seed % 3 == 0 else None)
+    assert_close(out, ref, dtype)
+
+
+def test_fully_masked_rows_are_zero():
+    q, k, v = make_qkv(1, 2, 1, 20, 20, 16, torch.float16)
+    mask = torch.rand(1, 2, 20, 20, device=DEVICE) > 0.5
+    mask[0, 0, 3] = False
+    mask[0, 1, 17] = False
+    add = torch.zeros(1, 2, 20, 20, dtype=torch.float16, device=DEVICE).masked_fill(~mask, float("-inf"))
+    for m in (mask, add):
+        out, ref = run(q, k, v, mask=m)
+        assert not torch.isnan(out).any()
+        assert (out[0, 0, 3] == 0).all() and (out[0, 1, 17] == 0).all()
+        assert_close(out, ref, torch.float16)
+
+
+def test_causal_with_more_queries_than_keys_gives_zero_rows():
+    # bottom-right alignment: query i sees keys j <= i + Skv - Sq, so the first Sq - Skv rows see nothing
+    q, k, v = make_qkv(1, 2, 2, 40, 25, 16, torch.float16)
+    out, ref = run(q, k, v, causal=True)
+    assert (out[:, :, :15] == 0).all()
+    assert_close(out, ref, torch.float16)
+
+
+def test_chunked_prefill_matches_full_causal():
+    # a chunk of queries against the whole cache = the last rows of full causal attention
+    q, k, v = make_qkv(1, 4, 2, 48, 48, 32, torch.float16, q_transposed=False)
+    full, _ = run(q, k, v, causal=True)
+    chunk, ref = run(q[:, :, 30:], k, v, causal=True)
+    assert_close(chunk, ref, torch.float16)
+    assert_close(chunk, full[:, :, 30:].double(), torch.float16)
+
+
+@pytest.mark.parametrize("D", [80, 96])
+def test_padded_head_dims(D):
+    q, k, v = make_qkv(1, 2, 1, 19, 23, D, torch.float16)
+    out, ref = run(q, k, v, causal=True)
+    assert_close(out, ref, torch.float16)
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_selected_and_candidate_configs_run(tma):
+    q, k, v = make_qkv(1, 2, 1, 70, 70, 32, torch.float16)
+    cfg = dict(select_config(32, True, 70, 70, 2, torch.float16), TMA=tma)
+    cfg.update(BLOCK_M=32, BLOCK_N=32)  # same code path, interpreter-sized tiles
+    out, ref = run(q, k, v, causal=True, config=cfg)
+    assert_close(out, ref, torch.float16)
+    out, ref = run(q, k, v, causal=False, sm_scale=2.0, config=cfg)  # large scale: big exponents
+    assert_close(out, ref, torch.float16)
+
+
+def test_default_config_and_allocated_output():
+    q, k, v = make_qkv(1, 2, 2, 9, 9, 16, torch.float32)
+    out = flash_attention(q, k, v, causal=True)
+    assert out.shape == (1, 2, 9, 16) and out.is_contiguous() and out.dtype == torch.float32
+    assert mismatch(out, flash_attention_ref(q.double(), k.double(), v.double(), causal=True)) is None
+
+
+def test_config_table():
+    c = select_config(128, False, 2048, 2048, 128, torch.bfloat16)
+    assert c["BLOCK_M"] >= 64 and c["num_warps"] >= 4
+    assert select_config(32, False, 2048, 2048, 128, torch.float32)["TMA"] is False
+    assert select_config(128, False, 1, 4096, 32, torch.bfloat16)["BLOCK_M"] == 16
+    assert select_config(256, True, 4096, 4096, 32, torch.bfloat16)["BLOCK_N"] == 64
+    cands = candidate_configs(128, True, 4096, 4096, 128, torch.bfloat16)
+    assert cands[0] == select_config(128, True, 4096, 4096, 128, torch.bfloat16) and len(cands) > 4
+
+
+def test_supports_reasons():
+    q, k, v = make_qkv(1, 4, 2, 8, 8, 16, torch.float16)
+    assert supports(q, k, v) is None
+    assert supports(q, k, v, torch.ones(1, 1, 8, 8, dtype=torch.bool, device=DEVICE)) is None
+    assert "dtype" in supports(q.double(), k.double(), v.double())
+    assert "multiple" in supports(q, k[:, :1].expand(1, 3, 8, 16), v[:, :1].expand(1, 3, 8, 16))
+    assert "broadcast" in supports(q, k, v, torch.ones(1, 1, 8, 5, dtype=torch.bool, device=DEVICE))
+    assert "mask dtype" in supports(q, k, v, torch.ones(1, 1, 8, 8, dtype=torch.int32, device=DEVICE))
+    big = torch.randn(1, 4, 8, 512, dtype=torch.float16, device=DEVICE)
+    assert "head dim" in supports(big, big[:, :2], big[:, :2])
+    with pytest.raises(ValueError, match="head dim"):
+        flash_attention(big, big[:, :2], big[:, :2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128, 96, 256])
+def test_bf16_gpu_default_configs(causal, D):
+    B, Hq, Hkv, S = 2, 8, 2, 1000
+    q, k, v = make_qkv(B, Hq, Hkv, S, S, D, torch.bfloat16)
+    mask = padding_mask(B, S)
+    for m in (None, mask):
+        out, ref = run(q, k, v, mask=m, causal=causal, config=None)
+        assert_close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_bf16_gpu_all_candidates():
+    q, k, v = make_qkv(2, 8, 2, 777, 777, 128, torch.bfloat16)
+    for causal in (False, True):
+        ref = flash_attention_ref(q.double(), k.double(), v.double(), causal=causal)
+        for cfg in candidate_configs(128, causal, 777, 777, 16, torch.bfloat16):
+            out, _ = run(q, k, v, causal=causal, config=cfg)
+            assert mismatch(out, ref, torch.bfloat16) is None, cfg
