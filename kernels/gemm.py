@@ -147,6 +147,9 @@ def _split_k_reduce_kernel(
 # Configs: the one shape -> config table of this family
 # --------------------------------------------------------------------------------------------------
 _SMS = 132  # H100 SXM; split-K aims to give every SM at least one program.
+# Shared memory one program may take for its pipeline buffers (bytes) so that two programs fit an SM
+# (228 KB per SM on Hopper, 1 KB reserved per program); decode kernels want two resident programs.
+_SMEM_TWO_PER_SM = 110 * 1024
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8, split=1) -> dict:
@@ -154,66 +157,103 @@ def _cfg(bm, bn, bk, warps, stages, group=8, split=1) -> dict:
             "num_warps": warps, "num_stages": stages}
 
 
+def _stages(bm: int, bn: int, bk: int, weights: int, elem: int, budget: int, most: int = 5) -> int:
+    """Deepest pipeline within `budget` bytes: Triton keeps num_stages - 1 buffers of one x tile and
+    `weights` w tiles (seen in sm_90 compiles: 16x64x128 swiglu, 5 stages = 144 KB)."""
+    per_stage = (bm * bk + weights * bk * bn) * elem
+    return max(2, min(most, 1 + budget // per_stage))
+
+
 def _split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int) -> int:
-    """Enough K splits that the grid covers the SMs about twice, each split keeping >= 8 K-tiles."""
+    """K splits so that the grid fills the SMs about twice (two resident programs each), while every
+    split keeps >= 8 K tiles; 1 when the output tiles alone already cover the SMs."""
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    split = 1
-    while tiles * split * 2 <= 2 * _SMS and K // (split * 2) >= 8 * bk and split < 16:
-        split *= 2
-    return split
+    return max(1, min(16, (2 * _SMS) // tiles, K // (8 * bk)))
 
 
 def select_config(M: int, N: int, K: int, activation: str = "none", dtype: torch.dtype = torch.bfloat16) -> dict:
     """The config table, by M bucket (the scenario of kernopt.workload.classify, read off the row count).
 
-    | M (rows)           | scenario                 | tile (M x N x K), warps, stages          | why                          |
-    |--------------------|--------------------------|------------------------------------------|------------------------------|
-    | <= 16              | single-stream/interactive| 16 x 64 x 128, 4 warps, 5 stages, split-K| weight-bandwidth bound: GEMV-|
-    |                    |                          | until ~2 programs per SM                 | like, deep pipeline, fill SMs|
-    | 17 - 64            | interactive/server       | 64 x 64 x 128, 4 warps, 4 stages         | still bandwidth bound        |
-    | 65 - 256           | server                   | 64 x 128 x 64, 4 warps, 4 stages         | balanced                     |
-    | > 256              | server/offline           | 128 x 256 x 64 (swiglu 128 x 128), 8     | tensor-core bound: big tiles,|
-    |                    |                          | warps, 3 stages, GROUP_M 8               | grouped order for L2         |
+    | M (rows) | scenario                  | tile M x N x K, warps, stages (bf16/fp16)        | why                            |
+    |----------|---------------------------|--------------------------------------------------|--------------------------------|
+    | <= 16    | single-stream/interactive | 16 x 64 x 128, 4 warps, stages to fit 2 programs | weight-bandwidth bound (GEMV): |
+    |          |                           | per SM (5 plain, 4 swiglu); split-K up to ~2     | deep pipeline, every SM busy   |
+    |          |                           | programs per SM (down proj N=4096: 4 splits)     |                                |
+    | 17 - 64  | interactive/server        | 64 x 64 x 128, 4 warps, 4 stages (swiglu 3)      | still bandwidth bound, wgmma   |
+    | 65 - 256 | server                    | 64 x 128 x 64 (swiglu 64 x 64), 4 warps, 4 stages| balanced, 2 programs per SM    |
+    | > 256    | server/offline            | 128 x 256 x 64, 8 warps, 3 stages, GROUP_M 8;    | tensor-core bound: big wgmma   |
+    |          |                           | with any epilogue 128 x 128 x 64, 4 stages       | tiles, grouped order for L2    |
 
-    swiglu holds two accumulators and loads two weight tiles, so its N tile is half the plain one from
-    M > 16 up. fp32 inputs halve BLOCK_K (twice the bytes per element, same shared memory).
+    swiglu keeps two accumulators and loads two weight tiles, hence its narrower N tile and shallower
+    decode pipeline; at M > 256 gelu's erf on a 128 x 256 tile spills registers, so every epilogue but
+    "none" takes 128 x 128 there. fp32 (IEEE FMA, no tensor cores) uses BLOCK_K 32-64 and at most 128 x 128 tiles.
+    Register/shared-memory facts behind the table come from compiling each entry for sm_90 offline
+    (no spills; smem <= 192 KB); the speeds are to be confirmed by examples/bench_gemm.py --tune.
     """
     swiglu = activation == "swiglu"
-    fp32 = dtype == torch.float32
+    nw = 2 if swiglu else 1
+    if dtype == torch.float32:
+        if M <= 16:
+            return _cfg(16, 64, 64, 4, _stages(16, 64, 64, nw, 4, _SMEM_TWO_PER_SM), group=1,
+                        split=_split_k(M, N, K, 16, 64, 64))
+        if M <= 64:
+            return _cfg(64, 64, 16, 4, 3)
+        return _cfg(128, 64 if swiglu else 128, 32, 8, 3)
     if M <= 16:
-        bk = 64 if fp32 else 128
-        bn = 64
-        cfg = _cfg(16, bn, bk, 4, 4 if fp32 else 5, group=1, split=_split_k(M, N, K, 16, bn, bk))
-    elif M <= 64:
-        cfg = _cfg(64, 64, 64 if fp32 else 128, 4, 4)
-    elif M <= 256:
-        cfg = _cfg(64, 64 if swiglu else 128, 32 if fp32 else 64, 4, 4)
-    else:
-        cfg = _cfg(128, 128 if swiglu else 256, 32 if fp32 else 64, 8, 3)
-    return cfg
+        return _cfg(16, 64, 128, 4, _stages(16, 64, 128, nw, 2, _SMEM_TWO_PER_SM), group=1,
+                    split=_split_k(M, N, K, 16, 64, 128))
+    if M <= 64:
+        return _cfg(64, 64, 128, 4, 3 if swiglu else 4)
+    if M <= 256:
+        return _cfg(64, 64 if swiglu else 128, 64, 4, 4)
+    if activation == "none":
+        return _cfg(128, 256, 64, 8, 3)
+    # Two accumulators (swiglu), or erf/exp epilogues on a 128 x 256 tile, spill registers at 8 warps.
+    return _cfg(128, 128, 64, 8, 4)
 
 
 def candidate_configs(M: int, N: int, K: int, activation: str = "none") -> list[dict]:
-    """A short list around the table's choice, for kernopt.workload.autotune (bf16/fp16 sizes)."""
+    """A short list around the table's choice, for kernopt.workload.autotune (bf16/fp16 sizes).
+
+    Every entry compiles for sm_90 without register spills and within the 227 KB shared-memory limit.
+    """
     swiglu = activation == "swiglu"
+    nw = 2 if swiglu else 1
     if M <= 16:
+        two, big = _SMEM_TWO_PER_SM, 200 * 1024  # two programs per SM, or one deeper-pipelined one
+        tiles = ((32, 128, two), (64, 128, two), (64, 128, big), (32, 256, two)) if swiglu else \
+                ((32, 128, two), (64, 128, two), (64, 128, big), (64, 256, two), (128, 128, two))
         out = []
-        for bn, bk, stages in ((32, 128, 5), (64, 128, 5), (64, 256, 3), (128, 128, 4), (32, 256, 4)):
+        for bn, bk, budget in tiles:
             for split in sorted({1, _split_k(M, N, K, 16, bn, bk)}):
-                out.append(_cfg(16, bn, bk, 4, stages, group=1, split=split))
+                out.append(_cfg(16, bn, bk, 4, _stages(16, bn, bk, nw, 2, budget), group=1, split=split))
         return out
     if M <= 64:
-        return [_cfg(bm, bn, bk, 4, st) for bm, bn, bk, st in
-                ((32, 64, 128, 4), (64, 64, 128, 4), (64, 128, 64, 4), (32, 128, 128, 3), (64, 128, 128, 3))]
+        if swiglu:
+            return [_cfg(64, 64, 128, 4, 3), _cfg(64, 64, 64, 4, 4), _cfg(32, 64, 128, 4, 4),
+                    _cfg(64, 128, 64, 4, 3), _cfg(64, 128, 64, 4, 4)]
+        out = [_cfg(64, 64, 128, 4, 4), _cfg(32, 64, 128, 4, 4), _cfg(64, 128, 64, 4, 4),
+               _cfg(64, 128, 128, 4, 3), _cfg(64, 256, 64, 4, 3)]
+        if activation != "none":  # erf/exp epilogues spill above 64 fp32 outputs per thread
+            out = [c for c in out if c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c["num_warps"]]
+        return out
     if M <= 256:
-        return [_cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
-                _cfg(128, 128, 64, 8, 3), _cfg(64, 128, 128, 4, 3), _cfg(128, 128, 64, 4, 4)]
-    big = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3),
-           _cfg(256, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4)]
-    if swiglu:  # two accumulators: a 128 x 256 tile spills
-        big = [c for c in big if c["BLOCK_M"] * c["BLOCK_N"] <= 128 * 128]
-        big.append(_cfg(128, 128, 32, 8, 4))
-    return big
+        if swiglu:
+            return [_cfg(64, 64, 64, 4, 4), _cfg(64, 64, 128, 4, 3), _cfg(128, 64, 64, 4, 4),
+                    _cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
+        out = [_cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
+               _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 4, 4), _cfg(64, 256, 64, 4, 3)]
+        if activation != "none":  # erf/exp epilogues spill above 64 fp32 outputs per thread
+            out = [c for c in out if c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c["num_warps"]]
+        return out
+    if swiglu:  # two accumulators: 128 x 256 (or 128 x 128 on 4 warps) spills
+        return [_cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4),
+                _cfg(64, 128, 64, 4, 4), _cfg(128, 128, 32, 8, 5)]
+    if activation != "none":  # an erf/exp epilogue on more than 128 x 128 outputs per 8 warps spills
+        return [_cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4),
+                _cfg(64, 128, 64, 4, 4), _cfg(128, 128, 32, 8, 5)]
+    return [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(256, 128, 64, 8, 3),
+            _cfg(128, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 256, 64, 4, 3)]
 
 
 def format_config(cfg: dict) -> str:
