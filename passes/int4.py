@@ -1,0 +1,379 @@
+"""INT4 weight-only matmuls: dequant -> matmul subgraphs -> `torch.ops.kernopt.int4_linear`.
+
+Pattern (plain torch; `kernopt.int4.Int4Linear.forward` is exactly this, and GPTQ/AWQ-style code writes
+the same algebra with other idioms):
+
+    q = (packed >> shifts) & 0xF             # unpack: int32 words or uint8 bytes, shifts/masks, any views
+    w = (q - zeros) * scales                 # or scales * (q - zeros), q * s - z * s, (q - 8) * s; casts
+    y = F.linear(x, w.reshape(N, K), bias)   # or x @ w.t(), or x @ w with w [K, N]
+
+Matching is in two steps:
+1. Structure: from the linear's weight, strip casts and reshapes and read the affine form
+   ``(Q - Z) * S`` (any operand order, or ``Q * S - Z * S``): Q is the branch that depends on one
+   integer leaf (the packed weight), Z and S do not. Only elementwise, bitwise and layout ops may occur
+   between the leaves and the weight (no data-dependent ops).
+2. Proof of layout: the weight subgraph is evaluated once on random packed words / scales / zeros
+   and compared with kernopt's dequantization of the same tensors seen through a *view* (our
+   [N, K/8] words; GPTQ's [K/8, N] words via ``.t()``; uint8 [N, K/2] low-nibble-first bytes via
+   ``.view(torch.int32)``; scales/zeros as [N, G] or ``.t()`` of [G, N]). The first candidate that
+   reproduces the weight is used. Every op involved is elementwise or a fixed permutation, so random
+   inputs exercise every nibble position and group; verdicts are cached per subgraph signature.
+
+Why views only: a layout that needs a repack (AWQ's [K, N/8] words packed along N in interleaved order,
+bytes packed along K with N contiguous, signed nibbles) would repack on every call inside the graph.
+Those are refused with a reason; load such checkpoints with ``kernopt.int4.from_awq`` / ``from_gptq``,
+which convert once, at load time. Zeros computed in the graph (GPTQ unpacking ``qzeros``, ``+ 1``) stay
+in the graph: they are small ([K/g, N]) and feed the kernel as its zeros tensor.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from kernopt import ops, workload
+from kernopt.passes.graph import PassContext, arg, describe, example_value, insert_before, is_call, replace, size_hint
+
+LINEAR = (F.linear, torch._C._nn.linear)
+MATMUL = (torch.matmul, operator.matmul, torch.mm, "matmul", "mm")
+MUL = (operator.mul, torch.mul, "mul", "__mul__")
+SUB = (operator.sub, torch.sub, "sub", "__sub__")
+CASTS = ("to", "float", "half", "bfloat16", "type")
+RESHAPES = ("reshape", "view", torch.reshape, "unsqueeze", torch.unsqueeze, "squeeze", torch.squeeze, "flatten",
+            torch.flatten, "contiguous")
+TRANSPOSES = ("t", torch.t, "transpose", torch.transpose, "permute", torch.permute)
+# Every op allowed between the leaves and the weight: elementwise, bitwise, layout, constants.
+ALLOWED = {
+    operator.rshift, operator.and_, operator.or_, operator.sub, operator.mul, operator.add, operator.neg,
+    operator.getitem, operator.truediv,
+    torch.bitwise_right_shift, torch.bitwise_and, torch.bitwise_or, torch.sub, torch.mul, torch.add,
+    torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten, torch.t, torch.transpose, torch.permute,
+    torch.cat, torch.stack, torch.arange, torch.tensor,
+    "bitwise_right_shift", "__rshift__", "bitwise_and", "__and__", "bitwise_or", "__or__", "sub", "mul", "add",
+    "__sub__", "__mul__", "__add__", "reshape", "view", "unsqueeze", "squeeze", "flatten", "expand", "permute",
+    "transpose", "t", "contiguous", "to", "float", "half", "bfloat16", "type", "int",
+}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_VERDICTS: dict[Any, Any] = {}
+
+
+def _strip(node: Any) -> Any:
+    """Skip casts and reshapes: they do not change which algebra the weight is."""
+    while isinstance(node, fx.Node) and (is_call(node, *CASTS) or is_call(node, *RESHAPES)):
+        node = node.args[0]
+    return node
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    seen: dict[fx.Node, None] = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen[n] = None
+        stack.extend(n.all_input_nodes)
+    return list(seen)
+
+
+def _leaves(nodes) -> list[fx.Node]:
+    return [n for n in nodes if n.op in ("placeholder", "get_attr")]
+
+
+def _is_int_leaf(n: fx.Node) -> bool:
+    v = example_value(n)
+    return v is not None and not v.is_floating_point() and v.dtype != torch.bool
+
+
+class _Affine:
+    """w = (q - zero) * scale, with the nodes for q (depends on the packed leaf), zero and scale."""
+
+    def __init__(self, q: fx.Node, zero: Any, scale: fx.Node, form: str):
+        self.q, self.zero, self.scale, self.form = q, zero, scale, form
+
+
+def _depends(node: Any, leaf: fx.Node) -> bool:
+    return isinstance(node, fx.Node) and leaf in _ancestors(node)
+
+
+def _read_affine(w: fx.Node, packed: fx.Node) -> tuple[Optional[_Affine], Optional[str]]:
+    top = _strip(w)
+    if is_call(top, *MUL) and len(top.args) == 2:
+        a, b = top.args
+        if _depends(a, packed) == _depends(b, packed):
+            return None, "scale multiply: expected exactly one operand to depend on the packed weight"
+        d, s = (a, b) if _depends(a, packed) else (b, a)
+        inner = _strip(d)
+        if is_call(inner, *SUB) and len(inner.args) == 2 and _depends(inner.args[0], packed) \
+                and not _depends(inner.args[1], packed):
+            return _Affine(inner.args[0], inner.args[1], s, "(q - z) * s"), None
+        return None, "no zero point subtracted before the scale multiply (zero 0 / signed codes: not our format)"
+    if is_call(top, *SUB) and len(top.args) == 2:
+        a, b = top.args
+        if not _depends(a, packed) or _depends(b, packed):
+            return None, "q * s - z * s: the packed weight must be on the left only"
+        qs, zs = _strip(a), _strip(b)
+        if not (is_call(qs, *MUL) and is_call(zs, *MUL) and len(qs.args) == 2 and len(zs.args) == 2):
+            return None, "q * s - zs with a precomputed zs: zeros = zs / s is not exact"
+        qa, qb = qs.args
+        q, s = (qa, qb) if _depends(qa, packed) else (qb, qa)
+        for z, s2 in (zs.args, zs.args[::-1]):
+            if _strip(s2) is _strip(s) and isinstance(s, fx.Node):
+                return _Affine(q, z, s, "q * s - z * s"), None
+        return None, "q * s - z * s with two different scale tensors"
+    return None, f"weight is {describe(top) if isinstance(top, fx.Node) else top!r}, not (q - zero) * scale"
+
+
+# ------------------------------------------------------------------------------------------------
+# Probing: evaluate the weight subgraph on random leaves and compare with a candidate layout.
+# ------------------------------------------------------------------------------------------------
+def _real_value(n: fx.Node) -> Optional[torch.Tensor]:
+    ga = n.meta.get("grapharg")
+    try:
+        v = ga.example if ga is not None else None
+    except Exception:  # a dead weakref or a source without a value
+        v = None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _probe_leaf(n: fx.Node, gen: torch.Generator) -> torch.Tensor:
+    v = example_value(n)
+    real = _real_value(n)
+    if real is not None and real.numel() <= 64:  # shift tables and other small constants: keep their values
+        return real.detach().clone()
+    shape, dev = tuple(size_hint(s) for s in v.shape), v.device
+    if v.is_floating_point():
+        return (torch.rand(shape, generator=gen) * 0.5 + 0.01).to(v.dtype).to(dev)
+    info = torch.iinfo(v.dtype)
+    return torch.randint(info.min, info.max, shape, generator=gen, dtype=torch.int64).to(v.dtype).to(dev)
+
+
+def _evaluate(nodes: list[fx.Node], env: dict[fx.Node, Any]) -> None:
+    for n in nodes:  # in graph order
+        if n in env:
+            continue
+        args = fx.node.map_arg(n.args, env.__getitem__)
+        kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+        if n.op == "call_function":
+            env[n] = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        else:
+            raise ValueError(f"cannot evaluate {n.op} {n.target}")
+
+
+def _ng_layouts(shape, N: int, G: int) -> list[tuple[str, tuple[int, int]]]:
+    """How a per-group tensor of `shape` reads as [N, G]: ("", (N, G)) as stored, (".t()", (G, N)) transposed."""
+    dims = [s for s in shape if s != 1]
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel != N * G:
+        return []
+    out = []
+    if dims == [d for d in (N, G) if d != 1]:
+        out.append(("", (N, G)))
+    if dims == [d for d in (G, N) if d != 1] and (G != 1 and N != 1):
+        out.append((".t()", (G, N)))
+    return out
+
+
+def _as_ng(t: torch.Tensor, N: int, G: int) -> list[tuple[str, torch.Tensor]]:
+    return [(how, t.reshape(shape).t() if how else t.reshape(shape)) for how, shape in _ng_layouts(t.shape, N, G)]
+
+
+def _packed_views(p: torch.Tensor, N: int, K: int) -> list[tuple[str, Any]]:
+    out = []
+    if p.dtype == torch.int32 and tuple(p.shape) == (N, K // 8):
+        out.append(("", lambda t: t))
+    if p.dtype == torch.int32 and tuple(p.shape) == (K // 8, N):
+        out.append((".t()", lambda t: t.t()))
+    if p.dtype in (torch.uint8, torch.int8) and tuple(p.shape) == (N, K // 2) and K % 8 == 0:
+        out.append((".view(int32)", lambda t: t.contiguous().view(torch.int32)))
+    return out
+
+
+def _layout_refusal(p: torch.Tensor, N: int, K: int) -> str:
+    shape = tuple(p.shape)
+    if p.dtype == torch.int32 and shape == (K, N // 8):
+        return "int32 words packed along N (AWQ-style): needs a repack; load with kernopt.int4.from_awq"
+    if p.dtype in (torch.uint8, torch.int8) and shape == (K // 2, N):
+        return "bytes packed along K with N contiguous: not viewable as int32 words; needs a repack"
+    return f"packed weight {str(p.dtype).replace('torch.', '')} {list(shape)} is not an int4 layout of [N={N}, K={K}]"
+
+
+class _Plan:
+    def __init__(self, q_view: str, s_view: str, z_view: Optional[str], group: int):
+        self.q_view, self.s_view, self.z_view, self.group = q_view, s_view, z_view, group
+
+
+def _prove(w: fx.Node, aff: _Affine, packed: fx.Node, transposed: bool, N: int, K: int,
+           nodes: list[fx.Node]) -> tuple[Optional[_Plan], Optional[str]]:
+    from kernopt.kernels.int4_gemm import dequantize_int4
+    from kernopt.tolerance import mismatch
+
+    wv = example_value(w)
+    zero_const = None
+    if not isinstance(aff.zero, fx.Node):
+        if aff.zero != 8:
+            return None, f"constant zero point {aff.zero!r}: kernopt's symmetric format uses 8"
+        zero_const = 8
+    gen = torch.Generator().manual_seed(0)
+    env = {leaf: _probe_leaf(leaf, gen) for leaf in _leaves(nodes)}
+    try:
+        with torch.no_grad():
+            _evaluate(nodes, env)
+    except Exception as e:  # the graph's own ops failed on the probe: be safe and refuse
+        return None, f"could not evaluate the dequant subgraph ({type(e).__name__}: {e})"
+    weight = env[w].t() if transposed else env[w]
+    scale = env[aff.scale]
+    zero = env[aff.zero] if zero_const is None else None
+    if not isinstance(scale, torch.Tensor) or scale.numel() == 0 or K % max(1, scale.numel() // N):
+        return None, "scales are not one per (output, group)"
+    G = scale.numel() // N
+    g = K // G if G else 0
+    if g not in (32, 64, 128) and not (g >= 16 and g & (g - 1) == 0):
+        return None, f"group size {g} (K={K}, {G} groups): the kernel takes powers of two >= 16"
+    p = env[packed]
+    views = _packed_views(p, N, K)
+    if not views:
+        return None, _layout_refusal(p, N, K)
+    s_views = _as_ng(scale, N, G)
+    z_views = [(None, None)] if zero is None else _as_ng(zero, N, G)
+    if not s_views or not z_views:
+        return None, "scales/zeros are not [N, G] or [G, N] per-group tensors"
+    for qname, qfn in views:
+        for sname, s in s_views:
+            for zname, z in z_views:
+                try:
+                    mine = dequantize_int4(qfn(p), s, z, g, torch.float32)
+                except Exception:
+                    continue
+                if mismatch(mine.to(wv.dtype).float(), weight.float(), wv.dtype) is None:
+                    return _Plan(qname, sname, zname, g), None
+    return None, ("evaluated on random packed words, the weight is not (nibble - zero) * scale in any layout "
+                  "kernopt reads through a view (nibble order, signedness or packing differ)")
+
+
+def _signature(nodes: list[fx.Node]) -> Any:
+    sig = []
+    for n in nodes:
+        v = example_value(n)
+        real = _real_value(n) if n.op == "placeholder" else None
+        consts = tuple(repr(a) for a in fx.node.map_arg((n.args, n.kwargs), lambda x: None)) if n.op != "placeholder" else ()
+        small = tuple(real.flatten().tolist()) if real is not None and real.numel() <= 64 else None
+        sig.append((n.op, str(n.target) if n.op != "placeholder" else "", consts,
+                    (tuple(v.shape), v.dtype, tuple(v.stride())) if v is not None else None, small))
+    return tuple(sig)
+
+
+# ------------------------------------------------------------------------------------------------
+# The pass
+# ------------------------------------------------------------------------------------------------
+class Int4Pass:
+    name = "int4"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        for node in list(gm.graph.nodes):
+            if node.graph is not gm.graph or node.op not in ("call_function", "call_method"):
+                continue
+            if is_call(node, *LINEAR):
+                x, w, bias, transposed = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias"), False
+            elif is_call(node, *MATMUL) and len(node.args) == 2:
+                x, w, bias = node.args[0], node.args[1], None
+                transposed = True
+                if is_call(w, "t", torch.t) or (is_call(w, "transpose", torch.transpose)
+                                                and set(w.args[1:3]) in ({0, 1}, {-1, -2})):
+                    w, transposed = w.args[0], False
+            else:
+                continue
+            if not isinstance(w, fx.Node):
+                continue
+            nodes = _ancestors(w)
+            packed = [leaf for leaf in _leaves(nodes) if _is_int_leaf(leaf)
+                      and (example_value(leaf).numel() >= 64 or _real_value(leaf) is None)]
+            if not packed:
+                continue  # a float weight: not ours (the matmul pass takes it)
+            matched = "dequant(int4) -> " + ("linear" if is_call(node, *LINEAR) else "matmul")
+            reason = self._try(gm, ctx, node, x, w, bias, transposed, nodes, packed, matched)
+            if reason:
+                ctx.refused(self.name, node, matched, reason)
+
+    def _try(self, gm, ctx, node, x, w, bias, transposed, nodes, packed, matched) -> Optional[str]:
+        xv, wv = example_value(x), example_value(w)
+        if xv is None or wv is None or wv.dim() != 2:
+            return "operands have no recorded 2-D weight shape"
+        if xv.dtype not in DTYPES or wv.dtype != xv.dtype:
+            return f"dtypes x={xv.dtype} w={wv.dtype}: the kernel takes one of fp16/bf16/fp32 for both"
+        if bias is not None and (example_value(bias) is None or example_value(bias).dtype != xv.dtype):
+            return "bias dtype differs from x"
+        if any(not isinstance(s, int) for s in wv.shape):
+            return "dynamic weight shape"
+        N, K = (wv.shape[1], wv.shape[0]) if transposed else (wv.shape[0], wv.shape[1])
+        bad = [n for n in nodes if n.op in ("call_function", "call_method") and n.target not in ALLOWED]
+        if bad:
+            return f"dequant subgraph has ops outside elementwise/bitwise/layout: {describe(bad[0])}"
+        # the packed weight: the integer leaf that the weight's q-branch depends on
+        aff, reason = None, "no (q - zero) * scale form"
+        for leaf in packed:
+            aff, reason = _read_affine(w, leaf)
+            if aff is not None:
+                break
+        if aff is None:
+            return reason
+        if isinstance(aff.scale, fx.Node) and _depends(aff.scale, leaf) or _depends(aff.zero, leaf):
+            return "scales or zeros depend on the packed weight"
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        nodes = sorted(nodes, key=order.__getitem__)
+        key = (_signature(nodes), transposed, nodes.index(leaf), nodes.index(aff.scale),
+               nodes.index(aff.zero) if isinstance(aff.zero, fx.Node) else aff.zero)
+        if key not in _VERDICTS:
+            _VERDICTS[key] = _prove(w, aff, leaf, transposed, N, K, nodes)
+        plan, reason = _VERDICTS[key]
+        if plan is None:
+            return reason
+        return self._rewrite(gm, ctx, node, x, bias, leaf, aff, plan, N, K, nodes, matched)
+
+    def _rewrite(self, gm, ctx, node, x, bias, packed, aff: _Affine, plan: _Plan, N, K, nodes, matched):
+        G = K // plan.group
+
+        def view_ng(src: fx.Node, how: str) -> fx.Node:
+            v = example_value(src)
+            shape = dict(_ng_layouts(v.shape, N, G))[how]
+            out = src
+            if tuple(v.shape) != shape:
+                out = insert_before(gm, node, torch.reshape, (out, shape), v.reshape(shape))
+            if how == ".t()":
+                out = insert_before(gm, node, torch.t, (out,), example_value(out).t())
+            return out
+
+        qv = example_value(packed)
+        if plan.q_view == ".t()":
+            qw = insert_before(gm, node, torch.t, (packed,), qv.t())
+        elif plan.q_view == ".view(int32)":
+            c = insert_before(gm, node, torch.Tensor.contiguous, (packed,), qv.contiguous())
+            with gm.graph.inserting_before(node):
+                qw = gm.graph.call_method("view", (c, torch.int32))
+            qw.meta["example_value"] = qv.contiguous().view(torch.int32)
+        else:
+            qw = packed
+        scales = view_ng(aff.scale, plan.s_view)
+        zeros = view_ng(aff.zero, plan.z_view) if plan.z_view is not None else None
+        xv = example_value(x)
+        rows = 1
+        for s in xv.shape[:-1]:
+            rows = rows * s
+        m_hint = size_hint(rows)
+        impl = ops.implementation(xv)
+        kmod = ops.kernel_module("int4_gemm")
+        config = kmod.select_config(m_hint, N, K, plan.group) if impl != "reference" else "plain-torch reference"
+        replace(gm, node, torch.ops.kernopt.int4_linear.default, (x, qw, scales, zeros, plan.group, bias),
+                dead=[n for n in reversed(nodes) if n.op in ("call_function", "call_method")])
+        layout = f"qweight{plan.q_view or ''} scales{plan.s_view or ''}" + \
+            (f" zeros{plan.z_view or ''}" if plan.z_view is not None else " symmetric")
+        ctx.rewrote(self.name, node, f"{matched} {aff.form} M={m_hint} N={N} K={K} g{plan.group} [{layout}]",
+                    "kernopt.int4_linear", config, workload.resolve_scenario(ctx.scenario, tokens=m_hint), impl)
+        return None
