@@ -125,6 +125,8 @@ def main() -> None:
         extra = {"prefer_triton": prefer_triton(M, N, K, activation, torch.bfloat16) or "triton"}
         if base_err:
             extra["baseline_check"] = base_err
+        print(f"{case}: " + " ".join(f"{k}={v:.2f}" for k, v in results.items())
+              + f"  [{extra['prefer_triton']}]" + (f" ERROR {error}" if error else ""), flush=True)
         if args.tune:
             best, best_us = None, float("inf")
             for cand in candidate_configs(M, N, K, activation):
@@ -144,8 +146,6 @@ def main() -> None:
                 extra.update(tuned_best_us=round(best_us, 3), tuned_best_config=format_config(best))
                 print(f"  {case}: best {best_us:.2f} us with {format_config(best)}")
         suite.add(case, "µs", False, results, config=format_config(cfg), error=error, **extra)
-        print(f"{case}: " + " ".join(f"{k}={v:.2f}" for k, v in results.items())
-              + f"  [{extra['prefer_triton']}]" + (f" ERROR {error}" if error else ""), flush=True)
         del sets, x, w, bias, w_up, expected
     print(suite.table())
     path = suite.write(args.out, plot=args.plot)
