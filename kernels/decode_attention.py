@@ -9,11 +9,12 @@ Algorithm (split-KV, "flash-decoding"):
 1. One program per (sequence, KV head, split). It loads the ``G = Hq // Hkv`` query heads that share the KV head,
    times the ``Sq`` query tokens, as one ``[G * Sq (padded to >= 16), D]`` tile, so each K/V tile is read from
    memory once for the whole group and both products run on tensor cores (``tl.dot``).
-2. The program streams its slice of the sequence in ``BLOCK_N``-token tiles with an online softmax (exp2, scale
-   folded into q). Paged tiles are gathered row by row through the block table, so any page size works; when the
+2. The program streams its slice of the sequence in ``BLOCK_N``-token tiles with an online softmax (fp32 scores,
+   scale * log2(e) folded in, exp2). Paged tiles are gathered row by row through the block table, so any page size works; when the
    page size is a multiple of ``BLOCK_N`` a tile sits inside one page and costs one table load.
 3. When ``B * Hkv`` programs can't fill the GPU, each sequence is cut into ``SPLITS`` equal chunks (per sequence,
-   so ragged batches stay balanced); every split writes its normalised partial output and log-sum-exp, and a
+   so ragged batches stay balanced; the split count is a runtime argument, so growing sequences never
+   recompile); every split writes its normalised partial output and log-sum-exp, and a
    second kernel merges the splits (``out = sum_s exp2(lse_s - max) o_s / sum_s exp2(lse_s - max)``).
 A query row that sees no key (length 0) gets zeros, never NaN.
 
@@ -48,10 +49,10 @@ def _attend_split(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_tb,
-    full_len, num_kv_heads,
+    full_len, num_kv_heads, num_splits,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLITS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_LENS: tl.constexpr,
+    SPLIT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_LENS: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -64,7 +65,7 @@ def _attend_split(
     else:
         seq_len = full_len
     # Per-sequence chunks (a multiple of BLOCK_N, so tiles never straddle a split): ragged batches stay balanced.
-    chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
@@ -81,8 +82,6 @@ def _attend_split(
     q_ptrs = (q_ptr + b.to(tl.int64) * stride_qb + row_head[:, None].to(tl.int64) * stride_qh
               + row_pos[:, None] * stride_qs + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    # Fold scale * log2(e) into q once, so the loop uses exp2 on raw dot products.
-    q = (q.to(tl.float32) * qk_scale_log2).to(q.dtype)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -115,7 +114,10 @@ def _attend_split(
         else:
             k_rows = cols.to(tl.int64) * stride_kn
             v_rows = cols.to(tl.int64) * stride_vn
-        kv_mask = col_ok[:, None] & d_ok[None, :]
+        if BLOCK_D == HEAD_DIM:
+            kv_mask = col_ok[:, None]  # no mask along D: loads stay full-width vectors
+        else:
+            kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
 
@@ -123,6 +125,8 @@ def _attend_split(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
+        # scale * log2(e) applied to the fp32 scores (not to a rounded bf16 q), then exp2 throughout.
+        s = s * qk_scale_log2
         visible = col_ok[None, :] & (cols[None, :] < row_limit[:, None])
         s = tl.where(visible, s, float("-inf"))
 
@@ -141,16 +145,16 @@ def _attend_split(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
     out_mask = row_ok[:, None] & d_ok[None, :]
-    if SPLITS == 1:
+    if not SPLIT:
         o_ptrs = (out_ptr + b.to(tl.int64) * stride_ob + row_head[:, None].to(tl.int64) * stride_oh
                   + row_pos[:, None] * stride_os + offs_d[None, :] * stride_od)
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        # Partials [B, Hq, Q_LEN, SPLITS, HEAD_DIM] (fp32) and lse [B, Hq, Q_LEN, SPLITS] (log2 units).
+        # Partials [B, Hq, Q_LEN, splits, HEAD_DIM] (fp32) and lse [B, Hq, Q_LEN, splits] (log2 units).
         row_id = (b * (num_kv_heads * GROUP) + row_head).to(tl.int64) * Q_LEN + row_pos
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(part_lse_ptr + row_id * SPLITS + split, lse, mask=row_ok)
-        po_ptrs = part_o_ptr + (row_id[:, None] * SPLITS + split) * HEAD_DIM + offs_d[None, :]
+        tl.store(part_lse_ptr + row_id * num_splits + split, lse, mask=row_ok)
+        po_ptrs = part_o_ptr + (row_id[:, None] * num_splits + split) * HEAD_DIM + offs_d[None, :]
         tl.store(po_ptrs, o, mask=out_mask)
 
 
@@ -158,8 +162,8 @@ def _attend_split(
 def _merge_splits_kernel(
     part_o_ptr, part_lse_ptr, out_ptr,
     stride_ob, stride_oh, stride_os, stride_od,
-    num_q_heads,
-    Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+    num_q_heads, num_splits,
+    Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # over B * Hq * Q_LEN
@@ -168,13 +172,13 @@ def _merge_splits_kernel(
     b = row // (Q_LEN * num_q_heads)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < SPLITS
+    s_ok = offs_s < num_splits
     d_ok = offs_d < HEAD_DIM
-    lse = tl.load(part_lse_ptr + row * SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    lse = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m_safe)  # 0 for empty splits
-    o = tl.load(part_o_ptr + (row * SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+    o = tl.load(part_o_ptr + (row * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     # Empty splits never wrote their partial output: select, don't multiply, so garbage can't leak in.
     num = tl.sum(tl.where((w > 0.0)[:, None], o * w[:, None], 0.0), 0)
@@ -295,16 +299,16 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
         q, k, v, dummy, table if table is not None else dummy, out, part_o, part_lse,
         float(sm_scale) * LOG2E,
         *q.stride(), *k_strides, *v_strides, *out.stride(), table_stride,
-        full_len, kv_heads,
+        full_len, kv_heads, splits,
         GROUP=group, Q_LEN=sq, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=int(cfg["BLOCK_N"]), BLOCK_D=block_d,
-        SPLITS=splits, PAGED=paged, PAGE_SIZE=page_size, HAS_LENS=lens is not None,
+        SPLIT=splits > 1, PAGED=paged, PAGE_SIZE=page_size, HAS_LENS=lens is not None,
         FP32_DOT=q.dtype == torch.float32,
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]),
     )
     if splits > 1:
         _merge_splits_kernel[(b * hq * sq,)](
-            part_o, part_lse, out, *out.stride(), hq,
-            Q_LEN=sq, HEAD_DIM=d, SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            part_o, part_lse, out, *out.stride(), hq, splits,
+            Q_LEN=sq, HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
             BLOCK_D=block_d, num_warps=4,
         )
     return out
