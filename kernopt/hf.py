@@ -1,0 +1,90 @@
+"""`kernopt.optimize(model, quantize=None | "int4" | "fp8")`: the one-line Hugging Face entry.
+
+    model = kernopt.optimize(AutoModelForCausalLM.from_config(cfg).cuda().bfloat16(), quantize="int4")
+    model.generate(input_ids, max_new_tokens=128)
+
+What it does, in order: quantize the linear layers (skipping `skip`, lm_head by default); route attention
+through kernopt (transformers' AttentionInterface, `kernopt/hf_attention.py`); pick the KV cache; compile.
+
+Two caches:
+- ``cache="paged"`` (default): a `PagedKVCache` (pages allocated per sequence as it grows, reused across
+  generate calls) that `generate` gets unless the caller passes its own; prefill runs the FlashAttention
+  kernel, decode the paged split-KV kernel; `forward` is compiled with the kernopt backend.
+- ``cache="static"``: HF's static cache, with decode steps compiled by the kernopt backend in
+  ``mode="reduce-overhead"`` through transformers' own CompileConfig, so each decode step replays as a
+  CUDA graph (Inductor's CUDA-graph trees; transformers marks each step's start, so no step reads an output
+  a later replay overwrote). The paged cache's page bookkeeping runs on the host, so it is not captured.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Optional
+
+import torch
+
+from kernopt import workload
+
+QUANTIZE = (None, "int4", "fp8")
+CACHES = ("paged", "static")
+
+
+def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scenario: str = "auto",
+             skip: Iterable[str] = ("lm_head",), cache: str = "paged", compile: bool = True,
+             inner: str = "inductor"):
+    """Quantize, install kernopt attention and its KV cache, and compile `model` (in place; returned)."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r}; valid: None, 'int4', 'fp8'")
+    if cache not in CACHES:
+        raise ValueError(f"cache={cache!r}; valid: {', '.join(map(repr, CACHES))}")
+    if scenario != "auto" and scenario not in workload.SCENARIOS:
+        raise ValueError(f"scenario={scenario!r}; valid: 'auto', {', '.join(map(repr, workload.SCENARIOS))}")
+    if quantize == "int4":
+        from kernopt.int4 import GROUP_SIZES, quantize_int4_
+
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size={group_size}; valid: {', '.join(map(str, GROUP_SIZES))}")
+        quantize_int4_(model, group_size=group_size, skip=skip)
+    elif quantize == "fp8":
+        from kernopt.fp8 import quantize_fp8_
+
+        quantize_fp8_(model, skip=skip)
+
+    options = {"scenario": scenario, "inner": inner}
+    if cache == "static":
+        from transformers import CompileConfig
+
+        from kernopt.backend import kernopt_backend
+
+        gc = model.generation_config
+        gc.cache_implementation = "static"
+        gc.compile_config = CompileConfig(backend=functools.partial(kernopt_backend, options=options),
+                                          mode="reduce-overhead", fullgraph=False)
+        model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario}
+        return model
+
+    from kernopt import hf_attention
+
+    hf_attention.install(model)
+    if compile:
+        model.forward = torch.compile(model.forward, backend="kernopt", options=options)
+    _give_generate_a_paged_cache(model, hf_attention)
+    model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario}
+    return model
+
+
+def _give_generate_a_paged_cache(model, hf_attention) -> None:
+    """`model.generate(...)` unchanged: a PagedKVCache, reset and reused, unless the caller passes a cache."""
+    original = model.generate
+    key = hf_attention.cache_argument(model)
+    state = {"cache": None}
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        if kwargs.get(key) is None and not kwargs.get("use_cache") is False:
+            if state["cache"] is None:
+                state["cache"] = hf_attention.paged_cache(model)
+            state["cache"].reset()
+            kwargs[key] = state["cache"]
+        return original(*args, **kwargs)
+
+    model.generate = generate
