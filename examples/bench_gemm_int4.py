@@ -30,9 +30,10 @@ GROUP = 128
 
 
 def make_weights(N: int, K: int, g: int, device: str):
-    qweight = torch.randint(-2**31, 2**31 - 1, (N, K // 8), dtype=torch.int32, device=device)
-    scales = (torch.rand(N, K // g, device=device) * 0.01 + 0.005).to(torch.bfloat16)
-    zeros = torch.randint(0, 16, (N, K // g), device=device).to(torch.bfloat16)
+    """Random int4 weights in kernopt's storage (logical [N, ...], N-contiguous; see kernopt/int4.py)."""
+    qweight = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=device).t()
+    scales = (torch.rand(K // g, N, device=device) * 0.01 + 0.005).to(torch.bfloat16).t()
+    zeros = torch.randint(0, 16, (K // g, N), device=device).to(torch.bfloat16).t()
     return qweight, scales, zeros
 
 
@@ -41,27 +42,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two cases only (a smoke run)")
     parser.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
     parser.add_argument("--tune", action="store_true", help="also time every candidate config per case")
+    parser.add_argument("--only", default="", help="run only cases whose name contains this text")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
     args = parser.parse_args()
     require_cuda("bench_gemm_int4.py")
 
-    from kernopt.kernels.int4_gemm import (candidate_configs, format_config, int4_dequantize, int4_gemm,
-                                           int4_gemm_ref, select_config)
+    from kernopt.kernels.int4_gemm import (candidate_configs, dequantize_int4, format_config, int4_dequantize,
+                                           int4_gemm, select_config)
 
     cases = [(m, k, n) for (k, n) in SHAPES for m in MS]
     if args.quick:
         cases = [(1, 4096, 14336), (64, 4096, 14336)]
+    if args.only:
+        cases = [c for c in cases if args.only in f"M={c[0]} K={c[1]} N={c[2]} g{GROUP}"]
     suite = Suite("gemm_int4")
     torch.manual_seed(0)
     for K, N in dict.fromkeys((k, n) for _, k, n in cases):
         qweight, scales, zeros = make_weights(N, K, GROUP, "cuda")
-        w_bf16 = int4_dequantize(qweight, scales, zeros, GROUP, torch.bfloat16)
+        w_bf16 = dequantize_int4(qweight, scales, zeros, GROUP, torch.bfloat16)  # the plain-torch reference
+        assert torch.equal(int4_dequantize(qweight, scales, zeros, GROUP, torch.bfloat16), w_bf16)
         for M in [m for m, k, n in cases if (k, n) == (K, N)]:
             case = f"M={M} K={K} N={N} g{GROUP}"
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             cfg = select_config(M, N, K, GROUP)
-            expected = int4_gemm_ref(x.float(), qweight, scales.float(), zeros.float(), GROUP)
+            # the reference: the dequantized bf16 weight (int4_gemm_ref's), product in fp32
+            expected = F.linear(x.float(), w_bf16.float())
             out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
             error = None
             try:

@@ -2,27 +2,28 @@
 
 Weight format (kernopt's; `kernopt/int4.py` builds it and converts GPTQ/AWQ tensors into it):
 
-- ``qweight`` int32 [N, K // 8]: word ``qweight[n, j]`` holds k = 8*j .. 8*j+7, nibble i (bits 4i..4i+3)
-  is k = 8*j + i, an unsigned 4-bit code q in [0, 15]. Any strides are accepted: the row-major [N, K/8]
-  tensor is ours, and GPTQ's [K/8, N] ``qweight`` (same words, same nibble order) is accepted as its
-  ``.t()`` view without a copy. A uint8 [N, K/2] tensor with the low nibble first is the same bytes:
-  pass ``u8.view(torch.int32)``.
-- ``scales`` [N, K // group_size] fp16/bf16/fp32 (any strides: GPTQ's [K/g, N] ``.t()`` works).
-- ``zeros`` [N, K // group_size] (any dtype, any strides), or None for symmetric weights (zero = 8).
-- ``w[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g]``; group_size in {32, 64, 128, ...}
-  (a power of two >= 16 dividing K).
+- ``qweight`` int32, logical shape [N, K // 8]: word ``qweight[n, j]`` holds k = 8*j .. 8*j+7, nibble i
+  (bits 4i..4i+3) is k = 8*j + i, an unsigned 4-bit code q in [0, 15].
+- ``scales`` [N, K // group_size] fp16/bf16/fp32; ``zeros`` [N, K // group_size] (any dtype) or None for
+  symmetric weights (zero = 8); ``w[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g]``;
+  group_size a power of two >= 16 dividing K (32, 64, 128 in practice).
+- Any strides are accepted. The storage kernopt writes is **N-contiguous** (each tensor is the ``.t()``
+  of a row-major [K/8, N] / [K/g, N] tensor): that is GPTQ's own storage, so GPTQ checkpoints need no copy,
+  and a uint8 [N, K/2] low-nibble-first tensor is the same words through ``u8.view(torch.int32)``.
 
-Why K-contiguous words: the decode kernel walks K with each thread loading whole 16-byte runs of a row
-(4 words = 32 nibbles), and the tiled kernel turns the same [BLOCK_N, BLOCK_K/8] word tile into a
-[BLOCK_N, BLOCK_K] operand by shifting in registers, so one load layout serves both.
+Why N-contiguous: both kernels load a [BLOCK_K/8, BLOCK_N] word tile whose rows are contiguous runs of
+BLOCK_N words (fully coalesced, 16-byte vectors), unpack it in registers to [BLOCK_K/8, 8, BLOCK_N]
+= [BLOCK_K, BLOCK_N], which is already tl.dot's B operand (no transpose), and the per-group scales
+and zeros for a block are one contiguous run of BLOCK_N values. Measured on the H100 at M=1,
+K=4096, N=14336: this load pattern ran 2.2x faster than K-contiguous words (30 vs 66 us).
 
 Algorithms (chosen per shape by `select_config`, the one table of this family):
 
-- ``gemv`` (decode, M <= 8): FMA kernel. Each program owns BLOCK_N outputs and one K slice (split-K);
+- ``gemv`` (decode, smallest M): FMA kernel. Each program owns BLOCK_N outputs and one K slice (split-K);
   nibbles become floats with the 2^23 trick (``(q | 0x4B000000)`` bitcast to fp32 is 2^23 + q, one
   subtraction away from q: no int->float conversion), zero and scale are applied once per group to
   the partial dot products, and split-K partials are summed by a small second kernel.
-- ``tiled`` (M > 8): tensor-core kernel. The word tile is unpacked, zero-shifted and scaled in fp32,
+- ``tiled`` (larger M): tensor-core kernel. The word tile is unpacked, zero-shifted and scaled in fp32,
   cast to x's dtype and fed to ``tl.dot`` with fp32 accumulation; optional split-K for small M.
 - ``dequant_cublas`` (large M): a Triton kernel dequantizes the whole weight to x's dtype, then
   ``F.linear`` (cuBLAS), which wins once the GEMM is compute-bound and the dequant is amortised.
@@ -66,27 +67,28 @@ def _int4_gemv_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_K // 8)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, 8)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    shifts = tl.arange(0, 8) * 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     # BLOCK_K divides GROUP and GROUP divides K, so a K block never straddles a group or the end of K.
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        w = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (k0 // 8 + offs_w)[None, :] * stride_qk,
-                    mask=mask_n[:, None], other=0)
+        # words [BLOCK_K/8, BLOCK_N]: with N-contiguous storage each row is one coalesced run
+        w = tl.load(qw_ptr + offs_n[None, :] * stride_qn + (k0 // 8 + offs_w)[:, None] * stride_qk,
+                    mask=mask_n[None, :], other=0)
         s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n, k0 // GROUP, stride_sn, stride_sg,
                                   stride_zn, stride_zg, HAS_ZEROS)
-        q = ((w[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000
-        q = tl.reshape(q, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)  # 2^23 + q, exactly
-        q = q - 8388608.0
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
-                    mask=mask_m[:, None], other=0.0).to(tl.float32)
-        # sum_k x (q - z) = sum_k x q - z sum_k x: the zero (any float) is applied once per group.
-        part = tl.sum(x[:, None, :] * q[None, :, :], axis=2) - tl.sum(x, axis=1)[:, None] * z[None, :]
-        acc += part * s[None, :]
+        q = ((w[:, None, :] >> (offs_j * 4)[None, :, None]) & 0xF) | 0x4B000000
+        q = q.to(tl.float32, bitcast=True) - 8388608.0  # [BLOCK_K/8, 8, BLOCK_N]: k = 8 * word + nibble
+        for i in tl.static_range(BLOCK_M):
+            row = pid_m * BLOCK_M + i
+            x = tl.load(x_ptr + row * stride_xm + (k0 + offs_w[:, None] * 8 + offs_j[None, :]) * stride_xk,
+                        mask=(offs_w[:, None] >= 0) & (row < M), other=0.0).to(tl.float32)
+            # sum_k x (q - z) = sum_k x q - z sum_k x: the zero (any float) is applied once per group.
+            part = tl.sum(tl.sum(q * x[:, :, None], axis=1), axis=0) - tl.sum(tl.sum(x, axis=1), axis=0) * z
+            acc = tl.where((offs_m == row)[:, None], acc + (part * s)[None, :], acc)
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -131,14 +133,14 @@ def _int4_tiled_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
                     mask=mask_m[:, None], other=0.0)
-        w = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (k0 // 8 + offs_w)[None, :] * stride_qk,
-                    mask=mask_n[:, None], other=0)
+        w = tl.load(qw_ptr + offs_n[None, :] * stride_qn + (k0 // 8 + offs_w)[:, None] * stride_qk,
+                    mask=mask_n[None, :], other=0)
         s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n, k0 // GROUP, stride_sn, stride_sg,
                                   stride_zn, stride_zg, HAS_ZEROS)
-        q = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
+        q = tl.reshape((w[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
         # Rounded once to x's dtype, like the reference's dequantized weight.
-        wd = ((q.to(tl.float32) - z[:, None]) * s[:, None]).to(a.dtype)
-        acc = tl.dot(a, tl.trans(wd), acc, input_precision=DOT_PRECISION)
+        wd = ((q.to(tl.float32) - z[None, :]) * s[None, :]).to(a.dtype)
+        acc = tl.dot(a, wd, acc, input_precision=DOT_PRECISION)
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -174,12 +176,12 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K,
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     shifts = tl.arange(0, 8) * 4
-    w = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (k0 // 8 + offs_w)[None, :] * stride_qk,
-                mask=mask_n[:, None], other=0)
+    w = tl.load(qw_ptr + offs_n[None, :] * stride_qn + (k0 // 8 + offs_w)[:, None] * stride_qk,
+                mask=mask_n[None, :], other=0)
     s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n, k0 // GROUP, stride_sn, stride_sg,
                               stride_zn, stride_zg, HAS_ZEROS)
-    q = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
-    wd = (q.to(tl.float32) - z[:, None]) * s[:, None]
+    q = tl.reshape((w[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+    wd = tl.trans((q.to(tl.float32) - z[None, :]) * s[None, :])
     tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, wd.to(w_ptr.dtype.element_ty),
              mask=mask_n[:, None])
 
@@ -187,17 +189,17 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K,
 # --------------------------------------------------------------------------------------------------
 # Shape -> config: the one table of this family.
 # --------------------------------------------------------------------------------------------------
-# Placeholders until the H100 measurement (examples/bench_gemm_int4.py prints the crossover):
-# rows M <= GEMV_MAX_M take the FMA kernel, rows up to DEQUANT_CUBLAS_MIN_M - 1 the tensor-core kernel,
-# and from DEQUANT_CUBLAS_MIN_M on dequantize + cuBLAS is faster (the dequant pass is amortised and
-# cuBLAS's bf16 GEMM beats a Triton tile that also dequantizes).
-GEMV_MAX_M = 8
+# Placeholders until the H100 measurement (examples/bench_gemm_int4.py --tune prints the best config per
+# case; this is the one table to update): rows M <= GEMV_MAX_M take the FMA kernel, rows up to
+# DEQUANT_CUBLAS_MIN_M - 1 the tensor-core kernel, and from DEQUANT_CUBLAS_MIN_M on dequantize + cuBLAS
+# (the dequant pass is amortised and cuBLAS's bf16 GEMM beats a Triton tile that also dequantizes).
+GEMV_MAX_M = 1
 DEQUANT_CUBLAS_MIN_M = 1024
 _SM_COUNT = 132  # H100 SXM; split-K aims to put at least ~2 programs on every SM
-_PROGRAMS_WANTED = 2 * _SM_COUNT
+_PROGRAMS_WANTED = 4 * _SM_COUNT
 
 
-def _split_k(tiles: int, K: int, block_k: int, min_k_per_split: int = 512) -> int:
+def _split_k(tiles: int, K: int, block_k: int, min_k_per_split: int = 256) -> int:
     """Smallest power-of-two split that gives `_PROGRAMS_WANTED` programs, keeping >= min_k per slice."""
     split = 1
     while tiles * split < _PROGRAMS_WANTED and K // (split * 2) >= max(block_k, min_k_per_split):
@@ -209,14 +211,13 @@ def select_config(M: int, N: int, K: int, group_size: int) -> dict:
     """The config (a plain dict with "impl") for an [M, K] x int4 [N, K] product with this group size."""
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
-        block_m = triton.next_power_of_2(max(M, 1))
-        block_n = 32 if M <= 2 else 16
+        block_n = 128
         split = _split_k(triton.cdiv(N, block_n), K, block_k)
-        return {"impl": "gemv", "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
-                "num_warps": 4, "num_stages": 4}
+        return {"impl": "gemv", "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
+                "num_warps": 4, "num_stages": 1}
     if M < DEQUANT_CUBLAS_MIN_M:
         if M <= 16:
-            cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4}
+            cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
         elif M <= 64:
             cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
         else:
@@ -224,7 +225,7 @@ def select_config(M: int, N: int, K: int, group_size: int) -> dict:
         bk = min(block_k, 64)
         tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
         return {"impl": "tiled", **cfg, "BLOCK_K": bk, "GROUP_M": 8,
-                "SPLIT_K": _split_k(tiles, K, bk, min_k_per_split=1024)}
+                "SPLIT_K": _split_k(tiles, K, bk, min_k_per_split=512)}
     return {"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": min(block_k, 128), "num_warps": 4}
 
 
@@ -232,19 +233,19 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
     """Configs worth timing for this shape (the benchmark's --tune sweeps them)."""
     block_k = min(group_size, 128)
     out: list[dict] = []
-    if M <= 16:
-        for bn in (16, 32, 64):
-            for split in (1, 2, 4, 8):
+    if M <= 4:
+        for bn in (64, 128, 256):
+            for split in (2, 4, 8, 16):
                 if K // split >= block_k:
-                    for warps in (2, 4):
-                        out.append({"impl": "gemv", "BLOCK_M": triton.next_power_of_2(M), "BLOCK_N": bn,
-                                    "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps, "num_stages": 4})
-    for bm, bn, warps in ((16, 64, 4), (32, 64, 4), (64, 128, 4), (128, 128, 8), (128, 256, 8)):
-        if bm >= 2 * triton.next_power_of_2(M) and bm > 16:
+                    out.append({"impl": "gemv", "BLOCK_M": triton.next_power_of_2(M), "BLOCK_N": bn,
+                                "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4, "num_stages": 1})
+    for bm, bn, bk, warps in ((16, 64, 64, 4), (16, 128, 64, 4), (16, 128, 128, 4), (32, 128, 64, 4),
+                              (64, 128, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8)):
+        if bm > 16 and bm >= 2 * triton.next_power_of_2(M):
             continue
-        for split in (1, 2, 4):
-            if K // split >= 64:
-                out.append({"impl": "tiled", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": min(block_k, 64),
+        for split in ((1, 2, 4, 8) if M <= 64 else (1, 2)):
+            if K // split >= 128:
+                out.append({"impl": "tiled", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": min(block_k, bk),
                             "GROUP_M": 8, "SPLIT_K": split, "num_warps": warps, "num_stages": 3})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     return out
@@ -289,7 +290,7 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
                     dtype: torch.dtype = torch.bfloat16, config: Optional[dict] = None) -> torch.Tensor:
     """The [N, K] weight in `dtype`, dequantized by a Triton kernel (the first half of dequant_cublas)."""
     N, K = qweight.shape[0], qweight.shape[1] * 8
-    cfg = config or {"BLOCK_N": 64, "BLOCK_K": min(group_size, 128), "num_warps": 4}
+    cfg = {"BLOCK_N": 64, "BLOCK_K": min(group_size, 128), "num_warps": 4, **(config or {})}
     block_k = min(cfg["BLOCK_K"], group_size)
     w = torch.empty((N, K), dtype=dtype, device=qweight.device)
     z = zeros if zeros is not None else scales

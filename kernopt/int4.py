@@ -1,13 +1,16 @@
 """Group-wise INT4 weight-only quantization: kernopt's format, round-to-nearest quantization, the
 `Int4Linear` module, `quantize_int4_` (swap nn.Linear in place) and GPTQ / AWQ checkpoint loaders.
 
-The format (the one `kernopt.kernels.int4_gemm` reads; its docstring says why the words run along K):
+The format (the one `kernopt.kernels.int4_gemm` reads; its docstring says why it is stored N-contiguous):
 
     qweight  int32 [N, K // 8]      nibble i of word [n, j] is the code q[n, 8j + i] in [0, 15]
     scales   [N, K // g]            fp16 / bf16 (the float weight's dtype; fp32 for fp32 weights)
     zeros    [N, K // g] or None    asymmetric: integer zero points in [0, 15], stored in scales' dtype;
                                     symmetric: None, meaning zero = 8 (codes are q = round(w / s) + 8)
     w[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g]
+
+Storage: all three are kept N-contiguous (``t.t().contiguous().t()``: the transpose of a row-major
+[K/8, N] / [K/g, N] tensor, GPTQ's own storage); the shapes above are the logical ones every API uses.
 
 Loaders convert other packings into it once, at load time:
 
@@ -29,6 +32,11 @@ from kernopt.kernels.int4_gemm import dequantize_int4, int4_gemm_ref, unpack_int
 GROUP_SIZES = (32, 64, 128)
 _SHIFTS = tuple(range(0, 32, 4))
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column 8j + AWQ_ORDER[i]
+
+
+def n_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same [N, X] values stored N-contiguous (stride (1, N)): the layout the kernels load fastest."""
+    return t.t().contiguous().t()
 
 
 def _to_int32_words(acc: torch.Tensor) -> torch.Tensor:
@@ -83,7 +91,8 @@ def quantize_weight(weight: torch.Tensor, group_size: int = 128, symmetric: bool
         zeros_f = torch.round(-lo / scales.float()).clamp(0, 15)
         q = (torch.round(w / scales.float().unsqueeze(-1)) + zeros_f.unsqueeze(-1)).clamp(0, 15)
         zeros = zeros_f.to(scale_dtype)
-    return pack_int4(q.reshape(N, K).to(torch.int32)), scales, zeros
+    return (n_contiguous(pack_int4(q.reshape(N, K).to(torch.int32))), n_contiguous(scales),
+            n_contiguous(zeros) if zeros is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,10 +111,11 @@ class Int4Linear(nn.Module):
                              f"got {group_size}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 8, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("qweight", torch.zeros(in_features // 8, out_features, dtype=torch.int32,
+                                                    device=device).t())
+        self.register_buffer("scales", torch.ones(groups, out_features, dtype=dtype, device=device).t())
         self.register_buffer("zeros", None if symmetric else
-                             torch.full((out_features, groups), 8, dtype=dtype, device=device))
+                             torch.full((groups, out_features), 8, dtype=dtype, device=device).t())
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
 
@@ -119,9 +129,9 @@ class Int4Linear(nn.Module):
                     group_size: int, bias: Optional[torch.Tensor] = None) -> "Int4Linear":
         N, K = qweight.shape[0], qweight.shape[1] * 8
         m = cls(K, N, group_size, bias is not None, zeros is None, scales.dtype, qweight.device)
-        m.qweight = qweight.contiguous()
-        m.scales = scales.contiguous()
-        m.zeros = zeros.contiguous() if zeros is not None else None
+        m.qweight = n_contiguous(qweight)
+        m.scales = n_contiguous(scales)
+        m.zeros = n_contiguous(zeros) if zeros is not None else None
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return m
@@ -185,7 +195,8 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     zeros = _unpack_words_along_last(qzeros.to(torch.int32))[:, :N]  # [K/g, N]
     if zeros_minus_one:
         zeros = zeros + 1
-    return qweight.t().contiguous(), scales.t().contiguous(), zeros.t().to(scales.dtype).contiguous(), g
+    # GPTQ stores [K/8, N] and [K/g, N] row-major: their .t() views are kernopt's N-contiguous storage.
+    return qweight.t(), scales.t(), zeros.to(scales.dtype).t(), g
 
 
 def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
@@ -196,7 +207,7 @@ def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     g = _group_size_of(scales, K)
     codes = _unpack_words_along_last(qweight.to(torch.int32), AWQ_ORDER)  # [K, N]
     zeros = _unpack_words_along_last(qzeros.to(torch.int32), AWQ_ORDER)  # [K/g, N]
-    return pack_int4(codes.t()), scales.t().contiguous(), zeros.t().to(scales.dtype).contiguous(), g
+    return n_contiguous(pack_int4(codes.t())), scales.t(), zeros.to(scales.dtype).t(), g
 
 
 def load_int4_state_dict_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], fmt: str = "gptq",
@@ -230,5 +241,5 @@ def load_int4_state_dict_(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     return replaced
 
 
-__all__ = ["Int4Linear", "quantize_int4_", "quantize_weight", "pack_int4", "unpack_int4", "dequantize_int4",
+__all__ = ["Int4Linear", "n_contiguous", "quantize_int4_", "quantize_weight", "pack_int4", "unpack_int4", "dequantize_int4",
            "from_gptq", "from_awq", "load_int4_state_dict_", "AWQ_ORDER", "GROUP_SIZES"]

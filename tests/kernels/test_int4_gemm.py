@@ -13,9 +13,10 @@ from kernopt.tolerance import assert_close
 
 
 def _weights(N, K, g, asym, device, dtype=torch.float16):
-    qweight = torch.randint(-2**31, 2**31 - 1, (N, K // 8), dtype=torch.int32, device=device)
-    scales = (torch.rand(N, K // g, device=device) * 0.02 + 0.005).to(dtype)
-    zeros = torch.randint(0, 16, (N, K // g), device=device).to(dtype) if asym else None
+    """Random int4 weights in kernopt's storage: logical [N, ...], stored N-contiguous."""
+    qweight = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=device).t()
+    scales = (torch.rand(K // g, N, device=device) * 0.02 + 0.005).to(dtype).t()
+    zeros = torch.randint(0, 16, (K // g, N), device=device).to(dtype).t() if asym else None
     return qweight, scales, zeros
 
 
@@ -54,13 +55,13 @@ def test_int4_gemm_matches_reference(device, g, asym, cfg):
 
 @pytest.mark.parametrize("cfg", [GEMV_SPLIT, TILED, TILED_SPLIT], ids=["gemv_splitk", "tiled", "tiled_splitk"])
 def test_int4_gemm_bias_and_strided_layouts(device, cfg):
-    """GPTQ-style transposed storage ([K/8, N] words, [K/g, N] scales/zeros, read through .t()), and a
-    strided x: the kernel honours strides instead of copying."""
+    """Row-major (K-contiguous) storage instead of kernopt's N-contiguous one, and a strided x: the
+    kernel honours strides instead of copying."""
     M, N, K, g = 5, 41, 192, 64
     x = torch.randn(M, 2 * K, dtype=torch.float16, device=device)[:, ::2]
     qweight, scales, zeros = _weights(N, K, g, True, device)
-    qweight_t, scales_t, zeros_t = qweight.t().contiguous().t(), scales.t().contiguous().t(), zeros.t().contiguous().t()
-    assert not qweight_t.is_contiguous()
+    qweight_t, scales_t, zeros_t = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    assert qweight_t.stride() != qweight.stride()
     bias = torch.randn(N, dtype=torch.float16, device=device)
     out = _run(x, qweight_t, scales_t, zeros_t, g, cfg, bias=bias)
     assert_close(out, _expected(x, qweight, scales, zeros, g, bias), torch.float16)
