@@ -107,6 +107,8 @@ def quantize_rows_fp8(x: torch.Tensor, block_k: Optional[int] = None) -> tuple[t
 
 
 def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's math in plain torch. (On CUDA, torch divides by the Python scalar 448 as a multiply by
+    its reciprocal, so a scale can differ from the kernel's IEEE quotient in the last bit.)"""
     amax = x.float().abs().amax(dim=-1, keepdim=True) if x.shape[-1] else x.new_zeros((*x.shape[:-1], 1)).float()
     scale = amax.clamp(min=AMAX_FLOOR) / FP8_MAX
     q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
@@ -227,6 +229,9 @@ def select_config(M: int, N: int, K: int) -> dict:
     """Tile config by shape. Decode (M <= 64) is memory-bound on the weight: swap A/B so the weight rows fill
     the wgmma M side, small tiles over N for many programs. Prefill is compute-bound: big tensor-core tiles
     through the persistent TMA kernel."""
+    # Measured on an H100 (CUDA-graph replay, K = N = 4096 and 8192): M = 16: swap-AB 64x16x256 5.5 us
+    # (~3x cuBLAS _scaled_mm); M = 128: TMA 64x128x128 8.4 us; M >= 1024: TMA 128x256x128 with the tile loop
+    # flattened (the next tile's loads overlap this tile's epilogue) 1330-1470 TFLOP/s, 1.05-1.2x cuBLAS.
     if M <= 64:
         block_tok = max(16, triton.next_power_of_2(M))
         return {"SWAP_AB": True, "TMA": False, "BLOCK_M": 64, "BLOCK_N": block_tok, "BLOCK_K": 256,
@@ -234,11 +239,8 @@ def select_config(M: int, N: int, K: int) -> dict:
     if M <= 256:
         return {"SWAP_AB": False, "TMA": True, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128,
                 "GROUP_M": 8, "num_warps": 4, "num_stages": 5, "FLATTEN": False}
-    if M * N <= 1024 * 4096:
-        return {"SWAP_AB": False, "TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128,
-                "GROUP_M": 8, "num_warps": 8, "num_stages": 4, "FLATTEN": False}
     return {"SWAP_AB": False, "TMA": True, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128,
-            "GROUP_M": 8, "num_warps": 8, "num_stages": 3, "FLATTEN": False}
+            "GROUP_M": 8, "num_warps": 8, "num_stages": 3, "FLATTEN": True}
 
 
 def candidate_configs(M: int, N: int, K: int) -> list[dict]:
