@@ -1,6 +1,9 @@
 """HF generate with kernopt attention and the paged KV cache gives eager's greedy tokens (tiny Llama, fp32).
 
-On CPU the kernels run under Triton's interpreter (prefill: flash_attention, decode: paged_decode_attention).
+tests/hf/conftest.py runs whole models on the ops' references (KERNOPT_CPU=reference) to stay fast; the paged
+reference gathers the cache's pages itself, so those tests check the cache and the routing.
+`test_generate_runs_the_triton_kernels` lifts that for one generate call: there the Triton kernels run under
+the interpreter (prefill: flash_attention, decode: paged_decode_attention), and it checks they were called.
 """
 import copy
 
@@ -71,6 +74,29 @@ def test_paged_generate_matches_eager(models, lengths):
     assert cache.lens == [n + new - 1 for n in lengths]
     assert cache.get_seq_length() == ids.shape[1] + new - 1
     assert cache.memory_waste() < 8 / min(cache.lens) + 1e-9
+
+
+def test_generate_runs_the_triton_kernels(models, monkeypatch):
+    from kernopt.kernels import decode_attention as da
+
+    monkeypatch.delenv("KERNOPT_CPU", raising=False)
+    calls = []
+    real = da.paged_decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(da, "paged_decode_attention", spy)
+    eager, ours = models
+    ids, mask = prompts([3, 9])
+    new = 7
+    expected = greedy(eager, ids, mask, new)
+    cache = hf_attention.paged_cache(ours, page_size=4)
+    got = greedy(ours, ids, mask, new, **{hf_attention.cache_argument(ours): cache})
+    assert torch.equal(got, expected), f"\n{got}\n{expected}"
+    layers = ours.config.num_hidden_layers
+    assert len(calls) == layers * (new - 1)  # every decode step of every layer ran the kernel
 
 
 def test_cache_reuse_across_generate_calls(models):
