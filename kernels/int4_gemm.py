@@ -189,20 +189,21 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K,
 # --------------------------------------------------------------------------------------------------
 # Shape -> config: the one table of this family.
 # --------------------------------------------------------------------------------------------------
-# Placeholders until the H100 measurement (examples/bench_gemm_int4.py --tune prints the best config per
-# case; this is the one table to update): rows M <= GEMV_MAX_M take the FMA kernel, rows up to
-# DEQUANT_CUBLAS_MIN_M - 1 the tensor-core kernel, and from DEQUANT_CUBLAS_MIN_M on dequantize + cuBLAS
-# (the dequant pass is amortised and cuBLAS's bf16 GEMM beats a Triton tile that also dequantizes).
+# Measured on the H100 (examples/bench_gemm_int4.py --tune, CUDA-graph replay, K/N in {4096, 14336}, g128):
+# M=1: the FMA kernel with BLOCK_N 256 (128 for N < 8192) and deep split-K is fastest (30 us at
+# K=4096 N=14336; the tensor-core kernel takes 38-40 us). M=2..64: the tensor-core kernel with BLOCK_M 16
+# (64 from M=17) and split-K 8 (4 from M=17 when N is wide). M=256: dequantize + cuBLAS beats the tiled
+# kernel (119 vs 136 us at K=4096 N=14336, 42 vs 53 us at 4096^2); M=128 was not measured, so the
+# crossover is put between 64 (tiled 2x faster) and 256. Update this one table from new --tune runs.
 GEMV_MAX_M = 1
-DEQUANT_CUBLAS_MIN_M = 1024
-_SM_COUNT = 132  # H100 SXM; split-K aims to put at least ~2 programs on every SM
-_PROGRAMS_WANTED = 4 * _SM_COUNT
+DEQUANT_CUBLAS_MIN_M = 192
+_SM_COUNT = 132  # H100 SXM
 
 
-def _split_k(tiles: int, K: int, block_k: int, min_k_per_split: int = 256) -> int:
-    """Smallest power-of-two split that gives `_PROGRAMS_WANTED` programs, keeping >= min_k per slice."""
+def _split_k(tiles: int, K: int, block_k: int, wanted: int, min_k_per_split: int, max_split: int = 64) -> int:
+    """Smallest power-of-two split giving `wanted` programs, keeping >= min_k_per_split of K per slice."""
     split = 1
-    while tiles * split < _PROGRAMS_WANTED and K // (split * 2) >= max(block_k, min_k_per_split):
+    while tiles * split < wanted and split < max_split and K // (split * 2) >= max(block_k, min_k_per_split):
         split *= 2
     return split
 
@@ -211,21 +212,24 @@ def select_config(M: int, N: int, K: int, group_size: int) -> dict:
     """The config (a plain dict with "impl") for an [M, K] x int4 [N, K] product with this group size."""
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
-        block_n = 128
-        split = _split_k(triton.cdiv(N, block_n), K, block_k)
+        block_n = 256 if N >= 8192 else 128
+        split = _split_k(triton.cdiv(N, block_n), K, block_k, wanted=4 * _SM_COUNT, min_k_per_split=256)
         return {"impl": "gemv", "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
                 "num_warps": 4, "num_stages": 1}
     if M < DEQUANT_CUBLAS_MIN_M:
         if M <= 16:
-            cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+            cfg = {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+            bk = block_k if K >= 8192 else min(block_k, 64)
         elif M <= 64:
             cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+            bk = min(block_k, 64)
         else:
             cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
-        bk = min(block_k, 64)
+            bk = min(block_k, 64)
         tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
         return {"impl": "tiled", **cfg, "BLOCK_K": bk, "GROUP_M": 8,
-                "SPLIT_K": _split_k(tiles, K, bk, min_k_per_split=512)}
+                "SPLIT_K": _split_k(tiles, K, bk, wanted=2 * _SM_COUNT if M > 16 else 4 * _SM_COUNT,
+                                    min_k_per_split=512, max_split=8)}
     return {"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": min(block_k, 128), "num_warps": 4}
 
 
