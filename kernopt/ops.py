@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from kernopt import workload
+
 _KERNEL_PACKAGE = "kernopt.kernels"
 
 
@@ -72,7 +74,9 @@ def linear(x: Tensor, w: Tensor, bias: Optional[Tensor], w_up: Optional[Tensor],
                                                                        activation, x.dtype)):
         out = gemm.gemm_ref(x2, w, bias=bias, w_up=w_up, activation=activation)
     else:
-        out = gemm.gemm(x2, w, bias=bias, w_up=w_up, activation=activation)
+        config = workload.tuned_config("gemm", workload.gemm_bucket(x2.shape[0], w.shape[0], x2.shape[1],
+                                                                     activation, x.dtype))
+        out = gemm.gemm(x2, w, bias=bias, w_up=w_up, activation=activation, config=config)
     return out.reshape(*lead, w.shape[0])
 
 

@@ -62,6 +62,12 @@ def bucket(n: int, smallest: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def gemm_bucket(m: int, n: int, k: int, *extra) -> str:
+    """The cache key of a GEMM-like op: M by power-of-two bucket, N and K exact (they are weight shapes)."""
+    tail = "".join(f"-{str(e).replace('torch.', '')}" for e in extra)
+    return f"M{bucket(m)}-N{n}-K{k}{tail}"
+
+
 # ------------------------------------------------------------------------------------------------
 # Tuned-config cache
 # ------------------------------------------------------------------------------------------------
