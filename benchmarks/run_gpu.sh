@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # One GPU session: install, run the GPU tests, run the benchmark suites; everything lands in $OUT (or ./gpu_out).
-#   bash benchmarks/run_gpu.sh [tests] [suite ...]      suites: gemm attention decode gemm_int4 gemm_fp8 llama
+#   bash benchmarks/run_gpu.sh [tests] [suite[:--flag,value] ...]      suites: gemm attention decode gemm_int4 gemm_fp8 llama
 # Results JSON go to benchmarks/results/ and are copied, with the logs, into one tarball under $OUT.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1
+STEP_TIMEOUT=${STEP_TIMEOUT:-150}
+# Test-only packages the GPU image may lack travel as wheels in .whl/ (see README).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 pip install -q --no-deps --no-build-isolation -e . > "$OUT/logs/install.log" 2>&1 || { cat "$OUT/logs/install.log"; exit 1; }
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
   python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/logs/env.log"
@@ -13,11 +19,13 @@ status=0
 for what in "$@"; do
   start=$(date +%s)
   if [ "$what" = tests ]; then
-    timeout 420 pytest -m gpu -q -p no:cacheprovider 2>&1 | tail -n 60 > "$OUT/logs/gpu_tests.log"; rc=${PIPESTATUS[0]}
+    timeout $STEP_TIMEOUT pytest -m gpu -q -x -p no:cacheprovider 2>&1 | tail -n 60 > "$OUT/logs/gpu_tests.log"; rc=${PIPESTATUS[0]}
     tail -n 25 "$OUT/logs/gpu_tests.log"
   else
-    timeout 400 python "examples/bench_${what}.py" > "$OUT/logs/bench_${what}.log" 2>&1; rc=$?
-    tail -n 40 "$OUT/logs/bench_${what}.log"
+    suite=${what%%:*}; extra=""
+    [ "$suite" != "$what" ] && extra=${what#*:} && extra=${extra//,/ }   # gemm:--rep,50 -> --rep 50
+    timeout $STEP_TIMEOUT python "examples/bench_${suite}.py" $extra > "$OUT/logs/bench_${suite}.log" 2>&1; rc=$?
+    tail -n 30 "$OUT/logs/bench_${suite}.log"
   fi
   echo "== $what: rc=$rc in $(( $(date +%s) - start )) s"
   [ "$rc" -ne 0 ] && status=1
