@@ -7,7 +7,7 @@ Two entry points share one kernel:
   weight; any strides work, K-contiguous operands get the TMA kernel), ``scale_a`` a scalar or [M, 1],
   ``scale_b`` a scalar or [1, N], fp32. ``out = (a @ b) * scale_a * scale_b + bias`` in ``out_dtype``.
 - ``fp8_linear(x, w_fp8, w_scale, bias)``: ``x`` [M, K] in bf16/fp16/fp32 is quantized per token by
-  ``quantize_rows_fp8`` (row amax -> scale = amax / 448 -> e4m3, saturating at +-448), then multiplied with
+  ``quantize_rows_fp8`` (row amax -> scale = amax * fp32(1/448) -> e4m3, saturating at +-448), then multiplied with
   the e4m3 weight ``w_fp8`` [N, K] whose per-output-channel scale ``w_scale`` is [N] or [N, 1] fp32.
 
 Algorithm: each program owns a BLOCK_M x BLOCK_N tile of the output and walks K in BLOCK_K steps,
@@ -32,6 +32,10 @@ import triton.language as tl
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# scale = amax * fp32(1 / 448), not amax / 448: torch on CUDA divides by a Python scalar exactly this way
+# (a multiply by the fp32 reciprocal) while on CPU it divides, so the multiply is the one form that the
+# kernel, the reference on either device and an eager model written `amax / 448` on CUDA all agree on.
+INV_FP8_MAX = float(torch.tensor(1.0 / 448.0, dtype=torch.float32))
 AMAX_FLOOR = 1e-12  # an all-zero row gets scale AMAX_FLOOR / 448 instead of 0 (x / 0 would be NaN)
 
 
@@ -56,7 +60,7 @@ def _round_to_e4m3(v):
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm,
-                          BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr):
+                          BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr, INV_FP8_MAX: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
@@ -66,7 +70,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_xk, stride_q
         mask = offs < K
         x = tl.load(x_row + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.div_rn(tl.maximum(amax, 1e-12), 448.0)
+        scale = tl.maximum(amax, 1e-12) * INV_FP8_MAX
         q = _round_to_e4m3(tl.minimum(tl.maximum(tl.div_rn(x, scale), -448.0), 448.0))
         tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     else:
@@ -76,7 +80,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_xk, stride_q
             x = tl.load(x_row + (k + offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
             acc = tl.maximum(acc, tl.abs(x))
         amax = tl.max(acc, axis=0)
-        scale = tl.div_rn(tl.maximum(amax, 1e-12), 448.0)
+        scale = tl.maximum(amax, 1e-12) * INV_FP8_MAX
         for k in range(0, K, BLOCK_K):
             mask = k + offs < K
             x = tl.load(x_row + (k + offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
@@ -98,19 +102,19 @@ def quantize_rows_fp8(x: torch.Tensor, block_k: Optional[int] = None) -> tuple[t
     if M == 0:
         return q, s
     if K == 0:
-        return q, s.fill_(AMAX_FLOOR / FP8_MAX)
+        return q, s.fill_(AMAX_FLOOR * INV_FP8_MAX)
     block = block_k or min(triton.next_power_of_2(K), 4096)
     num_warps = 4 if block <= 2048 else 8
     _quantize_rows_kernel[(M,)](x, q, s, K, x.stride(0), x.stride(1), q.stride(0),
-                                BLOCK_K=block, ONE_BLOCK=block >= K, num_warps=num_warps)
+                                BLOCK_K=block, ONE_BLOCK=block >= K, INV_FP8_MAX=INV_FP8_MAX,
+                                num_warps=num_warps)
     return q, s
 
 
 def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's math in plain torch. (On CUDA, torch divides by the Python scalar 448 as a multiply by
-    its reciprocal, so a scale can differ from the kernel's IEEE quotient in the last bit.)"""
+    """The kernel's math in plain torch, bit for bit (on CPU and CUDA)."""
     amax = x.float().abs().amax(dim=-1, keepdim=True) if x.shape[-1] else x.new_zeros((*x.shape[:-1], 1)).float()
-    scale = amax.clamp(min=AMAX_FLOOR) / FP8_MAX
+    scale = amax.clamp(min=AMAX_FLOOR) * INV_FP8_MAX
     q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 

@@ -7,7 +7,7 @@ Patterns (plain torch; a8, w8 are float8_e4m3fn, `up` is .float() / .to(dtype) /
                                                                                 #   kernopt.fp8.Fp8Linear's form
     F.linear(up(a8) * sa, up(w8) * sw[:, None], b)   (or @ with .t())          # dequantize, then matmul
     a8 = (up(x) / s).clamp(-448, 448).to(e4m3),                                 # per-token quantization
-    s = up(x).abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448               #   feeding the 2nd form:
+    s = up(x).abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448  (or * 1/448) #   feeding the 2nd form:
                                                                                 #   -> fp8_linear(x, ...)
 
 sa is a per-row [.., M, 1] or scalar scale, sw a per-output-channel ([N], [1, N] or [N, 1] as the form
@@ -44,6 +44,7 @@ DIV = (operator.truediv, torch.div, torch.true_divide, "div", "true_divide")
 CLAMP = (torch.clamp, "clamp", torch.clip, "clip")
 AMAX_FLOOR = 1e-12  # kernopt.kernels.fp8_gemm.AMAX_FLOOR (passes may not import kernels directly)
 FP8_MAX = 448.0
+INV_FP8_MAX = float(torch.tensor(1.0 / 448.0, dtype=torch.float32))  # the kernel's scale = amax * this
 
 
 def _dtype_of(node) -> Optional[torch.dtype]:
@@ -357,9 +358,14 @@ class Fp8Pass:
         if not is_call(div, *DIV) or len(div.args) != 2 or div.args[1] is not sa:
             return None
         x = source(div.args[0])
-        if x is None or not is_call(sa, *DIV) or _const(sa.args[1]) != FP8_MAX:
+        if x is None or len(sa.args) != 2:
             return None
-        floor = sa.args[0]
+        if is_call(sa, *DIV) and _const(sa.args[1]) == FP8_MAX:  # amax / 448
+            floor = sa.args[0]
+        elif is_call(sa, *MUL) and INV_FP8_MAX in (_const(sa.args[0]), _const(sa.args[1])):  # amax * (1 / 448)
+            floor = sa.args[0] if isinstance(sa.args[0], fx.Node) else sa.args[1]
+        else:
+            return None
         if not is_call(floor, *CLAMP, "clamp_min") or _const(arg(floor, 1, "min")) != AMAX_FLOOR:
             return None
         amax = floor.args[0]

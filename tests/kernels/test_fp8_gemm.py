@@ -236,13 +236,10 @@ def test_gpu_bf16_default_configs(M, N, K):
     bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
     q, s = fp8.quantize_rows_fp8(x)
     q_ref, s_ref = fp8.quantize_rows_fp8_ref(x)
-    # torch on CUDA divides by a Python scalar as a multiply by the reciprocal (last-bit differences);
-    # a tensor divisor gives the IEEE quotient the kernel computes, and from it the same codes bit for bit
-    amax = x.float().abs().amax(-1, keepdim=True).clamp(min=fp8.AMAX_FLOOR)
-    s_ieee = amax / torch.full_like(amax, fp8.FP8_MAX)
-    q_ieee = (x.float() / s_ieee).clamp(-448, 448).to(E4M3)
-    assert torch.equal(s, s_ieee) and torch.equal(q.view(torch.uint8), q_ieee.view(torch.uint8))
-    torch.testing.assert_close(s, s_ref, rtol=2e-7, atol=0)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    # and an eager model that writes `amax / 448` gets the same scales on CUDA
+    if x.is_cuda:
+        assert torch.equal(s, x.float().abs().amax(-1, keepdim=True).clamp(min=fp8.AMAX_FLOOR) / 448.0)
     out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
     fp8.fp8_linear(x, w_fp8, w_scale, bias, out=out)
     ref, mag = _gemm_ref64(q_ref, w_fp8.t(), s_ref, w_scale, bias)

@@ -69,7 +69,7 @@ def test_fp8_linear_module_becomes_fp8_linear_op(dtype):
     torch._dynamo.reset()
     got = torch.compile(m, backend="kernopt")(x)
     assert got.dtype == dtype and got.shape == want.shape
-    _close(got, want, rel=1e-3 if dtype == torch.float32 else 4e-3)
+    _close(got, want, rel=2e-3 if dtype == torch.float32 else 5e-3)
 
 
 class DequantLinear(nn.Module):
