@@ -115,6 +115,11 @@ def main(argv=None):
             error = f"{type(e).__name__}: {e}"[:300]
         results["cublas_scaled_mm_rowwise"] = tflops(M, N, K, bench(
             lambda i: torch._scaled_mm(*fp8_ops[i], scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16), fp8_bytes))
+        # context, not a required baseline: cuBLAS with fp8 fast accumulation, the tensor cores' own
+        # reduced-precision accumulation that Triton's fp8 tl.dot also uses on Hopper
+        results["cublas_scaled_mm_rowwise_fast_accum"] = tflops(M, N, K, bench(
+            lambda i: torch._scaled_mm(*fp8_ops[i], scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
+                                       use_fast_accum=True), fp8_bytes))
         results["bf16_cublas"] = tflops(M, N, K, bench(lambda i: torch.nn.functional.linear(*bf16_ops[i]),
                                                        bf16_bytes))
         try:

@@ -38,9 +38,12 @@ def _gemm_ref64(a, b, sa, sb, bias):
 
 
 def _assert_gemm_close(out, ref, mag, dtype):
-    # normalise by the largest |a| @ |b| term: fp32 accumulation error grows with it, not with |result|
+    # normalise by the largest |a| @ |b| term: fp32 accumulation error grows with it, not with |result|.
+    # Hopper's fp8 tensor cores (wgmma e4m3) add products with fewer than fp32's mantissa bits (measured
+    # ~4e-5 of the magnitude here; cuBLAS's use_fast_accum=True does the same): widen fp32's tolerance there.
     assert not torch.isnan(out).any(), "NaN in output (an element was never written)"
-    assert_close(out.double().cpu() / mag, ref.cpu() / mag, dtype)
+    widen = 16.0 if (out.is_cuda and dtype == torch.float32) else 1.0
+    assert_close(out.double().cpu() / mag, ref.cpu() / mag, dtype, scale=widen)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,8 +192,9 @@ def test_fp8_linear_through_custom_op():
     w_fp8, w_scale = fp8.quantize_weight_fp8(torch.randn(20, 48, device=DEV))
     y = torch.ops.kernopt.fp8_linear(x, w_fp8, w_scale, None)
     assert y.shape == (2, 3, 20)
-    ref = fp8.fp8_linear_ref(x.reshape(6, 48), w_fp8, w_scale).reshape(2, 3, 20)
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    x_fp8, x_scale = fp8.quantize_rows_fp8_ref(x.reshape(6, 48))
+    ref, mag = _gemm_ref64(x_fp8, w_fp8.t(), x_scale, w_scale, None)
+    _assert_gemm_close(y.reshape(6, 20), ref, mag, torch.float32)
 
 
 def test_input_errors():
