@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -24,6 +25,8 @@ def gpu_slug(name: str) -> str:
 
 
 def _commit() -> str:
+    if os.environ.get("KERNOPT_COMMIT"):  # the GPU machine gets a copy of the tree without .git
+        return os.environ["KERNOPT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
