@@ -50,3 +50,22 @@ def test_optimize_quantized_generates_close_logits(quantize):
         assert cos > (0.98 if quantize == "int4" else 0.995)
         gen = model.generate(ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids))
     assert gen.shape == (1, 20)
+
+
+def test_optimize_static_cache_compiles_decode_through_transformers():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+        kernopt.optimize(model, cache="static", inner="eager")
+        cc = model.generation_config.compile_config
+        assert cc.mode == "reduce-overhead" and model.generation_config.cache_implementation == "static"
+        cc._compile_all_devices = True  # transformers compiles decode steps only on GPUs unless told
+        report = kernopt.backend.Report()
+        kernopt.backend._active_reports.append(report)
+        try:
+            got = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+        finally:
+            kernopt.backend._active_reports.remove(report)
+    assert torch.equal(got, want)
+    assert report.graphs >= 1  # decode steps went through the kernopt backend
