@@ -94,8 +94,29 @@ def run_system(system: str, shape: str, batch_sizes, prompt: int, new: int, pref
     return out, (logits if system == "eager" else None)
 
 
+def _suite(all_results: dict, batch_sizes, prefill: int):
+    from kernopt.benchmark import Suite
+
+    suite = Suite("llama")
+    for shape, results in all_results.items():
+        def row(case, key, metric, hib):
+            vals = {s: r[key] for s, r in results.items() if key in r and not (s.startswith("kernopt") and "error" in r)}
+            errs = "; ".join(f"{s}: {r['error']}" for s, r in results.items() if "error" in r)
+            cos = {s: round(r["cosine"], 5) for s, r in results.items() if "cosine" in r}
+            if vals:
+                extra = {"errors": errs} if errs else {}
+                if cos:
+                    extra["prefill_logits_cosine_vs_eager"] = cos
+                suite.add(case, metric, hib, vals, **extra)
+        for bs in batch_sizes:
+            row(f"{shape} decode bs{bs}", f"decode_bs{bs}", "tok/s", True)
+        row(f"{shape} prefill b1 s{prefill}", "prefill_ms", "ms", False)
+        row(f"{shape} first-call s", "first_call_s", "s", False)
+    return suite
+
+
 def main(argv=None) -> None:
-    from kernopt.benchmark import Suite, require_cuda
+    from kernopt.benchmark import require_cuda
 
     ap = argparse.ArgumentParser(description="kernopt llama suite")
     ap.add_argument("--shapes", default="1B,8B")
@@ -116,9 +137,9 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown systems {unknown}; valid: {', '.join(SYSTEMS)}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    suite = Suite("llama")
+    all_results: dict[str, dict] = {}
     for shape in shapes:
-        results, ref, errors = {}, None, {}
+        results, ref = all_results.setdefault(shape, {}), None
         for system in systems:
             print(f"[llama] {shape} {system} ...", flush=True)
             try:
@@ -129,15 +150,9 @@ def main(argv=None) -> None:
                 ref = logits
             results[system] = res
             print(f"[llama] {shape} {system}: {res}", flush=True)
-        def row(case, key, metric, hib):
-            vals = {s: r[key] for s, r in results.items() if key in r and not (s.startswith("kernopt") and "error" in r)}
-            errs = "; ".join(f"{s}: {r['error']}" for s, r in results.items() if "error" in r)
-            if vals:
-                suite.add(case, metric, hib, vals, error=None, **({"errors": errs} if errs else {}))
-        for bs in batch_sizes:
-            row(f"{shape} decode bs{bs}", f"decode_bs{bs}", "tok/s", True)
-        row(f"{shape} prefill b1 s{args.prefill}", "prefill_ms", "ms", False)
-        row(f"{shape} first-call s", "first_call_s", "s", False)
+            suite = _suite(all_results, batch_sizes, args.prefill)
+            suite.write(args.out)  # after every system: a run cut short keeps what it measured
+    suite = _suite(all_results, batch_sizes, args.prefill)
     print(suite.table())
     print("wrote", suite.write(args.out, plot=True))
 
