@@ -12,7 +12,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-pip install -q --no-deps --no-build-isolation -e . > "$OUT/logs/install.log" 2>&1 || { cat "$OUT/logs/install.log"; exit 1; }
+# Install with the interpreter that runs the code (a bare `pip` there can belong to another Python).
+python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/logs/install.log" 2>&1
+if ! (cd /tmp && python -c "import kernopt.kernels, kernopt.passes") >> "$OUT/logs/install.log" 2>&1; then
+  # No pip for this interpreter: lay the package out as installed (kernels/, passes/ inside kernopt/).
+  shim=/tmp/kernopt-shim/kernopt; rm -rf /tmp/kernopt-shim; mkdir -p "$shim"
+  for f in "$PWD"/kernopt/*; do ln -s "$f" "$shim/"; done
+  ln -s "$PWD/kernels" "$shim/kernels"; ln -s "$PWD/passes" "$shim/passes"
+  export PYTHONPATH=/tmp/kernopt-shim${PYTHONPATH:+:$PYTHONPATH}
+  echo "editable install not importable; using $shim" | tee -a "$OUT/logs/install.log"
+fi
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
   python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/logs/env.log"
 status=0
