@@ -28,7 +28,7 @@ status=0
 for what in "$@"; do
   start=$(date +%s)
   if [ "$what" = tests ]; then
-    timeout $STEP_TIMEOUT pytest -m gpu -q -x -p no:cacheprovider 2>&1 | tail -n 60 > "$OUT/logs/gpu_tests.log"; rc=${PIPESTATUS[0]}
+    timeout $STEP_TIMEOUT pytest -m gpu -q -p no:cacheprovider 2>&1 | tail -n 60 > "$OUT/logs/gpu_tests.log"; rc=${PIPESTATUS[0]}
     tail -n 25 "$OUT/logs/gpu_tests.log"
   else
     suite=${what%%:*}; extra=""

@@ -8,6 +8,18 @@ from kernopt import ops  # noqa: F401  (registers torch.ops.kernopt.*)
 from kernopt.backend import kernopt_backend
 from kernopt.explain import explain
 
+
+def _register_backend() -> None:
+    # The torch_dynamo_backends entry point registers "kernopt" for a fresh process; this covers a
+    # package used without its installed metadata (e.g. from a source tree on PYTHONPATH).
+    from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_backend
+
+    if "kernopt" not in _COMPILER_FNS and "kernopt" not in _BACKENDS:
+        register_backend(kernopt_backend, name="kernopt")
+
+
+_register_backend()
+
 __all__ = ["explain", "kernopt_backend", "optimize"]
 
 
