@@ -10,6 +10,7 @@ Options (all optional):
     passes    {"matmul": False, ...} to switch passes off, or ["attention", ...] to run only those
     verify    True: on the first call, also run the original graph and raise if outputs differ
               beyond dtype tolerance, naming the pass responsible
+    mode      torch.compile's mode, for callers that pass options (torch.compile takes only one of the two)
 `mode` is torch.compile's: None/"default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs";
 it is handed to Inductor.
 """
@@ -31,7 +32,8 @@ from kernopt.passes.graph import Fallback, PassContext, Rewrite
 
 log = logging.getLogger("kernopt")
 
-DEFAULT_OPTIONS: dict[str, Any] = {"scenario": "auto", "inner": "inductor", "passes": None, "verify": False}
+DEFAULT_OPTIONS: dict[str, Any] = {"scenario": "auto", "inner": "inductor", "passes": None, "verify": False,
+                                   "mode": None}
 INNERS = ("inductor", "eager")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -47,6 +49,10 @@ def parse_options(options: Optional[dict], mode: Optional[str] = None) -> dict[s
         raise ValueError(f"kernopt: unknown option(s) {', '.join(map(repr, unknown))}; "
                          f"valid options: {', '.join(DEFAULT_OPTIONS)}")
     opts.update(options or {})
+    # torch.compile refuses mode= together with options=, so callers with options pass the mode inside them.
+    if opts["mode"] is not None and mode is not None and opts["mode"] != mode:
+        raise ValueError(f"kernopt: mode {mode!r} and options['mode'] {opts['mode']!r} disagree")
+    mode = opts["mode"] if opts["mode"] is not None else mode
     if opts["scenario"] != "auto" and opts["scenario"] not in workload.SCENARIOS:
         raise ValueError(f"kernopt: unknown scenario {opts['scenario']!r}; valid: 'auto', "
                          + ", ".join(map(repr, workload.SCENARIOS)))

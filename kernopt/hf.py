@@ -53,12 +53,13 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
     if cache == "static":
         from transformers import CompileConfig
 
-        from kernopt.backend import kernopt_backend
-
         gc = model.generation_config
         gc.cache_implementation = "static"
-        gc.compile_config = CompileConfig(backend=functools.partial(kernopt_backend, options=options),
-                                          mode="reduce-overhead", fullgraph=False)
+        # The backend by name, not a callable: transformers deep-copies the config for every generate call,
+        # and a copied callable fails Dynamo's backend-match guard, so every call would recompile.
+        # torch.compile takes mode= or options=, not both: the CUDA-graph mode travels inside our options.
+        gc.compile_config = CompileConfig(backend="kernopt", options={**options, "mode": "reduce-overhead"},
+                                          mode=None, fullgraph=False)
         model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario}
         return model
 

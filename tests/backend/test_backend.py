@@ -76,7 +76,7 @@ def test_float64_is_left_alone_with_reason():
 
 
 def test_unknown_option_is_a_clear_error():
-    with pytest.raises(ValueError, match="valid options: scenario, inner, passes, verify"):
+    with pytest.raises(ValueError, match="valid options: scenario, inner, passes, verify, mode"):
         parse_options({"scenaro": "offline"})
     with pytest.raises(ValueError, match="valid: 'auto'"):
         parse_options({"scenario": "batch"})
@@ -84,6 +84,11 @@ def test_unknown_option_is_a_clear_error():
         parse_options({"passes": {"matmull": False}})
     with pytest.raises(ValueError, match="unknown mode"):
         parse_options(None, mode="fastest")
+    with pytest.raises(ValueError, match="unknown mode"):
+        parse_options({"mode": "fastest"})
+    with pytest.raises(ValueError, match="disagree"):
+        parse_options({"mode": "max-autotune"}, mode="reduce-overhead")
+    assert parse_options({"mode": "reduce-overhead"})["mode"] == "reduce-overhead"
     with pytest.raises(Exception, match="unknown option"):
         torch.compile(lambda x: x + 1, backend="kernopt", options={"bogus": 1})(torch.randn(2))
 

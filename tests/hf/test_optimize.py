@@ -59,13 +59,16 @@ def test_optimize_static_cache_compiles_decode_through_transformers():
         want = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
         kernopt.optimize(model, cache="static", inner="eager")
         cc = model.generation_config.compile_config
-        assert cc.mode == "reduce-overhead" and model.generation_config.cache_implementation == "static"
+        assert cc.options["mode"] == "reduce-overhead" and model.generation_config.cache_implementation == "static"
         cc._compile_all_devices = True  # transformers compiles decode steps only on GPUs unless told
         report = kernopt.backend.Report()
         kernopt.backend._active_reports.append(report)
         try:
             got = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+            graphs = report.graphs
+            again = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
         finally:
             kernopt.backend._active_reports.remove(report)
-    assert torch.equal(got, want)
-    assert report.graphs >= 1  # decode steps went through the kernopt backend
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert graphs >= 1  # decode steps went through the kernopt backend
+    assert report.graphs == graphs  # and a second generate call reuses them (no backend-match recompiles)
