@@ -1,6 +1,7 @@
 """Scenario classification and the tuned-config cache (JSON, atomic, merged under a lock, corrupt files ignored)."""
 import json
-import multiprocessing as mp
+import subprocess
+import sys
 
 import pytest
 
@@ -61,16 +62,18 @@ def test_foreign_cache_is_ignored(tmp_path):
         assert c.get("gemm", "x") is None
 
 
-def _writer(args):
-    directory, i = args
-    c = ConfigCache(directory, device="dev", triton="3.6.0")
-    for j in range(10):
-        c.put("gemm", f"p{i}-{j}", {"i": i, "j": j})
+_WRITER = """
+import sys
+from kernopt.workload import ConfigCache
+c = ConfigCache(sys.argv[1], device="dev", triton="3.6.0")
+for j in range(10):
+    c.put("gemm", f"p{sys.argv[2]}-{j}", {"i": int(sys.argv[2]), "j": j})
+"""
 
 
 def test_concurrent_writers_lose_nothing(tmp_path):
-    with mp.get_context("spawn").Pool(4) as pool:
-        pool.map(_writer, [(str(tmp_path), i) for i in range(4)])
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), str(i)]) for i in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
     entries = ConfigCache(tmp_path, device="dev", triton="3.6.0").entries()
     assert len(entries) == 40
 
