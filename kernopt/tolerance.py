@@ -33,7 +33,8 @@ def mismatch(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | 
     rtol, atol = rtol * scale, atol * scale
     if actual.shape != expected.shape:
         return f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    # Compared where the tensors live (a GPU benchmark's outputs are large), in float64.
+    a, e = actual.detach().double(), expected.detach().to(actual.device).double()
     bad_nan = torch.isnan(a) & ~torch.isnan(e)
     if bad_nan.any():
         return f"{int(bad_nan.sum())} NaN values where the reference is finite"
