@@ -65,6 +65,9 @@ def prepare(system: str, model):
 
 
 def run_system(system: str, shape: str, batch_sizes, prompt: int, new: int, prefill_len: int, ref_logits):
+    # Each system starts from an empty Dynamo cache: HF's forward is one code object for all systems, and
+    # earlier systems' compiles must not count against this one's recompile limit.
+    torch._dynamo.reset()
     model = prepare(system, build(shape))
     out: dict = {}
     with torch.no_grad():
