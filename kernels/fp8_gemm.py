@@ -436,3 +436,35 @@ def fp8_linear_ref(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def fp8_linear_prequant(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
+                        config: Optional[dict] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp8_linear on an input quantized already (by rmsnorm_quant_fp8): y [M, N] = x_fp8 @ w_fp8.T * x_scale
+    * w_scale (+ bias) in out_dtype; x_fp8 [M, K] e4m3, x_scale [M, 1] fp32, w_fp8 [N, K], w_scale [N]."""
+    who = "fp8_linear_prequant"
+    if x_fp8.dim() != 2 or w_fp8.dim() != 2 or x_fp8.shape[1] != w_fp8.shape[1]:
+        raise ValueError(f"{who}: need x_fp8 [M, K] and w_fp8 [N, K], got {tuple(x_fp8.shape)} and "
+                         f"{tuple(w_fp8.shape)}")
+    if x_fp8.dtype != FP8_DTYPE or w_fp8.dtype != FP8_DTYPE:
+        raise ValueError(f"{who}: x_fp8 and w_fp8 must be {FP8_DTYPE}, got {x_fp8.dtype} and {w_fp8.dtype}")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{who}: out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
+    if len({x_fp8.device, x_scale.device, w_fp8.device, w_scale.device}) != 1:
+        raise ValueError(f"{who}: x_fp8, x_scale, w_fp8 and w_scale must be on one device")
+    N = w_fp8.shape[0]
+    sa = _flat_scale(x_scale, x_fp8.shape[0], f"{who}: x_scale")
+    sb = _flat_scale(w_scale, N, f"{who}: w_scale")
+    bias = _check_bias(bias, N, x_fp8.device, who)
+    return _gemm(x_fp8, w_fp8.t(), sa, sb, bias, out_dtype, config, out, who)
+
+
+def fp8_linear_prequant_ref(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor,
+                            w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                            out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """fp8_linear_ref after its quantization, op for op (so fused and unfused reference paths agree bitwise)."""
+    y = (x_fp8.float() @ w_fp8.float().t()) * x_scale * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)

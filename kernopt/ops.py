@@ -163,3 +163,43 @@ def fp8_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, bias: 
 @fp8_scaled_mm.register_fake
 def _(a, b, scale_a, scale_b, bias, out_dtype):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# RMSNorm fused with per-token fp8 quantization, and the fp8 linear that takes its output (passes/fp8.py).
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("kernopt::rmsnorm_quant_fp8", mutates_args=())
+def rmsnorm_quant_fp8(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(e4m3 [.., K], fp32 [M, 1]): per-row quantization of LlamaRMSNorm(x) * weight, M = x.numel() // K."""
+    mod = kernel_module("rmsnorm_quant")
+    if implementation(x) == "reference" or implementation(weight) == "reference":
+        q, s = mod.rmsnorm_quant_fp8_ref(x, weight, eps)  # on x as it is: the unfused graph's very ops
+    else:
+        q, s = mod.rmsnorm_quant_fp8(x.reshape(-1, x.shape[-1]), weight, eps)
+    return q.reshape(x.shape), s.reshape(-1, 1)
+
+
+@rmsnorm_quant_fp8.register_fake
+def _(x, weight, eps):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((rows, 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("kernopt::fp8_linear_prequant", mutates_args=())
+def fp8_linear_prequant(x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                        out_dtype: torch.dtype) -> Tensor:
+    """fp8_linear on x quantized already: x_fp8 [.., K] e4m3, x_scale [M, 1] fp32 -> [.., N] out_dtype."""
+    lead = x_fp8.shape[:-1]
+    gemm = kernel_module("fp8_gemm")
+    impl = implementation(x_fp8)
+    if impl == "reference" or (impl == "interpreter" and torch.bfloat16 in (out_dtype, getattr(bias, "dtype", None))):
+        run = gemm.fp8_linear_prequant_ref  # the interpreter computes bf16 wrongly
+    else:
+        run = gemm.fp8_linear_prequant
+    out = run(x_fp8.reshape(-1, x_fp8.shape[-1]), x_scale, w_fp8, w_scale, bias=bias, out_dtype=out_dtype)
+    return out.reshape(*lead, w_fp8.shape[0])
+
+
+@fp8_linear_prequant.register_fake
+def _(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype):
+    return x_fp8.new_empty((*x_fp8.shape[:-1], w_fp8.shape[0]), dtype=out_dtype)
