@@ -56,6 +56,20 @@ def resolve_scenario(requested: str, tokens: int, q_len: Optional[int] = None, b
     return requested
 
 
+def scenario_for_activation(requested: str, shape) -> str:
+    """The scenario for a linear layer's input of `shape` [..., S, K]: batch = the leading dims, q_len = S.
+
+    A 2-D input [M, K] gives no sequence axis; it is read as M sequences of one token (decode).
+    """
+    dims = [int(d) for d in shape]
+    if len(dims) >= 3:
+        batch = 1
+        for d in dims[:-2]:
+            batch *= d
+        return resolve_scenario(requested, batch * dims[-2], q_len=dims[-2], batch=batch)
+    return resolve_scenario(requested, dims[0] if dims else 1)
+
+
 def bucket(n: int, smallest: int = 1) -> int:
     """Round up to a power of two: shapes in one bucket share a config."""
     n = max(int(n), smallest)

@@ -190,7 +190,7 @@ class MatmulPass:
         elif impl != "triton" and activation == "none" and bias is None:
             return f"plain matmul on {xv.device.type}: nothing to fuse without the GPU kernel"
         config = gemm.select_config(m_hint, n, k, activation, xv.dtype) if impl != "reference" else "plain-torch reference"
-        scenario = workload.resolve_scenario(ctx.scenario, tokens=m_hint)
+        scenario = workload.scenario_for_activation(ctx.scenario, [size_hint(d) for d in xv.shape])
         if static_m is None:
             config = f"dynamic M (per-call choice; M={m_hint}: {config})"
         replace(gm, tail, torch.ops.kernopt.linear.default, (m.x, w, bias, w_up, activation), dead=dead)

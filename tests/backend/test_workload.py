@@ -21,6 +21,15 @@ def test_classify(tokens, q_len, batch, expected):
     assert classify(tokens, q_len, batch) == expected
 
 
+def test_scenario_for_activation():
+    from kernopt.workload import scenario_for_activation as sfa
+    assert sfa("auto", (1, 16, 4096)) == "server"          # a 16-token prompt, not 16 decoding sequences
+    assert sfa("auto", (16, 1, 4096)) == "interactive"     # 16 sequences decoding
+    assert sfa("auto", (1, 1, 4096)) == "single-stream"
+    assert sfa("auto", (8, 2048, 4096)) == "offline"
+    assert sfa("offline", (1, 1, 4096)) == "offline"
+
+
 def test_scenario_override_and_error():
     assert resolve_scenario("offline", 1, 1, 1) == "offline"
     with pytest.raises(ValueError, match="valid: 'auto', 'offline'"):
