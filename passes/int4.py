@@ -375,5 +375,6 @@ class Int4Pass:
         layout = f"qweight{plan.q_view or ''} scales{plan.s_view or ''}" + \
             (f" zeros{plan.z_view or ''}" if plan.z_view is not None else " symmetric")
         ctx.rewrote(self.name, node, f"{matched} {aff.form} M={m_hint} N={N} K={K} g{plan.group} [{layout}]",
-                    "kernopt.int4_linear", config, workload.resolve_scenario(ctx.scenario, tokens=m_hint), impl)
+                    "kernopt.int4_linear", config,
+                    workload.scenario_for_activation(ctx.scenario, [size_hint(d) for d in xv.shape]), impl)
         return None
