@@ -10,8 +10,9 @@ Algorithm (split-KV, "flash-decoding"):
    times the ``Sq`` query tokens, as one ``[G * Sq (padded to >= 16), D]`` tile, so each K/V tile is read from
    memory once for the whole group and both products run on tensor cores (``tl.dot``).
 2. The program streams its slice of the sequence in ``BLOCK_N``-token tiles with an online softmax (fp32 scores,
-   scale * log2(e) folded in, exp2). Paged tiles are gathered row by row through the block table, so any page size works; when the
-   page size is a multiple of ``BLOCK_N`` a tile sits inside one page and costs one table load.
+   scale * log2(e) folded in, exp2). Paged tiles are gathered row by row through the block table, so any page
+   size works; when the page size is a multiple of ``BLOCK_N`` a tile sits inside one page and costs one table
+   load. The table entries of tile i+1 are loaded during tile i, so K/V loads can be issued stages ahead.
 3. When ``B * Hkv`` programs can't fill the GPU, each sequence is cut into ``SPLITS`` equal chunks (per sequence,
    so ragged batches stay balanced; the split count is a runtime argument, so growing sequences never
    recompile); every split writes its normalised partial output and log-sum-exp, and a
@@ -92,6 +93,16 @@ def _attend_split(
         k_base = k_ptr + h.to(tl.int64) * stride_kh
         v_base = v_ptr + h.to(tl.int64) * stride_vh
         table_row = table_ptr + b.to(tl.int64) * stride_tb
+        # Software-pipelined block table: the page id(s) of tile i+1 are loaded during tile i, so the K/V
+        # addresses of a tile depend on a loop-carried value, not on a load of the same iteration. With the
+        # load in the same iteration Triton's pipeliner counts K/V as a second level of indirection and
+        # gives them half the stages: one tile in flight, each behind a table round trip (3x slower than
+        # the contiguous kernel at B1 S8192 on the H100, where each split streams only 4 tiles).
+        if PAGE_SIZE % BLOCK_N == 0:
+            # A tile lies inside one page: one table entry per tile, rows affine within the page.
+            next_page = tl.load(table_row + lo // PAGE_SIZE, mask=lo < hi, other=0)
+        else:
+            next_page = tl.load(table_row + (lo + offs_n) // PAGE_SIZE, mask=(lo + offs_n) < hi, other=0)
     else:
         k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -100,17 +111,16 @@ def _attend_split(
         cols = start + offs_n
         col_ok = cols < hi
         if PAGED:
+            page = next_page.to(tl.int64)
+            nxt = start + BLOCK_N
             if PAGE_SIZE % BLOCK_N == 0:
-                # The tile lies inside one page: one table load, rows affine within the page.
-                page = tl.load(table_row + start // PAGE_SIZE).to(tl.int64)
+                next_page = tl.load(table_row + nxt // PAGE_SIZE, mask=nxt < hi, other=0)
                 slot = (start % PAGE_SIZE) + offs_n
-                k_rows = page * stride_kb + slot * stride_kn
-                v_rows = page * stride_vb + slot * stride_vn
             else:
-                page = tl.load(table_row + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
-                slot = cols % PAGE_SIZE
-                k_rows = page * stride_kb + slot * stride_kn
-                v_rows = page * stride_vb + slot * stride_vn
+                next_page = tl.load(table_row + (nxt + offs_n) // PAGE_SIZE, mask=(nxt + offs_n) < hi, other=0)
+                slot = cols % PAGE_SIZE  # rows past hi read page 0 under the mask below: never dereferenced
+            k_rows = page * stride_kb + slot * stride_kn
+            v_rows = page * stride_vb + slot * stride_vn
         else:
             k_rows = cols.to(tl.int64) * stride_kn
             v_rows = cols.to(tl.int64) * stride_vn
@@ -192,47 +202,67 @@ def _merge_splits_kernel(
 # Config: the one shape -> config table of this family
 # --------------------------------------------------------------------------------------------------
 def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_dim: int,
-                  sm_count: int = 132, q_len: int = 1) -> dict:
-    """Tiles, warps, stages and KV splits for decode attention.
+                  sm_count: int = 132, q_len: int = 1, paged: bool = False) -> dict:
+    """Tiles, warps, stages and KV splits for decode attention (``paged``: the block-table kernel).
 
-    Decode is memory-bound: the goal is every SM streaming K/V with several tiles in flight.
-    - BLOCK_N: 64 tokens for D=128 (a K+V stage is 32 KB in bf16, so 3 stages leave room for 2 programs per SM),
-      128 for D<=64, 32 for D>128.
-    - SPLITS: enough (sequence, KV head, split) programs for ~4 per SM, but never a chunk under 4 tiles (below
-      that the partial-output traffic and the merge cost more than the parallelism gains).
+    Decode is memory-bound: the goal is every SM streaming K/V with several tiles in flight. The table, by
+    regime (``programs = batch * kv_heads``, one program per sequence and KV head before splitting); the
+    measurements are the H100 decode suite's config sweep (benchmarks/results/decode-h100.json, commit
+    d201646, do_bench timing, bf16 Hq32 Hkv8 D128, 64-token pages):
+
+    regime (the first two only for D 65-128 and G*Sq < 64,   BLOCK_N  warps  stages  splits: per SM, min tiles
+    the measured shapes)
+    paged, programs < sm_count/4                               128      8      2       ~4, 1 tile
+        B1 S8192: the sweep's best paged config, 1.15 TB/s vs 0.40 for the default row (64/4/3, 32 splits)
+    contiguous, sm_count/4 <= programs < sm_count              128      4      3       2 (rounded down), 4
+        B8 S32768: 2.94 TB/s vs 2.83 for the default row (64/4/3, 9 splits)
+    default (D <= 64 / 65-128 / > 128)                         128/64/32 4     3 (2 for D > 128)  ~4, 4
+        B32 S4096 and B128 S2048 (both kernels), B8 S32768 paged, B1 contiguous: the sweep's best was within
+        3.6% (B1: within the noise of a host-bound ~25 us do_bench), not enough to move a row on one run
+
+    A wide query tile (G * Sq >= 64) halves BLOCK_N: the score tile becomes the register bottleneck. Splits
+    never go past 128. The paged B1 row was measured before the block table was prefetched one tile ahead;
+    with the prefetch the default row's 64-token tiles get the contiguous kernel's pipelining (2 tiles in
+    flight at 3 stages instead of 1), so the next graph-replay sweep decides between the two rows there.
     """
     group = max(1, q_heads // max(1, kv_heads))
     block_d = triton.next_power_of_2(head_dim)
     block_m = max(16, triton.next_power_of_2(group * q_len))
+    programs = max(1, batch * kv_heads)
+    warps, stages = 4, (3 if block_d <= 128 else 2)
+    per_sm, min_tiles, round_up = 4, 4, True
     if block_d <= 64:
         block_n = 128
     elif block_d <= 128:
         block_n = 64
     else:
         block_n = 32
+    if block_d == 128 and block_m < 64:
+        if paged and 4 * programs < sm_count:
+            block_n, warps, stages, min_tiles = 128, 8, 2, 1
+        elif not paged and sm_count <= 4 * programs and programs < sm_count:
+            block_n, per_sm, round_up = 128, 2, False
     if block_m >= 64 and block_n > 32:
         block_n //= 2  # a wide query tile (G * Sq >= 64) makes the score tile the register bottleneck
-    programs = max(1, batch * kv_heads)
-    target = 4 * sm_count
     tiles = max(1, math.ceil(max_len / block_n))
     splits = 1
-    if programs < target:
-        splits = min(math.ceil(target / programs), max(1, tiles // 4), 128)
-        splits = max(1, splits)
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLITS": splits,
-            "num_warps": 4, "num_stages": 3 if block_d <= 128 else 2}
+    if programs < per_sm * sm_count:
+        want = per_sm * sm_count / programs
+        want = math.ceil(want) if round_up else int(want)
+        splits = max(1, min(want, tiles // min_tiles, 128))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLITS": splits, "num_warps": warps, "num_stages": stages}
 
 
 def candidate_configs(batch: int, kv_heads: int, q_heads: int, max_len: int, head_dim: int,
-                      sm_count: int = 132, q_len: int = 1) -> list[dict]:
-    """Configs around the table's choice, for `kernopt.workload.autotune` on the GPU."""
-    base = select_config(batch, kv_heads, q_heads, max_len, head_dim, sm_count, q_len)
+                      sm_count: int = 132, q_len: int = 1, paged: bool = False) -> list[dict]:
+    """Configs around the table's choice, for `kernopt.workload.autotune` and the benchmark's sweep."""
+    base = select_config(batch, kv_heads, q_heads, max_len, head_dim, sm_count, q_len, paged)
     out = []
     for block_n in (32, 64, 128):
         for stages in (2, 3, 4):
             for warps in (4, 8):
                 for mult in (0.5, 1, 2):
-                    splits = max(1, min(256, int(base["SPLITS"] * mult)))
+                    splits = max(1, min(256, int(round(base["SPLITS"] * mult))))
                     if block_n * 4 > max_len and splits > 1:
                         continue
                     cfg = {**base, "BLOCK_N": block_n, "num_stages": stages, "num_warps": warps, "SPLITS": splits}
@@ -374,7 +404,7 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     # The block table's width bounds every length without reading seq_lens back to the host.
     max_len = block_table.shape[1] * page_size
     if config is None:
-        config = select_config(b, hkv, q.shape[1], max_len, d, _sm_count(q.device), q.shape[2])
+        config = select_config(b, hkv, q.shape[1], max_len, d, _sm_count(q.device), q.shape[2], paged=True)
     # Kernel strides for the paged layout are (page, head, slot, dim).
     ks, vs = k_pages.stride(), v_pages.stride()
     return _launch(q, k_pages, v_pages, seq_lens, block_table, out, sm_scale, config, paged=True,

@@ -96,9 +96,12 @@ def test_paged_ragged_batch_speculative(dtype, sq):
     check_paged(q, k, v, lens, PAGE, small_config(block_n=16, splits=3), dtype)
 
 
-@pytest.mark.parametrize("page_size,block_n", [(8, 16), (32, 16), (16, 32), (12, 16)])
+@pytest.mark.parametrize("page_size,block_n", [(8, 16), (32, 16), (16, 32), (12, 16), (64, 16)])
 def test_paged_page_size_vs_tile(page_size, block_n):
-    """Tile inside one page (page % BLOCK_N == 0) and tiles spanning pages (row-wise table lookups)."""
+    """Tile inside one page (page % BLOCK_N == 0) and tiles spanning pages (row-wise table lookups).
+
+    The table entries are prefetched one tile ahead; (64, 16) starts a split in the middle of a page (45 keys,
+    2 splits: the second starts at key 32), so the first prefetch is not at a page boundary."""
     lens = [45, 9, 64]
     q, k, v = rand_case(3, 4, 2, 2, max(lens), 16, torch.float16)
     check_paged(q, k, v, lens, page_size, small_config(block_n=block_n, splits=2), torch.float16)
@@ -205,6 +208,45 @@ def test_select_config_table():
     assert da.select_config(1, 1, 8, 1024, 64, 132, q_len=8)["BLOCK_M"] == 64
     for c in da.candidate_configs(1, 8, 32, 8192, 128, 132):
         assert c["SPLITS"] >= 1 and c["BLOCK_N"] in (32, 64, 128)
+    # Rows from the H100 sweep: paged at B1 S8192 (128-token tiles, 8 warps, 2 stages, 64 one-tile splits) ...
+    paged = da.select_config(1, 8, 32, 8192, 128, 132, paged=True)
+    assert (paged["BLOCK_N"], paged["SPLITS"], paged["num_warps"], paged["num_stages"]) == (128, 64, 8, 2)
+    assert da.select_config(1, 8, 32, 8192, 128, 132)["BLOCK_N"] == 64  # contiguous B1 keeps the default row
+    # ... contiguous B8 S32768 (128-token tiles, 4 splits); paged B8 keeps the default row.
+    contig = da.select_config(8, 8, 32, 32768, 128, 132)
+    assert (contig["BLOCK_N"], contig["SPLITS"]) == (128, 4)
+    assert da.select_config(8, 8, 32, 32768, 128, 132, paged=True)["BLOCK_N"] == 64
+    assert any(c["BLOCK_N"] == 64 and c["num_stages"] == 3 for c in da.candidate_configs(1, 8, 32, 8192, 128,
+                                                                                          paged=True))
+
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel: records each launch grid, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_one_split_is_one_launch(monkeypatch, paged):
+    """SPLITS == 1 writes the output from the attention kernel itself; only SPLITS > 1 launches the merge."""
+    spy = _LaunchSpy(da._merge_splits_kernel)
+    monkeypatch.setattr(da, "_merge_splits_kernel", spy)
+    lens = [37, 20]
+    q, k, v = rand_case(2, 4, 2, 1, max(lens), 16, torch.float32)
+    for splits, merges in ((1, 0), (3, 1)):
+        spy.grids.clear()
+        if paged:
+            check_paged(q, k, v, lens, 8, small_config(splits=splits), torch.float32)
+        else:
+            lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+            got = da.decode_attention(q, k, v, lens_t, config=small_config(splits=splits), out=poisoned_out(q))
+            assert_close(got, da.decode_attention_ref(q.double(), k.double(), v.double(), lens_t), dtype=torch.float32)
+        assert len(spy.grids) == merges
 
 
 # ---------------------------------------------------------------------------------------------------------------
