@@ -13,7 +13,9 @@ Layouts: q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], any strides (HF hands q as a tr
 query i sees keys j <= i + Skv - Sq. Rows that see no key at all give 0. Output [B, Hq, Sq, D],
 contiguous, in q's dtype. Head dims up to 256 (non-powers of two are padded to BLOCK_D and masked).
 On Hopper the loads can go through TMA tensor descriptors (config "TMA": True, 4-D descriptors, so
-the hardware bounds-checks each head's sequence end).
+the hardware bounds-checks each head's sequence end). Config "SPLIT": True runs the BLOCK_M rows as two
+halves sharing each K/V tile, both S = q @ k^T issued before either softmax (FA3's ping-pong, in one
+program).
 """
 from __future__ import annotations
 
@@ -35,73 +37,116 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _softmax_step(acc, l_i, m_i, qk, m_base, stride_mm, stride_mn, offs_m, offs_n, seq_q, seq_k, causal_shift,
+                  qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Online-softmax update for one score tile qk = q @ k^T (unscaled, fp32).
+
+    Returns (p, acc * alpha, l_i * alpha + rowsum(p), m_new); the caller adds p @ v to acc.
+    MASKED=False: every (row, key) pair is visible (no bounds / causal arithmetic at all).
+    MASKED=True: keys past seq_k and, if CAUSAL, keys right of the diagonal are dropped.
+    """
+    if MASKED or MASK_KIND != 0:
+        s = qk * qk_scale
+        valid = offs_n[None, :] < seq_k
+        if MASKED and CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+        if MASK_KIND != 0:
+            m_ptrs = m_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+            mvals = tl.load(m_ptrs, mask=(offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k), other=0)
+            if MASK_KIND == 1:
+                valid = valid & (mvals != 0)
+            else:
+                add = mvals.to(tl.float32)
+                # -inf means "masked"; finite huge negatives (HF's finfo.min) stay arithmetic, clamped so
+                # that the log2(e) factor cannot overflow them into -inf.
+                valid = valid & (add != float("-inf"))
+                s = s + tl.maximum(add * 1.4426950408889634, -3.0e38)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no visible key yet keeps m = -inf; shift by 0 instead so that exp2 gives 0
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+    else:
+        # scale folded into one FMA per score: exp2(qk * (sm_scale * log2 e) - m)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, acc, l_i, m_new
+
+
+@triton.jit
+def _load_kv_tile(X, x_base, kv_b, kv_h, start_n, offs_n, offs_d, d_ok, stride_n, stride_d, seq_k,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+                  TMA: tl.constexpr):
+    if TMA:
+        x = X.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        x_ptrs = x_base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
+        if MASKED:
+            x = tl.load(x_ptrs, mask=(offs_n[:, None] < seq_k) & d_ok, other=0.0)
+        elif EVEN_D:
+            x = tl.load(x_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=d_ok, other=0.0)
+    return x
+
+
+@triton.jit
 def _attn_tile(acc, l_i, m_i, q, K, V, Mask, kv_b, kv_h, k_base, v_base, m_base,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, lo, hi,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TMA: tl.constexpr,
                DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):
-    """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi).
-
-    MASKED=False: every (row, key) pair in range is visible (no bounds / causal arithmetic).
-    MASKED=True: keys past seq_k and, if CAUSAL, keys right of the diagonal are dropped.
-    """
+    """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi) (see _softmax_step for MASKED)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        if TMA:
-            k = K.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-            if MASKED:
-                k = tl.load(k_ptrs, mask=(offs_n[:, None] < seq_k) & d_ok, other=0.0)
-            elif EVEN_D:
-                k = tl.load(k_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+        k = _load_kv_tile(K, k_base, kv_b, kv_h, start_n, offs_n, offs_d, d_ok, stride_kn, stride_kd, seq_k,
+                          BLOCK_N, BLOCK_D, EVEN_D, MASKED, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASKED or MASK_KIND != 0:
-            s = qk * qk_scale
-            valid = offs_n[None, :] < seq_k
-            if MASKED and CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-            if MASK_KIND != 0:
-                m_ptrs = m_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-                mvals = tl.load(m_ptrs, mask=(offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k), other=0)
-                if MASK_KIND == 1:
-                    valid = valid & (mvals != 0)
-                else:
-                    add = mvals.to(tl.float32)
-                    # -inf means "masked"; finite huge negatives (HF's finfo.min) stay arithmetic, clamped so
-                    # that the log2(e) factor cannot overflow them into -inf.
-                    valid = valid & (add != float("-inf"))
-                    s = s + tl.maximum(add * 1.4426950408889634, -3.0e38)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row that has seen no visible key yet keeps m = -inf; shift by 0 instead so that exp2 gives 0
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if TMA:
-            v = V.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-            if MASKED:
-                v = tl.load(v_ptrs, mask=(offs_n[:, None] < seq_k) & d_ok, other=0.0)
-            elif EVEN_D:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        p, acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, m_base, stride_mm, stride_mn, offs_m, offs_n, seq_q,
+                                         seq_k, causal_shift, qk_scale, MASKED, CAUSAL, MASK_KIND)
+        v = _load_kv_tile(V, v_base, kv_b, kv_h, start_n, offs_n, offs_d, d_ok, stride_vn, stride_vd, seq_k,
+                          BLOCK_N, BLOCK_D, EVEN_D, MASKED, TMA)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_tile_split(acc0, l0, m0, acc1, l1, m1, q0, q1, K, V, Mask, kv_b, kv_h, k_base, v_base, m_base,
+                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                     offs_m0, offs_m1, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, lo, hi,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TMA: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """_attn_tile for two row halves sharing each K/V tile ("ping-pong", FA3's idea in one program).
+
+    Both S = q @ k^T products are issued before either softmax, so the async wgmma of one half can run
+    under the other half's exp2/rowmax; each K/V tile is loaded once for 2 x (BLOCK_M / 2) rows.
+    """
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        k = _load_kv_tile(K, k_base, kv_b, kv_h, start_n, offs_n, offs_d, d_ok, stride_kn, stride_kd, seq_k,
+                          BLOCK_N, BLOCK_D, EVEN_D, MASKED, TMA)
+        kt = tl.trans(k)
+        qk0 = tl.dot(q0, kt, input_precision=DOT_PRECISION)
+        qk1 = tl.dot(q1, kt, input_precision=DOT_PRECISION)
+        p0, acc0, l0, m0 = _softmax_step(acc0, l0, m0, qk0, m_base, stride_mm, stride_mn, offs_m0, offs_n, seq_q,
+                                         seq_k, causal_shift, qk_scale, MASKED, CAUSAL, MASK_KIND)
+        v = _load_kv_tile(V, v_base, kv_b, kv_h, start_n, offs_n, offs_d, d_ok, stride_vn, stride_vd, seq_k,
+                          BLOCK_N, BLOCK_D, EVEN_D, MASKED, TMA)
+        acc0 = tl.dot(p0.to(v.dtype), v, acc0, input_precision=DOT_PRECISION)
+        p1, acc1, l1, m1 = _softmax_step(acc1, l1, m1, qk1, m_base, stride_mm, stride_mn, offs_m1, offs_n, seq_q,
+                                         seq_k, causal_shift, qk_scale, MASKED, CAUSAL, MASK_KIND)
+        acc1 = tl.dot(p1.to(v.dtype), v, acc1, input_precision=DOT_PRECISION)
+    return acc0, l0, m0, acc1, l1, m1
 
 
 @triton.jit
@@ -115,7 +160,7 @@ def _flash_attention_fwd(
     num_heads, group, seq_q, seq_k, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
+    WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
     n_mblocks = tl.cdiv(seq_q, BLOCK_M)
@@ -139,17 +184,6 @@ def _flash_attention_fwd(
     if MASK_KIND != 0:
         m_base = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh
 
-    if TMA:
-        q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-    else:
-        q_ptrs = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm \
-            + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq_q) & d_ok, other=0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
     # Keys [0, full_end) are visible to every row of this block; [full_end, end) need masks.
     causal_shift = seq_k - seq_q
     if CAUSAL:
@@ -159,23 +193,68 @@ def _flash_attention_fwd(
         end = seq_k
         full_end = seq_k
     full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    o_base = Out + b64 * stride_ob + h.to(tl.int64) * stride_oh
+    q_base = Q
+    if not TMA:
+        q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
 
-    acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                               offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, 0, full_end,
-                               BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, CAUSAL, MASK_KIND, TMA,
-                               DOT_PRECISION, WARP_SPEC)
-    acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                               offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, full_end, end,
-                               BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, CAUSAL, MASK_KIND, TMA,
-                               DOT_PRECISION, False)
-
-    # Rows that saw no key (l = 0) write 0, not 0/0.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = (acc / l_safe[:, None]).to(Out.dtype.element_ty)
-    o_ptrs = Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out, mask=(offs_m[:, None] < seq_q) & d_ok)
+    if SPLIT:
+        HALF: tl.constexpr = BLOCK_M // 2
+        offs_m0 = start_m + tl.arange(0, HALF)
+        offs_m1 = start_m + HALF + tl.arange(0, HALF)
+        if TMA:
+            q0 = Q.load([b, h, start_m, 0]).reshape(HALF, BLOCK_D)
+            q1 = Q.load([b, h, start_m + HALF, 0]).reshape(HALF, BLOCK_D)
+        else:
+            q0 = tl.load(q_base + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                         mask=(offs_m0[:, None] < seq_q) & d_ok, other=0.0)
+            q1 = tl.load(q_base + offs_m1[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                         mask=(offs_m1[:, None] < seq_q) & d_ok, other=0.0)
+        m0 = tl.full([HALF], float("-inf"), dtype=tl.float32)
+        m1 = tl.full([HALF], float("-inf"), dtype=tl.float32)
+        l0 = tl.zeros([HALF], dtype=tl.float32)
+        l1 = tl.zeros([HALF], dtype=tl.float32)
+        acc0 = tl.zeros([HALF, BLOCK_D], dtype=tl.float32)
+        acc1 = tl.zeros([HALF, BLOCK_D], dtype=tl.float32)
+        acc0, l0, m0, acc1, l1, m1 = _attn_tile_split(
+            acc0, l0, m0, acc1, l1, m1, q0, q1, K, V, Mask, b, kv_h, k_base, v_base, m_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            offs_m0, offs_m1, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, 0, full_end,
+            BLOCK_N, BLOCK_D, EVEN_D, False, CAUSAL, MASK_KIND, TMA, DOT_PRECISION)
+        acc0, l0, m0, acc1, l1, m1 = _attn_tile_split(
+            acc0, l0, m0, acc1, l1, m1, q0, q1, K, V, Mask, b, kv_h, k_base, v_base, m_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            offs_m0, offs_m1, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, full_end, end,
+            BLOCK_N, BLOCK_D, EVEN_D, True, CAUSAL, MASK_KIND, TMA, DOT_PRECISION)
+        l0 = tl.where(l0 == 0.0, 1.0, l0)
+        l1 = tl.where(l1 == 0.0, 1.0, l1)
+        tl.store(o_base + offs_m0[:, None] * stride_om + offs_d[None, :],
+                 (acc0 / l0[:, None]).to(Out.dtype.element_ty), mask=(offs_m0[:, None] < seq_q) & d_ok)
+        tl.store(o_base + offs_m1[:, None] * stride_om + offs_d[None, :],
+                 (acc1 / l1[:, None]).to(Out.dtype.element_ty), mask=(offs_m1[:, None] < seq_q) & d_ok)
+    else:
+        if TMA:
+            q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=(offs_m[:, None] < seq_q) & d_ok, other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                   offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, 0, full_end,
+                                   BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, CAUSAL, MASK_KIND, TMA,
+                                   DOT_PRECISION, WARP_SPEC)
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                   offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, full_end, end,
+                                   BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, CAUSAL, MASK_KIND, TMA,
+                                   DOT_PRECISION, False)
+        # Rows that saw no key (l = 0) write 0, not 0/0.
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = (acc / l_safe[:, None]).to(Out.dtype.element_ty)
+        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out, mask=(offs_m[:, None] < seq_q) & d_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,15 +264,50 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+# H100 measurements behind the table (TFLOP/s, B8 H16 S1024 D64 / B4 H32 S2048 D128 / B1 H32 S8192 D128 /
+# B4 Hq32 Hkv8 S4096 D128, bf16, examples/bench_attention.py, do_bench median with L2 flush). Three per-config
+# sweeps on 2026-11-25: "s1" (128-row tiles only), "s2", "s3" (same kernel as d201646), and "c", the committed
+# --no-sweep run at d201646 (benchmarks/results/attention-h100.json). Spread between runs is ~5%.
+#
+#   case                       pick (why)                          measured
+#   D64 causal=0               128x64 w8 s3, pointers              361.9 s2, 359.7 s3, 356.6 c (64x64 w4 s3: 342.2 s2,
+#                                                                  338.3 s3; 128x128 w8 s3: 279.6 s1, 282.8 s2)
+#   D64 causal=1               64x64 w4 s3, pointers               245.9 s2, 244.8 s3 (sdpa_default 280). The same
+#                              tile through TMA: 187.2 s2, 250.3 s3, 104.1 c. The kernel (~69 us) is as short as the
+#                              host cost of a launch with three host TensorDescriptors (H100 launch diagnosis of
+#                              the fp8 GEMM: 67-130 us per TMA launch, 46-58 us with pointers), so do_bench timed
+#                              the host (the same tile with pointers is stable; D64 causal=0, 95 us, is not hit).
+#   D128 causal=0/1, S<=4096   64x64 w4 s3, TMA                    S2048 c0: 473.2 s2, 472.3 s3, 497.6 c
+#                                                                  (pointers 472.9 s2, 484.3 s3; 128x128 w8: 458-465)
+#                                                                  S2048 c1: 419.8 s2, 412.0 s3, 429.5 c
+#                                                                  (pointers 402.8 s2, 395.3 s3; 128x128 w8 tma 379.6-386.0)
+#                                                                  S8192 c0: 484.1 s2, 507.3 s3, 471.7 c
+#                                                                  (128x128 w8 tma 510.4 s1, 509.3 s2, 477.0 s3: a tie)
+#                                                                  GQA c0: 535.0 s2, 476.8 s3, 470.6 c
+#                                                                  (pointers 520.1 s2, 512.9 s3: a tie within spread)
+#                                                                  GQA c1: 497.1 s2, 460.4 s3, 491.0 c
+#                                                                  (pointers 437.1 s2, 474.1 s3)
+#   D128 causal=1, S>=8192     128x128 w8 s3, TMA                  472.8 s1, 461.3 s2, 472.6 s3, 471.8 c
+#                                                                  (64x64 w4 tma 451.2 s2, 446.0 s3)
+#   small problems (< 2^36 FLOP, i.e. < ~150 us of GPU work)       no TMA, for the host-cost reason of D64 causal=1
+#                                                                  (an extrapolation: no D128 case this small was timed)
+#   head dim > 128, fp32, q_len <= 16                              not measured on H100 (no benchmark case)
+_SMALL_FLOPS = 2 ** 36
+
+
+def _attention_flops(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_heads: int) -> float:
+    f = 4.0 * batch_heads * seq_q * seq_k * head_dim
+    return f / 2 if causal else f
+
+
 def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_heads: int,
                   dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The one shape -> config table of this family.
+    """The one shape -> config table of this family (the measurements are in the comment above).
 
     Buckets: short query (decode-like, q_len <= 16, kernopt.workload's single-stream/interactive
-    scenarios) gets a 16-row tile; prefill (server/offline) gets tiles by head dim and causal, as
-    measured on H100 (examples/bench_attention.py prints every candidate). seq_k and batch_heads are
-    part of the key so that tuned entries can specialise on them. fp32 gets small tiles (its tiles
-    are twice the bytes and go through the slow IEEE dot).
+    scenarios) gets a 16-row tile; prefill (server/offline) gets tiles by head dim, causal and sequence
+    length; problems too small to hide a TMA launch's host cost use plain pointers. fp32 gets small
+    tiles (its tiles are twice the bytes and go through the slow IEEE dot).
     """
     block_d = _block_d(head_dim)
     if dtype == torch.float32:
@@ -201,22 +315,26 @@ def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_hea
     if seq_q <= 16:
         return {"BLOCK_M": 16, "BLOCK_N": 128 if block_d <= 128 else 64, "num_warps": 4, "num_stages": 3,
                 "TMA": False}
-    if block_d <= 64 and not causal:
-        # measured on H100 (B8 H16 S1024 D64): 128x64 / 8 warps beats 64x64 / 4 warps by ~5%
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "TMA": False}
-    if block_d <= 128 and causal and seq_q >= 8192:
-        # long causal prefill: 128x128 / 8 warps measured ~5% over 64x64 on H100 (B1 H32 S8192 D128)
-        return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "TMA": True}
-    if block_d <= 128:
-        # 64x64 tiles with 4 warps fit two programs per SM, which overlap one's softmax with the other's
-        # MMAs; on H100 it led or tied (within the ~5% run-to-run spread) on the other D128 cases.
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "TMA": True}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "TMA": False}
+    if block_d > 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "TMA": False}
+    if block_d <= 64:
+        if not causal:
+            return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "TMA": False}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "TMA": False}
+    tma = _attention_flops(head_dim, causal, seq_q, seq_k, batch_heads) >= _SMALL_FLOPS
+    if causal and seq_q >= 8192:
+        return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "TMA": tma}
+    # 64x64 tiles with 4 warps fit two programs per SM, which overlap one's softmax with the other's MMAs.
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "TMA": tma}
 
 
 def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_heads: int,
                       dtype: torch.dtype = torch.bfloat16) -> list[dict]:
-    """Configs worth timing for a prefill shape (the benchmark prints each; the best wins)."""
+    """Configs worth timing for a prefill shape (the benchmark prints each; the best wins).
+
+    "SPLIT" configs (not measured yet) run BLOCK_M rows as two BLOCK_M/2 halves that share each K/V tile,
+    so one half's softmax can overlap the other's MMAs inside one program (FA3's ping-pong).
+    """
     base = select_config(head_dim, causal, seq_q, seq_k, batch_heads, dtype)
     cands = [base]
     if dtype != torch.float32 and _block_d(head_dim) <= 128 and seq_q > 16:
@@ -224,6 +342,10 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
                               (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3)):
             for tma in (False, True):
                 cands.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma})
+        for bm, bn, w, st, tma in ((128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 64, 8, 3, False),
+                                   (128, 128, 8, 3, True), (128, 128, 8, 2, True), (256, 64, 8, 2, True)):
+            cands.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma,
+                          "SPLIT": True})
     seen, out = set(), []
     for c in cands:
         key = tuple(sorted(c.items()))
@@ -239,6 +361,8 @@ def config_str(cfg: dict) -> str:
         s += " tma"
     if cfg.get("WARP_SPEC"):
         s += " ws"
+    if cfg.get("SPLIT"):
+        s += " split"
     return s
 
 
@@ -311,6 +435,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     cfg = dict(config) if config is not None else select_config(D, causal, Sq, Skv, B * Hq, q.dtype)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     BD = _block_d(D)
+    split = bool(cfg.get("SPLIT", False))
+    if split and BM % 32 != 0:
+        raise ValueError(f"flash_attention: SPLIT needs BLOCK_M a multiple of 32 (two halves of >= 16 rows), got {BM}")
 
     mask_kind = 0
     m = _broadcast_mask(mask, (B, Hq, Sq, Skv))
@@ -325,7 +452,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
 
     tma = bool(cfg.get("TMA")) and all(_descriptor_ok(t) for t in (q, k, v))
     if tma:
-        q_arg = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, BM, BD])
+        q_arg = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, BM // 2 if split else BM, BD])
         k_arg = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, BN, BD])
         v_arg = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, BN, BD])
     else:
@@ -340,7 +467,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, EVEN_D=(BD == D),
         CAUSAL=bool(causal), MASK_KIND=mask_kind, TMA=tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        WARP_SPEC=bool(cfg.get("WARP_SPEC", False)) and tma,
+        WARP_SPEC=bool(cfg.get("WARP_SPEC", False)) and tma and not split, SPLIT=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
