@@ -8,6 +8,13 @@ Each case runs kernopt and the SDPA backends (default, flash, efficient, cuDNN w
 same random bf16 inputs. Every kernopt config's output is checked against the fp32 reference in the same
 run before it is timed; kernopt's number is the best checked config, named in the row's "config".
 TFLOP/s counts 4*B*Hq*Sq*Skv*D (halved for causal, the FlashAttention convention).
+
+`results` are do_bench medians (host launch included, as an eager caller sees it). Each row also holds
+`graph_tflops` (CUDA-graph replay of the selected config and of SDPA default: GPU time only) and
+`host_us` (Python launch cost of one kernopt call): where `results` and `graph_tflops` disagree for
+kernopt, the host was the bottleneck (the TMA launch builds three tensor descriptors per call).
+
+    python examples/bench_attention.py --filter split   # sweep only candidates whose label has "split"
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import argparse
 import contextlib
 import math
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +69,42 @@ def reference(q, k, v, causal):
     # one batch element at a time keeps the fp32 score matrix small enough
     return torch.cat([flash_attention_ref(q[i:i + 1].float(), k[i:i + 1].float(), v[i:i + 1].float(),
                                           causal=causal) for i in range(q.shape[0])])
+
+
+def graph_ms(fn, reps: int = 20, calls: int = 4) -> float:
+    """Median ms per call of a CUDA graph that runs fn `calls` times (no host launch cost in the timing)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def host_us(fn, n: int = 50) -> float:
+    """Mean wall-clock microseconds to enqueue one call (the GPU queue does not fill in n calls)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
 
 
 def sdpa_backends():
@@ -110,6 +154,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
     ap.add_argument("--rep", type=int, default=60, help="do_bench repetition time in ms")
     ap.add_argument("--no-sweep", action="store_true", help="time only select_config's config")
+    ap.add_argument("--filter", default=None,
+                    help="sweep only the candidates whose label contains this (plus the selected config)")
     ap.add_argument("--plot", action="store_true")
     args = ap.parse_args(argv)
     require_cuda("bench_attention.py")
@@ -142,6 +188,8 @@ def main(argv=None):
             chosen = select_config(D, causal, S, S, B * Hq, q.dtype)
             sweep = not args.quick and not args.no_sweep
             configs = candidate_configs(D, causal, S, S, B * Hq, q.dtype) if sweep else [chosen]
+            if args.filter:
+                configs = [c for c in configs if c == chosen or args.filter in config_str(c)]
             per_config, best, best_cfg, first_error = {}, None, None, None
             out = torch.empty_like(q)
             for cfg in configs:
@@ -165,6 +213,25 @@ def main(argv=None):
                 if best is None or tf > best:
                     best, best_cfg = tf, cfg
             extra = {"per_config": per_config, "selected_config": config_str(chosen)}
+            if not str(per_config.get(config_str(chosen), "error")).startswith("error"):
+                # GPU-only time of the selected config (and of its twin on the other load path: TMA <-> pointers)
+                # and of SDPA default, and kernopt's host launch cost per call.
+                twin = dict(chosen, TMA=not chosen.get("TMA", False))
+                calls = {"kernopt": lambda: flash_attention(q, k, v, causal=causal, config=chosen, out=out),
+                         "kernopt_" + ("pointers" if chosen.get("TMA") else "tma"):
+                             lambda: flash_attention(q, k, v, causal=causal, config=twin, out=out)}
+                if "sdpa_default" in results:
+                    calls["sdpa_default"] = sdpa_call(q, k, v, causal, None)[0]
+                graph, host = {}, {}
+                for sys_name, fn in calls.items():
+                    try:
+                        graph[sys_name] = round(fl / graph_ms(fn) / 1e9, 1)
+                        if sys_name.startswith("kernopt"):
+                            host[sys_name] = round(host_us(fn), 1)
+                    except Exception as e:  # capture unsupported for this call
+                        notes[f"graph_{sys_name}"] = f"{type(e).__name__}: {str(e)[:120]}"
+                extra["graph_tflops"], extra["host_us"] = graph, host
+                print(f"  {name} [{config_str(chosen)}] graph TFLOP/s {graph}, host us/call {host}", flush=True)
             if notes:
                 extra["notes"] = notes
             if best is None:

@@ -8,8 +8,11 @@ Patterns (plain torch; the first is what the op's reference computes):
     # hand-written (HF eager_attention_forward), GQA by repeat_kv folded into the kernel:
     k = repeat_kv(k, n)       # k[:, :, None].expand(B, Hkv, n, S, D).reshape(B, Hkv*n, S, D),
                               # or k.repeat_interleave(n, dim=1)
-    w = q @ k.transpose(-2, -1) * scale            # or / sqrt(d), or no scale
-    w = w + mask                                   # optional additive float mask
+    w = q @ k.transpose(-2, -1) * scale            # or / sqrt(d), or no scale; k.mT, k.permute(0, 1, 3, 2);
+                                                   # or q pre-scaled: (q * scale) @ k.transpose(-2, -1)
+    w = w + mask                                   # optional additive float mask, or a bool mask filled:
+    w = w.masked_fill(~keep, float("-inf"))        # keep = True where attending (-> the kernel's bool mask)
+    w = w.masked_fill(drop, float("-inf"))         # drop = True where masked (-> logical_not(drop))
     w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)   # dtype and cast optional
     w = F.dropout(w, p=0.0, training=...)          # optional; p=0 or training=False
     out = w @ v
@@ -35,8 +38,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from kernopt import ops, workload
-from kernopt.passes.graph import (ADD, MUL, PassContext, arg, describe, example_value, is_call, replace,
-                                  single_user, size_hint, static_int)
+from kernopt.passes.graph import (ADD, MUL, PassContext, arg, describe, example_value, insert_before, is_call,
+                                  replace, single_user, size_hint, static_int)
 
 SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 MATMUL = (torch.matmul, operator.matmul, "matmul")
@@ -44,6 +47,9 @@ SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax, "softmax")
 DROPOUT = (F.dropout, torch.dropout, torch.nn.functional.dropout, "dropout")
 DIV = (operator.truediv, torch.div, torch.true_divide, "div", "truediv")
 TRANSPOSE = ("transpose", torch.transpose)
+PERMUTE = ("permute", torch.permute)
+MASKED_FILL = ("masked_fill", "masked_fill_", torch.masked_fill)
+INVERT = (operator.invert, torch.logical_not, torch.bitwise_not, "logical_not", "bitwise_not", "__invert__")
 CAST = ("to", "type")
 RESHAPE = ("reshape", "view", torch.reshape)
 EXPAND = ("expand",)
@@ -112,10 +118,11 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Attn:
-    def __init__(self, node, q, k, v, mask, causal, scale, matched, dead, sdpa_causal=False):
+    def __init__(self, node, q, k, v, mask, causal, scale, matched, dead, sdpa_causal=False, negate_mask=False):
         self.node, self.q, self.k, self.v, self.mask = node, q, k, v, mask
         self.causal, self.scale, self.matched, self.dead = causal, scale, matched, dead
         self.sdpa_causal = sdpa_causal
+        self.negate_mask = negate_mask  # a bool mask that is True where masked: the kernel wants True = attend
 
 
 def _guard(m: _Attn) -> Optional[str]:
@@ -235,7 +242,7 @@ class AttentionPass:
         sm_dtype = sm.kwargs.get("dtype", sm.args[3] if is_call(sm, F.softmax) and len(sm.args) > 3 else None)
         if sm_dtype not in (None, torch.float32):
             return None, ("softmax(...) @ v", f"softmax in {sm_dtype}")
-        mask = None
+        mask, fill, negate, extra_dead = None, None, False, []
         scores = _scores(s)
         if scores is None and is_call(s, *ADD) and len(s.args) == 2 and not s.kwargs:
             for a, b in ((s.args[0], s.args[1]), (s.args[1], s.args[0])):
@@ -244,6 +251,24 @@ class AttentionPass:
                     scores, mask = sc, b
                     chain.append(s)
                     break
+        elif scores is None and is_call(s, *MASKED_FILL):
+            scores = _scores(arg(s, 0, "input"))
+            fill, value = arg(s, 1, "mask"), arg(s, 2, "value")
+            if scores is not None and isinstance(fill, fx.Node):
+                chain.append(s)
+                fv = example_value(fill)
+                if _number(value) != float("-inf"):
+                    return None, ("softmax(q @ k.T.masked_fill(mask, value)) @ v",
+                                  f"masked_fill value {value} (only -inf is a mask; a finite fill changes fully "
+                                  "masked rows)")
+                if fv is None or fv.dtype != torch.bool:
+                    return None, ("softmax(q @ k.T.masked_fill(mask, -inf)) @ v",
+                                  f"masked_fill mask is {'unknown' if fv is None else _dt(fv.dtype)}, not bool")
+                if is_call(fill, *INVERT) and isinstance(fill.args[0], fx.Node):
+                    mask = fill.args[0]  # masked_fill(~keep, -inf): keep is the kernel's mask as it is
+                    extra_dead.append(fill)
+                else:
+                    mask, negate = fill, True
         if scores is None:
             return None, None
         q, kt, scale, score_nodes = scores
@@ -252,7 +277,9 @@ class AttentionPass:
         v0, nv = unrepeat_kv(v)
         if scale != 1.0:
             matched += " * scale"
-        if mask is not None:
+        if fill is not None:
+            matched += f".masked_fill({'mask' if negate else '~mask'}, -inf)"
+        elif mask is not None:
             matched += " + mask"
         matched += ")" + (".to(dtype)" if cast is not None else "") + " @ v"
         if nk > 1 or nv > 1:
@@ -264,12 +291,12 @@ class AttentionPass:
             if len(n_.users) != 1:
                 return None, (matched, f"intermediate {n_.name} is used outside the pattern (attention weights "
                                        "returned?)")
-        if mask is not None:
+        if mask is not None and fill is None:
             mv = example_value(mask)
             if mv is not None and mv.dtype == torch.bool:
                 return None, (matched, "bool mask added to the scores (adds 0/1; not a mask)")
-        dead = [*chain, kt]
-        return _Attn(node, q, k0, v0, mask, False, scale, matched, dead), None
+        dead = [*chain, kt, *extra_dead]
+        return _Attn(node, q, k0, v0, mask, False, scale, matched, dead, negate_mask=negate), None
 
     def _rewrite(self, gm: fx.GraphModule, ctx: PassContext, m: _Attn) -> None:
         qv, kv = example_value(m.q), example_value(m.k)
@@ -292,8 +319,11 @@ class AttentionPass:
         config = fa.config_str(fa.select_config(d, m.causal, sq, skv, b * hq, qv.dtype))
         if static_int(qv.shape[2]) is None or static_int(kv.shape[2]) is None:
             config = f"dynamic lengths (per-call choice; now: {config})"
+        mask = m.mask
+        if m.negate_mask:  # masked_fill(drop, -inf): the kernel attends where logical_not(drop)
+            mask = insert_before(gm, m.node, torch.logical_not, (m.mask,), example=example_value(m.mask))
         replace(gm, m.node, torch.ops.kernopt.flash_attention.default,
-                (m.q, m.k, m.v, m.mask, bool(m.causal), float(m.scale)), dead=m.dead)
+                (m.q, m.k, m.v, mask, bool(m.causal), float(m.scale)), dead=m.dead)
         ctx.rewrote(self.name, m.node, f"{m.matched} {shape}", "kernopt.flash_attention", config, scenario, impl)
 
     @staticmethod
@@ -324,33 +354,50 @@ def _is_softmax_chain(n: Any) -> bool:
     return is_call(n, *SOFTMAX)
 
 
-def _scores(n: Any):
-    """(q, k_transposed_node, scale, nodes) for q @ k.transpose(-2, -1) [* c | / c]; None otherwise."""
-    if not isinstance(n, fx.Node):
-        return None
-    scale, nodes = 1.0, []
+def _scaled(n: Any) -> tuple[Any, float, list]:
+    """(x, c, [node]) for x * c, c * x or x / c with a constant c; (n, 1.0, []) otherwise."""
     if is_call(n, *MUL) and len(n.args) == 2 and not n.kwargs:
         a, b = n.args
         if _number(b) is not None and isinstance(a, fx.Node):
-            scale, nodes, n = _number(b), [n], a
-        elif _number(a) is not None and isinstance(b, fx.Node):
-            scale, nodes, n = _number(a), [n], b
-        else:
-            return None
+            return a, _number(b), [n]
+        if _number(a) is not None and isinstance(b, fx.Node):
+            return b, _number(a), [n]
     elif is_call(n, *DIV) and len(n.args) == 2 and not n.kwargs:
         c = _number(n.args[1])
-        if c is None or c == 0 or not isinstance(n.args[0], fx.Node):
-            return None
-        scale, nodes, n = 1.0 / c, [n], n.args[0]
+        if c is not None and c != 0 and isinstance(n.args[0], fx.Node):
+            return n.args[0], 1.0 / c, [n]
+    return n, 1.0, []
+
+
+def _is_key_transpose(kt: Any) -> bool:
+    """k.transpose(-2, -1) (either order, any sign), k.mT, or k.permute(0, 1, 3, 2) of a 4-D k."""
+    if not isinstance(kt, fx.Node) or not kt.args or example_value(kt.args[0]) is None \
+            or example_value(kt.args[0]).dim() != 4:
+        return False
+    if is_call(kt, *TRANSPOSE):
+        dims = kt.args[1:3]
+        return len(dims) == 2 and all(isinstance(d, int) for d in dims) and {d % 4 for d in dims} == {2, 3}
+    if is_call(kt, getattr):
+        return len(kt.args) == 2 and kt.args[1] == "mT"
+    if is_call(kt, *PERMUTE):
+        dims = kt.args[1] if len(kt.args) == 2 and isinstance(kt.args[1], (tuple, list)) else kt.args[1:]
+        return all(isinstance(d, int) for d in dims) and [d % 4 for d in dims] == [0, 1, 3, 2]
+    return False
+
+
+def _scores(n: Any):
+    """(q, k_transposed_node, scale, nodes) for [q | q * c] @ k.transpose(-2, -1) [* c | / c]; None otherwise."""
+    if not isinstance(n, fx.Node):
+        return None
+    n, scale, nodes = _scaled(n)
     if not (is_call(n, *MATMUL) and len(n.args) == 2):
         return None
     q, kt = n.args
-    if not (isinstance(kt, fx.Node) and is_call(kt, *TRANSPOSE)):
+    if not _is_key_transpose(kt):
         return None
-    kv = example_value(kt.args[0])
-    if kv is None or kv.dim() != 4:
-        return None
-    dims = {d % 4 for d in kt.args[1:3]} if len(kt.args) >= 3 and all(isinstance(d, int) for d in kt.args[1:3]) else set()
-    if dims != {2, 3}:
-        return None
+    # q pre-scaled: fold the constant when the product feeds only this matmul (else q * c stays as it is)
+    if isinstance(q, fx.Node) and len(q.users) == 1:
+        q0, c, qnodes = _scaled(q)
+        if qnodes and example_value(q0) is not None and example_value(q0).dim() == 4:
+            q, scale, nodes = q0, scale * c, nodes + qnodes
     return q, kt, scale, nodes + [n]

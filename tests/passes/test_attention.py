@@ -168,6 +168,9 @@ MANUAL_FORMS = {
     "scale_left": lambda q, k, v: (0.2 * (q @ k.transpose(2, 3))).softmax(-1) @ v,
     "repeat_interleave": lambda q, k, v: F.softmax(
         q @ k.repeat_interleave(2, dim=1).transpose(-2, -1) * 0.25, dim=-1) @ v.repeat_interleave(2, dim=1),
+    "mT": lambda q, k, v: torch.softmax(q @ k.mT * 0.3, dim=-1) @ v,
+    "q_prescaled": lambda q, k, v: torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v,
+    "q_prescaled_and_scaled": lambda q, k, v: torch.softmax((q / 2.0) @ k.permute(0, 1, 3, 2) * 0.5, dim=-1) @ v,
 }
 
 
@@ -175,6 +178,72 @@ MANUAL_FORMS = {
 def test_manual_forms(form):
     q, k, v = qkv(Hq=4, Hkv=2 if form == "repeat_interleave" else 4, Sq=9, Skv=21)
     fn = MANUAL_FORMS[form]
+    report = _explain(fn, q, k, v)
+    assert len(_attn_rewrites(report, "kernopt.flash_attention")) == 1, report.table()
+    _compiled_matches(fn, q, k, v)
+
+
+def keep_mask(B, Sq, Skv):
+    """[B, 1, Sq, Skv] bool, True = attend, at least one key per row (eager softmax of an all -inf row is NaN)."""
+    keep = torch.rand(B, 1, Sq, Skv, device=DEV) > 0.4
+    keep[..., 0] = True
+    return keep
+
+
+MASKED_FILL_FORMS = {
+    # the usual spellings: fill where NOT kept, or fill where a "masked" flag is set
+    "invert_keep": lambda q, k, v, keep: torch.softmax(
+        (q @ k.transpose(-2, -1) * 0.25).masked_fill(~keep, float("-inf")), dim=-1) @ v,
+    "drop": lambda q, k, v, keep: F.softmax(
+        (q @ k.mT / 4.0).masked_fill(keep.logical_not(), -math.inf), dim=-1) @ v,
+}
+
+
+@pytest.mark.parametrize("form", list(MASKED_FILL_FORMS))
+def test_masked_fill_bool_masks(form):
+    q, k, v = qkv(Hq=4, Hkv=4, Sq=9, Skv=21)
+    keep = keep_mask(2, 9, 21)
+    fn = MASKED_FILL_FORMS[form]
+    report = _explain(fn, q, k, v, keep)
+    rw = _attn_rewrites(report, "kernopt.flash_attention")
+    assert len(rw) == 1 and "masked_fill" in rw[0].matched, report.table()
+    _compiled_matches(fn, q, k, v, keep)
+
+
+def test_masked_fill_drop_mask_is_negated():
+    # masked_fill(drop, -inf) with drop a plain bool input: the rewrite must attend where drop is False
+    q, k, v = qkv(Hq=4, Hkv=4, Sq=9, Skv=21)
+    drop = ~keep_mask(2, 9, 21)
+
+    def fn(q, k, v, drop):
+        return torch.softmax((q @ k.transpose(-2, -1) * 0.25).masked_fill(drop, float("-inf")), dim=-1) @ v
+
+    report = _explain(fn, q, k, v, drop)
+    rw = _attn_rewrites(report, "kernopt.flash_attention")
+    assert len(rw) == 1 and "masked_fill(mask, -inf)" in rw[0].matched, report.table()
+    _compiled_matches(fn, q, k, v, drop)
+
+
+def test_masked_fill_with_finite_value_is_refused():
+    q, k, v = qkv(Hq=4, Hkv=4, Sq=9, Skv=21)
+    keep = keep_mask(2, 9, 21)
+
+    def fn(q, k, v, keep):
+        return torch.softmax((q @ k.transpose(-2, -1)).masked_fill(~keep, -1e9), dim=-1) @ v
+
+    report = _explain(fn, q, k, v, keep)
+    assert not _attn_rewrites(report)
+    assert any("masked_fill value" in f.reason for f in _attn_fallbacks(report)), report.table()
+
+
+def test_prescaled_q_used_elsewhere_keeps_its_product():
+    # q * c also feeds the output: not folded into the scale, but the attention is still rewritten
+    q, k, v = qkv(Hq=4, Hkv=4, Sq=9, Skv=21)
+
+    def fn(q, k, v):
+        qs = q * 0.25
+        return torch.softmax(qs @ k.transpose(-2, -1), dim=-1) @ v + qs.sum()
+
     report = _explain(fn, q, k, v)
     assert len(_attn_rewrites(report, "kernopt.flash_attention")) == 1, report.table()
     _compiled_matches(fn, q, k, v)
