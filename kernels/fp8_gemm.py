@@ -114,9 +114,14 @@ def quantize_rows_fp8(x: torch.Tensor, block_k: Optional[int] = None) -> tuple[t
 def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's math in plain torch, bit for bit (on CPU and CUDA)."""
     amax = x.float().abs().amax(dim=-1, keepdim=True) if x.shape[-1] else x.new_zeros((*x.shape[:-1], 1)).float()
-    scale = amax.clamp(min=AMAX_FLOOR) * INV_FP8_MAX
-    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    # literals, not the module's names: under torch.compile(dynamic=True) Dynamo lifts float globals to graph
+    # inputs, and the fp8 pass could no longer see that this is the per-token quantization (asserted below)
+    scale = amax.clamp(min=1e-12) * 0.0022321429569274187
+    q = (x.float() / scale).clamp(-448.0, 448.0).to(FP8_DTYPE)
     return q, scale
+
+
+assert (AMAX_FLOOR, INV_FP8_MAX, FP8_MAX) == (1e-12, 0.0022321429569274187, 448.0)
 
 
 def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

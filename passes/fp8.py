@@ -15,6 +15,16 @@ needs) or scalar scale. When a8 is the per-token quantization of x with the same
 subgraph becomes `fp8_linear(x, w8, sw, b)` (the quantization runs as kernopt's Triton kernel);
 otherwise the matmul + scaling becomes `fp8_scaled_mm` and the quantization stays in the graph.
 
+RMSNorm fusion (after the matmuls are rewritten): when an fp8_linear's input x is Hugging Face's LlamaRMSNorm
+written in plain torch (`match_rmsnorm`: to(float32), pow(2), mean(-1, keepdim=True), + eps, rsqrt, mul,
+to(dtype), * weight) and every user of the norm's output is such an fp8_linear (Llama: q/k/v after
+input_layernorm, gate/up after post_attention_layernorm), the norm and the per-linear quantizations become one
+`rmsnorm_quant_fp8(x, weight, eps)` whose (codes, scales) feed `fp8_linear_prequant` for each linear. Its
+reference is the same ops in the same order, so on the reference path fused == unfused bit for bit; the
+kernel differs only where its summation order or rsqrt moves the norm by an ulp. Refused with a reason when
+the norm's output or an intermediate has another user (the norm must then stay); a norm whose eps is not a
+constant (torch.compile(dynamic=True) lifts float attributes to inputs) is not recognised and stays unfused.
+
 Guard: e4m3fn operands (e5m2 refused), 2-D weight, fp32-convertible scales of the shapes above, 1-D bias of
 width N, float output dtype, intermediates used only by the pattern. Refused with a reason:
 per-input-channel scales; `_scaled_mm` with scale_result or without out_dtype; and weight-only fp8
@@ -32,7 +42,7 @@ import torch.nn.functional as F
 
 from kernopt import ops, workload
 from kernopt.passes.graph import (ADD, MUL, PassContext, arg, describe, example_value, insert_before, is_call,
-                                  replace, single_user, size_hint)
+                                  replace, single_user, size_hint, static_int)
 
 E4M3 = torch.float8_e4m3fn
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -152,8 +162,10 @@ class _Fp8Matmul:
 
 class Fp8Pass:
     name = "fp8"
+    fuse_rmsnorm = True  # False keeps each fp8_linear quantizing its own input (tests compare both)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        self._linear_records: dict[fx.Node, object] = {}  # fp8_linear node -> its Rewrite record
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node.op not in ("call_function", "call_method"):
                 continue
@@ -165,6 +177,8 @@ class Fp8Pass:
                     ctx.refused(self.name, node, matched, reason)
                 elif m is not None:
                     self._rewrite(gm, ctx, m)
+        if self.fuse_rmsnorm:
+            self._fuse_rmsnorms(gm, ctx)
 
     # ---------------------------------------------------------------------------------------------
     # torch._scaled_mm
@@ -406,18 +420,20 @@ class Fp8Pass:
         if x is not None and m.out_dtype == _dtype_of(x):
             sw = self._as_fp32(gm, anchor, m.sw)
             impl = ops.implementation(example_value(x))
-            replace(gm, m.tail, torch.ops.kernopt.fp8_linear.default, (x, m.w8, sw, m.bias),
-                    dead=m.dead + chain)
+            new = replace(gm, m.tail, torch.ops.kernopt.fp8_linear.default, (x, m.w8, sw, m.bias),
+                          dead=m.dead + chain)
             matched = f"quant_rows(x) -> {m.form} M={m_hint} N={n} K={k_hint}"
             ctx.rewrote(self.name, anchor, matched, "kernopt.fp8_linear", self._config(m_hint, n, k_hint, impl),
                         workload.resolve_scenario(ctx.scenario, tokens=m_hint), impl)
+            self._linear_records[new] = ctx.rewrites[-1]
             return
         sa, sw = self._as_fp32(gm, anchor, m.sa), self._as_fp32(gm, anchor, m.sw)
         a2 = m.a8
         if len(lead) != 1:
-            a2 = insert_before(gm, anchor, torch.reshape, (m.a8, (-1, k)), av.reshape(-1, k))
+            # flatten/size nodes, not sizes: a dynamic size is a SymInt, which a graph may not hold as a constant
+            a2 = insert_before(gm, anchor, torch.flatten, (m.a8, 0, -2), av.flatten(0, -2))
             if not _is_scalar_scale(sa):
-                sa = insert_before(gm, anchor, torch.reshape, (sa, (-1, 1)), None)
+                sa = insert_before(gm, anchor, torch.flatten, (sa, 0, -2), None)
         b = m.b8
         if b is None:
             wv = example_value(m.w8)
@@ -428,12 +444,168 @@ class Fp8Pass:
         out = y
         if len(lead) != 1:
             with gm.graph.inserting_before(anchor):
-                out = gm.graph.call_function(torch.reshape, (y, (*lead, n)))
+                dims = [d if static_int(d) is not None else gm.graph.call_method("size", (m.a8, i))
+                        for i, d in enumerate(lead)]
+                out = gm.graph.call_function(torch.reshape, (y, (*[static_int(d) if not isinstance(d, fx.Node)
+                                                                    else d for d in dims], n)))
         impl = ops.implementation(av)
         replace_with(gm, m.tail, out, m.dead)
         ctx.rewrote(self.name, anchor, f"{m.form} M={m_hint} N={n} K={k_hint}", "kernopt.fp8_scaled_mm",
                     self._config(m_hint, n, k_hint, impl), workload.resolve_scenario(ctx.scenario, tokens=m_hint),
                     impl)
+
+
+    # ---------------------------------------------------------------------------------------------
+    # RMSNorm feeding only fp8 linears -> one rmsnorm_quant_fp8 (the norm and the quantization in one pass)
+    # ---------------------------------------------------------------------------------------------
+    def _fuse_rmsnorms(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        fp8_linear = torch.ops.kernopt.fp8_linear.default
+        by_input: dict[fx.Node, list[fx.Node]] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is fp8_linear and isinstance(node.args[0], fx.Node):
+                by_input.setdefault(node.args[0], []).append(node)
+        for out, linears in by_input.items():
+            norm = match_rmsnorm(out)
+            if norm is None:
+                continue
+            matched = f"rmsnorm -> quant_rows -> {len(linears)}x fp8_linear"
+            reason = norm.refusal or _norm_users_refusal(out, linears)
+            if reason:
+                ctx.refused(self.name, out, matched, reason)
+                continue
+            self._fuse_rmsnorm(gm, ctx, norm, linears, matched)
+
+    def _fuse_rmsnorm(self, gm, ctx, norm: "RMSNormMatch", linears: list, matched: str) -> None:
+        out, x, w = norm.out, norm.x, norm.weight
+        xv, wv = example_value(x), example_value(w)
+        k = xv.shape[-1]
+        rows = 1
+        for d in xv.shape[:-1]:
+            rows = rows * d
+        with gm.graph.inserting_before(out):
+            fused = gm.graph.call_function(torch.ops.kernopt.rmsnorm_quant_fp8.default, (x, w, norm.eps))
+            q = gm.graph.call_function(operator.getitem, (fused, 0))
+            s = gm.graph.call_function(operator.getitem, (fused, 1))
+        q.meta["example_value"] = xv.new_empty(xv.shape, dtype=E4M3)
+        s.meta["example_value"] = xv.new_empty((rows, 1), dtype=torch.float32)
+        fused.meta["example_value"] = (q.meta["example_value"], s.meta["example_value"])
+        for lin in linears:
+            _, w8, sw, bias = lin.args
+            rec = self._linear_records.get(lin)
+            new = replace(gm, lin, torch.ops.kernopt.fp8_linear_prequant.default,
+                          (q, s, w8, sw, bias, _dtype_of(lin)))
+            if rec is not None:
+                rec.kernel = "kernopt.fp8_linear_prequant"
+                rec.matched = rec.matched.replace("quant_rows(x)", "rmsnorm_quant_fp8(x)", 1)
+                self._linear_records[new] = rec
+        for user in list(out.users):  # shape queries: the norm's output has x's shape
+            user.replace_input_with(out, x)
+        impl = ops.implementation(xv)
+        if ops.implementation(wv) == "reference":
+            impl = "reference"
+        config = "plain-torch reference"
+        if impl != "reference":
+            from kernopt.kernels import rmsnorm_quant
+
+            config = rmsnorm_quant.select_config(size_hint(rows), size_hint(k))
+        m_hint = size_hint(rows)
+        ctx.rewrote(self.name, out, f"{matched} M={m_hint} K={size_hint(k)}", "kernopt.rmsnorm_quant_fp8",
+                    config, workload.resolve_scenario(ctx.scenario, tokens=m_hint), impl)
+        for nd in norm.nodes:  # users before what they use
+            if not nd.users:
+                gm.graph.erase_node(nd)
+
+
+class RMSNormMatch:
+    """LlamaRMSNorm as Dynamo records it; `nodes` from the output back, `refusal` set when it cannot fuse."""
+
+    def __init__(self, out, x, weight, eps, nodes, refusal=None):
+        self.out, self.x, self.weight, self.eps, self.nodes, self.refusal = out, x, weight, eps, nodes, refusal
+
+
+def _const_float(v) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def match_rmsnorm(out: fx.Node) -> Optional[RMSNormMatch]:
+    """Hugging Face's LlamaRMSNorm.forward (kernopt.kernels.rmsnorm_quant.rmsnorm_ref), as Dynamo records it:
+
+        h = x.to(torch.float32)                   # or x.float(); or x itself when x is fp32
+        var = h.pow(2).mean(-1, keepdim=True)     # or h * h, torch.mean
+        hn = h * torch.rsqrt(var + eps)           # either operand order
+        out = weight * hn.to(x.dtype)             # either operand order; the cast may be absent for fp32
+
+    None when `out` is not that; a match with `refusal` when it is, but the kernel cannot take it."""
+    if not is_call(out, *MUL) or len(out.args) != 2 or out.kwargs:
+        return None
+    for w, c in (out.args, out.args[::-1]):
+        if not isinstance(w, fx.Node) or not isinstance(c, fx.Node):
+            continue
+        cast = c if is_call(c, "to", "float", "half", "bfloat16", "type") and c.args and \
+            isinstance(c.args[0], fx.Node) else None
+        hn = cast.args[0] if cast is not None else c
+        if not is_call(hn, *MUL) or len(hn.args) != 2 or hn.kwargs:
+            continue
+        for h, r in (hn.args, hn.args[::-1]):
+            if not is_call(r, torch.rsqrt, "rsqrt") or len(r.args) != 1 or not isinstance(h, fx.Node):
+                continue
+            add = r.args[0]
+            if not is_call(add, *ADD) or len(add.args) != 2 or add.kwargs:
+                continue
+            var, eps = add.args if isinstance(add.args[0], fx.Node) else add.args[::-1]
+            eps = _const_float(eps)
+            if eps is None or not is_call(var, "mean", torch.mean) or not var.args:
+                continue
+            p = var.args[0]
+            if not (is_call(p, "pow", torch.pow, operator.pow) and len(p.args) == 2 and p.args[0] is h and
+                    _const_float(p.args[1]) == 2.0 and not p.kwargs) and \
+                    not (is_call(p, *MUL) and len(p.args) == 2 and p.args[0] is h and p.args[1] is h):
+                continue
+            up = is_call(h, "to", "float", "type") and h.args and isinstance(h.args[0], fx.Node)
+            x = h.args[0] if up else h
+            nodes = [out, *([cast] if cast is not None else []), hn, r, add, var, p, *([h] if up else [])]
+            return RMSNormMatch(out, x, w, eps, nodes, _rmsnorm_refusal(out, x, w, h, cast, var, nodes))
+    return None
+
+
+def _rmsnorm_refusal(out, x, w, h, cast, var, nodes) -> Optional[str]:
+    xv, wv, ov, hv = (example_value(t) for t in (x, w, out, h))
+    if any(v is None for v in (xv, wv, ov, hv)):
+        return "rmsnorm operands have no recorded shapes"
+    if xv.dtype not in FLOATS or wv.dtype not in FLOATS:
+        return f"rmsnorm of {xv.dtype} with a {wv.dtype} weight: the kernel takes bf16/fp16/fp32"
+    if hv.dtype != torch.float32 or hv.device != xv.device:
+        return f"rmsnorm computes in {hv.dtype} on {hv.device}, not fp32 on {xv.device} (not HF's LlamaRMSNorm)"
+    hn_dtype = _dtype_of(cast) if cast is not None else torch.float32
+    if hn_dtype != xv.dtype:
+        return f"normalized value cast to {hn_dtype}, not back to the input's {xv.dtype}"
+    if xv.dim() < 1 or wv.dim() != 1 or size_hint(wv.shape[0]) != size_hint(xv.shape[-1]):
+        return f"weight of shape {tuple(wv.shape)} for rows of {tuple(xv.shape)[-1:]}: need a [K] weight"
+    if ov.dtype != torch.promote_types(wv.dtype, xv.dtype) or tuple(ov.shape) != tuple(xv.shape):
+        return f"output {ov.dtype} {tuple(ov.shape)}: expected weight * x's dtype and x's shape"
+    if wv.device != xv.device:
+        return "weight and input on different devices"
+    dim, keepdim = arg(var, 1, "dim"), arg(var, 2, "keepdim", False)
+    last = (-1, xv.dim() - 1)
+    if not (dim in last or (isinstance(dim, (list, tuple)) and len(dim) == 1 and dim[0] in last)) or \
+            keepdim is not True or var.kwargs.get("dtype") is not None or len(var.args) > 3:
+        return "mean is not over the last dimension with keepdim=True"
+    inner = set(nodes)
+    for nd in nodes[1:]:
+        stray = [u for u in nd.users if u not in inner]
+        if stray:
+            return f"the norm's intermediate {nd.name} is also used by {stray[0].name}"
+    return None
+
+
+def _norm_users_refusal(out: fx.Node, linears: list) -> Optional[str]:
+    for user in out.users:
+        if user in linears and user.args[0] is out and out not in user.args[1:]:
+            continue
+        if is_call(user, "size", "dim") or (is_call(user, getattr) and user.args[1:] == ("shape",)):
+            continue
+        return f"the norm's output also feeds {describe(user)}, which needs it unquantized"
+    return None
 
 
 def replace_with(gm: fx.GraphModule, old: fx.Node, new: fx.Node, dead) -> None:

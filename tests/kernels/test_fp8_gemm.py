@@ -197,6 +197,27 @@ def test_fp8_linear_through_custom_op():
     _assert_gemm_close(y.reshape(6, 20), ref, mag, torch.float32)
 
 
+@pytest.mark.parametrize("M,N,K,cfg", [(3, 29, 40, None), (21, 37, 75, PTR)], ids=["decode-default", "odd-ptr"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_linear_prequant_equals_fp8_linear(M, N, K, cfg, dtype):
+    """The linear behind rmsnorm_quant_fp8: given quantize_rows(x), it computes what fp8_linear(x) does, bitwise
+    (same GEMM, same config), and its reference is fp8_linear_ref's after the quantization, bitwise."""
+    x = (torch.randn(M, K, device=DEV) * 2).to(dtype)
+    w_fp8, w_scale = fp8.quantize_weight_fp8(torch.randn(N, K, device=DEV))
+    bias = torch.randn(N, device=DEV).to(dtype)
+    x_fp8, x_scale = fp8.quantize_rows_fp8(x)
+    out = torch.full((M, N), float("nan"), device=DEV, dtype=dtype)
+    fp8.fp8_linear_prequant(x_fp8, x_scale, w_fp8, w_scale, bias, dtype, config=cfg, out=out)
+    assert torch.equal(out, fp8.fp8_linear(x, w_fp8, w_scale, bias, config=cfg))
+    x_fp8, x_scale = fp8.quantize_rows_fp8_ref(x)
+    assert torch.equal(fp8.fp8_linear_prequant_ref(x_fp8, x_scale, w_fp8, w_scale, bias, dtype),
+                       fp8.fp8_linear_ref(x, w_fp8, w_scale, bias))
+    with pytest.raises(ValueError, match="x_fp8 and w_fp8 must be"):
+        fp8.fp8_linear_prequant(x, x_scale, w_fp8, w_scale, bias, dtype)
+    with pytest.raises(ValueError, match="x_scale"):
+        fp8.fp8_linear_prequant(x_fp8, x_scale[:-1], w_fp8, w_scale, bias, dtype)
+
+
 def test_input_errors():
     a, w = _fp8((4, 32)), _fp8((8, 32))
     s1 = torch.ones(4, 1, device=DEV)

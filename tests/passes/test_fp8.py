@@ -191,3 +191,146 @@ def test_refusals_carry_reasons():
         pytest.skip(f"torch._scaled_mm e5m2 unavailable here: {type(e).__name__}")
     assert not _fp8_rewrites(report)
     assert any("float8_e4m3fn" in fb.reason for fb in report.fallbacks), report.table()
+
+
+# --------------------------------------------------------------------------------------------------
+# RMSNorm feeding fp8 linears -> kernopt.rmsnorm_quant_fp8 + kernopt.fp8_linear_prequant
+# --------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Hugging Face's LlamaRMSNorm, verbatim."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.5 * torch.randn(d))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class NormQKV(nn.Module):
+    """input_layernorm -> q/k/v as in a Llama block (plus the residual stream around it)."""
+
+    def __init__(self, d=48, residual_use=False, leak_variance=False):
+        super().__init__()
+        self.norm = RMSNorm(d)
+        self.q, self.k, self.v = nn.Linear(d, 32, bias=False), nn.Linear(d, 16, bias=False), nn.Linear(d, 16)
+        self.residual_use, self.leak_variance = residual_use, leak_variance
+
+    def forward(self, x):
+        if self.leak_variance:  # the norm written inline, its variance used again below
+            hs = x.to(torch.float32)
+            variance = hs.pow(2).mean(-1, keepdim=True)
+            h = self.norm.weight * (hs * torch.rsqrt(variance + 1e-6)).to(x.dtype)
+        else:
+            h = self.norm(x)
+        out = torch.cat([self.q(h) + torch.cat([self.k(h), self.v(h)], dim=-1), x], dim=-1)
+        if self.residual_use:  # the norm's output is needed unquantized too
+            out = out + torch.cat([h, h], dim=-1)[..., :80]
+        if self.leak_variance:
+            out = out + variance
+        return out
+
+
+def exact_rows(shape, dtype):
+    """Rows of +-8 and (+-4, +-4, +-4, +-4, +-16) groups, times 2^j: the norm is exact in any summation order and
+    any rsqrt, so fused and unfused must agree bit for bit on every path (see tests/kernels/test_rmsnorm_quant.py)."""
+    *lead, k = shape
+    rows = []
+    for i in range(int(torch.tensor(lead).prod())):
+        vals = []
+        while len(vals) < k:
+            vals += [8.0] if k - len(vals) < 5 or torch.rand(()) < 0.5 else [4.0, 4.0, 4.0, 4.0, 16.0]
+        row = torch.tensor(vals)[torch.randperm(k)] * torch.where(torch.rand(k) < 0.5, -1.0, 1.0) * 2.0 ** (i % 3)
+        rows.append(row)
+    return torch.stack(rows).reshape(shape).to(device=DEV, dtype=dtype)
+
+
+def _compile_run(m, x, fuse, monkeypatch):
+    from kernopt.passes.fp8 import Fp8Pass
+
+    monkeypatch.setattr(Fp8Pass, "fuse_rmsnorm", fuse)
+    torch._dynamo.reset()
+    return torch.compile(m, backend="kernopt", options={"inner": "eager"})(x)
+
+
+@pytest.mark.parametrize("cpu_path", ["reference", "interpreter"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rmsnorm_feeding_fp8_linears_fuses(dtype, cpu_path, monkeypatch):
+    if cpu_path == "reference" or DEV == "cuda":
+        monkeypatch.setenv("KERNOPT_CPU", "reference")
+    m = quantize_fp8_(NormQKV(), skip=()).to(DEV).to(dtype)
+    x = exact_rows((2, 5, 48), dtype)
+    report = kernopt.explain(m, x, options={"inner": "eager"})
+    _no_pass_errors(report)
+    fused = _fp8_rewrites(report, "kernopt.rmsnorm_quant_fp8")
+    assert len(fused) == 1 and "3x fp8_linear M=10 K=48" in fused[0].matched, report.table()
+    assert len(_fp8_rewrites(report, "kernopt.fp8_linear_prequant")) == 3, report.table()
+    assert not _fp8_rewrites(report, "kernopt.fp8_linear"), report.table()
+    # exact rows: the fused norm + quantization equals norm-then-quantize bit for bit, so fused == unfused
+    # (same GEMM on the same codes) on the interpreter and the reference path alike, and == eager on the latter
+    got = _compile_run(m, x, True, monkeypatch)
+    unfused = _compile_run(m, x, False, monkeypatch)
+    assert not torch.isnan(got).any()
+    assert torch.equal(got, unfused)
+    if cpu_path == "reference":
+        assert torch.equal(got, m(x))
+    # random rows: equal on the reference path (the same ops), within a quantization step elsewhere
+    xr = torch.randn(2, 5, 48, device=DEV).to(dtype)
+    got, unfused = _compile_run(m, xr, True, monkeypatch), _compile_run(m, xr, False, monkeypatch)
+    if cpu_path == "reference":
+        assert torch.equal(got, unfused) and torch.equal(got, m(xr))
+    _close(got, unfused, rel=3e-2)
+
+
+@pytest.mark.parametrize("variant,reason", [("residual_use", "also feeds"), ("leak_variance", "intermediate")])
+def test_rmsnorm_with_other_users_is_left_alone(variant, reason, monkeypatch):
+    monkeypatch.setenv("KERNOPT_CPU", "reference")
+    m = quantize_fp8_(NormQKV(**{variant: True}), skip=()).to(DEV)
+    x = torch.randn(2, 5, 48, device=DEV)
+    report = kernopt.explain(m, x, options={"inner": "eager"})
+    _no_pass_errors(report)
+    assert len(_fp8_rewrites(report, "kernopt.fp8_linear")) == 3, report.table()  # the linears still go
+    assert not _fp8_rewrites(report, "kernopt.rmsnorm_quant_fp8"), report.table()
+    assert any(reason in fb.reason for fb in report.fallbacks if fb.pass_name == "fp8"), report.table()
+    torch.testing.assert_close(_compile_run(m, x, True, monkeypatch), m(x))
+
+
+def test_tiny_llama_fuses_both_norms_per_layer(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    # a whole model: on CPU its ops run their references (the kernels run in the interpreter in the tests
+    # above); on the GPU the Triton kernels run
+    monkeypatch.setenv("KERNOPT_CPU", "reference")
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = quantize_fp8_(transformers.LlamaForCausalLM(cfg).eval()).to(DEV)
+    ids = torch.randint(0, 97, (2, 9), device=DEV)
+    report = kernopt.explain(model, ids, options={"inner": "eager"})
+    _no_pass_errors(report)
+    fused = _fp8_rewrites(report, "kernopt.rmsnorm_quant_fp8")
+    # per layer: input_layernorm -> q/k/v and post_attention_layernorm -> gate/up; the final norm feeds lm_head
+    assert sorted(r.matched.split(" M=")[0] for r in fused) == \
+        ["rmsnorm -> quant_rows -> 2x fp8_linear"] * 2 + ["rmsnorm -> quant_rows -> 3x fp8_linear"] * 2, \
+        report.table()
+    assert len(_fp8_rewrites(report, "kernopt.fp8_linear_prequant")) == 10  # o_proj, down_proj stay fp8_linear
+    assert len(_fp8_rewrites(report, "kernopt.fp8_linear")) == 4
+
+    def logits(fuse):
+        from kernopt.passes.fp8 import Fp8Pass
+
+        monkeypatch.setattr(Fp8Pass, "fuse_rmsnorm", fuse)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            return torch.compile(model, backend="kernopt", options={"inner": "eager"})(ids).logits
+
+    got, unfused = logits(True), logits(False)
+    assert not torch.isnan(got).any()
+    if DEV == "cpu":  # reference path: the fused ops are the unfused graph's very ops
+        assert torch.equal(got, unfused)
+    # on the GPU a last-bit difference in the norm (summation order) can move a code by one e4m3 step, which
+    # two layers carry to the logits at well under a percent of their scale
+    _close(got, unfused, rel=2e-2)
