@@ -265,3 +265,18 @@ def test_gpu_suite_shapes(B, S, dtype, sq):
     kp, vp, table = make_paged(k, v, lens.cpu(), 64)
     got = da.paged_decode_attention(q, kp, vp, table, lens, out=poisoned_out(q))
     assert_close(got, ref, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_n,stages,warps", [(32, 3, 4), (64, 3, 4), (64, 4, 4), (128, 2, 8), (128, 3, 4)])
+@pytest.mark.parametrize("splits", [1, 32])
+def test_gpu_paged_prefetch_pipelined(block_n, stages, warps, splits):
+    """The block-table prefetch under Triton's software pipeliner (the interpreter runs no pipeline): 64-token
+    pages, tiles inside a page (32, 64) and spanning pages (128), split starts inside pages, ragged lengths."""
+    q, k, v = rand_case(2, 32, 8, 1, 8192, 128, torch.bfloat16)
+    lens = torch.tensor([8192, 5000 + 37], dtype=torch.int32, device=DEVICE)
+    ref = da.decode_attention_ref(q.double(), k.double(), v.double(), lens)
+    kp, vp, table = make_paged(k, v, lens.cpu(), 64)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": block_n, "SPLITS": splits, "num_warps": warps, "num_stages": stages}
+    got = da.paged_decode_attention(q, kp, vp, table, lens, config=cfg, out=poisoned_out(q))
+    assert_close(got, ref, dtype=torch.bfloat16)
