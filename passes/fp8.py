@@ -424,7 +424,8 @@ class Fp8Pass:
                           dead=m.dead + chain)
             matched = f"quant_rows(x) -> {m.form} M={m_hint} N={n} K={k_hint}"
             ctx.rewrote(self.name, anchor, matched, "kernopt.fp8_linear", self._config(m_hint, n, k_hint, impl),
-                        workload.resolve_scenario(ctx.scenario, tokens=m_hint), impl)
+                        workload.scenario_for_activation(ctx.scenario,
+                                                         [size_hint(d) for d in example_value(x).shape]), impl)
             self._linear_records[new] = ctx.rewrites[-1]
             return
         sa, sw = self._as_fp32(gm, anchor, m.sa), self._as_fp32(gm, anchor, m.sw)
@@ -510,7 +511,7 @@ class Fp8Pass:
             config = rmsnorm_quant.select_config(size_hint(rows), size_hint(k))
         m_hint = size_hint(rows)
         ctx.rewrote(self.name, out, f"{matched} M={m_hint} K={size_hint(k)}", "kernopt.rmsnorm_quant_fp8",
-                    config, workload.resolve_scenario(ctx.scenario, tokens=m_hint), impl)
+                    config, workload.scenario_for_activation(ctx.scenario, [size_hint(d) for d in xv.shape]), impl)
         for nd in norm.nodes:  # users before what they use
             if not nd.users:
                 gm.graph.erase_node(nd)
