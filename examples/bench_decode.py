@@ -34,12 +34,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernopt.benchmark import Suite, require_cuda, time_ms
-from kernopt.tolerance import tolerance
+from kernopt.benchmark import Suite, require_cuda, rotation, time_graph_ms, time_ms
+from kernopt.tolerance import mismatch
 
 HQ, HKV, D = 32, 8, 128
 PAGE_SIZE = 64
-L2_BYTES = 50 * 2**20
 CASES = [(1, 8192), (32, 4096), (128, 2048), (8, 32768)]  # (B, S)
 QUICK_CASES = [(1, 8192)]
 
@@ -53,16 +52,7 @@ def kv_bytes(B, S):
 
 
 def check(out: torch.Tensor, ref: torch.Tensor) -> str | None:
-    rtol, atol = tolerance(torch.bfloat16)
-    o, r = out.float(), ref.float()
-    if torch.isnan(o).any():
-        return f"{int(torch.isnan(o).sum())} NaN values"
-    err = (o - r).abs()
-    over = err > atol + rtol * r.abs()
-    if over.any():
-        return (f"{int(over.sum())}/{o.numel()} elements beyond rtol={rtol} atol={atol}; "
-                f"max abs err {err.max().item():.3g}")
-    return None
+    return mismatch(out, ref, torch.bfloat16)
 
 
 def reference(q, k, v):
@@ -86,35 +76,6 @@ def paged_copy(k, v, page_size):
         x = F.pad(src, (0, 0, 0, pad)).view(B, hkv, per_seq, page_size, d).permute(0, 2, 3, 1, 4)
         dst[table.long().flatten()] = x.reshape(num_pages, page_size, hkv, d)
     return k_pages, v_pages, table
-
-
-def graph_replay_ms(make_call, copies: int, calls: int, rep: int) -> float:
-    """Median ms per call of one CUDA graph holding `calls` calls make_call(i % copies)() (L2 rotation).
-
-    Proposed for kernopt/benchmark.py (the fp8 and int4 suites time graph replays the same way).
-    """
-    fns = [make_call(i) for i in range(copies)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture: compilation, allocator pools
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fns[i % copies]()
-    try:
-        return time_ms(graph.replay, warmup=10, rep=rep) / calls
-    finally:
-        del graph
-
-
-def rotation(bytes_per_call: int) -> tuple[int, int]:
-    """(input copies, calls per graph): copies to cover 3x the L2, calls for ~1 ms of HBM traffic per replay."""
-    copies = max(1, min(16, math.ceil(3 * L2_BYTES / bytes_per_call)))
-    calls = math.ceil(max(copies, min(128, math.ceil(3e9 / bytes_per_call))) / copies) * copies
-    return copies, calls
 
 
 def checked(fn, out, ref):
@@ -180,7 +141,7 @@ def main(argv=None):
         results, extra, errors, eager_us = {}, {}, [], {}
 
         def graph_tbps(make, rep=args.rep):
-            return tb / (graph_replay_ms(make, copies, calls, rep) / 1e3)
+            return tb / (time_graph_ms(make, copies, calls, rep) / 1e3)
 
         sdpa = lambda i: (lambda: F.scaled_dot_product_attention(  # noqa: E731
             inputs[i]["q"], inputs[i]["k"], inputs[i]["v"], enable_gqa=True))

@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernopt.benchmark import Suite, require_cuda, time_rotating_ms
+from kernopt.benchmark import L2_BYTES, Suite, require_cuda, time_rotating_ms
 from kernopt.tolerance import mismatch
 
 # (name, K, N, activation, bias)
@@ -42,7 +42,7 @@ SHAPES = [
     ("qkv_bias", 4096, 6144, "none", True),
 ]
 MS = [1, 16, 256, 4096]
-L2_BYTES = 50 * 2**20
+
 
 
 def baseline_fn(activation: str):

@@ -22,42 +22,19 @@ import sys
 
 import torch
 
-from kernopt.benchmark import Suite, require_cuda, time_ms
+from kernopt.benchmark import Suite, require_cuda, rotation, time_graph_ms, time_ms
 from kernopt.tolerance import mismatch
 
 CASES = [(m, k, k) for k in (4096, 8192) for m in (16, 128, 1024, 4096, 8192)] + [(4096, 4096, 14336)]
 QUICK = [(16, 4096, 4096), (4096, 4096, 4096)]
 
 
-L2_BYTES = 50 * 2**20
 
 
 def graph_ms(make_call, bytes_per_call: int, reps: int = 30) -> float:
     """Median ms per call: CUDA-graph replay of make_call(i)() for i over copies that overflow L2."""
-    copies = max(1, min(16, -(-3 * L2_BYTES // max(1, bytes_per_call))))
-    calls = [make_call(i) for i in range(copies)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / copies)
-    del graph
-    return sorted(times)[len(times) // 2]
+    copies, _ = rotation(bytes_per_call)
+    return time_graph_ms(make_call, copies, copies, rep=max(reps, 20))
 
 
 def tflops(M, N, K, ms):

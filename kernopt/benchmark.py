@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import re
 import subprocess
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
@@ -52,6 +53,40 @@ def time_rotating_ms(make_fn: Callable[[int], Callable[[], object]], copies: int
         return fns[state["i"]]()
 
     return time_ms(step, warmup, rep)
+
+
+L2_BYTES = 50 * 2**20  # H100's L2; inputs rotate through at least 3x this so repeats read from HBM
+
+
+def rotation(bytes_per_call: int, l2_bytes: int = L2_BYTES) -> tuple[int, int]:
+    """(input copies, calls per graph): copies covering 3x the L2, calls for ~1 ms of HBM traffic per replay."""
+    bytes_per_call = max(1, bytes_per_call)
+    copies = max(1, min(16, math.ceil(3 * l2_bytes / bytes_per_call)))
+    calls = math.ceil(max(copies, min(128, math.ceil(3e9 / bytes_per_call))) / copies) * copies
+    return copies, calls
+
+
+def time_graph_ms(make_call: Callable[[int], Callable[[], object]], copies: int, calls: int, rep: int = 50) -> float:
+    """Median ms per call of one CUDA graph holding `calls` calls of make_call(i % copies)().
+
+    Graph replay takes the Python launch cost out of the number (the kernels run back to back, as they do
+    inside a CUDA-graphed decode step); every system in a suite is timed the same way.
+    """
+    fns = [make_call(i) for i in range(copies)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: compilation, allocator pools
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % copies]()
+    try:
+        return time_ms(graph.replay, warmup=10, rep=rep) / calls
+    finally:
+        del graph
 
 
 class Suite:
