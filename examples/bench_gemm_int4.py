@@ -14,7 +14,8 @@ torch.compile / CUDA graphs), so Python launch overhead of a few-µs kernel does
 
     python examples/bench_gemm_int4.py [--quick] [--out DIR] [--tune] [--plot]
 
-``--tune`` also times every `candidate_configs` entry per case and prints the best (for the table).
+``--tune`` also times every `candidate_configs` entry per case (the experimental ``gemv2`` / ``tiled2``
+variants included at M <= 16) and records the best overall and the best per implementation (for the table).
 """
 from __future__ import annotations
 
@@ -108,19 +109,35 @@ def main() -> None:
                 lambda: int4_gemm(x, qweight, scales, zeros, GROUP, config={"impl": "dequant_cublas"}), args.rep)
             if args.tune:
                 best, best_us = None, float("inf")
+                per_impl: dict[str, tuple[float, dict]] = {}
                 for cand in candidate_configs(M, N, K, GROUP):
                     try:
                         o = int4_gemm(x, qweight, scales, zeros, GROUP, config=cand)
                         if mismatch(o, expected, torch.bfloat16, scale=2.0) is not None:
+                            print(f"  {case}: {format_config(cand)} failed the check, skipped")
                             continue
                         us = time_us(lambda: int4_gemm(x, qweight, scales, zeros, GROUP, config=cand), 30)
-                    except Exception:
+                        # again after the replays: the single-pass split-K kernels must leave their
+                        # arrival counters re-armed, or this call reads stale partials
+                        o = int4_gemm(x, qweight, scales, zeros, GROUP, config=cand)
+                        if mismatch(o, expected, torch.bfloat16, scale=2.0) is not None:
+                            print(f"  {case}: {format_config(cand)} wrong after graph replays, skipped")
+                            continue
+                    except Exception as e:
+                        print(f"  {case}: {format_config(cand)} raised {type(e).__name__}: {e}")
                         continue
                     if us < best_us:
                         best, best_us = cand, us
+                    if us < per_impl.get(cand["impl"], (float("inf"),))[0]:
+                        per_impl[cand["impl"]] = (us, cand)
                 if best is not None:
                     extra.update({"tuned_best_us": round(best_us, 3), "tuned_best_config": format_config(best)})
+                    # the best per implementation, so the table can be set from one run
+                    extra["tuned_best_per_impl"] = {impl: {"us": round(us, 3), "config": format_config(c)}
+                                                    for impl, (us, c) in sorted(per_impl.items())}
                     print(f"  {case}: best {best_us:.2f} us with {format_config(best)}")
+                    for impl, (us, c) in sorted(per_impl.items()):
+                        print(f"    {impl:15s} {us:8.2f} us  {format_config(c)}")
             suite.add(case, "µs", False, results, config=format_config(cfg), error=error, **extra)
             print(f"{case}: " + " ".join(f"{k}={v:.2f}" for k, v in results.items()) + (f" ERROR {error}" if error else ""))
     print(suite.table())

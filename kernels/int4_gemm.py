@@ -27,6 +27,39 @@ Algorithms (chosen per shape by `select_config`, the one table of this family):
   cast to x's dtype and fed to ``tl.dot`` with fp32 accumulation; optional split-K for small M.
 - ``dequant_cublas`` (large M): a Triton kernel dequantizes the whole weight to x's dtype, then
   ``F.linear`` (cuBLAS), which wins once the GEMM is compute-bound and the dequant is amortised.
+
+Experimental variants (selectable with ``config={"impl": ...}``, swept by `candidate_configs` for
+M <= 16, not yet in `select_config`: no H100 measurement of them exists). Both use the same storage.
+
+- ``gemv2``: the GEMV with (1) a cheaper unpack: each nibble is moved to bit 12 or 16 (4 shifts per
+  word) and OR-ed under an fp32 exponent, so the word reads B + q (B = 2^11 or 2^7) after a single
+  3-input LOP3 (the exponents are kept in registers through a runtime zero, else ptxas splits the
+  and/or into two ops); the bias is not subtracted per nibble but once per word row (sum_j x_j B_j),
+  which is exact enough because B is small (fp32 error ~2^-10 |x| per word row). (2) zero and scale
+  applied per word row into a [BLOCK_K/8, BLOCK_N] accumulator, reduced across threads once at the
+  end instead of every K block. (3) ``PREFETCH``: the next K block's words and group params are
+  loaded into registers before the current block is unpacked (a register double buffer: the gemv
+  runs at num_stages=1, so nothing else overlaps its loads with its math). (4) single-pass split-K
+  (below). Why: sm_90 SASS of the M=1 K=4096 N=14336 config (ptxas 12.x from triton 3.6, compiled
+  offline) has 1595 instructions in the gemv loop body for 256 nibbles per thread (6.2 per nibble:
+  SHF + SGXT + LOP3 + FADD + FFMA each, plus x conversions and shared-memory shuffles) against 1190
+  for gemv2 (4.6 per nibble, one LOP3 + one FFMA each). At 1 warp-instruction per cycle per
+  scheduler that is ~12 us -> ~9 us of issue time for 29 MB, under the 30 us measured but the part
+  that cannot overlap with loads at this occupancy (gemv2 uses ~240 registers: 2 CTAs of 4 warps
+  per SM). Expected: 30 -> ~15-20 us at M=1 if issue + exposed latency is the bound; if gemv2 is not
+  faster, the bound is memory-level parallelism and the next step is more bytes in flight per SM.
+- ``tiled2``: the tensor-core kernel with the same LOP3 unpack, ``(B + q) - (B + z)`` (exact: B <= 2^11
+  and z a 16-bit float) times s in fp32, one rounding to x's dtype (the reference's value), and the
+  single-pass split-K. The tiled loop's SASS (BLOCK 16x128x64, bf16) drops the 64 I2FP and ~100
+  SHF/SGXT per 64 nibbles: 524 -> 467 instructions per K block. Its remaining overhead is one 16-bit
+  STS per dequantized element into the dot's shared-memory operand (64 per 64 nibbles), which neither
+  kernel avoids; expected gain at M=4/16 is therefore modest (38-41 us -> ~33-36 us).
+- Single-pass split-K (both): every K slice stores its fp32 partial and bumps an int32 arrival counter
+  of its output tile (`tl.atomic_add`, acq_rel); the last slice to arrive sums the partials in slice
+  order (deterministic), adds the bias and writes ``out``, then re-arms the counter to 0. That drops
+  the second (reduce) kernel and its launch: ~2-3 us of a 30 us call at M=1. The counters live in a
+  zeroed buffer per (device, stream), never freed (CUDA graphs may hold it); a kernel killed between
+  the atomic and the re-arm would leave a counter set, which later calls on that stream would misread.
 """
 from __future__ import annotations
 
@@ -152,6 +185,168 @@ def _int4_tiled_kernel(
 
 
 @triton.jit
+def _unpack_nibbles_biased(w, zero):
+    """[R, C] int32 words -> ([R, 8, C] fp32 values B_j + q, [8] fp32 biases B_j), exact, one LOP3 per nibble.
+
+    Each nibble is moved (4 shifts per word: by 12, 4, -8, -16 bits) to bit 12 or 16 of a word and OR-ed
+    under the exponent of B = 2^11 or 2^7, so the bits read B + q as an fp32. `zero` is a runtime 0
+    added to the exponent constants: it keeps them in registers, so ptxas emits one 3-input LOP3
+    ``(src & mask) | expo`` per nibble instead of an AND and an OR with two immediates.
+    """
+    j = tl.arange(0, 8)
+    pos = 12 + 4 * ((j == 1) | (j == 4) | (j == 6)).to(tl.int32)  # where nibble j lands
+    lsh = pos - 4 * j  # its shift: + left, - right (the sign fill lands above bit 19, masked off)
+    expo = ((150 - pos) << 23) + zero  # fp32 bits of B = 2^(23 - pos): the nibble counts in units of 1
+    w3 = w[:, None, :]
+    src = tl.where(lsh[None, :, None] >= 0, w3 << tl.maximum(lsh, 0)[None, :, None],
+                   w3 >> tl.maximum(-lsh, 0)[None, :, None])
+    bits = (src & (0xF << pos)[None, :, None]) | expo[None, :, None]
+    return bits.to(tl.float32, bitcast=True), (expo - zero).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_tile(acc, out_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on,
+                HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _finish_tile(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, tile, pid_k, offs_m, offs_n, M, N,
+                 stride_om, stride_on, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Single-pass split-K: every K slice stores its fp32 partial to the [SPLIT_K, M, N] workspace and
+    bumps the tile's arrival counter; the slice that arrives last sums the partials in slice order
+    (deterministic, whichever slice is last), adds the bias, writes `out` and re-arms the counter to 0."""
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if SPLIT_K == 1:
+        _store_tile(acc, out_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on, HAS_BIAS)
+    else:
+        mask = mask_m[:, None] & mask_n[None, :]
+        p_ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(p_ptrs + pid_k * M * N, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros_like(acc)
+            for s in range(SPLIT_K):
+                # .cg: read the other SMs' partials from L2, never from a stale L1 line
+                total += tl.load(p_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_tile(total, out_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on, HAS_BIAS)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
+def _int4_gemv2_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, K, K_PER_SPLIT, ZERO,
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, stride_zn, stride_zg,
+    stride_om, stride_on,
+    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    offs_j = tl.arange(0, 8)
+    mask_n = offs_n < N
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    w_ptrs = qw_ptr + offs_n[None, :] * stride_qn + offs_w[:, None] * stride_qk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # BLOCK_M == 1: per-(word row, column) accumulator, reduced across rows (and warps) once at the end
+    acc_w = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:
+        w = tl.load(w_ptrs + (k_lo // 8) * stride_qk, mask=mask_n[None, :], other=0)
+        s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n, k_lo // GROUP, stride_sn, stride_sg,
+                                  stride_zn, stride_zg, HAS_ZEROS)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if PREFETCH:
+            # Register double buffer: the next block's words are in flight while this one is unpacked.
+            w_cur, s_cur, z_cur = w, s, z
+            k_nx = k0 + BLOCK_K
+            more = mask_n & (k_nx < k_hi)
+            w = tl.load(w_ptrs + (k_nx // 8) * stride_qk, mask=more[None, :], other=0)
+            s, z = _load_group_params(s_ptr, z_ptr, offs_n, more, k_nx // GROUP, stride_sn, stride_sg,
+                                      stride_zn, stride_zg, HAS_ZEROS)
+        else:
+            w_cur = tl.load(w_ptrs + (k0 // 8) * stride_qk, mask=mask_n[None, :], other=0)
+            s_cur, z_cur = _load_group_params(s_ptr, z_ptr, offs_n, mask_n, k0 // GROUP, stride_sn, stride_sg,
+                                              stride_zn, stride_zg, HAS_ZEROS)
+        # [BLOCK_K/8, 8, BLOCK_N] values B_j + q (k = k0 + 8 * word + j), one LOP3 each, no bias FADD:
+        # sum_j x_j (B_j + q_j) - sum_j x_j B_j is the dot with q; the second sum is per word row only.
+        bq, bias = _unpack_nibbles_biased(w_cur, ZERO)
+        for i in tl.static_range(BLOCK_M):
+            row = pid_m * BLOCK_M + i
+            x = tl.load(x_ptr + row * stride_xm + (k0 + offs_w[:, None] * 8 + offs_j[None, :]) * stride_xk,
+                        mask=(offs_w[:, None] >= 0) & (row < M), other=0.0).to(tl.float32)
+            xq = tl.sum(bq * x[:, :, None], axis=1)  # [BLOCK_K/8, BLOCK_N], in-thread over the 8 nibbles
+            xb = tl.sum(x * bias[None, :], axis=1)
+            xs = tl.sum(x, axis=1)
+            # sum_k x (q - z) s = (sum_k x q - z sum_k x) s: zero and scale once per word row, not per nibble
+            if BLOCK_M == 1:
+                acc_w += (xq - xb[:, None] - xs[:, None] * z_cur[None, :]) * s_cur[None, :]
+            else:
+                part = (tl.sum(xq - xb[:, None], axis=0) - tl.sum(xs, axis=0) * z_cur) * s_cur
+                acc = tl.where((offs_m == row)[:, None], acc + part[None, :], acc)
+    if BLOCK_M == 1:
+        acc = tl.sum(acc_w, axis=0)[None, :] + acc
+    _finish_tile(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k,
+                 offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _int4_tiled2_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, K, K_PER_SPLIT, ZERO,
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, stride_zn, stride_zg,
+    stride_om, stride_on,
+    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                    mask=mask_m[:, None], other=0.0)
+        w = tl.load(qw_ptr + offs_n[None, :] * stride_qn + (k0 // 8 + offs_w)[:, None] * stride_qk,
+                    mask=mask_n[None, :], other=0)
+        s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n, k0 // GROUP, stride_sn, stride_sg,
+                                  stride_zn, stride_zg, HAS_ZEROS)
+        bq, bias = _unpack_nibbles_biased(w, ZERO)
+        # (B + q) - (B + z) = q - z exactly (B <= 2^11, z a 16-bit float), times s: the reference's fp32
+        # value, rounded once to x's dtype; no I2F anywhere.
+        wd = (bq - (bias[:, None] + z[None, :])[None, :, :]) * s[None, None, :]
+        wd = tl.reshape(wd, (BLOCK_K, BLOCK_N)).to(a.dtype)
+        acc = tl.dot(a, wd, acc, input_precision=DOT_PRECISION)
+    _finish_tile(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, pid, pid_k, offs_m, offs_n, M, N,
+                 stride_om, stride_on, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
 def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, stride_ps, stride_om, stride_on,
                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -251,6 +446,30 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             if K // split >= 128:
                 out.append({"impl": "tiled", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": min(block_k, bk),
                             "GROUP_M": 8, "SPLIT_K": split, "num_warps": warps, "num_stages": 3})
+    if M <= 16:
+        # gemv2: the prefetching single-pass GEMV; PREFETCH=0 at the gemv default's tiles isolates what
+        # the prefetch adds to the unpacking / accumulation / single-pass changes.
+        # Register counts from offline sm_90 compiles (K=4096, g128): M=1 BLOCK_N 128 x 4 warps 127,
+        # 256 x 8 warps 160, 256 x 4 warps 243 (2 CTAs/SM), 512 x 8 warps 244; several rows spill past
+        # 64 columns per 4 warps (BLOCK_M 4 x 128 x 4 warps, 16 x 64 x 4 warps), so those are left out.
+        bm = triton.next_power_of_2(M)
+        if M == 1:
+            tiles = ((128, 4, 4, 1), (128, 8, 4, 1), (128, 16, 4, 1), (128, 32, 4, 1), (256, 8, 8, 1),
+                     (256, 16, 8, 1), (256, 32, 8, 1), (256, 16, 4, 1), (256, 16, 4, 0), (512, 8, 8, 1),
+                     (512, 16, 8, 1))
+        else:
+            tiles = tuple((bn, split, warps, 1) for bn, warps in ((64, 4 if bm <= 4 else 8), (128, 8))
+                          for split in (4, 8, 16))
+        for bn, split, warps, prefetch in tiles:
+            if K // split >= block_k:
+                out.append({"impl": "gemv2", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
+                            "PREFETCH": prefetch, "num_warps": warps, "num_stages": 1})
+        # tiled2: the tiled kernel's tiles with the LOP3 unpack and the single-pass split-K.
+        for bn, bk, warps in ((64, 64, 4), (128, 64, 4), (128, 128, 4), (256, 64, 8)):
+            for split in (2, 4, 8, 16):
+                if K // split >= 128:
+                    out.append({"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": min(block_k, bk),
+                                "GROUP_M": 8, "SPLIT_K": split, "num_warps": warps, "num_stages": 3})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     return out
 
@@ -308,6 +527,52 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
     return w
 
 
+IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "dequant_cublas")
+
+# Arrival counters of the single-pass split-K kernels, one int32 per output tile, all zero between calls
+# (the last slice of a tile re-arms its counter). One buffer per (device, stream), so that concurrent
+# streams never share a counter; a buffer that is outgrown stays allocated, because a captured CUDA
+# graph may still point at it.
+_COUNTERS: dict = {}
+_OUTGROWN: list = []
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < tiles:
+        if buf is not None:
+            _OUTGROWN.append(buf)
+        buf = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split,
+                        has_zeros, has_bias):
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if split > 1:
+        part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+        counters = _tile_counters(x.device, tiles)
+    else:
+        part, counters = out, out  # never touched with SPLIT_K=1
+    args = (x, qweight, scales, z, b, out, part, counters, M, N, K, k_per_split, 0,
+            x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+            z.stride(0), z.stride(1), out.stride(0), out.stride(1))
+    common = dict(GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, SPLIT_K=split, BLOCK_M=bm,
+                  BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg.get("num_warps", 4),
+                  num_stages=cfg.get("num_stages", 1 if impl == "gemv2" else 3))
+    if impl == "gemv2":
+        grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
+        _int4_gemv2_kernel[grid](*args, PREFETCH=bool(cfg.get("PREFETCH", 1)), **common)
+    else:
+        grid = (tiles, split)
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        _int4_tiled2_kernel[grid](*args, GROUP_M=cfg.get("GROUP_M", 8), DOT_PRECISION=precision, **common)
+    return out
+
+
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
               group_size: int, bias: Optional[torch.Tensor] = None, config: Optional[dict] = None,
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -326,8 +591,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if impl == "dequant_cublas":
         w = int4_dequantize(qweight, scales, zeros, group_size, x.dtype, cfg)
         return out.copy_(F.linear(x, w, bias))
-    if impl not in ("gemv", "tiled"):
-        raise ValueError(f"int4_gemm: unknown impl {impl!r}; valid: 'gemv', 'tiled', 'dequant_cublas'")
+    if impl not in IMPLS:
+        raise ValueError(f"int4_gemm: unknown impl {impl!r}; valid: {', '.join(map(repr, IMPLS))}")
 
     block_k = cfg["BLOCK_K"]
     if block_k < 8 or block_k & (block_k - 1) or group_size % block_k:
@@ -337,6 +602,9 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     split = triton.cdiv(K, k_per_split)
     z = zeros if zeros is not None else scales  # a valid pointer that HAS_ZEROS=False never reads
     b = bias if bias is not None else scales
+    if impl in ("gemv2", "tiled2"):
+        return _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group_size, split,
+                                   k_per_split, zeros is not None, bias is not None)
     if split == 1:
         dst, stride_s = out, 0
     else:

@@ -1,4 +1,4 @@
-"""int4_gemm (gemv / tiled / dequant_cublas) vs a float64 reference on the dequantized weight.
+"""int4_gemm (gemv / tiled / gemv2 / tiled2 / dequant_cublas) vs a float64 reference on the dequantized weight.
 
 Runs the Triton kernels under the interpreter on CPU (fp16 activations) and on the GPU when present.
 """
@@ -7,8 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernopt.kernels.int4_gemm import (dequantize_int4, int4_dequantize, int4_gemm, int4_gemm_ref,
-                                       select_config)
+from kernopt.kernels import int4_gemm as int4_module
+from kernopt.kernels.int4_gemm import (candidate_configs, dequantize_int4, int4_dequantize, int4_gemm,
+                                       int4_gemm_ref, select_config)
 from kernopt.tolerance import assert_close
 
 
@@ -53,7 +54,48 @@ def test_int4_gemm_matches_reference(device, g, asym, cfg):
     assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
 
 
-@pytest.mark.parametrize("cfg", [GEMV_SPLIT, TILED, TILED_SPLIT], ids=["gemv_splitk", "tiled", "tiled_splitk"])
+# The experimental single-pass variants: split-K finished by the last K slice (SPLIT_K=3 gives a
+# ragged last slice), gemv2 with and without the register prefetch, one row and several.
+GEMV2 = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "PREFETCH": 1}
+GEMV2_ROWS = {"impl": "gemv2", "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "PREFETCH": 0}
+TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "GROUP_M": 2}
+
+
+@pytest.mark.parametrize("cfg,g,asym", [
+    pytest.param(cfg, g, asym, id=f"{name}-g{g}-{'asym' if asym else 'sym'}")
+    for name, cfg, groups in (("gemv2", GEMV2, (32, 64, 128)), ("tiled2", TILED2, (32, 64, 128)),
+                              ("gemv2_rows", GEMV2_ROWS, (64, 128)))
+    for g in groups for asym in (True, False) if name != "gemv2_rows" or asym == (g == 128)])
+def test_int4_gemm_single_pass_variants(device, g, asym, cfg):
+    """Odd M/N, every group size, sym/asym, bias, NaN-poisoned out; with split-K a second call with new
+    inputs on the same counters (the last slice must have re-armed them), and counters back at zero."""
+    M, N, K = (1 if cfg["BLOCK_M"] == 1 else 3), 37, 384
+    for _ in range(2 if cfg["SPLIT_K"] > 1 else 1):
+        x = torch.randn(M, K, dtype=torch.float16, device=device)
+        qweight, scales, zeros = _weights(N, K, g, asym, device)
+        bias = torch.randn(N, dtype=torch.float16, device=device)
+        out = _run(x, qweight, scales, zeros, g, cfg, bias=bias)
+        assert_close(out, _expected(x, qweight, scales, zeros, g, bias), torch.float16)
+    for buf in int4_module._COUNTERS.values():
+        assert not buf.any()
+
+
+def test_int4_gemm_gemv2_extreme_codes_and_zeros(device):
+    """All-0 and all-15 codes with fractional zeros: the biased unpack (B + q, B = 2^7 / 2^11) must give
+    back q exactly at both ends, for every nibble position."""
+    M, N, K, g = 2, 24, 128, 32
+    x = torch.randn(M, K, dtype=torch.float16, device=device)
+    _, scales, _ = _weights(N, K, g, False, device)
+    zeros = (torch.rand(N, K // g, device=device) * 15).to(torch.float16)
+    for word in (0x0F0F0F0F, -0x0F0F0F10):  # 0x0F0F0F0F and 0xF0F0F0F0: 0 and 15 at every nibble
+        qweight = torch.full((N, K // 8), word, dtype=torch.int32, device=device)
+        for cfg in ({**GEMV2, "BLOCK_M": 2}, TILED2):
+            out = _run(x, qweight, scales, zeros, g, cfg)
+            assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
+
+
+@pytest.mark.parametrize("cfg", [GEMV_SPLIT, TILED, TILED_SPLIT, GEMV2],
+                         ids=["gemv_splitk", "tiled", "tiled_splitk", "gemv2"])
 def test_int4_gemm_bias_and_strided_layouts(device, cfg):
     """Row-major (K-contiguous) storage instead of kernopt's N-contiguous one, and a strided x: the
     kernel honours strides instead of copying."""
@@ -134,6 +176,43 @@ def test_int4_gemm_rejects_bad_inputs():
         int4_gemm(x, qweight, scales, zeros, 32, config={"impl": "magic"})
     with pytest.raises(ValueError, match="BLOCK_K"):
         int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV, "BLOCK_K": 64})
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV2, "BLOCK_K": 64})
+
+
+def test_candidate_configs_sweep_the_variants_for_small_m():
+    for M in (1, 4, 16):
+        impls = {c["impl"] for c in candidate_configs(M, 14336, 4096, 128)}
+        assert {"gemv2", "tiled2", "tiled", "dequant_cublas"} <= impls
+    assert not {"gemv2", "tiled2"} & {c["impl"] for c in candidate_configs(64, 14336, 4096, 128)}
+    for M in (1, 3, 16):
+        for c in candidate_configs(M, 4096, 4096, 32):
+            assert 32 % c["BLOCK_K"] == 0
+
+
+@pytest.mark.gpu
+def test_int4_gemm_gpu_single_pass_candidates():
+    """Every gemv2 / tiled2 config the --tune sweep tries at M <= 16 (bf16, the benchmark's dtype), on a
+    real GPU, twice in a row (the single-pass counters must be re-armed), and under CUDA graph replay."""
+    dtype = torch.bfloat16
+    N, K, g = 1000, 1024, 128
+    qweight, scales, zeros = _weights(N, K, g, True, "cuda", dtype)
+    for M in (1, 4, 16):
+        x = torch.randn(M, K, dtype=dtype, device="cuda")
+        expected = _expected(x, qweight, scales, zeros, g)
+        for cfg in [c for c in candidate_configs(M, N, K, g) if c["impl"] in ("gemv2", "tiled2")]:
+            for _ in range(2):
+                out = _run(x, qweight, scales, zeros, g, cfg)
+                assert_close(out, expected, dtype, scale=2.0)
+            out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+            int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=out)  # warm-up / compile
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=out)
+            for _ in range(3):
+                out.fill_(float("nan"))
+                graph.replay()
+                assert_close(out, expected, dtype, scale=2.0)
 
 
 @pytest.mark.gpu
