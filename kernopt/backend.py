@@ -86,7 +86,6 @@ class Report:
         self.rewrites: list[Rewrite] = []
         self.fallbacks: list[Fallback] = []
         self.graphs = 0
-        self.implementation = "triton" if torch.cuda.is_available() else "reference"
         self._lock = threading.Lock()
 
     def add(self, ctx: PassContext) -> None:
