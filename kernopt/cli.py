@@ -58,20 +58,38 @@ def cmd_explain(args) -> int:
     return 0
 
 
-def gemm_jobs(model, tokens: Sequence[int]):
-    """(kernel module, kernel name, M, N, K, extra) for every distinct linear shape of the model."""
+def linear_shapes(model) -> list[tuple[int, int]]:
+    """The distinct (N, K) of the model's linear layers."""
     import torch.nn as nn
 
-    shapes = set()
-    for mod in model.modules():
-        kind = type(mod).__name__
-        if isinstance(mod, nn.Linear):
-            shapes.add(("gemm", mod.out_features, mod.in_features, None))
-        elif kind == "Int4Linear":
-            shapes.add(("int4_gemm", mod.out_features, mod.in_features, mod.group_size))
-        elif kind == "Fp8Linear":
-            shapes.add(("fp8_gemm", mod.out_features, mod.in_features, None))
-    return [(k, m, n, kk, extra) for (k, n, kk, extra) in sorted(shapes, key=str) for m in tokens]
+    return sorted({(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)})
+
+
+def tune_job(kind: str, m: int, n: int, k: int, group_size: int):
+    """(kernel, cache key, candidates, run) for one shape: the same key the op looks up (kernopt/ops.py)."""
+    import torch
+
+    from kernopt import workload
+    from kernopt.ops import kernel_module
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    if kind == "int4":
+        from kernopt.int4 import n_contiguous, quantize_weight
+
+        mod = kernel_module("int4_gemm")
+        qw, sc, z = (n_contiguous(t) if t is not None else None for t in quantize_weight(w, group_size))
+        return ("int4_gemm", workload.gemm_bucket(m, n, k, f"g{group_size}", x.dtype),
+                mod.candidate_configs(m, n, k, group_size),
+                lambda cfg: mod.int4_gemm(x, qw, sc, z, group_size, config=cfg))
+    if kind == "fp8":
+        mod = kernel_module("fp8_gemm")
+        w8, ws = mod.quantize_weight_fp8(w)
+        return ("fp8_gemm", workload.gemm_bucket(m, n, k, x.dtype), mod.candidate_configs(m, n, k),
+                lambda cfg: mod.fp8_linear(x, w8, ws, config=cfg))
+    mod = kernel_module("gemm")
+    return ("gemm", workload.gemm_bucket(m, n, k, "none", x.dtype), mod.candidate_configs(m, n, k, "none"),
+            lambda cfg: mod.gemm(x, w, config=cfg))
 
 
 def cmd_tune(args) -> int:
@@ -79,25 +97,19 @@ def cmd_tune(args) -> int:
     from tqdm import tqdm
 
     from kernopt import workload
-    from kernopt.ops import kernel_module
 
     if not torch.cuda.is_available():
         print("kernopt tune: autotuning times kernels on a GPU; no CUDA device here", file=sys.stderr)
         return 2
     model = _llama(args.model, "meta", torch.bfloat16)
-    if args.quantize:
-        print("kernopt tune: quantized shapes are tuned from the float model's linear shapes", file=sys.stderr)
     tokens = [int(t) for t in args.tokens.split(",")]
-    jobs = [("gemm", m, n, k, None) for (_, m, n, k, _) in gemm_jobs(model, tokens)]
-    tuned = 0
-    for kernel, m, n, k, _ in tqdm(jobs, desc="kernopt tune", unit="shape"):
-        mod = kernel_module(kernel)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-        key = workload.gemm_bucket(m, n, k, "none", torch.bfloat16)  # the key ops.linear looks up
-        workload.autotune(kernel, key, mod.candidate_configs(m, n, k, "none"), lambda cfg: mod.gemm(x, w, config=cfg))
-        tuned += 1
-    print(f"tuned {tuned} shapes into {workload.config_cache().path}")
+    kind = args.quantize or "bf16"
+    jobs = [(m, n, k) for (n, k) in linear_shapes(model) for m in tokens]
+    for m, n, k in tqdm(jobs, desc=f"kernopt tune ({kind})", unit="shape"):
+        kernel, key, candidates, run = tune_job(kind, m, n, k, args.group_size)
+        workload.autotune(kernel, key, candidates, run)
+        torch.cuda.empty_cache()
+    print(f"tuned {len(jobs)} shapes into {workload.config_cache().path}")
     return 0
 
 
@@ -125,6 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t = sub.add_parser("tune", help="autotune the kernels for a model's shapes and cache the configs")
     t.add_argument("--model", choices=["tiny", "1B", "8B"], default="8B")
     t.add_argument("--quantize", choices=["int4", "fp8"], default=None)
+    t.add_argument("--group-size", type=int, default=128)
     t.add_argument("--tokens", default="1,16,256,4096")
     sub.add_parser("bench", help="the llama suite (see examples/bench_llama.py --help)")
     args = ap.parse_args(argv)

@@ -74,9 +74,11 @@ def linear(x: Tensor, w: Tensor, bias: Optional[Tensor], w_up: Optional[Tensor],
                                                                        activation, x.dtype)):
         out = gemm.gemm_ref(x2, w, bias=bias, w_up=w_up, activation=activation)
     else:
-        config = workload.tuned_config("gemm", workload.gemm_bucket(x2.shape[0], w.shape[0], x2.shape[1],
-                                                                     activation, x.dtype))
-        out = gemm.gemm(x2, w, bias=bias, w_up=w_up, activation=activation, config=config)
+        m, n, k = x2.shape[0], w.shape[0], x2.shape[1]
+        run = lambda cfg: gemm.gemm(x2, w, bias=bias, w_up=w_up, activation=activation, config=cfg)  # noqa: E731
+        config = workload.config_for("gemm", workload.gemm_bucket(m, n, k, activation, x.dtype),
+                                     lambda: gemm.candidate_configs(m, n, k, activation), run)
+        out = run(config)
     return out.reshape(*lead, w.shape[0])
 
 
@@ -128,8 +130,16 @@ def _(q, k_pages, v_pages, block_table, seq_lens, scale):
 def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
                 bias: Optional[Tensor]) -> Tensor:
     lead = x.shape[:-1]
-    out = _run("int4_gemm", "int4_gemm", x, x.reshape(-1, x.shape[-1]), qweight, scales, zeros, group_size,
-               bias=bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    mod = kernel_module("int4_gemm")
+    if implementation(x) == "reference":
+        out = mod.int4_gemm_ref(x2, qweight, scales, zeros, group_size, bias=bias)
+    else:
+        m, n, k = x2.shape[0], scales.shape[0], x2.shape[1]
+        run = lambda cfg: mod.int4_gemm(x2, qweight, scales, zeros, group_size, bias=bias, config=cfg)  # noqa: E731
+        config = workload.config_for("int4_gemm", workload.gemm_bucket(m, n, k, f"g{group_size}", x.dtype),
+                                     lambda: mod.candidate_configs(m, n, k, group_size), run)
+        out = run(config)
     return out.reshape(*lead, out.shape[-1])
 
 
@@ -143,7 +153,16 @@ def _(x, qweight, scales, zeros, group_size, bias):
 def fp8_linear(x: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """y = (quant_rows(x) @ w_fp8.T) * x_scale * w_scale (+ bias), in x's dtype; x quantized per token."""
     lead = x.shape[:-1]
-    out = _run("fp8_gemm", "fp8_linear", x, x.reshape(-1, x.shape[-1]), w_fp8, w_scale, bias=bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    mod = kernel_module("fp8_gemm")
+    if implementation(x) == "reference":
+        out = mod.fp8_linear_ref(x2, w_fp8, w_scale, bias=bias)
+    else:
+        m, n, k = x2.shape[0], w_fp8.shape[0], x2.shape[1]
+        run = lambda cfg: mod.fp8_linear(x2, w_fp8, w_scale, bias=bias, config=cfg)  # noqa: E731
+        config = workload.config_for("fp8_gemm", workload.gemm_bucket(m, n, k, x.dtype),
+                                     lambda: mod.candidate_configs(m, n, k), run)
+        out = run(config)
     return out.reshape(*lead, w_fp8.shape[0])
 
 

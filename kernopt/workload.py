@@ -11,7 +11,9 @@ Scenarios follow MLPerf's inference scenarios, read off the shape an op sees:
 
 Each kernel family keeps its own shape -> config table beside the kernel (`select_config` in
 `kernopt/kernels/<family>.py`); this module only names the scenario, buckets shapes, and overlays
-tuned configs from the cache, so a tuned entry always wins over the table.
+tuned configs from the cache, so a tuned entry always wins over the table. Configs are tuned by
+`kernopt tune` ahead of time, or on first use of a shape with ``KERNOPT_AUTOTUNE=1`` (off by default: the
+first call of each new shape then costs a sweep).
 
 The cache is JSON (never pickle), one file per (device, triton version) under
 ``$KERNOPT_CACHE_DIR`` (default ``~/.cache/kernopt``), keyed by kernel and shape bucket. Writes are
@@ -213,6 +215,33 @@ def tuned_config(kernel: str, shape_bucket: str) -> Optional[dict]:
     if os.environ.get("KERNOPT_NO_CACHE") == "1":
         return None
     return config_cache().get(kernel, shape_bucket)
+
+
+_AUTOTUNE_TRIED: set[str] = set()
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("KERNOPT_AUTOTUNE") == "1"
+
+
+def config_for(kernel: str, shape_bucket: str, candidates: Callable[[], Iterable[dict]],
+               run: Callable[[dict], Any]) -> Optional[dict]:
+    """The config for one call: the tuned one from the cache; else, with KERNOPT_AUTOTUNE=1 on a GPU and outside
+    CUDA-graph capture, one tuned now (first use) and stored; else None, and the kernel's own table decides."""
+    cfg = tuned_config(kernel, shape_bucket)
+    key = ConfigCache.key(kernel, shape_bucket)
+    if cfg is not None or not autotune_enabled() or key in _AUTOTUNE_TRIED:
+        return cfg
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
+        return None
+    _AUTOTUNE_TRIED.add(key)  # one attempt per process, whatever its outcome
+    try:
+        return autotune(kernel, shape_bucket, candidates(), run)[0]
+    except Exception as e:  # tuning is an optimisation: the table's config still runs
+        warnings.warn(f"kernopt: autotuning {key} failed ({e}); using the default table")
+        return None
 
 
 def autotune(kernel: str, shape_bucket: str, candidates: Iterable[dict], run: Callable[[dict], Any],

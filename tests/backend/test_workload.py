@@ -90,3 +90,57 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 def test_env_var_moves_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KERNOPT_CACHE_DIR", str(tmp_path))
     assert workload.config_cache().directory == tmp_path
+
+
+def test_config_for_prefers_cache_then_first_use_tuning(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("KERNOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(workload, "_AUTOTUNE_TRIED", set())
+    calls = []
+
+    def fake_autotune(kernel, key, candidates, run, save=True):
+        calls.append((kernel, key))
+        best = min(candidates, key=lambda c: c["t"])
+        run(best)
+        workload.config_cache().put(kernel, key, best)
+        return best, {}
+
+    monkeypatch.setattr(workload, "autotune", fake_autotune)
+    cands = lambda: [{"t": 3}, {"t": 1}, {"t": 2}]  # noqa: E731
+    ran = []
+    # off by default: the kernel's table decides
+    monkeypatch.delenv("KERNOPT_AUTOTUNE", raising=False)
+    assert workload.config_for("gemm", "M1-N8-K8", cands, ran.append) is None
+    # on, but no GPU here: still the table
+    monkeypatch.setenv("KERNOPT_AUTOTUNE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert workload.config_for("gemm", "M1-N8-K8", cands, ran.append) is None
+    # on a GPU, outside capture: tuned once, stored, then read from the cache
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert workload.config_for("gemm", "M1-N8-K8", cands, ran.append) == {"t": 1}
+    assert workload.config_for("gemm", "M1-N8-K8", cands, ran.append) == {"t": 1}
+    assert calls == [("gemm", "M1-N8-K8")] and ran == [{"t": 1}]
+
+
+def test_config_for_failed_tuning_falls_back_once(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("KERNOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KERNOPT_AUTOTUNE", "1")
+    monkeypatch.setattr(workload, "_AUTOTUNE_TRIED", set())
+    workload.config_cache()  # opened for this (CPU) machine before the GPU is faked below
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    attempts = []
+
+    def broken(*a, **k):
+        attempts.append(1)
+        raise RuntimeError("no candidate ran")
+
+    monkeypatch.setattr(workload, "autotune", broken)
+    with pytest.warns(UserWarning, match="autotuning gemm.M2-N8-K8 failed"):
+        assert workload.config_for("gemm", "M2-N8-K8", lambda: [{}], lambda c: None) is None
+    assert workload.config_for("gemm", "M2-N8-K8", lambda: [{}], lambda c: None) is None
+    assert attempts == [1]  # not retried on every call
