@@ -12,8 +12,10 @@ Two caches:
   kernel, decode the paged split-KV kernel; `forward` is compiled with the kernopt backend.
 - ``cache="static"``: HF's static cache, with decode steps compiled by the kernopt backend in
   ``mode="reduce-overhead"`` through transformers' own CompileConfig, so each decode step replays as a
-  CUDA graph (Inductor's CUDA-graph trees; transformers marks each step's start, so no step reads an output
-  a later replay overwrote). The paged cache's page bookkeeping runs on the host, so it is not captured.
+  CUDA graph (Inductor's CUDA-graph trees; `generate` copies each step's last-token logits before the next
+  step, and the static cache's tensors are graph inputs updated in place, so no step reads an output that a
+  later replay overwrote — the failure a plain `torch.compile(mode="reduce-overhead")` of `forward` hits
+  inside `generate`). The paged cache's page bookkeeping runs on the host, so it is not captured.
 """
 from __future__ import annotations
 
