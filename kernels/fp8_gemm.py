@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tile_order import tile_coords
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # scale = amax * fp32(1 / 448), not amax / 448: torch on CUDA divides by a Python scalar exactly this way
@@ -134,18 +136,6 @@ def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # The GEMM.
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # grouped launch order: GROUP_M row-tiles sweep the columns together, so their B tiles are reused in L2
-    group_size = GROUP_M * num_pid_n
-    group = tile_id // group_size
-    first_m = group * GROUP_M
-    rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile_id % group_size) % rows
-    pid_n = (tile_id % group_size) // rows
-    return pid_m, pid_n
-
-
-@triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, stride_sa, stride_sb,
               HAS_BIAS: tl.constexpr):
     sa = tl.load(sa_ptr + offs_m * stride_sa, mask=offs_m < M, other=0.0)
@@ -175,7 +165,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
+    pid_m, pid_n = tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows/columns past the edge wrap around instead of being masked: their results are never stored
@@ -217,7 +207,7 @@ def _fp8_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N,
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
     for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
-        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .tile_order import tile_coords
+
 ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "swiglu")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,14 +60,7 @@ def _gemm_kernel(
     SWIGLU: tl.constexpr = ACT == 4
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-tiles walk the N tiles together, so their w tiles are reused from L2.
-    pids_in_group = GROUP_M * num_pid_n
-    first_m = (pid // pids_in_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_in_group) % group_m
-    pid_n = (pid % pids_in_group) // group_m
+    pid_m, pid_n = tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
