@@ -55,13 +55,24 @@ def time_rotating_ms(make_fn: Callable[[int], Callable[[], object]], copies: int
     return time_ms(step, warmup, rep)
 
 
-L2_BYTES = 50 * 2**20  # H100's L2; inputs rotate through at least 3x this so repeats read from HBM
+L2_BYTES = 50 * 2**20  # H100's L2 (H200: 60 MB); inputs rotate through at least 3x the L2 so repeats read HBM
 
 
-def rotation(bytes_per_call: int, l2_bytes: int = L2_BYTES) -> tuple[int, int]:
-    """(input copies, calls per graph): copies covering 3x the L2, calls for ~1 ms of HBM traffic per replay."""
+def l2_bytes() -> int:
+    """The current GPU's L2 size (L2_BYTES when there is no GPU or torch does not report it)."""
+    if torch.cuda.is_available():
+        size = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0)
+        if size:
+            return int(size)
+    return L2_BYTES
+
+
+def rotation(bytes_per_call: int, l2: Optional[int] = None) -> tuple[int, int]:
+    """(input copies, calls per graph): copies covering 3x the L2 (`l2` bytes, default this GPU's), calls for
+    ~1 ms of HBM traffic per replay."""
+    l2 = l2 if l2 is not None else l2_bytes()
     bytes_per_call = max(1, bytes_per_call)
-    copies = max(1, min(16, math.ceil(3 * l2_bytes / bytes_per_call)))
+    copies = max(1, min(16, math.ceil(3 * l2 / bytes_per_call)))
     calls = math.ceil(max(copies, min(128, math.ceil(3e9 / bytes_per_call))) / copies) * copies
     return copies, calls
 
