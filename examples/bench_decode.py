@@ -3,6 +3,7 @@
     python examples/bench_decode.py            # the four cases of shared/BENCHMARKS.md + a config sweep
     python examples/bench_decode.py --quick    # one case, selected configs only (smoke run)
     python examples/bench_decode.py --out DIR  # where the JSON goes (default benchmarks/results)
+    python examples/bench_decode.py --case 1,8192 --merge fused   # one case, sweep only the fused-merge configs
 
 Each case (bf16, Hq32 Hkv8 D128, one query token per sequence, every sequence S tokens long) runs on the same
 random inputs:
@@ -14,6 +15,10 @@ Metric: TB/s of K+V bytes read (2 * B * Hkv * S * D * 2 bytes / time per call). 
 against the fp32 reference in the same run before it is timed. kernopt's numbers use `select_config` (what a
 user gets: ``paged=True`` for the paged kernel); the sweep (`candidate_configs`) records each system's best
 config and its TB/s beside them (``*_best_config``, ``*_best_tbps``) so the table can be corrected from them.
+The config strings end in ``merge=kernel`` (split partials merged by a second kernel) or ``merge=fused`` (the
+split that finishes last merges: one kernel; `candidate_configs` lists both for every split config), and
+``*_best_by_merge`` keeps the best TB/s and config of each. Even without a sweep (``--quick``, ``--no-sweep``) the
+fused variant of each selected split config is timed too (``*_fused_tbps``), since the table doesn't pick it yet.
 
 Timing (every system the same way, ``"timing": "cuda-graph replay"`` in each row): after a warm-up, N calls
 of the op are captured into one CUDA graph, cycling through enough copies of the inputs (K/V pool, table, q)
@@ -78,6 +83,11 @@ def paged_copy(k, v, page_size):
     return k_pages, v_pages, table
 
 
+def merge_kind(cfg: dict) -> str:
+    """How a split config merges its partials: "fused" (single pass, last split merges) or "kernel"."""
+    return "fused" if cfg.get("FUSED_MERGE") else "kernel"
+
+
 def checked(fn, out, ref):
     """Run fn once into a NaN-poisoned `out` and compare with the reference: None if right, else the problem."""
     out.fill_(float("nan"))
@@ -112,18 +122,26 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one case, selected configs only")
     ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
     ap.add_argument("--rep", type=int, default=50, help="do_bench repetition time in ms per timed graph")
-    ap.add_argument("--no-sweep", action="store_true", help="time only select_config's config")
+    ap.add_argument("--no-sweep", action="store_true", help="time only select_config's config (and its fused merge)")
+    ap.add_argument("--case", action="append", default=None, metavar="B,S",
+                    help="only this (batch, length) case; repeatable (default: the four suite cases)")
+    ap.add_argument("--merge", choices=("both", "fused", "kernel"), default="both",
+                    help="which merge variants the sweep times (the selected config is always timed)")
     ap.add_argument("--plot", action="store_true")
     args = ap.parse_args(argv)
     require_cuda("bench_decode.py")
 
-    from kernopt.kernels.decode_attention import (candidate_configs, config_string, decode_attention,
+    from kernopt.kernels.decode_attention import (candidate_configs, config_string, decode_attention, fused,
                                                   paged_decode_attention, select_config)
+
+    cases = QUICK_CASES if args.quick else CASES
+    if args.case:
+        cases = [tuple(int(x) for x in c.split(",")) for c in args.case]
 
     suite = Suite("decode")
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     torch.manual_seed(0)
-    for (B, S) in (QUICK_CASES if args.quick else CASES):
+    for (B, S) in cases:
         name = case_name(B, S)
         copies, calls = rotation(kv_bytes(B, S))
         inputs = []
@@ -173,28 +191,53 @@ def main(argv=None):
                 problem = f"{type(e).__name__}: {e}"[:300]
             if problem:
                 errors.append(f"{sys_name}: {problem}")
+            by_merge = {}  # "fused" / "kernel" -> (TB/s, config): each merge variant's best
+            if best_cfg is not None and chosen["SPLITS"] > 1:
+                by_merge[merge_kind(chosen)] = (best_tbps, chosen)
+            # The fused merge of the selected config, always: unmeasured, so the table doesn't pick it yet.
+            if chosen["SPLITS"] > 1 and not chosen.get("FUSED_MERGE"):
+                cfg = fused(chosen)
+                try:
+                    problem = checked(make(cfg)(0), x0["out"], ref)
+                    if problem is None:
+                        t = graph_tbps(make(cfg))
+                        extra[f"{sys_name}_fused_tbps"] = round(t, 4)
+                        by_merge["fused"] = (t, cfg)
+                        if t > best_tbps:
+                            best_tbps, best_cfg = t, cfg
+                except Exception as e:
+                    problem = f"{type(e).__name__}: {e}"[:300]
+                if problem:
+                    errors.append(f"{sys_name} fused merge: {problem}")
             sweep = [] if (args.quick or args.no_sweep) else candidate_configs(B, HKV, HQ, S, D, sm, paged=is_paged)
+            if args.merge != "both":
+                sweep = [c for c in sweep if c["SPLITS"] > 1 and merge_kind(c) == args.merge]
             for cfg in sweep:
-                if cfg == chosen:
-                    continue
+                if cfg == chosen or cfg == fused(chosen):
+                    continue  # already timed above
                 try:
                     if checked(make(cfg)(0), x0["out"], ref) is not None:
                         continue
                     t = graph_tbps(make(cfg), rep=max(10, args.rep // 3))
                 except Exception:  # e.g. out of shared memory for a tile/stage combination
                     continue
+                if cfg["SPLITS"] > 1 and t > by_merge.get(merge_kind(cfg), (0.0, None))[0]:
+                    by_merge[merge_kind(cfg)] = (t, cfg)
                 if t > best_tbps:
                     best_tbps, best_cfg = t, cfg
             if sweep and best_cfg is not None:
-                extra[f"{sys_name}_best_config"] = config_string(best_cfg)
+                extra[f"{sys_name}_best_config"] = config_string(best_cfg)  # ends in merge=fused|kernel
                 extra[f"{sys_name}_best_tbps"] = round(best_tbps, 4)
+            if by_merge:
+                extra[f"{sys_name}_best_by_merge"] = {k_: {"tbps": round(t_, 4), "config": config_string(c_)}
+                                                      for k_, (t_, c_) in sorted(by_merge.items())}
         extra["time_us"] = {s_: round(kv_bytes(B, S) / (r * 1e12) * 1e6, 2) for s_, r in results.items()}
         extra["eager_us"] = eager_us  # do_bench of one eager call: Python launch included (the old method)
         extra["graph"] = {"copies": copies, "calls": calls}
         row = suite.add(name, "TB/s", True, results, config=config_string(paged_cfg),
                         error="; ".join(errors) if errors else None, timing="cuda-graph replay", **extra)
         print(name, {k_: round(v_, 3) for k_, v_ in row["results"].items()}, row.get("error", ""), flush=True)
-        del inputs, x0
+        inputs = x0 = None  # frees the copies (the closures above hold the name, not the list)
         torch.cuda.empty_cache()
 
     memory_waste_row(suite)

@@ -17,6 +17,18 @@ Algorithm (split-KV, "flash-decoding"):
    so ragged batches stay balanced; the split count is a runtime argument, so growing sequences never
    recompile); every split writes its normalised partial output and log-sum-exp, and a
    second kernel merges the splits (``out = sum_s exp2(lse_s - max) o_s / sum_s exp2(lse_s - max)``).
+4. ``FUSED_MERGE`` (config key; experimental, **unmeasured**: not chosen by `select_config`, swept by
+   `candidate_configs`): no second kernel. Every split stores its partial as above, then bumps an int32 arrival
+   counter of its (sequence, KV head) (`tl.atomic_add`, acq_rel, after a barrier so all threads' stores come
+   first); the split that arrives last merges every split of its ``G * Sq`` query rows in split order
+   (deterministic), writes ``out`` and re-arms the counter to 0. Why: inside a CUDA graph the merge kernel
+   costs a launch gap plus a tail, a few us of a ~15 us call at B1 S8192 (the same single-pass pattern as
+   kernels/int4_gemm.py's split-K, whose counter buffer this shares). Counters: one zeroed int32 buffer per
+   (device, stream), grown as needed and never freed (a captured graph may point at it); every launch leaves
+   it zeroed, so later calls and graph replays on that stream reuse it. Caveats: two launches that run
+   *concurrently* must not share a buffer - calls on one stream run in order, calls on different streams get
+   different buffers, but one captured graph replayed on two streams at once would race on its baked-in
+   counters; a kernel killed between its first arrival and the re-arm leaves counters set for later calls.
 A query row that sees no key (length 0) gets zeros, never NaN.
 
 Layouts: q/out ``[B, Hq, Sq, D]``; contiguous k/v ``[B, Hkv, S, D]`` with any strides and optional int32
@@ -34,8 +46,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .int4_gemm import _tile_counters
+
 MAX_QUERY_LEN = 8  # speculative verification window; longer queries are prefill (flash_attention)
 LOG2E = 1.4426950408889634
+# The fused merge reads [rows, chunk, D] fp32 partial tiles: 8192 elements are 64 registers a thread at 4 warps.
+MERGE_TILE_ELEMS = 8192
+
+# Arrival counters of the fused merge (one int32 per sequence x KV head, zero between calls): the same cached
+# zeroed buffer per (device, stream) as int4_gemm's single-pass split-K. Sharing it is safe because every
+# user leaves it zeroed and launches on one stream run in order.
+_arrival_counters = _tile_counters
 
 
 # --------------------------------------------------------------------------------------------------
@@ -43,7 +64,7 @@ LOG2E = 1.4426950408889634
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _attend_split(
-    q_ptr, k_ptr, v_ptr, lens_ptr, table_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, lens_ptr, table_ptr, out_ptr, part_o_ptr, part_lse_ptr, cnt_ptr,
     qk_scale_log2,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -54,7 +75,7 @@ def _attend_split(
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_LENS: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    FP32_DOT: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -166,6 +187,60 @@ def _attend_split(
         tl.store(part_lse_ptr + row_id * num_splits + split, lse, mask=row_ok)
         po_ptrs = part_o_ptr + (row_id[:, None] * num_splits + split) * HEAD_DIM + offs_d[None, :]
         tl.store(po_ptrs, o, mask=out_mask)
+        if FUSED_MERGE:
+            tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
+            arrived = tl.atomic_add(cnt_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                _merge_group(part_o_ptr, part_lse_ptr, out_ptr, b, h, num_kv_heads, num_splits,
+                             stride_ob, stride_oh, stride_os, stride_od,
+                             GROUP, Q_LEN, HEAD_DIM, BLOCK_D, MERGE_ROWS, MERGE_CHUNK)
+                tl.atomic_xchg(cnt_ptr + pid_bh, 0)  # re-armed for the next call (or graph replay)
+
+
+@triton.jit
+def _merge_group(part_o_ptr, part_lse_ptr, out_ptr, b, h, num_kv_heads, num_splits,
+                 stride_ob, stride_oh, stride_os, stride_od,
+                 GROUP: tl.constexpr, Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MERGE_ROWS: tl.constexpr, MERGE_CHUNK: tl.constexpr):
+    """Fused merge: all ``GROUP * Q_LEN`` query rows of one (sequence, KV head), every split, in split order.
+
+    Run by the split that arrives last. The splits are read ``MERGE_CHUNK`` at a time as one
+    ``[MERGE_ROWS, MERGE_CHUNK, BLOCK_D]`` tile (a chunk's loads are in flight together, not one L2 round
+    trip per split) and folded in with an online rescale: running max ``m`` of the lse (log2 units),
+    ``num = sum_s exp2(lse_s - m) o_s``, ``den = sum_s exp2(lse_s - m)``. Same order on every call, whichever
+    split is last: deterministic. Empty splits (lse = -inf) weigh 0 and are selected out (never 0 * garbage);
+    a row that saw no key in any split gets 0.
+    """
+    offs_r = tl.arange(0, MERGE_ROWS)
+    offs_c = tl.arange(0, MERGE_CHUNK)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = offs_r < GROUP * Q_LEN
+    d_ok = offs_d < HEAD_DIM
+    head = h * GROUP + offs_r // Q_LEN
+    pos = offs_r % Q_LEN
+    row_id = (b * (num_kv_heads * GROUP) + head).to(tl.int64) * Q_LEN + pos
+    m = tl.full([MERGE_ROWS], float("-inf"), tl.float32)
+    den = tl.zeros([MERGE_ROWS], tl.float32)
+    num = tl.zeros([MERGE_ROWS, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, MERGE_CHUNK):
+        sp = s0 + offs_c
+        ok = r_ok[:, None] & (sp < num_splits)[None, :]
+        slot = row_id[:, None] * num_splits + sp[None, :]  # [MERGE_ROWS, MERGE_CHUNK]
+        # .cg: the other programs' partials are read from L2, never from a stale L1 line
+        lse = tl.load(part_lse_ptr + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(part_o_ptr + slot[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: every weight stays 0
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe[:, None])
+        num = num * alpha[:, None] + tl.sum(tl.where((w > 0.0)[:, :, None], o * w[:, :, None], 0.0), 1)
+        den = den * alpha + tl.sum(w, 1)
+        m = m_new
+    res = num / tl.where(den > 0.0, den, 1.0)[:, None]
+    o_ptrs = (out_ptr + b.to(tl.int64) * stride_ob + head[:, None].to(tl.int64) * stride_oh
+              + pos[:, None] * stride_os + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -253,11 +328,20 @@ def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_di
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLITS": splits, "num_warps": warps, "num_stages": stages}
 
 
+def fused(config: dict) -> dict:
+    """`config` with the single-pass merge (``FUSED_MERGE``); unmeasured, so never `select_config`'s pick yet."""
+    return {**config, "FUSED_MERGE": True}
+
+
 def candidate_configs(batch: int, kv_heads: int, q_heads: int, max_len: int, head_dim: int,
                       sm_count: int = 132, q_len: int = 1, paged: bool = False) -> list[dict]:
-    """Configs around the table's choice, for `kernopt.workload.autotune` and the benchmark's sweep."""
+    """Configs around the table's choice, for `kernopt.workload.autotune` and the benchmark's sweep.
+
+    Every split config comes twice: with the merge kernel and with the fused (single-pass) merge, so a sweep
+    decides between them; the table's choice and its fused variant come first.
+    """
     base = select_config(batch, kv_heads, q_heads, max_len, head_dim, sm_count, q_len, paged)
-    out = []
+    out = [base]
     for block_n in (32, 64, 128):
         for stages in (2, 3, 4):
             for warps in (4, 8):
@@ -268,7 +352,7 @@ def candidate_configs(batch: int, kv_heads: int, q_heads: int, max_len: int, hea
                     cfg = {**base, "BLOCK_N": block_n, "num_stages": stages, "num_warps": warps, "SPLITS": splits}
                     if cfg not in out:
                         out.append(cfg)
-    return out
+    return [v for cfg in out for v in ((cfg, fused(cfg)) if cfg["SPLITS"] > 1 else (cfg,))]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -278,8 +362,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def config_string(config: dict) -> str:
-    return (f"BLOCK_M={config['BLOCK_M']} BLOCK_N={config['BLOCK_N']} splits={config['SPLITS']} "
+    """One line per config; split configs end in ``merge=kernel`` (second kernel) or ``merge=fused``."""
+    text = (f"BLOCK_M={config['BLOCK_M']} BLOCK_N={config['BLOCK_N']} splits={config['SPLITS']} "
             f"warps={config['num_warps']} stages={config['num_stages']}")
+    if int(config["SPLITS"]) > 1:
+        text += " merge=fused" if config.get("FUSED_MERGE") else " merge=kernel"
+        if config.get("MERGE_CHUNK"):
+            text += f" merge_chunk={config['MERGE_CHUNK']}"
+    return text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,24 +408,33 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
     splits = int(cfg["SPLITS"])
     block_m = max(int(cfg["BLOCK_M"]), triton.next_power_of_2(group * sq), 16)
     block_d = max(16, triton.next_power_of_2(d))
+    fused = splits > 1 and bool(cfg.get("FUSED_MERGE", False))
     if splits > 1:
         part_o = torch.empty((b, hq, sq, splits, d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((b, hq, sq, splits), dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # unused
+    counters = _arrival_counters(q.device, b * kv_heads) if fused else part_lse  # unused unless fused
+    # The fused merge's tile: rows = the group's query rows (not BLOCK_M's dot padding), splits MERGE_CHUNK at a
+    # time; a config may set MERGE_CHUNK (a power of two), else the [rows, chunk, D] tile is ~MERGE_TILE_ELEMS.
+    merge_rows = max(2, triton.next_power_of_2(group * sq))
+    merge_chunk = int(cfg.get("MERGE_CHUNK") or max(1, min(32, MERGE_TILE_ELEMS // (merge_rows * block_d))))
+    if merge_chunk < 1 or merge_chunk & (merge_chunk - 1):
+        raise ValueError(f"decode attention: MERGE_CHUNK must be a power of two >= 1, got {merge_chunk}")
     dummy = lens if lens is not None else q
     grid = (b * kv_heads, splits)
     _attend_split[grid](
-        q, k, v, dummy, table if table is not None else dummy, out, part_o, part_lse,
+        q, k, v, dummy, table if table is not None else dummy, out, part_o, part_lse, counters,
         float(sm_scale) * LOG2E,
         *q.stride(), *k_strides, *v_strides, *out.stride(), table_stride,
         full_len, kv_heads, splits,
         GROUP=group, Q_LEN=sq, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=int(cfg["BLOCK_N"]), BLOCK_D=block_d,
         SPLIT=splits > 1, PAGED=paged, PAGE_SIZE=page_size, HAS_LENS=lens is not None,
-        FP32_DOT=q.dtype == torch.float32,
+        FP32_DOT=q.dtype == torch.float32, FUSED_MERGE=fused, MERGE_ROWS=merge_rows,
+        MERGE_CHUNK=merge_chunk,
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]),
     )
-    if splits > 1:
+    if splits > 1 and not fused:
         _merge_splits_kernel[(b * hq * sq,)](
             part_o, part_lse, out, *out.stride(), hq, splits,
             Q_LEN=sq, HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(splits)),

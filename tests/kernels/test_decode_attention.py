@@ -17,8 +17,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.float32]
 
 
-def small_config(block_n=16, splits=1, block_m=16):
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLITS": splits, "num_warps": 4, "num_stages": 1}
+def small_config(block_n=16, splits=1, block_m=16, fused=False, merge_chunk=None):
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLITS": splits, "num_warps": 4, "num_stages": 1}
+    if fused:
+        cfg["FUSED_MERGE"] = True
+    if merge_chunk is not None:
+        cfg["MERGE_CHUNK"] = merge_chunk
+    return cfg
+
+
+def counters():
+    """The fused merge's arrival counters on this device and stream (the buffer the launcher hands the kernel)."""
+    return da._arrival_counters(torch.device(DEVICE), 1)
 
 
 def make_paged(k, v, lens, page_size, spare=3, poison=True):
@@ -69,6 +79,19 @@ def check_paged(q, k, v, lens, page_size, config, dtype):
     ref_contig = da.decode_attention_ref(q.double(), k.double(), v.double(), lens_t)
     assert_close(ref, ref_contig, dtype=torch.float64)
     assert_close(got, ref, dtype=dtype)
+
+
+def check_contiguous(q, k, v, lens, config, dtype):
+    """Contiguous cache with per-sequence lengths; keys past each length are NaN, so reading them fails."""
+    k, v = k.clone(), v.clone()
+    for b, n in enumerate(lens):
+        k[b, :, n:] = float("nan")
+        v[b, :, n:] = float("nan")
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = poisoned_out(q)
+    got = da.decode_attention(q, k, v, lens_t, config=config, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert_close(got, da.decode_attention_ref(q.double(), k.double(), v.double(), lens_t), dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,6 +182,106 @@ def test_custom_op_seam_matches_reference():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Fused merge (FUSED_MERGE): the split that arrives last merges; arrival counters re-armed to zero
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,sq", [(torch.float16, 1), (torch.float32, 3)])
+@pytest.mark.parametrize("hq,hkv", [(3, 3), (8, 2), (8, 1)])
+@pytest.mark.parametrize("length", [1, PAGE - 1, PAGE, PAGE + 1, 5 * PAGE + 3])
+def test_fused_merge_lengths_gqa(dtype, sq, hq, hkv, length):
+    """Paged and contiguous, both through the fused merge: 3 splits of 16-key tiles, so the short lengths
+    leave splits empty; a ragged second sequence; every counter back at zero afterwards."""
+    lens = [length, max(1, length - 2)]
+    q, k, v = rand_case(2, hq, hkv, sq, length, 24, dtype)
+    check_paged(q, k, v, lens, PAGE, small_config(block_n=16, splits=3, fused=True), dtype)
+    check_contiguous(q, k, v, lens, small_config(block_n=16, splits=2, fused=True), dtype)
+    assert not counters().any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sq", [1, 3])
+def test_fused_merge_ragged_batch_with_empty_sequence(dtype, sq):
+    """Ragged lengths around the page size and a length-0 sequence (its rows must be zeros, not NaN)."""
+    lens = [1, PAGE - 1, PAGE, PAGE + 1, 70, 0]
+    q, k, v = rand_case(len(lens), 8, 2, sq, max(lens), 16, dtype)
+    check_paged(q, k, v, lens, PAGE, small_config(block_n=16, splits=3, fused=True), dtype)
+    out = da.paged_decode_attention(q, *make_paged(k, v, lens, PAGE),
+                                    torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+                                    config=small_config(block_n=16, splits=3, fused=True), out=poisoned_out(q))
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+    assert not counters().any()
+
+
+def test_fused_merge_all_empty_gives_zeros():
+    """Every sequence of length 0: every split is empty (lse = -inf), the merge must give 0, never NaN."""
+    q, k, v = rand_case(2, 4, 1, 2, 8, 16, torch.float32)
+    lens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    for splits in (2, 5):
+        cfg = small_config(splits=splits, fused=True)
+        got = da.decode_attention(q, k, v, lens, config=cfg, out=poisoned_out(q))
+        assert torch.equal(got, torch.zeros_like(got))
+        kp, vp, table = make_paged(k, v, [0, 0], 4)
+        got = da.paged_decode_attention(q, kp, vp, table, lens, config=cfg, out=poisoned_out(q))
+        assert torch.equal(got, torch.zeros_like(got))
+    assert not counters().any()
+
+
+@pytest.mark.parametrize("splits,merge_chunk", [(7, None), (7, 1), (7, 2), (5, 4), (12, 8)])
+def test_fused_merge_long_many_splits_and_chunks(splits, merge_chunk):
+    """A long sequence (many tiles per split), more splits than tiles for the short one, and the merge
+    reading the splits in chunks (MERGE_CHUNK) that don't divide the split count."""
+    lens = [333, 20, 64]
+    q, k, v = rand_case(3, 8, 1, 2, max(lens), 32, torch.float32)
+    cfg = small_config(block_n=16, splits=splits, fused=True, merge_chunk=merge_chunk)
+    check_paged(q, k, v, lens, PAGE, cfg, torch.float32)
+    check_contiguous(q, k, v, lens, cfg, torch.float32)
+    assert not counters().any()
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_fused_merge_repeat_calls_rearm_counters(paged):
+    """Consecutive calls share the counter buffer: the same inputs give the same answer bit for bit (the
+    merge is in split order), and new inputs after that are right (a counter left non-zero would make the
+    merge never run, leaving NaN in `out`, or run early)."""
+    lens = [45, 9, 64]
+    cfg = small_config(block_n=16, splits=4, fused=True)
+    assert not counters().any()
+    results = []
+    for trial in range(3):
+        if trial != 1:  # trial 1 repeats trial 0's inputs
+            q, k, v = rand_case(3, 4, 2, 2, max(lens), 16, torch.float16)
+        if paged:
+            kp, vp, table = make_paged(k, v, lens, 8, poison=False)
+            lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+            got = da.paged_decode_attention(q, kp, vp, table, lens_t, config=cfg, out=poisoned_out(q))
+        else:
+            lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+            got = da.decode_attention(q, k, v, lens_t, config=cfg, out=poisoned_out(q))
+        assert_close(got, da.decode_attention_ref(q.double(), k.double(), v.double(), lens_t), dtype=torch.float16)
+        assert not counters().any()
+        results.append(got)
+    assert torch.equal(results[0], results[1])
+
+
+def test_fused_merge_matches_merge_kernel():
+    """Same config with either merge: the same partials, merged in fp32 two ways, agree to fp32 rounding."""
+    lens = [100, 37]
+    q, k, v = rand_case(2, 8, 2, 4, max(lens), 32, torch.float32)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    a = da.decode_attention(q, k, v, lens_t, config=small_config(splits=5), out=poisoned_out(q))
+    b = da.decode_attention(q, k, v, lens_t, config=small_config(splits=5, fused=True), out=poisoned_out(q))
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_merge_config_checks():
+    q, k, v = rand_case(1, 4, 2, 1, 40, 16, torch.float32)
+    with pytest.raises(ValueError, match="MERGE_CHUNK"):
+        da.decode_attention(q, k, v, config=small_config(splits=3, fused=True, merge_chunk=3))
+    # FUSED_MERGE with one split is the plain one-kernel path (no partials, no counters)
+    got = da.decode_attention(q, k, v, config=small_config(splits=1, fused=True), out=poisoned_out(q))
+    assert_close(got, da.decode_attention_ref(q.double(), k.double(), v.double()), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Hypothesis: lengths, page sizes, GQA ratios, query lengths and splits together
 # ---------------------------------------------------------------------------------------------------------------
 @settings(max_examples=12, deadline=None)
@@ -175,6 +298,38 @@ def test_paged_hypothesis(lens, hkv, group, sq, page_size, splits, dtype):
     torch.manual_seed(len(lens) * 1000 + sum(lens))
     q, k, v = rand_case(len(lens), hkv * group, hkv, sq, max(max(lens), 1), 16, dtype)
     check_paged(q, k, v, lens, page_size, small_config(block_n=16, splits=splits), dtype)
+
+
+@st.composite
+def boundary_case(draw):
+    """A page size and a ragged batch whose lengths favour the issue's list: 0, 1, page_size - 1, page_size,
+    page_size + 1, a long one (many tiles and pages), or anything in between."""
+    page_size = draw(st.sampled_from([4, 8, 16]))
+    special = st.sampled_from([0, 1, page_size - 1, page_size, page_size + 1, 7 * page_size + 5, 150])
+    lens = draw(st.lists(st.one_of(special, st.integers(0, 60)), min_size=1, max_size=3))
+    return page_size, lens
+
+
+@settings(max_examples=16, deadline=None)
+@given(
+    case=boundary_case(),
+    hkv=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 4, 8]),
+    sq=st.sampled_from([1, 2, 4]),
+    splits=st.integers(1, 6),
+    fused=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_hypothesis_boundaries_both_caches(case, hkv, group, sq, splits, fused, dtype):
+    """Lengths around page boundaries and long ones, GQA 1/4/8, q_len, splits (often more than tiles) and
+    either merge, on the paged and the contiguous cache."""
+    page_size, lens = case
+    torch.manual_seed(len(lens) * 1000 + sum(lens) + page_size)
+    q, k, v = rand_case(len(lens), hkv * group, hkv, sq, max(max(lens), 1), 16, dtype)
+    cfg = small_config(block_n=16, splits=splits, fused=fused)
+    check_paged(q, k, v, lens, page_size, cfg, dtype)
+    check_contiguous(q, k, v, lens, cfg, dtype)
+    assert not counters().any()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,6 +375,29 @@ def test_select_config_table():
                                                                                           paged=True))
 
 
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("B,S", [(1, 8192), (128, 2048), (8, 32768)])
+def test_candidate_configs_sweep_fused_merge(paged, B, S):
+    """The table's pick keeps the merge kernel (the fused merge is unmeasured); the sweep has the pick, its
+    fused variant, and a fused twin of every split config; config strings say which merge runs."""
+    chosen = da.select_config(B, 8, 32, S, 128, 132, paged=paged)
+    assert "FUSED_MERGE" not in chosen
+    cands = da.candidate_configs(B, 8, 32, S, 128, 132, paged=paged)
+    assert cands[0] == chosen
+    if chosen["SPLITS"] > 1:
+        assert cands[1] == da.fused(chosen)
+        assert da.config_string(chosen).endswith("merge=kernel")
+        assert da.config_string(da.fused(chosen)).endswith("merge=fused")
+    else:
+        assert "merge" not in da.config_string(chosen)
+    plain = [c for c in cands if not c.get("FUSED_MERGE")]
+    assert len(plain) == len({da.config_string(c) for c in plain})
+    fused_ones = [c for c in cands if c.get("FUSED_MERGE")]
+    assert fused_ones == [da.fused(c) for c in plain if c["SPLITS"] > 1]
+    if chosen["SPLITS"] > 1:
+        assert fused_ones
+
+
 class _LaunchSpy:
     """Stands in for a @triton.jit kernel: records each launch grid, then launches the real kernel."""
 
@@ -233,18 +411,20 @@ class _LaunchSpy:
 
 @pytest.mark.parametrize("paged", [False, True])
 def test_one_split_is_one_launch(monkeypatch, paged):
-    """SPLITS == 1 writes the output from the attention kernel itself; only SPLITS > 1 launches the merge."""
+    """SPLITS == 1 writes the output from the attention kernel itself; only SPLITS > 1 launches the merge,
+    and not with FUSED_MERGE (the last split merges)."""
     spy = _LaunchSpy(da._merge_splits_kernel)
     monkeypatch.setattr(da, "_merge_splits_kernel", spy)
     lens = [37, 20]
     q, k, v = rand_case(2, 4, 2, 1, max(lens), 16, torch.float32)
-    for splits, merges in ((1, 0), (3, 1)):
+    for splits, fused, merges in ((1, False, 0), (3, False, 1), (3, True, 0)):
         spy.grids.clear()
+        cfg = small_config(splits=splits, fused=fused)
         if paged:
-            check_paged(q, k, v, lens, 8, small_config(splits=splits), torch.float32)
+            check_paged(q, k, v, lens, 8, cfg, torch.float32)
         else:
             lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-            got = da.decode_attention(q, k, v, lens_t, config=small_config(splits=splits), out=poisoned_out(q))
+            got = da.decode_attention(q, k, v, lens_t, config=cfg, out=poisoned_out(q))
             assert_close(got, da.decode_attention_ref(q.double(), k.double(), v.double(), lens_t), dtype=torch.float32)
         assert len(spy.grids) == merges
 
@@ -280,3 +460,63 @@ def test_gpu_paged_prefetch_pipelined(block_n, stages, warps, splits):
     cfg = {"BLOCK_M": 16, "BLOCK_N": block_n, "SPLITS": splits, "num_warps": warps, "num_stages": stages}
     got = da.paged_decode_attention(q, kp, vp, table, lens, config=cfg, out=poisoned_out(q))
     assert_close(got, ref, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,S", [(1, 8192), (4, 3000)])
+@pytest.mark.parametrize("sq", [1, 4])
+@pytest.mark.parametrize("paged", [False, True])
+def test_gpu_fused_merge_suite_shapes(B, S, sq, paged):
+    """bf16, the table's tiles and splits with the fused merge (atomics, acq_rel ordering and .cg reads on
+    real hardware, many programs arriving concurrently); twice, to exercise the re-armed counters."""
+    q, k, v = rand_case(B, 32, 8, sq, S, 128, torch.bfloat16)
+    lens = torch.randint(max(1, S // 2), S + 1, (B,), dtype=torch.int32, device=DEVICE)
+    lens[0] = S
+    ref = da.decode_attention_ref(q.double(), k.double(), v.double(), lens)
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    if paged:
+        kp, vp, table = make_paged(k, v, lens.cpu(), 64)
+        cfg = da.fused(da.select_config(B, 8, 32, table.shape[1] * 64, 128, sm, sq, paged=True))
+        run = lambda: da.paged_decode_attention(q, kp, vp, table, lens, config=cfg, out=poisoned_out(q))  # noqa: E731
+    else:
+        cfg = da.fused(da.select_config(B, 8, 32, S, 128, sm, sq))
+        run = lambda: da.decode_attention(q, k, v, lens, config=cfg, out=poisoned_out(q))  # noqa: E731
+    assert cfg["SPLITS"] > 1
+    first = run()
+    assert_close(first, ref, dtype=torch.bfloat16)
+    assert torch.equal(run(), first)  # deterministic merge order, counters re-armed
+    assert not counters().any()
+
+
+@pytest.mark.gpu
+def test_gpu_fused_merge_cuda_graph_replay():
+    """Captured once, replayed with new queries and lengths: the counters baked into the graph are zero at every
+    replay (the last split re-arms them), and every replay's output is right."""
+    B, S = 2, 4096
+    q, k, v = rand_case(B, 32, 8, 1, S, 128, torch.bfloat16)
+    lens = torch.tensor([S, 3000], dtype=torch.int32, device=DEVICE)
+    kp, vp, table = make_paged(k, v, [S, S], 64, poison=False)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "SPLITS": 24, "num_warps": 4, "num_stages": 3, "FUSED_MERGE": True}
+    out = torch.empty_like(q)
+    call = lambda: da.paged_decode_attention(q, kp, vp, table, lens, config=cfg, out=out)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for trial in range(4):
+        q.copy_(torch.randn_like(q))
+        lens.copy_(torch.tensor([S - 7 * trial, 1 + 999 * trial], dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, da.decode_attention_ref(q.double(), k.double(), v.double(), lens), dtype=torch.bfloat16)
+    from kernopt.kernels import int4_gemm  # the counter buffers are int4's, shared
+
+    for buf in int4_gemm._COUNTERS.values():
+        assert not buf.any()
+    del graph
+
