@@ -10,163 +10,360 @@ call), prefill ms at b1 s2048 (one forward), first-call seconds (the first `gene
 Check, in the same run: each kernopt system's compiled prefill logits against the same (quantized) model run
 eagerly — its plain-torch reference — by cosine similarity; the cosine to the bf16 model's logits is recorded
 beside it as the quantization's own error (random weights are a worst case for round-to-nearest).
+
+Compiles are counted too (Dynamo's frame and graph counters, per call): the warm-up `generate` of each batch
+size may compile, the timed calls after it must not. A kernopt system whose timed calls compiled anything is
+an error (its numbers would time the compiler: the bug where every `generate` recompiled); the counts are in
+each row's ``dynamo`` field for every system.
+
+``--device cpu --shapes tiny`` is a smoke test of this plumbing (every system end to end, kernopt ops as their
+plain-torch references, fp32) before GPU time is spent; its numbers mean nothing, so they never go to
+benchmarks/results: CPU runs write to ``--out`` or a fresh temporary directory.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import os
+import platform
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 LLAMA = {
+    # A few layers, GQA, small vocab: the CPU smoke shape (K a multiple of the int4 group size 128).
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     "1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
     "8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
 }
 SYSTEMS = ("eager", "hf_static_inductor", "kernopt", "kernopt_int4", "kernopt_fp8")
+DEVICES = ("cuda", "cpu")
 MIN_COSINE = 0.995  # compiled kernopt vs its own eager reference, bf16
 
 
-def build(shape: str):
+def dtype_for(device: str) -> torch.dtype:
+    """bf16 on the GPU (what is measured); fp32 on CPU, where bf16 would only be slower and add nothing."""
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def build(shape: str, device: str = "cuda"):
     import transformers
 
     cfg = transformers.LlamaConfig(max_position_embeddings=8192, rope_theta=500000.0, **LLAMA[shape])
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype_for(device))
         try:
             model = transformers.LlamaForCausalLM(cfg)
         finally:
-            torch.set_default_dtype(torch.float32)
+            torch.set_default_dtype(prev)
     model.generation_config.pad_token_id = 0
     return model.eval()
 
 
-def _sync_time(fn) -> float:
-    torch.cuda.synchronize()
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _sync_time(fn, device: str = "cuda") -> float:
+    _sync(device)
     t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    _sync(device)
     return time.perf_counter() - t0
 
 
-def prepare(system: str, model):
+def dynamo_counts() -> dict[str, int]:
+    """Dynamo's running totals: frames it was asked to convert (failed ones too) and FX graphs it compiled."""
+    from torch._dynamo.utils import counters
+
+    return {"frames": int(counters["frames"]["total"]), "graphs": int(counters["stats"]["unique_graphs"])}
+
+
+def _counted(fn, device: str) -> tuple[float, dict[str, int]]:
+    """(seconds, {"frames": n, "graphs": n} converted/compiled during the call)."""
+    before = dynamo_counts()
+    t = _sync_time(fn, device)
+    after = dynamo_counts()
+    return t, {k: after[k] - before[k] for k in after}
+
+
+def _compile_decode_on_cpu(model) -> None:
+    """transformers compiles the static cache's decode steps only on accelerators unless told otherwise."""
+    from transformers import CompileConfig
+
+    gc_ = model.generation_config
+    if gc_.compile_config is None:
+        gc_.compile_config = CompileConfig()  # what transformers uses by default: Inductor, reduce-overhead
+    gc_.compile_config._compile_all_devices = True  # survives the deep copy generate makes of the config
+
+
+def prepare(system: str, model, device: str = "cuda", inner: str = "inductor"):
     import kernopt
 
     if system == "eager":
         return model
     if system == "hf_static_inductor":
         model.generation_config.cache_implementation = "static"
-        return model
-    quantize = {"kernopt": None, "kernopt_int4": "int4", "kernopt_fp8": "fp8"}[system]
-    return kernopt.optimize(model, quantize=quantize, cache="static")
+    else:
+        quantize = {"kernopt": None, "kernopt_int4": "int4", "kernopt_fp8": "fp8"}[system]
+        model = kernopt.optimize(model, quantize=quantize, cache="static", inner=inner)
+    if device != "cuda":
+        _compile_decode_on_cpu(model)
+    return model
 
 
-def run_system(system: str, shape: str, batch_sizes, prompt: int, new: int, prefill_len: int, ref_logits):
+def run_system(system: str, shape: str, batch_sizes, prompt: int, new: int, prefill_len: int, ref_logits,
+               device: str = "cuda", inner: str = "inductor"):
     # Each system starts from an empty Dynamo cache: HF's forward is one code object for all systems, and
     # earlier systems' compiles must not count against this one's recompile limit.
     torch._dynamo.reset()
-    model = prepare(system, build(shape))
-    out: dict = {}
+    model = prepare(system, build(shape, device), device, inner)
+    kernopt_system = system.startswith("kernopt")
+    out: dict = {"dynamo": {}}
+    problems: list[str] = []
+    vocab = model.config.vocab_size
+    lo, hi = min(100, vocab // 4), min(20000, vocab)
     with torch.no_grad():
-        ids = torch.randint(100, 20000, (1, prefill_len), device="cuda")
-        fwd = model.forward if system == "eager" else torch.compile(
-            model.forward, backend="inductor" if system == "hf_static_inductor" else "kernopt")
+        ids = torch.randint(lo, hi, (1, prefill_len), device=device)
+        if system == "eager":
+            fwd = model.forward
+        elif system == "hf_static_inductor":
+            fwd = torch.compile(model.forward, backend="inductor")
+        else:
+            fwd = torch.compile(model.forward, backend="kernopt", options={"inner": inner})
         reference = model(ids).logits[0, -64:].float()  # eager: the plain-torch reference of this system
+        before = dynamo_counts()
         logits = fwd(ids).logits[0, -64:].float()
-        if system.startswith("kernopt"):
+        prefill_graphs = dynamo_counts()["graphs"] - before["graphs"]
+        if kernopt_system:
             cos = torch.nn.functional.cosine_similarity(logits.flatten(), reference.flatten(), dim=0).item()
             out["cosine_vs_reference"] = cos
             if cos < MIN_COSINE:
-                out["error"] = f"prefill logits cosine {cos:.4f} < {MIN_COSINE} vs the eager reference"
+                problems.append(f"prefill logits cosine {cos:.4f} < {MIN_COSINE} vs the eager reference")
             if ref_logits is not None:
                 out["cosine_vs_bf16"] = torch.nn.functional.cosine_similarity(
                     logits.flatten(), ref_logits.flatten(), dim=0).item()
         for _ in range(2):
             fwd(ids)
-        reps = [_sync_time(lambda: fwd(ids)) for _ in range(5)]
-        out["prefill_ms"] = sorted(reps)[2] * 1e3
+        reps = [_counted(lambda: fwd(ids), device) for _ in range(5)]
+        out["prefill_ms"] = sorted(t for t, _ in reps)[2] * 1e3
+        out["dynamo"]["prefill_ms"] = {"compile_graphs": prefill_graphs,
+                                       "timed_graphs": [c["graphs"] for _, c in reps],
+                                       "timed_frames": [c["frames"] for _, c in reps]}
         for bs in batch_sizes:
-            prompt_ids = torch.randint(100, 20000, (bs, prompt), device="cuda")
+            prompt_ids = torch.randint(lo, hi, (bs, prompt), device=device)
             gen = lambda: model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
                                          max_new_tokens=new, min_new_tokens=new)
-            first = _sync_time(gen)
+            first, first_counts = _counted(gen, device)
             if bs == batch_sizes[0]:
                 out["first_call_s"] = first
-            t = min(_sync_time(gen) for _ in range(2))
+            timed = [_counted(gen, device) for _ in range(2)]  # the 2nd and 3rd calls: compiled, not compiling
+            t = min(s for s, _ in timed)
             out[f"decode_bs{bs}"] = bs * new / t
-    del model, fwd
+            counts = {"first_call_graphs": first_counts["graphs"], "first_call_frames": first_counts["frames"],
+                      "timed_graphs": [c["graphs"] for _, c in timed],
+                      "timed_frames": [c["frames"] for _, c in timed]}
+            out["dynamo"][f"decode_bs{bs}"] = counts
+            if bs == batch_sizes[0]:
+                out["dynamo"]["first_call_s"] = {"graphs": first_counts["graphs"], "frames": first_counts["frames"]}
+                # First call minus the fastest compiled call: what compiling (and one-time warm-up) cost.
+                out["first_call_overhead_s"] = max(0.0, first - t)
+    for case, c in out["dynamo"].items():
+        if sum(c.get("timed_graphs", [])) or sum(c.get("timed_frames", [])):
+            msg = (f"{case}: timed calls recompiled (Dynamo graphs {c['timed_graphs']}, "
+                   f"frames {c['timed_frames']} per call)")
+            out.setdefault("warnings", []).append(msg)
+            if kernopt_system:
+                problems.append(msg)
+    if problems:
+        out["error"] = "; ".join(problems)
+    model = fwd = gen = None  # noqa: F841  (the closures above hold them: free the model before the next system)
     gc.collect()
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out, (reference if system == "eager" else None)
 
 
-def _suite(all_results: dict, batch_sizes, prefill: int):
+def cache_state(device: str) -> dict:
+    """What a first call starts from: kernopt's tuned configs here, first-use autotuning, Inductor's cache.
+
+    Recorded once, before any system compiles (later systems of one run may find Inductor's and Triton's
+    on-disk caches warmed by earlier ones). For "first call with a warm tuned cache" run `kernopt tune` for the
+    shape first; for a cold compiler, point TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR at empty directories.
+    """
+    from kernopt import workload
+
+    state: dict = {"autotune_on_first_use": workload.autotune_enabled(),
+                   "tuned_cache_disabled": os.environ.get("KERNOPT_NO_CACHE") == "1"}
+    if device == "cuda":
+        cache = workload.ConfigCache()
+        state["tuned_config_file"] = str(cache.path)
+        state["tuned_configs"] = len(cache.entries())
+    else:
+        state["tuned_configs"] = 0  # no tuning off the GPU: ops run their references
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        inductor_dir = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
+        state["inductor_cache_dir"] = str(inductor_dir)
+        state["inductor_cache_warm"] = inductor_dir.is_dir() and any(inductor_dir.iterdir())
+    except Exception as e:  # a private torch helper: its absence must not cost the run
+        state["inductor_cache_dir"] = f"unknown ({type(e).__name__})"
+    state["triton_cache_dir"] = os.environ.get("TRITON_CACHE_DIR", "default (~/.triton/cache)")
+    return state
+
+
+def _suite(all_results: dict, batch_sizes, prefill: int, device: str = "cuda", start_state=None):
+    import transformers
+
     from kernopt.benchmark import Suite
 
     suite = Suite("llama")
+    if device != "cuda":  # Suite names the GPU if there is one; this run's numbers are from the CPU
+        suite.device = suite.header["device"] = "cpu"
+        suite.header["cpu"] = platform.processor() or platform.machine()
+        suite.header["cpu_threads"] = torch.get_num_threads()
+    suite.header["dtype"] = str(dtype_for(device)).replace("torch.", "")
+    suite.header["transformers"] = transformers.__version__
     for shape, results in all_results.items():
-        def row(case, key, metric, hib):
+        def row(case, key, metric, hib, **more):
             vals = {s: r[key] for s, r in results.items() if key in r and not (s.startswith("kernopt") and "error" in r)}
             errs = "; ".join(f"{s}: {r['error']}" for s, r in results.items() if "error" in r)
             cos = {s: round(r["cosine_vs_reference"], 5) for s, r in results.items() if "cosine_vs_reference" in r}
             qerr = {s: round(r["cosine_vs_bf16"], 5) for s, r in results.items() if "cosine_vs_bf16" in r}
-            if vals:
+            dyn = {s: r["dynamo"][key] for s, r in results.items() if key in r.get("dynamo", {})}
+            warns = {s: r["warnings"] for s, r in results.items() if r.get("warnings")}
+            if vals or errs:  # a case whose every system failed still says why
                 extra = {"errors": errs} if errs else {}
                 if cos:
                     extra["prefill_logits_cosine_vs_reference"] = cos
                     extra["prefill_logits_cosine_vs_bf16"] = qerr
+                extra["dynamo"] = dyn
+                if warns:
+                    extra["warnings"] = warns
+                extra.update(more)
                 suite.add(case, metric, hib, vals, **extra)
         for bs in batch_sizes:
             row(f"{shape} decode bs{bs}", f"decode_bs{bs}", "tok/s", True)
         row(f"{shape} prefill b1 s{prefill}", "prefill_ms", "ms", False)
-        row(f"{shape} first-call s", "first_call_s", "s", False)
+        overhead = {s: round(r["first_call_overhead_s"], 4) for s, r in results.items() if "first_call_overhead_s" in r}
+        row(f"{shape} first-call s", "first_call_s", "s", False, first_call_overhead_s=overhead,
+            **({"cache_state": start_state} if start_state else {}))
     return suite
 
 
-def main(argv=None) -> None:
+def output_dir(device: str, out) -> Path:
+    """Where the JSON goes: --out; else benchmarks/results on the GPU, a fresh temporary directory on CPU."""
+    from kernopt.benchmark import RESULTS_DIR
+
+    if device == "cuda":
+        return Path(out) if out else RESULTS_DIR
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix="kernopt-llama-cpu-"))
+    if Path(out).resolve() == RESULTS_DIR.resolve():
+        raise SystemExit(f"kernopt bench llama: CPU smoke-test numbers do not go to {RESULTS_DIR}; "
+                         "pick another --out")
+    return Path(out)
+
+
+@contextlib.contextmanager
+def _cpu_references(device: str):
+    """On CPU every kernopt op runs its plain-torch reference (the Triton interpreter would take minutes)."""
+    if device == "cuda":
+        yield
+        return
+    prev = os.environ.get("KERNOPT_CPU")
+    os.environ["KERNOPT_CPU"] = "reference"
+    try:
+        yield
+    finally:
+        if prev is None:
+            os.environ.pop("KERNOPT_CPU", None)
+        else:
+            os.environ["KERNOPT_CPU"] = prev
+
+
+def write(suite, out: Path, plot: bool = False) -> Path:
+    path = suite.write(out)
+    if plot:
+        png = suite.plot(path.with_suffix(".png"))
+        print("wrote", png if png else f"no plot ({path.with_suffix('.png').name}): matplotlib is not installed "
+              "(pip install 'kernopt[plot]')")
+    return path
+
+
+def errors(results: dict) -> list[str]:
+    """Every system's error in a run's results ({shape: {system: numbers}}), as "shape system: error"."""
+    return [f"{shape} {system}: {r['error']}" for shape, res in results.items() for system, r in res.items()
+            if "error" in r]
+
+
+def main(argv=None) -> dict:
+    """Run the suite; returns {"path": the JSON's path, "results": {shape: {system: numbers}}}."""
     from kernopt.benchmark import require_cuda
 
     ap = argparse.ArgumentParser(description="kernopt llama suite")
-    ap.add_argument("--shapes", default="1B,8B")
+    ap.add_argument("--shapes", default="1B,8B", help=f"comma-separated, of {', '.join(LLAMA)}")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=2048)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--device", choices=DEVICES, default="cuda",
+                    help="cpu: a smoke test of the suite (ops as references, fp32, --shapes tiny); numbers mean nothing")
+    ap.add_argument("--inner", choices=["inductor", "eager"], default="inductor",
+                    help="what compiles the rest of the kernopt systems' graphs (the baselines keep Inductor)")
+    ap.add_argument("--out", default=None, help="directory for the JSON (CPU runs: a temporary one by default)")
+    ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--quick", action="store_true", help="1B, bs1, 32 new tokens")
     args = ap.parse_args(argv)
-    require_cuda("kernopt bench llama")
+    if args.device == "cuda":
+        require_cuda("kernopt bench llama")
     if args.quick:
         args.shapes, args.batch_sizes, args.new = "1B", "1", 32
-    shapes = args.shapes.split(",")
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in shapes if s not in LLAMA]
+    if unknown:
+        raise SystemExit(f"unknown shapes {unknown}; valid: {', '.join(LLAMA)}")
     systems = [s for s in args.systems.split(",") if s]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise SystemExit(f"unknown systems {unknown}; valid: {', '.join(SYSTEMS)}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    out_dir = output_dir(args.device, args.out)
+    start_state = cache_state(args.device)
     all_results: dict[str, dict] = {}
-    for shape in shapes:
-        results, ref = all_results.setdefault(shape, {}), None
-        for system in systems:
-            print(f"[llama] {shape} {system} ...", flush=True)
-            try:
-                res, logits = run_system(system, shape, batch_sizes, args.prompt, args.new, args.prefill, ref)
-            except Exception as e:  # one system failing must not lose the others' numbers
-                res, logits = {"error": f"{type(e).__name__}: {e}"[:400]}, None
-            if logits is not None:
-                ref = logits
-            results[system] = res
-            print(f"[llama] {shape} {system}: {res}", flush=True)
-            suite = _suite(all_results, batch_sizes, args.prefill)
-            suite.write(args.out)  # after every system: a run cut short keeps what it measured
-    suite = _suite(all_results, batch_sizes, args.prefill)
+    with _cpu_references(args.device):
+        for shape in shapes:
+            results, ref = all_results.setdefault(shape, {}), None
+            for system in systems:
+                print(f"[llama] {shape} {system} ...", flush=True)
+                try:
+                    res, logits = run_system(system, shape, batch_sizes, args.prompt, args.new, args.prefill, ref,
+                                             device=args.device, inner=args.inner)
+                except Exception as e:  # one system failing must not lose the others' numbers
+                    res, logits = {"error": f"{type(e).__name__}: {e}"[:400]}, None
+                if logits is not None:
+                    ref = logits
+                results[system] = res
+                print(f"[llama] {shape} {system}: {res}", flush=True)
+                # After every system: a run cut short keeps what it measured.
+                write(_suite(all_results, batch_sizes, args.prefill, args.device, start_state), out_dir)
+    suite = _suite(all_results, batch_sizes, args.prefill, args.device, start_state)
     print(suite.table())
-    print("wrote", suite.write(args.out, plot=True))
+    path = write(suite, out_dir, plot=not args.no_plot)
+    print("wrote", path)
+    return {"path": path, "results": all_results}
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if errors(main()["results"]) else 0)

@@ -1,0 +1,144 @@
+"""The llama suite's plumbing on CPU (`kernopt bench llama --device cpu --shapes tiny`), before GPU time is spent.
+
+The smoke run goes through the CLI, runs HF's static cache + Inductor, kernopt (static cache) and kernopt int4
+end to end on the tiny shape, and checks the JSON: every system's numbers, no errors, the device, and Dynamo's
+counts: each compiled system compiled its decode step during the first `generate`, and the timed calls after it
+compiled nothing (the bug where every `generate` recompiled was found only on the GPU). A second run breaks
+the decode compile the way that bug did and checks that the suite reports it as an error.
+kernopt's systems compile the rest of the graph with `--inner eager` here: the plumbing is the same, and
+Inductor's C++ compiles on CPU would make this test minutes long; the baseline keeps Inductor.
+"""
+import functools
+import json
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from kernopt import cli, llama_bench  # noqa: E402
+from kernopt.benchmark import RESULTS_DIR  # noqa: E402
+
+SMOKE = ["--device", "cpu", "--shapes", "tiny", "--batch-sizes", "1", "--new", "3", "--prompt", "4",
+         "--prefill", "8", "--inner", "eager"]
+COMPILED = ("hf_static_inductor", "kernopt", "kernopt_int4")
+
+
+@pytest.fixture
+def no_cuda_calls(monkeypatch):
+    """A CPU run must not touch torch.cuda: make any such call fail loudly."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.cuda called in a --device cpu run")
+
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, refuse)
+
+
+def _rows(path):
+    data = json.loads(path.read_text())
+    return data, {r["case"]: r for r in data["rows"]}
+
+
+def test_cpu_smoke_runs_every_system_without_recompiles(tmp_path, capsys, no_cuda_calls):
+    rc = cli.main(["bench", "llama", *SMOKE, "--systems", ",".join(COMPILED), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    data, rows = _rows(tmp_path / "llama-cpu.json")
+    assert data["suite"] == "llama" and data["device"] == "cpu" and data["dtype"] == "float32"
+    assert set(rows) == {"tiny decode bs1", "tiny prefill b1 s8", "tiny first-call s"}
+    for case, row in rows.items():
+        assert "errors" not in row and "warnings" not in row, (case, row)
+        assert set(row["results"]) == set(COMPILED), (case, row["results"])
+        assert all(v > 0 for v in row["results"].values()), (case, row["results"])
+    decode = rows["tiny decode bs1"]["dynamo"]
+    for system in COMPILED:
+        # The decode step was compiled in the first generate call (else "no recompiles" would prove nothing) ...
+        assert decode[system]["first_call_graphs"] >= 1, (system, decode[system])
+        # ... and the 2nd and 3rd calls, the timed ones, compiled nothing.
+        assert decode[system]["timed_graphs"] == [0, 0] and decode[system]["timed_frames"] == [0, 0], decode
+        prefill = rows["tiny prefill b1 s8"]["dynamo"][system]
+        assert prefill["compile_graphs"] >= 1 and not any(prefill["timed_graphs"] + prefill["timed_frames"])
+    cos = rows["tiny prefill b1 s8"]["prefill_logits_cosine_vs_reference"]
+    assert set(cos) == {"kernopt", "kernopt_int4"} and min(cos.values()) >= llama_bench.MIN_COSINE
+    first = rows["tiny first-call s"]
+    assert set(first["first_call_overhead_s"]) == set(COMPILED)
+    assert first["cache_state"]["tuned_configs"] == 0 and "inductor_cache_dir" in first["cache_state"]
+    # The plot: a PNG where matplotlib is installed, else a message saying why not (never a crash).
+    png = tmp_path / "llama-cpu.png"
+    assert png.exists() or "no plot (llama-cpu.png): matplotlib is not installed" in out
+
+
+def _partial_backend_prepare(prepare):
+    """prepare(), then the decode compile's backend as a functools.partial: the bug the GPU run found
+    (transformers deep-copies the CompileConfig per generate call; a copied partial fails Dynamo's
+    backend-match guard, so every call recompiles)."""
+    from kernopt.backend import kernopt_backend
+
+    def broken(system, model, device="cuda", inner="inductor"):
+        model = prepare(system, model, device, inner)
+        model.generation_config.compile_config.backend = functools.partial(kernopt_backend)
+        return model
+
+    return broken
+
+
+def test_recompiling_timed_calls_are_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(llama_bench, "prepare", _partial_backend_prepare(llama_bench.prepare))
+    run = llama_bench.main([*SMOKE, "--systems", "kernopt", "--out", str(tmp_path), "--no-plot"])
+    err = run["results"]["tiny"]["kernopt"]["error"]
+    assert "decode_bs1: timed calls recompiled" in err, err
+    _, rows = _rows(run["path"])
+    row = rows["tiny decode bs1"]
+    assert "kernopt" not in row["results"] and "recompiled" in row["errors"]
+    assert all(g >= 1 for g in row["dynamo"]["kernopt"]["timed_graphs"]), row["dynamo"]
+    assert llama_bench.errors(run["results"]) == [f"tiny kernopt: {err}"]
+
+
+def test_cpu_results_stay_out_of_benchmarks_results(tmp_path):
+    default = llama_bench.output_dir("cpu", None)
+    assert default.is_dir() and default.resolve() != RESULTS_DIR.resolve() and not any(default.iterdir())
+    default.rmdir()
+    assert llama_bench.output_dir("cpu", str(tmp_path)) == tmp_path
+    with pytest.raises(SystemExit, match="CPU smoke-test numbers"):
+        llama_bench.output_dir("cpu", str(RESULTS_DIR))
+    assert llama_bench.output_dir("cuda", None) == RESULTS_DIR
+
+
+def test_cuda_run_without_a_gpu_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        llama_bench.main(["--shapes", "tiny"])
+
+
+def test_bad_names_list_the_valid_ones():
+    with pytest.raises(SystemExit, match="valid: tiny, 1B, 8B"):
+        llama_bench.main(["--device", "cpu", "--shapes", "3B"])
+    with pytest.raises(SystemExit, match="valid: eager, hf_static_inductor"):
+        llama_bench.main(["--device", "cpu", "--shapes", "tiny", "--systems", "vllm"])
+
+
+def test_cli_models_are_the_suite_shapes():
+    assert set(cli.MODELS) == set(llama_bench.LLAMA)
+
+
+def test_plot_without_matplotlib_skips_with_a_message(tmp_path, monkeypatch, capsys):
+    from kernopt.benchmark import Suite
+
+    suite = Suite("llama")
+    suite.add("tiny decode bs1", "tok/s", True, {"kernopt": 2.0, "eager": 1.0})
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    path = llama_bench.write(suite, tmp_path, plot=True)
+    assert json.loads(path.read_text())["rows"][0]["results"] == {"kernopt": 2.0, "eager": 1.0}
+    assert not path.with_suffix(".png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_plot_with_matplotlib_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kernopt.benchmark import Suite
+
+    suite = Suite("llama")
+    suite.add("tiny decode bs1", "tok/s", True, {"kernopt": 2.0, "eager": 1.0})
+    path = llama_bench.write(suite, tmp_path, plot=True)
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
