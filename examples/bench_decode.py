@@ -3,7 +3,8 @@
     python examples/bench_decode.py            # the four cases of shared/BENCHMARKS.md + a config sweep
     python examples/bench_decode.py --quick    # one case, selected configs only (smoke run)
     python examples/bench_decode.py --out DIR  # where the JSON goes (default benchmarks/results)
-    python examples/bench_decode.py --case 1,8192 --merge fused   # one case, sweep only the fused-merge configs
+    python examples/bench_decode.py --case 1x8192 --merge fused   # one case, sweep only the fused-merge configs
+    bash benchmarks/run_gpu.sh decode:--case,1x8192,--no-sweep    # the same through run_gpu.sh (commas -> spaces)
 
 Each case (bf16, Hq32 Hkv8 D128, one query token per sequence, every sequence S tokens long) runs on the same
 random inputs:
@@ -123,8 +124,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
     ap.add_argument("--rep", type=int, default=50, help="do_bench repetition time in ms per timed graph")
     ap.add_argument("--no-sweep", action="store_true", help="time only select_config's config (and its fused merge)")
-    ap.add_argument("--case", action="append", default=None, metavar="B,S",
-                    help="only this (batch, length) case; repeatable (default: the four suite cases)")
+    ap.add_argument("--case", action="append", default=None, metavar="BxS",
+                    help="only this batch x length case, e.g. 1x8192; repeatable (default: the four suite cases)")
     ap.add_argument("--merge", choices=("both", "fused", "kernel"), default="both",
                     help="which merge variants the sweep times (the selected config is always timed)")
     ap.add_argument("--plot", action="store_true")
@@ -136,7 +137,7 @@ def main(argv=None):
 
     cases = QUICK_CASES if args.quick else CASES
     if args.case:
-        cases = [tuple(int(x) for x in c.split(",")) for c in args.case]
+        cases = [tuple(int(x) for x in c.replace(",", "x").split("x")) for c in args.case]
 
     suite = Suite("decode")
     sm = torch.cuda.get_device_properties(0).multi_processor_count

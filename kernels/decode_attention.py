@@ -50,7 +50,10 @@ from .int4_gemm import _tile_counters
 
 MAX_QUERY_LEN = 8  # speculative verification window; longer queries are prefill (flash_attention)
 LOG2E = 1.4426950408889634
-# The fused merge reads [rows, chunk, D] fp32 partial tiles: 8192 elements are 64 registers a thread at 4 warps.
+# The fused merge reads [rows, chunk, D] fp32 partial tiles of at most min(8192, 64 * BLOCK_D) elements (64
+# registers a thread at 4 warps). Offline sm_90 compiles (ptxas 12.8, bf16 G4 Sq1, 64-token pages) put the fused
+# kernel at D128: 106 registers (128/8/2) and 142 (64/4/3) vs 98 and 128 without it, no spills, same shared
+# memory; at D64 a 8192-element tile cost 78 -> 128 registers, 4096 keep it at 80. Compile-only: no timing.
 MERGE_TILE_ELEMS = 8192
 
 # Arrival counters of the fused merge (one int32 per sequence x KV head, zero between calls): the same cached
@@ -416,9 +419,10 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
         part_o = part_lse = out  # unused
     counters = _arrival_counters(q.device, b * kv_heads) if fused else part_lse  # unused unless fused
     # The fused merge's tile: rows = the group's query rows (not BLOCK_M's dot padding), splits MERGE_CHUNK at a
-    # time; a config may set MERGE_CHUNK (a power of two), else the [rows, chunk, D] tile is ~MERGE_TILE_ELEMS.
+    # time; a config may set MERGE_CHUNK (a power of two), else the [rows, chunk, D] tile is the budget above.
     merge_rows = max(2, triton.next_power_of_2(group * sq))
-    merge_chunk = int(cfg.get("MERGE_CHUNK") or max(1, min(32, MERGE_TILE_ELEMS // (merge_rows * block_d))))
+    tile = min(MERGE_TILE_ELEMS, 64 * block_d)
+    merge_chunk = int(cfg.get("MERGE_CHUNK") or max(1, min(32, tile // (merge_rows * block_d))))
     if merge_chunk < 1 or merge_chunk & (merge_chunk - 1):
         raise ValueError(f"decode attention: MERGE_CHUNK must be a power of two >= 1, got {merge_chunk}")
     dummy = lens if lens is not None else q
