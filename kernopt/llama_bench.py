@@ -27,6 +27,7 @@ import contextlib
 import gc
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -82,10 +83,12 @@ def _sync_time(fn, device: str = "cuda") -> float:
 
 
 def dynamo_counts() -> dict[str, int]:
-    """Dynamo's running totals: frames it was asked to convert (failed ones too) and FX graphs it compiled."""
+    """Running totals: frames Dynamo was asked to convert (failed ones too), FX graphs it compiled, and graphs
+    Inductor compiled for CUDA graphs (mode="reduce-overhead") but then ran without them (cudagraph_skips)."""
     from torch._dynamo.utils import counters
 
-    return {"frames": int(counters["frames"]["total"]), "graphs": int(counters["stats"]["unique_graphs"])}
+    return {"frames": int(counters["frames"]["total"]), "graphs": int(counters["stats"]["unique_graphs"]),
+            "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
 
 
 def _counted(fn, device: str) -> tuple[float, dict[str, int]]:
@@ -170,9 +173,15 @@ def run_system(system: str, shape: str, batch_sizes, prompt: int, new: int, pref
             t = min(s for s, _ in timed)
             out[f"decode_bs{bs}"] = bs * new / t
             counts = {"first_call_graphs": first_counts["graphs"], "first_call_frames": first_counts["frames"],
+                      "first_call_cudagraph_skips": first_counts["cudagraph_skips"],
                       "timed_graphs": [c["graphs"] for _, c in timed],
                       "timed_frames": [c["frames"] for _, c in timed]}
             out["dynamo"][f"decode_bs{bs}"] = counts
+            if device == "cuda" and system != "eager" and first_counts["cudagraph_skips"]:
+                # The decode step runs without CUDA graphs: launch-bound; Inductor's perf hints log say why.
+                out.setdefault("warnings", []).append(
+                    f"decode_bs{bs}: {first_counts['cudagraph_skips']} graph(s) compiled for CUDA graphs ran without "
+                    "them (TORCH_LOGS=perf_hints says why)")
             if bs == batch_sizes[0]:
                 out["dynamo"]["first_call_s"] = {"graphs": first_counts["graphs"], "frames": first_counts["frames"]}
                 # First call minus the fastest compiled call: what compiling (and one-time warm-up) cost.
@@ -276,20 +285,60 @@ def output_dir(device: str, out) -> Path:
 
 
 @contextlib.contextmanager
+def _env(**values: str):
+    """Set environment variables for the block; restore what was there after."""
+    prev = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in prev.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _compile_caches(root, name: str):
+    """With `root` (--cold-compile-caches): fresh Inductor and Triton cache directories for one system of one
+    shape, so its first call compiles from nothing rather than from what an earlier run or system left on disk.
+    (Kernels compiled earlier in this process stay compiled in memory: the first system of a kind is the cold
+    number.)"""
+    if root is None:
+        return contextlib.nullcontext()
+    return _env(TORCHINDUCTOR_CACHE_DIR=str(root / name / "inductor"), TRITON_CACHE_DIR=str(root / name / "triton"))
+
+
+@contextlib.contextmanager
 def _cpu_references(device: str):
     """On CPU every kernopt op runs its plain-torch reference (the Triton interpreter would take minutes)."""
     if device == "cuda":
         yield
         return
-    prev = os.environ.get("KERNOPT_CPU")
-    os.environ["KERNOPT_CPU"] = "reference"
-    try:
+    with _env(KERNOPT_CPU="reference"):
         yield
-    finally:
-        if prev is None:
-            os.environ.pop("KERNOPT_CPU", None)
-        else:
-            os.environ["KERNOPT_CPU"] = prev
+
+
+def merge_earlier(suite, out: Path) -> None:
+    """Keep the rows of an earlier run's JSON in `out` (same suite and device) whose cases this run did not
+    measure, each marked with the commit and date it came from: one file from runs split by shape (a GPU
+    command has a time limit; 1B and 8B together exceed it)."""
+    import json
+
+    from kernopt.benchmark import gpu_slug
+
+    path = Path(out) / f"{suite.suite}-{gpu_slug(suite.device)}.json"
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if earlier.get("suite") != suite.suite or earlier.get("device") != suite.device:
+        return
+    ours = {r["case"] for r in suite.rows}
+    kept = [{**r, "from_run": r.get("from_run") or {"kernopt_commit": earlier.get("kernopt_commit"),
+                                                     "date": earlier.get("date")}}
+            for r in earlier.get("rows", []) if r["case"] not in ours]
+    suite.rows[:0] = kept
 
 
 def write(suite, out: Path, plot: bool = False) -> Path:
@@ -322,7 +371,11 @@ def main(argv=None) -> dict:
                     help="cpu: a smoke test of the suite (ops as references, fp32, --shapes tiny); numbers mean nothing")
     ap.add_argument("--inner", choices=["inductor", "eager"], default="inductor",
                     help="what compiles the rest of the kernopt systems' graphs (the baselines keep Inductor)")
+    ap.add_argument("--cold-compile-caches", action="store_true",
+                    help="fresh Inductor/Triton cache directories per system: first-call s is a cold compile")
     ap.add_argument("--out", default=None, help="directory for the JSON (CPU runs: a temporary one by default)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of an earlier run's JSON (same device) for cases this run does not measure")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--quick", action="store_true", help="1B, bs1, 32 new tokens")
     args = ap.parse_args(argv)
@@ -341,15 +394,27 @@ def main(argv=None) -> dict:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     out_dir = output_dir(args.device, args.out)
     start_state = cache_state(args.device)
+    cold_root = Path(tempfile.mkdtemp(prefix="kernopt-cold-caches-")) if args.cold_compile_caches else None
+    start_state["compile_caches"] = "fresh per system" if cold_root else "as found"
+
+    def suite_now():
+        suite = _suite(all_results, batch_sizes, args.prefill, args.device, start_state)
+        if args.merge:
+            merge_earlier(suite, out_dir)
+        return suite
+
     all_results: dict[str, dict] = {}
-    with _cpu_references(args.device):
+    with _cpu_references(args.device), contextlib.ExitStack() as cleanup:
+        if cold_root is not None:
+            cleanup.callback(shutil.rmtree, cold_root, ignore_errors=True)
         for shape in shapes:
             results, ref = all_results.setdefault(shape, {}), None
             for system in systems:
                 print(f"[llama] {shape} {system} ...", flush=True)
                 try:
-                    res, logits = run_system(system, shape, batch_sizes, args.prompt, args.new, args.prefill, ref,
-                                             device=args.device, inner=args.inner)
+                    with _compile_caches(cold_root, f"{shape}-{system}"):
+                        res, logits = run_system(system, shape, batch_sizes, args.prompt, args.new, args.prefill, ref,
+                                                 device=args.device, inner=args.inner)
                 except Exception as e:  # one system failing must not lose the others' numbers
                     res, logits = {"error": f"{type(e).__name__}: {e}"[:400]}, None
                 if logits is not None:
@@ -357,8 +422,8 @@ def main(argv=None) -> dict:
                 results[system] = res
                 print(f"[llama] {shape} {system}: {res}", flush=True)
                 # After every system: a run cut short keeps what it measured.
-                write(_suite(all_results, batch_sizes, args.prefill, args.device, start_state), out_dir)
-    suite = _suite(all_results, batch_sizes, args.prefill, args.device, start_state)
+                write(suite_now(), out_dir)
+    suite = suite_now()
     print(suite.table())
     path = write(suite, out_dir, plot=not args.no_plot)
     print("wrote", path)

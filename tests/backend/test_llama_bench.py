@@ -10,6 +10,7 @@ Inductor's C++ compiles on CPU would make this test minutes long; the baseline k
 """
 import functools
 import json
+import os
 import sys
 
 import pytest
@@ -85,7 +86,8 @@ def _partial_backend_prepare(prepare):
 
 def test_recompiling_timed_calls_are_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(llama_bench, "prepare", _partial_backend_prepare(llama_bench.prepare))
-    run = llama_bench.main([*SMOKE, "--systems", "kernopt", "--out", str(tmp_path), "--no-plot"])
+    run = llama_bench.main([*SMOKE, "--systems", "kernopt", "--out", str(tmp_path), "--no-plot",
+                            "--cold-compile-caches"])
     err = run["results"]["tiny"]["kernopt"]["error"]
     assert "decode_bs1: timed calls recompiled" in err, err
     _, rows = _rows(run["path"])
@@ -93,6 +95,20 @@ def test_recompiling_timed_calls_are_an_error(tmp_path, monkeypatch):
     assert "kernopt" not in row["results"] and "recompiled" in row["errors"]
     assert all(g >= 1 for g in row["dynamo"]["kernopt"]["timed_graphs"]), row["dynamo"]
     assert llama_bench.errors(run["results"]) == [f"tiny kernopt: {err}"]
+    assert rows["tiny first-call s"]["cache_state"]["compile_caches"] == "fresh per system"
+
+
+def test_cold_compile_caches_are_fresh_directories_inductor_uses(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, triton_cache_dir
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with llama_bench._compile_caches(tmp_path, "tiny-kernopt"):
+        assert cache_dir() == str(tmp_path / "tiny-kernopt" / "inductor")
+        assert triton_cache_dir(0) == str(tmp_path / "tiny-kernopt" / "triton")
+    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/else" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    with llama_bench._compile_caches(None, "tiny-kernopt"):
+        assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/else"
 
 
 def test_cpu_results_stay_out_of_benchmarks_results(tmp_path):
@@ -142,3 +158,30 @@ def test_plot_with_matplotlib_writes_a_png(tmp_path):
     suite.add("tiny decode bs1", "tok/s", True, {"kernopt": 2.0, "eager": 1.0})
     path = llama_bench.write(suite, tmp_path, plot=True)
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_keeps_earlier_cases_of_the_same_device(tmp_path):
+    from kernopt.benchmark import Suite
+
+    def suite(device, case, value, commit):
+        s = Suite("llama")
+        s.device = s.header["device"] = device
+        s.header["kernopt_commit"] = commit
+        s.add(case, "tok/s", True, {"kernopt": value})
+        return s
+
+    suite("NVIDIA H200", "1B decode bs1", 1.0, "aaa").write(tmp_path)
+    later = suite("NVIDIA H200", "8B decode bs1", 2.0, "bbb")
+    llama_bench.merge_earlier(later, tmp_path)
+    later.write(tmp_path)
+    rows = {r["case"]: r for r in json.loads((tmp_path / "llama-h200.json").read_text())["rows"]}
+    assert rows["1B decode bs1"]["results"] == {"kernopt": 1.0}
+    assert rows["1B decode bs1"]["from_run"]["kernopt_commit"] == "aaa" and "from_run" not in rows["8B decode bs1"]
+    again = suite("NVIDIA H200", "1B decode bs1", 3.0, "ccc")  # a re-measured case replaces the earlier row
+    llama_bench.merge_earlier(again, tmp_path)
+    assert {r["case"]: r["results"]["kernopt"] for r in again.rows} == {"8B decode bs1": 2.0, "1B decode bs1": 3.0}
+    assert again.rows[0]["from_run"]["kernopt_commit"] == "bbb"
+    other = suite("NVIDIA H100 80GB HBM3", "1B decode bs1", 4.0, "ddd")
+    (tmp_path / "llama-h100.json").write_text((tmp_path / "llama-h200.json").read_text())  # a foreign device's rows
+    llama_bench.merge_earlier(other, tmp_path)
+    assert [r["case"] for r in other.rows] == ["1B decode bs1"]
