@@ -246,13 +246,14 @@ def _suite(all_results: dict, batch_sizes, prefill: int, device: str = "cuda", s
     for shape, results in all_results.items():
         def row(case, key, metric, hib, **more):
             vals = {s: r[key] for s, r in results.items() if key in r and not (s.startswith("kernopt") and "error" in r)}
-            errs = "; ".join(f"{s}: {r['error']}" for s, r in results.items() if "error" in r)
+            system_errors = {s: r["error"] for s, r in results.items() if "error" in r}
+            errs = "; ".join(f"{s}: {e}" for s, e in system_errors.items())
             cos = {s: round(r["cosine_vs_reference"], 5) for s, r in results.items() if "cosine_vs_reference" in r}
             qerr = {s: round(r["cosine_vs_bf16"], 5) for s, r in results.items() if "cosine_vs_bf16" in r}
             dyn = {s: r["dynamo"][key] for s, r in results.items() if key in r.get("dynamo", {})}
             warns = {s: r["warnings"] for s, r in results.items() if r.get("warnings")}
             if vals or errs:  # a case whose every system failed still says why
-                extra = {"errors": errs} if errs else {}
+                extra = {"errors": errs, "system_errors": system_errors} if errs else {}
                 if cos:
                     extra["prefill_logits_cosine_vs_reference"] = cos
                     extra["prefill_logits_cosine_vs_bf16"] = qerr
@@ -319,10 +320,16 @@ def _cpu_references(device: str):
         yield
 
 
-def merge_earlier(suite, out: Path) -> None:
-    """Keep the rows of an earlier run's JSON in `out` (same suite and device) whose cases this run did not
-    measure, each marked with the commit and date it came from: one file from runs split by shape (a GPU
-    command has a time limit; 1B and 8B together exceed it)."""
+def _per_system(value) -> bool:
+    """A row field that holds one entry per system (results, dynamo, cosines, ...)."""
+    return isinstance(value, dict) and bool(value) and set(value) <= set(SYSTEMS)
+
+
+def merge_earlier(suite, out: Path, systems) -> None:
+    """Fold an earlier run's JSON in `out` (same suite and device) into `suite`: its numbers for the systems this
+    run did not measure, in the same case's row or in a row of its own, each marked in the row's ``from_run``
+    with the commit and date they came from. One file then holds runs split by shape or by system (a GPU
+    command has a time limit that the whole suite exceeds)."""
     import json
 
     from kernopt.benchmark import gpu_slug
@@ -334,10 +341,26 @@ def merge_earlier(suite, out: Path) -> None:
         return
     if earlier.get("suite") != suite.suite or earlier.get("device") != suite.device:
         return
-    ours = {r["case"] for r in suite.rows}
-    kept = [{**r, "from_run": r.get("from_run") or {"kernopt_commit": earlier.get("kernopt_commit"),
-                                                     "date": earlier.get("date")}}
-            for r in earlier.get("rows", []) if r["case"] not in ours]
+    stamp = {"kernopt_commit": earlier.get("kernopt_commit"), "date": earlier.get("date")}
+    ours = {r["case"]: r for r in suite.rows}
+    kept = []
+    for old in earlier.get("rows", []):
+        fields = {k: v for k, v in old.items() if _per_system(v) and k != "from_run"}
+        carried = sorted({sys_ for v in fields.values() for sys_ in v} - set(systems))
+        if not carried:
+            continue
+        row = ours.get(old["case"])
+        if row is None:
+            row = {k: v for k, v in old.items() if k not in fields and k not in ("errors", "from_run")}
+            row["results"] = {}
+            kept.append(row)
+        for k, v in fields.items():
+            mine = row.setdefault(k, {})
+            mine.update({sys_: v[sys_] for sys_ in carried if sys_ in v})
+        row.setdefault("from_run", {}).update({sys_: old.get("from_run", {}).get(sys_, stamp) for sys_ in carried})
+        errs = row.get("system_errors", {})
+        if errs:
+            row["errors"] = "; ".join(f"{sys_}: {e}" for sys_, e in errs.items())
     suite.rows[:0] = kept
 
 
@@ -375,7 +398,8 @@ def main(argv=None) -> dict:
                     help="fresh Inductor/Triton cache directories per system: first-call s is a cold compile")
     ap.add_argument("--out", default=None, help="directory for the JSON (CPU runs: a temporary one by default)")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the rows of an earlier run's JSON (same device) for cases this run does not measure")
+                    help="keep an earlier run's numbers (same device, same --out) for the systems this run does not "
+                         "measure: one JSON from runs split by shape or system")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--quick", action="store_true", help="1B, bs1, 32 new tokens")
     args = ap.parse_args(argv)
@@ -400,7 +424,7 @@ def main(argv=None) -> dict:
     def suite_now():
         suite = _suite(all_results, batch_sizes, args.prefill, args.device, start_state)
         if args.merge:
-            merge_earlier(suite, out_dir)
+            merge_earlier(suite, out_dir, systems)
         return suite
 
     all_results: dict[str, dict] = {}

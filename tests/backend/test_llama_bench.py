@@ -160,28 +160,68 @@ def test_plot_with_matplotlib_writes_a_png(tmp_path):
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_merge_keeps_earlier_cases_of_the_same_device(tmp_path):
+def test_merge_keeps_earlier_numbers_of_systems_not_rerun(tmp_path):
     from kernopt.benchmark import Suite
 
-    def suite(device, case, value, commit):
+    def suite(device, commit, rows):
         s = Suite("llama")
         s.device = s.header["device"] = device
         s.header["kernopt_commit"] = commit
-        s.add(case, "tok/s", True, {"kernopt": value})
+        for case, results in rows.items():
+            s.add(case, "tok/s", True, results, dynamo={k: {"timed_graphs": [0, 0]} for k in results})
         return s
 
-    suite("NVIDIA H200", "1B decode bs1", 1.0, "aaa").write(tmp_path)
-    later = suite("NVIDIA H200", "8B decode bs1", 2.0, "bbb")
-    llama_bench.merge_earlier(later, tmp_path)
+    def load(name="llama-h200.json"):
+        return {r["case"]: r for r in json.loads((tmp_path / name).read_text())["rows"]}
+
+    first = suite("NVIDIA H200", "aaa", {"1B decode bs1": {"eager": 1.0, "kernopt": 2.0}})
+    first.write(tmp_path)
+    # Another shape, and a split by system: kernopt_int4 alone for 1B.
+    later = suite("NVIDIA H200", "bbb", {"8B decode bs1": {"kernopt": 5.0}, "1B decode bs1": {"kernopt_int4": 3.0}})
+    llama_bench.merge_earlier(later, tmp_path, ["kernopt", "kernopt_int4"])
     later.write(tmp_path)
-    rows = {r["case"]: r for r in json.loads((tmp_path / "llama-h200.json").read_text())["rows"]}
-    assert rows["1B decode bs1"]["results"] == {"kernopt": 1.0}
-    assert rows["1B decode bs1"]["from_run"]["kernopt_commit"] == "aaa" and "from_run" not in rows["8B decode bs1"]
-    again = suite("NVIDIA H200", "1B decode bs1", 3.0, "ccc")  # a re-measured case replaces the earlier row
-    llama_bench.merge_earlier(again, tmp_path)
-    assert {r["case"]: r["results"]["kernopt"] for r in again.rows} == {"8B decode bs1": 2.0, "1B decode bs1": 3.0}
-    assert again.rows[0]["from_run"]["kernopt_commit"] == "bbb"
-    other = suite("NVIDIA H100 80GB HBM3", "1B decode bs1", 4.0, "ddd")
-    (tmp_path / "llama-h100.json").write_text((tmp_path / "llama-h200.json").read_text())  # a foreign device's rows
-    llama_bench.merge_earlier(other, tmp_path)
-    assert [r["case"] for r in other.rows] == ["1B decode bs1"]
+    rows = load()
+    assert rows["8B decode bs1"]["results"] == {"kernopt": 5.0} and "from_run" not in rows["8B decode bs1"]
+    one_b = rows["1B decode bs1"]
+    assert one_b["results"] == {"kernopt_int4": 3.0, "eager": 1.0}  # kernopt was in this run's systems: not kept
+    assert set(one_b["dynamo"]) == {"kernopt_int4", "eager"}
+    assert one_b["from_run"] == {"eager": {"kernopt_commit": "aaa", "date": first.header["date"]}}
+    # A third run re-measures eager for 1B only; the 8B row and 1B kernopt_int4 stay, eager is replaced.
+    again = suite("NVIDIA H200", "ccc", {"1B decode bs1": {"eager": 9.0}})
+    llama_bench.merge_earlier(again, tmp_path, ["eager"])
+    again.write(tmp_path)
+    rows = load()
+    assert rows["1B decode bs1"]["results"] == {"eager": 9.0, "kernopt_int4": 3.0}
+    assert rows["1B decode bs1"]["from_run"] == {"kernopt_int4": {"kernopt_commit": "bbb", "date": later.header["date"]}}
+    assert rows["8B decode bs1"]["results"] == {"kernopt": 5.0} and rows["8B decode bs1"]["from_run"]["kernopt"]
+    # A foreign device's file is never merged.
+    (tmp_path / "llama-h100.json").write_text((tmp_path / "llama-h200.json").read_text())
+    other = suite("NVIDIA H100 80GB HBM3", "ddd", {"1B decode bs1": {"eager": 4.0}})
+    llama_bench.merge_earlier(other, tmp_path, ["eager"])
+    assert [(r["case"], r["results"]) for r in other.rows] == [("1B decode bs1", {"eager": 4.0})]
+
+
+def test_merge_rebuilds_the_errors_of_kept_systems(tmp_path):
+    from kernopt.benchmark import Suite
+
+    first = Suite("llama")
+    first.add("1B decode bs1", "tok/s", True, {"eager": 1.0}, errors="kernopt: boom; x",
+              system_errors={"kernopt": "boom; x"})
+    first.write(tmp_path)
+    second = Suite("llama")
+    second.add("1B decode bs1", "tok/s", True, {"eager": 2.0})
+    llama_bench.merge_earlier(second, tmp_path, ["eager"])
+    assert second.rows[0]["errors"] == "kernopt: boom; x" and second.rows[0]["results"] == {"eager": 2.0}
+
+
+def test_cli_explain_tiny_on_cpu(capsys):
+    assert cli.main(["explain", "--model", "tiny", "--quantize", "int4", "--seq", "8"]) == 0
+    out = capsys.readouterr().out
+    linears = 7 * llama_bench.LLAMA["tiny"]["num_hidden_layers"]  # q k v o gate up down; lm_head is skipped
+    assert "1 graph(s)" in out and out.count("kernopt.int4_linear") == linears, out
+
+
+def test_cli_tune_without_a_gpu_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["tune", "--model", "tiny"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
