@@ -16,9 +16,14 @@ size may compile, the timed calls after it must not. A kernopt system whose time
 an error (its numbers would time the compiler: the bug where every `generate` recompiled); the counts are in
 each row's ``dynamo`` field for every system.
 
-``--device cpu --shapes tiny`` is a smoke test of this plumbing (every system end to end, kernopt ops as their
-plain-torch references, fp32) before GPU time is spent; its numbers mean nothing, so they never go to
+``--device cpu`` (shape ``tiny``) is a smoke test of this plumbing (every system end to end, kernopt ops as
+their plain-torch references, fp32) before GPU time is spent; its numbers mean nothing, so they never go to
 benchmarks/results: CPU runs write to ``--out`` or a fresh temporary directory.
+
+    python -m kernopt.llama_bench --device cpu --batch-sizes 1,2 --new 4 --prompt 8 --prefill 16   # CPU smoke
+    python -m kernopt.llama_bench --quick --cold-compile-caches     # GPU: 1B bs1; first calls compile cold
+    python -m kernopt.llama_bench --shapes 8B --systems kernopt_int4,kernopt_fp8 --merge   # add to the JSON
+The exit status is 1 when a system reported an error (a failed check, a recompile, an exception).
 """
 from __future__ import annotations
 
@@ -384,7 +389,8 @@ def main(argv=None) -> dict:
     from kernopt.benchmark import require_cuda
 
     ap = argparse.ArgumentParser(description="kernopt llama suite")
-    ap.add_argument("--shapes", default="1B,8B", help=f"comma-separated, of {', '.join(LLAMA)}")
+    ap.add_argument("--shapes", default=None,
+                    help=f"comma-separated, of {', '.join(LLAMA)} (default: 1B,8B on cuda, tiny on cpu)")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--prompt", type=int, default=128)
@@ -401,12 +407,14 @@ def main(argv=None) -> dict:
                     help="keep an earlier run's numbers (same device, same --out) for the systems this run does not "
                          "measure: one JSON from runs split by shape or system")
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="1B, bs1, 32 new tokens")
+    ap.add_argument("--quick", action="store_true", help="1B (tiny on cpu), bs1, 32 new tokens")
     args = ap.parse_args(argv)
     if args.device == "cuda":
         require_cuda("kernopt bench llama")
+    if args.shapes is None:
+        args.shapes = "1B,8B" if args.device == "cuda" else "tiny"
     if args.quick:
-        args.shapes, args.batch_sizes, args.new = "1B", "1", 32
+        args.shapes, args.batch_sizes, args.new = ("1B" if args.device == "cuda" else "tiny"), "1", 32
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in LLAMA]
     if unknown:
