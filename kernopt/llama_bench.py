@@ -378,6 +378,12 @@ def write(suite, out: Path, plot: bool = False) -> Path:
     return path
 
 
+def names(text: str) -> list[str]:
+    """A list option: comma- or plus-separated ("1,16" or "1+16"; benchmarks/run_gpu.sh turns commas into
+    spaces, so lists passed through it use "+")."""
+    return [t for t in text.replace("+", ",").split(",") if t]
+
+
 def errors(results: dict) -> list[str]:
     """Every system's error in a run's results ({shape: {system: numbers}}), as "shape system: error"."""
     return [f"{shape} {system}: {r['error']}" for shape, res in results.items() for system, r in res.items()
@@ -415,15 +421,15 @@ def main(argv=None) -> dict:
         args.shapes = "1B,8B" if args.device == "cuda" else "tiny"
     if args.quick:
         args.shapes, args.batch_sizes, args.new = ("1B" if args.device == "cuda" else "tiny"), "1", 32
-    shapes = [s for s in args.shapes.split(",") if s]
+    shapes = names(args.shapes)
     unknown = [s for s in shapes if s not in LLAMA]
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; valid: {', '.join(LLAMA)}")
-    systems = [s for s in args.systems.split(",") if s]
+    systems = names(args.systems)
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise SystemExit(f"unknown systems {unknown}; valid: {', '.join(SYSTEMS)}")
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batch_sizes = [int(b) for b in names(args.batch_sizes)]
     out_dir = output_dir(args.device, args.out)
     start_state = cache_state(args.device)
     cold_root = Path(tempfile.mkdtemp(prefix="kernopt-cold-caches-")) if args.cold_compile_caches else None

@@ -130,8 +130,10 @@ def test_cuda_run_without_a_gpu_says_so(monkeypatch):
 def test_bad_names_list_the_valid_ones():
     with pytest.raises(SystemExit, match="valid: tiny, 1B, 8B"):
         llama_bench.main(["--device", "cpu", "--shapes", "3B"])
-    with pytest.raises(SystemExit, match="valid: eager, hf_static_inductor"):
-        llama_bench.main(["--device", "cpu", "--shapes", "tiny", "--systems", "vllm"])
+    with pytest.raises(SystemExit, match=r"unknown systems \['vllm'\]; valid: eager, hf_static_inductor"):
+        llama_bench.main(["--device", "cpu", "--shapes", "tiny", "--systems", "eager+vllm"])
+    assert llama_bench.names("kernopt+kernopt_int4") == llama_bench.names("kernopt,kernopt_int4,") == [
+        "kernopt", "kernopt_int4"]
 
 
 def test_cli_models_are_the_suite_shapes():
