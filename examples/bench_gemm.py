@@ -19,9 +19,14 @@ Each row also records what `prefer_triton` says for the shape ("triton" or its r
 crossover table in kernels/gemm.py can be checked against the measured ratio. Inputs are random,
 rotated over several copies when one set fits in L2 (do_bench clears L2 between repeats anyway).
 
-    python examples/bench_gemm.py [--quick] [--out DIR] [--tune] [--plot] [--rep MS]
+    python examples/bench_gemm.py [--quick] [--out DIR] [--tune] [--plot] [--rep MS] [--ms 1,4,16]
 
-``--tune`` also times every `candidate_configs` entry per case and prints the best (for the table).
+``--tune`` also times every `candidate_configs` entry per case (at M <= 16 both kernels: the tiled
+tl.dot kernel and the FMA gemv, ``impl=gemv``) and records, beside the selected config's time
+(``kernopt``): ``tuned_best_us`` / ``tuned_best_config`` / ``tuned_best_impl`` (the fastest candidate,
+its config line with its impl) and ``tuned_by_impl`` (the fastest candidate of each impl, time and
+config), so that one GPU run says whether `GEMV_MAX_M` / `_GEMV_TILE` in kernels/gemm.py should change.
+``--ms`` replaces the M values (e.g. ``--ms 1,2,4,8,16`` for the gemv crossover).
 """
 from __future__ import annotations
 
@@ -75,13 +80,15 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="also time every candidate config per case")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
+    parser.add_argument("--ms", default=None, help="comma-separated M values (default: %s)" % ",".join(map(str, MS)))
     args = parser.parse_args()
     require_cuda("bench_gemm.py")
 
     from kernopt.kernels.gemm import (candidate_configs, format_config, gemm, gemm_ref, prefer_triton,
                                       select_config)
 
-    cases = [(m, s) for s in SHAPES for m in MS]
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
+    cases = [(m, s) for s in SHAPES for m in ms]
     if args.quick:
         cases = [(16, SHAPES[0]), (4096, SHAPES[1])]
     suite = Suite("gemm")
@@ -129,6 +136,7 @@ def main() -> None:
               + f"  [{extra['prefer_triton']}]" + (f" ERROR {error}" if error else ""), flush=True)
         if args.tune:
             best, best_us = None, float("inf")
+            by_impl: dict[str, dict] = {}  # impl -> {"us": fastest time, "config": its config line}
             for cand in candidate_configs(M, N, K, activation):
                 try:
                     o = gemm(x, w, bias=bias, w_up=w_up, activation=activation, config=cand)
@@ -142,11 +150,18 @@ def main() -> None:
                 print(f"    {us:9.2f} us  {format_config(cand)}")
                 if us < best_us:
                     best, best_us = cand, us
+                impl = cand.get("impl", "tiled")
+                if us < by_impl.get(impl, {}).get("us", float("inf")):
+                    by_impl[impl] = {"us": round(us, 3), "config": format_config(cand)}
             if best is not None:
-                extra.update(tuned_best_us=round(best_us, 3), tuned_best_config=format_config(best))
-                print(f"  {case}: best {best_us:.2f} us with {format_config(best)}")
+                extra.update(tuned_best_us=round(best_us, 3), tuned_best_config=format_config(best),
+                             tuned_best_impl=best.get("impl", "tiled"), tuned_by_impl=by_impl)
+                sel = results.get("kernopt")
+                print(f"  {case}: best {best_us:.2f} us with {format_config(best)}"
+                      + (f" (selected {sel:.2f} us)" if sel else "")
+                      + "".join(f"; best {i} {v['us']:.2f} us" for i, v in sorted(by_impl.items())))
         suite.add(case, "µs", False, results, config=format_config(cfg), error=error, **extra)
-        del sets, x, w, bias, w_up, expected
+        sets = x = w = bias = w_up = expected = None  # free this case's tensors before the next one
     print(suite.table())
     path = suite.write(args.out, plot=args.plot)
     print(f"wrote {path}")

@@ -9,6 +9,26 @@ Algorithm (the Triton matmul tutorial, plus an epilogue and an optional second w
   - decode shapes (few rows, a long K) split K over SPLIT_K programs that write fp32 partial tiles,
     and a second small kernel sums the partials and applies the same epilogue.
 
+The gemv (``config={"impl": "gemv", ...}``; decode rows, M of 1 to 16): at batch 1 a linear layer is a
+stream of its weight bytes, and tl.dot's 16-row tiles only add work, so this kernel uses FMAs:
+  - each program owns BLOCK_N weight rows (output columns), all BLOCK_M x rows and one K slice; it
+    loads [BLOCK_N, BLOCK_K] weight tiles (K contiguous: 16-byte vectors, a warp reads 512 contiguous
+    bytes of a row) and multiplies them by the x rows broadcast along n, in fp32;
+  - products are summed in-thread over each 16-byte vector and carried as a
+    [BLOCK_M, BLOCK_N, BLOCK_K / VEC] fp32 accumulator; the cross-thread sum runs once, after the loop;
+  - swiglu reads each x tile once for both weights; the epilogue is the tiled kernel's (fp32, one
+    rounding);
+  - split-K is single-pass: each K slice stores its fp32 partial and bumps the output tile's arrival
+    counter (acq_rel atomic); the last slice to arrive sums the partials in slice order (deterministic),
+    runs the epilogue, writes out and re-arms the counter to 0. No second kernel, no second launch.
+  sm_90 SASS (triton 3.6, bf16, compiled offline): no shared memory or barrier in the K loop; per thread
+  and K block, the weight's 128-bit loads plus one per x row (x is loaded once per thread, not per n).
+  Loop instructions per weight element: 3.3 at M=1 (32 x 512 tile), 7.9 at M=4, 16 at M=8, 38 at
+  M=16. At 3 TB/s an SM must consume ~6.5 bf16 weights per cycle, so issue stays well under the
+  4 warp-instructions per cycle up to M=4, nears the limit at M=8, and caps M=16 near 1.5 TB/s (the
+  tiled kernel should keep M=16). Unmeasured on a GPU: `select_config` does not pick it yet
+  (GEMV_MAX_M = 0); `candidate_configs` offers it for M <= 16.
+
 Layouts: x [M, K] with any strides (a row-strided view of a wider buffer is fine); w and w_up [N, K]
 (nn.Linear layout) with any strides, e.g. a transposed [K, N] buffer's .T; bias [N]; out [M, N] with
 any strides. fp16, bf16 and fp32; x, w and w_up share one dtype and the output has it too.
@@ -27,7 +47,8 @@ from .tile_order import tile_coords
 ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "swiglu")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
+CONFIG_KEYS = ("impl", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
+IMPLS = ("tiled", "gemv")  # a config without "impl" (e.g. one tuned before the gemv existed) is "tiled"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,6 +159,104 @@ def _split_k_reduce_kernel(
              out.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
+@triton.jit
+def _gemv_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn,
+                ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The gemv's epilogue on [BLOCK_M, BLOCK_N] fp32 sums: bias, activation, one rounding, masked store."""
+    if HAS_BIAS:
+        g += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    out = _activation(g, u, ACT)
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, wu_ptr, b_ptr, y_ptr, pg_ptr, pu_ptr, cnt_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_un, stride_uk, stride_ym, stride_yn, stride_ps,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+):
+    SWIGLU: tl.constexpr = ACT == 4
+    tile = tl.program_id(0)  # n-blocks fastest: neighbouring programs share the x rows
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    offs_m = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past M / columns past N wrap onto valid ones: loads need no M/N mask, the stores mask them.
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + (k_lo + offs_k)[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+    if SWIGLU:
+        u_ptrs = wu_ptr + rn[:, None] * stride_un + (k_lo + offs_k)[None, :] * stride_uk
+    # x as a [BLOCK_M, BLOCK_N, BLOCK_K] tile constant along n: its load gets the w tile's thread layout
+    # (a [BLOCK_M, BLOCK_K] load got its own, converted through shared memory with 4 barriers per K
+    # block in sm_90 compiles), and the compiled code still loads each x vector once per thread.
+    x_ptrs = (x_ptr + rm[:, None, None] * stride_xm + (k_lo + offs_k)[None, None, :] * stride_xk
+              + 0 * offs_n[None, :, None])
+
+    # k = VEC * c + v (VEC = 16 bytes of elements, one vector load): the products are summed over v
+    # inside a thread (an FMA chain) and [BLOCK_M, BLOCK_N, BLOCK_K / VEC] fp32 sums are carried; the
+    # cross-thread sum over c runs once, after the K loop.
+    C: tl.constexpr = BLOCK_K // VEC
+    acc = tl.zeros((BLOCK_M, BLOCK_N, C), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N, C), dtype=tl.float32)
+    # Every K block in [k_lo, k_hi) is whole when BLOCK_K divides K (K_PER_SPLIT is a multiple of it).
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            kmask = (k0 + offs_k < k_hi)[None, :]
+            xt = tl.load(x_ptrs, mask=kmask[None, :, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=kmask, other=0.0)
+        xf = tl.reshape(xt.to(tl.float32), (BLOCK_M, BLOCK_N, C, VEC))
+        acc += tl.sum(xf * tl.reshape(wt.to(tl.float32), (1, BLOCK_N, C, VEC)), axis=3)
+        if SWIGLU:  # the up projection reuses the x tile already in registers
+            if EVEN_K:
+                ut = tl.load(u_ptrs)
+            else:
+                ut = tl.load(u_ptrs, mask=kmask, other=0.0)
+            acc_u += tl.sum(xf * tl.reshape(ut.to(tl.float32), (1, BLOCK_N, C, VEC)), axis=3)
+            u_ptrs += BLOCK_K * stride_uk
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    g = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+    u = tl.sum(acc_u, axis=2)
+
+    if SPLIT_K == 1:
+        _gemv_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS)
+    else:
+        # Single-pass split-K: store this slice's fp32 partials (gate in pg, up in pu: [SPLIT_K, M, N]
+        # each, stride_ps = M * N), then count the arrival; the slice that arrives last sums the partials
+        # in slice order (deterministic, whichever slice it is), runs the epilogue, re-arms the counter.
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        rows = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(pg_ptr + rows + pid_k.to(tl.int64) * stride_ps, g, mask=mask)
+        if SWIGLU:
+            tl.store(pu_ptr + rows + pid_k.to(tl.int64) * stride_ps, u, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            pg_ptrs = pg_ptr + rows
+            pu_ptrs = pu_ptr + rows
+            for _ in range(SPLIT_K):
+                # .cg: read the other SMs' partials from L2, never from a stale L1 line
+                g += tl.load(pg_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                pg_ptrs += stride_ps
+                if SWIGLU:
+                    u += tl.load(pu_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                    pu_ptrs += stride_ps
+            _gemv_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Configs: the one shape -> config table of this family
 # --------------------------------------------------------------------------------------------------
@@ -148,8 +267,15 @@ _SMEM_TWO_PER_SM = 110 * 1024
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8, split=1) -> dict:
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "SPLIT_K": split,
+    return {"impl": "tiled", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "SPLIT_K": split,
             "num_warps": warps, "num_stages": stages}
+
+
+def _gemv_cfg(bm, bn, bk, warps, split=1) -> dict:
+    # num_stages is inert for the gemv: its K loop has no tl.dot, and Triton 3.6 software-pipelines
+    # only loops that feed one (sm_90 compiles at 1 and 3 stages are identical); kept at 1.
+    return {"impl": "gemv", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": split,
+            "num_warps": warps, "num_stages": 1}
 
 
 def _stages(bm: int, bn: int, bk: int, weights: int, elem: int, budget: int, most: int = 5) -> int:
@@ -164,6 +290,54 @@ def _split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int) -> int:
     split keeps >= 8 K tiles; 1 when the output tiles alone already cover the SMs."""
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     return max(1, min(16, (2 * _SMS) // tiles, K // (8 * bk)))
+
+
+# The gemv's table: rows per program (next power of two of M) -> (BLOCK_N, BLOCK_K in bytes of one weight
+# row, warps) for [one weight, swiglu's two]. Why these: each thread reads 16-byte vectors and a warp
+# 512 contiguous bytes of a weight row; with BLOCK_K * elem = 2 KB on 4 warps the warps sit side by side
+# along K, which is the layout where x rows (BLOCK_M > 1) need no shared-memory conversion per K block
+# (at M = 1 any K width is conversion-free). BLOCK_N shrinks as rows grow to keep the
+# BLOCK_M x BLOCK_N x BLOCK_K/VEC accumulator in registers. Register counts from sm_90 compiles
+# (triton 3.6, bf16, no spills): see candidate_configs. Speeds unmeasured.
+_GEMV_TILE = {1: ((32, 1024, 4), (16, 1024, 4)),   # 128 / 128 registers per thread
+              2: ((16, 2048, 4), (8, 2048, 4)),    # 117 / 117
+              4: ((8, 2048, 4), (4, 2048, 4)),     # 121 / 128
+              8: ((4, 2048, 4), (2, 2048, 4)),     # 127 / 128
+              16: ((2, 2048, 4), (1, 2048, 4))}    # 116 / 112
+# What the --tune sweep tries besides the table's entry, same units, for [one weight, swiglu]; sm_90
+# registers per thread in the comments (all <= 184: at least two 4-warp programs per SM, no spills, no
+# shared memory or barrier in the K loop). Rows of 2 KB on 4 warps / 4 KB on 8 warps keep the warps along K.
+_GEMV_CANDIDATES = {
+    1: (((16, 1024, 4), (64, 512, 4), (16, 2048, 4), (64, 1024, 8), (128, 512, 8)),  # 72 99 99 138 130
+        ((32, 512, 4), (64, 512, 4), (16, 2048, 4), (64, 1024, 8), (128, 512, 8))),  # 99 152 152 184 154
+    2: (((8, 2048, 4), (32, 2048, 4), (16, 4096, 8)), ((16, 2048, 4), (16, 4096, 8))),  # 89 156 120; 153 153
+    4: (((4, 2048, 4), (16, 2048, 4), (8, 4096, 8)), ((8, 2048, 4), (8, 4096, 8))),  # 96 145 137; 145 145
+    8: (((8, 2048, 4), (8, 4096, 8)), ((4, 2048, 4),)),  # 178 178; 168
+    16: (((4, 2048, 4), (4, 4096, 8)), ()),  # 144 144; swiglu: 2 columns already take 255 registers
+}
+# M <= GEMV_MAX_M runs the gemv (select_config) and, for plain GEMMs, Triton instead of cuBLAS
+# (prefer_triton). 0 = never: the gemv is not measured on a GPU yet. After examples/bench_gemm.py --tune
+# shows it ahead of both the tiled kernel and cuBLAS at small M, this one line switches it on.
+GEMV_MAX_M = 0
+
+
+def _gemv_split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int) -> int:
+    """K slices (a power of two <= 16) until the grid holds ~4 programs per SM: a gemv program keeps
+    one weight tile in flight, so several per SM are needed to cover HBM latency; every slice keeps
+    >= 2 K blocks, since a slice's partials cost an fp32 write and read of its [M, N] outputs."""
+    programs = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    split = 1
+    while programs * split < 4 * _SMS and split < 16 and K // (2 * split) >= 2 * bk:
+        split *= 2
+    return split
+
+
+def _gemv_config(M: int, N: int, K: int, activation: str = "none", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The gemv row of the table (used by select_config for M <= GEMV_MAX_M)."""
+    bm = min(16, triton.next_power_of_2(max(M, 1)))
+    bn, row_bytes, warps = _GEMV_TILE[bm][activation == "swiglu"]
+    bk = row_bytes // (torch.finfo(dtype).bits // 8)
+    return _gemv_cfg(bm, bn, bk, warps, split=_gemv_split_k(M, N, K, bm, bn, bk))
 
 
 def select_config(M: int, N: int, K: int, activation: str = "none", dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -184,7 +358,14 @@ def select_config(M: int, N: int, K: int, activation: str = "none", dtype: torch
     "none" takes 128 x 128 there. fp32 (IEEE FMA, no tensor cores) uses BLOCK_K 32-64 and at most 128 x 128 tiles.
     Register/shared-memory facts behind the table come from compiling each entry for sm_90 offline
     (no spills; smem <= 192 KB); the speeds are to be confirmed by examples/bench_gemm.py --tune.
+
+    The gemv (``"impl": "gemv"``, the FMA kernel for decode rows, `_GEMV_TILE`) takes over every M <=
+    GEMV_MAX_M, which is 0 until a GPU measurement shows it faster: then that one constant switches it
+    on (and prefer_triton follows it for plain GEMMs). Until then candidate_configs offers it to the
+    --tune sweep and to KERNOPT_AUTOTUNE.
     """
+    if M <= GEMV_MAX_M:
+        return _gemv_config(M, N, K, activation, dtype)
     swiglu = activation == "swiglu"
     nw = 2 if swiglu else 1
     if dtype == torch.float32:
@@ -222,6 +403,13 @@ def candidate_configs(M: int, N: int, K: int, activation: str = "none") -> list[
         for bn, bk, budget in tiles:
             for split in sorted({1, _split_k(M, N, K, 16, bn, bk)}):
                 out.append(_cfg(16, bn, bk, 4, _stages(16, bn, bk, nw, 2, budget), group=1, split=split))
+        # The gemv: the table's entry and the alternatives, each unsplit and with the split that gives
+        # ~4 programs per SM (the same choice when the weight rows alone give that many).
+        bm = triton.next_power_of_2(max(M, 1))
+        for bn, row_bytes, warps in (_GEMV_TILE[bm][swiglu],) + _GEMV_CANDIDATES[bm][swiglu]:
+            bk = row_bytes // 2
+            for split in sorted({1, _gemv_split_k(M, N, K, bm, bn, bk)}):
+                out.append(_gemv_cfg(bm, bn, bk, warps, split))
         return out
     if M <= 64:
         if swiglu:
@@ -253,7 +441,7 @@ def candidate_configs(M: int, N: int, K: int, activation: str = "none") -> list[
 
 def format_config(cfg: dict) -> str:
     """One line for explain() and benchmark rows."""
-    return (f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} BLOCK_K={cfg['BLOCK_K']} "
+    return (f"impl={cfg.get('impl', 'tiled')} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} BLOCK_K={cfg['BLOCK_K']} "
             f"GROUP_M={cfg.get('GROUP_M', 1)} SPLIT_K={cfg.get('SPLIT_K', 1)} "
             f"warps={cfg['num_warps']} stages={cfg['num_stages']}")
 
@@ -273,9 +461,13 @@ def format_config(cfg: dict) -> str:
 # | silu/gelu/gelu_tanh| <= 16        | Triton  | same kernel and epilogue cost as swiglu's, half the weights (not measured separately) |
 # | silu/gelu/gelu_tanh| > 16         | cuBLAS  | as swiglu above                                            |
 # | none (+bias)       | any          | cuBLAS  | measured H100: 0.24-0.92x of cuBLAS at every M for qkv/down shapes |
+# |                    |              |         | (tiled kernel); M <= GEMV_MAX_M (now 0) would go to the gemv |
 # | any, fp32 input    | any          | cuBLAS  | our fp32 path is IEEE (exact), cuBLAS' SGEMM is faster     |
 #
-# Measured with examples/bench_gemm.py on an H100 (benchmarks/results/gemm-h100.json).
+# Measured with examples/bench_gemm.py on an H100 (benchmarks/results/gemm-h100.json). The gemv was not
+# part of that run: plain GEMMs follow GEMV_MAX_M (read per call), so switching the gemv on for decode
+# rows also sends plain decode GEMMs to it (give "none" its own entry here if the gemv turns out to beat
+# the tiled kernel but not cuBLAS on them).
 _TRITON_MAX_M = {"swiglu": 16, "silu": 16, "gelu": 16, "gelu_tanh": 16}
 
 
@@ -286,9 +478,10 @@ def prefer_triton(M: int, N: int, K: int, activation: str = "none", dtype: torch
         raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(map(repr, ACTIVATIONS))}")
     if dtype == torch.float32:
         return "fp32 input: cuBLAS SGEMM is faster than the IEEE-fp32 Triton path"
-    if activation == "none":
-        return f"M={M} K={K} N={N} plain GEMM: nothing to fuse; cuBLAS measured faster at every M (gemm-h100.json)"
-    limit = _TRITON_MAX_M[activation]
+    limit = _TRITON_MAX_M.get(activation, GEMV_MAX_M)
+    if activation == "none" and M > limit:
+        return (f"M={M} K={K} N={N} plain GEMM: nothing to fuse; cuBLAS measured faster than the tiled "
+                f"kernel at every M (gemm-h100.json)" + (f", the gemv runs M <= {limit}" if limit else ""))
     if M > limit:
         return (f"M={M} K={K} N={N} {activation}: above M={limit} cuBLAS + Inductor's epilogue measured "
                 f"faster (gemm-h100.json)")
@@ -299,18 +492,70 @@ def prefer_triton(M: int, N: int, K: int, activation: str = "none", dtype: torch
 # Launcher and reference
 # --------------------------------------------------------------------------------------------------
 def _check_config(config: dict) -> dict:
-    missing = [k for k in CONFIG_KEYS if k not in config and k not in ("GROUP_M", "SPLIT_K")]
+    missing = [k for k in CONFIG_KEYS if k not in config and k not in ("impl", "GROUP_M", "SPLIT_K")]
     unknown = [k for k in config if k not in CONFIG_KEYS]
     if missing or unknown:
         raise ValueError(f"gemm config {config}: missing {missing}, unknown {unknown}; keys are {CONFIG_KEYS}")
-    cfg = {"GROUP_M": 1, "SPLIT_K": 1, **config}
+    cfg = {"impl": "tiled", "GROUP_M": 1, "SPLIT_K": 1, **config}
+    if cfg["impl"] not in IMPLS:
+        raise ValueError(f"gemm config impl={cfg['impl']!r}: valid: {', '.join(map(repr, IMPLS))}")
     for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
         v = cfg[k]
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"gemm config {k}={v}: must be a power of two >= 16 (tl.dot's minimum)")
+        if cfg["impl"] == "gemv" and k != "BLOCK_K":  # FMA tiles: any power of two
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"gemm config {k}={v}: must be a power of two (gemv)")
+        elif v < 16 or v & (v - 1):
+            raise ValueError(f"gemm config {k}={v}: must be a power of two >= 16 "
+                             + ("(gemv: 16-byte vectors along K)" if cfg["impl"] == "gemv" else "(tl.dot's minimum)"))
     if cfg["GROUP_M"] < 1 or cfg["SPLIT_K"] < 1:
         raise ValueError(f"gemm config: GROUP_M and SPLIT_K must be >= 1, got {cfg}")
     return cfg
+
+
+# Arrival counters of the gemv's single-pass split-K, one int32 per output tile, all zero between calls
+# (the last K slice of a tile re-arms its counter). One buffer per (device, stream), so that kernels on
+# concurrent streams never share a counter; an outgrown buffer is kept alive, because a captured CUDA
+# graph may still point at it. A buffer first allocated during CUDA-graph capture is zeroed by a memset
+# node of that graph, before the graph's first kernel reads it.
+_COUNTERS: dict = {}
+_OUTGROWN: list = []
+
+
+def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < tiles:
+        if buf is not None:
+            _OUTGROWN.append(buf)
+        buf = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+def _gemv(x, w, wu, bias, out, cfg, act: int) -> torch.Tensor:
+    M, K = x.shape
+    N = w.shape[0]
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    # Whole K blocks per slice, and no empty slice: SPLIT_K above the number of K blocks is clamped.
+    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), cfg["SPLIT_K"]), bk) * bk
+    split = triton.cdiv(max(K, 1), k_per_split)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if split > 1:
+        part = torch.empty((2 if act == _ACT_CODE["swiglu"] else 1, split, M, N), dtype=torch.float32,
+                           device=x.device)
+        pg, pu, counters = part[0], part[-1], _arrival_counters(x.device, tiles)
+    else:
+        pg = pu = counters = out  # never touched with SPLIT_K=1
+    b = bias if bias is not None else out  # never read when HAS_BIAS is False
+    _gemv_kernel[(tiles, split)](
+        x, w, wu, b, out, pg, pu, counters, M, N, K, k_per_split,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), wu.stride(0), wu.stride(1),
+        out.stride(0), out.stride(1), M * N,
+        ACT=act, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, SPLIT_K=split,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, VEC=min(bk, 16 // x.element_size()),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
 
 
 def _check_inputs(x, w, bias, w_up, activation):
@@ -357,6 +602,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, 
     if M == 0 or N == 0:
         return out
     cfg = _check_config(config if config is not None else select_config(M, N, K, activation, x.dtype))
+    if cfg["impl"] == "gemv":
+        return _gemv(x, w, w_up if activation == "swiglu" else w, bias, out, cfg, _ACT_CODE[activation])
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     # Each split covers a whole number of K tiles; trailing splits may be empty (they write zeros).
     k_per_split = triton.cdiv(triton.cdiv(max(K, 1), split), bk) * bk if split > 1 else K

@@ -1,4 +1,5 @@
-"""kernels/gemm.py against a float64 reference: every activation, bias, swiglu, odd shapes, split-K, strides.
+"""kernels/gemm.py against a float64 reference: every activation, bias, swiglu, odd shapes, split-K, strides,
+for both kernels (the tiled tl.dot kernel and the decode gemv).
 
 On CPU the kernel runs under Triton's interpreter (fp16 / fp32 only); bf16 and the Llama shapes are
 `gpu` tests.
@@ -7,6 +8,7 @@ import math
 
 import pytest
 import torch
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +19,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTS = G.ACTIVATIONS
 # Small tiles so that odd shapes span several M/N/K tiles and every edge mask is exercised.
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "SPLIT_K": 1, "num_warps": 4, "num_stages": 2}
+# The gemv with small tiles: several n-blocks, several K blocks per slice, rows split over programs.
+GEMV = {"impl": "gemv", "BLOCK_M": 2, "BLOCK_N": 8, "BLOCK_K": 16, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1}
 
 
 def make_inputs(M, N, K, dtype, activation, with_bias, device=DEVICE):
@@ -63,6 +67,106 @@ def test_split_k(dtype, K, block_k, split, activation, with_bias):
     # (64, 32, 4): two K tiles over four splits, so two splits are empty and must contribute zeros.
     cfg = {**SMALL, "BLOCK_K": block_k, "SPLIT_K": split, "GROUP_M": 1}
     run_and_check(5, 70, K, dtype, activation, with_bias, cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# The gemv (decode rows): same epilogues and semantics as the tiled kernel
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M,N,K,block_m", [(1, 37, 100, 1), (3, 21, 50, 4), (5, 9, 33, 2), (8, 40, 64, 8),
+                                           (7, 17, 16, 16)])
+@pytest.mark.parametrize("activation,with_bias", [(a, b) for a in ACTS for b in (False, True)
+                                                  if not (a == "swiglu" and b)])
+def test_gemv_matches_float64(dtype, M, N, K, block_m, activation, with_bias):
+    # N not a multiple of BLOCK_N, K not a multiple of BLOCK_K (except 16 and 64), M below, at and above
+    # BLOCK_M; M=5 over BLOCK_M=2 gives three row blocks, the last one partial.
+    run_and_check(M, N, K, dtype, activation, with_bias, {**GEMV, "BLOCK_M": block_m})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("K,block_k,split", [(100, 16, 3), (64, 16, 2), (64, 32, 4), (19, 16, 2), (200, 32, 16),
+                                             (47, 16, 64)])
+@pytest.mark.parametrize("activation,with_bias", [("none", True), ("gelu_tanh", True), ("swiglu", False)])
+def test_gemv_split_k(dtype, K, block_k, split, activation, with_bias):
+    """Single-pass split-K; (64, 32, 4), (200, 32, 16) and (47, 16, 64) ask for more slices than there
+    are K blocks (the launcher clamps), (100, 16, 3) and (19, 16, 2) end on a partial K block."""
+    run_and_check(4, 37, K, dtype, activation, with_bias, {**GEMV, "BLOCK_K": block_k, "SPLIT_K": split})
+
+
+@pytest.mark.parametrize("activation", ["silu", "swiglu"])
+def test_gemv_twice_rearms_counters(activation):
+    """Two calls in a row on fresh inputs through the same arrival counters (the last slice of each tile
+    must have re-armed its counter, else the second call finishes early or never), then all back at 0."""
+    cfg = {**GEMV, "BLOCK_M": 4, "SPLIT_K": 3}
+    for M, N in ((3, 45), (6, 45)):  # the second call also has twice the tiles
+        run_and_check(M, N, 70, torch.float16, activation, activation != "swiglu", cfg)
+    assert G._COUNTERS and all(not buf.any() for buf in G._COUNTERS.values())
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_gemv_strided_inputs_and_out(activation, split):
+    M, N, K = 3, 37, 45
+    # x: a row-strided view into a wider buffer; w (and w_up): .T of [K, N] buffers (K not contiguous);
+    # out: a column slice of a NaN buffer, whose other columns must stay untouched.
+    x = torch.randn(M, K + 11, device=DEVICE, dtype=torch.float16)[:, 3:K + 3]
+    w = (torch.randn(K, N, device=DEVICE) / math.sqrt(K)).half().T
+    w_up = (torch.randn(K, N, device=DEVICE) / math.sqrt(K)).half().T if activation == "swiglu" else None
+    bias = torch.randn(N, device=DEVICE).half() if activation != "swiglu" else None
+    assert not x.is_contiguous() and w.stride() == (1, N)
+    buf = poisoned(M, N + 9, torch.float16)
+    out = buf[:, 5:N + 5]
+    G.gemm(x, w, bias=bias, w_up=w_up, activation=activation, config={**GEMV, "SPLIT_K": split}, out=out)
+    assert_close(out, expected64(x, w, bias, w_up, activation), torch.float16)
+    assert torch.isnan(buf[:, :5]).all() and torch.isnan(buf[:, N + 5:]).all(), "wrote outside out"
+
+
+def test_gemv_zero_k_and_fp32_bias():
+    # K = 0: no K block at all; the epilogue still applies to the bias (an fp32 bias on fp16 inputs).
+    x0 = torch.randn(3, 0, device=DEVICE, dtype=torch.float16)
+    w0 = torch.randn(24, 0, device=DEVICE, dtype=torch.float16)
+    b = torch.randn(24, device=DEVICE)
+    y = G.gemm(x0, w0, bias=b, activation="silu", config=GEMV, out=poisoned(3, 24, torch.float16))
+    assert_close(y, torch.nn.functional.silu(b.double()).expand(3, 24), torch.float16)
+    x, w, _, _ = make_inputs(2, 30, 33, torch.float16, "gelu", False)
+    b = torch.randn(30, device=DEVICE)
+    y = G.gemm(x, w, bias=b, activation="gelu", config={**GEMV, "SPLIT_K": 2}, out=poisoned(2, 30, torch.float16))
+    assert_close(y, expected64(x, w, b, None, "gelu"), torch.float16)
+
+
+def test_gemv_large_activation_inputs_saturate():
+    M, N, K = 2, 16, 16
+    x = torch.full((M, K), 8.0, device=DEVICE)
+    x[1] = -8.0
+    w = torch.full((N, K), 2.0, device=DEVICE)  # pre-activations +-256
+    for act in ("silu", "gelu", "gelu_tanh"):
+        y = G.gemm(x, w, activation=act, config=GEMV, out=poisoned(M, N, torch.float32))
+        assert_close(y, expected64(x, w, None, None, act), torch.float32)
+
+
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("activation", ["none", "swiglu"])
+def test_gemv_candidates_and_table_entries(M, activation):
+    """Every gemv config the sweep tries (and the table's gemv row) at an odd small shape: the real tiles
+    (BLOCK_K 256..2048, K = 1100 ends on a partial block) and their split choices (clamped to K blocks)."""
+    N, K = 40, 1100
+    x, w, bias, w_up = make_inputs(M, N, K, torch.float16, activation, activation == "none")
+    ref = expected64(x, w, bias, w_up, activation)
+    cands = [c for c in G.candidate_configs(M, 4096, 14336, activation) if c["impl"] == "gemv"]
+    cands.append(G._gemv_config(M, N, K, activation, torch.float16))
+    assert len(cands) >= 3 and any(c["SPLIT_K"] > 1 for c in cands)
+    for cfg in cands:
+        y = G.gemm(x, w, bias=bias, w_up=w_up, activation=activation, config=cfg, out=poisoned(M, N, torch.float16))
+        assert_close(y, ref, torch.float16)
+
+
+@settings(max_examples=10, deadline=None)
+@given(M=st.integers(1, 9), N=st.integers(1, 40), K=st.integers(1, 70), act=st.sampled_from(ACTS),
+       with_bias=st.booleans(), split=st.sampled_from([1, 2, 5]), block_m=st.sampled_from([1, 2, 8]))
+def test_gemv_property_random_shapes(M, N, K, act, with_bias, split, block_m):
+    torch.manual_seed(M * 10007 + N * 101 + K)
+    run_and_check(M, N, K, torch.float16, act, with_bias and act != "swiglu",
+                  {**GEMV, "SPLIT_K": split, "BLOCK_M": block_m})
 
 
 @pytest.mark.parametrize("M", [1, 16, 33, 100, 300])
@@ -161,6 +265,9 @@ def test_bad_activation_lists_valid_ones():
     ("x_3d", "expects x"),
     ("bad_block", "power of two"),
     ("unknown_key", "unknown"),
+    ("bad_impl", "'tiled', 'gemv'"),
+    ("gemv_bad_block_n", "power of two"),
+    ("gemv_small_block_k", "power of two >= 16"),
 ])
 def test_validation_errors(case, match):
     x, w = _xw()
@@ -191,6 +298,12 @@ def test_validation_errors(case, match):
         kw = {"config": {**SMALL, "BLOCK_N": 24}}
     elif case == "unknown_key":
         kw = {"config": {**SMALL, "BLOCK_Q": 16}}
+    elif case == "bad_impl":
+        kw = {"config": {**SMALL, "impl": "gemv2"}}
+    elif case == "gemv_bad_block_n":
+        kw = {"config": {**GEMV, "BLOCK_N": 12}}
+    elif case == "gemv_small_block_k":
+        kw = {"config": {**GEMV, "BLOCK_K": 8}}
     with pytest.raises(ValueError, match=match):
         G.gemm(x, w, **kw)
 
@@ -201,6 +314,7 @@ def test_validation_errors(case, match):
 def _valid(cfg):
     G._check_config(cfg)
     assert set(cfg) == set(G.CONFIG_KEYS), cfg
+    assert cfg["impl"] in G.IMPLS and "impl=" + cfg["impl"] in G.format_config(cfg)
     assert cfg["num_warps"] in (1, 2, 4, 8, 16) and 1 <= cfg["num_stages"] <= 6
 
 
@@ -211,14 +325,26 @@ def test_tables_are_valid(M, N, K, activation):
     for dtype in G.DTYPES:
         cfg = G.select_config(M, N, K, activation, dtype)
         _valid(cfg)
-        if M <= 16:
+        if M <= 16 and cfg["impl"] == "tiled":
             assert cfg["BLOCK_M"] == 16, "decode rows fit one 16-row tile"
         if M > 256 and dtype != torch.float32:
             assert cfg["BLOCK_M"] >= 128 and cfg["num_warps"] == 8
+        if M <= 16:
+            gemv = G._gemv_config(M, N, K, activation, dtype)
+            _valid(gemv)
+            assert gemv["impl"] == "gemv" and M <= gemv["BLOCK_M"] <= 16, "all decode rows in one program"
+            # Several x rows: BLOCK_K spans 2 KB of a weight row, so the 4 warps sit side by side along K
+            # (the layout in which x needs no conversion); one row: 1 KB, warps 2 x 2 over N and K.
+            row_bytes = gemv["BLOCK_K"] * (torch.finfo(dtype).bits // 8)
+            assert row_bytes == (1024 if M == 1 else 2048) and gemv["num_warps"] == 4
     cands = G.candidate_configs(M, N, K, activation)
-    assert 2 <= len(cands) <= 12
+    impls = {c["impl"] for c in cands}
+    assert impls == ({"tiled", "gemv"} if M <= 16 else {"tiled"}), "the sweep measures the gemv at M <= 16"
+    assert 2 <= len(cands) <= 24
     for c in cands:
         _valid(c)
+        if c["impl"] == "gemv":
+            assert c["BLOCK_M"] == triton.next_power_of_2(M) and 1 <= c["SPLIT_K"] <= 16
     reason = G.prefer_triton(M, N, K, activation, torch.bfloat16)
     assert reason is None or (isinstance(reason, str) and f"M={M}" in reason)
 
@@ -236,6 +362,29 @@ def test_prefer_triton_expectations():
     assert G.prefer_triton(16, 14336, 4096, "swiglu", torch.bfloat16) is None
     assert "cuBLAS" in G.prefer_triton(4096, 4096, 4096, "none", torch.bfloat16)
     assert "fp32" in G.prefer_triton(16, 14336, 4096, "swiglu", torch.float32)
+
+
+def test_gemv_is_off_until_measured_and_one_constant_switches_it_on(monkeypatch):
+    # Unmeasured: the table never picks the gemv, and plain decode GEMMs stay on cuBLAS.
+    assert G.GEMV_MAX_M == 0
+    for M in (1, 4, 16):
+        assert G.select_config(M, 14336, 4096, "swiglu", torch.bfloat16)["impl"] == "tiled"
+        assert "cuBLAS" in G.prefer_triton(M, 6144, 4096, "none", torch.bfloat16)
+    monkeypatch.setattr(G, "GEMV_MAX_M", 8)
+    for M, act in ((1, "none"), (8, "swiglu"), (5, "gelu")):
+        assert G.select_config(M, 6144, 4096, act, torch.bfloat16) == G._gemv_config(M, 6144, 4096, act)
+        assert G.prefer_triton(M, 6144, 4096, act, torch.bfloat16) is None
+    assert G.select_config(9, 6144, 4096, "swiglu", torch.bfloat16)["impl"] == "tiled"
+    assert "cuBLAS" in G.prefer_triton(9, 6144, 4096, "none", torch.bfloat16)
+
+
+def test_gemv_split_k_fills_the_gpu_only_when_needed():
+    # Down projection at decode: 4096 / 32 = 128 programs, short of ~4 per SM -> split K.
+    assert G._gemv_config(1, 4096, 14336, "none")["SPLIT_K"] >= 4
+    # Gate/up at decode: 14336 / 16 = 896 programs already cover the SMs several times.
+    assert G._gemv_config(1, 14336, 4096, "swiglu")["SPLIT_K"] == 1
+    # A short K keeps >= 2 K blocks per slice.
+    assert G._gemv_config(1, 64, 1024, "none")["SPLIT_K"] == 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,3 +423,42 @@ def test_gpu_fp32_ieee():
     x, w, bias, _ = make_inputs(64, 300, 1000, torch.float32, "gelu", True, device="cuda")
     y = G.gemm(x, w, bias=bias, activation="gelu", out=poisoned(64, 300, torch.float32, "cuda"))
     assert_close(y, expected64(x, w, bias, None, "gelu"), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("activation,K,N,with_bias", LLAMA)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gemv_llama_shapes(M, activation, K, N, with_bias, dtype):
+    """The gemv's table rows (what GEMV_MAX_M would switch on) at the Llama-8B decode shapes, bf16 included."""
+    x, w, bias, w_up = make_inputs(M, N, K, dtype, activation, with_bias, device="cuda")
+    y = G.gemm(x, w, bias=bias, w_up=w_up, activation=activation, config=G._gemv_config(M, N, K, activation, dtype),
+               out=poisoned(M, N, dtype, "cuda"))
+    assert_close(y, expected64(x, w, bias, w_up, activation), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("activation", ["none", "swiglu"])
+def test_gpu_gemv_split_k_graph_replay(M, activation):
+    """Single-pass split-K on the GPU: the down-projection shape splits K; two eager calls in a row, then
+    CUDA-graph replays into a re-poisoned out (the counters must be re-armed by every call)."""
+    N, K = 4096 + 3, 14336
+    x, w, bias, w_up = make_inputs(M, N, K, torch.bfloat16, activation, activation == "none", device="cuda")
+    ref = expected64(x, w, bias, w_up, activation)
+    cfg = G._gemv_config(M, N, K, activation, torch.bfloat16)
+    assert cfg["SPLIT_K"] > 1
+    out = poisoned(M, N, torch.bfloat16, "cuda")
+    for _ in range(2):
+        out.fill_(float("nan"))
+        G.gemm(x, w, bias=bias, w_up=w_up, activation=activation, config=cfg, out=out)
+        assert_close(out, ref, torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        G.gemm(x, w, bias=bias, w_up=w_up, activation=activation, config=cfg, out=out)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, ref, torch.bfloat16)
+    assert all(not buf.any() for buf in G._COUNTERS.values())
