@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int4_gemm import _tile_counters
+from .workspace import arrival_counters as _arrival_counters
 
 MAX_QUERY_LEN = 8  # speculative verification window; longer queries are prefill (flash_attention)
 LOG2E = 1.4426950408889634
@@ -56,10 +56,9 @@ LOG2E = 1.4426950408889634
 # memory; at D64 a 8192-element tile cost 78 -> 128 registers, 4096 keep it at 80. Compile-only: no timing.
 MERGE_TILE_ELEMS = 8192
 
-# Arrival counters of the fused merge (one int32 per sequence x KV head, zero between calls): the same cached
-# zeroed buffer per (device, stream) as int4_gemm's single-pass split-K. Sharing it is safe because every
-# user leaves it zeroed and launches on one stream run in order.
-_arrival_counters = _tile_counters
+# Arrival counters of the fused merge (one int32 per sequence x KV head, zero between calls): the zeroed
+# buffer per device of kernels/workspace.py, shared with the other single-pass kernels (every user leaves it
+# zeroed; launches on one stream run in order).
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,18 +66,20 @@ _arrival_counters = _tile_counters
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _attend_split(
-    q_ptr, k_ptr, v_ptr, lens_ptr, table_ptr, out_ptr, part_o_ptr, part_lse_ptr, cnt_ptr,
+    q_ptr, k_ptr, v_ptr, lens_ptr, table_ptr, out_ptr, part_o_ptr, part_lse_ptr, cnt_ptr, mask_ptr,
     qk_scale_log2,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_tb,
+    stride_mb, stride_mh, stride_mq, stride_mn,
     full_len, num_kv_heads, num_splits,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_LENS: tl.constexpr,
     FP32_DOT: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    MASK_KIND: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -162,6 +163,20 @@ def _attend_split(
         # scale * log2(e) applied to the fp32 scores (not to a rounded bf16 q), then exp2 throughout.
         s = s * qk_scale_log2
         visible = col_ok[None, :] & (cols[None, :] < row_limit[:, None])
+        if MASK_KIND != 0:
+            # The caller's mask [B, Hq, Sq, S] through its strides (0 on broadcast dims): 1 byte (bool) or one
+            # float per key and row, against 2 * Hkv * D * 2 bytes of K/V per key: noise in the traffic.
+            m_ptrs = (mask_ptr + b.to(tl.int64) * stride_mb + row_head[:, None].to(tl.int64) * stride_mh
+                      + row_pos[:, None] * stride_mq + cols[None, :].to(tl.int64) * stride_mn)
+            mvals = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
+            if MASK_KIND == 1:
+                visible = visible & (mvals != 0)
+            else:
+                add = mvals.to(tl.float32)
+                # -inf masks; finite huge negatives (HF's finfo.min) stay arithmetic, clamped so that the
+                # log2(e) factor cannot overflow them to -inf.
+                visible = visible & (add != float("-inf"))
+                s = s + tl.maximum(add * 1.4426950408889634, -3.0e38)
         s = tl.where(visible, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -393,6 +408,24 @@ def _check_q(q: torch.Tensor, kv_heads: int, head_dim: int, name: str) -> None:
         raise ValueError(f"{name}: dtype {q.dtype} not supported; valid: float16, bfloat16, float32")
 
 
+def _check_mask(mask: Optional[torch.Tensor], shape: tuple, device: torch.device, name: str
+                ) -> Optional[torch.Tensor]:
+    """The mask as a [B, Hq, Sq, S] view (stride 0 on broadcast dims), or a ValueError naming what is wrong."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise ValueError(f"{name}: mask dtype {mask.dtype} not supported; valid: bool (True = attend) or float "
+                         "(added to the scores)")
+    if mask.device != device:
+        raise ValueError(f"{name}: mask on {mask.device}, q on {device}")
+    if mask.dim() > 4:
+        raise ValueError(f"{name}: mask {tuple(mask.shape)} has more than 4 dims")
+    try:
+        return torch.broadcast_to(mask, shape)
+    except RuntimeError:
+        raise ValueError(f"{name}: mask {tuple(mask.shape)} not broadcastable to {shape}") from None
+
+
 def _out(q: torch.Tensor, head_dim_v: int, out: Optional[torch.Tensor], name: str) -> torch.Tensor:
     shape = (*q.shape[:3], head_dim_v)
     if out is None:
@@ -404,8 +437,12 @@ def _out(q: torch.Tensor, head_dim_v: int, out: Optional[torch.Tensor], name: st
 
 
 def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_len, kv_heads,
-            k_strides, v_strides, table_stride):
+            k_strides, v_strides, table_stride, mask=None):
     b, hq, sq, d = q.shape
+    mask_kind, mask_arg, mask_strides = 0, q, (0, 0, 0, 0)
+    if mask is not None:  # already broadcast to [B, Hq, Sq, S] (a view: stride 0 on broadcast dims)
+        mask_kind, mask_arg = (1, mask.view(torch.uint8)) if mask.dtype == torch.bool else (2, mask)
+        mask_strides = mask.stride()
     group = hq // kv_heads
     cfg = dict(config)
     splits = int(cfg["SPLITS"])
@@ -428,14 +465,14 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
     dummy = lens if lens is not None else q
     grid = (b * kv_heads, splits)
     _attend_split[grid](
-        q, k, v, dummy, table if table is not None else dummy, out, part_o, part_lse, counters,
+        q, k, v, dummy, table if table is not None else dummy, out, part_o, part_lse, counters, mask_arg,
         float(sm_scale) * LOG2E,
-        *q.stride(), *k_strides, *v_strides, *out.stride(), table_stride,
+        *q.stride(), *k_strides, *v_strides, *out.stride(), table_stride, *mask_strides,
         full_len, kv_heads, splits,
         GROUP=group, Q_LEN=sq, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=int(cfg["BLOCK_N"]), BLOCK_D=block_d,
         SPLIT=splits > 1, PAGED=paged, PAGE_SIZE=page_size, HAS_LENS=lens is not None,
         FP32_DOT=q.dtype == torch.float32, FUSED_MERGE=fused, MERGE_ROWS=merge_rows,
-        MERGE_CHUNK=merge_chunk,
+        MERGE_CHUNK=merge_chunk, MASK_KIND=mask_kind,
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]),
     )
     if splits > 1 and not fused:
@@ -449,10 +486,13 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: Optional[torch.Tensor] = None,
                      sm_scale: Optional[float] = None, config: Optional[dict] = None,
-                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     out: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decode attention on a contiguous cache: q [B, Hq, Sq<=8, D], k/v [B, Hkv, S, D] (any strides).
 
     kv_lens: optional int32 [B] valid lengths (None: all S keys). Causal, aligned bottom-right.
+    mask: optional bool (True = attend, SDPA's meaning) or additive float mask broadcastable to [B, Hq, Sq, S]
+    (HF's static-cache decode mask, [B, 1, 1, S]); it applies on top of the lengths and the causal rule
+    (which is no restriction at Sq = 1). A row that sees no key gives zeros.
     """
     name = "decode_attention"
     if k.dim() != 4 or v.shape != k.shape:
@@ -467,13 +507,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens:
         if kv_lens.shape != (bk,) or kv_lens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name}: kv_lens must be int32 [B={bk}], got {tuple(kv_lens.shape)} {kv_lens.dtype}")
         kv_lens = kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    mask = _check_mask(mask, (bk, q.shape[1], q.shape[2], s), q.device, name)
     out = _out(q, d, out, name)
     if sm_scale is None:
         sm_scale = d ** -0.5
     if config is None:
         config = select_config(bk, hkv, q.shape[1], s, d, _sm_count(q.device), q.shape[2])
     return _launch(q, k, v, kv_lens, None, out, sm_scale, config, paged=False, page_size=1, full_len=s,
-                   kv_heads=hkv, k_strides=k.stride(), v_strides=v.stride(), table_stride=0)
+                   kv_heads=hkv, k_strides=k.stride(), v_strides=v.stride(), table_stride=0, mask=mask)
 
 
 def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
@@ -520,8 +561,9 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
 # References (plain torch): what eager runs, what the tests compare against
 # --------------------------------------------------------------------------------------------------
 def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: Optional[torch.Tensor] = None,
-                         sm_scale: Optional[float] = None) -> torch.Tensor:
-    """Softmax attention, GQA by index, causal aligned bottom-right within each sequence's valid length."""
+                         sm_scale: Optional[float] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax attention, GQA by index, causal aligned bottom-right within each sequence's valid length, and
+    the optional bool / additive mask (broadcast to [B, Hq, Sq, S])."""
     b, hq, sq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -541,6 +583,13 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_l
     qf = q.to(acc).reshape(b, hkv, g * sq, d)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * sm_scale                       # [B, Hkv, G*Sq, S]
     vis = visible[:, None, None, :, :].expand(b, hkv, g, sq, s).reshape(b, hkv, g * sq, s)
+    if mask is not None:
+        mk = torch.broadcast_to(mask.to(q.device), (b, hq, sq, s)).reshape(b, hkv, g * sq, s)
+        if mk.dtype == torch.bool:
+            vis = vis & mk
+        else:
+            scores = scores + mk.to(acc)
+            vis = vis & (mk != float("-inf"))
     scores = scores.masked_fill(~vis, float("-inf"))
     p = torch.softmax(scores, dim=-1)
     p = torch.where(vis, p, torch.zeros((), dtype=acc, device=q.device))             # rows with no key -> 0, not NaN

@@ -58,7 +58,7 @@ M <= 16, not yet in `select_config`: no H100 measurement of them exists). Both u
   of its output tile (`tl.atomic_add`, acq_rel); the last slice to arrive sums the partials in slice
   order (deterministic), adds the bias and writes ``out``, then re-arms the counter to 0. That drops
   the second (reduce) kernel and its launch: ~2-3 us of a 30 us call at M=1. The counters live in a
-  zeroed buffer per (device, stream), never freed (CUDA graphs may hold it); a kernel killed between
+  zeroed buffer per device (kernels/workspace.py), never freed (CUDA graphs may hold it); a kernel killed between
   the atomic and the re-arm would leave a counter set, which later calls on that stream would misread.
 """
 from __future__ import annotations
@@ -71,6 +71,7 @@ import triton
 import triton.language as tl
 
 from .tile_order import tile_coords
+from .workspace import arrival_counters
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,23 +519,8 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
 
 IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "dequant_cublas")
 
-# Arrival counters of the single-pass split-K kernels, one int32 per output tile, all zero between calls
-# (the last slice of a tile re-arms its counter). One buffer per (device, stream), so that concurrent
-# streams never share a counter; a buffer that is outgrown stays allocated, because a captured CUDA
-# graph may still point at it.
-_COUNTERS: dict = {}
-_OUTGROWN: list = []
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < tiles:
-        if buf is not None:
-            _OUTGROWN.append(buf)
-        buf = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-    return buf
+# Arrival counters of the single-pass split-K kernels: kernels/workspace.py (one zeroed buffer per device,
+# reserved outside CUDA-graph captures).
 
 
 def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split,
@@ -543,7 +529,7 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if split > 1:
         part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
-        counters = _tile_counters(x.device, tiles)
+        counters = arrival_counters(x.device, tiles)
     else:
         part, counters = out, out  # never touched with SPLIT_K=1
     args = (x, qweight, scales, z, b, out, part, counters, M, N, K, k_per_split, 0,

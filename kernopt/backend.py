@@ -205,6 +205,17 @@ def _bisect(original: fx.GraphModule, inputs: list, want: Any, opts: dict, ctx: 
     return culprits
 
 
+def _reserve_workspace(example_inputs: Sequence) -> None:
+    """Allocate the single-pass kernels' arrival counters now, outside any CUDA-graph capture or the CUDA-graph
+    trees' private memory pool (see kernels/workspace.py)."""
+    devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.is_cuda}
+    if devices:
+        from kernopt.kernels import workspace
+
+        for device in devices:
+            workspace.reserve(device)
+
+
 def kernopt_backend(gm: fx.GraphModule, example_inputs: Sequence, mode: Optional[str] = None,
                     options: Optional[dict] = None) -> Callable:
     """The backend torch.compile calls (registered as "kernopt" through the torch_dynamo_backends entry point)."""
@@ -225,6 +236,8 @@ def kernopt_backend(gm: fx.GraphModule, example_inputs: Sequence, mode: Optional
     for report in list(_active_reports):
         report.graphs += 1
         report.add(ctx)
+    if ctx.rewrites:
+        _reserve_workspace(example_inputs)
     try:
         compiled = _inner(gm, example_inputs, opts)
     except Exception as e:

@@ -101,12 +101,13 @@ def _(q, k, v, mask, causal, scale):
 
 
 @torch.library.custom_op("kernopt::decode_attention", mutates_args=())
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, kv_lens: Optional[Tensor], scale: float) -> Tensor:
-    return _run("decode_attention", "decode_attention", q, q, k, v, kv_lens=kv_lens, sm_scale=scale)
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, kv_lens: Optional[Tensor], scale: float,
+                     mask: Optional[Tensor] = None) -> Tensor:
+    return _run("decode_attention", "decode_attention", q, q, k, v, kv_lens=kv_lens, sm_scale=scale, mask=mask)
 
 
 @decode_attention.register_fake
-def _(q, k, v, kv_lens, scale):
+def _(q, k, v, kv_lens, scale, mask=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

@@ -18,8 +18,9 @@ Patterns (plain torch; the first is what the op's reference computes):
     out = w @ v
 
 Replacement: `kernopt.flash_attention(q, k, v, mask, causal, scale)` on the un-repeated K/V. A query of at
-most 4 tokens with no mask (SDPA `is_causal` only where it means the same as bottom-right causal) goes to
-`kernopt.decode_attention(q, k, v, None, scale)` instead, when k/v are contiguous.
+most 4 tokens with no mask (SDPA `is_causal` only where it means the same as bottom-right causal), or of one
+token with a mask (HF's static-cache decode), goes to `kernopt.decode_attention(q, k, v, None, scale[, mask])`
+instead, when k/v are contiguous.
 
 Guard (`_guard`, a reason string to refuse): 4-D fp16/bf16/fp32 q/k/v the kernel supports
 (`kernopt.kernels.flash_attention.supports`: head dim, GQA ratio, mask dtype/broadcast), a Triton kernel
@@ -38,8 +39,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from kernopt import ops, workload
-from kernopt.passes.graph import (ADD, MUL, PassContext, arg, describe, example_value, insert_before, is_call,
-                                  replace, single_user, size_hint, static_int)
+from kernopt.passes.graph import (ADD, MUL, PassContext, arg, example_value, insert_before, is_call, replace,
+                                  size_hint, static_int)
 
 SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 MATMUL = (torch.matmul, operator.matmul, "matmul")
@@ -111,6 +112,16 @@ def unrepeat_kv(node: Any) -> tuple[Any, int]:
     if not all(_same_size(bv.shape[i], nv.shape[i]) for i in (0, 2, 3)):
         return node, 1
     return base, n
+
+
+def _repeat_chain(node: Any) -> list:
+    """The nodes of a repeat_kv expansion that `unrepeat_kv` saw through (erased once they have no users)."""
+    out = [node]
+    if is_call(node, *RESHAPE) and isinstance(node.args[0], fx.Node):
+        out.append(node.args[0])
+        if isinstance(node.args[0].args[0], fx.Node):
+            out.append(node.args[0].args[0])
+    return out
 
 
 def _meta(t: torch.Tensor) -> torch.Tensor:
@@ -192,8 +203,17 @@ class AttentionPass:
             return None, (matched, "attn_mask together with is_causal (SDPA rejects it)")
         if mask is not None and not isinstance(mask, fx.Node):
             return None, (matched, "attn_mask is not a tensor")
+        # HF's sdpa path repeats K/V itself (repeat_kv) whenever it passes a mask: fold the copy into the kernel,
+        # which reads KV head h // G for query head h.
+        k0, nk = unrepeat_kv(k)
+        v0, nv = unrepeat_kv(v)
+        dead = []
+        if nk > 1 and nk == nv:
+            dead = [n_ for t in (k, v) for n_ in _repeat_chain(t)]
+            k, v = k0, v0
+            matched += f" (repeat_kv x{nk} folded)"
         qv, kv = example_value(q), example_value(k)
-        if qv is not None and kv is not None and qv.dim() == 4 and kv.dim() == 4 and not gqa:
+        if qv is not None and kv is not None and qv.dim() == 4 and kv.dim() == 4 and not gqa and nk == 1:
             hq, hkv = static_int(qv.shape[1]), static_int(kv.shape[1])
             if hq != hkv and hkv != 1:
                 return None, (matched, f"q heads {qv.shape[1]} != kv heads {kv.shape[1]} without enable_gqa")
@@ -207,7 +227,7 @@ class AttentionPass:
             parts.append(f"mask={'bool' if mv is not None and mv.dtype == torch.bool else 'additive'}")
         if gqa:
             parts.append("gqa")
-        return _Attn(node, q, k, v, mask, is_causal, scale, " ".join(parts), dead=[], sdpa_causal=is_causal), None
+        return _Attn(node, q, k, v, mask, is_causal, scale, " ".join(parts), dead=dead, sdpa_causal=is_causal), None
 
     # softmax(q @ k.transpose(-2, -1) * scale + mask) @ v, see the module docstring
     def _match_manual(self, node: fx.Node):
@@ -306,12 +326,15 @@ class AttentionPass:
         scenario = workload.resolve_scenario(ctx.scenario, tokens=b * sq, q_len=sq, batch=b)
         shape = f"[B={b} Hq={hq} Hkv={hkv} Sq={sq} Skv={skv} D={d} {_dt(qv.dtype)}]"
         decode = self._decode_ok(m, qv, kv)
+        mask = m.mask
+        if m.negate_mask:  # masked_fill(drop, -inf): the kernel attends where logical_not(drop)
+            mask = insert_before(gm, m.node, torch.logical_not, (m.mask,), example=example_value(m.mask))
         if decode:
             dec = ops.kernel_module("decode_attention")
             config = dec.config_string(dec.select_config(b, hkv, hq, skv, d, 132, sq)) \
                 if hasattr(dec, "config_string") else ""
-            replace(gm, m.node, torch.ops.kernopt.decode_attention.default, (m.q, m.k, m.v, None, float(m.scale)),
-                    dead=m.dead)
+            args = (m.q, m.k, m.v, None, float(m.scale)) + ((mask,) if mask is not None else ())
+            replace(gm, m.node, torch.ops.kernopt.decode_attention.default, args, dead=m.dead)
             ctx.rewrote(self.name, m.node, f"{m.matched} {shape} (decode)", "kernopt.decode_attention", config,
                         scenario, impl)
             return
@@ -319,18 +342,17 @@ class AttentionPass:
         config = fa.config_str(fa.select_config(d, m.causal, sq, skv, b * hq, qv.dtype))
         if static_int(qv.shape[2]) is None or static_int(kv.shape[2]) is None:
             config = f"dynamic lengths (per-call choice; now: {config})"
-        mask = m.mask
-        if m.negate_mask:  # masked_fill(drop, -inf): the kernel attends where logical_not(drop)
-            mask = insert_before(gm, m.node, torch.logical_not, (m.mask,), example=example_value(m.mask))
         replace(gm, m.node, torch.ops.kernopt.flash_attention.default,
                 (m.q, m.k, m.v, mask, bool(m.causal), float(m.scale)), dead=m.dead)
         ctx.rewrote(self.name, m.node, f"{m.matched} {shape}", "kernopt.flash_attention", config, scenario, impl)
 
     @staticmethod
     def _decode_ok(m: _Attn, qv: torch.Tensor, kv: torch.Tensor) -> bool:
-        """A few query tokens, no mask, and the same meaning as decode_attention's bottom-right causal."""
+        """A few query tokens and the same meaning as decode_attention's bottom-right causal: no mask, or one
+        query token with a mask (HF's static-cache decode step: a [B, 1, 1, S] mask hides the unfilled slots;
+        the kernel reads it beside K/V; at Sq = 1 its causal rule restricts nothing)."""
         sq = static_int(qv.shape[2])
-        if m.mask is not None or sq is None or sq > DECODE_MAX_Q:
+        if sq is None or sq > DECODE_MAX_Q or (m.mask is not None and (sq != 1 or m.causal)):
             return False
         if not ((not m.causal and sq == 1) or (m.causal and _same_size(qv.shape[2], kv.shape[2]))):
             return False

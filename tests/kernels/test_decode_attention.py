@@ -336,6 +336,48 @@ def test_hypothesis_boundaries_both_caches(case, hkv, group, sq, splits, fused, 
 # ---------------------------------------------------------------------------------------------------------------
 # Input checks and the config table
 # ---------------------------------------------------------------------------------------------------------------
+MASK_SHAPES = {"B11S": lambda B, hq, sq, S: (B, 1, 1, S), "BHqSqS": lambda B, hq, sq, S: (B, hq, sq, S),
+               "S": lambda B, hq, sq, S: (S,), "11SqS": lambda B, hq, sq, S: (1, 1, sq, S)}
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("shape", list(MASK_SHAPES))
+@pytest.mark.parametrize("splits,fused", [(1, False), (3, False), (4, True)])
+def test_contiguous_mask(kind, shape, splits, fused):
+    """A bool / additive mask (HF's static-cache decode mask and other broadcasts) on top of lengths."""
+    torch.manual_seed(splits + len(shape))
+    B, hq, hkv, sq, S, D = 3, 8, 2, (1 if shape != "BHqSqS" else 2), 45, 16
+    q, k, v = rand_case(B, hq, hkv, sq, S, D, torch.float32)
+    lens = torch.tensor([45, 30, 7], dtype=torch.int32, device=DEVICE)
+    keep = torch.rand(MASK_SHAPES[shape](B, hq, sq, S), device=DEVICE) > 0.4
+    if shape == "B11S":
+        keep[2] = False  # a sequence that sees no key at all: zeros
+    if kind == "bool":
+        mask = keep
+    else:  # -inf and HF's finfo.min both mean "masked"; finite values shift the scores
+        mask = torch.randn(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
+        if shape == "BHqSqS":
+            mask = mask.masked_fill(~keep & (torch.rand(keep.shape, device=DEVICE) > 0.5), torch.finfo(torch.float32).min)
+    out = poisoned_out(q)
+    got = da.decode_attention(q, k, v, lens, config=small_config(splits=splits, fused=fused), out=out, mask=mask)
+    want = da.decode_attention_ref(q.double(), k.double(), v.double(), lens, mask=mask)
+    rows_ok = torch.isfinite(want)  # finfo.min rows without -inf-free keys: finite, compared loosely below
+    assert torch.isfinite(got).all()
+    assert_close(got[rows_ok], want[rows_ok], torch.float32)
+    if shape == "B11S":
+        assert torch.equal(got[2], torch.zeros_like(got[2]))
+    if fused:
+        assert int(counters().count_nonzero()) == 0
+
+
+def test_mask_checks():
+    q, k, v = rand_case(1, 4, 2, 1, 9, 16, torch.float32)
+    with pytest.raises(ValueError, match="not broadcastable"):
+        da.decode_attention(q, k, v, mask=torch.ones(1, 1, 1, 8, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="mask dtype"):
+        da.decode_attention(q, k, v, mask=torch.ones(1, 1, 1, 9, dtype=torch.int32, device=DEVICE))
+
+
 def test_rejects_bad_inputs():
     q, k, v = rand_case(1, 4, 2, 1, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="query length"):
@@ -515,9 +557,9 @@ def test_gpu_fused_merge_cuda_graph_replay():
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, da.decode_attention_ref(q.double(), k.double(), v.double(), lens), dtype=torch.bfloat16)
-    from kernopt.kernels import int4_gemm  # the counter buffers are int4's, shared
+    from kernopt.kernels import workspace  # the counter buffers, shared by the single-pass kernels
 
-    for buf in int4_gemm._COUNTERS.values():
+    for buf in workspace._BUFFERS.values():
         assert not buf.any()
     del graph
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernopt.kernels import int4_gemm as int4_module
+from kernopt.kernels import workspace
 from kernopt.kernels.int4_gemm import (candidate_configs, dequantize_int4, int4_dequantize, int4_gemm,
                                        int4_gemm_ref, select_config)
 from kernopt.tolerance import assert_close
@@ -76,7 +76,7 @@ def test_int4_gemm_single_pass_variants(device, g, asym, cfg):
         bias = torch.randn(N, dtype=torch.float16, device=device)
         out = _run(x, qweight, scales, zeros, g, cfg, bias=bias)
         assert_close(out, _expected(x, qweight, scales, zeros, g, bias), torch.float16)
-    for buf in int4_module._COUNTERS.values():
+    for buf in workspace._BUFFERS.values():
         assert not buf.any()
 
 

@@ -284,10 +284,68 @@ def test_single_query_without_mask_goes_to_decode():
     report = _explain(fn, q, k, v)
     assert len(_attn_rewrites(report, "kernopt.decode_attention")) == 1, report.table()
     _compiled_matches(fn, q, k, v)
-    # with a mask it stays on the prefill kernel
-    mask = torch.rand(2, 1, 1, 37, device=DEV) > 0.2
-    fn2 = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)  # noqa: E731
-    report = _explain(fn2, q, k, v, mask)
+
+@pytest.mark.parametrize("kind", ["bool", "additive", "masked_fill"])
+def test_single_query_with_mask_goes_to_decode(kind):
+    """HF's static-cache decode step: one query token, a [B, 1, 1, S] mask over the cache's slots."""
+    q = torch.randn(2, 4, 1, 16, device=DEV)
+    k, v = torch.randn(2, 2, 37, 16, device=DEV), torch.randn(2, 2, 37, 16, device=DEV)
+    keep = torch.rand(2, 1, 1, 37, device=DEV) > 0.3
+    keep[1, ..., :] = False  # a sequence that sees no key: zeros, not NaN
+    if kind == "bool":
+        fn = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)  # noqa: E731
+        mask = keep
+    elif kind == "additive":
+        fn = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)  # noqa: E731
+        mask = torch.zeros(2, 1, 1, 37, device=DEV).masked_fill(~keep, float("-inf"))
+        keep[1, ..., :5] = True  # -inf masks everything else of row 1; keep a few keys so SDPA is defined
+        mask[1, ..., :5] = 0.0
+    else:
+        def fn(q, k, v, m):
+            w = (q @ repeat_kv(k, 2).transpose(-2, -1)) * 0.25
+            w = w.masked_fill(m, float("-inf"))  # True = masked: the pass inserts logical_not
+            return torch.softmax(w, dim=-1) @ repeat_kv(v, 2)
+        keep[1, ..., :5] = True
+        mask = ~keep
+    report = _explain(fn, q, k, v, mask)
+    assert len(_attn_rewrites(report, "kernopt.decode_attention")) == 1, report.table()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(fn, backend="kernopt")(q, k, v, mask)
+    from kernopt.kernels.decode_attention import decode_attention_ref
+
+    attend = keep if kind != "masked_fill" else ~mask
+    want = decode_attention_ref(q.double(), k.double(), v.double(), sm_scale=0.25 if kind == "masked_fill" else None,
+                                mask=attend)
+    assert not torch.isnan(got).any()
+    assert_close(got, want, torch.float32, scale=2.0)
+    if kind == "bool":
+        assert torch.equal(got[1], torch.zeros_like(got[1]))  # no visible key -> zeros
+
+
+@pytest.mark.parametrize("sq", [1, 19])
+def test_sdpa_after_repeat_kv_folds_the_copy(sq):
+    """transformers' sdpa path with a mask: repeat_kv(k), repeat_kv(v), then SDPA without enable_gqa."""
+    q, k, v = qkv(B=2, Hq=4, Hkv=2, Sq=sq, Skv=19, hf_layout=False)  # a static cache's contiguous K/V
+    mask = torch.rand(2, 1, sq, 19, device=DEV) > 0.3
+    mask[..., 0] = True
+
+    def fn(q, k, v, m):
+        return F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=m)
+
+    report = _explain(fn, q, k, v, mask)
+    rw = _attn_rewrites(report)
+    assert len(rw) == 1 and "repeat_kv x2 folded" in rw[0].matched and "Hkv=2" in rw[0].matched, report.table()
+    assert rw[0].kernel == ("kernopt.decode_attention" if sq == 1 else "kernopt.flash_attention")
+    _compiled_matches(fn, q, k, v, mask)
+
+
+def test_masked_multi_token_query_stays_on_prefill_kernel():
+    q = torch.randn(2, 4, 3, 16, device=DEV)
+    k, v = torch.randn(2, 2, 37, 16, device=DEV), torch.randn(2, 2, 37, 16, device=DEV)
+    mask = torch.rand(2, 1, 3, 37, device=DEV) > 0.2
+    fn = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)  # noqa: E731
+    report = _explain(fn, q, k, v, mask)
     assert len(_attn_rewrites(report, "kernopt.flash_attention")) == 1, report.table()
 
 
