@@ -4,7 +4,7 @@
     python examples/bench_llama.py --quick         # 1B, bs 1, 32 new tokens
 Same as `kernopt bench llama`. Writes benchmarks/results/llama-<gpu>.json and a PNG plot.
 """
-from kernopt.llama_bench import main
+from kernopt.llama_bench import errors, main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if errors(main()["results"]) else 0)  # a system that failed its check fails the run

@@ -165,24 +165,32 @@ class Suite:
         return path
 
     def plot(self, path: Path) -> Optional[Path]:
+        """Bars per case and system, one panel per metric (tok/s, ms, s never share an axis). None without
+        matplotlib (the `plot` extra)."""
         try:
             import matplotlib
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
+            print(f"{self.suite}: matplotlib is not installed (pip install 'kernopt[plot]'): no plot")
             return None
-        systems = sorted({k for r in self.rows for k in r["results"]}, key=lambda s: (s != "kernopt", s))
-        fig, ax = plt.subplots(figsize=(max(6, len(self.rows) * 0.8), 4))
-        width = 0.8 / max(1, len(systems))
-        for i, s in enumerate(systems):
-            xs = [j + i * width for j in range(len(self.rows))]
-            ax.bar(xs, [r["results"].get(s, 0) for r in self.rows], width, label=s)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(self.rows))])
-        ax.set_xticklabels([r["case"] for r in self.rows], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel(self.rows[0]["metric"] if self.rows else "")
-        ax.set_title(f"kernopt {self.suite} on {self.device}")
-        ax.legend(fontsize=7)
+        metrics = list(dict.fromkeys(r["metric"] for r in self.rows)) or [""]
+        fig, axes = plt.subplots(len(metrics), 1, squeeze=False,
+                                 figsize=(max(6, len(self.rows) * 0.8), 3.2 * len(metrics)))
+        for ax, metric in zip(axes[:, 0], metrics):
+            rows = [r for r in self.rows if r["metric"] == metric]
+            systems = sorted({k for r in rows for k in r["results"]}, key=lambda s: (s != "kernopt", s))
+            width = 0.8 / max(1, len(systems))
+            for i, s in enumerate(systems):
+                xs = [j + i * width for j in range(len(rows))]
+                ax.bar(xs, [r["results"].get(s, 0) for r in rows], width, label=s)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+            ax.set_xticklabels([r["case"] for r in rows], rotation=30, ha="right", fontsize=7)
+            better = "higher" if rows and rows[0]["higher_is_better"] else "lower"
+            ax.set_ylabel(f"{metric} ({better} is better)")
+            ax.legend(fontsize=7)
+        axes[0, 0].set_title(f"kernopt {self.suite} on {self.device}")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
