@@ -26,7 +26,8 @@ tl.dot kernel and the FMA gemv, ``impl=gemv``) and records, beside the selected 
 (``kernopt``): ``tuned_best_us`` / ``tuned_best_config`` / ``tuned_best_impl`` (the fastest candidate,
 its config line with its impl) and ``tuned_by_impl`` (the fastest candidate of each impl, time and
 config), so that one GPU run says whether `GEMV_MAX_M` / `_GEMV_TILE` in kernels/gemm.py should change.
-``--ms`` replaces the M values (e.g. ``--ms 1,2,4,8,16`` for the gemv crossover).
+``--ms`` replaces the M values (e.g. ``--ms 1,2,4,8,16`` for the gemv crossover; ``+`` also separates
+them, for benchmarks/run_gpu.sh, which turns commas into spaces: ``gemm:--tune,--ms,1+4+16``).
 """
 from __future__ import annotations
 
@@ -80,14 +81,15 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="also time every candidate config per case")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
-    parser.add_argument("--ms", default=None, help="comma-separated M values (default: %s)" % ",".join(map(str, MS)))
+    parser.add_argument("--ms", default=None,
+                        help="M values separated by ',' or '+' (default: %s)" % ",".join(map(str, MS)))
     args = parser.parse_args()
     require_cuda("bench_gemm.py")
 
     from kernopt.kernels.gemm import (candidate_configs, format_config, gemm, gemm_ref, prefer_triton,
                                       select_config)
 
-    ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
+    ms = [int(m) for m in args.ms.replace("+", ",").split(",") if m] if args.ms else MS
     cases = [(m, s) for s in SHAPES for m in ms]
     if args.quick:
         cases = [(16, SHAPES[0]), (4096, SHAPES[1])]
