@@ -19,8 +19,9 @@ stream of its weight bytes, and tl.dot's 16-row tiles only add work, so this ker
   - swiglu reads each x tile once for both weights; the epilogue is the tiled kernel's (fp32, one
     rounding);
   - split-K is single-pass: each K slice stores its fp32 partial and bumps the output tile's arrival
-    counter (acq_rel atomic); the last slice to arrive sums the partials in slice order (deterministic),
-    runs the epilogue, writes out and re-arms the counter to 0. No second kernel, no second launch.
+    counter (acq_rel atomic; counters from kernels/workspace.py); the last slice to arrive sums the
+    partials in slice order (deterministic), runs the epilogue, writes out and re-arms the counter to 0.
+    No second kernel, no second launch.
   sm_90 SASS (triton 3.6, bf16, compiled offline): no shared memory or barrier in the K loop; per thread
   and K block, the weight's 128-bit loads plus one per x row (x is loaded once per thread, not per n).
   Loop instructions per weight element: 3.3 at M=1 (32 x 512 tile), 7.9 at M=4, 16 at M=8, 38 at
@@ -43,6 +44,7 @@ import triton
 import triton.language as tl
 
 from .tile_order import tile_coords
+from .workspace import arrival_counters
 
 ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "swiglu")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -512,26 +514,6 @@ def _check_config(config: dict) -> dict:
     return cfg
 
 
-# Arrival counters of the gemv's single-pass split-K, one int32 per output tile, all zero between calls
-# (the last K slice of a tile re-arms its counter). One buffer per (device, stream), so that kernels on
-# concurrent streams never share a counter; an outgrown buffer is kept alive, because a captured CUDA
-# graph may still point at it. A buffer first allocated during CUDA-graph capture is zeroed by a memset
-# node of that graph, before the graph's first kernel reads it.
-_COUNTERS: dict = {}
-_OUTGROWN: list = []
-
-
-def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < tiles:
-        if buf is not None:
-            _OUTGROWN.append(buf)
-        buf = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-    return buf
-
-
 def _gemv(x, w, wu, bias, out, cfg, act: int) -> torch.Tensor:
     M, K = x.shape
     N = w.shape[0]
@@ -543,7 +525,9 @@ def _gemv(x, w, wu, bias, out, cfg, act: int) -> torch.Tensor:
     if split > 1:
         part = torch.empty((2 if act == _ACT_CODE["swiglu"] else 1, split, M, N), dtype=torch.float32,
                            device=x.device)
-        pg, pu, counters = part[0], part[-1], _arrival_counters(x.device, tiles)
+        # one int32 per output tile, zero between calls: kernels/workspace.py (one buffer per device,
+        # reserved outside CUDA-graph pools, shared by every single-pass kernel)
+        pg, pu, counters = part[0], part[-1], arrival_counters(x.device, tiles)
     else:
         pg = pu = counters = out  # never touched with SPLIT_K=1
     b = bias if bias is not None else out  # never read when HAS_BIAS is False

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernopt.kernels import gemm as G
+from kernopt.kernels import workspace
 from kernopt.tolerance import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,7 +101,7 @@ def test_gemv_twice_rearms_counters(activation):
     cfg = {**GEMV, "BLOCK_M": 4, "SPLIT_K": 3}
     for M, N in ((3, 45), (6, 45)):  # the second call also has twice the tiles
         run_and_check(M, N, 70, torch.float16, activation, activation != "swiglu", cfg)
-    assert G._COUNTERS and all(not buf.any() for buf in G._COUNTERS.values())
+    assert workspace._BUFFERS and all(not buf.any() for buf in workspace._BUFFERS.values())
 
 
 @pytest.mark.parametrize("split", [1, 2])
@@ -461,4 +462,4 @@ def test_gpu_gemv_split_k_graph_replay(M, activation):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, ref, torch.bfloat16)
-    assert all(not buf.any() for buf in G._COUNTERS.values())
+    assert all(not buf.any() for buf in workspace._BUFFERS.values())
