@@ -16,10 +16,15 @@ Two caches:
   step, and the static cache's tensors are graph inputs updated in place, so no step reads an output that a
   later replay overwrote — the failure a plain `torch.compile(mode="reduce-overhead")` of `forward` hits
   inside `generate`). The paged cache's page bookkeeping runs on the host, so it is not captured.
+
+Either way `generate` runs with transformers' deferred stop check on CUDA (`deferred_stop_checks`): the host
+queues step i+1 while the GPU runs step i instead of waiting for it every token; the tokens are the same.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from typing import Iterable, Optional
 
 import torch
@@ -62,6 +67,7 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
         # torch.compile takes mode= or options=, not both: the CUDA-graph mode travels inside our options.
         gc.compile_config = CompileConfig(backend="kernopt", options={**options, "mode": "reduce-overhead"},
                                           mode=None, fullgraph=False)
+        _defer_stop_checks_in_generate(model)
         model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario}
         return model
 
@@ -71,8 +77,71 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
     if compile:
         model.forward = torch.compile(model.forward, backend="kernopt", options=options)
     _give_generate_a_paged_cache(model, hf_attention)
+    _defer_stop_checks_in_generate(model)
     model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario}
     return model
+
+
+# Devices whose decode loop gets transformers' deferred stop check (see _defer_stop_checks_in_generate).
+DEFER_STOP_CHECK_DEVICES = ("cuda",)
+_defer_lock = threading.Lock()
+_defer_depth = 0
+
+
+@contextlib.contextmanager
+def deferred_stop_checks():
+    """Within the block, transformers' greedy/sampling loop checks "all sequences finished?" one step late on
+    the devices in DEFER_STOP_CHECK_DEVICES, as it does on its own only on Apple's mps.
+
+    transformers' `_sample` ends every step with ``unfinished_sequences.max() == 0`` read on the host: the host
+    waits for the GPU each step, so its per-step Python (input preparation, logits processors, stopping
+    criteria, the CUDA-graph replay call) never overlaps the GPU's work and adds to every token. Its
+    `DeferredStopCheck` copies the flag asynchronously and reads it one step later (the max-length stop stays
+    on the host, exact); when an EOS stop is seen late, transformers undoes the one extra step itself
+    (`finish` -> `_undo_generation_steps`), so the returned tokens are the ones the synchronous loop returns.
+    This turns the check on for CUDA by answering `DeferredStopCheck.is_supported` as for mps, keeping its
+    other conditions (assistant models, returned caches that can't be cropped). Process-wide while any
+    kernopt-optimized `generate` runs (a reference count; nested and concurrent calls are fine); a transformers
+    without `DeferredStopCheck` is left as it is.
+    """
+    global _defer_depth
+    try:
+        from transformers.generation import utils as gen_utils
+
+        cls = gen_utils.DeferredStopCheck
+        original = cls.__dict__["is_supported"]
+    except (ImportError, AttributeError, KeyError):
+        yield False
+        return
+
+    def is_supported(device, cache, cache_is_returned, is_assistant=False):
+        if torch.device(device).type in DEFER_STOP_CHECK_DEVICES:
+            device = torch.device("mps")  # the check's own conditions, as for mps
+        return original.__func__(device, cache, cache_is_returned, is_assistant=is_assistant)
+
+    with _defer_lock:
+        if _defer_depth == 0:
+            cls.is_supported = staticmethod(is_supported)
+        _defer_depth += 1
+    try:
+        yield True
+    finally:
+        with _defer_lock:
+            _defer_depth -= 1
+            if _defer_depth == 0:
+                cls.is_supported = original
+
+
+def _defer_stop_checks_in_generate(model) -> None:
+    """`model.generate` runs with `deferred_stop_checks()`: the host queues step i+1 while the GPU runs step i."""
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        with deferred_stop_checks():
+            return original(*args, **kwargs)
+
+    model.generate = generate
 
 
 def _give_generate_a_paged_cache(model, hf_attention) -> None:

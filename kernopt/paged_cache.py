@@ -346,9 +346,13 @@ class PagedKVCache(Cache):
         self._clear()
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last tokens of every sequence (assisted decoding rolls rejected tokens back this way)."""
-        if tokens_to_remove < 0:  # HF convention: negative = keep that many from the start
-            tokens_to_remove = self.hf_length + tokens_to_remove
+        """Drop the last tokens of every sequence, with transformers' (5.x) meaning of the argument: negative
+        = remove that many (the deferred stop check undoes a step with ``crop(-1)``), 0 = nothing, positive =
+        the legacy form, the length to keep (assisted decoding rolls rejected tokens back this way)."""
+        if tokens_to_remove > 0:
+            tokens_to_remove = self.hf_length - tokens_to_remove
+        else:
+            tokens_to_remove = -tokens_to_remove
         n = min(tokens_to_remove, self.hf_length)
         if n <= 0 or self.batch is None:
             return

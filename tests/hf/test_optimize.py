@@ -72,3 +72,50 @@ def test_optimize_static_cache_compiles_decode_through_transformers():
     assert torch.equal(got, want) and torch.equal(again, want)
     assert graphs >= 1  # decode steps went through the kernopt backend
     assert report.graphs == graphs  # and a second generate call reuses them (no backend-match recompiles)
+
+
+class _HostEvent:
+    """CPU has no events, and its ops are synchronous: recording / waiting is a no-op there."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+@pytest.mark.parametrize("cache", ["paged", "static"])
+def test_deferred_stop_check_returns_the_synchronous_tokens(cache, monkeypatch):
+    """optimize()'s generate reads "all finished?" one step late (transformers' DeferredStopCheck, as on mps);
+    early EOS stops, padding of finished rows and the undone extra step give exactly the synchronous tokens."""
+    from transformers.generation import utils as gen_utils
+
+    model = tiny_llama()
+    original_check = gen_utils.DeferredStopCheck.__dict__["is_supported"]
+    prompts = {1: torch.randint(0, 97, (1, 7)), 3: torch.randint(0, 97, (3, 7))}
+    with torch.no_grad():
+        want = {}
+        for bs, ids in prompts.items():
+            free = model.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))
+            eos = int(free[0, 7 + 3])  # sequence 0 stops after 4 new tokens; the others when they meet it
+            kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+            want[bs] = (kw, model.generate(ids, attention_mask=torch.ones_like(ids), **kw))
+        assert want[1][1].shape[1] == 7 + 4  # the synchronous loop stopped early: the case the undo is for
+        kernopt.optimize(model, cache=cache, inner="eager")
+        if cache == "static":
+            model.generation_config.compile_config._compile_all_devices = True
+        monkeypatch.setattr(kernopt.hf, "DEFER_STOP_CHECK_DEVICES", ("cuda", "cpu"))
+        monkeypatch.setattr(torch, "Event", _HostEvent)
+        undone = []
+        finish = gen_utils.DeferredStopCheck.finish
+        monkeypatch.setattr(gen_utils.DeferredStopCheck, "finish",
+                            lambda self: undone.append(finish(self)) or undone[-1])
+        for bs, ids in prompts.items():
+            kw, expected = want[bs]
+            got = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            assert torch.equal(got, expected), (bs, got, expected)
+    assert len(undone) == 2 and undone[0] == 1  # deferred in both calls; bs1's EOS step was seen late, undone
+    assert gen_utils.DeferredStopCheck.__dict__["is_supported"] is original_check  # restored after generate

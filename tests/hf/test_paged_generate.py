@@ -199,3 +199,27 @@ def test_paged_cache_contents_match_tokens():
         seq = torch.cat([real, k2[b]], 1)  # [H, L, D]
         for j in range(seq.shape[1]):
             torch.testing.assert_close(kp[table[b, j // 4], j % 4], seq[:, j])
+
+
+def test_crop_follows_transformers_meaning(models):
+    """crop(-n) removes n tokens (the deferred stop check's undo), crop(n > 0) keeps n (legacy), crop(0) keeps all;
+    a forward after a crop attends to exactly the kept tokens."""
+    eager, ours = models
+    cache = hf_attention.paged_cache(ours, page_size=4)
+    kw = {hf_attention.cache_argument(ours): cache}
+    ids, mask = prompts([7, 7])  # no padding: positions are the same however the sequence is fed
+    out = greedy(ours, ids, mask, 5, **kw)
+    total = cache.get_seq_length()
+    lens = list(cache.lens)
+    cache.crop(0)
+    assert cache.get_seq_length() == total and list(cache.lens) == lens
+    cache.crop(-2)
+    assert cache.get_seq_length() == total - 2 and list(cache.lens) == [n - 2 for n in lens]
+    cache.crop(total - 3)  # legacy: the length to keep
+    assert cache.get_seq_length() == total - 3 and list(cache.lens) == [n - 3 for n in lens]
+    assert len(cache.free_pages) + sum(len(p) for p in cache.seq_pages) == cache.num_pages
+    with torch.no_grad():
+        step = ours(input_ids=out[:, total - 3: total - 2], attention_mask=torch.ones_like(out[:, : total - 2]),
+                    past_key_values=cache, use_cache=True).logits[:, -1]
+        ref = eager(input_ids=out[:, : total - 2]).logits[:, -1]
+    torch.testing.assert_close(step, ref, atol=1e-4, rtol=1e-4)
