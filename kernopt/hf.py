@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 from typing import Iterable, Optional
 
@@ -102,9 +103,13 @@ def deferred_stop_checks():
     This turns the check on for CUDA by answering `DeferredStopCheck.is_supported` as for mps, keeping its
     other conditions (assistant models, returned caches that can't be cropped). Process-wide while any
     kernopt-optimized `generate` runs (a reference count; nested and concurrent calls are fine); a transformers
-    without `DeferredStopCheck` is left as it is.
+    without `DeferredStopCheck` is left as it is. ``KERNOPT_DEFER_STOP_CHECK=0`` turns it off (to measure
+    what it is worth: the llama suite records the setting in each run).
     """
     global _defer_depth
+    if os.environ.get("KERNOPT_DEFER_STOP_CHECK", "1") == "0":  # off: transformers' own per-step check
+        yield False
+        return
     try:
         from transformers.generation import utils as gen_utils
 

@@ -4,7 +4,9 @@ Systems, in one process on the same inputs:
 - ``eager``: transformers as shipped (SDPA attention, dynamic cache), no compile;
 - ``hf_static_inductor``: HF's static cache, whose decode steps transformers compiles itself with Inductor
   (mode="reduce-overhead": CUDA graphs);
-- ``kernopt`` / ``kernopt_int4`` / ``kernopt_fp8``: `kernopt.optimize(model, quantize=..., cache="static")`.
+- ``kernopt`` / ``kernopt_int4`` / ``kernopt_fp8``: `kernopt.optimize(model, quantize=..., cache="static")`
+  (its `generate` reads the stop flag one step late on CUDA, see `kernopt.hf.deferred_stop_checks`;
+  ``KERNOPT_DEFER_STOP_CHECK=0`` runs transformers' per-step check instead, to split kernels from loop).
 Cases: decode tok/s at bs 1 and 16 (prompt 128, 128 new tokens; the whole `generate` call, after a warm-up
 call), prefill ms at b1 s2048 (one forward), first-call seconds (the first `generate`, compile included).
 Check, in the same run: each kernopt system's compiled prefill logits against the same (quantized) model run
@@ -216,7 +218,8 @@ def cache_state(device: str) -> dict:
     """
     from kernopt import workload
 
-    state: dict = {"autotune_on_first_use": workload.autotune_enabled(),
+    state: dict = {"deferred_stop_check": os.environ.get("KERNOPT_DEFER_STOP_CHECK", "1") != "0",
+                   "autotune_on_first_use": workload.autotune_enabled(),
                    "tuned_cache_disabled": os.environ.get("KERNOPT_NO_CACHE") == "1"}
     if device == "cuda":
         cache = workload.ConfigCache()
