@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session: install, run the GPU tests, run the benchmark suites; everything lands in $OUT (or ./gpu_out).
-#   bash benchmarks/run_gpu.sh [tests] [suite[:--flag,value] ...]      suites: gemm attention decode gemm_int4 gemm_fp8 llama
+#   bash benchmarks/run_gpu.sh [tests[:pytest args]][@secs] [suite[:--flag,value]][@secs] ...
+#   suites: gemm attention decode gemm_int4 gemm_fp8 llama; commas in the args become spaces; @secs is that
+#   step's timeout (default $STEP_TIMEOUT, 150 s). Example:
+#   bash benchmarks/run_gpu.sh tests:tests/kernels@240 decode:--no-sweep@120 llama:--quick,--cold-compile-caches@420
 # Results JSON go to benchmarks/results/ and are copied, with the logs, into one tarball under $OUT.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
@@ -25,18 +28,23 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
   python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/logs/env.log"
 status=0
-for what in "$@"; do
-  start=$(date +%s)
-  if [ "$what" = tests ]; then
-    timeout $STEP_TIMEOUT pytest -m gpu -q -p no:cacheprovider 2>&1 | tail -n 60 > "$OUT/logs/gpu_tests.log"; rc=${PIPESTATUS[0]}
-    tail -n 25 "$OUT/logs/gpu_tests.log"
+n=0
+for arg in "$@"; do
+  n=$((n + 1)); start=$(date +%s)
+  what=${arg%@*}; limit=$STEP_TIMEOUT
+  [ "$what" != "$arg" ] && limit=${arg##*@}
+  step=${what%%:*}; extra=""
+  [ "$step" != "$what" ] && extra=${what#*:} && extra=${extra//,/ }   # gemm:--rep,50 -> --rep 50
+  if [ "$step" = tests ]; then
+    log="$OUT/logs/gpu_tests_$n.log"
+    timeout "$limit" pytest -m gpu -q -p no:cacheprovider $extra 2>&1 | tail -n 80 > "$log"; rc=${PIPESTATUS[0]}
+    tail -n 25 "$log"
   else
-    suite=${what%%:*}; extra=""
-    [ "$suite" != "$what" ] && extra=${what#*:} && extra=${extra//,/ }   # gemm:--rep,50 -> --rep 50
-    timeout $STEP_TIMEOUT python "examples/bench_${suite}.py" $extra > "$OUT/logs/bench_${suite}.log" 2>&1; rc=$?
-    tail -n 30 "$OUT/logs/bench_${suite}.log"
+    log="$OUT/logs/bench_${step}_$n.log"
+    timeout "$limit" python "examples/bench_${step}.py" $extra > "$log" 2>&1; rc=$?
+    tail -n 30 "$log"
   fi
-  echo "== $what: rc=$rc in $(( $(date +%s) - start )) s"
+  echo "== $arg: rc=$rc in $(( $(date +%s) - start )) s (limit $limit)"
   [ "$rc" -ne 0 ] && status=1
 done
 cp benchmarks/results/*.json "$OUT/logs/" 2>/dev/null
