@@ -1,0 +1,615 @@
+"""Compile kernopt's Triton kernels for the H100/H200 (sm_90a) on a machine without a GPU.
+
+Why: the CPU test suite runs the kernels in Triton's interpreter, which never sees the GPU-only code paths
+(bf16, TMA tensor descriptors, fp8 wgmma, masks at real sizes, the single-pass split kernels) and never
+compiles anything. A kernel that does not compile for sm_90, spills registers or outgrows shared memory was
+so far found only on the GPU machine, whose time is scarce. Triton's wheel ships ptxas, so the whole
+compilation (TTIR -> TTGIR -> LLVM -> PTX -> cubin) runs offline.
+
+How:
+1. Each case calls a public launcher of kernels/*.py with CPU tensors of a real model shape (``torch.empty``,
+   never touched) and the config a GPU run uses (the family's ``select_config`` unless the case names a
+   candidate). ``JITFunction.run`` is replaced by a recorder for the call, so nothing runs and every launch
+   (kernel, arguments, grid) is captured.
+2. Each launch is specialised exactly as triton 3.6's ``JITFunction.run`` does on a device: the binder of
+   ``create_function_from_signature`` built for the sm_90 backend (``make_backend(GPUTarget("cuda", 90, 32))``)
+   gives the signature (pointer dtypes, ``tensordesc<...>`` for host TensorDescriptors, integers equal to 1
+   as constexprs) and the 16-byte divisibility attributes of pointers and integers; ``_pack_args`` turns them
+   into ``ASTSource`` and the options; ``triton.compile`` builds the cubin. torch.empty's 64-byte aligned CPU
+   buffers specialise like CUDA allocations. Where a launcher takes a different value on CPU than on a CUDA
+   device the case overrides that constexpr with the CUDA value (fp8 TMA's NUM_SMS, rmsnorm's MEAN_BY_MUL).
+3. Per kernel it reports shared memory (``metadata.shared``), registers and stack bytes (the bundled
+   ``cuobjdump --dump-resource-usage`` on the cubin), spill stores/loads (the ptxas ``-v`` log), whether the
+   PTX uses wgmma (and e4m3 operands) and TMA. Identical specialisations compile once.
+
+Usage (the interpreter must be off; the script removes TRITON_INTERPRET and KERNOPT_CPU itself):
+    python tests/kernels/sm90_offline.py [--json out.json] [--only REGEX] [--jobs N] [--cache-dir DIR] [--list]
+Exit status 1 when a kernel fails to compile or a check fails (see ``problems``); the table goes to stdout.
+tests/kernels/test_sm90_compile.py runs this in a subprocess and asserts on the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+ARCH = 90               # sm_90a: H100 and H200 (GPUTarget's capability)
+SMS = 132               # H100 SXM / H200 SMs (what a CUDA launch of the fp8 persistent kernel uses)
+SMEM_LIMIT = 227 * 1024  # the largest dynamic shared memory one block may opt into on sm_90
+REGISTERS = 65536       # per SM; a block of num_warps * 32 threads must fit
+
+# Llama-3 8B shapes: hidden 4096, MLP 14336, 32 query heads, 8 KV heads, head dim 128.
+HIDDEN, MLP, HQ, HKV, HEAD_DIM = 4096, 14336, 32, 8, 128
+
+
+# --------------------------------------------------------------------------------------------------
+# Capture: launches recorded instead of run
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Launch:
+    fn: object       # the JITFunction
+    args: tuple
+    kwargs: dict
+    grid: object
+
+
+class Recorder:
+    """Within ``with Recorder() as rec``, ``kernel[grid](...)`` records the launch and returns None."""
+
+    def __init__(self):
+        self.launches: list[Launch] = []
+        self._overrides: dict = {}
+        self._used: set = set()
+
+    def override(self, **constexprs) -> None:
+        """Constexpr values a CUDA launch passes where the launcher passes another on CPU tensors."""
+        self._overrides.update(constexprs)
+
+    def __enter__(self):
+        from triton.runtime.jit import JITFunction
+
+        self._cls, self._orig = JITFunction, JITFunction.run
+        rec = self
+
+        def record(fn, *args, grid, warmup, **kwargs):
+            for name, value in rec._overrides.items():
+                if name in kwargs:
+                    kwargs[name] = value
+                    rec._used.add(name)
+            rec.launches.append(Launch(fn, args, kwargs, grid))
+            return None
+
+        JITFunction.run = record
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self._cls.run = self._orig
+        unused = set(self._overrides) - self._used
+        if exc_type is None and unused:  # a renamed constexpr must not leave the CPU value in place silently
+            raise KeyError(f"overrides {sorted(unused)}: no launch passed them as keywords")
+        return False
+
+
+def _target():
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", ARCH, 32)
+
+
+def specialize(launch: Launch, backend):
+    """(ASTSource, options, key) for a launch: JITFunction.run's binder and _pack_args, sm_90 backend."""
+    from triton import knobs
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+
+    fn = launch.fn
+    if not isinstance(fn, JITFunction):
+        raise TypeError(f"{fn!r} is not a JITFunction (TRITON_INTERPRET was set when triton was imported)")
+    kwargs = dict(launch.kwargs)
+    # as JITFunction.run adds them before binding
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    key = f"{fn.module}.{fn.__name__}:" + compute_cache_key({}, specialization, options)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return ASTSource(fn, signature, constexprs, attrs), options, key
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases: a launcher call at a real shape with the config a GPU run uses
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable          # build(rec) -> the config dict it launched with
+    selected: bool = True    # the family's table (select_config) picks this config: it must not spill
+    expect: dict = field(default_factory=dict)  # kernel name -> PTX checks: "wgmma", "wgmma_e4m3", "tma"
+    canary: bool = False     # a config known to spill: proves the spill detection sees spills
+
+
+def _empty(*shape, dtype=None):
+    import torch
+
+    return torch.empty(shape, dtype=dtype or torch.bfloat16)
+
+
+def _dtype(name=None):
+    """Cases name dtypes ("bf16" by default, "fp16") so that this module imports without torch."""
+    import torch
+
+    return {None: torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+# ---- kernels/gemm.py
+def _gemm(M, N, K, activation="none", bias=False, dtype=None, config=None, need_split=False):
+    def build(rec):
+        from kernopt.kernels import gemm as g
+
+        dt = _dtype(dtype)
+        cfg = config(M, N, K, activation, dt) if callable(config) else \
+            (config or g.select_config(M, N, K, activation, dt))
+        if need_split and cfg["SPLIT_K"] < 2:
+            raise AssertionError(f"case wants split-K > 1, the table gives {cfg}")
+        g.gemm(_empty(M, K, dtype=dt), _empty(N, K, dtype=dt), bias=_empty(N, dtype=dt) if bias else None,
+               w_up=_empty(N, K, dtype=dt) if activation == "swiglu" else None, activation=activation, config=cfg)
+        return cfg
+    return build
+
+
+def _gemv_table(M, N, K, activation, dtype):
+    """The gemv row select_config picks once GEMV_MAX_M covers M (kernels/gemm.py's _GEMV_TILE)."""
+    from kernopt.kernels import gemm as g
+
+    return g._gemv_config(M, N, K, activation, dtype)
+
+
+# ---- kernels/flash_attention.py
+def _flash(B, Hq, Hkv, S, D, causal, mask=None, dtype=None, config=None):
+    def build(rec):
+        import torch
+        from kernopt.kernels import flash_attention as fa
+
+        dt = _dtype(dtype)
+        cfg = dict(fa.select_config(D, causal, S, S, B * Hq, dt))
+        cfg.update(config or {})
+        m = None
+        if mask == "bool":
+            m = torch.empty((B, 1, S, S), dtype=torch.bool)
+        elif mask == "additive":
+            m = _empty(B, 1, S, S, dtype=dt)
+        fa.flash_attention(_empty(B, Hq, S, D, dtype=dt), _empty(B, Hkv, S, D, dtype=dt),
+                           _empty(B, Hkv, S, D, dtype=dt), mask=m, causal=causal, config=cfg)
+        return cfg
+    return build
+
+
+# ---- kernels/decode_attention.py
+def _decode(B, S, paged=False, mask=None, fused=False, page=64, D=HEAD_DIM, Hq=HQ, Hkv=HKV, q_len=1):
+    def build(rec):
+        import torch
+        from kernopt.kernels import decode_attention as da
+
+        cfg = da.select_config(B, Hkv, Hq, S, D, SMS, q_len, paged=paged)
+        if fused:
+            if cfg["SPLITS"] < 2:
+                raise AssertionError(f"FUSED_MERGE needs splits > 1, the table gives {cfg}")
+            cfg = da.fused(cfg)
+        q = _empty(B, Hq, q_len, D)
+        if paged:
+            pages = B * (S // page)
+            table = torch.arange(pages, dtype=torch.int32).reshape(B, S // page)
+            lens = torch.full((B,), S, dtype=torch.int32)
+            da.paged_decode_attention(q, _empty(pages, page, Hkv, D), _empty(pages, page, Hkv, D), table, lens,
+                                      config=cfg)
+        else:
+            m = None  # HF's static-cache decode mask: [B, 1, q_len, S]
+            if mask == "bool":
+                m = torch.empty((B, 1, q_len, S), dtype=torch.bool)
+            elif mask == "additive":
+                m = _empty(B, 1, q_len, S)
+            da.decode_attention(q, _empty(B, Hkv, S, D), _empty(B, Hkv, S, D), mask=m, config=cfg)
+        return cfg
+    return build
+
+
+# ---- kernels/int4_gemm.py (N-contiguous storage, as kernopt/int4.py writes it)
+def _int4(M, N=MLP, K=HIDDEN, group=128, zeros=False, bias=False, pick=None):
+    def build(rec):
+        import torch
+        from kernopt.kernels import int4_gemm as q4
+
+        cfg = q4.select_config(M, N, K, group)
+        if pick is not None:
+            cands = [c for c in q4.candidate_configs(M, N, K, group) if all(c.get(k) == v for k, v in pick.items())]
+            if not cands:
+                raise AssertionError(f"no candidate_configs({M}, {N}, {K}, {group}) entry matches {pick}")
+            cfg = cands[0]
+        qweight = torch.empty((K // 8, N), dtype=torch.int32).t()
+        scales = _empty(K // group, N).t()
+        z = _empty(K // group, N).t() if zeros else None
+        if cfg["impl"] == "dequant_cublas":  # the Triton half; the cuBLAS half is F.linear
+            q4.int4_dequantize(qweight, scales, z, group, _dtype(), cfg)
+        else:
+            q4.int4_gemm(_empty(M, K), qweight, scales, z, group, bias=_empty(N) if bias else None, config=cfg)
+        return cfg
+    return build
+
+
+# ---- kernels/fp8_gemm.py and kernels/rmsnorm_quant.py
+def _fp8(M, N=MLP, K=HIDDEN, bias=False, prequant=False):
+    def build(rec):
+        import torch
+        import triton
+        from kernopt.kernels import fp8_gemm as f8
+
+        cfg = f8.select_config(M, N, K)
+        if cfg.get("TMA"):  # a CUDA launch runs min(SM count, tiles) persistent programs (4 on CPU)
+            rec.override(NUM_SMS=min(SMS, triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])))
+        w = torch.empty((N, K), dtype=f8.FP8_DTYPE)
+        w_scale = torch.empty((N,), dtype=torch.float32)
+        b = _empty(N) if bias else None
+        if prequant:
+            f8.fp8_linear_prequant(torch.empty((M, K), dtype=f8.FP8_DTYPE), torch.empty((M, 1), dtype=torch.float32),
+                                   w, w_scale, b, out_dtype=_dtype(), config=cfg)
+        else:
+            f8.fp8_linear(_empty(M, K), w, w_scale, b, config=cfg)
+        return cfg
+    return build
+
+
+def _rmsnorm_quant(M, K=HIDDEN):
+    def build(rec):
+        from kernopt.kernels import rmsnorm_quant as rq
+
+        rec.override(MEAN_BY_MUL=True)  # the launcher passes x.is_cuda
+        cfg = rq.select_config(M, K)
+        rq.rmsnorm_quant_fp8(_empty(M, K), _empty(K), 1e-5, config=cfg)
+        return cfg
+    return build
+
+
+W, E4, TMA = ("wgmma",), ("wgmma_e4m3",), ("wgmma_e4m3", "tma")
+
+CASES = [
+    # gemm: the table at decode (SwiGLU, split-K + reduce kernel) and prefill, and the gemv rows
+    Case("gemm M16 swiglu K4096 N14336", _gemm(16, MLP, HIDDEN, "swiglu")),
+    Case("gemm M4096 none K4096 N14336", _gemm(4096, MLP, HIDDEN), expect={"_gemm_kernel": W}),
+    Case("gemm M4096 none K4096 N14336 fp16", _gemm(4096, MLP, HIDDEN, dtype="fp16"), expect={"_gemm_kernel": W}),
+    Case("gemm M256 gelu K4096 N14336", _gemm(256, MLP, HIDDEN, "gelu"), expect={"_gemm_kernel": W}),
+    # gelu on a 128 x 256 tile at 8 warps spills (why select_config gives epilogues 128 x 128): the canary
+    Case("gemm M4096 gelu 128x256 w8 (spills: canary)", _gemm(4096, MLP, HIDDEN, "gelu", config={
+        "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}),
+        selected=False, canary=True),
+    Case("gemm gemv M1 swiglu K4096 N14336", _gemm(1, MLP, HIDDEN, "swiglu", config=_gemv_table)),
+    Case("gemm gemv M4 bias K14336 N4096 split", _gemm(4, HIDDEN, MLP, bias=True, config=_gemv_table,
+                                                       need_split=True)),
+    # flash attention (prefill): B4 H32 S2048 unless named
+    Case("flash D128 causal=0 tma", _flash(4, HQ, HQ, 2048, 128, False), expect={"_flash_attention_fwd": ("wgmma", "tma")}),
+    Case("flash D128 causal=0 ptr", _flash(4, HQ, HQ, 2048, 128, False, config={"TMA": False}), selected=False,
+         expect={"_flash_attention_fwd": W}),
+    Case("flash D128 causal=1 tma", _flash(4, HQ, HQ, 2048, 128, True), expect={"_flash_attention_fwd": ("wgmma", "tma")}),
+    Case("flash D128 causal=1 S8192 B1 tma", _flash(1, HQ, HQ, 8192, 128, True),
+         expect={"_flash_attention_fwd": ("wgmma", "tma")}),
+    Case("flash D128 causal=1 S512 B1 ptr", _flash(1, HQ, HQ, 512, 128, True), expect={"_flash_attention_fwd": W}),
+    Case("flash D64 causal=0 B8 H16 S1024", _flash(8, 16, 16, 1024, 64, False), expect={"_flash_attention_fwd": W}),
+    Case("flash D64 causal=1 B8 H16 S1024", _flash(8, 16, 16, 1024, 64, True), expect={"_flash_attention_fwd": W}),
+    Case("flash D128 bool mask", _flash(4, HQ, HQ, 2048, 128, False, mask="bool"),
+         expect={"_flash_attention_fwd": ("wgmma", "tma")}),
+    Case("flash D128 causal=1 additive mask", _flash(4, HQ, HQ, 2048, 128, True, mask="additive"),
+         expect={"_flash_attention_fwd": ("wgmma", "tma")}),
+    Case("flash D128 SPLIT 128x64 w8 tma", _flash(4, HQ, HQ, 2048, 128, False, config={
+        "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "TMA": True, "SPLIT": True}),
+        selected=False, expect={"_flash_attention_fwd": ("wgmma", "tma")}),
+    Case("flash D128 causal=1 SPLIT 128x128 w8 tma", _flash(4, HQ, HQ, 2048, 128, True, config={
+        "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "TMA": True, "SPLIT": True}),
+        selected=False, expect={"_flash_attention_fwd": ("wgmma", "tma")}),
+    Case("flash D128 SPLIT 128x64 w8 ptr", _flash(4, HQ, HQ, 2048, 128, False, config={
+        "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "TMA": False, "SPLIT": True}),
+        selected=False, expect={"_flash_attention_fwd": W}),
+    Case("flash D80 (padded) causal=1", _flash(4, HQ, HQ, 2048, 80, True), expect={"_flash_attention_fwd": ("wgmma", "tma")}),
+    Case("flash GQA 32/8 D128 S4096", _flash(4, HQ, HKV, 4096, 128, False), expect={"_flash_attention_fwd": ("wgmma", "tma")}),
+    Case("flash D128 causal=1 fp16", _flash(4, HQ, HQ, 2048, 128, True, dtype="fp16"),
+         expect={"_flash_attention_fwd": ("wgmma", "tma")}),
+    # decode attention: Hq32 Hkv8 D128 bf16, 64-token pages
+    Case("decode contiguous B1 S8192", _decode(1, 8192)),
+    Case("decode contiguous B8 S32768", _decode(8, 32768)),
+    Case("decode contiguous B32 S4096", _decode(32, 4096)),
+    Case("decode paged B1 S8192", _decode(1, 8192, paged=True)),
+    Case("decode paged B32 S4096", _decode(32, 4096, paged=True)),
+    Case("decode contiguous B1 S8192 FUSED_MERGE", _decode(1, 8192, fused=True), selected=False),
+    Case("decode paged B1 S8192 FUSED_MERGE", _decode(1, 8192, paged=True, fused=True), selected=False),
+    Case("decode contiguous B1 S8192 bool mask", _decode(1, 8192, mask="bool")),
+    Case("decode contiguous B4 S4096 additive mask", _decode(4, 4096, mask="additive")),
+    # int4 weight-only GEMM, K4096 N14336 g128
+    Case("int4 M1 (gemv)", _int4(1)),
+    Case("int4 M16 (tiled)", _int4(16)),
+    Case("int4 M16 zeros+bias (tiled)", _int4(16, zeros=True, bias=True)),
+    Case("int4 M256 (dequant kernel)", _int4(256)),
+    Case("int4 M1 gemv2 256x16 w8", _int4(1, pick={"impl": "gemv2", "BLOCK_N": 256, "SPLIT_K": 16, "num_warps": 8}),
+         selected=False),
+    Case("int4 M1 gemv2 256x16 w4 no prefetch", _int4(1, pick={"impl": "gemv2", "BLOCK_N": 256, "SPLIT_K": 16,
+                                                               "num_warps": 4, "PREFETCH": 0}), selected=False),
+    Case("int4 M4 gemv2 64x8 w4", _int4(4, pick={"impl": "gemv2", "BLOCK_N": 64, "SPLIT_K": 8}), selected=False),
+    Case("int4 M16 tiled2 128x64 split4", _int4(16, pick={"impl": "tiled2", "BLOCK_N": 128, "SPLIT_K": 4}),
+         selected=False),
+    # fp8: activation quantization + swap-AB pointer kernel (decode), persistent TMA kernel (prefill)
+    Case("fp8 M16 swap-AB", _fp8(16), expect={"_fp8_gemm_kernel": E4}),
+    Case("fp8 M16 swap-AB bias prequant", _fp8(16, bias=True, prequant=True), expect={"_fp8_gemm_kernel": E4}),
+    Case("fp8 M128 tma", _fp8(128), expect={"_fp8_gemm_tma_kernel": TMA}),
+    Case("fp8 M4096 tma flatten", _fp8(4096), expect={"_fp8_gemm_tma_kernel": TMA}),
+    Case("rmsnorm_quant M16 K4096", _rmsnorm_quant(16)),
+]
+
+
+def find_case(name: str) -> Case:
+    for case in CASES:
+        if case.name == name:
+            return case
+    raise KeyError(name)
+
+
+def capture(case: Case) -> tuple[dict, list[Launch]]:
+    """Run the case's launcher under a Recorder: (config, launches)."""
+    with Recorder() as rec:
+        cfg = case.build(rec)
+    return cfg, rec.launches
+
+
+# --------------------------------------------------------------------------------------------------
+# Compile and inspect
+# --------------------------------------------------------------------------------------------------
+def _resource_usage(cubin: bytes) -> dict:
+    """REG / STACK / SHARED / LOCAL of the cubin's kernel from the bundled cuobjdump ({} if unavailable)."""
+    from triton import knobs
+
+    try:
+        tool = knobs.nvidia.cuobjdump.path
+    except Exception:  # noqa: BLE001  (a wheel without the tool)
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return {k: int(v) for k, v in zip(("regs", "stack", "static_shared", "local"), m.groups())} if m else {}
+
+
+def _ptx_facts(ptx: str) -> dict:
+    mma = [line for line in ptx.splitlines() if "wgmma.mma_async" in line]
+    return {
+        "wgmma": bool(mma),
+        "wgmma_e4m3": bool(mma) and all(".e4m3.e4m3" in line for line in mma),
+        "mma_sync": "mma.sync" in ptx,
+        "tma": "cp.async.bulk.tensor" in ptx,
+        "wgmma_shapes": sorted({m.group(0) for line in mma for m in [re.search(r"m64n\d+k\d+\S*?(?=\s)", line)]
+                                if m}),
+    }
+
+
+def compile_launch(case: Case, index: int) -> dict:
+    """Capture `case` again and compile its `index`-th launch for sm_90: one record (error included)."""
+    from triton import knobs
+    from triton.compiler import compile as triton_compile, make_backend
+
+    rec = {"case": case.name, "index": index, "selected": case.selected, "canary": case.canary}
+    try:
+        cfg, launches = capture(case)
+        launch = launches[index]
+        rec["kernel"] = launch.fn.__name__
+        rec["config"] = cfg
+        backend = make_backend(_target())
+        src, options, rec["key"] = specialize(launch, backend)
+        rec.update(num_warps=options.num_warps, num_stages=options.num_stages,
+                   signature={k: str(v) for k, v in src.signature.items() if v != "constexpr"})
+        knobs.nvidia.dump_ptxas_log = True
+        log = io.StringIO()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(log):
+            compiled = triton_compile(src, target=_target(), options=options.__dict__)
+        rec["compile_s"] = round(time.perf_counter() - t0, 2)
+    except Exception as e:  # noqa: BLE001  (reported, with the compiler's message)
+        rec["error"] = f"{type(e).__name__}: {e}"[-6000:]
+        rec["traceback"] = traceback.format_exc()[-4000:]
+        return rec
+    text = log.getvalue()
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    regs = re.search(r"Used (\d+) registers", text)
+    rec.update(ptxas_log=bool(regs), spill_stores=int(spill.group(1)) if spill else None,
+               spill_loads=int(spill.group(2)) if spill else None, ptxas_regs=int(regs.group(1)) if regs else None)
+    rec["shared"] = compiled.metadata.shared
+    rec.update(regs=rec["ptxas_regs"], stack=None)  # cuobjdump's, below, when the wheel has it
+    rec.update(_resource_usage(compiled.asm["cubin"]))
+    rec.update(_ptx_facts(compiled.asm["ptx"]))
+    rec["checks"] = list(case.expect.get(rec["kernel"], ()))
+    return rec
+
+
+def problems(rec: dict) -> list[str]:
+    """What is wrong with a compiled kernel (the test asserts the same things)."""
+    if rec.get("error"):
+        return [f"does not compile: {rec['error'].splitlines()[0][:300]}"]
+    out = []
+    if rec["shared"] > SMEM_LIMIT:
+        out.append(f"shared memory {rec['shared']} B > {SMEM_LIMIT} B")
+    regs = rec.get("regs")
+    if regs is not None and regs * 32 * rec["num_warps"] > REGISTERS:
+        out.append(f"{regs} registers x {32 * rec['num_warps']} threads > {REGISTERS}")
+    spills = bool(rec.get("stack") or rec.get("spill_stores") or rec.get("spill_loads"))
+    if rec["selected"] and spills:
+        out.append(f"spills: {rec.get('spill_stores')} B stored, stack {rec.get('stack')} B")
+    if rec.get("canary") and not spills:
+        out.append("the canary config no longer spills: the spill check is unproven (pick another canary)")
+    for check in rec.get("checks", ()):
+        if not rec.get(check):
+            out.append(f"PTX lacks {check}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+def _without_interpreter() -> None:
+    """Before triton is imported: real JITFunctions, and kernopt's launchers rather than its references."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.pop("KERNOPT_CPU", None)
+
+
+def _worker_init() -> None:
+    _without_interpreter()
+
+
+def _compile_job(job: tuple[str, int]) -> dict:
+    return compile_launch(find_case(job[0]), job[1])
+
+
+def skip_reason() -> Optional[str]:
+    """Why this machine cannot compile for sm_90 offline (None when it can)."""
+    try:
+        from triton import knobs
+        from triton.backends import backends
+    except Exception as e:  # noqa: BLE001
+        return f"triton not importable: {e}"
+    if "nvidia" not in backends:
+        return "triton has no CUDA (nvidia) backend"
+    try:
+        ptxas = knobs.nvidia.ptxas.path
+    except Exception as e:  # noqa: BLE001
+        return f"no ptxas: {e}"
+    if not ptxas or not os.path.exists(ptxas):
+        return f"no ptxas at {ptxas!r}"
+    return None
+
+
+def _fmt_spills(rec: dict) -> str:
+    if rec.get("spill_stores") is not None:
+        return f"{rec['spill_stores']}/{rec['spill_loads']}"
+    return f"stack {rec['stack']}" if rec.get("stack") is not None else "?"
+
+
+def table(records: list[dict]) -> str:
+    head = ("case", "kernel", "w/s", "regs", "spill st/ld", "smem KB", "mma", "tma", "s", "status")
+    rows = []
+    for r in records:
+        if r.get("error"):
+            rows.append((r["case"], r.get("kernel", "?"), "", "", "", "", "", "", "", "COMPILE ERROR"))
+            continue
+        mma = "wgmma" + ("-e4m3" if r["wgmma_e4m3"] else "") if r["wgmma"] else ("mma" if r["mma_sync"] else "-")
+        spills = bool(r.get("stack") or r.get("spill_stores") or r.get("spill_loads"))
+        status = "; ".join(problems(r)) or ("ok" if r["selected"] else "spills, as expected" if r["canary"] else
+                                            "candidate: SPILLS" if spills else "ok (candidate)")
+        rows.append((r["case"], r["kernel"], f"{r['num_warps']}/{r['num_stages']}", str(r.get("regs", "?")),
+                     _fmt_spills(r), f"{r['shared'] / 1024:.1f}", mma, "yes" if r["tma"] else "-",
+                     "cached" if r.get("same_as") else str(r.get("compile_s", "")), status))
+    widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
+    line = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="write the records here")
+    ap.add_argument("--only", help="regex: cases whose name matches")
+    ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                    help="compile processes (default: the cores, at most 8)")
+    ap.add_argument("--cache-dir", help="Triton cache to reuse (default: a fresh temporary one, so every kernel "
+                                        "is compiled and ptxas reports its spills)")
+    ap.add_argument("--list", action="store_true", help="print the case names and exit")
+    args = ap.parse_args(argv)
+    cases = [c for c in CASES if not args.only or re.search(args.only, c.name)]
+    if args.list:
+        print("\n".join(c.name for c in cases))
+        return 0
+    _without_interpreter()
+    result = {"arch": f"sm_{ARCH}a", "smem_limit": SMEM_LIMIT, "records": [], "capture_errors": {}}
+    reason = skip_reason()
+    if reason:
+        result["skip"] = reason
+        print(f"skipped: {reason}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
+    import triton
+
+    result["triton"] = triton.__version__
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        cache = args.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sm90-triton-cache-"))
+        os.environ["TRITON_CACHE_DIR"] = cache  # the workers inherit it
+
+        # Capture every case here (cheap: nothing runs), then compile each distinct specialisation once.
+        from triton.compiler import make_backend
+
+        backend = make_backend(_target())
+        jobs, first_of, plan = [], {}, []  # plan: (case, launch index, key, config)
+        for case in cases:
+            try:
+                cfg, launches = capture(case)
+                if not launches:
+                    raise RuntimeError("the launcher launched no kernel")
+                keys = [specialize(launch, backend)[2] for launch in launches]
+            except Exception as e:  # noqa: BLE001
+                result["capture_errors"][case.name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
+                continue
+            for i, key in enumerate(keys):
+                if key not in first_of:
+                    first_of[key] = (case.name, i)
+                    jobs.append((case.name, i))
+                plan.append((case, i, key, cfg))
+        done: dict[tuple[str, int], dict] = {}
+        if args.jobs > 1 and len(jobs) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch/OpenMP state
+            with ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs)), mp_context=ctx,
+                                     initializer=_worker_init) as pool:
+                for job, rec in zip(jobs, pool.map(_compile_job, jobs)):
+                    done[job] = rec
+        else:
+            for job in jobs:
+                done[job] = _compile_job(job)
+        for case, i, key, cfg in plan:
+            first = first_of[key]
+            rec = dict(done[first])
+            if first != (case.name, i):  # the same specialisation as an earlier case's kernel
+                rec.update(case=case.name, index=i, selected=case.selected, canary=case.canary, config=cfg,
+                           same_as=f"{first[0]} #{first[1]}", checks=list(case.expect.get(rec.get("kernel"), ())))
+            result["records"].append(rec)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    records = result["records"]
+    print(table(records))
+    bad = {f"{r['case']} / {r.get('kernel', '?')}": p for r in records if (p := problems(r))}
+    for name, err in result["capture_errors"].items():
+        bad[name] = [f"launcher failed: {err.splitlines()[0]}"]
+    for case in cases:  # a case whose expected kernel never launched
+        launched = {r.get("kernel") for r in records if r["case"] == case.name}
+        for kernel in case.expect:
+            if case.name not in result["capture_errors"] and kernel not in launched:
+                bad[case.name] = bad.get(case.name, []) + [f"{kernel} was not launched"]
+    print(f"\n{len(records)} kernels ({len(jobs)} distinct) from {len(cases)} cases in {result['wall_s']} s, "
+          f"{args.jobs} jobs; {len(bad)} with problems")
+    for name, msgs in bad.items():
+        print(f"  {name}: {'; '.join(msgs)}")
+    for r in records:
+        if r.get("error") and not r.get("same_as"):
+            print(f"\n--- {r['case']} / {r.get('kernel', '?')}\n{r['error']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
