@@ -24,13 +24,17 @@ How:
 
 Usage (the interpreter must be off; the script removes TRITON_INTERPRET and KERNOPT_CPU itself):
     python tests/kernels/sm90_offline.py [--json out.json] [--only REGEX] [--jobs N] [--cache-dir DIR] [--list]
+                                         [--candidates]
 Exit status 1 when a kernel fails to compile or a check fails (see ``problems``); the table goes to stdout.
+``--candidates`` adds every candidate_configs entry at the main shapes (what a GPU --tune sweep times; ~400
+distinct kernels, minutes): candidates may spill (reported, not a failure), but must compile and fit.
 tests/kernels/test_sm90_compile.py runs this in a subprocess and asserts on the JSON.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -195,12 +199,12 @@ def _flash(B, Hq, Hkv, S, D, causal, mask=None, dtype=None, config=None):
 
 
 # ---- kernels/decode_attention.py
-def _decode(B, S, paged=False, mask=None, fused=False, page=64, D=HEAD_DIM, Hq=HQ, Hkv=HKV, q_len=1):
+def _decode(B, S, paged=False, mask=None, fused=False, page=64, D=HEAD_DIM, Hq=HQ, Hkv=HKV, q_len=1, config=None):
     def build(rec):
         import torch
         from kernopt.kernels import decode_attention as da
 
-        cfg = da.select_config(B, Hkv, Hq, S, D, SMS, q_len, paged=paged)
+        cfg = config or da.select_config(B, Hkv, Hq, S, D, SMS, q_len, paged=paged)
         if fused:
             if cfg["SPLITS"] < 2:
                 raise AssertionError(f"FUSED_MERGE needs splits > 1, the table gives {cfg}")
@@ -224,12 +228,12 @@ def _decode(B, S, paged=False, mask=None, fused=False, page=64, D=HEAD_DIM, Hq=H
 
 
 # ---- kernels/int4_gemm.py (N-contiguous storage, as kernopt/int4.py writes it)
-def _int4(M, N=MLP, K=HIDDEN, group=128, zeros=False, bias=False, pick=None):
+def _int4(M, N=MLP, K=HIDDEN, group=128, zeros=False, bias=False, pick=None, config=None):
     def build(rec):
         import torch
         from kernopt.kernels import int4_gemm as q4
 
-        cfg = q4.select_config(M, N, K, group)
+        cfg = config or q4.select_config(M, N, K, group)
         if pick is not None:
             cands = [c for c in q4.candidate_configs(M, N, K, group) if all(c.get(k) == v for k, v in pick.items())]
             if not cands:
@@ -247,13 +251,13 @@ def _int4(M, N=MLP, K=HIDDEN, group=128, zeros=False, bias=False, pick=None):
 
 
 # ---- kernels/fp8_gemm.py and kernels/rmsnorm_quant.py
-def _fp8(M, N=MLP, K=HIDDEN, bias=False, prequant=False):
+def _fp8(M, N=MLP, K=HIDDEN, bias=False, prequant=False, config=None):
     def build(rec):
         import torch
         import triton
         from kernopt.kernels import fp8_gemm as f8
 
-        cfg = f8.select_config(M, N, K)
+        cfg = config or f8.select_config(M, N, K)
         if cfg.get("TMA"):  # a CUDA launch runs min(SM count, tiles) persistent programs (4 on CPU)
             rec.override(NUM_SMS=min(SMS, triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])))
         w = torch.empty((N, K), dtype=f8.FP8_DTYPE)
@@ -352,8 +356,43 @@ CASES = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
+def candidate_cases() -> tuple[Case, ...]:
+    """Every candidate_configs entry (what a GPU --tune sweep times) at the main shapes: ``--candidates``.
+
+    Not part of the CI test (a few hundred kernels); run it before a GPU sweep to see which candidates spill
+    or do not compile. Names carry the index in the family's list, so worker processes rebuild the same cases.
+    """
+    from kernopt.kernels import decode_attention as da, flash_attention as fa, fp8_gemm as f8, gemm as g
+    from kernopt.kernels import int4_gemm as q4
+
+    out = []
+
+    def add(label, configs, make):
+        for i, cfg in enumerate(configs):
+            out.append(Case(f"cand {label} #{i}", make(dict(cfg)), selected=False))
+
+    for M, act, N, K in ((1, "none", HIDDEN, HIDDEN), (4, "none", HIDDEN, MLP), (16, "swiglu", MLP, HIDDEN),
+                         (64, "swiglu", MLP, HIDDEN), (256, "none", MLP, HIDDEN), (4096, "none", MLP, HIDDEN),
+                         (4096, "swiglu", MLP, HIDDEN)):
+        add(f"gemm M{M} {act} K{K} N{N}", g.candidate_configs(M, N, K, act),
+            lambda cfg, M=M, N=N, K=K, act=act: _gemm(M, N, K, act, config=cfg))
+    for D, causal, S, B in ((128, False, 2048, 4), (128, True, 2048, 4), (64, True, 1024, 8)):
+        add(f"flash D{D} causal={int(causal)} S{S}", fa.candidate_configs(D, causal, S, S, B * HQ),
+            lambda cfg, D=D, causal=causal, S=S, B=B: _flash(B, HQ, HQ, S, D, causal, config=cfg))
+    for B, S, paged in ((1, 8192, False), (1, 8192, True), (32, 4096, True)):
+        add(f"decode {'paged' if paged else 'contiguous'} B{B} S{S}",
+            da.candidate_configs(B, HKV, HQ, S, HEAD_DIM, SMS, 1, paged=paged),
+            lambda cfg, B=B, S=S, paged=paged: _decode(B, S, paged=paged, config=cfg))
+    for M in (1, 4, 16, 64):
+        add(f"int4 M{M}", q4.candidate_configs(M, MLP, HIDDEN, 128), lambda cfg, M=M: _int4(M, config=cfg))
+    for M in (16, 4096):
+        add(f"fp8 M{M}", f8.candidate_configs(M, MLP, HIDDEN), lambda cfg, M=M: _fp8(M, config=cfg))
+    return tuple(out)
+
+
 def find_case(name: str) -> Case:
-    for case in CASES:
+    for case in CASES + (list(candidate_cases()) if name.startswith("cand ") else []):
         if case.name == name:
             return case
     raise KeyError(name)
@@ -438,7 +477,9 @@ def compile_launch(case: Case, index: int) -> dict:
 def problems(rec: dict) -> list[str]:
     """What is wrong with a compiled kernel (the test asserts the same things)."""
     if rec.get("error"):
-        return [f"does not compile: {rec['error'].splitlines()[0][:300]}"]
+        lines = [line for line in rec["error"].splitlines() if line.strip()]
+        return [f"does not compile: {lines[0][:200]} ... {lines[-1][:300]}" if len(lines) > 1 else
+                f"does not compile: {lines[0][:300]}"]
     out = []
     if rec["shared"] > SMEM_LIMIT:
         out.append(f"shared memory {rec['shared']} B > {SMEM_LIMIT} B")
@@ -524,9 +565,14 @@ def main(argv=None) -> int:
                     help="compile processes (default: the cores, at most 8)")
     ap.add_argument("--cache-dir", help="Triton cache to reuse (default: a fresh temporary one, so every kernel "
                                         "is compiled and ptxas reports its spills)")
+    ap.add_argument("--candidates", action="store_true",
+                    help="also every candidate_configs entry at the main shapes (a few hundred kernels)")
     ap.add_argument("--list", action="store_true", help="print the case names and exit")
     args = ap.parse_args(argv)
-    cases = [c for c in CASES if not args.only or re.search(args.only, c.name)]
+    if args.candidates:
+        _without_interpreter()
+    pool = CASES + (list(candidate_cases()) if args.candidates else [])
+    cases = [c for c in pool if not args.only or re.search(args.only, c.name)]
     if args.list:
         print("\n".join(c.name for c in cases))
         return 0
