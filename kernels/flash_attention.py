@@ -342,8 +342,9 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
                               (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3)):
             for tma in (False, True):
                 cands.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma})
-        for bm, bn, w, st, tma in ((128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 64, 8, 3, False),
-                                   (128, 128, 8, 3, True), (128, 128, 8, 2, True), (256, 64, 8, 2, True)):
+        # SPLIT with 128-key tiles or 256 rows spills registers at 8 warps (offline sm_90 compile,
+        # tests/kernels/sm90_offline.py --candidates): not worth a sweep slot.
+        for bm, bn, w, st, tma in ((128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 64, 8, 3, False)):
             cands.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma,
                           "SPLIT": True})
     seen, out = set(), []
