@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import next_power_of_2
 from .workspace import arrival_counters as _arrival_counters
 
 MAX_QUERY_LEN = 8  # speculative verification window; longer queries are prefill (flash_attention)
@@ -319,8 +320,8 @@ def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_di
     flight at 3 stages instead of 1), so the next graph-replay sweep decides between the two rows there.
     """
     group = max(1, q_heads // max(1, kv_heads))
-    block_d = triton.next_power_of_2(head_dim)
-    block_m = max(16, triton.next_power_of_2(group * q_len))
+    block_d = next_power_of_2(head_dim)
+    block_m = max(16, next_power_of_2(group * q_len))
     programs = max(1, batch * kv_heads)
     warps, stages = 4, (3 if block_d <= 128 else 2)
     per_sm, min_tiles, round_up = 4, 4, True
@@ -446,8 +447,8 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
     group = hq // kv_heads
     cfg = dict(config)
     splits = int(cfg["SPLITS"])
-    block_m = max(int(cfg["BLOCK_M"]), triton.next_power_of_2(group * sq), 16)
-    block_d = max(16, triton.next_power_of_2(d))
+    block_m = max(int(cfg["BLOCK_M"]), next_power_of_2(group * sq), 16)
+    block_d = max(16, next_power_of_2(d))
     fused = splits > 1 and bool(cfg.get("FUSED_MERGE", False))
     if splits > 1:
         part_o = torch.empty((b, hq, sq, splits, d), dtype=torch.float32, device=q.device)
@@ -457,7 +458,7 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
     counters = _arrival_counters(q.device, b * kv_heads) if fused else part_lse  # unused unless fused
     # The fused merge's tile: rows = the group's query rows (not BLOCK_M's dot padding), splits MERGE_CHUNK at a
     # time; a config may set MERGE_CHUNK (a power of two), else the [rows, chunk, D] tile is the budget above.
-    merge_rows = max(2, triton.next_power_of_2(group * sq))
+    merge_rows = max(2, next_power_of_2(group * sq))
     tile = min(MERGE_TILE_ELEMS, 64 * block_d)
     merge_chunk = int(cfg.get("MERGE_CHUNK") or max(1, min(32, tile // (merge_rows * block_d))))
     if merge_chunk < 1 or merge_chunk & (merge_chunk - 1):
@@ -478,7 +479,7 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
     if splits > 1 and not fused:
         _merge_splits_kernel[(b * hq * sq,)](
             part_o, part_lse, out, *out.stride(), hq, splits,
-            Q_LEN=sq, HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            Q_LEN=sq, HEAD_DIM=d, BLOCK_S=max(2, next_power_of_2(splits)),
             BLOCK_D=block_d, num_warps=4,
         )
     return out

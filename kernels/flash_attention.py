@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
@@ -261,7 +263,7 @@ def _flash_attention_fwd(
 # Configs
 # --------------------------------------------------------------------------------------------------
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 # H100 measurements behind the table (TFLOP/s, B8 H16 S1024 D64 / B4 H32 S2048 D128 / B1 H32 S8192 D128 /
@@ -459,7 +461,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     else:
         q_arg, k_arg, v_arg = q, k, v
 
-    grid = (triton.cdiv(Sq, BM), B * Hq)
+    grid = (cdiv(Sq, BM), B * Hq)
     _flash_attention_fwd[grid](
         q_arg, k_arg, v_arg, m_arg, out,
         *q.stride(), *k.stride(), *v.stride(), *m_strides,

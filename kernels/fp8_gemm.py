@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
 from .tile_order import tile_coords
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -105,7 +106,7 @@ def quantize_rows_fp8(x: torch.Tensor, block_k: Optional[int] = None) -> tuple[t
         return q, s
     if K == 0:
         return q, s.fill_(AMAX_FLOOR * INV_FP8_MAX)
-    block = block_k or min(triton.next_power_of_2(K), 4096)
+    block = block_k or min(next_power_of_2(K), 4096)
     num_warps = 4 if block <= 2048 else 8
     _quantize_rows_kernel[(M,)](x, q, s, K, x.stride(0), x.stride(1), q.stride(0),
                                 BLOCK_K=block, ONE_BLOCK=block >= K, INV_FP8_MAX=INV_FP8_MAX,
@@ -232,7 +233,7 @@ def select_config(M: int, N: int, K: int) -> dict:
     # (~3x cuBLAS _scaled_mm); M = 128: TMA 64x128x128 8.4 us; M >= 1024: TMA 128x256x128 with the tile loop
     # flattened (the next tile's loads overlap this tile's epilogue) 1330-1470 TFLOP/s, 1.05-1.2x cuBLAS.
     if M <= 64:
-        block_tok = max(16, triton.next_power_of_2(M))
+        block_tok = max(16, next_power_of_2(M))
         return {"SWAP_AB": True, "TMA": False, "BLOCK_M": 64, "BLOCK_N": block_tok, "BLOCK_K": 256,
                 "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
     if M <= 256:
@@ -245,7 +246,7 @@ def select_config(M: int, N: int, K: int) -> dict:
 def candidate_configs(M: int, N: int, K: int) -> list[dict]:
     """Configs worth timing for this shape (the benchmark prints them all; autotune picks among them)."""
     if M <= 64:
-        tok = max(16, triton.next_power_of_2(M))
+        tok = max(16, next_power_of_2(M))
         out = []
         for bm, bk, warps, stages in [(64, 256, 4, 4), (64, 128, 4, 6), (128, 128, 4, 4), (128, 256, 8, 3)]:
             out.append({"SWAP_AB": True, "TMA": False, "BLOCK_M": bm, "BLOCK_N": tok, "BLOCK_K": bk,
@@ -322,7 +323,7 @@ def _launch(a, b, sa, sb, bias, c, cfg, bias_along_m=False):
             num_sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
         else:
             num_sms = 4  # the interpreter: a few programs still walk several tiles each
-        tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+        tiles = cdiv(M, BM) * cdiv(N, BN)
         grid = (min(num_sms, tiles),)
         a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
         b_desc = TensorDescriptor.from_tensor(b_nk, [BN, BK])
@@ -332,7 +333,7 @@ def _launch(a, b, sa, sb, bias, c, cfg, bias_along_m=False):
                                    GROUP_M=cfg.get("GROUP_M", 8), NUM_SMS=grid[0], HAS_BIAS=has_bias,
                                    FLATTEN=bool(cfg.get("FLATTEN", False)),
                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    grid = (cdiv(M, BM) * cdiv(N, BN),)
     return _fp8_gemm_kernel[grid](a, b, c, sa_flat, sb_flat, bias_arg, M, N, K,
                            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
                            stride_sa, stride_sb, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
 from .tile_order import tile_coords
 from .workspace import arrival_counters
 
@@ -290,7 +291,7 @@ def _stages(bm: int, bn: int, bk: int, weights: int, elem: int, budget: int, mos
 def _split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int) -> int:
     """K splits so that the grid fills the SMs about twice (two resident programs each), while every
     split keeps >= 8 K tiles; 1 when the output tiles alone already cover the SMs."""
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
     return max(1, min(16, (2 * _SMS) // tiles, K // (8 * bk)))
 
 
@@ -327,7 +328,7 @@ def _gemv_split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int) -> int:
     """K slices (a power of two <= 16) until the grid holds ~4 programs per SM: a gemv program keeps
     one weight tile in flight, so several per SM are needed to cover HBM latency; every slice keeps
     >= 2 K blocks, since a slice's partials cost an fp32 write and read of its [M, N] outputs."""
-    programs = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    programs = cdiv(M, bm) * cdiv(N, bn)
     split = 1
     while programs * split < 4 * _SMS and split < 16 and K // (2 * split) >= 2 * bk:
         split *= 2
@@ -336,7 +337,7 @@ def _gemv_split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int) -> int:
 
 def _gemv_config(M: int, N: int, K: int, activation: str = "none", dtype: torch.dtype = torch.bfloat16) -> dict:
     """The gemv row of the table (used by select_config for M <= GEMV_MAX_M)."""
-    bm = min(16, triton.next_power_of_2(max(M, 1)))
+    bm = min(16, next_power_of_2(max(M, 1)))
     bn, row_bytes, warps = _GEMV_TILE[bm][activation == "swiglu"]
     bk = row_bytes // (torch.finfo(dtype).bits // 8)
     return _gemv_cfg(bm, bn, bk, warps, split=_gemv_split_k(M, N, K, bm, bn, bk))
@@ -407,7 +408,7 @@ def candidate_configs(M: int, N: int, K: int, activation: str = "none") -> list[
                 out.append(_cfg(16, bn, bk, 4, _stages(16, bn, bk, nw, 2, budget), group=1, split=split))
         # The gemv: the table's entry and the alternatives, each unsplit and with the split that gives
         # ~4 programs per SM (the same choice when the weight rows alone give that many).
-        bm = triton.next_power_of_2(max(M, 1))
+        bm = next_power_of_2(max(M, 1))
         for bn, row_bytes, warps in (_GEMV_TILE[bm][swiglu],) + _GEMV_CANDIDATES[bm][swiglu]:
             bk = row_bytes // 2
             for split in sorted({1, _gemv_split_k(M, N, K, bm, bn, bk)}):
@@ -519,9 +520,9 @@ def _gemv(x, w, wu, bias, out, cfg, act: int) -> torch.Tensor:
     N = w.shape[0]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     # Whole K blocks per slice, and no empty slice: SPLIT_K above the number of K blocks is clamped.
-    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), cfg["SPLIT_K"]), bk) * bk
-    split = triton.cdiv(max(K, 1), k_per_split)
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    k_per_split = cdiv(cdiv(max(K, 1), cfg["SPLIT_K"]), bk) * bk
+    split = cdiv(max(K, 1), k_per_split)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
     if split > 1:
         part = torch.empty((2 if act == _ACT_CODE["swiglu"] else 1, split, M, N), dtype=torch.float32,
                            device=x.device)
@@ -590,7 +591,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, 
         return _gemv(x, w, w_up if activation == "swiglu" else w, bias, out, cfg, _ACT_CODE[activation])
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     # Each split covers a whole number of K tiles; trailing splits may be empty (they write zeros).
-    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), split), bk) * bk if split > 1 else K
+    k_per_split = cdiv(cdiv(max(K, 1), split), bk) * bk if split > 1 else K
     even_k = K % bk == 0 and (split == 1 or k_per_split * split == K)
     act = _ACT_CODE[activation]
     swiglu = activation == "swiglu"
@@ -598,7 +599,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, 
     part = (torch.empty((2 if swiglu else 1, split, M, N), dtype=torch.float32, device=x.device)
             if split > 1 else out)
     b = bias if bias is not None else out  # never read when HAS_BIAS is False
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
+    grid = (cdiv(M, bm) * cdiv(N, bn), split)
     _gemm_kernel[grid](
         x, w, wu, b, out, part, M, N, K, k_per_split,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), wu.stride(0), wu.stride(1),
@@ -608,8 +609,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, 
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split > 1:
-        rbn = min(1024, triton.next_power_of_2(N))
-        _split_k_reduce_kernel[(M, triton.cdiv(N, rbn))](
+        rbn = min(1024, next_power_of_2(N))
+        _split_k_reduce_kernel[(M, cdiv(N, rbn))](
             part, b, out, M, N, out.stride(0), out.stride(1),
             ACT=act, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_N=rbn, num_warps=4,
         )

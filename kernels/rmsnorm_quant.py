@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import next_power_of_2
+
 # one rounding, one scale rule: the fused quantization is the GEMM's own (kernels may import their siblings)
 from .fp8_gemm import AMAX_FLOOR, FP8_DTYPE, INV_FP8_MAX, _round_to_e4m3, quantize_rows_fp8_ref
 
@@ -113,7 +115,7 @@ def _rmsnorm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, eps, k_f, inv_k, stride
 def select_config(M: int, K: int) -> dict:
     """One row per program; the block covers the whole row up to 16384 (Llama hidden sizes 2048-8192 load
     once), with enough warps that each thread holds <= 16-32 values (no spills at K = 8192)."""
-    block = min(triton.next_power_of_2(max(K, 16)), 16384)
+    block = min(next_power_of_2(max(K, 16)), 16384)
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
     return {"BLOCK_K": block, "num_warps": warps}
 
