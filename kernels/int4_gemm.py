@@ -29,7 +29,7 @@ Algorithms (chosen per shape by `select_config`, the one table of this family):
   ``F.linear`` (cuBLAS), which wins once the GEMM is compute-bound and the dequant is amortised.
 
 Experimental variants (selectable with ``config={"impl": ...}``, swept by `candidate_configs` for
-M <= 16, not yet in `select_config`: no H100 measurement of them exists). Both use the same storage.
+M <= 16, not yet in `select_config`: no H100 measurement of them exists). All use the same storage.
 
 - ``gemv2``: the GEMV with (1) a cheaper unpack: each nibble is moved to bit 12 or 16 (4 shifts per
   word) and OR-ed under an fp32 exponent, so the word reads B + q (B = 2^11 or 2^7) after a single
@@ -54,6 +54,45 @@ M <= 16, not yet in `select_config`: no H100 measurement of them exists). Both u
   SHF/SGXT per 64 nibbles: 524 -> 467 instructions per K block. Its remaining overhead is one 16-bit
   STS per dequantized element into the dot's shared-memory operand (64 per 64 nibbles), which neither
   kernel avoids; expected gain at M=4/16 is therefore modest (38-41 us -> ~33-36 us).
+- ``tiled3`` (swap-AB tensor-core kernel, M <= 16): out^T [BLOCK_N, 16] = W @ x^T as 8 dots per K block,
+  one per nibble plane j: (B + q_j) [BLOCK_N, BLOCK_K/8] @ x_j^T [BLOCK_K/8, 16], x_j = x[:, k0 + 8r + j]. The
+  weight is wgmma's first operand, which sm_90 reads from registers: the words are cp.async'd (num_stages)
+  and read from shared memory straight into the dot-operand layout, then 0x4300 | q (bf16; 0x6400 | q in
+  fp16) is B + q exactly (B = 128 / 1024), two nibbles (j, j + 4) per 32-bit LOP3, and no dequantized
+  element is stored to shared memory. Zero and scale are per output row here, so they are applied to
+  each block's fp32 dot: s (dot - (B + z) sum_k x), more exact than the reference's bf16 weight. x's
+  planes (stride-8 gathers that cp.async cannot copy) are prefetched into registers one block ahead.
+  BLOCK_K = 128 (the dots need K >= 16): group sizes >= 128 only. Single-pass split-K as below.
+  Unmeasured; candidate_configs sweeps it at M <= 16, select_config does not pick it.
+
+Offline sm_90a compile analysis (2026-11-28, triton 3.6 + its ptxas, CPU only: NOT timings). K4096 N14336
+g128 unless noted; instr/nib = SASS instructions of the K loop per weight nibble per thread (issue cost:
+the SMs issue ~128 per cycle, so at ~1.75 GHz the H200's 2.3 TB/s target (4.6e12 nibbles/s) allows ~6.4 at
+100 % issue); CTAs/SM from registers and shared memory; async = word loads are cp.async (pipelined by
+num_stages); in flight = CTAs/SM x word bytes issued ahead of their use (Little's law wants ~20-25 KB/SM).
+
+  impl (config)                          regs CTAs/SM instr/nib async in flight/SM  notes
+  gemv M1 (select: 256x128 w4 split16)    119    4      6.2     no   <=64 KB (sync)  2 K blocks per CTA
+  gemv M1 K14336/4096^2 (128 w4)           72    7      7.1     no   <=56 KB (sync)
+  gemv2 M1 256 w8 split16 PREFETCH         158    1      8.3     no     16 KB          regs: 1 CTA/SM
+  gemv2 M1 256 w4 split16 PREFETCH         246    2      4.5     no     32 KB
+  gemv2 M4 64 w4 split8                    218    2     30.4     no      8 KB          7.6 per nibble-row
+  tiled M4/16 (select: 16x128x64 w4 s3)     80    6      8.3     yes    48 KB          mma.sync, 1 STS/nibble
+  tiled M4/16 K14336 (16x128x128 w4 s3)   128    4      7.6     yes    64 KB
+  tiled2 M4/16 16x128x64 w4 s3 split4      80    6      7.1     yes    48 KB          mma.sync, 1 STS/nibble
+  tiled3 M1 128x128 w4 s3 split4          166    3      3.8     yes    48 KB          wgmma, A in registers
+  tiled3 M16 128x128 w4 s3 split4         158    3      4.3     yes    48 KB
+  tiled3 M16 64x128 w4 s3                 127    4      6.0     yes    32 KB
+  tiled3 M16 128x128 w4 s4                158    3      4.3     yes    72 KB
+  tiled3 M16 256x128 w8 s3                169    1      3.8     yes    32 KB          regs: 1 CTA/SM
+
+The numbers are the same at the three (K, N) shapes for a given config (the loop does not depend on K, N);
+only the grid changes. None of the FMA kernels' word loads are pipelined: Triton 3.6 did not turn them
+into cp.async at num_stages=3 either. Read with the measured 30 us at M=1: gemv's 6.2 instr/nibble alone
+is ~12 us of issue at 100 %; tiled3 at 3.8-4.3 is ~8 us, under the H200's 12.8 us target for 29.4 MB. A
+plane-at-a-time FMA GEMV (static_range(8) over nibble positions, stride-8 x loads, [M, BLOCK_K/8, BLOCK_N]
+FFMA accumulators) was compiled and dropped: 11 instr/nibble at 64 x 128 x 4 warps (scalar x gathers and
+their address arithmetic), 255 registers with spills at BLOCK_N >= 128, loads not pipelined.
 - Single-pass split-K (both): every K slice stores its fp32 partial and bumps an int32 arrival counter
   of its output tile (`tl.atomic_add`, acq_rel); the last slice to arrive sums the partials in slice
   order (deterministic), adds the bias and writes ``out``, then re-arms the counter to 0. That drops
@@ -337,6 +376,90 @@ def _int4_tiled2_kernel(
 
 
 @triton.jit
+def _x_planes(x_ptr, xt_ptrs, offs_m, offs_k, mask_m, k0, valid, stride_xm, stride_xk):
+    """x's block at k0 as 8 planes x_j^T [BLOCK_K/8, BLOCK_M] (x[m, k0 + 8r + j]) and sum_k x [BLOCK_M] in fp32;
+    zeros where not `valid` (past the slice: the prefetch after the last block)."""
+    mt = mask_m[None, :] & valid
+    x0 = tl.load(xt_ptrs + (k0 + 0) * stride_xk, mask=mt, other=0.0)
+    x1 = tl.load(xt_ptrs + (k0 + 1) * stride_xk, mask=mt, other=0.0)
+    x2 = tl.load(xt_ptrs + (k0 + 2) * stride_xk, mask=mt, other=0.0)
+    x3 = tl.load(xt_ptrs + (k0 + 3) * stride_xk, mask=mt, other=0.0)
+    x4 = tl.load(xt_ptrs + (k0 + 4) * stride_xk, mask=mt, other=0.0)
+    x5 = tl.load(xt_ptrs + (k0 + 5) * stride_xk, mask=mt, other=0.0)
+    x6 = tl.load(xt_ptrs + (k0 + 6) * stride_xk, mask=mt, other=0.0)
+    x7 = tl.load(xt_ptrs + (k0 + 7) * stride_xk, mask=mt, other=0.0)
+    xs = tl.sum(tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                        mask=mask_m[:, None] & valid, other=0.0).to(tl.float32), axis=1)
+    return x0, x1, x2, x3, x4, x5, x6, x7, xs
+
+
+@triton.jit
+def _int4_tiled3_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, K, K_PER_SPLIT, ZERO,
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, stride_zn, stride_zg,
+    stride_om, stride_on,
+    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Swap-AB: out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, K] @ x^T [K, BLOCK_M], one dot per nibble plane j:
+    (B + q_j) [BLOCK_N, BLOCK_K/8] (nibble j of each word) @ x_j^T [BLOCK_K/8, BLOCK_M], x_j = x[:, k0 + 8r + j].
+    B + q is exact in x's dtype (bits 0x4300 | q in bf16 = 128 + q, 0x6400 | q in fp16 = 1024 + q), so
+    the weight operand is two integer ops per nibble away from the word; zero and scale, per output row
+    here, are applied to the block's fp32 dot: s (dot - (B + z) sum_k x)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    w_ptrs = qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :] * stride_qk
+    xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + (offs_w * 8)[:, None] * stride_xk
+    xdt = x_ptr.dtype.element_ty
+    if xdt == tl.bfloat16:
+        HI: tl.constexpr = 0x4300
+        BIAS: tl.constexpr = 128.0
+    else:
+        HI: tl.constexpr = 0x6400
+        BIAS: tl.constexpr = 1024.0
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # x's planes for the next block are loaded (registers) while this block's dots run: they are gathers
+    # (stride 8), which Triton cannot pipeline through cp.async, and each feeds a wgmma through shared
+    # memory, so loaded in place they would expose an L2 latency per plane.
+    x0, x1, x2, x3, x4, x5, x6, x7, xs = _x_planes(x_ptr, xt_ptrs, offs_m, offs_k, mask_m, k_lo, k_lo < k_hi,
+                                                   stride_xm, stride_xk)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        w = tl.load(w_ptrs + (k0 // 8) * stride_qk, mask=mask_n[:, None], other=0)
+        s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n, k0 // GROUP, stride_sn, stride_sg,
+                                  stride_zn, stride_zg, HAS_ZEROS)
+        c0, c1, c2, c3, c4, c5, c6, c7, cs = x0, x1, x2, x3, x4, x5, x6, x7, xs
+        x0, x1, x2, x3, x4, x5, x6, x7, xs = _x_planes(x_ptr, xt_ptrs, offs_m, offs_k, mask_m, k0 + BLOCK_K,
+                                                       k0 + BLOCK_K < k_hi, stride_xm, stride_xk)
+        # nibbles j and j + 4 of a word, each under the exponent in its 16-bit half: one LOP3 per pair
+        hi2: tl.constexpr = HI * 0x10001
+        p0 = (w & 0x000F000F) | hi2
+        p1 = ((w >> 4) & 0x000F000F) | hi2
+        p2 = ((w >> 8) & 0x000F000F) | hi2
+        p3 = ((w >> 12) & 0x000F000F) | hi2
+        blk = tl.dot(p0.to(tl.int16).to(xdt, bitcast=True), c0, input_precision=DOT_PRECISION)
+        blk = tl.dot(p1.to(tl.int16).to(xdt, bitcast=True), c1, blk, input_precision=DOT_PRECISION)
+        blk = tl.dot(p2.to(tl.int16).to(xdt, bitcast=True), c2, blk, input_precision=DOT_PRECISION)
+        blk = tl.dot(p3.to(tl.int16).to(xdt, bitcast=True), c3, blk, input_precision=DOT_PRECISION)
+        blk = tl.dot((p0 >> 16).to(tl.int16).to(xdt, bitcast=True), c4, blk, input_precision=DOT_PRECISION)
+        blk = tl.dot((p1 >> 16).to(tl.int16).to(xdt, bitcast=True), c5, blk, input_precision=DOT_PRECISION)
+        blk = tl.dot((p2 >> 16).to(tl.int16).to(xdt, bitcast=True), c6, blk, input_precision=DOT_PRECISION)
+        blk = tl.dot((p3 >> 16).to(tl.int16).to(xdt, bitcast=True), c7, blk, input_precision=DOT_PRECISION)
+        acc += (blk - (z + BIAS)[:, None] * cs[None, :]) * s[:, None]
+    _finish_tile(tl.trans(acc), out_ptr, part_ptr, cnt_ptr, b_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k,
+                 offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
 def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, stride_ps, stride_om, stride_on,
                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -460,6 +583,14 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                 if K // split >= 128:
                     out.append({"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": min(block_k, bk),
                                 "GROUP_M": 8, "SPLIT_K": split, "num_warps": warps, "num_stages": 3})
+        # tiled3: the swap-AB tensor-core kernel (weight planes as wgmma's register operand); its dots need
+        # BLOCK_K / 8 >= 16, so group sizes >= 128. BLOCK_M is 16 whatever M (the dot's smallest N).
+        if block_k >= 128:
+            for bn, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 4, 4), (256, 8, 3)):
+                for split in (2, 4, 8):
+                    if K // split >= 128:
+                        out.append({"impl": "tiled3", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split,
+                                    "num_warps": warps, "num_stages": stages})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     return out
 
@@ -517,7 +648,7 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
     return w
 
 
-IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "dequant_cublas")
+IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "dequant_cublas")
 
 # Arrival counters of the single-pass split-K kernels: kernels/workspace.py (one zeroed buffer per device,
 # reserved outside CUDA-graph captures).
@@ -541,6 +672,10 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
     if impl == "gemv2":
         grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
         _int4_gemv2_kernel[grid](*args, PREFETCH=bool(cfg.get("PREFETCH", 1)), **common)
+    elif impl == "tiled3":
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        _int4_tiled3_kernel[(triton.cdiv(N, bn), split, triton.cdiv(M, bm))](*args, DOT_PRECISION=precision,
+                                                                             **common)
     else:
         grid = (tiles, split)
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -577,7 +712,10 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     split = triton.cdiv(K, k_per_split)
     z = zeros if zeros is not None else scales  # a valid pointer that HAS_ZEROS=False never reads
     b = bias if bias is not None else scales
-    if impl in ("gemv2", "tiled2"):
+    if impl == "tiled3" and x.is_cuda and (block_k < 128 or cfg["BLOCK_M"] < 16):
+        raise ValueError(f"int4_gemm: tiled3 needs BLOCK_K >= 128 and BLOCK_M >= 16 on the GPU (dots of K = "
+                         f"BLOCK_K / 8 >= 16), got BLOCK_K={block_k} BLOCK_M={cfg['BLOCK_M']}")
+    if impl in ("gemv2", "tiled2", "tiled3"):
         return _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group_size, split,
                                    k_per_split, zeros is not None, bias is not None)
     if split == 1:

@@ -1,4 +1,4 @@
-"""int4_gemm (gemv / tiled / gemv2 / tiled2 / dequant_cublas) vs a float64 reference on the dequantized weight.
+"""int4_gemm (gemv / tiled / gemv2 / tiled2 / tiled3 / dequant_cublas) vs a float64 reference on the dequantized weight.
 
 Runs the Triton kernels under the interpreter on CPU (fp16 activations) and on the GPU when present.
 """
@@ -78,6 +78,42 @@ def test_int4_gemm_single_pass_variants(device, g, asym, cfg):
         assert_close(out, _expected(x, qweight, scales, zeros, g, bias), torch.float16)
     for buf in workspace._BUFFERS.values():
         assert not buf.any()
+
+
+# tiled3 (swap-AB tensor-core kernel): BLOCK_K 128 (its dots need K = BLOCK_K / 8 >= 16 on the GPU), so
+# groups of 128 and 256 (a group spanning two K blocks); split-K 1 and 3 (a ragged last slice).
+TILED3 = {"impl": "tiled3", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1}
+TILED3_SPLIT = {**TILED3, "SPLIT_K": 3}
+
+
+@pytest.mark.parametrize("cfg", [TILED3, TILED3_SPLIT], ids=["split1", "split3"])
+@pytest.mark.parametrize("g,asym", [(128, True), (128, False), (256, True), (256, False)])
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_int4_gemm_tiled3(device, cfg, g, asym, M):
+    """Odd M (1, 3, and 17 = two M tiles) and N, sym/asym, bias, NaN-poisoned out; with split-K a second
+    call with new inputs on the same counters (the last slice must have re-armed them), counters at zero."""
+    N, K = 37, 768
+    for _ in range(2 if cfg["SPLIT_K"] > 1 else 1):
+        x = torch.randn(M, K, dtype=torch.float16, device=device)
+        qweight, scales, zeros = _weights(N, K, g, asym, device)
+        bias = torch.randn(N, dtype=torch.float16, device=device)
+        out = _run(x, qweight, scales, zeros, g, cfg, bias=bias)
+        assert_close(out, _expected(x, qweight, scales, zeros, g, bias), torch.float16)
+    for buf in workspace._BUFFERS.values():
+        assert not buf.any()
+
+
+def test_int4_gemm_tiled3_extreme_codes_fractional_zeros_strided(device):
+    """All-0 / all-15 codes at every nibble (the 0x6400 | q operand must be exactly 1024 + q), fractional
+    zeros, and K-contiguous storage with a strided x (the kernel honours strides)."""
+    M, N, K, g = 2, 24, 256, 128
+    x = torch.randn(M, 2 * K, dtype=torch.float16, device=device)[:, ::2]
+    _, scales, _ = _weights(N, K, g, False, device)
+    zeros = (torch.rand(N, K // g, device=device) * 15).to(torch.float16)
+    for word in (0x0F0F0F0F, -0x0F0F0F10, 0x76543210):
+        qweight = torch.full((N, K // 8), word, dtype=torch.int32, device=device)
+        out = _run(x, qweight, scales.contiguous(), zeros, g, TILED3_SPLIT)
+        assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
 
 
 def test_int4_gemm_gemv2_extreme_codes_and_zeros(device):
@@ -178,13 +214,19 @@ def test_int4_gemm_rejects_bad_inputs():
         int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV, "BLOCK_K": 64})
     with pytest.raises(ValueError, match="BLOCK_K"):
         int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV2, "BLOCK_K": 64})
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        int4_gemm(x, qweight, scales, zeros, 32, config={**TILED3, "BLOCK_K": 128})
 
 
 def test_candidate_configs_sweep_the_variants_for_small_m():
     for M in (1, 4, 16):
         impls = {c["impl"] for c in candidate_configs(M, 14336, 4096, 128)}
         assert {"gemv2", "tiled2", "tiled", "dequant_cublas"} <= impls
-    assert not {"gemv2", "tiled2"} & {c["impl"] for c in candidate_configs(64, 14336, 4096, 128)}
+    for M in (1, 4, 16):
+        tiled3 = [c for c in candidate_configs(M, 14336, 4096, 128) if c["impl"] == "tiled3"]
+        assert tiled3 and all(c["BLOCK_K"] >= 128 and c["BLOCK_M"] == 16 for c in tiled3)
+    assert not [c for c in candidate_configs(4, 4096, 4096, 64) if c["impl"] == "tiled3"]
+    assert not {"gemv2", "tiled2", "tiled3"} & {c["impl"] for c in candidate_configs(64, 14336, 4096, 128)}
     for M in (1, 3, 16):
         for c in candidate_configs(M, 4096, 4096, 32):
             assert 32 % c["BLOCK_K"] == 0
@@ -192,7 +234,7 @@ def test_candidate_configs_sweep_the_variants_for_small_m():
 
 @pytest.mark.gpu
 def test_int4_gemm_gpu_single_pass_candidates():
-    """Every gemv2 / tiled2 config the --tune sweep tries at M <= 16 (bf16, the benchmark's dtype), on a
+    """Every gemv2 / tiled2 / tiled3 config the --tune sweep tries at M <= 16 (bf16, the benchmark's dtype), on a
     real GPU, twice in a row (the single-pass counters must be re-armed), and under CUDA graph replay."""
     dtype = torch.bfloat16
     N, K, g = 1000, 1024, 128
@@ -200,7 +242,7 @@ def test_int4_gemm_gpu_single_pass_candidates():
     for M in (1, 4, 16):
         x = torch.randn(M, K, dtype=dtype, device="cuda")
         expected = _expected(x, qweight, scales, zeros, g)
-        for cfg in [c for c in candidate_configs(M, N, K, g) if c["impl"] in ("gemv2", "tiled2")]:
+        for cfg in [c for c in candidate_configs(M, N, K, g) if c["impl"] in ("gemv2", "tiled2", "tiled3")]:
             for _ in range(2):
                 out = _run(x, qweight, scales, zeros, g, cfg)
                 assert_close(out, expected, dtype, scale=2.0)
@@ -225,3 +267,21 @@ def test_int4_gemm_gpu_selected_configs(M, dtype):
     bias = torch.randn(N, dtype=dtype, device="cuda")
     out = _run(x, qweight, scales, zeros, g, select_config(M, N, K, g), bias=bias)
     assert_close(out, _expected(x, qweight, scales, zeros, g, bias), dtype, scale=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("K,N", [(4096, 14336), (14336, 4096), (4096, 4096)])
+def test_int4_gemm_gpu_tiled3_suite_shapes(M, K, N):
+    """tiled3's candidates at the benchmark's shapes (bf16, group 128, bias), each called twice."""
+    dtype, g = torch.bfloat16, 128
+    qweight, scales, zeros = _weights(N, K, g, True, "cuda", dtype)
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    bias = torch.randn(N, dtype=dtype, device="cuda")
+    expected = _expected(x, qweight, scales, zeros, g, bias)
+    cands = [c for c in candidate_configs(M, N, K, g) if c["impl"] == "tiled3"]
+    assert cands
+    for cfg in cands:
+        for _ in range(2):
+            out = _run(x, qweight, scales, zeros, g, cfg, bias=bias)
+            assert_close(out, expected, dtype, scale=2.0)
