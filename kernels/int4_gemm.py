@@ -109,6 +109,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
 from .tile_order import tile_coords
 from .workspace import arrival_counters
 
@@ -521,7 +522,7 @@ def select_config(M: int, N: int, K: int, group_size: int) -> dict:
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
         block_n = 256 if N >= 8192 else 128
-        split = _split_k(triton.cdiv(N, block_n), K, block_k, wanted=4 * _SM_COUNT, min_k_per_split=256)
+        split = _split_k(cdiv(N, block_n), K, block_k, wanted=4 * _SM_COUNT, min_k_per_split=256)
         return {"impl": "gemv", "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
                 "num_warps": 4, "num_stages": 1}
     if M < DEQUANT_CUBLAS_MIN_M:
@@ -534,7 +535,7 @@ def select_config(M: int, N: int, K: int, group_size: int) -> dict:
         else:
             cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
             bk = min(block_k, 64)
-        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
         return {"impl": "tiled", **cfg, "BLOCK_K": bk, "GROUP_M": 8,
                 "SPLIT_K": _split_k(tiles, K, bk, wanted=2 * _SM_COUNT if M > 16 else 4 * _SM_COUNT,
                                     min_k_per_split=512, max_split=8)}
@@ -546,14 +547,15 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
     block_k = min(group_size, 128)
     out: list[dict] = []
     if M <= 4:
-        for bn in (64, 128, 256):
+        # BLOCK_N 128 / 256 spill registers at M > 1 (offline sm_90 compile, sm90_offline.py --candidates)
+        for bn in ((64, 128, 256) if M == 1 else (64,)):
             for split in (2, 4, 8, 16):
                 if K // split >= block_k:
-                    out.append({"impl": "gemv", "BLOCK_M": triton.next_power_of_2(M), "BLOCK_N": bn,
+                    out.append({"impl": "gemv", "BLOCK_M": next_power_of_2(M), "BLOCK_N": bn,
                                 "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4, "num_stages": 1})
     for bm, bn, bk, warps in ((16, 64, 64, 4), (16, 128, 64, 4), (16, 128, 128, 4), (32, 128, 64, 4),
                               (64, 128, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8)):
-        if bm > 16 and bm >= 2 * triton.next_power_of_2(M):
+        if bm > 16 and bm >= 2 * next_power_of_2(M):
             continue
         for split in ((1, 2, 4, 8) if M <= 64 else (1, 2)):
             if K // split >= 128:
@@ -565,14 +567,15 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
         # Register counts from offline sm_90 compiles (K=4096, g128): M=1 BLOCK_N 128 x 4 warps 127,
         # 256 x 8 warps 160, 256 x 4 warps 243 (2 CTAs/SM), 512 x 8 warps 244; several rows spill past
         # 64 columns per 4 warps (BLOCK_M 4 x 128 x 4 warps, 16 x 64 x 4 warps), so those are left out.
-        bm = triton.next_power_of_2(M)
+        bm = next_power_of_2(M)
         if M == 1:
             tiles = ((128, 4, 4, 1), (128, 8, 4, 1), (128, 16, 4, 1), (128, 32, 4, 1), (256, 8, 8, 1),
                      (256, 16, 8, 1), (256, 32, 8, 1), (256, 16, 4, 1), (256, 16, 4, 0), (512, 8, 8, 1),
                      (512, 16, 8, 1))
+        elif bm <= 4:  # at BLOCK_M 16 every gemv2 tile spills (BLOCK_N 128 x 8 warps fails allocation outright)
+            tiles = tuple((bn, split, warps, 1) for bn, warps in ((64, 4), (128, 8)) for split in (4, 8, 16))
         else:
-            tiles = tuple((bn, split, warps, 1) for bn, warps in ((64, 4 if bm <= 4 else 8), (128, 8))
-                          for split in (4, 8, 16))
+            tiles = ()
         for bn, split, warps, prefetch in tiles:
             if K // split >= block_k:
                 out.append({"impl": "gemv2", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
@@ -638,7 +641,7 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
     block_k = min(cfg["BLOCK_K"], group_size)
     w = torch.empty((N, K), dtype=dtype, device=qweight.device)
     z = zeros if zeros is not None else scales
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), K // block_k)
+    grid = (cdiv(N, cfg["BLOCK_N"]), K // block_k)
     _int4_dequant_kernel[grid](
         qweight, scales, z, w, N, K,
         qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), z.stride(0), z.stride(1),
@@ -657,7 +660,7 @@ IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "dequant_cublas")
 def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split,
                         has_zeros, has_bias):
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
     if split > 1:
         part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
         counters = arrival_counters(x.device, tiles)
@@ -670,11 +673,11 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
                   BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg.get("num_warps", 4),
                   num_stages=cfg.get("num_stages", 1 if impl == "gemv2" else 3))
     if impl == "gemv2":
-        grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
+        grid = (cdiv(N, bn), split, cdiv(M, bm))
         _int4_gemv2_kernel[grid](*args, PREFETCH=bool(cfg.get("PREFETCH", 1)), **common)
     elif impl == "tiled3":
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
-        _int4_tiled3_kernel[(triton.cdiv(N, bn), split, triton.cdiv(M, bm))](*args, DOT_PRECISION=precision,
+        _int4_tiled3_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, DOT_PRECISION=precision,
                                                                              **common)
     else:
         grid = (tiles, split)
@@ -708,8 +711,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if block_k < 8 or block_k & (block_k - 1) or group_size % block_k:
         raise ValueError(f"int4_gemm: BLOCK_K={block_k} must be a power of two >= 8 dividing group_size={group_size}")
     split = max(1, int(cfg.get("SPLIT_K", 1)))
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    split = triton.cdiv(K, k_per_split)
+    k_per_split = cdiv(cdiv(K, split), block_k) * block_k
+    split = cdiv(K, k_per_split)
     z = zeros if zeros is not None else scales  # a valid pointer that HAS_ZEROS=False never reads
     b = bias if bias is not None else scales
     if impl == "tiled3" and x.is_cuda and (block_k < 128 or cfg["BLOCK_M"] < 16):
@@ -730,16 +733,16 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
             x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
             z.stride(0), z.stride(1), stride_s, dst.stride(-2), dst.stride(-1))
     if impl == "gemv":
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
+        grid = (cdiv(N, cfg["BLOCK_N"]), split, cdiv(M, cfg["BLOCK_M"]))
         _int4_gemv_kernel[grid](*args, **common)
     else:
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split)
         # fp32 activations (CPU / debugging) get full-precision dots, never silent TF32.
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         _int4_tiled_kernel[grid](*args, GROUP_M=cfg.get("GROUP_M", 8), DOT_PRECISION=precision, **common)
     if split > 1:
         block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
+        _splitk_reduce_kernel[(cdiv(M * N, block),)](
             dst, b, out, M * N, N, dst.stride(0), out.stride(0), out.stride(1),
             SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
     return out

@@ -347,6 +347,13 @@ CASES = [
     Case("int4 M4 gemv2 64x8 w4", _int4(4, pick={"impl": "gemv2", "BLOCK_N": 64, "SPLIT_K": 8}), selected=False),
     Case("int4 M16 tiled2 128x64 split4", _int4(16, pick={"impl": "tiled2", "BLOCK_N": 128, "SPLIT_K": 4}),
          selected=False),
+    # tiled3: swap-AB, the weight planes as wgmma's register operand (no shared-memory store of weights)
+    Case("int4 M1 tiled3 128 split4", _int4(1, pick={"impl": "tiled3", "BLOCK_N": 128, "SPLIT_K": 4,
+                                                     "num_stages": 3}),
+         selected=False, expect={"_int4_tiled3_kernel": W}),
+    Case("int4 M16 tiled3 128 split4", _int4(16, pick={"impl": "tiled3", "BLOCK_N": 128, "SPLIT_K": 4,
+                                                       "num_stages": 3}),
+         selected=False, expect={"_int4_tiled3_kernel": W}),
     # fp8: activation quantization + swap-AB pointer kernel (decode), persistent TMA kernel (prefill)
     Case("fp8 M16 swap-AB", _fp8(16), expect={"_fp8_gemm_kernel": E4}),
     Case("fp8 M16 swap-AB bias prequant", _fp8(16, bias=True, prequant=True), expect={"_fp8_gemm_kernel": E4}),
