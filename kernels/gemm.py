@@ -30,6 +30,51 @@ stream of its weight bytes, and tl.dot's 16-row tiles only add work, so this ker
   tiled kernel should keep M=16). Unmeasured on a GPU: `select_config` does not pick it yet
   (GEMV_MAX_M = 0); `candidate_configs` offers it for M <= 16.
 
+The swap-AB kernel (``config={"impl": "swapab", ...}``; decode rows, M <= 16): the tiled kernel's 16-row
+tiles put the few x rows on the tensor core's M side, which sm_90 can only feed to mma.sync (wgmma's M
+unit is 64 rows). Swapping the operands, as the fp8 decode kernel does, computes out^T = W @ x^T:
+  - each program owns BLOCK_N weight rows (output columns, 64 or 128: one or two wgmma m64 units of a
+    4-warp warpgroup) x BLOCK_M = 16 padded x rows (wgmma's n16) and one K slice;
+  - per K block it loads a [BLOCK_N, BLOCK_K] weight tile (K contiguous, 16-byte vectors) and x^T as a
+    [BLOCK_K, BLOCK_M] tile through transposed strides (rows past M masked to zero, not re-read), and
+    accumulates ``tl.dot(w_tile, xT_tile, acc)`` in fp32; swiglu's up tile shares the x^T tile;
+  - num_stages > 1 makes Triton pipeline both loads (cp.async into num_stages shared buffers, num_stages
+    - 1 K blocks in flight while wgmma runs): the weight stream never waits for the math;
+  - the epilogue (bias along the rows, activation in fp32, one rounding) runs on the transposed
+    accumulator and stores through transposed output strides; split-K is the gemv's single pass.
+  No TMA: the fp8 decode kernel's measured swap-AB design is the pointer kernel, and the loop's issue
+  cost is already small (below). Unmeasured on a GPU: `select_config` does not pick it (SWAPAB_MAX_M = 0);
+  `candidate_configs` offers it for M <= 16. The kernel takes BLOCK_M 32/64 too (wgmma n32/n64).
+
+Offline sm_90a compile analysis (triton 3.6 + its ptxas, CPU only: NOT timings; bf16, 4 warps). instr/elem =
+warp-instructions of the K loop's SASS per weight element (the issue cost of streaming a weight; at 3 TB/s an
+SM consumes ~6.5 bf16 weights per cycle and issues up to 4 warp-instructions per cycle, so the budget is
+~0.6); CTAs/SM from shared memory and registers; in flight = KB of weight loads an SM has outstanding (async:
+CTAs x (num_stages - 1) tiles, continuously; sync: CTAs x one tile, issued at the top of each K block and
+drained before the next; ~20-30 KB are needed for ~3 TB/s).
+
+  shape                      config (BLOCK_N x BLOCK_K, stages, split)    regs  smem KB CTAs/SM instr/elem in flight
+  M1 swiglu K4096 N14336     swapab 64x128 s3 split1-4 (table row)        90-96   108     2      0.043   128 KB async
+  M1 swiglu K4096 N14336     swapab 64x64 s4 split4                         64     72     3        -     144 KB async
+  M1 swiglu K4096 N14336     swapab 128x64 s3 split8                        96    102     2        -     128 KB async
+  M4 bias / M16 K4096 N6144  swapab 64x128 s4 split1-4 (table row)          56     80     2      0.055    96 KB async
+  M4 bias / M16 K4096 N6144  swapab 64x64 s5 split8                         40     50     4      0.076   128 KB async
+  M16 K4096 N6144            swapab 128x128 s3 split8                      105    108     2      0.042   128 KB async
+  M16 K4096 N6144            swapab 64x256 s3 split4                        96    120     1        -      64 KB async
+  M1 swiglu K4096 N14336     gemv 16x512 (table row)                       127    0.1     4      0.106   128 KB sync
+  M4 bias K4096 N6144        gemv 8x1024 (table row)                       119    0.5     4      0.247    64 KB sync
+  M16 K4096 N6144            gemv 2x1024 (table row)                       116    0.5     4      1.197    16 KB sync
+  M16 K4096 N6144            tiled 16x64x128 s5 split2 (select_config now)  64     80     2      0.054    96 KB async (mma.sync)
+
+Every swapab candidate compiles without spills (wgmma m64n16k16, cp.async 16-byte copies of both operands
+in the TTGIR as ttg.async_copy_global_to_local). The swapab loop costs the same at M = 1 and 16 (the
+tensor core does the rows), the gemv's grows with M and passes the budget at M = 16. Note that offline the
+tiled kernel's decode config looks as good (pipelined, same issue cost, mma.sync + ldmatrix instead of
+wgmma), so its slow QKV measurement (90-126 us for 50 MB) is not explained by these numbers: its split-K
+second kernel and partials allocation, or host time inside do_bench, are candidates (bench_gemm.py --graph
+times by CUDA-graph replay). Expected for swapab: the weight stream limited by HBM rather than by issue or
+latency at every M <= 16; measure with bench_gemm.py --tune --graph.
+
 Layouts: x [M, K] with any strides (a row-strided view of a wider buffer is fine); w and w_up [N, K]
 (nn.Linear layout) with any strides, e.g. a transposed [K, N] buffer's .T; bias [N]; out [M, N] with
 any strides. fp16, bf16 and fp32; x, w and w_up share one dtype and the output has it too.
@@ -51,7 +96,7 @@ ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "swiglu")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CONFIG_KEYS = ("impl", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
-IMPLS = ("tiled", "gemv")  # a config without "impl" (e.g. one tuned before the gemv existed) is "tiled"
+IMPLS = ("tiled", "gemv", "swapab")  # a config without "impl" (e.g. one tuned before the gemv existed) is "tiled"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,6 +305,103 @@ def _gemv_kernel(
             tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
+@triton.jit
+def _swapab_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn,
+                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The swap-AB epilogue on transposed [BLOCK_N, BLOCK_M] fp32 sums (rows are output columns): bias
+    along the rows, the activation, one rounding, a masked store through transposed output strides."""
+    if HAS_BIAS:
+        g += tl.load(b_ptr + rn).to(tl.float32)[:, None]
+    out = _activation(g, u, ACT)
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None].to(tl.int64) * stride_yn
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+
+
+@triton.jit
+def _gemm_swapab_kernel(
+    x_ptr, w_ptr, wu_ptr, b_ptr, y_ptr, pg_ptr, pu_ptr, cnt_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_un, stride_uk, stride_ym, stride_yn, stride_ps,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, K] @ x^T [K, BLOCK_M]: the weight rows are the tensor-core
+    tile's M side (wgmma's 64-row unit), the few x rows its N side."""
+    SWIGLU: tl.constexpr = ACT == 4
+    tile = tl.program_id(0)  # n-blocks fastest: neighbouring programs share the x rows
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    offs_m = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Weight rows past N wrap onto valid ones (no mask on the weight loads; the stores mask them). x rows
+    # past M are masked to zero instead: at M = 1 a wrapped x^T tile would read one row BLOCK_M times.
+    rn = (offs_n % N).to(tl.int64)
+    m_ok = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * K_PER_SPLIT
+    k_len = tl.minimum(K - k_lo, K_PER_SPLIT)
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + (k_lo + offs_k)[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+    if SWIGLU:
+        u_ptrs = wu_ptr + rn[:, None] * stride_un + (k_lo + offs_k)[None, :] * stride_uk
+    # x^T [BLOCK_K, BLOCK_M] through transposed strides: K-contiguous columns (16-byte vectors along K)
+    xt_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (k_lo + offs_k)[:, None] * stride_xk
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(k_len, BLOCK_K)):
+        if EVEN_K:
+            xt = tl.load(xt_ptrs, mask=m_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs)
+        else:
+            k_left = k_len - kt * BLOCK_K
+            xt = tl.load(xt_ptrs, mask=(offs_k[:, None] < k_left) & m_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        if IEEE:
+            acc = tl.dot(wt, xt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(wt, xt, acc)
+        if SWIGLU:  # the up projection shares the x^T tile
+            if EVEN_K:
+                ut = tl.load(u_ptrs)
+            else:
+                ut = tl.load(u_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            if IEEE:
+                acc_u = tl.dot(ut, xt, acc_u, input_precision="ieee")
+            else:
+                acc_u = tl.dot(ut, xt, acc_u)
+            u_ptrs += BLOCK_K * stride_uk
+        xt_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if SPLIT_K == 1:
+        _swapab_store(acc, acc_u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS)
+    else:
+        # Single-pass split-K, as the gemv's: fp32 partials [SPLIT_K, M, N] (gate in pg, up in pu,
+        # stride_ps = M * N), the arrival counter of this output tile, and the last slice to arrive sums
+        # the partials in slice order (deterministic), runs the epilogue, re-arms the counter to 0.
+        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+        cols = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M], contiguous along n
+        tl.store(pg_ptr + cols + pid_k.to(tl.int64) * stride_ps, acc, mask=mask)
+        if SWIGLU:
+            tl.store(pu_ptr + cols + pid_k.to(tl.int64) * stride_ps, acc_u, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            pg_ptrs = pg_ptr + cols
+            pu_ptrs = pu_ptr + cols
+            for _ in range(SPLIT_K):
+                # .cg: read the other SMs' partials from L2, never from a stale L1 line
+                g += tl.load(pg_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                pg_ptrs += stride_ps
+                if SWIGLU:
+                    u += tl.load(pu_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                    pu_ptrs += stride_ps
+            _swapab_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Configs: the one shape -> config table of this family
 # --------------------------------------------------------------------------------------------------
@@ -343,6 +485,57 @@ def _gemv_config(M: int, N: int, K: int, activation: str = "none", dtype: torch.
     return _gemv_cfg(bm, bn, bk, warps, split=_gemv_split_k(M, N, K, bm, bn, bk))
 
 
+def _swapab_cfg(bm, bn, bk, stages, split=1) -> dict:
+    return {"impl": "swapab", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": split,
+            "num_warps": 4, "num_stages": stages}
+
+
+# The swap-AB kernel's tiles, (BLOCK_N weight rows, BLOCK_K, num_stages) for [one weight, swiglu's two], at
+# BLOCK_M = 16 (decode rows) and 4 warps (one warpgroup: wgmma m64n16k16, BLOCK_N / 64 of them per k16).
+# The first entry of each is the table's row (SWAPAB_MAX_M), the rest what the --tune sweep adds.
+# sm_90 compiles keep num_stages buffers of (weights x BLOCK_N + BLOCK_M) x BLOCK_K elements in shared
+# memory (the wgmma reads a buffer asynchronously, one more than tl.dot's mma.sync pipeline keeps) and
+# num_stages - 1 K blocks of cp.async loads in flight; the shared memory decides the programs per SM
+# (228 KB an SM). Per entry: KB of shared memory per program, programs per SM, KB of weight in flight
+# per SM (Little's law at ~3 TB/s over 132 SMs and ~1 us of latency wants ~20-30 KB). Speeds unmeasured.
+_SWAPAB_TILES = {
+    False: ((64, 128, 4),    # 80 KB, 2/SM, 96 KB in flight
+            (64, 64, 5),     # 50 KB, 4/SM, 128 KB
+            (64, 256, 3),    # 120 KB, 1/SM, 64 KB
+            (128, 64, 6),    # 108 KB, 2/SM, 160 KB
+            (128, 128, 3)),  # 108 KB, 2/SM, 128 KB
+    True: ((64, 128, 3),     # 108 KB, 2/SM, 128 KB
+           (64, 64, 4),      # 72 KB, 3/SM, 144 KB
+           (64, 64, 6),      # 108 KB, 2/SM, 160 KB
+           (64, 128, 4),     # 144 KB, 1/SM, 96 KB
+           (128, 64, 3)),    # 102 KB, 2/SM, 128 KB
+}
+# M <= SWAPAB_MAX_M runs the swap-AB kernel (select_config; after the gemv's GEMV_MAX_M, which wins where
+# both cover M) and, for plain GEMMs, Triton instead of cuBLAS (prefer_triton). 0 = never: unmeasured.
+# After examples/bench_gemm.py --tune shows it ahead of the tiled kernel and cuBLAS at decode rows, this
+# one line switches it on (16 at most: the table's tiles are for BLOCK_M = 16).
+SWAPAB_MAX_M = 0
+
+
+def _swapab_split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int, per_sm: int = 4) -> int:
+    """K slices (a power of two <= 16) until the grid holds ~`per_sm` programs per SM: with one or two
+    programs resident per SM, several waves of shorter programs even out the SMs' shares (224 output
+    tiles over 132 SMs would leave 40 SMs idle for the second half); every slice keeps >= 4 K blocks
+    so that its pipeline gets past the prologue (num_stages - 1 <= 5 blocks are loaded up front)."""
+    programs = cdiv(M, bm) * cdiv(N, bn)
+    split = 1
+    while programs * split < per_sm * _SMS and split < 16 and K // (2 * split) >= 4 * bk:
+        split *= 2
+    return split
+
+
+def _swapab_config(M: int, N: int, K: int, activation: str = "none", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The swap-AB row of the table (used by select_config for M <= SWAPAB_MAX_M; 16-bit dtypes)."""
+    bm = max(16, next_power_of_2(max(M, 1)))
+    bn, bk, stages = _SWAPAB_TILES[activation == "swiglu"][0]
+    return _swapab_cfg(bm, bn, bk, stages, split=_swapab_split_k(M, N, K, bm, bn, bk))
+
+
 def select_config(M: int, N: int, K: int, activation: str = "none", dtype: torch.dtype = torch.bfloat16) -> dict:
     """The config table, by M bucket (the scenario of kernopt.workload.classify, read off the row count).
 
@@ -365,10 +558,13 @@ def select_config(M: int, N: int, K: int, activation: str = "none", dtype: torch
     The gemv (``"impl": "gemv"``, the FMA kernel for decode rows, `_GEMV_TILE`) takes over every M <=
     GEMV_MAX_M, which is 0 until a GPU measurement shows it faster: then that one constant switches it
     on (and prefer_triton follows it for plain GEMMs). Until then candidate_configs offers it to the
-    --tune sweep and to KERNOPT_AUTOTUNE.
+    --tune sweep and to KERNOPT_AUTOTUNE. The swap-AB kernel (``"impl": "swapab"``, `_SWAPAB_TILES`) is
+    switched the same way by SWAPAB_MAX_M (0: unmeasured); the gemv wins where both constants cover M.
     """
     if M <= GEMV_MAX_M:
         return _gemv_config(M, N, K, activation, dtype)
+    if M <= SWAPAB_MAX_M and dtype != torch.float32:
+        return _swapab_config(M, N, K, activation, dtype)
     swiglu = activation == "swiglu"
     nw = 2 if swiglu else 1
     if dtype == torch.float32:
@@ -413,7 +609,16 @@ def candidate_configs(M: int, N: int, K: int, activation: str = "none") -> list[
             bk = row_bytes // 2
             for split in sorted({1, _gemv_split_k(M, N, K, bm, bn, bk)}):
                 out.append(_gemv_cfg(bm, bn, bk, warps, split))
-        return out
+        # The swap-AB tensor-core kernel: its table row and alternatives, each with the split that gives
+        # ~4 programs per SM, the table's row also unsplit and with ~2 per SM.
+        for i, (bn, bk, stages) in enumerate(_SWAPAB_TILES[swiglu]):
+            splits = {_swapab_split_k(M, N, K, 16, bn, bk)}
+            if i == 0:
+                splits |= {1, _swapab_split_k(M, N, K, 16, bn, bk, per_sm=2)}
+            for split in sorted(splits):
+                out.append(_swapab_cfg(16, bn, bk, stages, split))
+        # 64 x 128 at both budgets is the same config when the deepest pipeline already fits in two per SM
+        return [c for i, c in enumerate(out) if c not in out[:i]]
     if M <= 64:
         if swiglu:
             return [_cfg(64, 64, 128, 4, 3), _cfg(64, 64, 64, 4, 4), _cfg(32, 64, 128, 4, 4),
@@ -464,13 +669,14 @@ def format_config(cfg: dict) -> str:
 # | silu/gelu/gelu_tanh| <= 16        | Triton  | same kernel and epilogue cost as swiglu's, half the weights (not measured separately) |
 # | silu/gelu/gelu_tanh| > 16         | cuBLAS  | as swiglu above                                            |
 # | none (+bias)       | any          | cuBLAS  | measured H100: 0.24-0.92x of cuBLAS at every M for qkv/down shapes |
-# |                    |              |         | (tiled kernel); M <= GEMV_MAX_M (now 0) would go to the gemv |
+# |                    |              |         | (tiled kernel); M <= GEMV_MAX_M / SWAPAB_MAX_M (now 0) would |
+# |                    |              |         | go to the gemv / the swap-AB kernel                        |
 # | any, fp32 input    | any          | cuBLAS  | our fp32 path is IEEE (exact), cuBLAS' SGEMM is faster     |
 #
-# Measured with examples/bench_gemm.py on an H100 (benchmarks/results/gemm-h100.json). The gemv was not
-# part of that run: plain GEMMs follow GEMV_MAX_M (read per call), so switching the gemv on for decode
-# rows also sends plain decode GEMMs to it (give "none" its own entry here if the gemv turns out to beat
-# the tiled kernel but not cuBLAS on them).
+# Measured with examples/bench_gemm.py on an H100 (benchmarks/results/gemm-h100.json). The gemv and the
+# swap-AB kernel were not part of that run: plain GEMMs follow max(GEMV_MAX_M, SWAPAB_MAX_M) (read per
+# call), so switching either on for decode rows also sends plain decode GEMMs to it (give "none" its own
+# entry here if it turns out to beat the tiled kernel but not cuBLAS on them).
 _TRITON_MAX_M = {"swiglu": 16, "silu": 16, "gelu": 16, "gelu_tanh": 16}
 
 
@@ -481,10 +687,10 @@ def prefer_triton(M: int, N: int, K: int, activation: str = "none", dtype: torch
         raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(map(repr, ACTIVATIONS))}")
     if dtype == torch.float32:
         return "fp32 input: cuBLAS SGEMM is faster than the IEEE-fp32 Triton path"
-    limit = _TRITON_MAX_M.get(activation, GEMV_MAX_M)
+    limit = _TRITON_MAX_M.get(activation, max(GEMV_MAX_M, SWAPAB_MAX_M))
     if activation == "none" and M > limit:
         return (f"M={M} K={K} N={N} plain GEMM: nothing to fuse; cuBLAS measured faster than the tiled "
-                f"kernel at every M (gemm-h100.json)" + (f", the gemv runs M <= {limit}" if limit else ""))
+                f"kernel at every M (gemm-h100.json)" + (f", the gemv / swap-AB kernel runs M <= {limit}" if limit else ""))
     if M > limit:
         return (f"M={M} K={K} N={N} {activation}: above M={limit} cuBLAS + Inductor's epilogue measured "
                 f"faster (gemm-h100.json)")
@@ -543,6 +749,31 @@ def _gemv(x, w, wu, bias, out, cfg, act: int) -> torch.Tensor:
     return out
 
 
+def _swapab(x, w, wu, bias, out, cfg, act: int) -> torch.Tensor:
+    M, K = x.shape
+    N = w.shape[0]
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    # Whole K blocks per slice, and no empty slice: SPLIT_K above the number of K blocks is clamped.
+    k_per_split = cdiv(cdiv(max(K, 1), cfg["SPLIT_K"]), bk) * bk
+    split = cdiv(max(K, 1), k_per_split)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
+    if split > 1:
+        part = torch.empty((2 if act == _ACT_CODE["swiglu"] else 1, split, M, N), dtype=torch.float32,
+                           device=x.device)
+        pg, pu, counters = part[0], part[-1], arrival_counters(x.device, tiles)
+    else:
+        pg = pu = counters = out  # never touched with SPLIT_K=1
+    b = bias if bias is not None else out  # never read when HAS_BIAS is False
+    _gemm_swapab_kernel[(tiles, split)](
+        x, w, wu, b, out, pg, pu, counters, M, N, K, k_per_split,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), wu.stride(0), wu.stride(1),
+        out.stride(0), out.stride(1), M * N,
+        ACT=act, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, IEEE=x.dtype == torch.float32, SPLIT_K=split,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
 def _check_inputs(x, w, bias, w_up, activation):
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(map(repr, ACTIVATIONS))}")
@@ -589,6 +820,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, 
     cfg = _check_config(config if config is not None else select_config(M, N, K, activation, x.dtype))
     if cfg["impl"] == "gemv":
         return _gemv(x, w, w_up if activation == "swiglu" else w, bias, out, cfg, _ACT_CODE[activation])
+    if cfg["impl"] == "swapab":
+        return _swapab(x, w, w_up if activation == "swiglu" else w, bias, out, cfg, _ACT_CODE[activation])
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     # Each split covers a whole number of K tiles; trailing splits may be empty (they write zeros).
     k_per_split = cdiv(cdiv(max(K, 1), split), bk) * bk if split > 1 else K
