@@ -19,13 +19,19 @@ Each row also records what `prefer_triton` says for the shape ("triton" or its r
 crossover table in kernels/gemm.py can be checked against the measured ratio. Inputs are random,
 rotated over several copies when one set fits in L2 (do_bench clears L2 between repeats anyway).
 
-    python examples/bench_gemm.py [--quick] [--out DIR] [--tune] [--plot] [--rep MS] [--ms 1,4,16]
+    python examples/bench_gemm.py [--quick] [--out DIR] [--tune [--impls I+J]] [--graph] [--plot] [--rep MS]
+                                  [--ms 1,4,16]
 
-``--tune`` also times every `candidate_configs` entry per case (at M <= 16 both kernels: the tiled
-tl.dot kernel and the FMA gemv, ``impl=gemv``) and records, beside the selected config's time
-(``kernopt``): ``tuned_best_us`` / ``tuned_best_config`` / ``tuned_best_impl`` (the fastest candidate,
+``--tune`` also times every `candidate_configs` entry per case (at M <= 16 all three kernels: the tiled
+tl.dot kernel, the FMA gemv, ``impl=gemv``, and the swap-AB tensor-core kernel, ``impl=swapab``) and
+records, beside the selected config's time (``kernopt``): ``tuned_best_us`` / ``tuned_best_config`` / ``tuned_best_impl`` (the fastest candidate,
 its config line with its impl) and ``tuned_by_impl`` (the fastest candidate of each impl, time and
-config), so that one GPU run says whether `GEMV_MAX_M` / `_GEMV_TILE` in kernels/gemm.py should change.
+config), so that one GPU run says whether `GEMV_MAX_M` / `_GEMV_TILE` or `SWAPAB_MAX_M` / `_SWAPAB_TILES`
+in kernels/gemm.py should change.
+``--graph`` times every system by CUDA-graph replay (many calls per graph, inputs rotated through 3x the
+L2, as bench_gemm_fp8.py and bench_decode.py do) instead of do_bench: decode-size calls take 20-100 us, the
+size of a Python launch (two for the tiled kernel's split-K), and decode steps replay as graphs anyway.
+Rows record ``timing`` ("graph" or "do_bench"). ``--impls swapab+tiled`` limits the --tune sweep to those impls.
 ``--ms`` replaces the M values (e.g. ``--ms 1,2,4,8,16`` for the gemv crossover; ``+`` also separates
 them, for benchmarks/run_gpu.sh, which turns commas into spaces: ``gemm:--tune,--ms,1+4+16``).
 """
@@ -37,7 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernopt.benchmark import L2_BYTES, Suite, require_cuda, time_rotating_ms
+from kernopt.benchmark import L2_BYTES, Suite, require_cuda, rotation, time_graph_ms, time_rotating_ms
 from kernopt.tolerance import mismatch
 
 # (name, K, N, activation, bias)
@@ -81,6 +87,10 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="also time every candidate config per case")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
+    parser.add_argument("--impls", default=None,
+                        help="with --tune: only candidates of these impls, separated by ',' or '+' (e.g. swapab+tiled)")
+    parser.add_argument("--graph", action="store_true",
+                        help="time by CUDA-graph replay (no Python launch cost) instead of do_bench")
     parser.add_argument("--ms", default=None,
                         help="M values separated by ',' or '+' (default: %s)" % ",".join(map(str, MS)))
     args = parser.parse_args()
@@ -100,7 +110,16 @@ def main() -> None:
         torch._dynamo.reset()  # one compile per case: no recompile limits, no dynamic shapes
         x, w, bias, w_up = make_inputs(M, K, N, activation, with_bias)
         set_bytes = nbytes(x, w, bias, w_up)
-        copies = min(4, max(1, math.ceil(2 * L2_BYTES / set_bytes)))
+        if args.graph:
+            copies, calls = rotation(set_bytes)
+        else:
+            copies = min(4, max(1, math.ceil(2 * L2_BYTES / set_bytes)))
+
+        def timed_us(make_call, rep):
+            if args.graph:
+                return 1e3 * time_graph_ms(make_call, copies, calls, rep=max(20, rep // 2))
+            return 1e3 * time_rotating_ms(make_call, copies, rep=rep)
+
         sets = [(x, w, bias, w_up)] + [make_inputs(M, K, N, activation, with_bias) for _ in range(copies - 1)]
         cfg = select_config(M, N, K, activation, torch.bfloat16)
 
@@ -127,11 +146,14 @@ def main() -> None:
 
         results: dict[str, float] = {}
         if error is None:
-            results["kernopt"] = 1e3 * time_rotating_ms(kernopt_call, copies, rep=args.rep)
+            results["kernopt"] = timed_us(kernopt_call, args.rep)
         base_err = mismatch(compiled(x, w, bias, w_up), expected, torch.bfloat16)  # also warms the compile
-        results["bf16_cublas_plus_inductor"] = 1e3 * time_rotating_ms(baseline_call, copies, rep=args.rep)
-
-        extra = {"prefer_triton": prefer_triton(M, N, K, activation, torch.bfloat16) or "triton"}
+        extra = {"prefer_triton": prefer_triton(M, N, K, activation, torch.bfloat16) or "triton",
+                 "timing": "graph" if args.graph else "do_bench"}
+        try:
+            results["bf16_cublas_plus_inductor"] = timed_us(baseline_call, args.rep)
+        except Exception as e:  # e.g. a capture the compiled baseline does not survive: a row, not a crash
+            extra["baseline_error"] = f"{type(e).__name__}: {e}"[:300]
         if base_err:
             extra["baseline_check"] = base_err
         print(f"{case}: " + " ".join(f"{k}={v:.2f}" for k, v in results.items())
@@ -139,13 +161,16 @@ def main() -> None:
         if args.tune:
             best, best_us = None, float("inf")
             by_impl: dict[str, dict] = {}  # impl -> {"us": fastest time, "config": its config line}
+            impls = set(args.impls.replace("+", ",").split(",")) if args.impls else None
             for cand in candidate_configs(M, N, K, activation):
+                if impls is not None and cand.get("impl", "tiled") not in impls:
+                    continue
                 try:
                     o = gemm(x, w, bias=bias, w_up=w_up, activation=activation, config=cand)
                     if mismatch(o, expected, torch.bfloat16) is not None:
                         print(f"  {case}: candidate {format_config(cand)} is WRONG")
                         continue
-                    us = 1e3 * time_rotating_ms(lambda i, c=cand: kernopt_call(i, c), copies, rep=30)
+                    us = timed_us(lambda i, c=cand: kernopt_call(i, c), 30)
                 except Exception as e:
                     print(f"  {case}: candidate {format_config(cand)} failed: {type(e).__name__}")
                     continue

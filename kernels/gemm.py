@@ -38,8 +38,9 @@ unit is 64 rows). Swapping the operands, as the fp8 decode kernel does, computes
   - per K block it loads a [BLOCK_N, BLOCK_K] weight tile (K contiguous, 16-byte vectors) and x^T as a
     [BLOCK_K, BLOCK_M] tile through transposed strides (rows past M masked to zero, not re-read), and
     accumulates ``tl.dot(w_tile, xT_tile, acc)`` in fp32; swiglu's up tile shares the x^T tile;
-  - num_stages > 1 makes Triton pipeline both loads (cp.async into num_stages shared buffers, num_stages
-    - 1 K blocks in flight while wgmma runs): the weight stream never waits for the math;
+  - num_stages > 1 makes Triton pipeline both loads (cp.async into num_stages shared buffers; the
+    loop waits for the oldest K block, so num_stages - 2 to num_stages - 1 blocks stay in flight
+    while wgmma runs): the weight stream never waits for the math;
   - the epilogue (bias along the rows, activation in fp32, one rounding) runs on the transposed
     accumulator and stores through transposed output strides; split-K is the gemv's single pass.
   No TMA: the fp8 decode kernel's measured swap-AB design is the pointer kernel, and the loop's issue
@@ -50,30 +51,32 @@ Offline sm_90a compile analysis (triton 3.6 + its ptxas, CPU only: NOT timings; 
 warp-instructions of the K loop's SASS per weight element (the issue cost of streaming a weight; at 3 TB/s an
 SM consumes ~6.5 bf16 weights per cycle and issues up to 4 warp-instructions per cycle, so the budget is
 ~0.6); CTAs/SM from shared memory and registers; in flight = KB of weight loads an SM has outstanding (async:
-CTAs x (num_stages - 1) tiles, continuously; sync: CTAs x one tile, issued at the top of each K block and
-drained before the next; ~20-30 KB are needed for ~3 TB/s).
+CTAs x (num_stages - 2 .. num_stages - 1) tiles, continuously; sync: up to CTAs x one tile, issued at the
+top of each K block and drained before the next; ~20-30 KB are needed for ~3 TB/s).
 
-  shape                      config (BLOCK_N x BLOCK_K, stages, split)    regs  smem KB CTAs/SM instr/elem in flight
-  M1 swiglu K4096 N14336     swapab 64x128 s3 split1-4 (table row)        90-96   108     2      0.043   128 KB async
-  M1 swiglu K4096 N14336     swapab 64x64 s4 split4                         64     72     3        -     144 KB async
-  M1 swiglu K4096 N14336     swapab 128x64 s3 split8                        96    102     2        -     128 KB async
-  M4 bias / M16 K4096 N6144  swapab 64x128 s4 split1-4 (table row)          56     80     2      0.055    96 KB async
-  M4 bias / M16 K4096 N6144  swapab 64x64 s5 split8                         40     50     4      0.076   128 KB async
-  M16 K4096 N6144            swapab 128x128 s3 split8                      105    108     2      0.042   128 KB async
-  M16 K4096 N6144            swapab 64x256 s3 split4                        96    120     1        -      64 KB async
-  M1 swiglu K4096 N14336     gemv 16x512 (table row)                       127    0.1     4      0.106   128 KB sync
-  M4 bias K4096 N6144        gemv 8x1024 (table row)                       119    0.5     4      0.247    64 KB sync
-  M16 K4096 N6144            gemv 2x1024 (table row)                       116    0.5     4      1.197    16 KB sync
-  M16 K4096 N6144            tiled 16x64x128 s5 split2 (select_config now)  64     80     2      0.054    96 KB async (mma.sync)
+  shape                      config (BLOCK_N x BLOCK_K, stages, split)    regs  smem KB CTAs/SM instr/elem in flight KB
+  M1 swiglu K4096 N14336     swapab 64x128 s3 split1-4 (table row)        88-96   108     2      0.043    64-128 async
+  M1 swiglu K4096 N14336     swapab 64x64 s4 split4                         64     72     3        -      96-144 async
+  M1 swiglu K4096 N14336     swapab 128x64 s3 split8                        96    102     2        -      64-128 async
+  M4 bias / M16 K4096 N6144  swapab 64x128 s4 split1-8 (table row)          56     80     2      0.055    64-96 async
+  M4 bias / M16 K4096 N6144  swapab 64x64 s5 split8                         40     50     4      0.076    96-128 async
+  M4 bias / M16 K4096 N6144  swapab 128x64 s6 split16                       56    108     2        -     128-160 async
+  M16 K4096 N6144            swapab 128x128 s3 split8                      105    108     2      0.042    64-128 async
+  M16 K4096 N6144            swapab 64x256 s3 split4                        96    120     1        -      32-64 async
+  M1 swiglu K4096 N14336     gemv 16x512 (table row)                       127    0.1     4      0.106   <=128 sync
+  M4 bias K4096 N6144        gemv 8x1024 (table row)                       119    0.5     4      0.247    <=64 sync
+  M16 K4096 N6144            gemv 2x1024 (table row)                       116    0.5     4      1.197    <=16 sync
+  M16 K4096 N6144            tiled 16x64x128 s5 split2 (select_config now)  64     80     2      0.054   async (mma.sync)
 
-Every swapab candidate compiles without spills (wgmma m64n16k16, cp.async 16-byte copies of both operands
-in the TTGIR as ttg.async_copy_global_to_local). The swapab loop costs the same at M = 1 and 16 (the
-tensor core does the rows), the gemv's grows with M and passes the budget at M = 16. Note that offline the
-tiled kernel's decode config looks as good (pipelined, same issue cost, mma.sync + ldmatrix instead of
-wgmma), so its slow QKV measurement (90-126 us for 50 MB) is not explained by these numbers: its split-K
-second kernel and partials allocation, or host time inside do_bench, are candidates (bench_gemm.py --graph
-times by CUDA-graph replay). Expected for swapab: the weight stream limited by HBM rather than by issue or
-latency at every M <= 16; measure with bench_gemm.py --tune --graph.
+Every swapab candidate compiles without spills (wgmma m64n16k16; the TTGIR has the weight and x^T loads as
+ttg.async_copy_global_to_local, 16-byte cp.async in the PTX). At M = 1 the x^T copies of rows past M are
+zero-fills (no memory traffic, a quarter of the copy instructions at BLOCK_N 64). The swapab loop costs the
+same at M = 1 and 16 (the tensor core does the rows), the gemv's grows with M and passes the budget at
+M = 16. Note that offline the tiled kernel's decode config looks about as good (pipelined, same issue cost,
+mma.sync + ldmatrix instead of wgmma), so its slow QKV measurement (90-126 us for 50 MB) is not explained by
+these numbers: its split-K second kernel and partials allocation, or host time inside do_bench, are
+candidates (bench_gemm.py --graph times by CUDA-graph replay). Expected for swapab: the weight stream
+limited by HBM rather than by issue or latency at every M <= 16; measure with bench_gemm.py --tune --graph.
 
 Layouts: x [M, K] with any strides (a row-strided view of a wider buffer is fine); w and w_up [N, K]
 (nn.Linear layout) with any strides, e.g. a transposed [K, N] buffer's .T; bias [N]; out [M, N] with
@@ -495,20 +498,21 @@ def _swapab_cfg(bm, bn, bk, stages, split=1) -> dict:
 # The first entry of each is the table's row (SWAPAB_MAX_M), the rest what the --tune sweep adds.
 # sm_90 compiles keep num_stages buffers of (weights x BLOCK_N + BLOCK_M) x BLOCK_K elements in shared
 # memory (the wgmma reads a buffer asynchronously, one more than tl.dot's mma.sync pipeline keeps) and
-# num_stages - 1 K blocks of cp.async loads in flight; the shared memory decides the programs per SM
-# (228 KB an SM). Per entry: KB of shared memory per program, programs per SM, KB of weight in flight
-# per SM (Little's law at ~3 TB/s over 132 SMs and ~1 us of latency wants ~20-30 KB). Speeds unmeasured.
+# num_stages - 2 to num_stages - 1 K blocks of cp.async loads in flight; shared memory decides the
+# programs per SM (228 KB an SM). Per entry (bf16, sm_90 compiles, no spills): KB of shared memory per
+# program, programs per SM, KB of weight in flight per SM (Little's law at ~3 TB/s over 132 SMs and ~1 us
+# of latency wants ~20-30 KB). Speeds unmeasured.
 _SWAPAB_TILES = {
-    False: ((64, 128, 4),    # 80 KB, 2/SM, 96 KB in flight
-            (64, 64, 5),     # 50 KB, 4/SM, 128 KB
-            (64, 256, 3),    # 120 KB, 1/SM, 64 KB
-            (128, 64, 6),    # 108 KB, 2/SM, 160 KB
-            (128, 128, 3)),  # 108 KB, 2/SM, 128 KB
-    True: ((64, 128, 3),     # 108 KB, 2/SM, 128 KB
-           (64, 64, 4),      # 72 KB, 3/SM, 144 KB
-           (64, 64, 6),      # 108 KB, 2/SM, 160 KB
-           (64, 128, 4),     # 144 KB, 1/SM, 96 KB
-           (128, 64, 3)),    # 102 KB, 2/SM, 128 KB
+    False: ((64, 128, 4),    # 80 KB, 2/SM, 64-96 KB in flight
+            (64, 64, 5),     # 50 KB, 4/SM, 96-128
+            (64, 256, 3),    # 120 KB, 1/SM, 32-64
+            (128, 64, 6),    # 108 KB, 2/SM, 128-160
+            (128, 128, 3)),  # 108 KB, 2/SM, 64-128
+    True: ((64, 128, 3),     # 108 KB, 2/SM, 64-128
+           (64, 64, 4),      # 72 KB, 3/SM, 96-144
+           (64, 64, 6),      # 108 KB, 2/SM, 128-160
+           (64, 128, 4),     # 144 KB, 1/SM, 64-96
+           (128, 64, 3)),    # 102 KB, 2/SM, 64-128
 }
 # M <= SWAPAB_MAX_M runs the swap-AB kernel (select_config; after the gemv's GEMV_MAX_M, which wins where
 # both cover M) and, for plain GEMMs, Triton instead of cuBLAS (prefer_triton). 0 = never: unmeasured.

@@ -178,6 +178,13 @@ def _gemv_table(M, N, K, activation, dtype):
     return g._gemv_config(M, N, K, activation, dtype)
 
 
+def _swapab_table(M, N, K, activation, dtype):
+    """The swap-AB row select_config picks once SWAPAB_MAX_M covers M (kernels/gemm.py's _SWAPAB_TILES)."""
+    from kernopt.kernels import gemm as g
+
+    return g._swapab_config(M, N, K, activation, dtype)
+
+
 # ---- kernels/flash_attention.py
 def _flash(B, Hq, Hkv, S, D, causal, mask=None, dtype=None, config=None):
     def build(rec):
@@ -298,6 +305,18 @@ CASES = [
     Case("gemm gemv M1 swiglu K4096 N14336", _gemm(1, MLP, HIDDEN, "swiglu", config=_gemv_table)),
     Case("gemm gemv M4 bias K14336 N4096 split", _gemm(4, HIDDEN, MLP, bias=True, config=_gemv_table,
                                                        need_split=True)),
+    # the swap-AB decode kernel's table rows (weight rows on wgmma's 64-row side, x rows as n16)
+    Case("gemm swapab M1 swiglu K4096 N14336", _gemm(1, MLP, HIDDEN, "swiglu", config=_swapab_table),
+         expect={"_gemm_swapab_kernel": W}),
+    Case("gemm swapab M4 bias K4096 N6144", _gemm(4, 6144, HIDDEN, bias=True, config=_swapab_table),
+         expect={"_gemm_swapab_kernel": W}),
+    Case("gemm swapab M16 none K4096 N6144", _gemm(16, 6144, HIDDEN, config=_swapab_table),
+         expect={"_gemm_swapab_kernel": W}),
+    Case("gemm swapab M1 none K14336 N4096 split", _gemm(1, HIDDEN, MLP, config=_swapab_table, need_split=True),
+         expect={"_gemm_swapab_kernel": W}),
+    Case("gemm swapab M16 gelu_tanh K4096 N14336 split", _gemm(16, MLP, HIDDEN, "gelu_tanh", config=_swapab_table,
+                                                               need_split=True),
+         expect={"_gemm_swapab_kernel": W}),
     # flash attention (prefill): B4 H32 S2048 unless named
     Case("flash D128 causal=0 tma", _flash(4, HQ, HQ, 2048, 128, False), expect={"_flash_attention_fwd": ("wgmma", "tma")}),
     Case("flash D128 causal=0 ptr", _flash(4, HQ, HQ, 2048, 128, False, config={"TMA": False}), selected=False,
