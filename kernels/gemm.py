@@ -522,10 +522,11 @@ SWAPAB_MAX_M = 0
 
 
 def _swapab_split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int, per_sm: int = 4) -> int:
-    """K slices (a power of two <= 16) until the grid holds ~`per_sm` programs per SM: with one or two
-    programs resident per SM, several waves of shorter programs even out the SMs' shares (224 output
-    tiles over 132 SMs would leave 40 SMs idle for the second half); every slice keeps >= 4 K blocks
-    so that its pipeline gets past the prologue (num_stages - 1 <= 5 blocks are loaded up front)."""
+    """K slices (a power of two <= 16) until the grid holds ~`per_sm` programs per SM: with one to four
+    programs resident per SM, several waves of shorter programs even out the SMs' shares of the weight
+    stream (224 output tiles over 132 SMs would give 92 SMs two programs and 40 SMs one); every slice
+    keeps >= 4 K blocks so that its pipeline gets past the prologue (num_stages - 1 <= 5 blocks are
+    loaded up front). Partials cost an fp32 write + read of [M, N] per slice: ~0.5 MB at M=1 split 16."""
     programs = cdiv(M, bm) * cdiv(N, bn)
     split = 1
     while programs * split < per_sm * _SMS and split < 16 and K // (2 * split) >= 4 * bk:
