@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session: install, run the GPU tests, run the benchmark suites; everything lands in $OUT (or ./gpu_out).
 #   bash benchmarks/run_gpu.sh [tests[:pytest args]][@secs] [suite[:--flag,value]][@secs] ...
-#   suites: gemm attention decode gemm_int4 gemm_fp8 llama; commas in the args become spaces; @secs is that
-#   step's timeout (default $STEP_TIMEOUT, 150 s). Example:
+#   suites: gemm attention decode gemm_int4 gemm_fp8 llama; commas in the args become spaces (and in tests
+#   args '~' a space inside one argument: tests:-k,not~llama_shapes); @secs is that step's timeout (default
+#   $STEP_TIMEOUT, 150 s). Example:
 #   bash benchmarks/run_gpu.sh tests:tests/kernels@240 decode:--no-sweep@120 llama:--quick,--cold-compile-caches@420
 # Results JSON go to benchmarks/results/ and are copied, with the logs, into one tarball under $OUT.
 set -u
@@ -37,7 +38,9 @@ for arg in "$@"; do
   [ "$step" != "$what" ] && extra=${what#*:} && extra=${extra//,/ }   # gemm:--rep,50 -> --rep 50
   if [ "$step" = tests ]; then
     log="$OUT/logs/gpu_tests_$n.log"
-    timeout "$limit" pytest -m gpu -q -p no:cacheprovider $extra 2>&1 | tail -n 80 > "$log"; rc=${PIPESTATUS[0]}
+    args=()
+    for a in $extra; do args+=("${a//\~/ }"); done   # '~' is a space inside one argument: -k,not~slow
+    timeout "$limit" pytest -m gpu -q -p no:cacheprovider "${args[@]}" 2>&1 | tail -n 80 > "$log"; rc=${PIPESTATUS[0]}
     tail -n 25 "$log"
   else
     log="$OUT/logs/bench_${step}_$n.log"
