@@ -726,7 +726,8 @@ def _check_config(config: dict) -> dict:
     return cfg
 
 
-def _gemv(x, w, wu, bias, out, cfg, act: int) -> torch.Tensor:
+def _single_pass(x, w, wu, bias, out, cfg, act: int) -> torch.Tensor:
+    """Launch the gemv or swapab kernel: one program per output tile and K slice, single-pass split-K."""
     M, K = x.shape
     N = w.shape[0]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -743,39 +744,15 @@ def _gemv(x, w, wu, bias, out, cfg, act: int) -> torch.Tensor:
     else:
         pg = pu = counters = out  # never touched with SPLIT_K=1
     b = bias if bias is not None else out  # never read when HAS_BIAS is False
-    _gemv_kernel[(tiles, split)](
-        x, w, wu, b, out, pg, pu, counters, M, N, K, k_per_split,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), wu.stride(0), wu.stride(1),
-        out.stride(0), out.stride(1), M * N,
-        ACT=act, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, SPLIT_K=split,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, VEC=min(bk, 16 // x.element_size()),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    return out
-
-
-def _swapab(x, w, wu, bias, out, cfg, act: int) -> torch.Tensor:
-    M, K = x.shape
-    N = w.shape[0]
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    # Whole K blocks per slice, and no empty slice: SPLIT_K above the number of K blocks is clamped.
-    k_per_split = cdiv(cdiv(max(K, 1), cfg["SPLIT_K"]), bk) * bk
-    split = cdiv(max(K, 1), k_per_split)
-    tiles = cdiv(M, bm) * cdiv(N, bn)
-    if split > 1:
-        part = torch.empty((2 if act == _ACT_CODE["swiglu"] else 1, split, M, N), dtype=torch.float32,
-                           device=x.device)
-        pg, pu, counters = part[0], part[-1], arrival_counters(x.device, tiles)
+    args = (x, w, wu, b, out, pg, pu, counters, M, N, K, k_per_split,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), wu.stride(0), wu.stride(1),
+            out.stride(0), out.stride(1), M * N)
+    common = dict(ACT=act, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn,
+                  BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg["impl"] == "gemv":
+        _gemv_kernel[(tiles, split)](*args, VEC=min(bk, 16 // x.element_size()), **common)
     else:
-        pg = pu = counters = out  # never touched with SPLIT_K=1
-    b = bias if bias is not None else out  # never read when HAS_BIAS is False
-    _gemm_swapab_kernel[(tiles, split)](
-        x, w, wu, b, out, pg, pu, counters, M, N, K, k_per_split,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), wu.stride(0), wu.stride(1),
-        out.stride(0), out.stride(1), M * N,
-        ACT=act, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, IEEE=x.dtype == torch.float32, SPLIT_K=split,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+        _gemm_swapab_kernel[(tiles, split)](*args, IEEE=x.dtype == torch.float32, **common)
     return out
 
 
@@ -823,10 +800,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, 
     if M == 0 or N == 0:
         return out
     cfg = _check_config(config if config is not None else select_config(M, N, K, activation, x.dtype))
-    if cfg["impl"] == "gemv":
-        return _gemv(x, w, w_up if activation == "swiglu" else w, bias, out, cfg, _ACT_CODE[activation])
-    if cfg["impl"] == "swapab":
-        return _swapab(x, w, w_up if activation == "swiglu" else w, bias, out, cfg, _ACT_CODE[activation])
+    if cfg["impl"] in ("gemv", "swapab"):
+        return _single_pass(x, w, w_up if activation == "swiglu" else w, bias, out, cfg, _ACT_CODE[activation])
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     # Each split covers a whole number of K tiles; trailing splits may be empty (they write zeros).
     k_per_split = cdiv(cdiv(max(K, 1), split), bk) * bk if split > 1 else K
