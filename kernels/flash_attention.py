@@ -340,7 +340,9 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
     base = select_config(head_dim, causal, seq_q, seq_k, batch_heads, dtype)
     cands = [base]
     if dtype != torch.float32 and _block_d(head_dim) <= 128 and seq_q > 16:
-        for bm, bn, w, st in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 2),
+        # 64x32 / 3 stages: 115-128 registers and 65-67 KB shared memory at D128 (offline sm_90a compile), so
+        # three programs per SM overlap each other's softmax with their wgmma (64x64 / 3 stages: two).
+        for bm, bn, w, st in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 2), (64, 32, 4, 3),
                               (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3)):
             for tma in (False, True):
                 cands.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma})
