@@ -93,7 +93,7 @@ import triton.language as tl
 
 from .host import cdiv, next_power_of_2
 from .tile_order import tile_coords
-from .workspace import arrival_counters
+from .workspace import arrival_counters, split_k_gather
 
 ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "swiglu")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -282,30 +282,14 @@ def _gemv_kernel(
     if SPLIT_K == 1:
         _gemv_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS)
     else:
-        # Single-pass split-K: store this slice's fp32 partials (gate in pg, up in pu: [SPLIT_K, M, N]
-        # each, stride_ps = M * N), then count the arrival; the slice that arrives last sums the partials
-        # in slice order (deterministic, whichever slice it is), runs the epilogue, re-arms the counter.
+        # Single-pass split-K (kernels/workspace.py): fp32 partials [SPLIT_K, M, N] (gate in pg, up in pu,
+        # stride_ps = M * N); the slice that arrives last runs the epilogue on the sums.
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         rows = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.store(pg_ptr + rows + pid_k.to(tl.int64) * stride_ps, g, mask=mask)
-        if SWIGLU:
-            tl.store(pu_ptr + rows + pid_k.to(tl.int64) * stride_ps, u, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            pg_ptrs = pg_ptr + rows
-            pu_ptrs = pu_ptr + rows
-            for _ in range(SPLIT_K):
-                # .cg: read the other SMs' partials from L2, never from a stale L1 line
-                g += tl.load(pg_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-                pg_ptrs += stride_ps
-                if SWIGLU:
-                    u += tl.load(pu_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-                    pu_ptrs += stride_ps
+        last, g, u = split_k_gather(g, u, pg_ptr, pu_ptr, cnt_ptr, tile, pid_k, rows, mask, stride_ps,
+                                    SPLIT_K, SWIGLU)
+        if last:
             _gemv_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit
@@ -379,30 +363,13 @@ def _gemm_swapab_kernel(
     if SPLIT_K == 1:
         _swapab_store(acc, acc_u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS)
     else:
-        # Single-pass split-K, as the gemv's: fp32 partials [SPLIT_K, M, N] (gate in pg, up in pu,
-        # stride_ps = M * N), the arrival counter of this output tile, and the last slice to arrive sums
-        # the partials in slice order (deterministic), runs the epilogue, re-arms the counter to 0.
+        # Single-pass split-K, as the gemv's, on the transposed [BLOCK_N, BLOCK_M] tiles.
         mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
         cols = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M], contiguous along n
-        tl.store(pg_ptr + cols + pid_k.to(tl.int64) * stride_ps, acc, mask=mask)
-        if SWIGLU:
-            tl.store(pu_ptr + cols + pid_k.to(tl.int64) * stride_ps, acc_u, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            pg_ptrs = pg_ptr + cols
-            pu_ptrs = pu_ptr + cols
-            for _ in range(SPLIT_K):
-                # .cg: read the other SMs' partials from L2, never from a stale L1 line
-                g += tl.load(pg_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-                pg_ptrs += stride_ps
-                if SWIGLU:
-                    u += tl.load(pu_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-                    pu_ptrs += stride_ps
+        last, g, u = split_k_gather(acc, acc_u, pg_ptr, pu_ptr, cnt_ptr, tile, pid_k, cols, mask, stride_ps,
+                                    SPLIT_K, SWIGLU)
+        if last:
             _swapab_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ import triton.language as tl
 
 from .host import cdiv, next_power_of_2
 from .tile_order import tile_coords
-from .workspace import arrival_counters
+from .workspace import arrival_counters, split_k_gather
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,17 +261,11 @@ def _finish_tile(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, tile, pid_k, offs_m, of
         _store_tile(acc, out_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on, HAS_BIAS)
     else:
         mask = mask_m[:, None] & mask_n[None, :]
-        p_ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(p_ptrs + pid_k * M * N, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros_like(acc)
-            for s in range(SPLIT_K):
-                # .cg: read the other SMs' partials from L2, never from a stale L1 line
-                total += tl.load(p_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+        offs = offs_m[:, None] * N + offs_n[None, :]
+        last, total, _ = split_k_gather(acc, acc, part_ptr, part_ptr, cnt_ptr, tile, pid_k, offs, mask, M * N,
+                                        SPLIT_K, False)
+        if last:
             _store_tile(total, out_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on, HAS_BIAS)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit

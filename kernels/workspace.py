@@ -24,6 +24,8 @@ from __future__ import annotations
 import threading
 
 import torch
+import triton
+import triton.language as tl
 
 RESERVE = 1 << 16  # counters (256 KB): more output tiles / (sequence, KV head) pairs than any one launch uses
 _BUFFERS: dict[str, torch.Tensor] = {}
@@ -58,3 +60,36 @@ def arrival_counters(device, n: int) -> torch.Tensor:
     if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.zeros(n, dtype=torch.int32, device=device)  # the capture's pool; a memset node per replay
     return reserve(device, n)
+
+
+@triton.jit
+def split_k_gather(part, part2, part_ptr, part2_ptr, cnt_ptr, tile, pid_k, offs, mask, stride_ps,
+                   SPLIT_K: tl.constexpr, TWO: tl.constexpr):
+    """The device half of single-pass split-K, for one output tile and K slice.
+
+    Stores this slice's fp32 partial at ``part_ptr + offs + pid_k * stride_ps`` (with TWO, a second product
+    sharing the tile's counter at part2_ptr: SwiGLU's up projection), then bumps the tile's arrival counter
+    (acq_rel, after a barrier so every thread's partial precedes it). Returns (last, total, total2): `last` is
+    true in the one slice that arrived last, whose totals are the partials summed in slice order (deterministic,
+    whichever slice it is); that slice also re-arms the counter to 0. The caller writes the output when `last`.
+    """
+    tl.store(part_ptr + offs + pid_k.to(tl.int64) * stride_ps, part, mask=mask)
+    if TWO:
+        tl.store(part2_ptr + offs + pid_k.to(tl.int64) * stride_ps, part2, mask=mask)
+    tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros_like(part)
+    total2 = tl.zeros_like(part2)
+    if last:
+        p_ptrs = part_ptr + offs
+        p2_ptrs = part2_ptr + offs
+        for _ in range(SPLIT_K):
+            # .cg: read the other SMs' partials from L2, never from a stale L1 line
+            total += tl.load(p_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            p_ptrs += stride_ps
+            if TWO:
+                total2 += tl.load(p2_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                p2_ptrs += stride_ps
+        tl.atomic_xchg(cnt_ptr + tile, 0)
+    return last, total, total2
