@@ -23,12 +23,11 @@ Algorithm (split-KV, "flash-decoding"):
    first); the split that arrives last merges every split of its ``G * Sq`` query rows in split order
    (deterministic), writes ``out`` and re-arms the counter to 0. Why: inside a CUDA graph the merge kernel
    costs a launch gap plus a tail, a few us of a ~15 us call at B1 S8192 (the same single-pass pattern as
-   kernels/int4_gemm.py's split-K, whose counter buffer this shares). Counters: one zeroed int32 buffer per
-   (device, stream), grown as needed and never freed (a captured graph may point at it); every launch leaves
-   it zeroed, so later calls and graph replays on that stream reuse it. Caveats: two launches that run
-   *concurrently* must not share a buffer - calls on one stream run in order, calls on different streams get
-   different buffers, but one captured graph replayed on two streams at once would race on its baked-in
-   counters; a kernel killed between its first arrival and the re-arm leaves counters set for later calls.
+   kernels/int4_gemm.py's split-K). Counters: kernels/workspace.py's zeroed int32 buffer per device, shared
+   by every single-pass kernel and never freed (a captured graph may point at it); every launch leaves it
+   zeroed, so later calls and graph replays reuse it. Caveats (workspace.py): two launches that run
+   *concurrently* on two streams would race on it; a kernel killed between its first arrival and the re-arm
+   leaves counters set for later calls.
 A query row that sees no key (length 0) gets zeros, never NaN.
 
 Layouts: q/out ``[B, Hq, Sq, D]``; contiguous k/v ``[B, Hkv, S, D]`` with any strides and optional int32
@@ -46,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .flash_attention import apply_mask
 from .host import next_power_of_2
 from .workspace import arrival_counters as _arrival_counters
 
@@ -170,14 +170,7 @@ def _attend_split(
             m_ptrs = (mask_ptr + b.to(tl.int64) * stride_mb + row_head[:, None].to(tl.int64) * stride_mh
                       + row_pos[:, None] * stride_mq + cols[None, :].to(tl.int64) * stride_mn)
             mvals = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
-            if MASK_KIND == 1:
-                visible = visible & (mvals != 0)
-            else:
-                add = mvals.to(tl.float32)
-                # -inf masks; finite huge negatives (HF's finfo.min) stay arithmetic, clamped so that the
-                # log2(e) factor cannot overflow them to -inf.
-                visible = visible & (add != float("-inf"))
-                s = s + tl.maximum(add * 1.4426950408889634, -3.0e38)
+            s, visible = apply_mask(s, visible, mvals, MASK_KIND)
         s = tl.where(visible, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))

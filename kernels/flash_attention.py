@@ -39,6 +39,23 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def apply_mask(s, visible, mvals, MASK_KIND: tl.constexpr):
+    """A caller's attention mask on a tile of scores in log2 units: (s, visible).
+
+    MASK_KIND 1: bool (True = attend, SDPA's meaning), loaded as bytes. 2: additive float: -inf masks; finite
+    huge negatives (HF's finfo.min) stay arithmetic, clamped so that the log2(e) factor cannot overflow them
+    into -inf. Shared with kernels/decode_attention.py.
+    """
+    if MASK_KIND == 1:
+        visible = visible & (mvals != 0)
+    else:
+        add = mvals.to(tl.float32)
+        visible = visible & (add != float("-inf"))
+        s = s + tl.maximum(add * 1.4426950408889634, -3.0e38)
+    return s, visible
+
+
+@triton.jit
 def _softmax_step(acc, l_i, m_i, qk, m_base, stride_mm, stride_mn, offs_m, offs_n, seq_q, seq_k, causal_shift,
                   qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
     """Online-softmax update for one score tile qk = q @ k^T (unscaled, fp32).
@@ -55,14 +72,7 @@ def _softmax_step(acc, l_i, m_i, qk, m_base, stride_mm, stride_mn, offs_m, offs_
         if MASK_KIND != 0:
             m_ptrs = m_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
             mvals = tl.load(m_ptrs, mask=(offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k), other=0)
-            if MASK_KIND == 1:
-                valid = valid & (mvals != 0)
-            else:
-                add = mvals.to(tl.float32)
-                # -inf means "masked"; finite huge negatives (HF's finfo.min) stay arithmetic, clamped so
-                # that the log2(e) factor cannot overflow them into -inf.
-                valid = valid & (add != float("-inf"))
-                s = s + tl.maximum(add * 1.4426950408889634, -3.0e38)
+            s, valid = apply_mask(s, valid, mvals, MASK_KIND)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no visible key yet keeps m = -inf; shift by 0 instead so that exp2 gives 0
