@@ -50,6 +50,6 @@ for arg in "$@"; do
   echo "== $arg: rc=$rc in $(( $(date +%s) - start )) s (limit $limit)"
   [ "$rc" -ne 0 ] && status=1
 done
-cp benchmarks/results/*.json "$OUT/logs/" 2>/dev/null
+cp benchmarks/results/*.json benchmarks/results/*.png "$OUT/logs/" 2>/dev/null
 tar czf "$OUT/results.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 exit $status
