@@ -293,24 +293,24 @@ def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_di
     """Tiles, warps, stages and KV splits for decode attention (``paged``: the block-table kernel).
 
     Decode is memory-bound: the goal is every SM streaming K/V with several tiles in flight. The table, by
-    regime (``programs = batch * kv_heads``, one program per sequence and KV head before splitting); the
-    measurements are the H100 decode suite's config sweep (benchmarks/results/decode-h100.json, commit
-    d201646, do_bench timing, bf16 Hq32 Hkv8 D128, 64-token pages):
+    regime (``programs = batch * kv_heads``, one program per sequence and KV head before splitting), from the
+    H200 decode suite's config sweep (benchmarks/results/decode-h200.json, commit bc2e425, CUDA-graph
+    replay, bf16 Hq32 Hkv8 D128, 64-token pages):
 
-    regime (the first two only for D 65-128 and G*Sq < 64,   BLOCK_N  warps  stages  splits: per SM, min tiles
-    the measured shapes)
-    paged, programs < sm_count/4                               128      8      2       ~4, 1 tile
-        B1 S8192: the sweep's best paged config, 1.15 TB/s vs 0.40 for the default row (64/4/3, 32 splits)
-    contiguous, sm_count/4 <= programs < sm_count              128      4      3       2 (rounded down), 4
-        B8 S32768: 2.94 TB/s vs 2.83 for the default row (64/4/3, 9 splits)
-    default (D <= 64 / 65-128 / > 128)                         128/64/32 4     3 (2 for D > 128)  ~4, 4
-        B32 S4096 and B128 S2048 (both kernels), B8 S32768 paged, B1 contiguous: the sweep's best was within
-        3.6% (B1: within the noise of a host-bound ~25 us do_bench), not enough to move a row on one run
+    regime (the middle one only for D 65-128 and G*Sq < 64)      BLOCK_N  warps  stages  splits: per SM, min tiles
+    sm_count/4 <= programs < sm_count: contiguous                128      4      3       2 (rounded down), 4
+                                       paged                     64       8      3       2 (rounded down), 4
+        B8 S32768: paged 4.37 TB/s (the sweep's best) vs 4.02 for the default row (64/4/3, 9 splits);
+        contiguous 4.40 (within 1.3% of the sweep's best)
+    default (D <= 64 / 65-128 / > 128)                           128/64/32 4     3 (2 for D > 128)  ~4, 4
+        B1 S8192: paged 2.37 TB/s, the sweep's best (64/4/3, 32 splits); the H100's paged B1 row
+        (128/8/2, ~4 splits, 1 tile, measured by do_bench before the block-table prefetch) got 1.87 here.
+        B1 contiguous 2.38 (best 2.41), B32 S4096 4.09-4.12 (best 4.22-4.27), B128 S2048 4.29-4.33 (best
+        4.38-4.41): within 3.5%, not enough to move a row on one run
 
     A wide query tile (G * Sq >= 64) halves BLOCK_N: the score tile becomes the register bottleneck. Splits
-    never go past 128. The paged B1 row was measured before the block table was prefetched one tile ahead;
-    with the prefetch the default row's 64-token tiles get the contiguous kernel's pipelining (2 tiles in
-    flight at 3 stages instead of 1), so the next graph-replay sweep decides between the two rows there.
+    never go past 128. ``FUSED_MERGE`` (`fused`) is not picked: the sweep's best per case was within 1.5% of
+    the two-kernel merge either way (B1 contiguous 2.41 fused vs 2.40; paged 2.21 vs 2.37).
     """
     group = max(1, q_heads // max(1, kv_heads))
     block_d = next_power_of_2(head_dim)
@@ -324,11 +324,12 @@ def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_di
         block_n = 64
     else:
         block_n = 32
-    if block_d == 128 and block_m < 64:
-        if paged and 4 * programs < sm_count:
-            block_n, warps, stages, min_tiles = 128, 8, 2, 1
-        elif not paged and sm_count <= 4 * programs and programs < sm_count:
-            block_n, per_sm, round_up = 128, 2, False
+    if block_d == 128 and block_m < 64 and sm_count <= 4 * programs < 4 * sm_count:
+        per_sm, round_up = 2, False
+        if paged:
+            warps = 8
+        else:
+            block_n = 128
     if block_m >= 64 and block_n > 32:
         block_n //= 2  # a wide query tile (G * Sq >= 64) makes the score tile the register bottleneck
     tiles = max(1, math.ceil(max_len / block_n))

@@ -413,8 +413,11 @@ def _split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int) -> int:
 # along K, which is the layout where x rows (BLOCK_M > 1) need no shared-memory conversion per K block
 # (at M = 1 any K width is conversion-free). BLOCK_N shrinks as rows grow to keep the
 # BLOCK_M x BLOCK_N x BLOCK_K/VEC accumulator in registers. Register counts from sm_90 compiles
-# (triton 3.6, bf16, no spills): see candidate_configs. Speeds unmeasured.
-_GEMV_TILE = {1: ((32, 1024, 4), (16, 1024, 4)),   # 128 / 128 registers per thread
+# (triton 3.6, bf16, no spills): see candidate_configs. M=1 measured on the H200 (2026-11-29, bench_gemm.py --tune
+# --graph --ms 1, gemm-h200.json): 16 x 1024 bf16 (plain) 14.75 us at QKV K=4096 N=6144 (cuBLAS 15.98) and
+# 31.45 us at the down projection K=14336 N=4096 (cuBLAS 31.70); 32 x 256 (swiglu) 56.5 us at K=4096 N=14336
+# (cuBLAS + Inductor's silu-mul 63.3, the tiled kernel 61.2). M > 1 rows: unmeasured (GEMV_MAX_M = 1).
+_GEMV_TILE = {1: ((16, 2048, 4), (32, 512, 4)),    # 99 / 99 registers per thread; the H200 sweep's best
               2: ((16, 2048, 4), (8, 2048, 4)),    # 117 / 117
               4: ((8, 2048, 4), (4, 2048, 4)),     # 121 / 128
               8: ((4, 2048, 4), (2, 2048, 4)),     # 127 / 128
@@ -431,18 +434,19 @@ _GEMV_CANDIDATES = {
     16: (((4, 2048, 4), (4, 4096, 8)), ()),  # 144 144; swiglu: 2 columns already take 255 registers
 }
 # M <= GEMV_MAX_M runs the gemv (select_config) and, for plain GEMMs, Triton instead of cuBLAS
-# (prefer_triton). 0 = never: the gemv is not measured on a GPU yet. After examples/bench_gemm.py --tune
-# shows it ahead of both the tiled kernel and cuBLAS at small M, this one line switches it on.
-GEMV_MAX_M = 0
+# (prefer_triton). 1: measured ahead of (or level with, at the down projection) cuBLAS and the tiled kernel
+# at M=1 on the H200; larger M waits for a --tune run at --ms 4 / 16.
+GEMV_MAX_M = 1
 
 
-def _gemv_split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int) -> int:
-    """K slices (a power of two <= 16) until the grid holds ~4 programs per SM: a gemv program keeps
-    one weight tile in flight, so several per SM are needed to cover HBM latency; every slice keeps
-    >= 2 K blocks, since a slice's partials cost an fp32 write and read of its [M, N] outputs."""
+def _gemv_split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int, per_sm: int = 1) -> int:
+    """K slices (a power of two <= 16) until the grid holds `per_sm` programs per SM; every slice keeps >= 2 K
+    blocks, since a slice's partials cost an fp32 write and read of its [M, N] outputs. The H200 sweep at
+    M=1 (256-448 programs of the 16- and 32-row tiles) was fastest unsplit at all three Llama shapes:
+    14.75 vs 17.79 us at QKV with 2 slices, 31.45 vs 33.07 at the down projection with 4."""
     programs = cdiv(M, bm) * cdiv(N, bn)
     split = 1
-    while programs * split < 4 * _SMS and split < 16 and K // (2 * split) >= 2 * bk:
+    while programs * split < per_sm * _SMS and split < 16 and K // (2 * split) >= 2 * bk:
         split *= 2
     return split
 
@@ -574,12 +578,12 @@ def candidate_configs(M: int, N: int, K: int, activation: str = "none") -> list[
         for bn, bk, budget in tiles:
             for split in sorted({1, _split_k(M, N, K, 16, bn, bk)}):
                 out.append(_cfg(16, bn, bk, 4, _stages(16, bn, bk, nw, 2, budget), group=1, split=split))
-        # The gemv: the table's entry and the alternatives, each unsplit and with the split that gives
-        # ~4 programs per SM (the same choice when the weight rows alone give that many).
+        # The gemv: the table's entry and the alternatives, each unsplit and with the splits that give
+        # ~1 (the table's) and ~4 programs per SM (the same choice when the weight rows alone give that many).
         bm = next_power_of_2(max(M, 1))
-        for bn, row_bytes, warps in (_GEMV_TILE[bm][swiglu],) + _GEMV_CANDIDATES[bm][swiglu]:
+        for bn, row_bytes, warps in dict.fromkeys((_GEMV_TILE[bm][swiglu],) + _GEMV_CANDIDATES[bm][swiglu]):
             bk = row_bytes // 2
-            for split in sorted({1, _gemv_split_k(M, N, K, bm, bn, bk)}):
+            for split in sorted({1, _gemv_split_k(M, N, K, bm, bn, bk), _gemv_split_k(M, N, K, bm, bn, bk, 4)}):
                 out.append(_gemv_cfg(bm, bn, bk, warps, split))
         # The swap-AB tensor-core kernel: its table row and alternatives, each with the split that gives
         # ~4 programs per SM, the table's row also unsplit and with ~2 per SM.

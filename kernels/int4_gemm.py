@@ -28,8 +28,10 @@ Algorithms (chosen per shape by `select_config`, the one table of this family):
 - ``dequant_cublas`` (large M): a Triton kernel dequantizes the whole weight to x's dtype, then
   ``F.linear`` (cuBLAS), which wins once the GEMM is compute-bound and the dequant is amortised.
 
-Experimental variants (selectable with ``config={"impl": ...}``, swept by `candidate_configs` for
-M <= 16, not yet in `select_config`: no H100 measurement of them exists). All use the same storage.
+Variants (selectable with ``config={"impl": ...}``, swept by `candidate_configs` for M <= 16; all use the
+same storage). Since the H200 sweep of 2026-11-29 `select_config` picks ``gemv2`` at M=1 and ``tiled2`` at
+M=2..16; ``tiled3`` stays a candidate (25.2 us at M=1 K=4096 N=14336 against gemv2's 22.2: its ~8 us of
+issue time, below, is not what bounds it).
 
 - ``gemv2``: the GEMV with (1) a cheaper unpack: each nibble is moved to bit 12 or 16 (4 shifts per
   word) and OR-ed under an fp32 exponent, so the word reads B + q (B = 2^11 or 2^7) after a single
@@ -63,7 +65,7 @@ M <= 16, not yet in `select_config`: no H100 measurement of them exists). All us
   each block's fp32 dot: s (dot - (B + z) sum_k x), more exact than the reference's bf16 weight. x's
   planes (stride-8 gathers that cp.async cannot copy) are prefetched into registers one block ahead.
   BLOCK_K = 128 (the dots need K >= 16): group sizes >= 128 only. Single-pass split-K as below.
-  Unmeasured; candidate_configs sweeps it at M <= 16, select_config does not pick it.
+  candidate_configs sweeps it at M <= 16; select_config does not pick it (measured slower, above).
 
 Offline sm_90a compile analysis (2026-11-28, triton 3.6 + its ptxas, CPU only: NOT timings). K4096 N14336
 g128 unless noted; instr/nib = SASS instructions of the K loop per weight nibble per thread (issue cost:
@@ -493,14 +495,18 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K,
 # Shape -> config: the one table of this family.
 # --------------------------------------------------------------------------------------------------
 # Measured on the H100 (examples/bench_gemm_int4.py --tune, CUDA-graph replay, K/N in {4096, 14336}, g128):
-# M=1: the FMA kernel with BLOCK_N 256 (128 for N < 8192) and deep split-K is fastest (30 us at
-# K=4096 N=14336; the tensor-core kernel takes 38-40 us). M=2..64: the tensor-core kernel with BLOCK_M 16
-# (64 from M=17) and split-K 8 (4 from M=17 when N is wide). M=256: dequantize + cuBLAS beats the tiled
-# kernel (119 vs 136 us at K=4096 N=14336, 42 vs 53 us at 4096^2); M=128 was not measured, so the
-# crossover is put between 64 (tiled 2x faster) and 256. Update this one table from new --tune runs.
+# M=2..64: the tensor-core kernel with BLOCK_M 16 (64 from M=17) and split-K 8 (4 from M=17 when N is wide).
+# M=256: dequantize + cuBLAS beats the tiled kernel (119 vs 136 us at K=4096 N=14336, 42 vs 53 us at 4096^2);
+# M=128 was not measured, so the crossover is put between 64 (tiled 2x faster) and 256.
+# Measured on the H200 (2026-11-29, --tune at M=1 and 16, rotated many-call graph replay; gemm_int4-h200.json):
+# M=1: gemv2 (128 x 4 warps, PREFETCH, split-K to ~4 programs per SM) 22.2 us at K=4096 N=14336 against
+# gemv 24.2, tiled3 25.2, tiled2 29.8; 9.99 us at 4096^2 against gemv 11.9 and tiled3 10.5. M=16: tiled2 (the
+# tiled kernel's tiles with the LOP3 unpack and single-pass split-K) 31.6 / 33.3 / 13.1 us against tiled
+# 33.1 / 35.4 / 14.4 at the three shapes. (Both above bf16 cuBLAS's 30-32 us at M=16: see NOTES.md.)
+# Update this one table from new --tune runs.
 GEMV_MAX_M = 1
 DEQUANT_CUBLAS_MIN_M = 192
-_SM_COUNT = 132  # H100 SXM
+_SM_COUNT = 132  # H100 SXM / H200
 
 
 def _split_k(tiles: int, K: int, block_k: int, wanted: int, min_k_per_split: int, max_split: int = 64) -> int:
@@ -515,10 +521,10 @@ def select_config(M: int, N: int, K: int, group_size: int) -> dict:
     """The config (a plain dict with "impl") for an [M, K] x int4 [N, K] product with this group size."""
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
-        block_n = 256 if N >= 8192 else 128
-        split = _split_k(cdiv(N, block_n), K, block_k, wanted=4 * _SM_COUNT, min_k_per_split=256)
-        return {"impl": "gemv", "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
-                "num_warps": 4, "num_stages": 1}
+        # split 8 at N=14336 and 16 at N=4096 (the H200 sweep's best at K=4096); at most 16
+        split = _split_k(cdiv(N, 128), K, block_k, wanted=4 * _SM_COUNT, min_k_per_split=256, max_split=16)
+        return {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 128, "BLOCK_K": block_k, "SPLIT_K": split,
+                "PREFETCH": 1, "num_warps": 4, "num_stages": 1}
     if M < DEQUANT_CUBLAS_MIN_M:
         if M <= 16:
             cfg = {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
@@ -530,7 +536,7 @@ def select_config(M: int, N: int, K: int, group_size: int) -> dict:
             cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
             bk = min(block_k, 64)
         tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
-        return {"impl": "tiled", **cfg, "BLOCK_K": bk, "GROUP_M": 8,
+        return {"impl": "tiled2" if M <= 16 else "tiled", **cfg, "BLOCK_K": bk, "GROUP_M": 8,
                 "SPLIT_K": _split_k(tiles, K, bk, wanted=2 * _SM_COUNT if M > 16 else 4 * _SM_COUNT,
                                     min_k_per_split=512, max_split=8)}
     return {"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": min(block_k, 128), "num_warps": 4}

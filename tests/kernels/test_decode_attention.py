@@ -406,14 +406,15 @@ def test_select_config_table():
     assert da.select_config(1, 1, 8, 1024, 64, 132, q_len=8)["BLOCK_M"] == 64
     for c in da.candidate_configs(1, 8, 32, 8192, 128, 132):
         assert c["SPLITS"] >= 1 and c["BLOCK_N"] in (32, 64, 128)
-    # Rows from the H100 sweep: paged at B1 S8192 (128-token tiles, 8 warps, 2 stages, 64 one-tile splits) ...
-    paged = da.select_config(1, 8, 32, 8192, 128, 132, paged=True)
-    assert (paged["BLOCK_N"], paged["SPLITS"], paged["num_warps"], paged["num_stages"]) == (128, 64, 8, 2)
-    assert da.select_config(1, 8, 32, 8192, 128, 132)["BLOCK_N"] == 64  # contiguous B1 keeps the default row
-    # ... contiguous B8 S32768 (128-token tiles, 4 splits); paged B8 keeps the default row.
+    # Rows from the H200 sweep: B1 S8192 takes the default row, paged or not (64-token tiles, 32 splits) ...
+    for paged in (False, True):
+        cfg = da.select_config(1, 8, 32, 8192, 128, 132, paged=paged)
+        assert (cfg["BLOCK_N"], cfg["SPLITS"], cfg["num_warps"], cfg["num_stages"]) == (64, 32, 4, 3)
+    # ... B8 S32768: 4 splits, contiguous with 128-token tiles, paged with 64-token tiles on 8 warps.
     contig = da.select_config(8, 8, 32, 32768, 128, 132)
-    assert (contig["BLOCK_N"], contig["SPLITS"]) == (128, 4)
-    assert da.select_config(8, 8, 32, 32768, 128, 132, paged=True)["BLOCK_N"] == 64
+    assert (contig["BLOCK_N"], contig["SPLITS"], contig["num_warps"]) == (128, 4, 4)
+    paged = da.select_config(8, 8, 32, 32768, 128, 132, paged=True)
+    assert (paged["BLOCK_N"], paged["SPLITS"], paged["num_warps"]) == (64, 4, 8)
     assert any(c["BLOCK_N"] == 64 and c["num_stages"] == 3 for c in da.candidate_configs(1, 8, 32, 8192, 128,
                                                                                           paged=True))
 

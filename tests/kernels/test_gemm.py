@@ -458,9 +458,11 @@ def test_tables_are_valid(M, N, K, activation):
             _valid(gemv)
             assert gemv["impl"] == "gemv" and M <= gemv["BLOCK_M"] <= 16, "all decode rows in one program"
             # Several x rows: BLOCK_K spans 2 KB of a weight row, so the 4 warps sit side by side along K
-            # (the layout in which x needs no conversion); one row: 1 KB, warps 2 x 2 over N and K.
+            # (the layout in which x needs no conversion); one row (any layout is conversion-free): the H200
+            # sweep's best, 2 KB plain and 512 B for swiglu's two weights.
             row_bytes = gemv["BLOCK_K"] * (torch.finfo(dtype).bits // 8)
-            assert row_bytes == (1024 if M == 1 else 2048) and gemv["num_warps"] == 4
+            one_row = 512 if activation == "swiglu" else 2048
+            assert row_bytes == (one_row if M == 1 else 2048) and gemv["num_warps"] == 4
         if M <= 16 and dtype != torch.float32:
             sab = G._swapab_config(M, N, K, activation, dtype)
             _valid(sab)
@@ -484,12 +486,12 @@ def test_tables_are_valid(M, N, K, activation):
 
 
 def test_split_k_fills_the_gpu_only_when_needed():
-    # Down projection at decode: N/64 = 64 tiles, too few for 132 SMs -> split K.
-    assert G.select_config(1, 4096, 14336, "none", torch.bfloat16)["SPLIT_K"] > 1
+    # Down projection at decode rows (the tiled kernel's M): N/64 = 64 tiles, too few for 132 SMs -> split K.
+    assert G.select_config(4, 4096, 14336, "none", torch.bfloat16)["SPLIT_K"] > 1
     # Gate/up at decode: 224 tiles already cover the SMs.
-    assert G.select_config(1, 14336, 4096, "swiglu", torch.bfloat16)["SPLIT_K"] == 1
+    assert G.select_config(4, 14336, 4096, "swiglu", torch.bfloat16)["SPLIT_K"] == 1
     # A short K is never split below 8 K-tiles per split.
-    assert G.select_config(1, 64, 512, "none", torch.bfloat16)["SPLIT_K"] == 1
+    assert G.select_config(4, 64, 512, "none", torch.bfloat16)["SPLIT_K"] == 1
 
 
 def test_prefer_triton_expectations():
@@ -498,10 +500,15 @@ def test_prefer_triton_expectations():
     assert "fp32" in G.prefer_triton(16, 14336, 4096, "swiglu", torch.float32)
 
 
-def test_gemv_is_off_until_measured_and_one_constant_switches_it_on(monkeypatch):
-    # Unmeasured: the table never picks the gemv, and plain decode GEMMs stay on cuBLAS.
-    assert G.GEMV_MAX_M == 0
-    for M in (1, 4, 16):
+def test_gemv_runs_the_measured_rows_and_one_constant_moves_it(monkeypatch):
+    # Measured (H200): the gemv at M=1, for plain GEMMs too; unmeasured M stays on the tiled kernel / cuBLAS.
+    assert G.GEMV_MAX_M == 1
+    for act in ("none", "swiglu"):
+        assert G.select_config(1, 6144, 4096, act, torch.bfloat16) == G._gemv_config(1, 6144, 4096, act)
+        assert G.prefer_triton(1, 6144, 4096, act, torch.bfloat16) is None
+    assert G._gemv_config(1, 6144, 4096, "none")["SPLIT_K"] == 1  # the sweep's best at the Llama shapes
+    assert G._gemv_config(1, 4096, 14336, "none")["SPLIT_K"] == 1
+    for M in (4, 16):
         assert G.select_config(M, 14336, 4096, "swiglu", torch.bfloat16)["impl"] == "tiled"
         assert "cuBLAS" in G.prefer_triton(M, 6144, 4096, "none", torch.bfloat16)
     monkeypatch.setattr(G, "GEMV_MAX_M", 8)
@@ -514,11 +521,11 @@ def test_gemv_is_off_until_measured_and_one_constant_switches_it_on(monkeypatch)
 
 def test_swapab_is_off_until_measured_and_one_constant_switches_it_on(monkeypatch):
     assert G.SWAPAB_MAX_M == 0
-    for M in (1, 4, 16):
+    for M in (4, 16):
         assert G.select_config(M, 14336, 4096, "swiglu", torch.bfloat16)["impl"] == "tiled"
         assert "cuBLAS" in G.prefer_triton(M, 6144, 4096, "none", torch.bfloat16)
     monkeypatch.setattr(G, "SWAPAB_MAX_M", 16)
-    for M, act in ((1, "none"), (16, "swiglu"), (5, "gelu")):
+    for M, act in ((2, "none"), (16, "swiglu"), (5, "gelu")):  # M=1 stays the gemv's (GEMV_MAX_M)
         assert G.select_config(M, 6144, 4096, act, torch.bfloat16) == G._swapab_config(M, 6144, 4096, act)
         assert G.prefer_triton(M, 6144, 4096, act, torch.bfloat16) is None
     assert G.select_config(17, 6144, 4096, "swiglu", torch.bfloat16)["impl"] == "tiled"
@@ -541,11 +548,14 @@ def test_swapab_split_k_fills_the_gpu_only_when_needed():
 
 
 def test_gemv_split_k_fills_the_gpu_only_when_needed():
-    # Down projection at decode: 4096 / 32 = 128 programs, short of ~4 per SM -> split K.
-    assert G._gemv_config(1, 4096, 14336, "none")["SPLIT_K"] >= 4
-    # Gate/up at decode: 14336 / 16 = 896 programs already cover the SMs several times.
+    # One program per SM is the target (the H200 sweep at M=1): the down projection's 4096 / 16 = 256
+    # programs and gate/up's 14336 / 32 = 448 already cover the SMs.
+    assert G._gemv_config(1, 4096, 14336, "none")["SPLIT_K"] == 1
     assert G._gemv_config(1, 14336, 4096, "swiglu")["SPLIT_K"] == 1
-    # A short K keeps >= 2 K blocks per slice.
+    # Few programs: split K, ...
+    assert G._gemv_config(1, 512, 14336, "none")["SPLIT_K"] == 4  # 32 programs -> 128
+    assert G._gemv_config(1, 512, 14336, "none", torch.bfloat16)["SPLIT_K"] == 4
+    # ... but a short K keeps >= 2 K blocks per slice.
     assert G._gemv_config(1, 64, 1024, "none")["SPLIT_K"] == 1
 
 
@@ -608,8 +618,7 @@ def test_gpu_gemv_split_k_graph_replay(M, activation):
     N, K = 4096 + 3, 14336
     x, w, bias, w_up = make_inputs(M, N, K, torch.bfloat16, activation, activation == "none", device="cuda")
     ref = expected64(x, w, bias, w_up, activation)
-    cfg = G._gemv_config(M, N, K, activation, torch.bfloat16)
-    assert cfg["SPLIT_K"] > 1
+    cfg = {**G._gemv_config(M, N, K, activation, torch.bfloat16), "SPLIT_K": 4}  # the table may not split
     out = poisoned(M, N, torch.bfloat16, "cuda")
     for _ in range(2):
         out.fill_(float("nan"))

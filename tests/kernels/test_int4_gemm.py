@@ -189,8 +189,11 @@ def test_int4_gemm_selected_config_hypothesis(M, N, groups, g, asym):
 
 
 def test_select_config_table():
-    assert select_config(1, 14336, 4096, 128)["impl"] == "gemv"
-    assert select_config(16, 14336, 4096, 128)["impl"] in ("gemv", "tiled")
+    assert select_config(1, 14336, 4096, 128)["impl"] == "gemv2"
+    assert select_config(1, 14336, 4096, 128)["SPLIT_K"] == 8  # the H200 sweep's best
+    assert select_config(1, 4096, 4096, 128)["SPLIT_K"] == 16
+    assert select_config(16, 14336, 4096, 128)["impl"] == "tiled2"
+    assert select_config(64, 14336, 4096, 128)["impl"] == "tiled"
     assert select_config(256, 14336, 4096, 128)["impl"] in ("tiled", "dequant_cublas")
     assert select_config(8192, 14336, 4096, 128)["impl"] == "dequant_cublas"
     for M in (1, 7, 16, 64, 300):
