@@ -1,0 +1,87 @@
+"""Where a system's decode time goes: GPU time per kernel over one `generate` call, from torch.profiler.
+
+The llama suite (bench_llama.py) says how fast each system is; this says why. Each system of
+kernopt/llama_bench.py is built, compiled and warmed exactly as the suite does it (two `generate` calls),
+then one more call is profiled. The table lists kernels by total GPU time, with the time per generated
+token beside it.
+
+    python examples/profile_llama.py [--shape 8B] [--systems kernopt,kernopt_int4] [--prompt 128] [--new 32]
+                                     [--out DIR]
+
+Writes ``profile-<shape>-<system>.txt`` per system under --out (default benchmarks/results/profiles).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from kernopt.benchmark import require_cuda
+from kernopt.llama_bench import LLAMA, SYSTEMS, build, prepare
+
+
+def _sort_key(events) -> str:
+    """The GPU-time column: torch >= 2.4 names it device time, older releases cuda time."""
+    sample = next(iter(events), None)
+    return "self_device_time_total" if sample is None or hasattr(sample, "self_device_time_total") \
+        else "self_cuda_time_total"
+
+
+def profile_system(system: str, shape: str, prompt: int, new: int) -> tuple[str, float]:
+    torch._dynamo.reset()
+    model = prepare(system, build(shape, "cuda"), "cuda")
+    ids = torch.randint(100, 20000, (1, prompt), device="cuda")
+
+    def gen():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                              min_new_tokens=new)
+
+    with torch.no_grad():
+        gen()
+        gen()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            gen()
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = _sort_key(events)
+    gpu_us = sum(getattr(e, key) for e in events)
+    return events.table(sort_by=key, row_limit=30, max_name_column_width=90), gpu_us
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="8B", choices=sorted(LLAMA))
+    ap.add_argument("--systems", default="kernopt,kernopt_int4",
+                    help=f"comma-separated, from: {', '.join(SYSTEMS)}, kernopt_sync")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--out", default=os.path.join("benchmarks", "results", "profiles"))
+    args = ap.parse_args()
+    require_cuda("profile_llama.py")
+    systems = [s for s in args.systems.replace("+", ",").split(",") if s]
+    known = SYSTEMS + ("kernopt_sync",)
+    unknown = [s for s in systems if s not in known]
+    if unknown:
+        ap.error(f"unknown systems {unknown}; known: {', '.join(known)}")
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.cuda.get_device_name()
+    for system in systems:
+        table, gpu_us = profile_system(system, args.shape, args.prompt, args.new)
+        gc.collect()
+        torch.cuda.empty_cache()
+        head = (f"{system} {args.shape} bs1 prompt {args.prompt} new {args.new} on {device}, torch {torch.__version__}: "
+                f"{gpu_us / 1e3:.2f} ms of kernel time in one generate call, {gpu_us / args.new:.0f} us per new "
+                f"token (prefill included)\n")
+        path = os.path.join(args.out, f"profile-{args.shape}-{system}.txt")
+        with open(path, "w") as f:
+            f.write(head + table + "\n")
+        print(head + table)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
