@@ -17,6 +17,7 @@ import gc
 import os
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from kernopt.benchmark import require_cuda
@@ -48,7 +49,10 @@ def profile_system(system: str, shape: str, prompt: int, new: int) -> tuple[str,
             torch.cuda.synchronize()
     events = prof.key_averages()
     key = _sort_key(events)
-    gpu_us = sum(getattr(e, key) for e in events)
+    # The table footer's "Self CUDA time total": kernels only, not the ranges that annotate them on the GPU
+    # timeline (Inductor's "## Call CompiledFxGraph ##" carries its kernels' time again).
+    gpu_us = sum(getattr(e, key) for e in events
+                 if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
     return events.table(sort_by=key, row_limit=30, max_name_column_width=90), gpu_us
 
 
