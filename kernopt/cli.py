@@ -66,11 +66,12 @@ def linear_shapes(model) -> list[tuple[int, int]]:
 
 
 def tune_job(kind: str, m: int, n: int, k: int, group_size: int):
-    """(kernel, cache key, candidates, run) for one shape: the same key the op looks up (kernopt/ops.py)."""
+    """(kernel, cache key, candidates, run, check, timer) for one shape: the key the op looks up
+    (kernopt/ops.py), and the same check and timer as the ops' first-use tuning (ops.tuning_kit)."""
     import torch
 
     from kernopt import workload
-    from kernopt.ops import kernel_module
+    from kernopt.ops import kernel_module, tuning_kit
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
@@ -79,17 +80,23 @@ def tune_job(kind: str, m: int, n: int, k: int, group_size: int):
 
         mod = kernel_module("int4_gemm")
         qw, sc, z = (n_contiguous(t) if t is not None else None for t in quantize_weight(w, group_size))
-        return ("int4_gemm", workload.gemm_bucket(m, n, k, f"g{group_size}", x.dtype),
-                mod.candidate_configs(m, n, k, group_size),
-                lambda cfg: mod.int4_gemm(x, qw, sc, z, group_size, config=cfg))
-    if kind == "fp8":
+        kernel, key = "int4_gemm", workload.gemm_bucket(m, n, k, f"g{group_size}", x.dtype)
+        candidates, operands = mod.candidate_configs(m, n, k, group_size), (x, qw, sc, z)
+        call = lambda cfg, x, q, s, z: mod.int4_gemm(x, q, s, z, group_size, config=cfg)  # noqa: E731
+        reference = lambda x, q, s, z: mod.int4_gemm_ref(x, q, s, z, group_size)  # noqa: E731
+    elif kind == "fp8":
         mod = kernel_module("fp8_gemm")
-        w8, ws = mod.quantize_weight_fp8(w)
-        return ("fp8_gemm", workload.gemm_bucket(m, n, k, x.dtype), mod.candidate_configs(m, n, k),
-                lambda cfg: mod.fp8_linear(x, w8, ws, config=cfg))
-    mod = kernel_module("gemm")
-    return ("gemm", workload.gemm_bucket(m, n, k, "none", x.dtype), mod.candidate_configs(m, n, k, "none"),
-            lambda cfg: mod.gemm(x, w, config=cfg))
+        kernel, key = "fp8_gemm", workload.gemm_bucket(m, n, k, x.dtype)
+        candidates, operands = mod.candidate_configs(m, n, k), (x, *mod.quantize_weight_fp8(w))
+        call = lambda cfg, x, w8, ws: mod.fp8_linear(x, w8, ws, config=cfg)  # noqa: E731
+        reference = mod.fp8_linear_ref
+    else:
+        mod = kernel_module("gemm")
+        kernel, key = "gemm", workload.gemm_bucket(m, n, k, "none", x.dtype)
+        candidates, operands = mod.candidate_configs(m, n, k, "none"), (x, w)
+        call = lambda cfg, x, w: mod.gemm(x, w, config=cfg)  # noqa: E731
+        reference = mod.gemm_ref
+    return (kernel, key, candidates, lambda cfg: call(cfg, *operands), *tuning_kit(call, operands, reference))
 
 
 def cmd_tune(args) -> int:
@@ -106,8 +113,8 @@ def cmd_tune(args) -> int:
     kind = args.quantize or "bf16"
     jobs = [(m, n, k) for (n, k) in linear_shapes(model) for m in tokens]
     for m, n, k in tqdm(jobs, desc=f"kernopt tune ({kind})", unit="shape"):
-        kernel, key, candidates, run = tune_job(kind, m, n, k, args.group_size)
-        workload.autotune(kernel, key, candidates, run)
+        kernel, key, candidates, run, check, timer = tune_job(kind, m, n, k, args.group_size)
+        workload.autotune(kernel, key, candidates, run, check=check, timer=timer)
         torch.cuda.empty_cache()
     print(f"tuned {len(jobs)} shapes into {workload.config_cache().path}")
     return 0

@@ -61,7 +61,14 @@ class Fp8Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
 
+    # Set by kernopt.optimize(): eager calls on a GPU run the fused op (kernopt.ops.eager_kernel says when).
+    kernel_in_eager = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kernopt import ops
+
+        if ops.eager_kernel(self, x):
+            return torch.ops.kernopt.fp8_linear(x, self.weight, self.weight_scale, self.bias)
         return fp8_linear_ref(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:

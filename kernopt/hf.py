@@ -5,6 +5,8 @@
 
 What it does, in order: quantize the linear layers (skipping `skip`, lm_head by default); route attention
 through kernopt (transformers' AttentionInterface, `kernopt/hf_attention.py`); pick the KV cache; compile.
+Quantized linears also run their fused ops in eager calls on a GPU (`kernopt.ops.eager_kernel`): under
+``cache="static"`` transformers compiles only the decode step, and the prompt's forward runs eagerly.
 
 Two caches:
 - ``cache="paged"`` (default): a `PagedKVCache` (pages allocated per sequence as it grows, reused across
@@ -57,6 +59,11 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
 
         quantize_fp8_(model, skip=skip)
 
+    if compile:
+        # Eager calls (transformers' uncompiled prefill under cache="static") run the fused ops on a GPU too.
+        for m in model.modules():
+            if hasattr(type(m), "kernel_in_eager"):
+                m.kernel_in_eager = True
     options = {"scenario": scenario, "inner": inner}
     if cache == "static":
         from transformers import CompileConfig
@@ -81,6 +88,20 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
     _defer_stop_checks_in_generate(model)
     model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario}
     return model
+
+
+@contextlib.contextmanager
+def plain_torch_eager(model):
+    """Within the block, the quantized linears that `optimize()` switched to their fused ops in eager calls
+    run their plain-torch references again (what the llama suite compares the compiled model with)."""
+    switched = [m for m in model.modules() if getattr(m, "kernel_in_eager", False)]
+    for m in switched:
+        m.kernel_in_eager = False
+    try:
+        yield model
+    finally:
+        for m in switched:
+            m.kernel_in_eager = True
 
 
 # Devices whose decode loop gets transformers' deferred stop check (see _defer_stop_checks_in_generate).

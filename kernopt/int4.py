@@ -139,7 +139,14 @@ class Int4Linear(nn.Module):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype or self.scales.dtype)
 
+    # Set by kernopt.optimize(): eager calls on a GPU run the fused op (kernopt.ops.eager_kernel says when).
+    kernel_in_eager = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kernopt import ops
+
+        if ops.eager_kernel(self, x):
+            return torch.ops.kernopt.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
         return int4_gemm_ref(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def extra_repr(self) -> str:

@@ -49,6 +49,58 @@ def implementation(t: Tensor) -> str:
     return "reference"
 
 
+# Where a quantized module's eager forward may call its kernopt op (eager_kernel): on a GPU. Tests add
+# "interpreter" to exercise the switch on CPU.
+EAGER_KERNEL_IMPLS = ("triton",)
+
+
+def eager_kernel(module: torch.nn.Module, x: Tensor) -> bool:
+    """Whether a quantized linear's forward runs its kernopt op instead of its plain-torch reference.
+
+    Only when `optimize()` switched the module on (``module.kernel_in_eager``), the call is eager, not traced
+    by torch.compile, and the op runs a Triton kernel for x here. Traced calls keep the reference, which the
+    passes rewrite and explain() reports. The eager calls that matter are transformers' uncompiled prefill
+    under ``cache="static"``: `generate` compiles only the decode step. The H200 profile of
+    kernopt_int4 8B (benchmarks/results/profiles) shows that prefill, run on the plain-torch dequantize
+    reference, costing ~4 decode steps' worth of shifts, masks and copies in every generate call."""
+    return (bool(getattr(module, "kernel_in_eager", False)) and not torch.compiler.is_compiling()
+            and implementation(x) in EAGER_KERNEL_IMPLS)
+
+
+def tuning_kit(call, operands: tuple, reference):
+    """(check, timer) for `workload.config_for` / `workload.autotune` on one op call.
+
+    ``call(config, *operands)`` runs the kernel with a config. The check compares an output with
+    ``reference(*operands)`` (computed once) at the output dtype's tolerance, with atol scaled to the
+    reference's RMS: candidates sum K-long products in other orders. The timer replays one CUDA graph of
+    many calls over copies of the operands that together overflow the L2, as the benchmark suites time
+    (kernopt.benchmark.time_graph_ms). That is how a decode step's kernels run; an eager launch would time
+    Python at decode sizes."""
+    from kernopt import tolerance
+
+    state: dict = {}
+
+    def check(out):
+        if "ref" not in state:
+            ref = reference(*operands)
+            state["ref"], state["rms"] = ref, tolerance.rms(ref)
+        return tolerance.mismatch(out, state["ref"], out.dtype, scale=2.0, magnitude=state["rms"])
+
+    def timer(config) -> float:
+        from kernopt.benchmark import rotation, time_graph_ms
+
+        if "sets" not in state:
+            nbytes = sum(t.numel() * t.element_size() for t in operands if isinstance(t, Tensor))
+            copies, state["calls"] = rotation(nbytes)
+            state["sets"] = [operands] + [tuple(t.clone(memory_format=torch.preserve_format)
+                                                if isinstance(t, Tensor) else t for t in operands)
+                                          for _ in range(copies - 1)]
+        sets = state["sets"]
+        return time_graph_ms(lambda i: (lambda: call(config, *sets[i])), len(sets), state["calls"], rep=20)
+
+    return check, timer
+
+
 def kernel_module(name: str):
     return importlib.import_module(f"{_KERNEL_PACKAGE}.{name}")
 
@@ -75,10 +127,15 @@ def linear(x: Tensor, w: Tensor, bias: Optional[Tensor], w_up: Optional[Tensor],
         out = gemm.gemm_ref(x2, w, bias=bias, w_up=w_up, activation=activation)
     else:
         m, n, k = x2.shape[0], w.shape[0], x2.shape[1]
-        run = lambda cfg: gemm.gemm(x2, w, bias=bias, w_up=w_up, activation=activation, config=cfg)  # noqa: E731
-        config = workload.config_for("gemm", workload.gemm_bucket(m, n, k, activation, x.dtype),
-                                     lambda: gemm.candidate_configs(m, n, k, activation), run)
-        out = run(config)
+        call = lambda cfg, x2, w, bias, w_up: gemm.gemm(x2, w, bias=bias, w_up=w_up,  # noqa: E731
+                                                        activation=activation, config=cfg)
+        operands = (x2, w, bias, w_up)
+        config = workload.config_for(
+            "gemm", workload.gemm_bucket(m, n, k, activation, x.dtype),
+            lambda: gemm.candidate_configs(m, n, k, activation), lambda cfg: call(cfg, *operands),
+            *tuning_kit(call, operands, lambda x2, w, bias, w_up: gemm.gemm_ref(x2, w, bias=bias, w_up=w_up,
+                                                                                 activation=activation)))
+        out = call(config, *operands)
     return out.reshape(*lead, w.shape[0])
 
 
@@ -137,10 +194,13 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tens
         out = mod.int4_gemm_ref(x2, qweight, scales, zeros, group_size, bias=bias)
     else:
         m, n, k = x2.shape[0], scales.shape[0], x2.shape[1]
-        run = lambda cfg: mod.int4_gemm(x2, qweight, scales, zeros, group_size, bias=bias, config=cfg)  # noqa: E731
-        config = workload.config_for("int4_gemm", workload.gemm_bucket(m, n, k, f"g{group_size}", x.dtype),
-                                     lambda: mod.candidate_configs(m, n, k, group_size), run)
-        out = run(config)
+        call = lambda cfg, x2, q, s, z, b: mod.int4_gemm(x2, q, s, z, group_size, bias=b, config=cfg)  # noqa: E731
+        operands = (x2, qweight, scales, zeros, bias)
+        config = workload.config_for(
+            "int4_gemm", workload.gemm_bucket(m, n, k, f"g{group_size}", x.dtype),
+            lambda: mod.candidate_configs(m, n, k, group_size), lambda cfg: call(cfg, *operands),
+            *tuning_kit(call, operands, lambda x2, q, s, z, b: mod.int4_gemm_ref(x2, q, s, z, group_size, bias=b)))
+        out = call(config, *operands)
     return out.reshape(*lead, out.shape[-1])
 
 
@@ -160,10 +220,13 @@ def fp8_linear(x: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor]
         out = mod.fp8_linear_ref(x2, w_fp8, w_scale, bias=bias)
     else:
         m, n, k = x2.shape[0], w_fp8.shape[0], x2.shape[1]
-        run = lambda cfg: mod.fp8_linear(x2, w_fp8, w_scale, bias=bias, config=cfg)  # noqa: E731
-        config = workload.config_for("fp8_gemm", workload.gemm_bucket(m, n, k, x.dtype),
-                                     lambda: mod.candidate_configs(m, n, k), run)
-        out = run(config)
+        call = lambda cfg, x2, w, s, b: mod.fp8_linear(x2, w, s, bias=b, config=cfg)  # noqa: E731
+        operands = (x2, w_fp8, w_scale, bias)
+        config = workload.config_for(
+            "fp8_gemm", workload.gemm_bucket(m, n, k, x.dtype), lambda: mod.candidate_configs(m, n, k),
+            lambda cfg: call(cfg, *operands),
+            *tuning_kit(call, operands, lambda x2, w, s, b: mod.fp8_linear_ref(x2, w, s, bias=b)))
+        out = call(config, *operands)
     return out.reshape(*lead, w_fp8.shape[0])
 
 

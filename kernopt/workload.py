@@ -225,9 +225,11 @@ def autotune_enabled() -> bool:
 
 
 def config_for(kernel: str, shape_bucket: str, candidates: Callable[[], Iterable[dict]],
-               run: Callable[[dict], Any]) -> Optional[dict]:
+               run: Callable[[dict], Any], check: Optional[Callable[[Any], Optional[str]]] = None,
+               timer: Optional[Callable[[dict], float]] = None) -> Optional[dict]:
     """The config for one call: the tuned one from the cache; else, with KERNOPT_AUTOTUNE=1 on a GPU and outside
-    CUDA-graph capture, one tuned now (first use) and stored; else None, and the kernel's own table decides."""
+    CUDA-graph capture, one tuned now (first use, `autotune` with `check` and `timer`) and stored; else None, and
+    the kernel's own table decides."""
     cfg = tuned_config(kernel, shape_bucket)
     key = ConfigCache.key(kernel, shape_bucket)
     if cfg is not None or not autotune_enabled() or key in _AUTOTUNE_TRIED:
@@ -238,25 +240,41 @@ def config_for(kernel: str, shape_bucket: str, candidates: Callable[[], Iterable
         return None
     _AUTOTUNE_TRIED.add(key)  # one attempt per process, whatever its outcome
     try:
-        return autotune(kernel, shape_bucket, candidates(), run)[0]
+        return autotune(kernel, shape_bucket, candidates(), run, check=check, timer=timer)[0]
     except Exception as e:  # tuning is an optimisation: the table's config still runs
         warnings.warn(f"kernopt: autotuning {key} failed ({e}); using the default table")
         return None
 
 
 def autotune(kernel: str, shape_bucket: str, candidates: Iterable[dict], run: Callable[[dict], Any],
-             save: bool = True) -> tuple[dict, dict[str, float]]:
-    """Time `run(config)` for each candidate on the GPU; store and return the fastest.
+             save: bool = True, check: Optional[Callable[[Any], Optional[str]]] = None,
+             timer: Optional[Callable[[dict], float]] = None) -> tuple[dict, dict[str, float]]:
+    """Time each candidate on the GPU; store and return the fastest.
 
-    A candidate that fails to compile or launch is skipped (its error kept in the timings as inf).
+    ``check(run(config))`` (when given) says what is wrong with a candidate's output, or None: a candidate
+    is timed only after its output passed, and again after it was timed (single-pass split-K kernels must
+    leave their counters re-armed), so a config that computes a wrong answer is never stored. ``timer(config)``
+    gives milliseconds per call (kernopt.ops.tuning_kit: CUDA-graph replay over operand copies that don't fit
+    in L2); without it, `triton.testing.do_bench` of an eager `run`, which at decode sizes also counts the
+    Python launch. A candidate that fails to compile, launch or check is skipped (inf in the timings).
     """
     import triton.testing
+
+    def passes(cfg) -> bool:
+        return check is None or check(run(cfg)) is None
 
     timings: dict[str, float] = {}
     best, best_ms = None, float("inf")
     for cfg in candidates:
         try:
-            ms = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+            if not passes(cfg):
+                ms = float("inf")
+            elif timer is not None:
+                ms = timer(cfg)
+            else:
+                ms = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+            if ms != float("inf") and not passes(cfg):
+                ms = float("inf")
         except Exception:  # an invalid tile (e.g. too much shared memory) is not an error of the user's
             ms = float("inf")
         timings[json.dumps(cfg, sort_keys=True)] = ms

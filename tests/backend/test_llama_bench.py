@@ -62,6 +62,8 @@ def test_cpu_smoke_runs_every_system_without_recompiles(tmp_path, capsys, no_cud
         assert prefill["compile_graphs"] >= 1 and not any(prefill["timed_graphs"] + prefill["timed_frames"])
     cos = rows["tiny prefill b1 s8"]["prefill_logits_cosine_vs_reference"]
     assert set(cos) == {"kernopt", "kernopt_int4"} and min(cos.values()) >= llama_bench.MIN_COSINE
+    # quantized systems also record how far their reference is from the unquantized model (the check's floor)
+    assert set(rows["tiny prefill b1 s8"]["reference_logits_cosine_vs_float"]) == {"kernopt_int4"}
     first = rows["tiny first-call s"]
     assert set(first["first_call_overhead_s"]) == set(COMPILED)
     assert first["cache_state"]["tuned_configs"] == 0 and "inductor_cache_dir" in first["cache_state"]

@@ -99,7 +99,7 @@ def test_config_for_prefers_cache_then_first_use_tuning(tmp_path, monkeypatch):
     monkeypatch.setattr(workload, "_AUTOTUNE_TRIED", set())
     calls = []
 
-    def fake_autotune(kernel, key, candidates, run, save=True):
+    def fake_autotune(kernel, key, candidates, run, save=True, check=None, timer=None):
         calls.append((kernel, key))
         best = min(candidates, key=lambda c: c["t"])
         run(best)
@@ -144,3 +144,46 @@ def test_config_for_failed_tuning_falls_back_once(tmp_path, monkeypatch):
         assert workload.config_for("gemm", "M2-N8-K8", lambda: [{}], lambda c: None) is None
     assert workload.config_for("gemm", "M2-N8-K8", lambda: [{}], lambda c: None) is None
     assert attempts == [1]  # not retried on every call
+
+
+def test_autotune_never_stores_a_wrong_config_and_times_with_the_timer(tmp_path, monkeypatch):
+    """A candidate whose output fails the check is never timed or stored, nor one that fails it after timing
+    (a single-pass kernel that leaves its counters armed); the timer, when given, is the clock."""
+    import collections
+    import json
+
+    monkeypatch.setenv("KERNOPT_CACHE_DIR", str(tmp_path))
+    times = {"slow": 3.0, "fast": 2.0, "wrong_fastest": 0.5, "wrong_after_timing": 1.0, "raises": 0.1}
+    runs = collections.Counter()
+    timed = []
+
+    def run(cfg):
+        name = cfg["name"]
+        runs[name] += 1
+        if name == "raises":
+            raise RuntimeError("out of shared memory")
+        return 2.0 if name == "wrong_fastest" or (name == "wrong_after_timing" and runs[name] > 1) else 1.0
+
+    def timer(cfg):
+        timed.append(cfg["name"])
+        return times[cfg["name"]]
+
+    best, timings = workload.autotune("gemm", "M1-N8-K8", [{"name": n} for n in times], run,
+                                      check=lambda out: None if out == 1.0 else f"got {out}", timer=timer)
+    assert best == {"name": "fast"}
+    assert "wrong_fastest" not in timed and "raises" not in timed
+    for name in ("wrong_fastest", "wrong_after_timing", "raises"):
+        assert timings[json.dumps({"name": name})] == float("inf")
+    assert timings[json.dumps({"name": "slow"})] == 3.0
+    assert workload.config_cache().get("gemm", "M1-N8-K8") == best
+
+
+def test_tuning_kit_checks_outputs_against_the_reference():
+    import torch
+
+    from kernopt import ops
+
+    x, w = torch.randn(3, 64, dtype=torch.float16), torch.randn(32, 64, dtype=torch.float16)
+    check, _ = ops.tuning_kit(lambda cfg, x, w: x @ w.t(), (x, w), lambda x, w: (x.double() @ w.double().t()))
+    assert check(x @ w.t()) is None
+    assert "beyond" in check((x @ w.t()) * 1.1)

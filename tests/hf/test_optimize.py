@@ -119,3 +119,46 @@ def test_deferred_stop_check_returns_the_synchronous_tokens(cache, monkeypatch):
             assert torch.equal(got, expected), (bs, got, expected)
     assert len(undone) == 2 and undone[0] == 1  # deferred in both calls; bs1's EOS step was seen late, undone
     assert gen_utils.DeferredStopCheck.__dict__["is_supported"] is original_check  # restored after generate
+
+
+@pytest.mark.parametrize("quantize,op", [("int4", "kernopt.int4_linear"), ("fp8", "kernopt.fp8_linear")])
+def test_optimized_quantized_linears_run_their_ops_in_eager_calls(quantize, op, monkeypatch):
+    """After optimize(), an eager forward (transformers' prefill under cache="static") dispatches the fused op
+    wherever that op runs a kernel (the GPU; here the interpreter, switched on for the test); plain_torch_eager
+    and an un-optimized module keep the plain-torch reference; both agree."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kernopt import ops
+    from kernopt.hf import plain_torch_eager
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    def eager(model, ids):
+        with Seen() as seen, torch.no_grad():
+            return model(ids).logits.double(), seen.ops
+
+    model = tiny_llama().half() if quantize == "int4" else tiny_llama()
+    monkeypatch.setattr(ops, "EAGER_KERNEL_IMPLS", ("triton", "interpreter"))
+    monkeypatch.delenv("KERNOPT_CPU")  # this test runs the ops' kernels (in the interpreter where it is on)
+    ids = torch.randint(0, 97, (1, 7))
+    kernopt.optimize(model, quantize=quantize, group_size=32, cache="static", inner="eager")
+    switched = [m for m in model.modules() if getattr(m, "kernel_in_eager", False)]
+    assert len(switched) == 14
+    with plain_torch_eager(model):
+        ref, ref_ops = eager(model, ids)
+    assert op not in ref_ops and all(m.kernel_in_eager for m in switched)  # restored on exit
+    if ops.implementation(ids.new_empty(0, dtype=model.dtype)) != "interpreter":
+        pytest.skip("no Triton interpreter here: the op would run its reference anyway")
+    out, out_ops = eager(model, ids)
+    assert op in out_ops
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    switched[0].kernel_in_eager = False  # a module optimize() did not switch: the reference
+    monkeypatch.setattr(ops, "EAGER_KERNEL_IMPLS", ("triton",))  # and on CPU, without the test's switch
+    assert op not in eager(model, ids)[1]
