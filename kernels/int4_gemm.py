@@ -89,8 +89,10 @@ num_stages); in flight = CTAs/SM x word bytes issued ahead of their use (Little'
   tiled3 M16 256x128 w8 s3                169    1      3.8     yes    32 KB          regs: 1 CTA/SM
 
 The numbers are the same at the three (K, N) shapes for a given config (the loop does not depend on K, N);
-only the grid changes. None of the FMA kernels' word loads are pipelined: Triton 3.6 did not turn them
-into cp.async at num_stages=3 either. Read with the measured 30 us at M=1: gemv's 6.2 instr/nibble alone
+only the grid changes. None of the FMA kernels' word loads were pipelined: Triton 3.6 pipelines a loop
+without a dot only when it is a `tl.range(..., num_stages=n)`, never a plain `range` whatever the kernel's
+num_stages (offline, 2026-11-29). gemv2's loop is now a tl.range with the config's num_stages (LOAD_STAGES):
+at 2-4 stages its words, scales and x go through shared memory by cp.async (candidates; unmeasured). Read with the measured 30 us at M=1: gemv's 6.2 instr/nibble alone
 is ~12 us of issue at 100 %; tiled3 at 3.8-4.3 is ~8 us, under the H200's 12.8 us target for 29.4 MB. A
 plane-at-a-time FMA GEMV (static_range(8) over nibble positions, stride-8 x loads, [M, BLOCK_K/8, BLOCK_N]
 FFMA accumulators) was compiled and dropped: 11 instr/nibble at 64 x 128 x 4 warps (scalar x gathers and
@@ -278,6 +280,7 @@ def _int4_gemv2_kernel(
     stride_om, stride_on,
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    LOAD_STAGES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -297,7 +300,10 @@ def _int4_gemv2_kernel(
         w = tl.load(w_ptrs + (k_lo // 8) * stride_qk, mask=mask_n[None, :], other=0)
         s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n, k_lo // GROUP, stride_sn, stride_sg,
                                   stride_zn, stride_zg, HAS_ZEROS)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    # tl.range's num_stages pipelines the word / scale / x loads through shared memory by cp.async
+    # (LOAD_STAGES - 1 K blocks ahead); a plain range loop without a dot is never pipelined by Triton 3.6,
+    # whatever the kernel's num_stages (offline sm_90a compiles), hence PREFETCH's register double buffer.
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOAD_STAGES):
         if PREFETCH:
             # Register double buffer: the next block's words are in flight while this one is unpacked.
             w_cur, s_cur, z_cur = w, s, z
@@ -567,19 +573,26 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
         # Register counts from offline sm_90 compiles (K=4096, g128): M=1 BLOCK_N 128 x 4 warps 127,
         # 256 x 8 warps 160, 256 x 4 warps 243 (2 CTAs/SM), 512 x 8 warps 244; several rows spill past
         # 64 columns per 4 warps (BLOCK_M 4 x 128 x 4 warps, 16 x 64 x 4 warps), so those are left out.
+        # (BLOCK_N, split, warps, PREFETCH, stages). stages > 1: the loop's loads go through shared memory by
+        # cp.async, stages - 1 K blocks ahead (tl.range; offline sm_90a at M=1 K=4096: 128 x 4 warps x 4 stages
+        # 123 registers and 32 KB of shared memory, 4 programs per SM with ~96 KB of words in flight per SM,
+        # against 2 x 8 KB for the register double buffer; 256 x 8 warps x 3 stages 80 registers, 33 KB).
         bm = next_power_of_2(M)
         if M == 1:
-            tiles = ((128, 4, 4, 1), (128, 8, 4, 1), (128, 16, 4, 1), (128, 32, 4, 1), (256, 8, 8, 1),
-                     (256, 16, 8, 1), (256, 32, 8, 1), (256, 16, 4, 1), (256, 16, 4, 0), (512, 8, 8, 1),
-                     (512, 16, 8, 1))
+            tiles = ((128, 4, 4, 1, 1), (128, 8, 4, 1, 1), (128, 16, 4, 1, 1), (128, 32, 4, 1, 1), (256, 8, 8, 1, 1),
+                     (256, 16, 8, 1, 1), (256, 32, 8, 1, 1), (256, 16, 4, 1, 1), (256, 16, 4, 0, 1), (512, 8, 8, 1, 1),
+                     (512, 16, 8, 1, 1),
+                     (128, 8, 4, 0, 3), (128, 8, 4, 0, 4), (128, 16, 4, 0, 4), (256, 8, 8, 0, 3), (256, 16, 8, 0, 3),
+                     (64, 16, 4, 0, 4))
         elif bm <= 4:  # at BLOCK_M 16 every gemv2 tile spills (BLOCK_N 128 x 8 warps fails allocation outright)
-            tiles = tuple((bn, split, warps, 1) for bn, warps in ((64, 4), (128, 8)) for split in (4, 8, 16))
+            tiles = tuple((bn, split, warps, 1, 1) for bn, warps in ((64, 4), (128, 8)) for split in (4, 8, 16))
+            tiles += ((64, 8, 4, 0, 3), (128, 8, 8, 0, 3))
         else:
             tiles = ()
-        for bn, split, warps, prefetch in tiles:
+        for bn, split, warps, prefetch, stages in tiles:
             if K // split >= block_k:
                 out.append({"impl": "gemv2", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
-                            "PREFETCH": prefetch, "num_warps": warps, "num_stages": 1})
+                            "PREFETCH": prefetch, "num_warps": warps, "num_stages": stages})
         # tiled2: the tiled kernel's tiles with the LOP3 unpack and the single-pass split-K.
         for bn, bk, warps in ((64, 64, 4), (128, 64, 4), (128, 128, 4), (256, 64, 8)):
             for split in (2, 4, 8, 16):
@@ -674,7 +687,8 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
                   num_stages=cfg.get("num_stages", 1 if impl == "gemv2" else 3))
     if impl == "gemv2":
         grid = (cdiv(N, bn), split, cdiv(M, bm))
-        _int4_gemv2_kernel[grid](*args, PREFETCH=bool(cfg.get("PREFETCH", 1)), **common)
+        _int4_gemv2_kernel[grid](*args, PREFETCH=bool(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
+                                 **common)
     elif impl == "tiled3":
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         _int4_tiled3_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, DOT_PRECISION=precision,

@@ -355,9 +355,9 @@ CASES = [
     Case("decode contiguous B1 S8192 bool mask", _decode(1, 8192, mask="bool")),
     Case("decode contiguous B4 S4096 additive mask", _decode(4, 4096, mask="additive")),
     # int4 weight-only GEMM, K4096 N14336 g128
-    Case("int4 M1 (gemv)", _int4(1)),
-    Case("int4 M16 (tiled)", _int4(16)),
-    Case("int4 M16 zeros+bias (tiled)", _int4(16, zeros=True, bias=True)),
+    Case("int4 M1 (gemv2)", _int4(1)),
+    Case("int4 M16 (tiled2)", _int4(16)),
+    Case("int4 M16 zeros+bias (tiled2)", _int4(16, zeros=True, bias=True)),
     Case("int4 M256 (dequant kernel)", _int4(256)),
     Case("int4 M1 gemv2 256x16 w8", _int4(1, pick={"impl": "gemv2", "BLOCK_N": 256, "SPLIT_K": 16, "num_warps": 8}),
          selected=False),

@@ -58,13 +58,14 @@ def test_int4_gemm_matches_reference(device, g, asym, cfg):
 # ragged last slice), gemv2 with and without the register prefetch, one row and several.
 GEMV2 = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "PREFETCH": 1}
 GEMV2_ROWS = {"impl": "gemv2", "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "PREFETCH": 0}
+GEMV2_STAGED = {**GEMV2, "PREFETCH": 0, "num_stages": 3}  # the tl.range-pipelined loop (cp.async on a GPU)
 TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "GROUP_M": 2}
 
 
 @pytest.mark.parametrize("cfg,g,asym", [
     pytest.param(cfg, g, asym, id=f"{name}-g{g}-{'asym' if asym else 'sym'}")
     for name, cfg, groups in (("gemv2", GEMV2, (32, 64, 128)), ("tiled2", TILED2, (32, 64, 128)),
-                              ("gemv2_rows", GEMV2_ROWS, (64, 128)))
+                              ("gemv2_rows", GEMV2_ROWS, (64, 128)), ("gemv2_staged", GEMV2_STAGED, (32, 128)))
     for g in groups for asym in (True, False) if name != "gemv2_rows" or asym == (g == 128)])
 def test_int4_gemm_single_pass_variants(device, g, asym, cfg):
     """Odd M/N, every group size, sym/asym, bias, NaN-poisoned out; with split-K a second call with new
