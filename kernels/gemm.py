@@ -27,8 +27,11 @@ stream of its weight bytes, and tl.dot's 16-row tiles only add work, so this ker
   Loop instructions per weight element: 3.3 at M=1 (32 x 512 tile), 7.9 at M=4, 16 at M=8, 38 at
   M=16. At 3 TB/s an SM must consume ~6.5 bf16 weights per cycle, so issue stays well under the
   4 warp-instructions per cycle up to M=4, nears the limit at M=8, and caps M=16 near 1.5 TB/s (the
-  tiled kernel should keep M=16). Unmeasured on a GPU: `select_config` does not pick it yet
-  (GEMV_MAX_M = 0); `candidate_configs` offers it for M <= 16.
+  tiled kernel should keep M=16). Measured on the H200 at M=1 (gemm-h200.json): ahead of cuBLAS at QKV
+  and swiglu, level at the down projection, so `select_config` picks it at M=1 (GEMV_MAX_M = 1);
+  `candidate_configs` offers it for M <= 16. Its loop is a plain `range`: Triton 3.6 does not pipeline it
+  (each program's one K block of loads is all it has in flight); at M=1 its 16-row x 1024 tiles hold 32 KB
+  each, and it streams 3.4-4.2 TB/s (QKV, down, swiglu).
 
 The swap-AB kernel (``config={"impl": "swapab", ...}``; decode rows, M <= 16): the tiled kernel's 16-row
 tiles put the few x rows on the tensor core's M side, which sm_90 can only feed to mma.sync (wgmma's M
@@ -532,9 +535,9 @@ def select_config(M: int, N: int, K: int, activation: str = "none", dtype: torch
     (no spills; smem <= 192 KB); the speeds are to be confirmed by examples/bench_gemm.py --tune.
 
     The gemv (``"impl": "gemv"``, the FMA kernel for decode rows, `_GEMV_TILE`) takes over every M <=
-    GEMV_MAX_M, which is 0 until a GPU measurement shows it faster: then that one constant switches it
-    on (and prefer_triton follows it for plain GEMMs). Until then candidate_configs offers it to the
-    --tune sweep and to KERNOPT_AUTOTUNE. The swap-AB kernel (``"impl": "swapab"``, `_SWAPAB_TILES`) is
+    GEMV_MAX_M: 1, measured ahead of (or level with) both the tiled kernel and cuBLAS there on the H200;
+    prefer_triton follows it for plain GEMMs. At M = 2..16 candidate_configs offers it to the --tune
+    sweep and to KERNOPT_AUTOTUNE. The swap-AB kernel (``"impl": "swapab"``, `_SWAPAB_TILES`) is
     switched the same way by SWAPAB_MAX_M (0: unmeasured); the gemv wins where both constants cover M.
     """
     if M <= GEMV_MAX_M:
