@@ -422,7 +422,7 @@ def test_select_config_table():
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("B,S", [(1, 8192), (128, 2048), (8, 32768)])
 def test_candidate_configs_sweep_fused_merge(paged, B, S):
-    """The table's pick keeps the merge kernel (the fused merge is unmeasured); the sweep has the pick, its
+    """The table's pick keeps the merge kernel (the fused merge measured no faster); the sweep has the pick, its
     fused variant, and a fused twin of every split config; config strings say which merge runs."""
     chosen = da.select_config(B, 8, 32, S, 128, 132, paged=paged)
     assert "FUSED_MERGE" not in chosen
