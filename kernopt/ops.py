@@ -68,7 +68,7 @@ def eager_kernel(module: torch.nn.Module, x: Tensor) -> bool:
 
 
 def tuning_kit(call, operands: tuple, reference):
-    """(check, timer) for `workload.config_for` / `workload.autotune` on one op call.
+    """(check, timer) for `workload.autotune` on one op call (`workload.config_for` builds it on first use only).
 
     ``call(config, *operands)`` runs the kernel with a config. The check compares an output with
     ``reference(*operands)`` (computed once) at the output dtype's tolerance, with atol scaled to the
@@ -133,8 +133,8 @@ def linear(x: Tensor, w: Tensor, bias: Optional[Tensor], w_up: Optional[Tensor],
         config = workload.config_for(
             "gemm", workload.gemm_bucket(m, n, k, activation, x.dtype),
             lambda: gemm.candidate_configs(m, n, k, activation), lambda cfg: call(cfg, *operands),
-            *tuning_kit(call, operands, lambda x2, w, bias, w_up: gemm.gemm_ref(x2, w, bias=bias, w_up=w_up,
-                                                                                 activation=activation)))
+            lambda: tuning_kit(call, operands, lambda x2, w, bias, w_up: gemm.gemm_ref(
+                x2, w, bias=bias, w_up=w_up, activation=activation)))
         out = call(config, *operands)
     return out.reshape(*lead, w.shape[0])
 
@@ -199,7 +199,8 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tens
         config = workload.config_for(
             "int4_gemm", workload.gemm_bucket(m, n, k, f"g{group_size}", x.dtype),
             lambda: mod.candidate_configs(m, n, k, group_size), lambda cfg: call(cfg, *operands),
-            *tuning_kit(call, operands, lambda x2, q, s, z, b: mod.int4_gemm_ref(x2, q, s, z, group_size, bias=b)))
+            lambda: tuning_kit(call, operands,
+                               lambda x2, q, s, z, b: mod.int4_gemm_ref(x2, q, s, z, group_size, bias=b)))
         out = call(config, *operands)
     return out.reshape(*lead, out.shape[-1])
 
@@ -225,7 +226,7 @@ def fp8_linear(x: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor]
         config = workload.config_for(
             "fp8_gemm", workload.gemm_bucket(m, n, k, x.dtype), lambda: mod.candidate_configs(m, n, k),
             lambda cfg: call(cfg, *operands),
-            *tuning_kit(call, operands, lambda x2, w, s, b: mod.fp8_linear_ref(x2, w, s, bias=b)))
+            lambda: tuning_kit(call, operands, lambda x2, w, s, b: mod.fp8_linear_ref(x2, w, s, bias=b)))
         out = call(config, *operands)
     return out.reshape(*lead, w_fp8.shape[0])
 

@@ -225,11 +225,10 @@ def autotune_enabled() -> bool:
 
 
 def config_for(kernel: str, shape_bucket: str, candidates: Callable[[], Iterable[dict]],
-               run: Callable[[dict], Any], check: Optional[Callable[[Any], Optional[str]]] = None,
-               timer: Optional[Callable[[dict], float]] = None) -> Optional[dict]:
+               run: Callable[[dict], Any], kit: Optional[Callable[[], tuple]] = None) -> Optional[dict]:
     """The config for one call: the tuned one from the cache; else, with KERNOPT_AUTOTUNE=1 on a GPU and outside
-    CUDA-graph capture, one tuned now (first use, `autotune` with `check` and `timer`) and stored; else None, and
-    the kernel's own table decides."""
+    CUDA-graph capture, one tuned now (first use: `autotune` with the (check, timer) that `kit()` builds, only
+    then) and stored; else None, and the kernel's own table decides."""
     cfg = tuned_config(kernel, shape_bucket)
     key = ConfigCache.key(kernel, shape_bucket)
     if cfg is not None or not autotune_enabled() or key in _AUTOTUNE_TRIED:
@@ -240,6 +239,7 @@ def config_for(kernel: str, shape_bucket: str, candidates: Callable[[], Iterable
         return None
     _AUTOTUNE_TRIED.add(key)  # one attempt per process, whatever its outcome
     try:
+        check, timer = kit() if kit is not None else (None, None)
         return autotune(kernel, shape_bucket, candidates(), run, check=check, timer=timer)[0]
     except Exception as e:  # tuning is an optimisation: the table's config still runs
         warnings.warn(f"kernopt: autotuning {key} failed ({e}); using the default table")

@@ -100,7 +100,7 @@ def test_config_for_prefers_cache_then_first_use_tuning(tmp_path, monkeypatch):
     calls = []
 
     def fake_autotune(kernel, key, candidates, run, save=True, check=None, timer=None):
-        calls.append((kernel, key))
+        calls.append((kernel, key, check, timer))
         best = min(candidates, key=lambda c: c["t"])
         run(best)
         workload.config_cache().put(kernel, key, best)
@@ -108,20 +108,22 @@ def test_config_for_prefers_cache_then_first_use_tuning(tmp_path, monkeypatch):
 
     monkeypatch.setattr(workload, "autotune", fake_autotune)
     cands = lambda: [{"t": 3}, {"t": 1}, {"t": 2}]  # noqa: E731
-    ran = []
+    ran, kits = [], []
+    kit = lambda: kits.append(1) or ("the check", "the timer")  # noqa: E731
     # off by default: the kernel's table decides
     monkeypatch.delenv("KERNOPT_AUTOTUNE", raising=False)
-    assert workload.config_for("gemm", "M1-N8-K8", cands, ran.append) is None
+    assert workload.config_for("gemm", "M1-N8-K8", cands, ran.append, kit) is None
     # on, but no GPU here: still the table
     monkeypatch.setenv("KERNOPT_AUTOTUNE", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert workload.config_for("gemm", "M1-N8-K8", cands, ran.append) is None
-    # on a GPU, outside capture: tuned once, stored, then read from the cache
+    assert workload.config_for("gemm", "M1-N8-K8", cands, ran.append, kit) is None
+    # on a GPU, outside capture: tuned once with the kit's check and timer, stored, then read from the cache
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert workload.config_for("gemm", "M1-N8-K8", cands, ran.append) == {"t": 1}
-    assert workload.config_for("gemm", "M1-N8-K8", cands, ran.append) == {"t": 1}
-    assert calls == [("gemm", "M1-N8-K8")] and ran == [{"t": 1}]
+    assert workload.config_for("gemm", "M1-N8-K8", cands, ran.append, kit) == {"t": 1}
+    assert workload.config_for("gemm", "M1-N8-K8", cands, ran.append, kit) == {"t": 1}
+    assert calls == [("gemm", "M1-N8-K8", "the check", "the timer")] and ran == [{"t": 1}]
+    assert kits == [1]  # built for the tuning only, not on every call
 
 
 def test_config_for_failed_tuning_falls_back_once(tmp_path, monkeypatch):
