@@ -447,9 +447,15 @@ def _gemv_split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int, per_sm: int
     blocks, since a slice's partials cost an fp32 write and read of its [M, N] outputs. The H200 sweep at
     M=1 (256-448 programs of the 16- and 32-row tiles) was fastest unsplit at all three Llama shapes:
     14.75 vs 17.79 us at QKV with 2 slices, 31.45 vs 33.07 at the down projection with 4."""
+    return _fill_split_k(M, N, K, bm, bn, bk, per_sm, min_blocks=2)
+
+
+def _fill_split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int, per_sm: int, min_blocks: int) -> int:
+    """The single-pass kernels' K split: double it (up to 16) while the grid holds fewer than `per_sm`
+    programs per SM and each slice keeps >= `min_blocks` K blocks of `bk`."""
     programs = cdiv(M, bm) * cdiv(N, bn)
     split = 1
-    while programs * split < per_sm * _SMS and split < 16 and K // (2 * split) >= 2 * bk:
+    while programs * split < per_sm * _SMS and split < 16 and K // (2 * split) >= min_blocks * bk:
         split *= 2
     return split
 
@@ -501,11 +507,7 @@ def _swapab_split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int, per_sm: i
     stream (224 output tiles over 132 SMs would give 92 SMs two programs and 40 SMs one); every slice
     keeps >= 4 K blocks so that its pipeline gets past the prologue (num_stages - 1 <= 5 blocks are
     loaded up front). Partials cost an fp32 write + read of [M, N] per slice: ~0.5 MB at M=1 split 16."""
-    programs = cdiv(M, bm) * cdiv(N, bn)
-    split = 1
-    while programs * split < per_sm * _SMS and split < 16 and K // (2 * split) >= 4 * bk:
-        split *= 2
-    return split
+    return _fill_split_k(M, N, K, bm, bn, bk, per_sm, min_blocks=4)
 
 
 def _swapab_config(M: int, N: int, K: int, activation: str = "none", dtype: torch.dtype = torch.bfloat16) -> dict:

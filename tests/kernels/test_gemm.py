@@ -109,7 +109,8 @@ def test_gemv_twice_rearms_counters(activation):
 
 @pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_gemv_strided_inputs_and_out(activation, split):
+@pytest.mark.parametrize("impl", ["gemv", "swapab"])
+def test_single_pass_strided_inputs_and_out(impl, activation, split):
     M, N, K = 3, 37, 45
     # x: a row-strided view into a wider buffer; w (and w_up): .T of [K, N] buffers (K not contiguous);
     # out: a column slice of a NaN buffer, whose other columns must stay untouched.
@@ -120,7 +121,8 @@ def test_gemv_strided_inputs_and_out(activation, split):
     assert not x.is_contiguous() and w.stride() == (1, N)
     buf = poisoned(M, N + 9, torch.float16)
     out = buf[:, 5:N + 5]
-    G.gemm(x, w, bias=bias, w_up=w_up, activation=activation, config={**GEMV, "SPLIT_K": split}, out=out)
+    cfg = {**(GEMV if impl == "gemv" else SWAPAB), "SPLIT_K": split}
+    G.gemm(x, w, bias=bias, w_up=w_up, activation=activation, config=cfg, out=out)
     assert_close(out, expected64(x, w, bias, w_up, activation), torch.float16)
     assert torch.isnan(buf[:, :5]).all() and torch.isnan(buf[:, N + 5:]).all(), "wrote outside out"
 
@@ -211,24 +213,6 @@ def test_swapab_twice_rearms_counters(activation):
     for M, N in ((3, 45), (6, 77)):  # the second call has more tiles
         run_and_check(M, N, 70, torch.float16, activation, activation != "swiglu", cfg)
     assert workspace._BUFFERS and all(not buf.any() for buf in workspace._BUFFERS.values())
-
-
-@pytest.mark.parametrize("split", [1, 2])
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_swapab_strided_inputs_and_out(activation, split):
-    M, N, K = 3, 37, 45
-    # x: a row-strided view into a wider buffer; w (and w_up): .T of [K, N] buffers (K not contiguous);
-    # out: a column slice of a NaN buffer, whose other columns must stay untouched.
-    x = torch.randn(M, K + 11, device=DEVICE, dtype=torch.float16)[:, 3:K + 3]
-    w = (torch.randn(K, N, device=DEVICE) / math.sqrt(K)).half().T
-    w_up = (torch.randn(K, N, device=DEVICE) / math.sqrt(K)).half().T if activation == "swiglu" else None
-    bias = torch.randn(N, device=DEVICE).half() if activation != "swiglu" else None
-    assert not x.is_contiguous() and w.stride() == (1, N)
-    buf = poisoned(M, N + 9, torch.float16)
-    out = buf[:, 5:N + 5]
-    G.gemm(x, w, bias=bias, w_up=w_up, activation=activation, config={**SWAPAB, "SPLIT_K": split}, out=out)
-    assert_close(out, expected64(x, w, bias, w_up, activation), torch.float16)
-    assert torch.isnan(buf[:, :5]).all() and torch.isnan(buf[:, N + 5:]).all(), "wrote outside out"
 
 
 def test_swapab_column_major_x_and_out():

@@ -34,6 +34,19 @@ def _run(x, qweight, scales, zeros, g, cfg, bias=None):
     return out
 
 
+def _check_calls_and_rearmed_counters(device, cfg, M, N, K, g, asym):
+    """fp16, bias, NaN-poisoned out against the float64 reference; with split-K a second call with new inputs on
+    the same counters (the last slice must have re-armed them); every counter back at zero."""
+    for _ in range(2 if cfg["SPLIT_K"] > 1 else 1):
+        x = torch.randn(M, K, dtype=torch.float16, device=device)
+        qweight, scales, zeros = _weights(N, K, g, asym, device)
+        bias = torch.randn(N, dtype=torch.float16, device=device)
+        out = _run(x, qweight, scales, zeros, g, cfg, bias=bias)
+        assert_close(out, _expected(x, qweight, scales, zeros, g, bias), torch.float16)
+    for buf in workspace._BUFFERS.values():
+        assert not buf.any()
+
+
 # Small explicit configs: several N blocks, a ragged last block, several K blocks per split.
 GEMV = {"impl": "gemv", "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4}
 GEMV_SPLIT = {"impl": "gemv", "BLOCK_M": 2, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "num_warps": 4}
@@ -70,15 +83,7 @@ TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_
 def test_int4_gemm_single_pass_variants(device, g, asym, cfg):
     """Odd M/N, every group size, sym/asym, bias, NaN-poisoned out; with split-K a second call with new
     inputs on the same counters (the last slice must have re-armed them), and counters back at zero."""
-    M, N, K = (1 if cfg["BLOCK_M"] == 1 else 3), 37, 384
-    for _ in range(2 if cfg["SPLIT_K"] > 1 else 1):
-        x = torch.randn(M, K, dtype=torch.float16, device=device)
-        qweight, scales, zeros = _weights(N, K, g, asym, device)
-        bias = torch.randn(N, dtype=torch.float16, device=device)
-        out = _run(x, qweight, scales, zeros, g, cfg, bias=bias)
-        assert_close(out, _expected(x, qweight, scales, zeros, g, bias), torch.float16)
-    for buf in workspace._BUFFERS.values():
-        assert not buf.any()
+    _check_calls_and_rearmed_counters(device, cfg, (1 if cfg["BLOCK_M"] == 1 else 3), 37, 384, g, asym)
 
 
 # tiled3 (swap-AB tensor-core kernel): BLOCK_K 128 (its dots need K = BLOCK_K / 8 >= 16 on the GPU), so
@@ -93,15 +98,7 @@ TILED3_SPLIT = {**TILED3, "SPLIT_K": 3}
 def test_int4_gemm_tiled3(device, cfg, g, asym, M):
     """Odd M (1, 3, and 17 = two M tiles) and N, sym/asym, bias, NaN-poisoned out; with split-K a second
     call with new inputs on the same counters (the last slice must have re-armed them), counters at zero."""
-    N, K = 37, 768
-    for _ in range(2 if cfg["SPLIT_K"] > 1 else 1):
-        x = torch.randn(M, K, dtype=torch.float16, device=device)
-        qweight, scales, zeros = _weights(N, K, g, asym, device)
-        bias = torch.randn(N, dtype=torch.float16, device=device)
-        out = _run(x, qweight, scales, zeros, g, cfg, bias=bias)
-        assert_close(out, _expected(x, qweight, scales, zeros, g, bias), torch.float16)
-    for buf in workspace._BUFFERS.values():
-        assert not buf.any()
+    _check_calls_and_rearmed_counters(device, cfg, M, 37, 768, g, asym)
 
 
 def test_int4_gemm_tiled3_extreme_codes_fractional_zeros_strided(device):
