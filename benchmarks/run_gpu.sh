@@ -51,5 +51,6 @@ for arg in "$@"; do
   [ "$rc" -ne 0 ] && status=1
 done
 cp benchmarks/results/*.json benchmarks/results/*.png "$OUT/logs/" 2>/dev/null
+[ -d benchmarks/results/sweeps ] && cp -r benchmarks/results/sweeps "$OUT/logs/"
 tar czf "$OUT/results.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 exit $status

@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
     parser.add_argument("--tune", action="store_true", help="also time every candidate config per case")
     parser.add_argument("--only", default="", help="run only cases whose name contains this text")
+    parser.add_argument("--ms", default="", help="run only these M (plus- or comma-separated, e.g. 1+4)")
+    parser.add_argument("--impls", default="", help="--tune: time only these impls' candidates (e.g. gemv2+tiled3)")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
     args = parser.parse_args()
@@ -92,6 +94,10 @@ def main() -> None:
         cases = [(1, 4096, 14336), (64, 4096, 14336)]
     if args.only:
         cases = [c for c in cases if args.only in f"M={c[0]} K={c[1]} N={c[2]} g{GROUP}"]
+    if args.ms:
+        ms = {int(m) for m in args.ms.replace("+", ",").split(",") if m}
+        cases = [c for c in cases if c[0] in ms]
+    impls = {i for i in args.impls.replace("+", ",").split(",") if i}
     suite = Suite("gemm_int4")
     torch.manual_seed(0)
     for K, N in dict.fromkeys((k, n) for _, k, n in cases):
@@ -131,6 +137,8 @@ def main() -> None:
                 best, best_us = None, float("inf")
                 per_impl: dict[str, tuple[float, dict]] = {}
                 for cand in candidate_configs(M, N, K, GROUP):
+                    if impls and cand["impl"] not in impls:
+                        continue
                     try:
                         o = int4_gemm(x, qweight, scales, zeros, GROUP, config=cand)
                         if close(o) is not None:
