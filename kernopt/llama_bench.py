@@ -220,6 +220,17 @@ def run_system(system: str, shape: str, batch_sizes, prompt: int, new: int, pref
                 out["dynamo"]["first_call_s"] = {"graphs": first_counts["graphs"], "frames": first_counts["frames"]}
                 # First call minus the fastest compiled call: what compiling (and one-time warm-up) cost.
                 out["first_call_overhead_s"] = max(0.0, first - t)
+        # Where a generate call's time goes: the same call with one new token (the prompt's forward, which
+        # transformers runs uncompiled under the static cache, plus one sampling step), and the rest per decode
+        # step. Run last: its shorter static cache may be re-allocated by later calls.
+        bs = batch_sizes[0]
+        prompt_ids = torch.randint(lo, hi, (bs, prompt), device=device)
+        first_token = lambda: model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),  # noqa: E731
+                                             do_sample=False, max_new_tokens=1, min_new_tokens=1)
+        t1 = min(_sync_time(first_token, device) for _ in range(3))
+        out[f"generate_1_token_ms_bs{bs}"] = t1 * 1e3
+        if new > 1:
+            out[f"decode_step_ms_bs{bs}"] = max(0.0, bs * new / out[f"decode_bs{bs}"] - t1) / (new - 1) * 1e3
     for case, c in out["dynamo"].items():
         if sum(c.get("timed_graphs", [])) or sum(c.get("timed_frames", [])):
             msg = (f"{case}: timed calls recompiled (Dynamo graphs {c['timed_graphs']}, "
@@ -302,6 +313,9 @@ def _suite(all_results: dict, batch_sizes, prefill: int, device: str = "cuda", s
                 suite.add(case, metric, hib, vals, **extra)
         for bs in batch_sizes:
             row(f"{shape} decode bs{bs}", f"decode_bs{bs}", "tok/s", True)
+        bs = batch_sizes[0]
+        row(f"{shape} generate 1 token bs{bs}", f"generate_1_token_ms_bs{bs}", "ms", False)
+        row(f"{shape} decode step bs{bs}", f"decode_step_ms_bs{bs}", "ms", False)
         row(f"{shape} prefill b1 s{prefill}", "prefill_ms", "ms", False)
         overhead = {s: round(r["first_call_overhead_s"], 4) for s, r in results.items() if "first_call_overhead_s" in r}
         row(f"{shape} first-call s", "first_call_s", "s", False, first_call_overhead_s=overhead,

@@ -47,7 +47,8 @@ def test_cpu_smoke_runs_every_system_without_recompiles(tmp_path, capsys, no_cud
     assert rc == 0, out
     data, rows = _rows(tmp_path / "llama-cpu.json")
     assert data["suite"] == "llama" and data["device"] == "cpu" and data["dtype"] == "float32"
-    assert set(rows) == {"tiny decode bs1", "tiny prefill b1 s8", "tiny first-call s"}
+    assert set(rows) == {"tiny decode bs1", "tiny prefill b1 s8", "tiny first-call s", "tiny generate 1 token bs1",
+                         "tiny decode step bs1"}
     for case, row in rows.items():
         assert "errors" not in row and "warnings" not in row, (case, row)
         assert set(row["results"]) == set(COMPILED), (case, row["results"])
