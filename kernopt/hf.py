@@ -48,12 +48,17 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
         raise ValueError(f"cache={cache!r}; valid: {', '.join(map(repr, CACHES))}")
     if scenario != "auto" and scenario not in workload.SCENARIOS:
         raise ValueError(f"scenario={scenario!r}; valid: 'auto', {', '.join(map(repr, workload.SCENARIOS))}")
+    int4_groups: list[list[str]] = []
     if quantize == "int4":
-        from kernopt.int4 import GROUP_SIZES, quantize_int4_
+        from kernopt import int4
 
-        if group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size={group_size}; valid: {', '.join(map(str, GROUP_SIZES))}")
-        quantize_int4_(model, group_size=group_size, skip=skip)
+        if group_size not in int4.GROUP_SIZES:
+            raise ValueError(f"group_size={group_size}; valid: {', '.join(map(str, int4.GROUP_SIZES))}")
+        # Linears that read one input (q/k/v, gate/up) share buffers, so the int4 pass's grouped op runs them
+        # in one launch (kernopt.ops.int4_linear_group); found on the float model, before quantizing.
+        shared = int4.linears_sharing_input(model, _tiny_forward(model)) if int4.grouping_enabled() else []
+        int4.quantize_int4_(model, group_size=group_size, skip=skip)
+        int4_groups = int4.pack_shared_input_linears_(model, shared)
     elif quantize == "fp8":
         from kernopt.fp8 import quantize_fp8_
 
@@ -76,7 +81,7 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
         gc.compile_config = CompileConfig(backend="kernopt", options={**options, "mode": "reduce-overhead"},
                                           mode=None, fullgraph=False)
         _defer_stop_checks_in_generate(model)
-        model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario}
+        model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario, "int4_groups": int4_groups}
         return model
 
     from kernopt import hf_attention
@@ -86,8 +91,18 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
         model.forward = torch.compile(model.forward, backend="kernopt", options=options)
     _give_generate_a_paged_cache(model, hf_attention)
     _defer_stop_checks_in_generate(model)
-    model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario}
+    model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario, "int4_groups": int4_groups}
     return model
+
+
+def _tiny_forward(model):
+    """A callable running `model` once on a two-token input (to trace which linears share an input), or None
+    when the model's main input is not token ids."""
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        return None
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else "cpu"
+    return lambda: model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
 
 
 @contextlib.contextmanager

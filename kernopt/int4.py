@@ -22,7 +22,9 @@ Loaders convert other packings into it once, at load time:
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
+import logging
+import os
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,6 +34,7 @@ from kernopt.kernels.int4_gemm import dequantize_int4, int4_gemm_ref, unpack_int
 GROUP_SIZES = (32, 64, 128)
 _SHIFTS = tuple(range(0, 32, 4))
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column 8j + AWQ_ORDER[i]
+log = logging.getLogger("kernopt")
 
 
 def n_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -154,6 +157,150 @@ class Int4Linear(nn.Module):
                 f"symmetric={self.zeros is None}, bias={self.bias is not None}")
 
 
+# --------------------------------------------------------------------------------------------------
+# Linears that read one input: adjacent storage, so one kernel launch computes them all
+# --------------------------------------------------------------------------------------------------
+GROUP_ENV = "KERNOPT_INT4_GROUP"
+
+
+def grouping_enabled() -> bool:
+    """Whether int4 linears that share an input are packed (`optimize`) and fused into one launch (the int4
+    pass). ``KERNOPT_INT4_GROUP=0`` turns both off: every linear keeps its own tensors and its own launch."""
+    return os.environ.get(GROUP_ENV, "1") != "0"
+
+
+def _compatible(a: "Int4Linear", b: "Int4Linear") -> Optional[str]:
+    """Why two Int4Linear modules cannot share buffers, or None."""
+    for what, va, vb in (("in_features", a.in_features, b.in_features), ("group_size", a.group_size, b.group_size),
+                         ("scales dtype", a.scales.dtype, b.scales.dtype), ("device", a.qweight.device, b.qweight.device),
+                         ("symmetric", a.zeros is None, b.zeros is None)):
+        if va != vb:
+            return f"{what} differs ({va} vs {vb})"
+    if a.zeros is not None and a.zeros.dtype != b.zeros.dtype:
+        return f"zeros dtype differs ({a.zeros.dtype} vs {b.zeros.dtype})"
+    return None
+
+
+def pack_adjacent(modules: Sequence["Int4Linear"]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Re-lay Int4Linear modules (same in_features, group size, dtypes, device and symmetry) into shared
+    buffers: their qweights become adjacent column blocks of one row-major [K/8, N1 + N2 + ...] int32 tensor
+    (scales and zeros: of one [K/g, N1 + N2 + ...] tensor), so each module's qweight is a [N_i, K/8] view with
+    strides (1, Ntot), still kernopt's N-contiguous format, and the group as a whole is one [Ntot, K/8]
+    weight (`kernopt.ops.adjacent_view`): `torch.ops.kernopt.int4_linear_group` then runs one launch for
+    all of them. Biases are packed the same way when every module has one (of one dtype); otherwise each
+    keeps its own. Values are copied exactly, so every module's forward is unchanged; the old tensors are
+    released as each module takes its view (memory-neutral once done; the peak is one group's size more).
+
+    Returns the group's combined (qweight [Ntot, K/8], scales [Ntot, K/g], zeros or None) views.
+    Note: the modules' state_dict tensors now share storage (safetensors refuses shared tensors; save a
+    model packed like this with torch.save, or quantize again after loading)."""
+    mods = list(modules)
+    if not mods:
+        raise ValueError("pack_adjacent: no modules")
+    for m in mods:
+        if not isinstance(m, Int4Linear):
+            raise TypeError(f"pack_adjacent: {type(m).__name__} is not an Int4Linear")
+        why = _compatible(mods[0], m)
+        if why:
+            raise ValueError(f"pack_adjacent: modules cannot share buffers: {why}")
+    first = mods[0]
+    K, G, dev = first.in_features, first.in_features // first.group_size, first.qweight.device
+    widths = [m.qweight.shape[0] for m in mods]
+    total = sum(widths)
+    with torch.no_grad():
+        q_base = torch.empty((K // 8, total), dtype=torch.int32, device=dev)
+        s_base = torch.empty((G, total), dtype=first.scales.dtype, device=dev)
+        z_base = torch.empty((G, total), dtype=first.zeros.dtype, device=dev) if first.zeros is not None else None
+        biases = [m.bias for m in mods]
+        pack_bias = all(b is not None for b in biases) and len({b.dtype for b in biases}) == 1
+        b_base = torch.empty(total, dtype=biases[0].dtype, device=dev) if pack_bias else None
+        col = 0
+        for m, n in zip(mods, widths):
+            cols = slice(col, col + n)
+            q_base[:, cols].copy_(m.qweight.t())
+            s_base[:, cols].copy_(m.scales.t())
+            m.qweight, m.scales = q_base[:, cols].t(), s_base[:, cols].t()
+            if z_base is not None:
+                z_base[:, cols].copy_(m.zeros.t())
+                m.zeros = z_base[:, cols].t()
+            if b_base is not None:
+                b_base[cols].copy_(m.bias)
+                m.bias = nn.Parameter(b_base[cols], requires_grad=False)
+            col += n
+    return q_base.t(), s_base.t(), z_base.t() if z_base is not None else None
+
+
+# Fallback when a forward pass cannot be traced: sibling modules known to read one input.
+SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def linears_sharing_input(model: nn.Module, run: Optional[Callable[[], Any]] = None,
+                          types: tuple = (nn.Linear, Int4Linear)) -> list[list[str]]:
+    """Names of the modules of `types` that read the same input tensor, in groups of two or more (each in
+    the order the forward calls them).
+
+    With `run` (a callable running one forward pass, e.g. on a two-token input), found by tracing: a forward
+    pre-hook records which tensor object each module receives, call after call; modules that receive the
+    same objects in every call read one input (q/k/v projections, gate/up of a gated MLP, whatever the model
+    names them). Without `run`, or when it raises, by name: siblings in one parent named as in
+    SHARED_INPUT_SIBLINGS."""
+    if run is not None:
+        calls: dict[str, list[int]] = {}
+        first_call: dict[str, int] = {}
+        alive: list = []  # inputs held until the end, so no id is reused for another object
+
+        def hook(name):
+            def record(module, args):
+                x = args[0] if args else None
+                alive.append(x if isinstance(x, torch.Tensor) else object())  # a non-tensor matches nothing
+                calls.setdefault(name, []).append(id(alive[-1]))
+                first_call.setdefault(name, len(first_call))
+            return record
+
+        handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in model.named_modules()
+                   if isinstance(mod, types)]
+        try:
+            with torch.no_grad():
+                run()
+            traced = True
+        except Exception as e:  # a model whose forward needs more than the given inputs: fall back to names
+            log.info("kernopt: tracing shared linear inputs failed (%s: %s); grouping by module names",
+                     type(e).__name__, e)
+            traced = False
+        finally:
+            for h in handles:
+                h.remove()
+        if traced:
+            by_inputs: dict[tuple, list[str]] = {}
+            for name in sorted(calls, key=first_call.__getitem__):
+                by_inputs.setdefault(tuple(calls[name]), []).append(name)
+            return [names for names in by_inputs.values() if len(names) > 1]
+    groups = []
+    for parent_name, parent in model.named_modules():
+        children = dict(parent.named_children())
+        for siblings in SHARED_INPUT_SIBLINGS:
+            if all(isinstance(children.get(c), types) for c in siblings):
+                groups.append([f"{parent_name}.{c}" if parent_name else c for c in siblings])
+    return groups
+
+
+def pack_shared_input_linears_(model: nn.Module, groups: Iterable[Iterable[str]]) -> list[list[str]]:
+    """`pack_adjacent` each group of module names (`linears_sharing_input`), over the members that are
+    Int4Linear modules able to share buffers with the group's first. Returns the groups packed."""
+    packed = []
+    for names in groups:
+        mods = [(n, model.get_submodule(n)) for n in names]
+        mods = [(n, m) for n, m in mods if isinstance(m, Int4Linear)]
+        if len(mods) < 2:
+            continue
+        mods = [(n, m) for n, m in mods if _compatible(mods[0][1], m) is None]
+        if len(mods) < 2:
+            continue
+        pack_adjacent([m for _, m in mods])
+        packed.append([n for n, _ in mods])
+    return packed
+
+
 def _skipped(name: str, skip: Iterable[str]) -> bool:
     parts = name.split(".")
     return any(name == s or parts[-1] == s or name.endswith("." + s) for s in skip)
@@ -248,5 +395,5 @@ def load_int4_state_dict_(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     return replaced
 
 
-__all__ = ["Int4Linear", "n_contiguous", "quantize_int4_", "quantize_weight", "pack_int4", "unpack_int4", "dequantize_int4",
+__all__ = ["Int4Linear", "n_contiguous", "pack_adjacent", "linears_sharing_input", "pack_shared_input_linears_", "quantize_int4_", "quantize_weight", "pack_int4", "unpack_int4", "dequantize_int4",
            "from_gptq", "from_awq", "load_int4_state_dict_", "AWQ_ORDER", "GROUP_SIZES"]

@@ -184,24 +184,33 @@ def _(q, k_pages, v_pages, block_table, seq_lens, scale):
 # --------------------------------------------------------------------------------------------------
 # Quantized-weight matmuls.
 # --------------------------------------------------------------------------------------------------
+def _int4_gemm_tuned(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
+                     bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """The int4 kernel on x2 [M, K] with the tuned config of its (M bucket, N, K, group, dtype); `out` may be a
+    preallocated (strided) [M, N] tensor, e.g. a column slice of a grouped output."""
+    mod = kernel_module("int4_gemm")
+    m, n, k = x2.shape[0], scales.shape[0], x2.shape[1]
+    call = lambda cfg, x2, q, s, z, b: mod.int4_gemm(x2, q, s, z, group_size, bias=b, config=cfg)  # noqa: E731
+    operands = (x2, qweight, scales, zeros, bias)
+    config = workload.config_for(
+        "int4_gemm", workload.gemm_bucket(m, n, k, f"g{group_size}", x2.dtype),
+        lambda: mod.candidate_configs(m, n, k, group_size), lambda cfg: call(cfg, *operands),
+        lambda: tuning_kit(call, operands,
+                           lambda x2, q, s, z, b: mod.int4_gemm_ref(x2, q, s, z, group_size, bias=b)))
+    if out is None:
+        return call(config, *operands)
+    return mod.int4_gemm(x2, qweight, scales, zeros, group_size, bias=bias, config=config, out=out)
+
+
 @torch.library.custom_op("kernopt::int4_linear", mutates_args=())
 def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
                 bias: Optional[Tensor]) -> Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    mod = kernel_module("int4_gemm")
     if implementation(x) == "reference":
-        out = mod.int4_gemm_ref(x2, qweight, scales, zeros, group_size, bias=bias)
+        out = kernel_module("int4_gemm").int4_gemm_ref(x2, qweight, scales, zeros, group_size, bias=bias)
     else:
-        m, n, k = x2.shape[0], scales.shape[0], x2.shape[1]
-        call = lambda cfg, x2, q, s, z, b: mod.int4_gemm(x2, q, s, z, group_size, bias=b, config=cfg)  # noqa: E731
-        operands = (x2, qweight, scales, zeros, bias)
-        config = workload.config_for(
-            "int4_gemm", workload.gemm_bucket(m, n, k, f"g{group_size}", x.dtype),
-            lambda: mod.candidate_configs(m, n, k, group_size), lambda cfg: call(cfg, *operands),
-            lambda: tuning_kit(call, operands,
-                               lambda x2, q, s, z, b: mod.int4_gemm_ref(x2, q, s, z, group_size, bias=b)))
-        out = call(config, *operands)
+        out = _int4_gemm_tuned(x2, qweight, scales, zeros, group_size, bias)
     return out.reshape(*lead, out.shape[-1])
 
 
@@ -209,6 +218,85 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tens
 def _(x, qweight, scales, zeros, group_size, bias):
     # scales are [N, K // group_size]: the output width is their first dimension.
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+def adjacent_view(parts: list) -> Optional[Tensor]:
+    """One view over tensors that are consecutive blocks of rows of one storage, or None.
+
+    `parts` are 2-D [N_i, X] (or 1-D [N_i]) tensors with the same dtype, device, trailing shape and strides,
+    in one storage, where part i + 1 starts N_i rows (N_i * stride(0) elements) after part i: e.g. the column
+    slices of one N-contiguous [K/8, N1 + N2 + ...] buffer that `kernopt.int4.pack_adjacent` lays out (each
+    a [N_i, K/8] view with strides (1, Ntot)), or row-contiguous [N_i, K/8] tensors stored back to back.
+    The result is `parts[0]` extended over all rows: [N1 + N2 + ..., X] with the same strides, the very
+    memory the parts hold. Checked on every call (storage and offsets): anything else is None."""
+    first = parts[0]
+    if any(p is None for p in parts) or first.dim() not in (1, 2):
+        return None
+    storage = first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    for prev, p in zip(parts, parts[1:]):
+        if (p.dtype != first.dtype or p.device != first.device or p.shape[1:] != first.shape[1:]
+                or p.stride() != first.stride() or p.untyped_storage().data_ptr() != storage
+                or prev.shape[0] == 0 or p.storage_offset() != prev.storage_offset() + prev.shape[0] * prev.stride(0)):
+            return None
+    rows = sum(p.shape[0] for p in parts)
+    return torch.as_strided(first, (rows, *first.shape[1:]), first.stride(), offset)
+
+
+def _grouped_bias(biases: list, widths: list[int]) -> Optional[Tensor]:
+    """One [N1 + N2 + ...] bias for a fused launch: the parts' own memory when adjacent, else concatenated
+    (missing ones as zeros: adding 0 leaves those outputs as they were); None when no part has a bias."""
+    if all(b is None for b in biases):
+        return None
+    view = adjacent_view(biases)
+    if view is not None:
+        return view
+    ref = next(b for b in biases if b is not None)
+    return torch.cat([b if b is not None else ref.new_zeros(n) for b, n in zip(biases, widths)])
+
+
+@torch.library.custom_op("kernopt::int4_linear_group", mutates_args=())
+def int4_linear_group(x: Tensor, qweights: list[Tensor], scales: list[Tensor], zeros: list[Optional[Tensor]],
+                      group_size: int, biases: list[Optional[Tensor]]) -> Tensor:
+    """Several int4 linears of one input x, as [..., N1 + N2 + ...]: column block i is
+    ``int4_linear(x, qweights[i], scales[i], zeros[i], group_size, biases[i])``.
+
+    Why: at decode each int4 linear is a short memory-bound GEMV whose launch, ramp and tail cost about as much
+    as a fraction of its bytes; q/k/v (and gate/up) read one x, so one launch over N1 + N2 + ... columns does
+    the same work with one ramp and one tail (vLLM's merged QKV / gate_up layers). The int4 pass emits this
+    op for int4 linears that share x (passes/int4.py); `kernopt.int4.pack_adjacent` stores their weights as
+    adjacent column blocks of shared buffers.
+
+    Checked per call: when every qweight, scales (and zeros) list is the row blocks of one storage
+    (`adjacent_view`), the kernel runs once on the combined views (biases: their combined view or a small
+    concatenation); otherwise each part runs its own launch into its slice of the one output (still exact).
+    The reference implementation runs each part's reference and concatenates (the very values the separate
+    int4_linear calls give)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    widths = [s.shape[0] for s in scales]
+    if implementation(x) == "reference":
+        ref = kernel_module("int4_gemm").int4_gemm_ref
+        out = torch.cat([ref(x2, q, s, z, group_size, bias=b) for q, s, z, b in zip(qweights, scales, zeros, biases)],
+                        dim=-1)
+        return out.reshape(*lead, out.shape[-1])
+    q_all, s_all = adjacent_view(qweights), adjacent_view(scales)
+    z_all = None if all(z is None for z in zeros) else adjacent_view(zeros)
+    symmetric = all(z is None for z in zeros)
+    if q_all is not None and s_all is not None and (symmetric or z_all is not None):
+        out = _int4_gemm_tuned(x2, q_all, s_all, z_all, group_size, _grouped_bias(biases, widths))
+    else:
+        out = x2.new_empty((x2.shape[0], sum(widths)))
+        col = 0
+        for q, s, z, b, n in zip(qweights, scales, zeros, biases, widths):
+            _int4_gemm_tuned(x2, q, s, z, group_size, b, out=out[:, col:col + n])
+            col += n
+    return out.reshape(*lead, out.shape[-1])
+
+
+@int4_linear_group.register_fake
+def _(x, qweights, scales, zeros, group_size, biases):
+    return x.new_empty((*x.shape[:-1], sum(s.shape[0] for s in scales)))
 
 
 @torch.library.custom_op("kernopt::fp8_linear", mutates_args=())

@@ -35,7 +35,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from kernopt import ops, workload
-from kernopt.passes.graph import PassContext, arg, describe, example_value, insert_before, is_call, replace, size_hint
+from kernopt.int4 import grouping_enabled
+from kernopt.passes.graph import (PassContext, arg, describe, example_value, insert_before, is_call, replace,
+                                  size_hint, static_int)
 
 LINEAR = (F.linear, torch._C._nn.linear)
 MATMUL = (torch.matmul, operator.matmul, torch.mm, "matmul", "mm")
@@ -205,6 +207,42 @@ def _layout_refusal(p: torch.Tensor, N: int, K: int) -> str:
     return f"packed weight {str(p.dtype).replace('torch.', '')} {list(shape)} is not an int4 layout of [N={N}, K={K}]"
 
 
+_CAST_TO = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
+_KERNEL_READS = (torch.float16, torch.bfloat16, torch.float32, torch.int8, torch.uint8, torch.int16, torch.int32)
+
+
+def _cast_target(n: fx.Node) -> Optional[torch.dtype]:
+    if is_call(n, *_CAST_TO):
+        return _CAST_TO[n.target]
+    if is_call(n, "to", "type"):
+        dtypes = [a for a in (*n.args[1:], n.kwargs.get("dtype")) if isinstance(a, torch.dtype)]
+        return dtypes[0] if len(dtypes) == 1 else None
+    return None
+
+
+def _kernel_operand(node: fx.Node, N: int, G: int, how: str) -> fx.Node:
+    """The deepest node below a scales / zeros node that gives the kernel the same values: reshapes (row-major
+    order is kept, so the same [N, G] reading `how` applies) and casts to fp32 are skipped, since the kernel and
+    the reference convert scales and zeros to fp32 themselves with the same rounding. So kernopt's own
+    `scales.float().unsqueeze(-1)` feeds the module's scales buffer itself: no cast per call, and buffers that
+    `kernopt.int4.pack_adjacent` laid out side by side stay side by side (one launch for the group)."""
+    best, cur = node, node
+    while isinstance(cur, fx.Node) and cur.op in ("call_function", "call_method") and cur.args \
+            and isinstance(cur.args[0], fx.Node):
+        src = example_value(cur.args[0])
+        if src is None or src.dtype not in _KERNEL_READS:
+            break
+        if is_call(cur, *RESHAPES):
+            if any(isinstance(a, torch.dtype) for a in cur.args[1:]):
+                break  # .view(dtype) reinterprets bits
+        elif _cast_target(cur) not in (torch.float32, src.dtype):
+            break  # a narrowing cast rounds: keep it
+        cur = cur.args[0]
+        if how in dict(_ng_layouts(src.shape, N, G)):
+            best = cur
+    return best
+
+
 class _Plan:
     def __init__(self, q_view: str, s_view: str, z_view: Optional[str], group: int):
         self.q_view, self.s_view, self.z_view, self.group = q_view, s_view, z_view, group
@@ -301,6 +339,8 @@ class Int4Pass:
             reason = self._try(gm, ctx, node, x, w, bias, transposed, nodes, packed, matched)
             if reason:
                 ctx.refused(self.name, node, matched, reason)
+        if grouping_enabled():
+            group_shared_inputs(gm, ctx)
 
     def _try(self, gm, ctx, node, x, w, bias, transposed, nodes, packed, matched) -> Optional[str]:
         xv, wv = example_value(x), example_value(w)
@@ -360,8 +400,8 @@ class Int4Pass:
             qw.meta["example_value"] = qv.contiguous().view(torch.int32)
         else:
             qw = packed
-        scales = view_ng(aff.scale, plan.s_view)
-        zeros = view_ng(aff.zero, plan.z_view) if plan.z_view is not None else None
+        scales = view_ng(_kernel_operand(aff.scale, N, G, plan.s_view), plan.s_view)
+        zeros = view_ng(_kernel_operand(aff.zero, N, G, plan.z_view), plan.z_view) if plan.z_view is not None else None
         xv = example_value(x)
         rows = 1
         for s in xv.shape[:-1]:
@@ -378,3 +418,130 @@ class Int4Pass:
                     "kernopt.int4_linear", config,
                     workload.scenario_for_activation(ctx.scenario, [size_hint(d) for d in xv.shape]), impl)
         return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouping: int4 linears that read one x -> one kernopt.int4_linear_group launch + column slices
+# ------------------------------------------------------------------------------------------------
+INT4_LINEAR = torch.ops.kernopt.int4_linear.default
+INT4_GROUP = torch.ops.kernopt.int4_linear_group.default
+GROUP_PASS_NAME = "int4_group"  # its own name in reports: the int4 rewrites stay one per linear
+# Users that read a column slice like any tensor and write a fresh one: a slice feeding only these is left a
+# strided view; any other user gets `.contiguous()` (a no-op at M=1, where a slice is contiguous already), so
+# a later `.view()` or a kernel that assumes packed rows sees the tensor the linear used to produce.
+ELEMENTWISE = {
+    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
+    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.sigmoid, torch.tanh, torch.relu,
+    F.silu, F.gelu, F.relu, F.sigmoid, F.tanh, F.softplus,
+    "mul", "add", "sub", "div", "neg", "__mul__", "__add__", "__sub__", "__truediv__", "__rmul__", "__radd__",
+    "sigmoid", "tanh", "relu", "float", "half", "bfloat16",
+}
+
+
+def _elementwise_user(n: fx.Node) -> bool:
+    return n.op in ("call_function", "call_method") and n.target in ELEMENTWISE and not n.kwargs.get("inplace")
+
+
+def _clusters(members: list[fx.Node], order: dict[fx.Node, int]) -> list[list[fx.Node]]:
+    """Split int4_linear nodes of one x into groups that one node can replace: every input of the group is
+    defined before every user of any member (so no member depends on another's output, and one insertion
+    point serves them all). Greedy in graph order; groups of one are dropped."""
+    groups: list[tuple[list[fx.Node], int, int]] = []  # (members, last input position, first user position)
+    for m in sorted(members, key=order.__getitem__):
+        last_in = max((order[i] for i in m.all_input_nodes), default=-1)
+        first_use = min((order[u] for u in m.users), default=len(order))
+        for k, (ms, li, fu) in enumerate(groups):
+            if max(li, last_in) < min(fu, first_use):
+                groups[k] = (ms + [m], max(li, last_in), min(fu, first_use))
+                break
+        else:
+            groups.append(([m], last_in, first_use))
+    return [ms for ms, _, _ in groups if len(ms) > 1]
+
+
+def _storage_order(members: list[fx.Node]) -> tuple[list[fx.Node], Optional[bool]]:
+    """Members in the order their qweights lie in one storage, when Dynamo recorded their real tensors
+    (`pack_adjacent` lays q, k, v out in call order, so this is normally graph order), and whether the
+    qweights, scales and zeros are adjacent now (None: not knowable here; the op checks on every call)."""
+    reals = []
+    for m in members:
+        vals = [_real_value(a) if isinstance(a, fx.Node) and a.op == "placeholder" else None
+                for a in (m.args[1], m.args[2], m.args[3])]
+        if vals[0] is None or vals[1] is None or (m.args[3] is not None and vals[2] is None):
+            return members, None
+        reals.append(vals)
+    storages = {v[0].untyped_storage().data_ptr() for v in reals}
+    if len(storages) != 1:
+        return members, False
+    ranked = sorted(zip(members, reals), key=lambda mr: mr[1][0].storage_offset())
+    members, reals = [m for m, _ in ranked], [r for _, r in ranked]
+    adjacent = all(ops.adjacent_view([r[i] for r in reals]) is not None for i in (0, 1)) and \
+        (members[0].args[3] is None or ops.adjacent_view([r[2] for r in reals]) is not None)
+    return members, adjacent
+
+
+def group_shared_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Replace int4_linear nodes that take the same x node (same group size, all symmetric or all with zeros)
+    by one `kernopt.int4_linear_group` node and a column slice per linear. ``KERNOPT_INT4_GROUP=0`` skips it."""
+    tried: set = set()
+    while True:  # one x at a time, reading the graph afresh after each rewrite
+        by_input: dict[tuple, list[fx.Node]] = {}
+        for n in gm.graph.nodes:
+            if n.op != "call_function" or n.target is not INT4_LINEAR or len(n.args) != 6 or n.kwargs:
+                continue
+            x, _, scales, zeros, group_size, _ = n.args
+            sv = example_value(scales)
+            if example_value(n) is None or sv is None or static_int(sv.shape[0]) is None:
+                continue  # a column offset must be a constant
+            by_input.setdefault((x, group_size, zeros is None), []).append(n)
+        todo = [(key, ms) for key, ms in by_input.items() if len(ms) > 1 and key not in tried]
+        if not todo:
+            return
+        (x, group_size, symmetric), members = todo[0]
+        tried.add((x, group_size, symmetric))
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for group in _clusters(members, order):  # disjoint; later insertions keep old nodes' relative order
+            _group(gm, ctx, x, group_size, group, order)
+
+
+def _group(gm: fx.GraphModule, ctx: PassContext, x: fx.Node, group_size: int, members: list[fx.Node],
+           order: dict[fx.Node, int]) -> None:
+    members, adjacent = _storage_order(members)
+    last_in = max(order[i] for m in members for i in m.all_input_nodes)
+    anchor = next(n for n in gm.graph.nodes if order.get(n, -1) > last_in and n.op != "placeholder")
+    cols = [static_int(example_value(m.args[2]).shape[0]) for m in members]
+    evs = [example_value(m) for m in members]
+    args = (x, [m.args[1] for m in members], [m.args[2] for m in members], [m.args[3] for m in members],
+            group_size, [m.args[5] for m in members])
+    group = insert_before(gm, anchor, INT4_GROUP, args, torch.cat(evs, dim=-1))
+    col, slices = 0, []
+    for m, n, ev in zip(members, cols, evs):
+        out = insert_before(gm, anchor, torch.narrow, (group, -1, col, n), example_value(group).narrow(-1, col, n))
+        if not all(_elementwise_user(u) for u in m.users):
+            out = insert_before(gm, anchor, torch.Tensor.contiguous, (out,), ev)
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in m.meta:
+                out.meta[key] = m.meta[key]
+        slices.append(out)
+        col += n
+    for m, out in zip(members, slices):  # only now: the anchor may be a member
+        m.replace_all_uses_with(out)
+        gm.graph.erase_node(m)
+    xv = example_value(x)
+    rows = 1
+    for d in xv.shape[:-1]:
+        rows = rows * d
+    m_hint, K = size_hint(rows), size_hint(xv.shape[-1])
+    impl = ops.implementation(xv)
+    if impl == "reference":
+        config = "plain-torch reference (per part)"
+    elif adjacent is False:
+        config = "weights not in one storage: one launch per part into one output"
+    else:
+        config = ops.kernel_module("int4_gemm").select_config(m_hint, sum(cols), K, group_size)
+        config = ("one launch " if adjacent else "one launch if adjacent (checked per call) ") + \
+            " ".join(f"{k}={v}" for k, v in config.items())
+    ctx.rewrote(GROUP_PASS_NAME, group,
+                f"{len(members)} int4_linear of one x -> one launch M={m_hint} N={'+'.join(map(str, cols))} "
+                f"K={K} g{group_size}", "kernopt.int4_linear_group", config,
+                workload.scenario_for_activation(ctx.scenario, [size_hint(d) for d in xv.shape]), impl)

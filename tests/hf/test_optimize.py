@@ -162,3 +162,43 @@ def test_optimized_quantized_linears_run_their_ops_in_eager_calls(quantize, op, 
     switched[0].kernel_in_eager = False  # a module optimize() did not switch: the reference
     monkeypatch.setattr(ops, "EAGER_KERNEL_IMPLS", ("triton",))  # and on CPU, without the test's switch
     assert op not in eager(model, ids)[1]
+
+
+@pytest.mark.parametrize("grouping", ["1", "0"])
+def test_optimize_int4_packs_linears_sharing_an_input_and_groups_them(grouping, monkeypatch):
+    """optimize(quantize="int4") traces which linears read one input (q/k/v, gate/up), lays each set out in
+    shared buffers (kernopt.int4.pack_adjacent), and the int4 pass runs each set as one grouped op; the logits
+    are those of the same model quantized without any of it. KERNOPT_INT4_GROUP=0 turns both off."""
+    from kernopt import ops
+    from kernopt.backend import Report, _active_reports
+    from kernopt.int4 import quantize_int4_
+    from kernopt.tolerance import assert_close
+
+    monkeypatch.setenv("KERNOPT_INT4_GROUP", grouping)
+    ref = quantize_int4_(tiny_llama(), group_size=32)
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9))
+    report = Report()
+    with torch.no_grad():
+        want = ref(ids).logits
+        kernopt.optimize(model, quantize="int4", group_size=32, inner="eager")
+        _active_reports.append(report)
+        try:
+            got = model(ids).logits
+        finally:
+            _active_reports.remove(report)
+    assert_close(got, want.double(), torch.float32, scale=2.0)
+    groups = model._kernopt["int4_groups"]
+    grouped = [r for r in report.rewrites if r.pass_name == "int4_group"]
+    if grouping == "0":
+        assert groups == [] and grouped == []
+        return
+    assert groups == [names for i in range(2) for names in (
+        [f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"], [f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up")])]
+    for names in groups:
+        mods = [model.get_submodule(n) for n in names]
+        for attr in ("qweight", "scales"):
+            parts = [getattr(m, attr) for m in mods]
+            assert len({p.untyped_storage().data_ptr() for p in parts}) == 1
+            assert ops.adjacent_view(parts) is not None
+    assert sorted(r.matched.split(" ")[0] for r in grouped) == ["2", "2", "3", "3"], report.table()
