@@ -136,6 +136,21 @@ def test_group_op_equals_separate_int4_linears(adjacent, symmetric, bias, lead, 
     assert_close(got, want.double(), DT, scale=2.0)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 33])
+def test_group_op_llama_shapes_on_gpu(m, launches):
+    """q/k/v of an 8B layer (N 4096 + 1024 + 1024, K 4096, g128, bf16) in one launch, at decode and small M."""
+    mods = [Int4Linear.from_linear(nn.Linear(4096, n, bias=False, device="cuda", dtype=torch.bfloat16), 128)
+            for n in (4096, 1024, 1024)]
+    pack_adjacent(mods)
+    x = torch.randn(m, 4096, dtype=torch.bfloat16, device="cuda")
+    want = _separate(x, mods)
+    launches.clear()
+    got = _grouped(x, mods)
+    assert launches == [6144]
+    assert_close(got, want.double(), torch.bfloat16, scale=2.0)
+
+
 def test_group_op_reference_is_the_separate_references(monkeypatch):
     monkeypatch.setenv("KERNOPT_CPU", "reference")
     mods = _linears()
@@ -144,10 +159,15 @@ def test_group_op_reference_is_the_separate_references(monkeypatch):
     assert torch.equal(_grouped(x, mods), _separate(x, mods))
 
 
-def test_group_op_fake_shape():
+def test_group_op_registration_and_fake_shape():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mods = _linears(bias=(False, True, False))
+    pack_adjacent(mods)
+    x = torch.randn(2, K, dtype=DT, device=DEV)
+    torch.library.opcheck(torch.ops.kernopt.int4_linear_group.default,
+                          (x, [m.qweight for m in mods], [m.scales for m in mods], [m.zeros for m in mods], G,
+                           [m.bias for m in mods]))
     with FakeTensorMode(allow_non_fake_inputs=True):
         out = _grouped(torch.empty(4, 7, K, dtype=DT, device=DEV), mods)
     assert out.shape == (4, 7, sum(WIDTHS)) and out.dtype == DT
