@@ -29,8 +29,87 @@ import torch
 import torch.nn.functional as F
 
 from kernopt.benchmark import Suite, require_cuda, rotation, time_graph_ms, time_ms
+from kernopt.kernels.host import cdiv
 from kernopt.kernels.int4_gemm import int4_gemm
 from kernopt.tolerance import mismatch, rms
+
+try:  # the read roofline below is a Triton kernel; the suite itself needs only kernopt's launchers
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _read_words_kernel(qw_ptr, out_ptr, N, K_WORDS, W_PER_SPLIT, stride_n, stride_w,
+                           BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, N_FAST: tl.constexpr,
+                           LOAD_STAGES: tl.constexpr):
+        """Reads a [BLOCK_W word rows, BLOCK_N columns] tile per step over one K slice, as the GEMVs do, and
+        only sums the words: how fast this load pattern alone can go (no unpack, no FMA). N_FAST: the tile's
+        fast axis is N (N-contiguous storage, each word row a run of BLOCK_N words) else K."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_w = tl.arange(0, BLOCK_W)
+        mask_n = offs_n < N
+        w_lo = pid_k * W_PER_SPLIT
+        w_hi = tl.minimum(w_lo + W_PER_SPLIT, K_WORDS)
+        if N_FAST:
+            acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.int32)
+            ptrs = qw_ptr + offs_n[None, :] * stride_n + offs_w[:, None] * stride_w
+            for w0 in tl.range(w_lo, w_hi, BLOCK_W, num_stages=LOAD_STAGES):
+                acc += tl.load(ptrs + w0 * stride_w, mask=mask_n[None, :], other=0)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+            ptrs = qw_ptr + offs_n[:, None] * stride_n + offs_w[None, :] * stride_w
+            for w0 in tl.range(w_lo, w_hi, BLOCK_W, num_stages=LOAD_STAGES):
+                acc += tl.load(ptrs + w0 * stride_w, mask=mask_n[:, None], other=0)
+        tl.store(out_ptr + pid_k * tl.num_programs(0) + pid_n, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+def read_roofline(K: int, N: int, rep: int) -> dict:
+    """TB/s of int4 words read by `_read_words_kernel` per (layout, tile, warps, stages, programs): the load
+    patterns' ceiling, to tell a GEMV's memory pattern from its math (METHOD.md: time what you leave out)."""
+    n_words = K // 8
+    words_n = torch.randint(-2**31, 2**31 - 1, (n_words, N), dtype=torch.int32, device="cuda")  # N-contiguous
+    words_k = torch.randint(-2**31, 2**31 - 1, (N, n_words), dtype=torch.int32, device="cuda")  # K-contiguous
+    copies, calls = rotation(words_n.numel() * 4)
+    rows = {}
+    for n_fast, base in ((True, words_n), (False, words_k)):
+        bufs = [base] + [base.clone() for _ in range(copies - 1)]
+        tiles = ((64, 16), (128, 16), (256, 16), (128, 32), (256, 32), (512, 16), (128, 64)) if n_fast else \
+            ((16, 128), (16, 256), (32, 128), (8, 512), (16, 512), (32, 64))
+        for bn, bw in tiles:
+            for warps in (2, 4, 8):
+                for stages in (1, 3):
+                    for per_sm in (4, 16):
+                        split = 1
+                        while cdiv(N, bn) * split < per_sm * 132 and n_words // (split * 2) >= bw:
+                            split *= 2
+                        wps = cdiv(n_words, split)
+                        out = torch.empty(split * cdiv(N, bn), dtype=torch.int32, device="cuda")
+
+                        def make(i, bn=bn, bw=bw, warps=warps, stages=stages, split=split, wps=wps, out=out, bufs=bufs):
+                            w = bufs[i]
+                            grid = (cdiv(N, bn), split)
+                            sn, sw = (w.stride(1), w.stride(0)) if n_fast else (w.stride(0), w.stride(1))
+                            return lambda: _read_words_kernel[grid](w, out, N, n_words, wps, sn, sw, BLOCK_N=bn,
+                                                                    BLOCK_W=bw, N_FAST=n_fast, LOAD_STAGES=stages,
+                                                                    num_warps=warps, num_stages=1)
+                        try:
+                            us = 1e3 * time_graph_ms(make, copies, calls, rep)
+                        except Exception as e:  # a config that does not compile is a row, not a crash
+                            print(f"  read {'N' if n_fast else 'K'}-fast {bn}x{bw} w{warps} s{stages}: {e}")
+                            continue
+                        key = f"{'N' if n_fast else 'K'}-fast BLOCK_N={bn} BLOCK_W={bw} warps={warps} " \
+                              f"stages={stages} split={split}"
+                        rows[key] = round(n_words * N * 4 / us / 1e6, 3)
+        del bufs
+    best = sorted(rows.items(), key=lambda kv: -kv[1])
+    for k, v in best[:12]:
+        print(f"  read roofline K={K} N={N}: {v:.2f} TB/s  {k}")
+    return {"tbps": rows, "best": best[:12]}
+
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]
 MS = [1, 4, 16, 64, 256]
@@ -80,6 +159,8 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="also time every candidate config per case")
     parser.add_argument("--only", default="", help="run only cases whose name contains this text")
     parser.add_argument("--ms", default="", help="run only these M (plus- or comma-separated, e.g. 1+4)")
+    parser.add_argument("--read-roofline", action="store_true",
+                        help="also time a words-only read kernel per (K, N), layouts and tiles (TB/s), then exit")
     parser.add_argument("--impls", default="", help="--tune: time only these impls' candidates (e.g. gemv2+tiled3)")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
@@ -100,6 +181,14 @@ def main() -> None:
     impls = {i for i in args.impls.replace("+", ",").split(",") if i}
     suite = Suite("gemm_int4")
     torch.manual_seed(0)
+    if args.read_roofline:
+        roof = Suite("int4_read_roofline")
+        for K, N in dict.fromkeys((k, n) for _, k, n in cases):
+            r = read_roofline(K, N, 30)
+            roof.add(f"K={K} N={N}", "TB/s", True, {"best_read": r["best"][0][1]}, best_config=r["best"][0][0],
+                     all_tbps=r["tbps"])
+        print(f"wrote {roof.write(args.out)}")
+        return
     for K, N in dict.fromkeys((k, n) for _, k, n in cases):
         qweight, scales, zeros = make_weights(N, K, GROUP, "cuda")
         w_bf16 = dequantize_int4(qweight, scales, zeros, GROUP, torch.bfloat16)  # the plain-torch reference
@@ -136,6 +225,7 @@ def main() -> None:
             if args.tune:
                 best, best_us = None, float("inf")
                 per_impl: dict[str, tuple[float, dict]] = {}
+                all_us: dict[str, float] = {}
                 for cand in candidate_configs(M, N, K, GROUP):
                     if impls and cand["impl"] not in impls:
                         continue
@@ -154,6 +244,8 @@ def main() -> None:
                     except Exception as e:
                         print(f"  {case}: {format_config(cand)} raised {type(e).__name__}: {e}")
                         continue
+                    print(f"    {us:8.2f} us  {format_config(cand)}")
+                    all_us[format_config(cand)] = round(us, 3)
                     if us < best_us:
                         best, best_us = cand, us
                     if us < per_impl.get(cand["impl"], (float("inf"),))[0]:
@@ -163,6 +255,7 @@ def main() -> None:
                     # the best per implementation, so the table can be set from one run
                     extra["tuned_best_per_impl"] = {impl: {"us": round(us, 3), "config": format_config(c)}
                                                     for impl, (us, c) in sorted(per_impl.items())}
+                    extra["tuned_all_us"] = all_us
                     print(f"  {case}: best {best_us:.2f} us with {format_config(best)}")
                     for impl, (us, c) in sorted(per_impl.items()):
                         print(f"    {impl:15s} {us:8.2f} us  {format_config(c)}")

@@ -273,6 +273,25 @@ def _finish_tile(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, tile, pid_k, offs_m, of
 
 
 @triton.jit
+def _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0, k_hi, K, stride_qk, stride_sn, stride_sg,
+                 stride_zn, stride_zg, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, MULTI: tl.constexpr):
+    """gemv2's loads for the K block at k0 (none past k_hi): words [BLOCK_K/8, BLOCK_N], and zero and scale per
+    column ([BLOCK_N]) or, MULTI, per word row ([BLOCK_K/8, BLOCK_N]; rows past K read as zero words)."""
+    if MULTI:
+        rows = k0 // 8 + offs_w
+        ok = mask_n[None, :] & (rows < K // 8)[:, None] & (k0 < k_hi)
+        w = tl.load(w_ptrs + (k0 // 8) * stride_qk, mask=ok, other=0)
+        s, z = _load_group_params(s_ptr, z_ptr, offs_n[None, :], ok, (rows // (GROUP // 8))[:, None], stride_sn,
+                                  stride_sg, stride_zn, stride_zg, HAS_ZEROS)
+    else:
+        ok = mask_n & (k0 < k_hi)
+        w = tl.load(w_ptrs + (k0 // 8) * stride_qk, mask=ok[None, :], other=0)
+        s, z = _load_group_params(s_ptr, z_ptr, offs_n, ok, k0 // GROUP, stride_sn, stride_sg, stride_zn, stride_zg,
+                                  HAS_ZEROS)
+    return w, s, z
+
+
+@triton.jit
 def _int4_gemv2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
     M, N, K, K_PER_SPLIT, ZERO,
@@ -296,10 +315,12 @@ def _int4_gemv2_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # BLOCK_M == 1: per-(word row, column) accumulator, reduced across rows (and warps) once at the end
     acc_w = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    # MULTI: a K block spans BLOCK_K / GROUP groups (BLOCK_M == 1 only): zero and scale are loaded per word
+    # row ([BLOCK_K/8, BLOCK_N], each group's row repeated GROUP/8 times: L1 hits) and applied per word row.
+    MULTI: tl.constexpr = BLOCK_K > GROUP
     if PREFETCH:
-        w = tl.load(w_ptrs + (k_lo // 8) * stride_qk, mask=mask_n[None, :], other=0)
-        s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n, k_lo // GROUP, stride_sn, stride_sg,
-                                  stride_zn, stride_zg, HAS_ZEROS)
+        w, s, z = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k_lo, k_hi, K, stride_qk, stride_sn,
+                               stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
     # tl.range's num_stages pipelines the word / scale / x loads through shared memory by cp.async
     # (LOAD_STAGES - 1 K blocks ahead); a plain range loop without a dot is never pipelined by Triton 3.6,
     # whatever the kernel's num_stages (offline sm_90a compiles), hence PREFETCH's register double buffer.
@@ -307,27 +328,30 @@ def _int4_gemv2_kernel(
         if PREFETCH:
             # Register double buffer: the next block's words are in flight while this one is unpacked.
             w_cur, s_cur, z_cur = w, s, z
-            k_nx = k0 + BLOCK_K
-            more = mask_n & (k_nx < k_hi)
-            w = tl.load(w_ptrs + (k_nx // 8) * stride_qk, mask=more[None, :], other=0)
-            s, z = _load_group_params(s_ptr, z_ptr, offs_n, more, k_nx // GROUP, stride_sn, stride_sg,
-                                      stride_zn, stride_zg, HAS_ZEROS)
+            w, s, z = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0 + BLOCK_K, k_hi, K, stride_qk,
+                                   stride_sn, stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
         else:
-            w_cur = tl.load(w_ptrs + (k0 // 8) * stride_qk, mask=mask_n[None, :], other=0)
-            s_cur, z_cur = _load_group_params(s_ptr, z_ptr, offs_n, mask_n, k0 // GROUP, stride_sn, stride_sg,
-                                              stride_zn, stride_zg, HAS_ZEROS)
+            w_cur, s_cur, z_cur = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0, k_hi, K,
+                                               stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, GROUP,
+                                               HAS_ZEROS, MULTI)
         # [BLOCK_K/8, 8, BLOCK_N] values B_j + q (k = k0 + 8 * word + j), one LOP3 each, no bias FADD:
         # sum_j x_j (B_j + q_j) - sum_j x_j B_j is the dot with q; the second sum is per word row only.
         bq, bias = _unpack_nibbles_biased(w_cur, ZERO)
         for i in tl.static_range(BLOCK_M):
             row = pid_m * BLOCK_M + i
-            x = tl.load(x_ptr + row * stride_xm + (k0 + offs_w[:, None] * 8 + offs_j[None, :]) * stride_xk,
-                        mask=(offs_w[:, None] >= 0) & (row < M), other=0.0).to(tl.float32)
+            kx = k0 + offs_w[:, None] * 8 + offs_j[None, :]
+            if MULTI:  # the last K block may run past K
+                x_mask = (kx < K) & (row < M)
+            else:
+                x_mask = (offs_w[:, None] >= 0) & (row < M)
+            x = tl.load(x_ptr + row * stride_xm + kx * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
             xq = tl.sum(bq * x[:, :, None], axis=1)  # [BLOCK_K/8, BLOCK_N], in-thread over the 8 nibbles
             xb = tl.sum(x * bias[None, :], axis=1)
             xs = tl.sum(x, axis=1)
             # sum_k x (q - z) s = (sum_k x q - z sum_k x) s: zero and scale once per word row, not per nibble
-            if BLOCK_M == 1:
+            if MULTI:
+                acc_w += (xq - xb[:, None] - xs[:, None] * z_cur) * s_cur
+            elif BLOCK_M == 1:
                 acc_w += (xq - xb[:, None] - xs[:, None] * z_cur[None, :]) * s_cur[None, :]
             else:
                 part = (tl.sum(xq - xb[:, None], axis=0) - tl.sum(xs, axis=0) * z_cur) * s_cur
@@ -589,9 +613,20 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             tiles += ((64, 8, 4, 0, 3), (128, 8, 8, 0, 3))
         else:
             tiles = ()
-        for bn, split, warps, prefetch, stages in tiles:
-            if K // split >= block_k:
-                out.append({"impl": "gemv2", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
+        tiles = tuple((bn, block_k, split, warps, prefetch, stages) for bn, split, warps, prefetch, stages in tiles)
+        if M == 1:
+            # K blocks of 2-4 groups (zero / scale per word row): 16-32 KB of words per step per program, the
+            # bytes per step of the bf16 gemv's tiles, which read 3.6 TB/s (unmeasured for int4).
+            # Offline sm_90a (K4096 g128): 128 x 256 x 4 warps 243 registers with PREFETCH, 128 staged (40 KB smem
+            # at 2 stages); 256 x 256 x 8 warps 246; 4-group blocks spill with PREFETCH (255 + 632 B), so staged only.
+            tiles += tuple((bn, bk, split, warps, prefetch, stages)
+                           for bn, bk, warps, ways in ((128, 2 * block_k, 4, ((1, 1), (0, 2), (0, 3))),
+                                                       (256, 2 * block_k, 8, ((1, 1), (0, 2))),
+                                                       (128, 4 * block_k, 8, ((0, 2),)), (64, 4 * block_k, 4, ((0, 2),)))
+                           for prefetch, stages in ways for split in (4, 8))
+        for bn, bk, split, warps, prefetch, stages in tiles:
+            if K // split >= bk:
+                out.append({"impl": "gemv2", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
                             "PREFETCH": prefetch, "num_warps": warps, "num_stages": stages})
         # tiled2: the tiled kernel's tiles with the LOP3 unpack and the single-pass split-K.
         for bn, bk, warps in ((64, 64, 4), (128, 64, 4), (128, 128, 4), (256, 64, 8)):
@@ -722,8 +757,11 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         raise ValueError(f"int4_gemm: unknown impl {impl!r}; valid: {', '.join(map(repr, IMPLS))}")
 
     block_k = cfg["BLOCK_K"]
-    if block_k < 8 or block_k & (block_k - 1) or group_size % block_k:
-        raise ValueError(f"int4_gemm: BLOCK_K={block_k} must be a power of two >= 8 dividing group_size={group_size}")
+    # gemv2 at BLOCK_M 1 also takes K blocks of several whole groups (zero and scale per word row)
+    multi_ok = impl == "gemv2" and cfg.get("BLOCK_M") == 1 and block_k % group_size == 0
+    if block_k < 8 or block_k & (block_k - 1) or (group_size % block_k and not multi_ok):
+        raise ValueError(f"int4_gemm: BLOCK_K={block_k} must be a power of two >= 8 dividing group_size={group_size}"
+                         " (or, for gemv2 at BLOCK_M=1, a multiple of it)")
     split = max(1, int(cfg.get("SPLIT_K", 1)))
     k_per_split = cdiv(cdiv(K, split), block_k) * block_k
     split = cdiv(K, k_per_split)

@@ -72,13 +72,18 @@ def test_int4_gemm_matches_reference(device, g, asym, cfg):
 GEMV2 = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "PREFETCH": 1}
 GEMV2_ROWS = {"impl": "gemv2", "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "PREFETCH": 0}
 GEMV2_STAGED = {**GEMV2, "PREFETCH": 0, "num_stages": 3}  # the tl.range-pipelined loop (cp.async on a GPU)
+# K blocks of several groups (zero and scale per word row): 2 groups of 32 per block with split-K, and a 256-wide
+# block whose second half runs past K = 384 (masked rows), staged.
+GEMV2_MULTI = {**GEMV2, "BLOCK_K": 64}
+GEMV2_MULTI_TAIL = {**GEMV2, "BLOCK_K": 256, "SPLIT_K": 1, "PREFETCH": 0, "num_stages": 2}
 TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "GROUP_M": 2}
 
 
 @pytest.mark.parametrize("cfg,g,asym", [
     pytest.param(cfg, g, asym, id=f"{name}-g{g}-{'asym' if asym else 'sym'}")
     for name, cfg, groups in (("gemv2", GEMV2, (32, 64, 128)), ("tiled2", TILED2, (32, 64, 128)),
-                              ("gemv2_rows", GEMV2_ROWS, (64, 128)), ("gemv2_staged", GEMV2_STAGED, (32, 128)))
+                              ("gemv2_rows", GEMV2_ROWS, (64, 128)), ("gemv2_staged", GEMV2_STAGED, (32, 128)),
+                              ("gemv2_multi", GEMV2_MULTI, (32,)), ("gemv2_multi_tail", GEMV2_MULTI_TAIL, (32, 128)))
     for g in groups for asym in (True, False) if name != "gemv2_rows" or asym == (g == 128)])
 def test_int4_gemm_single_pass_variants(device, g, asym, cfg):
     """Odd M/N, every group size, sym/asym, bias, NaN-poisoned out; with split-K a second call with new
@@ -231,7 +236,10 @@ def test_candidate_configs_sweep_the_variants_for_small_m():
     assert not {"gemv2", "tiled2", "tiled3"} & {c["impl"] for c in candidate_configs(64, 14336, 4096, 128)}
     for M in (1, 3, 16):
         for c in candidate_configs(M, 4096, 4096, 32):
-            assert 32 % c["BLOCK_K"] == 0
+            # K blocks divide a group, or (gemv2 at one row) span whole groups
+            multi = c["impl"] == "gemv2" and c["BLOCK_M"] == 1 and c["BLOCK_K"] % 32 == 0
+            assert 32 % c["BLOCK_K"] == 0 or multi, c
+    assert any(c["BLOCK_K"] > 128 for c in candidate_configs(1, 14336, 4096, 128) if c["impl"] == "gemv2")
 
 
 @pytest.mark.gpu
