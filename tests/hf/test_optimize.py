@@ -74,6 +74,46 @@ def test_optimize_static_cache_compiles_decode_through_transformers():
     assert report.graphs == graphs  # and a second generate call reuses them (no backend-match recompiles)
 
 
+def test_optimize_static_cache_compiles_the_prompt_forward_too(monkeypatch):
+    """On the devices in PREFILL_COMPILE_DEVICES (the GPU; here CPU, switched on), the prompt's forward, which
+    transformers runs uncompiled under a static cache, is compiled with the kernopt backend as well; decode
+    steps still compile through transformers (tracing through the compiled forward); the tokens are the
+    same; a second call compiles nothing; plain_torch_eager runs the uncompiled forward."""
+    from kernopt.hf import plain_torch_eager
+
+    monkeypatch.setattr(kernopt.hf, "PREFILL_COMPILE_DEVICES", ("cuda", "cpu"))
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+        eager_logits = model(ids).logits
+        eager_forward = model.forward
+        kernopt.optimize(model, cache="static", inner="eager")
+        assert model.forward is not eager_forward and model._kernopt_eager_forward == eager_forward
+        model.generation_config.compile_config._compile_all_devices = True
+        report = kernopt.backend.Report()
+        kernopt.backend._active_reports.append(report)
+        try:
+            prompt_logits = model(ids).logits
+            prompt_graphs = report.graphs
+            got = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+            graphs = report.graphs
+            again = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+            with plain_torch_eager(model):
+                assert model.forward == eager_forward
+                plain = model(ids).logits
+            assert model.forward is not eager_forward  # compiled again after the block
+            plain_graphs = report.graphs
+        finally:
+            kernopt.backend._active_reports.remove(report)
+    assert prompt_graphs >= 1  # the prompt's forward went through the kernopt backend
+    assert graphs > prompt_graphs  # and so did the decode step, through transformers' compiled call
+    assert report.graphs == graphs == plain_graphs  # nothing recompiled; the plain forward compiled nothing
+    assert torch.equal(got, want) and torch.equal(again, want)
+    torch.testing.assert_close(prompt_logits, eager_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(plain, eager_logits, rtol=0, atol=0)
+
+
 class _HostEvent:
     """CPU has no events, and its ops are synchronous: recording / waiting is a no-op there."""
 
