@@ -6,8 +6,8 @@
 What it does, in order: quantize the linear layers (skipping `skip`, lm_head by default); route attention
 through kernopt (transformers' AttentionInterface, `kernopt/hf_attention.py`); pick the KV cache; compile.
 Under ``cache="static"`` transformers compiles only the decode step and runs the prompt's forward uncompiled;
-on a GPU `optimize()` compiles that forward too (`_compile_prefill`), and quantized linears run their fused
-ops in any eager call that remains (`kernopt.ops.eager_kernel`).
+quantized linears run their fused ops in those eager calls on a GPU (`kernopt.ops.eager_kernel`), and with
+KERNOPT_COMPILE_PREFILL=1 `optimize()` compiles that forward too (`_compile_prefill`; off until measured).
 
 Two caches:
 - ``cache="paged"`` (default): a `PagedKVCache` (pages allocated per sequence as it grows, reused across
@@ -81,7 +81,7 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
         # torch.compile takes mode= or options=, not both: the CUDA-graph mode travels inside our options.
         gc.compile_config = CompileConfig(backend="kernopt", options={**options, "mode": "reduce-overhead"},
                                           mode=None, fullgraph=False)
-        if compile and _device_of(model).type in PREFILL_COMPILE_DEVICES:
+        if compile and compile_prefill_enabled() and _device_of(model).type in PREFILL_COMPILE_DEVICES:
             _compile_prefill(model, options)
         _defer_stop_checks_in_generate(model)
         model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario, "int4_groups": int4_groups}
@@ -98,9 +98,14 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
     return model
 
 
-# Devices where optimize(cache="static") also compiles the prompt's forward (transformers compiles decode steps
-# only on GPUs too, unless told otherwise; tests add "cpu").
+# Devices where optimize(cache="static") may also compile the prompt's forward (transformers compiles decode
+# steps only on GPUs too, unless told otherwise; tests add "cpu"). Off unless KERNOPT_COMPILE_PREFILL=1 until the
+# dispatching version below is measured on a GPU (see _compile_prefill).
 PREFILL_COMPILE_DEVICES = ("cuda",)
+
+
+def compile_prefill_enabled() -> bool:
+    return os.environ.get("KERNOPT_COMPILE_PREFILL", "0") == "1"
 
 
 def _device_of(model) -> torch.device:
@@ -109,17 +114,32 @@ def _device_of(model) -> torch.device:
 
 
 def _compile_prefill(model, options: dict) -> None:
-    """Compile `model.forward` with the kernopt backend, without CUDA graphs (prompt lengths vary).
+    """Eager calls of `model.forward` (the prompt's forward) run a kernopt-compiled forward, without CUDA graphs
+    (prompt lengths vary); traced calls (transformers' compiled decode step) trace the eager forward.
 
-    Under ``cache="static"`` transformers compiles only the decode step (its CompileConfig) and runs the
-    prompt's forward through ``model(...)`` uncompiled: every op from Python, the quantized linears each a
-    separate launch with their Python around it. On the H200 (llama suite, 8B, prompt 128; 9112e97) that
-    uncompiled prompt cost 138 ms per generate call for int4 and 145 ms for fp8 against 28.5 ms for HF static
-    + Inductor's bf16 eager prompt, ~20 % of a 128-token call. The decode step's compiled call traces through
-    this compiled `forward` (Dynamo inlines a compiled function it meets while tracing), so decode is one graph
-    as before. `plain_torch_eager` restores the uncompiled forward inside its block."""
-    model._kernopt_eager_forward = model.forward
-    model.forward = torch.compile(model.forward, backend="kernopt", options=options)
+    Why: under ``cache="static"`` transformers compiles only the decode step (its CompileConfig) and runs the
+    prompt's forward through ``model(...)`` uncompiled: every op from Python, each quantized linear a separate
+    launch with its Python around it. On the H200 (llama suite, 8B, prompt 128) that cost 138 ms per int4
+    generate call and 145 ms for fp8, against 28.5 ms for HF static + Inductor's bf16 eager prompt (9112e97);
+    compiled, 48 / 62 / 21.6 (kernopt bf16) ms (7dec55f).
+
+    The dispatch matters: 7dec55f replaced `forward` by the compiled function itself, and transformers'
+    compiled decode call, meeting it while tracing, ran the decode step through that inner compiled forward
+    instead: no CUDA graphs, 36-49 ms per step instead of 3.8-5.3. Here `torch.compiler.is_compiling()` sends a
+    traced call to the eager forward, so the decode step's graph is what it was without this. Not measured on
+    a GPU yet, hence off by default (KERNOPT_COMPILE_PREFILL=1). `plain_torch_eager` restores the eager
+    forward inside its block."""
+    eager = model.forward
+    model._kernopt_eager_forward = eager
+    model._kernopt_prompt_forward = torch.compile(eager, backend="kernopt", options=options)
+
+    @functools.wraps(eager)
+    def forward(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return eager(*args, **kwargs)
+        return model._kernopt_prompt_forward(*args, **kwargs)
+
+    model.forward = forward
 
 
 def _tiny_forward(model):

@@ -289,6 +289,13 @@ def _suite(all_results: dict, batch_sizes, prefill: int, device: str = "cuda", s
         suite.header["cpu_threads"] = torch.get_num_threads()
     suite.header["dtype"] = str(dtype_for(device)).replace("torch.", "")
     suite.header["transformers"] = transformers.__version__
+    from kernopt.hf import compile_prefill_enabled
+
+    # kernopt's switches that change what the kernopt systems run (environment variables)
+    suite.header["kernopt_env"] = {k: os.environ[k] for k in ("KERNOPT_COMPILE_PREFILL", "KERNOPT_INT4_GROUP",
+                                                              "KERNOPT_DEFER_STOP_CHECK", "KERNOPT_AUTOTUNE")
+                                   if k in os.environ}
+    suite.header["compile_prefill"] = compile_prefill_enabled()
     for shape, results in all_results.items():
         def row(case, key, metric, hib, **more):
             vals = {s: r[key] for s, r in results.items() if key in r and not (s.startswith("kernopt") and "error" in r)}

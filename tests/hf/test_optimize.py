@@ -75,13 +75,15 @@ def test_optimize_static_cache_compiles_decode_through_transformers():
 
 
 def test_optimize_static_cache_compiles_the_prompt_forward_too(monkeypatch):
-    """On the devices in PREFILL_COMPILE_DEVICES (the GPU; here CPU, switched on), the prompt's forward, which
-    transformers runs uncompiled under a static cache, is compiled with the kernopt backend as well; decode
-    steps still compile through transformers (tracing through the compiled forward); the tokens are the
-    same; a second call compiles nothing; plain_torch_eager runs the uncompiled forward."""
+    """With KERNOPT_COMPILE_PREFILL=1, on the devices in PREFILL_COMPILE_DEVICES (the GPU; here CPU, switched on),
+    eager calls of the forward (transformers' prompt forward under a static cache) run a kernopt-compiled
+    forward; the decode step, compiled by transformers, traces the eager forward (never the prompt's compiled
+    one: on the GPU that ran decode without CUDA graphs); same tokens; a second call compiles nothing;
+    plain_torch_eager runs the eager forward."""
     from kernopt.hf import plain_torch_eager
 
     monkeypatch.setattr(kernopt.hf, "PREFILL_COMPILE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setenv("KERNOPT_COMPILE_PREFILL", "1")
     model = tiny_llama()
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
@@ -89,29 +91,39 @@ def test_optimize_static_cache_compiles_the_prompt_forward_too(monkeypatch):
         eager_logits = model(ids).logits
         eager_forward = model.forward
         kernopt.optimize(model, cache="static", inner="eager")
-        assert model.forward is not eager_forward and model._kernopt_eager_forward == eager_forward
+        assert model.forward != eager_forward and model._kernopt_eager_forward == eager_forward
         model.generation_config.compile_config._compile_all_devices = True
+        prompt_calls = []
+        compiled = model._kernopt_prompt_forward
+        model._kernopt_prompt_forward = lambda *a, **k: prompt_calls.append(1) or compiled(*a, **k)
         report = kernopt.backend.Report()
         kernopt.backend._active_reports.append(report)
         try:
             prompt_logits = model(ids).logits
             prompt_graphs = report.graphs
             got = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
-            graphs = report.graphs
+            graphs, calls = report.graphs, len(prompt_calls)
             again = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
             with plain_torch_eager(model):
                 assert model.forward == eager_forward
                 plain = model(ids).logits
-            assert model.forward is not eager_forward  # compiled again after the block
+            assert model.forward != eager_forward  # dispatching again after the block
             plain_graphs = report.graphs
         finally:
             kernopt.backend._active_reports.remove(report)
     assert prompt_graphs >= 1  # the prompt's forward went through the kernopt backend
     assert graphs > prompt_graphs  # and so did the decode step, through transformers' compiled call
+    # one prompt forward per call (model(ids), then generate's prompt): the 5 decode steps never entered it
+    assert calls == 2 and len(prompt_calls) == 3, prompt_calls
     assert report.graphs == graphs == plain_graphs  # nothing recompiled; the plain forward compiled nothing
     assert torch.equal(got, want) and torch.equal(again, want)
     torch.testing.assert_close(prompt_logits, eager_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(plain, eager_logits, rtol=0, atol=0)
+    monkeypatch.setenv("KERNOPT_COMPILE_PREFILL", "0")  # the default: the forward is left alone
+    other = tiny_llama()
+    forward = other.forward
+    kernopt.optimize(other, cache="static", inner="eager")
+    assert other.forward == forward
 
 
 class _HostEvent:
