@@ -245,6 +245,24 @@ def _unpack_nibbles_biased(w, zero):
 
 
 @triton.jit
+def _nibble_plane(w, j: tl.constexpr, zero):
+    """Nibble j of every word of w as the fp32 value B_j + q, exactly (B_j = 2^11 or 2^7), and B_j: the nibble is
+    shifted to bit 12 or 16 (no shift for j = 3, 4) and OR-ed under B_j's exponent, one LOP3 (see
+    _unpack_nibbles_biased, which does all 8 planes at once on a [R, 8, C] tensor)."""
+    pos: tl.constexpr = 16 if (j == 1 or j == 4 or j == 6) else 12
+    lsh: tl.constexpr = pos - 4 * j
+    if lsh > 0:
+        src = w << lsh
+    elif lsh < 0:
+        src = w >> (-lsh)  # arithmetic: the sign fill lands above bit 19, masked off
+    else:
+        src = w
+    expo: tl.constexpr = (150 - pos) << 23
+    bits = (src & (0xF << pos)) | (expo + zero)
+    return bits.to(tl.float32, bitcast=True), 2.0 ** (23 - pos)
+
+
+@triton.jit
 def _store_tile(acc, out_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on,
                 HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
@@ -299,7 +317,7 @@ def _int4_gemv2_kernel(
     stride_om, stride_on,
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    LOAD_STAGES: tl.constexpr,
+    LOAD_STAGES: tl.constexpr, PLANES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -334,28 +352,49 @@ def _int4_gemv2_kernel(
             w_cur, s_cur, z_cur = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0, k_hi, K,
                                                stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, GROUP,
                                                HAS_ZEROS, MULTI)
-        # [BLOCK_K/8, 8, BLOCK_N] values B_j + q (k = k0 + 8 * word + j), one LOP3 each, no bias FADD:
-        # sum_j x_j (B_j + q_j) - sum_j x_j B_j is the dot with q; the second sum is per word row only.
-        bq, bias = _unpack_nibbles_biased(w_cur, ZERO)
-        for i in tl.static_range(BLOCK_M):
-            row = pid_m * BLOCK_M + i
-            kx = k0 + offs_w[:, None] * 8 + offs_j[None, :]
-            if MULTI:  # the last K block may run past K
-                x_mask = (kx < K) & (row < M)
-            else:
-                x_mask = (offs_w[:, None] >= 0) & (row < M)
-            x = tl.load(x_ptr + row * stride_xm + kx * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
-            xq = tl.sum(bq * x[:, :, None], axis=1)  # [BLOCK_K/8, BLOCK_N], in-thread over the 8 nibbles
-            xb = tl.sum(x * bias[None, :], axis=1)
-            xs = tl.sum(x, axis=1)
-            # sum_k x (q - z) s = (sum_k x q - z sum_k x) s: zero and scale once per word row, not per nibble
+        if PLANES:
+            # One nibble plane at a time on the [BLOCK_K/8, BLOCK_N] word tile in its load layout: x_j (k = k0 + 8r
+            # + j) is a [BLOCK_K/8] vector per plane, no [.., 8, ..] tensor, so no shared-memory relayout of the
+            # words or broadcast of x to every thread (BLOCK_M == 1).
+            kx = k0 + offs_w * 8
+            x_mask = (kx < K) & (pid_m < M)
+            x_ptrs = x_ptr + pid_m * stride_xm + kx * stride_xk
+            xq = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+            xb = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_ptrs + j * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
+                bqj, bj = _nibble_plane(w_cur, j, ZERO)
+                xq += bqj * xj[:, None]
+                xb += xj * bj
+                xs += xj
             if MULTI:
                 acc_w += (xq - xb[:, None] - xs[:, None] * z_cur) * s_cur
-            elif BLOCK_M == 1:
-                acc_w += (xq - xb[:, None] - xs[:, None] * z_cur[None, :]) * s_cur[None, :]
             else:
-                part = (tl.sum(xq - xb[:, None], axis=0) - tl.sum(xs, axis=0) * z_cur) * s_cur
-                acc = tl.where((offs_m == row)[:, None], acc + part[None, :], acc)
+                acc_w += (xq - xb[:, None] - xs[:, None] * z_cur[None, :]) * s_cur[None, :]
+        else:
+            # [BLOCK_K/8, 8, BLOCK_N] values B_j + q (k = k0 + 8 * word + j), one LOP3 each, no bias FADD:
+            # sum_j x_j (B_j + q_j) - sum_j x_j B_j is the dot with q; the second sum is per word row only.
+            bq, bias = _unpack_nibbles_biased(w_cur, ZERO)
+            for i in tl.static_range(BLOCK_M):
+                row = pid_m * BLOCK_M + i
+                kx = k0 + offs_w[:, None] * 8 + offs_j[None, :]
+                if MULTI:  # the last K block may run past K
+                    x_mask = (kx < K) & (row < M)
+                else:
+                    x_mask = (offs_w[:, None] >= 0) & (row < M)
+                x = tl.load(x_ptr + row * stride_xm + kx * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
+                xq = tl.sum(bq * x[:, :, None], axis=1)  # [BLOCK_K/8, BLOCK_N], in-thread over the 8 nibbles
+                xb = tl.sum(x * bias[None, :], axis=1)
+                xs = tl.sum(x, axis=1)
+                # sum_k x (q - z) s = (sum_k x q - z sum_k x) s: zero and scale once per word row, not per nibble
+                if MULTI:
+                    acc_w += (xq - xb[:, None] - xs[:, None] * z_cur) * s_cur
+                elif BLOCK_M == 1:
+                    acc_w += (xq - xb[:, None] - xs[:, None] * z_cur[None, :]) * s_cur[None, :]
+                else:
+                    part = (tl.sum(xq - xb[:, None], axis=0) - tl.sum(xs, axis=0) * z_cur) * s_cur
+                    acc = tl.where((offs_m == row)[:, None], acc + part[None, :], acc)
     if BLOCK_M == 1:
         acc = tl.sum(acc_w, axis=0)[None, :] + acc
     _finish_tile(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k,
@@ -628,6 +667,18 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             if K // split >= bk:
                 out.append({"impl": "gemv2", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
                             "PREFETCH": prefetch, "num_warps": warps, "num_stages": stages})
+        if M == 1:
+            # PLANES: one nibble plane at a time on the word tile in its load layout (unmeasured). Offline sm_90a
+            # SASS of the K loop at 128 x 128 x 4 warps, per 128 nibbles per thread: 621 instructions against
+            # 697, 4 barriers against 16 (no shared-memory relayout of the words, no broadcast of x to every
+            # thread). The H200's ncu of the gemv2 above: issue-bound at 4 warps per scheduler (47 % of issue
+            # slots, 6.25 cycles per instruction, 11.3 M warp instructions for K4096 N14336).
+            for bn, bk, split, warps, prefetch, stages in ((128, block_k, 8, 4, 1, 1), (128, block_k, 4, 4, 1, 1),
+                                                           (128, block_k, 16, 4, 1, 1), (256, block_k, 16, 4, 1, 1),
+                                                           (128, block_k, 8, 4, 0, 3), (128, 2 * block_k, 8, 4, 0, 3)):
+                if K // split >= bk:
+                    out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+                                "PREFETCH": prefetch, "PLANES": 1, "num_warps": warps, "num_stages": stages})
         # tiled2: the tiled kernel's tiles with the LOP3 unpack and the single-pass split-K.
         for bn, bk, warps in ((64, 64, 4), (128, 64, 4), (128, 128, 4), (256, 64, 8)):
             for split in (2, 4, 8, 16):
@@ -722,8 +773,11 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
                   num_stages=cfg.get("num_stages", 1 if impl == "gemv2" else 3))
     if impl == "gemv2":
         grid = (cdiv(N, bn), split, cdiv(M, bm))
+        planes = bool(cfg.get("PLANES", 0))
+        if planes and bm != 1:
+            raise ValueError(f"int4_gemm: gemv2 PLANES=1 needs BLOCK_M=1, got {bm}")
         _int4_gemv2_kernel[grid](*args, PREFETCH=bool(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
-                                 **common)
+                                 PLANES=planes, **common)
     elif impl == "tiled3":
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         _int4_tiled3_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, DOT_PRECISION=precision,

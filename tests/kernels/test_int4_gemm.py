@@ -76,6 +76,9 @@ GEMV2_STAGED = {**GEMV2, "PREFETCH": 0, "num_stages": 3}  # the tl.range-pipelin
 # block whose second half runs past K = 384 (masked rows), staged.
 GEMV2_MULTI = {**GEMV2, "BLOCK_K": 64}
 GEMV2_MULTI_TAIL = {**GEMV2, "BLOCK_K": 256, "SPLIT_K": 1, "PREFETCH": 0, "num_stages": 2}
+# one nibble plane at a time (M = 1): prefetching with split-K, and staged over a multi-group block past K
+GEMV2_PLANES = {**GEMV2, "PLANES": 1}
+GEMV2_PLANES_MULTI = {**GEMV2_MULTI_TAIL, "PLANES": 1}
 TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "GROUP_M": 2}
 
 
@@ -83,7 +86,8 @@ TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_
     pytest.param(cfg, g, asym, id=f"{name}-g{g}-{'asym' if asym else 'sym'}")
     for name, cfg, groups in (("gemv2", GEMV2, (32, 64, 128)), ("tiled2", TILED2, (32, 64, 128)),
                               ("gemv2_rows", GEMV2_ROWS, (64, 128)), ("gemv2_staged", GEMV2_STAGED, (32, 128)),
-                              ("gemv2_multi", GEMV2_MULTI, (32,)), ("gemv2_multi_tail", GEMV2_MULTI_TAIL, (32, 128)))
+                              ("gemv2_multi", GEMV2_MULTI, (32,)), ("gemv2_multi_tail", GEMV2_MULTI_TAIL, (32, 128)),
+                              ("gemv2_planes", GEMV2_PLANES, (32, 128)), ("gemv2_planes_multi", GEMV2_PLANES_MULTI, (32,)))
     for g in groups for asym in (True, False) if name != "gemv2_rows" or asym == (g == 128)])
 def test_int4_gemm_single_pass_variants(device, g, asym, cfg):
     """Odd M/N, every group size, sym/asym, bias, NaN-poisoned out; with split-K a second call with new
@@ -131,6 +135,16 @@ def test_int4_gemm_gemv2_extreme_codes_and_zeros(device):
         for cfg in ({**GEMV2, "BLOCK_M": 2}, TILED2):
             out = _run(x, qweight, scales, zeros, g, cfg)
             assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
+        for row in range(M):  # the plane-at-a-time unpack (one row per launch)
+            out = _run(x[row:row + 1], qweight, scales, zeros, g, GEMV2_PLANES)
+            assert_close(out, _expected(x[row:row + 1], qweight, scales, zeros, g), torch.float16)
+
+
+def test_int4_gemm_gemv2_planes_needs_one_row():
+    x = torch.randn(2, 64, dtype=torch.float16)
+    qweight, scales, zeros = _weights(16, 64, 32, True, "cpu")
+    with pytest.raises(ValueError, match="PLANES=1 needs BLOCK_M=1"):
+        int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV2_PLANES, "BLOCK_M": 2})
 
 
 @pytest.mark.parametrize("cfg", [GEMV_SPLIT, TILED, TILED_SPLIT, GEMV2],
