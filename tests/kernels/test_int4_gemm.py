@@ -232,8 +232,10 @@ def test_int4_gemm_rejects_bad_inputs():
         int4_gemm(x, qweight, scales, zeros, 32, config={"impl": "magic"})
     with pytest.raises(ValueError, match="BLOCK_K"):
         int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV, "BLOCK_K": 64})
+    with pytest.raises(ValueError, match="BLOCK_K"):  # K blocks of several groups: gemv2 at one row only
+        int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV2, "BLOCK_M": 2, "BLOCK_K": 64})
     with pytest.raises(ValueError, match="BLOCK_K"):
-        int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV2, "BLOCK_K": 64})
+        int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV2, "BLOCK_K": 48})
     with pytest.raises(ValueError, match="BLOCK_K"):
         int4_gemm(x, qweight, scales, zeros, 32, config={**TILED3, "BLOCK_K": 128})
 
