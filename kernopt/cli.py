@@ -44,10 +44,11 @@ def cmd_explain(args) -> int:
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     model = _llama(args.model, device, dtype)
-    if args.quantize == "int4":
-        from kernopt.int4 import quantize_int4_
+    if args.quantize == "int4":  # as optimize() does: quantize, and lay linears of one input side by side
+        from kernopt.hf import _tiny_forward
+        from kernopt.int4 import quantize_int4_grouped_
 
-        quantize_int4_(model, group_size=args.group_size)
+        quantize_int4_grouped_(model, group_size=args.group_size, run=_tiny_forward(model))
     elif args.quantize == "fp8":
         from kernopt.fp8 import quantize_fp8_
 
@@ -58,11 +59,16 @@ def cmd_explain(args) -> int:
     return 0
 
 
-def linear_shapes(model) -> list[tuple[int, int]]:
-    """The distinct (N, K) of the model's linear layers."""
+def linear_shapes(model, groups=()) -> list[tuple[int, int]]:
+    """The distinct (N, K) of the model's linear layers, and of each group of linears that runs as one launch
+    (`groups` of module names, e.g. int4's q/k/v and gate/up: their widths summed)."""
     import torch.nn as nn
 
-    return sorted({(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)})
+    shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)}
+    for names in groups:
+        mods = [model.get_submodule(n) for n in names]
+        shapes.add((sum(m.out_features for m in mods), mods[0].in_features))
+    return sorted(shapes)
 
 
 def tune_job(kind: str, m: int, n: int, k: int, group_size: int):
@@ -111,7 +117,12 @@ def cmd_tune(args) -> int:
     model = _llama(args.model, "meta", torch.bfloat16)
     tokens = [int(t) for t in args.tokens.split(",")]
     kind = args.quantize or "bf16"
-    jobs = [(m, n, k) for (n, k) in linear_shapes(model) for m in tokens]
+    groups = []
+    if kind == "int4":  # the grouped launches' widths too (optimize() packs linears that read one input)
+        from kernopt.int4 import grouping_enabled, linears_sharing_input
+
+        groups = linears_sharing_input(model) if grouping_enabled() else []
+    jobs = [(m, n, k) for (n, k) in linear_shapes(model, groups) for m in tokens]
     for m, n, k in tqdm(jobs, desc=f"kernopt tune ({kind})", unit="shape"):
         kernel, key, candidates, run, check, timer = tune_job(kind, m, n, k, args.group_size)
         workload.autotune(kernel, key, candidates, run, check=check, timer=timer)

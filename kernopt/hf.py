@@ -57,9 +57,7 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
             raise ValueError(f"group_size={group_size}; valid: {', '.join(map(str, int4.GROUP_SIZES))}")
         # Linears that read one input (q/k/v, gate/up) share buffers, so the int4 pass's grouped op runs them
         # in one launch (kernopt.ops.int4_linear_group); found on the float model, before quantizing.
-        shared = int4.linears_sharing_input(model, _tiny_forward(model)) if int4.grouping_enabled() else []
-        int4.quantize_int4_(model, group_size=group_size, skip=skip)
-        int4_groups = int4.pack_shared_input_linears_(model, shared)
+        int4_groups = int4.quantize_int4_grouped_(model, group_size=group_size, skip=skip, run=_tiny_forward(model))
     elif quantize == "fp8":
         from kernopt.fp8 import quantize_fp8_
 

@@ -306,6 +306,16 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == s or parts[-1] == s or name.endswith("." + s) for s in skip)
 
 
+def quantize_int4_grouped_(model: nn.Module, group_size: int = 128, skip: Iterable[str] = ("lm_head",),
+                           run: Optional[Callable[[], Any]] = None) -> list[list[str]]:
+    """`quantize_int4_`, then `pack_shared_input_linears_` over the linears that read one input (found on the
+    float model before quantizing, by `run` or by name: `linears_sharing_input`), unless KERNOPT_INT4_GROUP=0.
+    What `kernopt.optimize(quantize="int4")` and `kernopt explain --quantize int4` do. Returns the packed groups."""
+    shared = linears_sharing_input(model, run) if grouping_enabled() else []
+    quantize_int4_(model, group_size=group_size, skip=skip)
+    return pack_shared_input_linears_(model, shared)
+
+
 def quantize_int4_(model: nn.Module, group_size: int = 128, symmetric: bool = True,
                    skip: Iterable[str] = ("lm_head",)) -> nn.Module:
     """Replace every nn.Linear in `model` (in place) by an Int4Linear, except those named in `skip`

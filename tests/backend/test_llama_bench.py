@@ -233,3 +233,20 @@ def test_cli_tune_without_a_gpu_says_so(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["tune", "--model", "tiny"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_linear_shapes_include_the_grouped_int4_launches():
+    """`kernopt tune --quantize int4` tunes the widths the grouped launches run (q+k+v, gate+up), besides each
+    linear's own (what an eager call of one linear runs)."""
+    from kernopt.int4 import linears_sharing_input
+
+    model = cli._llama("1B", "meta", torch.float32)  # meta: shapes only, no memory
+    cfg = model.config
+    hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    plain = cli.linear_shapes(model)
+    grouped = cli.linear_shapes(model, linears_sharing_input(model))
+    qkv = ((heads + 2 * kv) * head_dim, hidden)
+    gate_up = (2 * cfg.intermediate_size, hidden)
+    assert qkv not in plain and gate_up not in plain
+    assert set(grouped) == set(plain) | {qkv, gate_up}
