@@ -669,9 +669,9 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                             "PREFETCH": prefetch, "num_warps": warps, "num_stages": stages})
         if M == 1:
             # PLANES: one nibble plane at a time on the word tile in its load layout (unmeasured). Offline sm_90a
-            # SASS of the K loop at 128 x 128 x 4 warps, per 128 nibbles per thread: 621 instructions against
-            # 697, 4 barriers against 16 (no shared-memory relayout of the words, no broadcast of x to every
-            # thread). The H200's ncu of the gemv2 above: issue-bound at 4 warps per scheduler (47 % of issue
+            # SASS of the K loop (benchmarks/sass_loop.py) at 128 x 128 x 4 warps, per 128 nibbles per thread: 621
+            # instructions against 697, 4 barriers against 16 (no shared-memory relayout of the words, no
+            # broadcast of x to every thread). The H200's ncu of the gemv2 above: issue-bound at 4 warps per scheduler (47 % of issue
             # slots, 6.25 cycles per instruction, 11.3 M warp instructions for K4096 N14336).
             for bn, bk, split, warps, prefetch, stages in ((128, block_k, 8, 4, 1, 1), (128, block_k, 4, 4, 1, 1),
                                                            (128, block_k, 16, 4, 1, 1), (256, block_k, 16, 4, 1, 1),
