@@ -310,6 +310,18 @@ def _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0, k_hi, K, stri
 
 
 @triton.jit
+def _word_rows_zero_scale(acc_w, xq, xb, xs, z, s, MULTI: tl.constexpr):
+    """gemv2's per-word-row accumulation: sum_k x (q - z) s = (sum_k x (B + q) - sum_k x B - z sum_k x) s, zero and
+    scale applied once per word row, not per nibble. z, s: [BLOCK_N] (one group per K block) or, MULTI,
+    [BLOCK_K/8, BLOCK_N] (a group per word row)."""
+    if MULTI:
+        acc_w += (xq - xb[:, None] - xs[:, None] * z) * s
+    else:
+        acc_w += (xq - xb[:, None] - xs[:, None] * z[None, :]) * s[None, :]
+    return acc_w
+
+
+@triton.jit
 def _int4_gemv2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
     M, N, K, K_PER_SPLIT, ZERO,
@@ -368,10 +380,7 @@ def _int4_gemv2_kernel(
                 xq += bqj * xj[:, None]
                 xb += xj * bj
                 xs += xj
-            if MULTI:
-                acc_w += (xq - xb[:, None] - xs[:, None] * z_cur) * s_cur
-            else:
-                acc_w += (xq - xb[:, None] - xs[:, None] * z_cur[None, :]) * s_cur[None, :]
+            acc_w = _word_rows_zero_scale(acc_w, xq, xb, xs, z_cur, s_cur, MULTI)
         else:
             # [BLOCK_K/8, 8, BLOCK_N] values B_j + q (k = k0 + 8 * word + j), one LOP3 each, no bias FADD:
             # sum_j x_j (B_j + q_j) - sum_j x_j B_j is the dot with q; the second sum is per word row only.
@@ -387,11 +396,8 @@ def _int4_gemv2_kernel(
                 xq = tl.sum(bq * x[:, :, None], axis=1)  # [BLOCK_K/8, BLOCK_N], in-thread over the 8 nibbles
                 xb = tl.sum(x * bias[None, :], axis=1)
                 xs = tl.sum(x, axis=1)
-                # sum_k x (q - z) s = (sum_k x q - z sum_k x) s: zero and scale once per word row, not per nibble
-                if MULTI:
-                    acc_w += (xq - xb[:, None] - xs[:, None] * z_cur) * s_cur
-                elif BLOCK_M == 1:
-                    acc_w += (xq - xb[:, None] - xs[:, None] * z_cur[None, :]) * s_cur[None, :]
+                if BLOCK_M == 1:
+                    acc_w = _word_rows_zero_scale(acc_w, xq, xb, xs, z_cur, s_cur, MULTI)
                 else:
                     part = (tl.sum(xq - xb[:, None], axis=0) - tl.sum(xs, axis=0) * z_cur) * s_cur
                     acc = tl.where((offs_m == row)[:, None], acc + part[None, :], acc)

@@ -145,8 +145,7 @@ def _tiny_forward(model):
     when the model's main input is not token ids."""
     if getattr(model, "main_input_name", "input_ids") != "input_ids":
         return None
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else "cpu"
+    device = _device_of(model)
     return lambda: model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
 
 

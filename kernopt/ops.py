@@ -197,8 +197,6 @@ def _int4_gemm_tuned(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Optiona
         lambda: mod.candidate_configs(m, n, k, group_size), lambda cfg: call(cfg, *operands),
         lambda: tuning_kit(call, operands,
                            lambda x2, q, s, z, b: mod.int4_gemm_ref(x2, q, s, z, group_size, bias=b)))
-    if out is None:
-        return call(config, *operands)
     return mod.int4_gemm(x2, qweight, scales, zeros, group_size, bias=bias, config=config, out=out)
 
 
