@@ -126,6 +126,36 @@ def test_optimize_static_cache_compiles_the_prompt_forward_too(monkeypatch):
     assert other.forward == forward
 
 
+def test_compiled_prompt_forward_leaves_static_cache_tensors_marked_static(monkeypatch):
+    """transformers marks a static cache's tensors as fixed-address (mark_static_address) when they are
+    allocated, except while Dynamo traces; with the prompt forward compiled they are allocated inside the trace,
+    and the decode step's CUDA graphs (GPU) then skipped for mutated non-static inputs. The dispatching forward
+    marks them after the compiled call."""
+    from transformers import StaticCache
+
+    monkeypatch.setattr(kernopt.hf, "PREFILL_COMPILE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setenv("KERNOPT_COMPILE_PREFILL", "1")
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9))
+    kernopt.optimize(model, cache="static", inner="eager")
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    allocated_in_trace = []
+    compiled = model._kernopt_prompt_forward
+
+    def prompt_forward(*a, **k):
+        out = compiled(*a, **k)
+        allocated_in_trace.extend(not hasattr(layer.keys, "_dynamo_static_input_type") for layer in cache.layers)
+        return out
+
+    model._kernopt_prompt_forward = prompt_forward
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    assert allocated_in_trace and all(allocated_in_trace)  # the situation the marking is for
+    for layer in cache.layers:
+        for name in ("keys", "values", "cumulative_length"):
+            assert hasattr(getattr(layer, name), "_dynamo_static_input_type"), name
+
+
 class _HostEvent:
     """CPU has no events, and its ops are synchronous: recording / waiting is a no-op there."""
 
