@@ -127,12 +127,14 @@ def make_weights(N: int, K: int, g: int, device: str):
 class Operands:
     """Copies of one case's operands at other addresses (same values), for L2 rotation."""
 
-    def __init__(self, x, qweight, scales, zeros, w_bf16):
+    def __init__(self, x, qweight, scales, zeros, w_bf16, x_int4=None):
         weight_bytes = qweight.numel() * 4 + scales.numel() * scales.element_size() * 2
         self.int4_copies, self.int4_calls = rotation(weight_bytes + x.numel() * x.element_size())
         self.bf16_copies, self.bf16_calls = rotation(w_bf16.numel() * w_bf16.element_size())
         n = max(self.int4_copies, self.bf16_copies)
         self.x = [x] + [x.clone() for _ in range(n - 1)]
+        # the int4 kernels' x (--x-fp32: x in float32, what the int4 pass hands a GEMV; same values)
+        self.xi = self.x if x_int4 is None else [x_int4] + [x_int4.clone() for _ in range(n - 1)]
         self.q = [(qweight, scales, zeros)] + [(qweight.clone(memory_format=torch.preserve_format),
                                                 scales.clone(memory_format=torch.preserve_format),
                                                 zeros.clone(memory_format=torch.preserve_format))
@@ -141,7 +143,7 @@ class Operands:
 
     def int4_us(self, cfg, rep: int) -> float:
         def make(i):
-            x, (qw, s, z) = self.x[i], self.q[i]
+            x, (qw, s, z) = self.xi[i], self.q[i]
             return lambda: int4_gemm(x, qw, s, z, GROUP, config=cfg)
         return 1e3 * time_graph_ms(make, self.int4_copies, self.int4_calls, rep)
 
@@ -162,6 +164,9 @@ def main() -> None:
     parser.add_argument("--read-roofline", action="store_true",
                         help="also time a words-only read kernel per (K, N), layouts and tiles (TB/s), then exit")
     parser.add_argument("--impls", default="", help="--tune: time only these impls' candidates (e.g. gemv2+tiled3)")
+    parser.add_argument("--x-fp32", action="store_true",
+                        help="the int4 kernels read x in float32 (same values; cuBLAS keeps bf16): what the int4 "
+                             "pass gives GEMV launches (passes/int4.py float_gemv_inputs); suite gemm_int4_xfp32")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
     args = parser.parse_args()
@@ -179,7 +184,7 @@ def main() -> None:
         ms = {int(m) for m in args.ms.replace("+", ",").split(",") if m}
         cases = [c for c in cases if c[0] in ms]
     impls = {i for i in args.impls.replace("+", ",").split(",") if i}
-    suite = Suite("gemm_int4")
+    suite = Suite("gemm_int4_xfp32" if args.x_fp32 else "gemm_int4")
     torch.manual_seed(0)
     if args.read_roofline:
         roof = Suite("int4_read_roofline")
@@ -197,6 +202,7 @@ def main() -> None:
         for M in [m for m, k, n in cases if (k, n) == (K, N)]:
             case = f"M={M} K={K} N={N} g{GROUP}"
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            xi = x.float() if args.x_fp32 else x  # the int4 kernels' x
             cfg = select_config(M, N, K, GROUP)
             # The reference: the exact product, (q - z) * s in float64 (exact for int4 codes and bf16
             # scales). The kernels differ from it by bf16 rounding: of each weight (the tensor-core kernels
@@ -205,23 +211,24 @@ def main() -> None:
             # absolute terms, so atol is scaled to the outputs' RMS (kernopt.tolerance.mismatch).
             expected = F.linear(x.double(), w_exact)
             close = lambda o: mismatch(o, expected, torch.bfloat16, scale=2.0, magnitude=rms(expected))  # noqa: E731
-            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=xi.dtype)
             error = None
             try:
-                int4_gemm(x, qweight, scales, zeros, GROUP, config=cfg, out=out)
+                int4_gemm(xi, qweight, scales, zeros, GROUP, config=cfg, out=out)
                 torch.cuda.synchronize()
                 error = close(out)
             except Exception as e:  # a failing kernel is a result row, not a crash of the suite
                 error = f"{type(e).__name__}: {e}"
             results: dict[str, float] = {}
             extra = {"timing": "cuda_graph_replay_rotated"}
-            ops = Operands(x, qweight, scales, zeros, w_bf16)
+            ops = Operands(x, qweight, scales, zeros, w_bf16, xi if args.x_fp32 else None)
             if error is None:
                 results["kernopt"] = ops.int4_us(cfg, args.rep)
                 extra["kernopt_eager_launch_us"] = round(1e3 * time_ms(
-                    lambda: int4_gemm(x, qweight, scales, zeros, GROUP, config=cfg), rep=args.rep), 3)
+                    lambda: int4_gemm(xi, qweight, scales, zeros, GROUP, config=cfg), rep=args.rep), 3)
             results["bf16_cublas"] = ops.bf16_us(args.rep)
-            results["dequant_cublas"] = ops.int4_us({"impl": "dequant_cublas"}, args.rep)
+            if not args.x_fp32:  # (with float32 x it would time a float32 GEMM, no one's fallback)
+                results["dequant_cublas"] = ops.int4_us({"impl": "dequant_cublas"}, args.rep)
             if args.tune:
                 best, best_us = None, float("inf")
                 per_impl: dict[str, tuple[float, dict]] = {}
@@ -230,14 +237,14 @@ def main() -> None:
                     if impls and cand["impl"] not in impls:
                         continue
                     try:
-                        o = int4_gemm(x, qweight, scales, zeros, GROUP, config=cand)
+                        o = int4_gemm(xi, qweight, scales, zeros, GROUP, config=cand)
                         if close(o) is not None:
                             print(f"  {case}: {format_config(cand)} failed the check, skipped")
                             continue
                         us = ops.int4_us(cand, 30)
                         # again after the replays: the single-pass split-K kernels must leave their
                         # arrival counters re-armed, or this call reads stale partials
-                        o = int4_gemm(x, qweight, scales, zeros, GROUP, config=cand)
+                        o = int4_gemm(xi, qweight, scales, zeros, GROUP, config=cand)
                         if close(o) is not None:
                             print(f"  {case}: {format_config(cand)} wrong after graph replays, skipped")
                             continue

@@ -28,6 +28,7 @@ in the graph: they are small ([K/g, N]) and feed the kernel as its zeros tensor.
 from __future__ import annotations
 
 import operator
+import os
 from typing import Any, Optional
 
 import torch
@@ -341,6 +342,8 @@ class Int4Pass:
                 ctx.refused(self.name, node, matched, reason)
         if grouping_enabled():
             group_shared_inputs(gm, ctx)
+        if float_inputs_enabled():
+            float_gemv_inputs(gm, ctx)
 
     def _try(self, gm, ctx, node, x, w, bias, transposed, nodes, packed, matched) -> Optional[str]:
         xv, wv = example_value(x), example_value(w)
@@ -545,3 +548,60 @@ def _group(gm: fx.GraphModule, ctx: PassContext, x: fx.Node, group_size: int, me
                 f"{len(members)} int4_linear of one x -> one launch M={m_hint} N={'+'.join(map(str, cols))} "
                 f"K={K} g{group_size}", "kernopt.int4_linear_group", config,
                 workload.scenario_for_activation(ctx.scenario, [size_hint(d) for d in xv.shape]), impl)
+
+
+# ------------------------------------------------------------------------------------------------
+# GEMV launches read x in float32
+# ------------------------------------------------------------------------------------------------
+FLOAT_X_ENV = "KERNOPT_INT4_FLOAT_X"
+FLOAT_X_PASS_NAME = "int4_float_x"
+
+
+def float_inputs_enabled() -> bool:
+    """``KERNOPT_INT4_FLOAT_X=0`` leaves the GEMV launches' x in bf16/fp16 (float_gemv_inputs)."""
+    return os.environ.get(FLOAT_X_ENV, "1") != "0"
+
+
+def float_gemv_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """int4 ops whose launch is the GEMV (rows <= int4_gemm.GEMV_MAX_M, a Triton implementation) and whose x
+    is bf16/fp16 become ``op(x.float()).to(x.dtype)``.
+
+    Why: at decode the int4 GEMV is issue-bound (ncu on the H200: benchmarks/results/profiles), and every
+    thread converts each x element it multiplies from bf16 to fp32: 697 SASS instructions per 128 nibbles of
+    its K loop with bf16 x, 520 with fp32 x (`benchmarks/sass_loop.py`, gemv2 128 x 4 warps). Inductor fuses
+    the cast into x's producer (the RMSNorm, silu * up) and the cast back into the consumers.
+    Exact: bf16/fp16 -> fp32 is exact, the kernel accumulates in fp32 either way, and its fp32 output rounded
+    to x's dtype is what it stores itself otherwise (round to nearest even)."""
+    kmod = None
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (INT4_LINEAR, INT4_GROUP):
+            continue
+        x = node.args[0]
+        xv, ov = example_value(x), example_value(node)
+        if xv is None or ov is None or xv.dtype not in (torch.bfloat16, torch.float16):
+            continue
+        if ops.implementation(xv) not in ("triton", "interpreter"):
+            continue
+        rows = 1
+        for d in xv.shape[:-1]:
+            rows = rows * d
+        rows = static_int(rows)
+        kmod = kmod or ops.kernel_module("int4_gemm")
+        if rows is None or rows > kmod.GEMV_MAX_M:
+            continue
+        x32 = insert_before(gm, node, torch.Tensor.float, (x,), xv.float())
+        node.update_arg(0, x32)
+        node.meta["example_value"] = ov.float()
+        with gm.graph.inserting_after(node):
+            back = gm.graph.call_function(torch.Tensor.to, (node, xv.dtype))
+        back.meta["example_value"] = ov
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in node.meta:
+                back.meta[key] = node.meta[key]
+        node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+        dt = str(xv.dtype).replace("torch.", "")
+        op = "kernopt.int4_linear_group" if node.target is INT4_GROUP else "kernopt.int4_linear"
+        ctx.rewrote(FLOAT_X_PASS_NAME, node, f"{op} GEMV M={rows} with x {dt}", op,
+                    f"x.float() in, output .to({dt})",
+                    workload.scenario_for_activation(ctx.scenario, [size_hint(d) for d in xv.shape]),
+                    ops.implementation(xv))

@@ -321,3 +321,72 @@ def test_linears_sharing_input_traced_and_by_name():
 
     by_name = linears_sharing_input(model, broken)  # falls back to the sibling names it knows
     assert by_name == [["0.q_proj", "0.k_proj", "0.v_proj"], ["1.q_proj", "1.k_proj", "1.v_proj"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# GEMV launches read x in float32 (float_gemv_inputs)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def x_dtypes(monkeypatch):
+    """The x dtype of every int4 kernel launch the ops made."""
+    seen = []
+    real = ops._int4_gemm_tuned
+
+    def recording(x2, *args, **kwargs):
+        seen.append(x2.dtype)
+        return real(x2, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "_int4_gemm_tuned", recording)
+    return seen
+
+
+def _float_x_rewrites(report):
+    return [r for r in report.rewrites if r.pass_name == "int4_float_x"]
+
+
+def _compiled_out(model, x, seen):
+    """The second call's output of the model compiled afresh; `seen` cleared in between."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="kernopt", options={"inner": "eager"})
+    with torch.no_grad():
+        compiled(x)
+        seen.clear()
+        return compiled(x)
+
+
+@pytest.mark.skipif(ops.implementation(torch.empty(0, dtype=DT, device=DEV)) == "reference",
+                    reason="the kernels' x dtype only matters where the kernels run")
+def test_gemv_launches_read_float_x_with_the_same_output(monkeypatch, x_dtypes):
+    """At one row (the GEMV), the grouped gate/up and the down projection take x.float(); the output is the
+    very same as with x in fp16 (exact conversion, fp32 accumulation either way, one rounding at the end)."""
+    from kernopt.kernels.int4_gemm import GEMV_MAX_M
+
+    model = GatedMLP()
+    pack_adjacent([model.gate, model.up])
+    x = torch.randn(GEMV_MAX_M, K, dtype=DT, device=DEV)
+    torch._dynamo.reset()
+    report = kernopt.explain(model, x, options={"inner": "eager"})
+    rewrites = _float_x_rewrites(report)
+    assert sorted(r.kernel for r in rewrites) == ["kernopt.int4_linear", "kernopt.int4_linear_group"], \
+        report.table()
+    got = _compiled_out(model, x, x_dtypes)
+    assert x_dtypes == [torch.float32, torch.float32] and got.dtype == DT
+    monkeypatch.setenv("KERNOPT_INT4_FLOAT_X", "0")
+    plain = _compiled_out(model, x, x_dtypes)
+    assert x_dtypes == [DT, DT]
+    assert torch.equal(got, plain)
+    with torch.no_grad():
+        assert_close(got, model(x).double(), DT, scale=2.0)
+
+
+def test_float_x_leaves_alone_more_rows_than_the_gemv_and_the_reference(x_dtypes):
+    from kernopt.kernels.int4_gemm import GEMV_MAX_M
+
+    model = GatedMLP()
+    pack_adjacent([model.gate, model.up])
+    report = kernopt.explain(model, torch.randn(GEMV_MAX_M + 2, K, dtype=DT, device=DEV), options={"inner": "eager"})
+    assert _group_rewrites(report) and not _float_x_rewrites(report), report.table()
+    if DEV == "cpu":  # bf16 on CPU runs the plain-torch reference: its dtype is left as it is
+        report = kernopt.explain(model.to(torch.bfloat16), torch.randn(1, K, dtype=torch.bfloat16),
+                                 options={"inner": "eager"})
+        assert _group_rewrites(report) and not _float_x_rewrites(report), report.table()
