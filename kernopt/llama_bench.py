@@ -293,7 +293,8 @@ def _suite(all_results: dict, batch_sizes, prefill: int, device: str = "cuda", s
 
     # kernopt's switches that change what the kernopt systems run (environment variables)
     suite.header["kernopt_env"] = {k: os.environ[k] for k in ("KERNOPT_COMPILE_PREFILL", "KERNOPT_INT4_GROUP",
-                                                              "KERNOPT_DEFER_STOP_CHECK", "KERNOPT_AUTOTUNE")
+                                                              "KERNOPT_INT4_FLOAT_X", "KERNOPT_DEFER_STOP_CHECK",
+                                                              "KERNOPT_AUTOTUNE")
                                    if k in os.environ}
     suite.header["compile_prefill"] = compile_prefill_enabled()
     for shape, results in all_results.items():
