@@ -16,6 +16,18 @@ On Hopper the loads can go through TMA tensor descriptors (config "TMA": True, 4
 the hardware bounds-checks each head's sequence end). Config "SPLIT": True runs the BLOCK_M rows as two
 halves sharing each K/V tile, both S = q @ k^T issued before either softmax (FA3's ping-pong, in one
 program).
+
+Config "DEVICE_TMA": True (with "TMA") builds 2-D per-(batch, head) descriptors inside the kernel
+(tl.make_tensor_descriptor; the launcher gives Triton a torch scratch allocator once). "WARP_SPEC": True
+on top of it hands the key loop to Triton 3.6's Hopper warp specialisation: a producer warp group issues
+the TMA loads, two consumer warp groups each own 64 of the 128 rows (wgmma + softmax) with their
+registers raised by setmaxnreg, 12 warps in all. What that pass needs, found by compiling for sm_90a
+offline (tests/kernels/sm90_offline.py): num_warps 4 (else it does nothing), BLOCK_M 128 (at 64 both
+consumer groups compute the same rows), on-device descriptors (with host descriptors the two 64-row Q
+loads keep the host's 128-row TMA box: each would write 128 rows into a 64-row buffer), one loop only (a
+second loop reading the first one's results makes the pass assert), no caller mask (the pass fails). So
+the specialised kernel runs one loop over every visible tile, masked in every iteration when causal or
+when seq_k is not a multiple of BLOCK_N; the launcher ignores WARP_SPEC where these do not hold.
 """
 from __future__ import annotations
 
@@ -92,8 +104,10 @@ def _softmax_step(acc, l_i, m_i, qk, m_base, stride_mm, stride_mn, offs_m, offs_
 @triton.jit
 def _load_kv_tile(X, x_base, kv_b, kv_h, start_n, offs_n, offs_d, d_ok, stride_n, stride_d, seq_k,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-                  TMA: tl.constexpr):
-    if TMA:
+                  TMA: tl.constexpr, DEVICE_TMA: tl.constexpr = False):
+    if DEVICE_TMA:  # a [seq_k, head_dim] descriptor of this (batch, kv head), built in the kernel
+        x = X.load([start_n, 0])
+    elif TMA:
         x = X.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
     else:
         x_ptrs = x_base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
@@ -112,19 +126,23 @@ def _attn_tile(acc, l_i, m_i, q, K, V, Mask, kv_b, kv_h, k_base, v_base, m_base,
                offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, lo, hi,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TMA: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):
-    """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi) (see _softmax_step for MASKED)."""
+               DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, DEVICE_TMA: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi) (see _softmax_step for MASKED).
+
+    WARP_SPEC hands the loop to Triton's Hopper warp specialisation (a producer warp group issuing the TMA
+    loads, consumer warp groups doing wgmma + softmax; see the module docstring for its conditions).
+    """
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         k = _load_kv_tile(K, k_base, kv_b, kv_h, start_n, offs_n, offs_d, d_ok, stride_kn, stride_kd, seq_k,
-                          BLOCK_N, BLOCK_D, EVEN_D, MASKED, TMA)
+                          BLOCK_N, BLOCK_D, EVEN_D, MASKED, TMA, DEVICE_TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p, acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, m_base, stride_mm, stride_mn, offs_m, offs_n, seq_q,
                                          seq_k, causal_shift, qk_scale, MASKED, CAUSAL, MASK_KIND)
         v = _load_kv_tile(V, v_base, kv_b, kv_h, start_n, offs_n, offs_d, d_ok, stride_vn, stride_vd, seq_k,
-                          BLOCK_N, BLOCK_D, EVEN_D, MASKED, TMA)
+                          BLOCK_N, BLOCK_D, EVEN_D, MASKED, TMA, DEVICE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_i
 
@@ -172,7 +190,7 @@ def _flash_attention_fwd(
     num_heads, group, seq_q, seq_k, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr,
+    WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr, DEVICE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
     n_mblocks = tl.cdiv(seq_q, BLOCK_M)
@@ -189,7 +207,7 @@ def _flash_attention_fwd(
     b64 = b.to(tl.int64)
     k_base = K
     v_base = V
-    if not TMA:
+    if DEVICE_TMA or not TMA:
         k_base = K + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh
         v_base = V + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh
     m_base = Mask
@@ -207,8 +225,17 @@ def _flash_attention_fwd(
     full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
     o_base = Out + b64 * stride_ob + h.to(tl.int64) * stride_oh
     q_base = Q
-    if not TMA:
+    if DEVICE_TMA or not TMA:
         q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    if DEVICE_TMA:
+        # 2-D descriptors of this (batch, head)'s [seq, head_dim] rows, made here (the launcher checked unit
+        # last strides and 16-byte alignment): the loads past seq_q / seq_k / head_dim read zeros.
+        Q = tl.make_tensor_descriptor(q_base, shape=[seq_q, head_dim], strides=[stride_qm, 1],
+                                      block_shape=[BLOCK_M, BLOCK_D])
+        K = tl.make_tensor_descriptor(k_base, shape=[seq_k, head_dim], strides=[stride_kn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_D])
+        V = tl.make_tensor_descriptor(v_base, shape=[seq_k, head_dim], strides=[stride_vn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_D])
 
     if SPLIT:
         HALF: tl.constexpr = BLOCK_M // 2
@@ -245,7 +272,9 @@ def _flash_attention_fwd(
         tl.store(o_base + offs_m1[:, None] * stride_om + offs_d[None, :],
                  (acc1 / l1[:, None]).to(Out.dtype.element_ty), mask=(offs_m1[:, None] < seq_q) & d_ok)
     else:
-        if TMA:
+        if DEVICE_TMA:
+            q = Q.load([start_m, 0])
+        elif TMA:
             q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
         else:
             q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -253,16 +282,26 @@ def _flash_attention_fwd(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                                   offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, 0, full_end,
-                                   BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, CAUSAL, MASK_KIND, TMA,
-                                   DOT_PRECISION, WARP_SPEC)
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                                   offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, full_end, end,
-                                   BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, CAUSAL, MASK_KIND, TMA,
-                                   DOT_PRECISION, False)
+        if WARP_SPEC:
+            # One loop over every visible tile: Triton 3.6's Hopper warp specialisation fails to compile
+            # (NVGPUWarpSpecialization asserts) when a second loop consumes the specialised loop's results.
+            # So the tiles need masks in every iteration when any tile does (causal, or a partial last tile).
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                       offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, 0, end,
+                                       BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL or not EVEN_N, CAUSAL, MASK_KIND,
+                                       TMA, DOT_PRECISION, True, DEVICE_TMA)
+        else:
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                       offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, 0, full_end,
+                                       BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, CAUSAL, MASK_KIND, TMA,
+                                       DOT_PRECISION, False, DEVICE_TMA)
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                       offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, full_end, end,
+                                       BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, CAUSAL, MASK_KIND, TMA,
+                                       DOT_PRECISION, False, DEVICE_TMA)
         # Rows that saw no key (l = 0) write 0, not 0/0.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = (acc / l_safe[:, None]).to(Out.dtype.element_ty)
@@ -345,7 +384,9 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
     """Configs worth timing for a prefill shape (the benchmark prints each; the best wins).
 
     "SPLIT" configs (not measured yet) run BLOCK_M rows as two BLOCK_M/2 halves that share each K/V tile,
-    so one half's softmax can overlap the other's MMAs inside one program (FA3's ping-pong).
+    so one half's softmax can overlap the other's MMAs inside one program (FA3's ping-pong). "WARP_SPEC"
+    configs (not measured yet, D128 only) do the same with Triton's Hopper warp specialisation (module
+    docstring); all of them and their DEVICE_TMA control carry " dtma" in config_str.
     """
     base = select_config(head_dim, causal, seq_q, seq_k, batch_heads, dtype)
     cands = [base]
@@ -361,6 +402,17 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
         for bm, bn, w, st, tma in ((128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 64, 8, 3, False)):
             cands.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma,
                           "SPLIT": True})
+    if dtype != torch.float32 and _block_d(head_dim) == 128 and seq_q > 16:
+        # Hopper warp specialisation (not measured yet): 128 rows as two 64-row consumer warp groups and a
+        # TMA producer, 12 warps. Offline sm_90a compile at D128 (sm90_offline.py --candidates): 168
+        # registers at launch (setmaxnreg: consumers 232, producer 40), no spills, causal and not; shared
+        # memory 96 KiB (128x32 s3), 112 (128x64 s2), 144 (128x64 s3), 176 (128x64 s4, 128x128 s2).
+        # 12 warps x 168 registers fill the register file: one program per SM in every one of them. The
+        # DEVICE_TMA-only row is the control (the table's tile through the same in-kernel descriptors).
+        for bm, bn, st, ws in ((128, 64, 2, True), (128, 64, 3, True), (128, 64, 4, True), (128, 128, 2, True),
+                               (128, 32, 3, True), (64, 64, 3, False)):
+            cands.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": st, "TMA": True,
+                          "DEVICE_TMA": True, "WARP_SPEC": ws})
     seen, out = set(), []
     for c in cands:
         key = tuple(sorted(c.items()))
@@ -374,6 +426,8 @@ def config_str(cfg: dict) -> str:
     s = f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} warps={cfg['num_warps']} stages={cfg['num_stages']}"
     if cfg.get("TMA"):
         s += " tma"
+    if cfg.get("DEVICE_TMA"):
+        s += " dtma"
     if cfg.get("WARP_SPEC"):
         s += " ws"
     if cfg.get("SPLIT"):
@@ -426,6 +480,29 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
     return None
 
 
+def _allocator_unset() -> bool:
+    try:
+        from triton.runtime import _allocation
+    except ImportError:  # pragma: no cover
+        return True
+    return isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+
+
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    # Triton asks for `size` bytes (grid programs x 128 B per descriptor): the caching allocator serves them.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Give Triton the global-scratch allocator that in-kernel tl.make_tensor_descriptor needs.
+
+    Set only where none is set (a caller's own allocator stays). Triton keeps it in a ContextVar, so a thread
+    that has not launched a DEVICE_TMA kernel yet gets it at its first launch.
+    """
+    if _allocator_unset():
+        triton.set_allocator(_scratch)
+
+
 def _descriptor_ok(t: torch.Tensor) -> bool:
     es = t.element_size()
     return (TensorDescriptor is not None and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
@@ -466,13 +543,23 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
         m_strides = m_arg.stride()
 
     tma = bool(cfg.get("TMA")) and all(_descriptor_ok(t) for t in (q, k, v))
-    if tma:
+    # On-device descriptors: the non-split kernel only; the interpreter runs them too (no scratch there).
+    device_tma = tma and bool(cfg.get("DEVICE_TMA")) and not split
+    if device_tma:
+        if q.is_cuda:
+            _ensure_allocator()
+        q_arg, k_arg, v_arg = q, k, v
+    elif tma:
         q_arg = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, BM // 2 if split else BM, BD])
         k_arg = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, BN, BD])
         v_arg = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, BN, BD])
     else:
         q_arg, k_arg, v_arg = q, k, v
 
+    # Warp specialisation where Triton 3.6 compiles it correctly (see the module docstring): on-device
+    # descriptors, no caller mask, 128 rows / 4 warps (two 64-row consumer warp groups). Elsewhere ignored.
+    warp_spec = (bool(cfg.get("WARP_SPEC", False)) and device_tma and mask_kind == 0 and BM == 128
+                 and cfg["num_warps"] == 4)
     grid = (cdiv(Sq, BM), B * Hq)
     _flash_attention_fwd[grid](
         q_arg, k_arg, v_arg, m_arg, out,
@@ -482,7 +569,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, EVEN_D=(BD == D),
         CAUSAL=bool(causal), MASK_KIND=mask_kind, TMA=tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        WARP_SPEC=bool(cfg.get("WARP_SPEC", False)) and tma and not split, SPLIT=split,
+        WARP_SPEC=warp_spec, SPLIT=split, DEVICE_TMA=device_tma, EVEN_N=warp_spec and Skv % BN == 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -20,7 +20,9 @@ How:
    device the case overrides that constexpr with the CUDA value (fp8 TMA's NUM_SMS, rmsnorm's MEAN_BY_MUL).
 3. Per kernel it reports shared memory (``metadata.shared``), registers and stack bytes (the bundled
    ``cuobjdump --dump-resource-usage`` on the cubin), spill stores/loads (the ptxas ``-v`` log), whether the
-   PTX uses wgmma (and e4m3 operands) and TMA. Identical specialisations compile once.
+   PTX uses wgmma (and e4m3 operands) and TMA, and whether the kernel got warp-specialised ("ws": TTGIR
+   ``ttg.warp_specialize`` partitions and PTX ``setmaxnreg``; such a kernel launches more warps than its
+   num_warps, "4(12)" in the table). Identical specialisations compile once.
 
 Usage (the interpreter must be off; the script removes TRITON_INTERPRET and KERNOPT_CPU itself):
     python tests/kernels/sm90_offline.py [--json out.json] [--only REGEX] [--jobs N] [--cache-dir DIR] [--list]
@@ -138,8 +140,9 @@ class Case:
     name: str
     build: Callable          # build(rec) -> the config dict it launched with
     selected: bool = True    # the family's table (select_config) picks this config: it must not spill
-    expect: dict = field(default_factory=dict)  # kernel name -> PTX checks: "wgmma", "wgmma_e4m3", "tma"
+    expect: dict = field(default_factory=dict)  # kernel name -> checks: "wgmma", "wgmma_e4m3", "tma", "ws"
     canary: bool = False     # a config known to spill: proves the spill detection sees spills
+    no_spill: bool = False   # not the table's pick, but a candidate whose point is to fit: must not spill either
 
 
 def _empty(*shape, dtype=None):
@@ -297,6 +300,8 @@ def _rmsnorm_quant(M, K=HIDDEN):
 
 
 W, E4, TMA = ("wgmma",), ("wgmma_e4m3",), ("wgmma_e4m3", "tma")
+# flash attention's warp-specialised candidates (kernels/flash_attention.py, "WARP_SPEC" with "DEVICE_TMA")
+WS_FLASH = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "TMA": True, "DEVICE_TMA": True, "WARP_SPEC": True}
 
 CASES = [
     # gemm: the table at decode (SwiGLU, split-K + reduce kernel) and prefill, and the gemv rows
@@ -346,6 +351,13 @@ CASES = [
     Case("flash D128 SPLIT 128x64 w8 ptr", _flash(4, HQ, HQ, 2048, 128, False, config={
         "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "TMA": False, "SPLIT": True}),
         selected=False, expect={"_flash_attention_fwd": W}),
+    # Hopper warp specialisation (unmeasured candidates): a TMA producer and two wgmma consumer warp groups,
+    # one of each loop form (whole tiles unmasked; causal, masked in every tile)
+    Case("flash D128 WS 128x64 s3 dtma", _flash(4, HQ, HQ, 2048, 128, False, config=dict(WS_FLASH, num_stages=3)),
+         selected=False, no_spill=True, expect={"_flash_attention_fwd": ("wgmma", "tma", "ws")}),
+    Case("flash D128 causal=1 WS 128x64 s2 dtma", _flash(4, HQ, HQ, 2048, 128, True,
+                                                        config=dict(WS_FLASH, num_stages=2)),
+         selected=False, no_spill=True, expect={"_flash_attention_fwd": ("wgmma", "tma", "ws")}),
     Case("flash D80 (padded) causal=1", _flash(4, HQ, HQ, 2048, 80, True), expect={"_flash_attention_fwd": ("wgmma", "tma")}),
     Case("flash GQA 32/8 D128 S4096", _flash(4, HQ, HKV, 4096, 128, False), expect={"_flash_attention_fwd": ("wgmma", "tma")}),
     Case("flash D128 causal=1 fp16", _flash(4, HQ, HQ, 2048, 128, True, dtype="fp16"),
@@ -474,7 +486,8 @@ def compile_launch(case: Case, index: int) -> dict:
     from triton import knobs
     from triton.compiler import compile as triton_compile, make_backend
 
-    rec = {"case": case.name, "index": index, "selected": case.selected, "canary": case.canary}
+    rec = {"case": case.name, "index": index, "selected": case.selected, "canary": case.canary,
+           "no_spill": case.no_spill}
     try:
         cfg, launches = capture(case)
         launch = launches[index]
@@ -503,6 +516,9 @@ def compile_launch(case: Case, index: int) -> dict:
     rec.update(regs=rec["ptxas_regs"], stack=None)  # cuobjdump's, below, when the wheel has it
     rec.update(_resource_usage(compiled.asm["cubin"]))
     rec.update(_ptx_facts(compiled.asm["ptx"]))
+    # warp-specialised: TTGIR partitions (ttg.warp_specialize) and the PTX's register hand-over between them
+    rec["ws"] = "ttg.warp_specialize" in compiled.asm["ttgir"] and "setmaxnreg" in compiled.asm["ptx"]
+    rec["warps_launched"] = compiled.metadata.num_warps  # 12 for the specialised kernel with num_warps 4
     rec["checks"] = list(case.expect.get(rec["kernel"], ()))
     return rec
 
@@ -517,10 +533,11 @@ def problems(rec: dict) -> list[str]:
     if rec["shared"] > SMEM_LIMIT:
         out.append(f"shared memory {rec['shared']} B > {SMEM_LIMIT} B")
     regs = rec.get("regs")
-    if regs is not None and regs * 32 * rec["num_warps"] > REGISTERS:
-        out.append(f"{regs} registers x {32 * rec['num_warps']} threads > {REGISTERS}")
+    warps = rec.get("warps_launched") or rec["num_warps"]
+    if regs is not None and regs * 32 * warps > REGISTERS:
+        out.append(f"{regs} registers x {32 * warps} threads > {REGISTERS}")
     spills = bool(rec.get("stack") or rec.get("spill_stores") or rec.get("spill_loads"))
-    if rec["selected"] and spills:
+    if (rec["selected"] or rec.get("no_spill")) and spills:
         out.append(f"spills: {rec.get('spill_stores')} B stored, stack {rec.get('stack')} B")
     if rec.get("canary") and not spills:
         out.append("the canary config no longer spills: the spill check is unproven (pick another canary)")
@@ -582,7 +599,9 @@ def table(records: list[dict]) -> str:
         spills = bool(r.get("stack") or r.get("spill_stores") or r.get("spill_loads"))
         status = "; ".join(problems(r)) or ("ok" if r["selected"] else "spills, as expected" if r["canary"] else
                                             "candidate: SPILLS" if spills else "ok (candidate)")
-        rows.append((r["case"], r["kernel"], f"{r['num_warps']}/{r['num_stages']}", str(r.get("regs", "?")),
+        warps = f"{r['num_warps']}" + (f"({r['warps_launched']})" if r.get("warps_launched", r["num_warps"])
+                                      != r["num_warps"] else "")
+        rows.append((r["case"], r["kernel"], f"{warps}/{r['num_stages']}", str(r.get("regs", "?")),
                      _fmt_spills(r), f"{r['shared'] / 1024:.1f}", mma, "yes" if r["tma"] else "-",
                      "cached" if r.get("same_as") else str(r.get("compile_s", "")), status))
     widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
@@ -664,6 +683,7 @@ def main(argv=None) -> int:
             rec = dict(done[first])
             if first != (case.name, i):  # the same specialisation as an earlier case's kernel
                 rec.update(case=case.name, index=i, selected=case.selected, canary=case.canary, config=cfg,
+                           no_spill=case.no_spill,
                            same_as=f"{first[0]} #{first[1]}", checks=list(case.expect.get(rec.get("kernel"), ())))
             result["records"].append(rec)
     result["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -161,6 +161,54 @@ def test_selected_and_candidate_configs_run(tma):
     assert_close(out, ref, torch.float16)
 
 
+class _KwargSpy:
+    """Stands in for the kernel: records each launch's keyword arguments (the constexprs) and runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+# The warp-specialised candidates' shape (128 rows, 4 warps, on-device descriptors), interpreter-sized keys.
+WS = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
+      "WARP_SPEC": True}
+
+
+def test_device_descriptors_and_warp_spec_flags(monkeypatch):
+    """DEVICE_TMA / WARP_SPEC configs run (the interpreter builds the in-kernel descriptors and ignores the
+    specialisation itself, so this checks the single-loop kernel the specialised launch uses: masked in
+    every tile when causal or seq_k % BLOCK_N != 0) and the launcher passes WS only where it compiles."""
+    import kernopt.kernels.flash_attention as fa
+
+    spy = _KwargSpy(fa._flash_attention_fwd)
+    monkeypatch.setattr(fa, "_flash_attention_fwd", spy)
+    # (Sq, Skv, causal, mask, cfg) -> (WARP_SPEC, EVEN_N, DEVICE_TMA) the kernel must get
+    cases = [
+        ((130, 96, False, None, WS), (True, True, True)),             # 96 keys: whole tiles, no mask arithmetic
+        ((130, 70, False, None, WS), (True, False, True)),            # partial last tile: masked loop
+        ((70, 130, True, None, WS), (True, False, True)),             # causal, more keys than queries
+        ((130, 130, True, None, WS), (True, False, True)),
+        ((40, 64, False, "bool", WS), (False, False, True)),          # a caller mask: not specialised
+        ((40, 64, False, None, dict(WS, BLOCK_M=64)), (False, False, True)),  # 64 rows: not specialised
+        ((40, 64, False, None, dict(WS, TMA=False)), (False, False, False)),  # pointers
+        ((37, 50, True, None, dict(WS, BLOCK_M=32, BLOCK_N=16, WARP_SPEC=False)), (False, False, True)),
+    ]
+    for (Sq, Skv, causal, mask_kind, cfg), expect in cases:
+        q, k, v = make_qkv(1, 4, 2, Sq, Skv, 32, torch.float16)
+        mask = padding_mask(1, Skv) if mask_kind == "bool" else None
+        spy.calls.clear()
+        out, ref = run(q, k, v, mask=mask, causal=causal, config=cfg)
+        (kw,) = spy.calls
+        assert (kw["WARP_SPEC"], kw["EVEN_N"], kw["DEVICE_TMA"]) == expect, (Sq, Skv, causal, mask_kind, cfg)
+        assert not torch.isnan(out).any()
+        assert_close(out, ref, torch.float16)
+
+
 def test_default_config_and_allocated_output():
     q, k, v = make_qkv(1, 2, 2, 9, 9, 16, torch.float32)
     out = flash_attention(q, k, v, causal=True)
@@ -214,6 +262,24 @@ def test_bf16_gpu_default_configs(causal, D):
     for m in (None, mask):
         out, ref = run(q, k, v, mask=m, causal=causal, config=None)
         assert_close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_gpu_warp_spec_candidates(causal):
+    """The DEVICE_TMA candidates (warp-specialised and not) at whole tiles, GQA and a strided q, and with a
+    caller mask (the launcher drops the specialisation there); the launches set Triton's scratch allocator."""
+    import triton.runtime._allocation as alloc
+
+    B, Hq, Hkv, S = 2, 8, 2, 1024
+    q, k, v = make_qkv(B, Hq, Hkv, S, S, 128, torch.bfloat16)
+    cfgs = [c for c in candidate_configs(128, causal, S, S, B * Hq, torch.bfloat16) if c.get("DEVICE_TMA")]
+    assert any(c.get("WARP_SPEC") for c in cfgs)
+    for cfg in cfgs:
+        for m in (None, padding_mask(B, S)):
+            out, ref = run(q, k, v, mask=m, causal=causal, config=cfg)
+            assert mismatch(out, ref, torch.bfloat16) is None, (cfg, m is not None)
+    assert not isinstance(alloc._allocator.get(), alloc.NullAllocator)
 
 
 @pytest.mark.gpu
