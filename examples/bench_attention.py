@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
 import time
 
@@ -156,6 +155,7 @@ def main(argv=None):
     ap.add_argument("--no-sweep", action="store_true", help="time only select_config's config")
     ap.add_argument("--filter", default=None,
                     help="sweep only the candidates whose label contains this (plus the selected config)")
+    ap.add_argument("--only", default=None, help="run only the cases whose name contains this (e.g. 'D128 causal=0')")
     ap.add_argument("--plot", action="store_true")
     args = ap.parse_args(argv)
     require_cuda("bench_attention.py")
@@ -169,6 +169,8 @@ def main(argv=None):
     for (B, Hq, Hkv, S, D) in cases:
         for causal in (False, True):
             name = case_name(B, Hq, Hkv, S, D, causal)
+            if args.only and args.only not in name:
+                continue
             q = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
             v = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)

@@ -119,7 +119,9 @@ def test_optimize_static_cache_compiles_the_prompt_forward_too(monkeypatch):
     assert torch.equal(got, want) and torch.equal(again, want)
     torch.testing.assert_close(prompt_logits, eager_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(plain, eager_logits, rtol=0, atol=0)
-    monkeypatch.setenv("KERNOPT_COMPILE_PREFILL", "0")  # the default: the forward is left alone
+    monkeypatch.delenv("KERNOPT_COMPILE_PREFILL")
+    assert kernopt.hf.compile_prefill_enabled()  # on by default (on the devices in PREFILL_COMPILE_DEVICES)
+    monkeypatch.setenv("KERNOPT_COMPILE_PREFILL", "0")  # switched off: the forward is left alone
     other = tiny_llama()
     forward = other.forward
     kernopt.optimize(other, cache="static", inner="eager")
