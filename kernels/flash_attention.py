@@ -305,7 +305,15 @@ def _flash_attention_fwd(
         # Rows that saw no key (l = 0) write 0, not 0/0.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = (acc / l_safe[:, None]).to(Out.dtype.element_ty)
-        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out, mask=(offs_m[:, None] < seq_q) & d_ok)
+        if WARP_SPEC:
+            # Through a descriptor too (clipped at seq_q / head_dim): with the pointer store below, the H200 left
+            # rows 64-127 of every tile unwritten and rows 0-63 wrong (benchmarks/attention_ws_probe.py, 3f6ff0a).
+            O = tl.make_tensor_descriptor(o_base, shape=[seq_q, head_dim], strides=[stride_om, 1],
+                                          block_shape=[BLOCK_M, BLOCK_D])
+            O.store([start_m, 0], out)
+        else:
+            tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out,
+                     mask=(offs_m[:, None] < seq_q) & d_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -559,7 +567,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     # Warp specialisation where Triton 3.6 compiles it correctly (see the module docstring): on-device
     # descriptors, no caller mask, 128 rows / 4 warps (two 64-row consumer warp groups). Elsewhere ignored.
     warp_spec = (bool(cfg.get("WARP_SPEC", False)) and device_tma and mask_kind == 0 and BM == 128
-                 and cfg["num_warps"] == 4)
+                 and cfg["num_warps"] == 4 and _descriptor_ok(out))
     grid = (cdiv(Sq, BM), B * Hq)
     _flash_attention_fwd[grid](
         q_arg, k_arg, v_arg, m_arg, out,
