@@ -27,7 +27,16 @@ consumer groups compute the same rows), on-device descriptors (with host descrip
 loads keep the host's 128-row TMA box: each would write 128 rows into a 64-row buffer), one loop only (a
 second loop reading the first one's results makes the pass assert), no caller mask (the pass fails). So
 the specialised kernel runs one loop over every visible tile, masked in every iteration when causal or
-when seq_k is not a multiple of BLOCK_N; the launcher ignores WARP_SPEC where these do not hold.
+when seq_k is not a multiple of BLOCK_N, and stores its output through a descriptor too; the launcher
+ignores WARP_SPEC where these do not hold.
+
+On the H200 (benchmarks/attention_ws_probe.py, sweeps/attention-ws-h200.json at 03964ae) only part of it
+computes the right answer: non-causal with 2 stages is right (128x128: 492 / 545 / 532 TFLOP/s at B4 S2048 /
+B1 S8192 / GQA B4 S4096, against 468 / 481 / 485 for the table's 64x64 in the same run); 3 and 4 stages
+write NaN in ~40% of the outputs (and did so intermittently at S256); causal is wrong (max abs error ~1.2,
+~8% of the outputs). So the launcher also ignores WARP_SPEC when causal, candidate_configs keeps only the
+2-stage tiles, and select_config never picks it: a kernel that is wrong at one stage count is not trusted
+at another without more evidence than one sweep.
 """
 from __future__ import annotations
 
@@ -393,8 +402,8 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
 
     "SPLIT" configs (not measured yet) run BLOCK_M rows as two BLOCK_M/2 halves that share each K/V tile,
     so one half's softmax can overlap the other's MMAs inside one program (FA3's ping-pong). "WARP_SPEC"
-    configs (not measured yet, D128 only) do the same with Triton's Hopper warp specialisation (module
-    docstring); all of them and their DEVICE_TMA control carry " dtma" in config_str.
+    configs (D128 only) do the same with Triton's Hopper warp specialisation (module docstring: right only
+    non-causal at 2 stages on the H200); all of them and their DEVICE_TMA control carry " dtma" in config_str.
     """
     base = select_config(head_dim, causal, seq_q, seq_k, batch_heads, dtype)
     cands = [base]
@@ -411,14 +420,13 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
             cands.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma,
                           "SPLIT": True})
     if dtype != torch.float32 and _block_d(head_dim) == 128 and seq_q > 16:
-        # Hopper warp specialisation (not measured yet): 128 rows as two 64-row consumer warp groups and a
-        # TMA producer, 12 warps. Offline sm_90a compile at D128 (sm90_offline.py --candidates): 168
+        # Hopper warp specialisation: 128 rows as two 64-row consumer warp groups and a TMA producer, 12 warps.
+        # Only 2 stages (3 / 4 stages wrote NaN on the H200, module docstring), timed by the sweeps only. Offline sm_90a compile at D128 (sm90_offline.py --candidates): 168
         # registers at launch (setmaxnreg: consumers 232, producer 40), no spills, causal and not; shared
         # memory 96 KiB (128x32 s3), 112 (128x64 s2), 144 (128x64 s3), 176 (128x64 s4, 128x128 s2).
         # 12 warps x 168 registers fill the register file: one program per SM in every one of them. The
         # DEVICE_TMA-only row is the control (the table's tile through the same in-kernel descriptors).
-        for bm, bn, st, ws in ((128, 64, 2, True), (128, 64, 3, True), (128, 64, 4, True), (128, 128, 2, True),
-                               (128, 32, 3, True), (64, 64, 3, False)):
+        for bm, bn, st, ws in ((128, 64, 2, True), (128, 128, 2, True), (64, 64, 3, False)):
             cands.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": st, "TMA": True,
                           "DEVICE_TMA": True, "WARP_SPEC": ws})
     seen, out = set(), []
@@ -564,10 +572,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     else:
         q_arg, k_arg, v_arg = q, k, v
 
-    # Warp specialisation where Triton 3.6 compiles it correctly (see the module docstring): on-device
-    # descriptors, no caller mask, 128 rows / 4 warps (two 64-row consumer warp groups). Elsewhere ignored.
+    # Warp specialisation only where Triton 3.6 compiles it and it computed the right answer on the H200 (see
+    # the module docstring): on-device descriptors, no caller mask, 128 rows / 4 warps (two 64-row consumer
+    # warp groups), non-causal, 2 stages. Elsewhere ignored (the same tile without it).
     warp_spec = (bool(cfg.get("WARP_SPEC", False)) and device_tma and mask_kind == 0 and BM == 128
-                 and cfg["num_warps"] == 4 and _descriptor_ok(out))
+                 and cfg["num_warps"] == 4 and cfg["num_stages"] == 2 and not causal and _descriptor_ok(out))
     grid = (cdiv(Sq, BM), B * Hq)
     _flash_attention_fwd[grid](
         q_arg, k_arg, v_arg, m_arg, out,
