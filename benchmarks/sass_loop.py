@@ -45,6 +45,8 @@ def compile_sass(cfg: dict, M: int, N: int, K: int, group: int, x_dtype: torch.d
     scales = torch.empty((K // group, N), dtype=torch.bfloat16).t()
     zeros = torch.empty((K // group, N), dtype=torch.bfloat16).t()
     with so.Recorder() as rec:
+        if cfg.get("impl") == "tcasm":
+            rec.override(ASM=True)  # what a CUDA launch passes (the inline-PTX unpack)
         q4.int4_gemm(torch.empty((M, K), dtype=x_dtype), qweight, scales, zeros, group, config=cfg)
     launch = next(launch for launch in rec.launches if "int4" in launch.fn.__name__)
     src, options, _ = so.specialize(launch, make_backend(so._target()))

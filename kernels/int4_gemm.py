@@ -66,6 +66,27 @@ issue time, below, is not what bounds it).
   planes (stride-8 gathers that cp.async cannot copy) are prefetched into registers one block ahead.
   BLOCK_K = 128 (the dots need K >= 16): group sizes >= 128 only. Single-pass split-K as below.
   candidate_configs sweeps it at M <= 16; select_config does not pick it (measured slower, above).
+- ``tcasm`` (swap-AB tensor-core kernel, M <= 16; a candidate, UNMEASURED on a GPU, never picked by
+  select_config): out^T [BLOCK_N, 16] = W @ x^T with W [BLOCK_N, BLOCK_K] as wgmma's register operand, like
+  tiled3, but one dot per group over all of its K (not 8 plane dots of K/8), and two nibbles per 32-bit
+  instruction: inline PTX ``lop3.b32 (w >> 4m) & 0x000F000F | 0x43004300`` gives nibbles m and m + 4 of a word
+  as a bf16x2 pair (128 + q each; 0x64006400 in fp16), 7 instructions per word. The dot's K order is permuted
+  within each 32-column chunk so that such a pair is exactly a pair of adjacent k of the fragment register and
+  a whole word goes to one lane (word 4c + t of a chunk -> lane t % 4, its 8 values = that lane's 8 fragment
+  elements of two k16 steps): no PRMT / shuffle between the unpack and the wgmma. x is gathered in the same
+  order (the sum over k does not care); zero and scale on each group's fp32 dot, s (dot - (B + z) sum_k x).
+  The dot's rows are permuted too (`_tcasm_rows`): a lane's fragment rows are consecutive n, so the words are
+  cp.async'd as 16-byte vectors (4-byte copies otherwise: 16 LDGSTS per 128 nibbles instead of 4).
+  Interpreter: the same kernel with a plain-Triton unpack of identical values (ASM=False). A storage repack
+  would save nothing here: the permutation costs only x's gather addresses. Offline sm_90a (K4096 N14336
+  g128, bf16 x, benchmarks/sass_loop.py), instructions of the K loop per 128 nibbles per thread: 128 x 128 x 4
+  warps 322 (2.52 / nibble, 163 registers: LOP3 67, SHF 49, IMAD 41, FFMA 32, HGMMA 16, LDGSTS 4), 256 x 128
+  x 8 warps 337 (198 registers), BLOCK_K 256 (two groups) 306 per 128; at M = 16 397 (x gathers); against
+  tiled3's 499 and gemv2's 697 (520 with fp32 x). Per group it pays the x gather, the sum of x (shuffles +
+  barrier) and 2 FFMA per accumulator element ([BLOCK_N, 16]: 15 padding columns at M = 1), so g32 costs
+  5.5 / nibble and BLOCK_N 64 4.2. float32 x is refused (16-bit dot operands; an exact 3-way bf16 split of x,
+  hi + mid + lo, with weights q - 8 instead of 128 + q to keep fp32 accumulation error small, is the way to
+  add it).
 
 Offline sm_90a compile analysis (2026-11-28, triton 3.6 + its ptxas, CPU only: NOT timings). K4096 N14336
 g128 unless noted; instr/nib = SASS instructions of the K loop per weight nibble per thread (issue cost:
@@ -532,6 +553,169 @@ def _int4_tiled3_kernel(
 
 
 @triton.jit
+def _nib16(w, shift: tl.constexpr, HI: tl.constexpr, xdt: tl.constexpr):
+    """Nibble at bit `shift` of every word as the 16-bit float B + q (bits HI | q): the plain-Triton twin of the
+    inline-asm unpack below (same values, one 16-bit result per op)."""
+    return (((w >> shift) & 0xF) | HI).to(tl.int16).to(xdt, bitcast=True)
+
+
+@triton.jit
+def _nibble_pairs(w, xdt: tl.constexpr, ASM: tl.constexpr):
+    """[R, C] int32 words -> 8 tensors [R, C] of x's 16-bit dtype: o[2m] = B + nibble m, o[2m + 1] = B + nibble
+    m + 4 (m = 0..3), exact (bf16 0x4300 | q = 128 + q, fp16 0x6400 | q = 1024 + q).
+
+    ASM: (o[2m], o[2m + 1]) are the two halves of ONE 32-bit register, ``lop3((w >> 4m), 0x000F000F, HI:HI)``
+    (one SHF + one LOP3 per nibble pair, no SHF for m = 0: 7 instructions per word); the caller lays the pairs
+    out so that each half pair is a pair of adjacent k of the dot's register operand, so ptxas needs no
+    PRMT to pack them. Not under the interpreter (no PTX there): the plain path computes the same values."""
+    if ASM:
+        if xdt == tl.bfloat16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                asm="""
+                {
+                .reg .b32 t<4>;
+                shr.u32 t1, $8, 4;
+                shr.u32 t2, $8, 8;
+                shr.u32 t3, $8, 12;
+                lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA;
+                lop3.b32 t1, t1, 0x000F000F, 0x43004300, 0xEA;
+                lop3.b32 t2, t2, 0x000F000F, 0x43004300, 0xEA;
+                lop3.b32 t3, t3, 0x000F000F, 0x43004300, 0xEA;
+                mov.b32 {$0, $1}, t0;
+                mov.b32 {$2, $3}, t1;
+                mov.b32 {$4, $5}, t2;
+                mov.b32 {$6, $7}, t3;
+                }
+                """,
+                constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[w], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                asm="""
+                {
+                .reg .b32 t<4>;
+                shr.u32 t1, $8, 4;
+                shr.u32 t2, $8, 8;
+                shr.u32 t3, $8, 12;
+                lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA;
+                lop3.b32 t1, t1, 0x000F000F, 0x64006400, 0xEA;
+                lop3.b32 t2, t2, 0x000F000F, 0x64006400, 0xEA;
+                lop3.b32 t3, t3, 0x000F000F, 0x64006400, 0xEA;
+                mov.b32 {$0, $1}, t0;
+                mov.b32 {$2, $3}, t1;
+                mov.b32 {$4, $5}, t2;
+                mov.b32 {$6, $7}, t3;
+                }
+                """,
+                constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[w], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        HI: tl.constexpr = 0x4300 if xdt == tl.bfloat16 else 0x6400
+        o0 = _nib16(w, 0, HI, xdt)
+        o1 = _nib16(w, 16, HI, xdt)
+        o2 = _nib16(w, 4, HI, xdt)
+        o3 = _nib16(w, 20, HI, xdt)
+        o4 = _nib16(w, 8, HI, xdt)
+        o5 = _nib16(w, 24, HI, xdt)
+        o6 = _nib16(w, 12, HI, xdt)
+        o7 = _nib16(w, 28, HI, xdt)
+    return o0, o1, o2, o3, o4, o5, o6, o7
+
+
+@triton.jit
+def _tcasm_operand(w, xdt: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    """Words [BLOCK_N, SUB/8] -> the dot's weight operand [BLOCK_N, SUB] of B + q, its columns in the permuted
+    order of `_tcasm_k_order`: the 8 values of a word are one thread's 8 elements of a 32-column chunk of the
+    16-bit wgmma/mma register fragment (columns 2t, 2t+1, 2t+8, 2t+9 of each of two k16 steps, t = lane % 4),
+    so the unpack needs no shuffle: word t of a chunk goes whole to lane t."""
+    o0, o1, o2, o3, o4, o5, o6, o7 = _nibble_pairs(w, xdt, ASM)
+    # o[i], i = 4 kb + 2 h + p -> [.., kb, h, p] (p fastest: the two halves of one asm register)
+    t = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+    t = tl.reshape(t, (BLOCK_N, SUB // 32, 4, 2, 2, 2))  # [n, c, t, kb, h, p]: word r = 4 c + t
+    t = tl.permute(t, (0, 1, 3, 4, 2, 5))  # [n, c, kb, h, t, p]: column 32 c + 16 kb + 8 h + 2 t + p
+    return tl.reshape(t, (BLOCK_N, SUB))
+
+
+@triton.jit
+def _tcasm_k_order(SUB: tl.constexpr):
+    """k (within a sub-block) of each dot column kk = 32 c + 16 kb + 8 h + 2 t + p of `_tcasm_operand`: word
+    4 c + t, nibble 2 kb + h + 4 p (o[2m] / o[2m + 1] are nibbles m / m + 4)."""
+    kk = tl.arange(0, SUB)
+    return (kk // 32) * 32 + ((kk // 2) % 4) * 8 + ((kk // 16) % 2) * 2 + (kk // 8) % 2 + (kk % 2) * 4
+
+
+@triton.jit
+def _tcasm_rows(BLOCK_N: tl.constexpr, WARPS: tl.constexpr):
+    """n (within the tile) of each dot row rho = (b WARPS + v) 16 + 8 h + g, where the 16-bit register fragment
+    gives lane g (lane // 4) of warp v rows g and g + 8 (h) of each 16-row slab, slab b repeated every 16 WARPS
+    rows: n = ((v 8 + g) REP + b) 2 + h, so a lane's 2 REP rows are consecutive n (the words' vector loads).
+    Any bijection is correct (the scales, zeros and outputs follow the same rows); this one is fast only if
+    Triton lays the accumulator out with warpsPerCTA [WARPS, 1] (what it does for a 16-column wgmma)."""
+    REP: tl.constexpr = BLOCK_N // (16 * WARPS)
+    rho = tl.arange(0, BLOCK_N)
+    if REP == 0:  # fewer rows than one slab per warp: identity
+        return rho
+    b = rho // (16 * WARPS)
+    v = (rho // 16) % WARPS
+    return ((v * 8 + rho % 8) * REP + b) * 2 + (rho // 8) % 2
+
+
+@triton.jit
+def _int4_tcasm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, K, K_PER_SPLIT, ZERO,
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, stride_zn, stride_zg,
+    stride_om, stride_on,
+    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr, WARPS: tl.constexpr,
+):
+    """Swap-AB tensor-core GEMV/GEMM: out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, K] @ x^T [K, BLOCK_M] with the
+    weight as the dot's register operand, two nibbles per 32-bit unpack instruction (see `_nibble_pairs`), and
+    the dot's K order permuted so that the pairs land where the register fragment wants them (x is gathered in
+    the same order: the sum over k does not care). Zero and scale per (row, group) on the fp32 dot of each
+    group: s (dot - (B + z) sum_k x), more exact than the reference's weight rounded to x's dtype.
+    UNMEASURED on a GPU (offline sm_90a SASS only: see the module docstring)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Dot row rho holds column n(rho) of the tile (see _tcasm_rows): a lane's rows of the fragment are consecutive n,
+    # so its words are 16-byte vectors of the N-contiguous storage.
+    offs_n = pid_n * BLOCK_N + _tcasm_rows(BLOCK_N, WARPS)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    SUB: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP  # one group per dot
+    NSUB: tl.constexpr = BLOCK_K // SUB
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    offs_nat = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the words are loaded in n order, then permuted
+    mask_nat = offs_nat < N
+    w_ptrs = qw_ptr + offs_nat[:, None] * stride_qn + tl.arange(0, SUB // 8)[None, :] * stride_qk
+    xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + _tcasm_k_order(SUB)[:, None] * stride_xk
+    xdt = x_ptr.dtype.element_ty
+    if xdt == tl.bfloat16:
+        BIAS: tl.constexpr = 128.0
+    else:
+        BIAS: tl.constexpr = 1024.0
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        for sb in tl.static_range(NSUB):
+            ks = k0 + sb * SUB
+            valid = ks < k_hi  # a K block of several groups may run past K
+            w = tl.load(w_ptrs + (ks // 8) * stride_qk, mask=mask_nat[:, None] & valid, other=0)
+            if BLOCK_N >= 16 * WARPS:  # rows in _tcasm_rows's order
+                w = tl.reshape(tl.permute(tl.reshape(w, (WARPS, 8, BLOCK_N // (16 * WARPS), 2, SUB // 8)),
+                                          (2, 0, 3, 1, 4)), (BLOCK_N, SUB // 8))
+            s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n & valid, ks // GROUP, stride_sn, stride_sg,
+                                      stride_zn, stride_zg, HAS_ZEROS)
+            xt = tl.load(xt_ptrs + ks * stride_xk, mask=mask_m[None, :] & valid, other=0.0)
+            cs = tl.sum(xt.to(tl.float32), axis=0)
+            a = _tcasm_operand(w, xdt, ASM, BLOCK_N, SUB)
+            blk = tl.dot(a, xt)
+            acc += (blk - (z + BIAS)[:, None] * cs[None, :]) * s[:, None]
+    _finish_tile(tl.trans(acc), out_ptr, part_ptr, cnt_ptr, b_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k,
+                 offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
 def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, stride_ps, stride_om, stride_on,
                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -699,6 +883,17 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                     if K // split >= 128:
                         out.append({"impl": "tiled3", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split,
                                     "num_warps": warps, "num_stages": stages})
+        # tcasm: swap-AB wgmma, the weight unpacked two nibbles per 32-bit instruction straight into the register
+        # operand (K order permuted to the fragment's); unmeasured, so select_config never picks it. BLOCK_M 16: at
+        # 8 Triton falls back to mma.sync with shared-memory round trips (offline sm_90a: 4.0 instr/nibble).
+        # BLOCK_K = one or two groups (a dot per group), >= 32 (the permutation works on 32-column chunks).
+        if group_size >= 32:
+            for bn, warps in ((64, 4), (128, 4), (256, 8)):
+                for bk in sorted({min(group_size, 128), min(2 * group_size, 256)}):
+                    for split in (4, 8, 16):
+                        if K // split >= bk:
+                            out.append({"impl": "tcasm", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk,
+                                        "SPLIT_K": split, "num_warps": warps, "num_stages": 3})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     return out
 
@@ -756,7 +951,7 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
     return w
 
 
-IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "dequant_cublas")
+IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "tcasm", "dequant_cublas")
 
 # Arrival counters of the single-pass split-K kernels: kernels/workspace.py (one zeroed buffer per device,
 # reserved outside CUDA-graph captures).
@@ -784,6 +979,9 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
             raise ValueError(f"int4_gemm: gemv2 PLANES=1 needs BLOCK_M=1, got {bm}")
         _int4_gemv2_kernel[grid](*args, PREFETCH=bool(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
                                  PLANES=planes, **common)
+    elif impl == "tcasm":
+        _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],
+                                                               **common)
     elif impl == "tiled3":
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         _int4_tiled3_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, DOT_PRECISION=precision,
@@ -818,10 +1016,13 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 
     block_k = cfg["BLOCK_K"]
     # gemv2 at BLOCK_M 1 also takes K blocks of several whole groups (zero and scale per word row)
-    multi_ok = impl == "gemv2" and cfg.get("BLOCK_M") == 1 and block_k % group_size == 0
+    multi_ok = ((impl == "gemv2" and cfg.get("BLOCK_M") == 1) or impl == "tcasm") and block_k % group_size == 0
     if block_k < 8 or block_k & (block_k - 1) or (group_size % block_k and not multi_ok):
         raise ValueError(f"int4_gemm: BLOCK_K={block_k} must be a power of two >= 8 dividing group_size={group_size}"
-                         " (or, for gemv2 at BLOCK_M=1, a multiple of it)")
+                         " (or, for tcasm and for gemv2 at BLOCK_M=1, a multiple of it)")
+    if impl == "tcasm" and min(block_k, group_size) < 32:
+        raise ValueError(f"int4_gemm: tcasm dots span 32-column chunks: min(BLOCK_K, group_size) must be >= 32, "
+                         f"got BLOCK_K={block_k} group_size={group_size}")
     split = max(1, int(cfg.get("SPLIT_K", 1)))
     k_per_split = cdiv(cdiv(K, split), block_k) * block_k
     split = cdiv(K, k_per_split)
@@ -830,7 +1031,11 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if impl == "tiled3" and x.is_cuda and (block_k < 128 or cfg["BLOCK_M"] < 16):
         raise ValueError(f"int4_gemm: tiled3 needs BLOCK_K >= 128 and BLOCK_M >= 16 on the GPU (dots of K = "
                          f"BLOCK_K / 8 >= 16), got BLOCK_K={block_k} BLOCK_M={cfg['BLOCK_M']}")
-    if impl in ("gemv2", "tiled2", "tiled3"):
+    if impl == "tcasm" and x.dtype == torch.float32:
+        # The dot's operands are 16-bit (B + q and x); x in bf16 would round an fp32 x (float32 tolerance fails),
+        # an exact 3-way bf16 split of x is possible but unbuilt (see the kernel's docstring).
+        raise ValueError("int4_gemm: tcasm takes float16/bfloat16 x only, got float32 (use gemv2 for float32 x)")
+    if impl in ("gemv2", "tiled2", "tiled3", "tcasm"):
         return _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group_size, split,
                                    k_per_split, zeros is not None, bias is not None)
     if split == 1:

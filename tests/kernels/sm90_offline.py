@@ -255,6 +255,8 @@ def _int4(M, N=MLP, K=HIDDEN, group=128, zeros=False, bias=False, pick=None, con
             if not cands:
                 raise AssertionError(f"no candidate_configs({M}, {N}, {K}, {group}) entry matches {pick}")
             cfg = cands[0]
+        if cfg["impl"] == "tcasm":
+            rec.override(ASM=True)  # the launcher passes x.is_cuda: the inline-PTX unpack
         qweight = torch.empty((K // 8, N), dtype=torch.int32).t()
         scales = _empty(K // group, N).t()
         z = _empty(K // group, N).t() if zeros else None
@@ -393,6 +395,12 @@ CASES = [
     Case("int4 M16 tiled3 128 split4", _int4(16, pick={"impl": "tiled3", "BLOCK_N": 128, "SPLIT_K": 4,
                                                        "num_stages": 3}),
          selected=False, expect={"_int4_tiled3_kernel": ("wgmma", "cp_async")}),
+    # tcasm: swap-AB wgmma, two nibbles per inline-PTX LOP3 straight into the register operand (candidate only)
+    Case("int4 M1 tcasm 128 split8", _int4(1, pick={"impl": "tcasm", "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 8}),
+         selected=False, no_spill=True, expect={"_int4_tcasm_kernel": ("wgmma", "cp_async")}),
+    Case("int4 M16 tcasm 256x256 w8 split8", _int4(16, pick={"impl": "tcasm", "BLOCK_N": 256, "BLOCK_K": 256,
+                                                             "SPLIT_K": 8}),
+         selected=False, no_spill=True, expect={"_int4_tcasm_kernel": ("wgmma", "cp_async")}),
     # fp8: activation quantization + swap-AB pointer kernel (decode), persistent TMA kernel (prefill)
     Case("fp8 M16 swap-AB", _fp8(16), expect={"_fp8_gemm_kernel": E4}),
     Case("fp8 M16 swap-AB bias prequant", _fp8(16, bias=True, prequant=True), expect={"_fp8_gemm_kernel": E4}),

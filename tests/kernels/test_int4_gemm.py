@@ -123,6 +123,46 @@ def test_int4_gemm_tiled3_extreme_codes_fractional_zeros_strided(device):
         assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
 
 
+# tcasm (swap-AB wgmma, nibble pairs by inline PTX on a GPU; the interpreter runs the plain-Triton twin of the
+# unpack with the same values and the same permuted K order): a K block of one group with a ragged split-K, and
+# K blocks of two groups (a dot per group) whose last one runs past K (384 = 3 groups of 128).
+# num_warps 1 with BLOCK_N 32: two 16-row slabs per warp, so the dot rows are a non-trivial permutation of n
+# (_tcasm_rows) as on the GPU.
+TCASM = {"impl": "tcasm", "BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 3, "num_warps": 1}
+
+
+@pytest.mark.parametrize("blocks", [1, 2], ids=["one_group", "two_groups"])
+@pytest.mark.parametrize("g,asym", [(32, True), (64, False), (128, True), (128, False)])
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_int4_gemm_tcasm(device, blocks, g, asym, M):
+    """Odd M (17 = two M tiles) and N, every group size, sym/asym, bias, NaN-poisoned out; with split-K a second
+    call with new inputs on the same counters (the last slice must have re-armed them), counters at zero."""
+    cfg = {**TCASM, "BLOCK_K": blocks * g, "SPLIT_K": 3 if blocks == 1 else 1}
+    _check_calls_and_rearmed_counters(device, cfg, M, 37, 384, g, asym)
+
+
+def test_int4_gemm_tcasm_extreme_codes_fractional_zeros_strided(device):
+    """All-0 / all-15 codes and a word of 8 distinct codes (every nibble must land at its own permuted k),
+    fractional zeros, K-contiguous storage with a strided x."""
+    M, N, K, g = 2, 24, 256, 64
+    x = torch.randn(M, 2 * K, dtype=torch.float16, device=device)[:, ::2]
+    _, scales, _ = _weights(N, K, g, False, device)
+    zeros = (torch.rand(N, K // g, device=device) * 15).to(torch.float16)
+    for word in (0x0F0F0F0F, -0x0F0F0F10, 0x76543210, -0x01234568):  # the last: 0xFEDCBA98
+        qweight = torch.full((N, K // 8), word, dtype=torch.int32, device=device)
+        out = _run(x, qweight, scales.contiguous(), zeros, g, {**TCASM, "BLOCK_K": 64})
+        assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
+
+
+def test_int4_gemm_tcasm_rejects_float32_x_and_short_blocks():
+    qweight, scales, zeros = _weights(16, 128, 32, True, "cpu")
+    with pytest.raises(ValueError, match="float32"):
+        int4_gemm(torch.randn(1, 128), qweight, scales, zeros, 32, config={**TCASM, "BLOCK_K": 32})
+    with pytest.raises(ValueError, match="32-column"):
+        int4_gemm(torch.randn(1, 128, dtype=torch.float16), qweight, scales, zeros, 32,
+                  config={**TCASM, "BLOCK_K": 16})
+
+
 def test_int4_gemm_gemv2_extreme_codes_and_zeros(device):
     """All-0 and all-15 codes with fractional zeros: the biased unpack (B + q, B = 2^7 / 2^11) must give
     back q exactly at both ends, for every nibble position."""
@@ -252,15 +292,21 @@ def test_candidate_configs_sweep_the_variants_for_small_m():
     assert not {"gemv2", "tiled2", "tiled3"} & {c["impl"] for c in candidate_configs(64, 14336, 4096, 128)}
     for M in (1, 3, 16):
         for c in candidate_configs(M, 4096, 4096, 32):
-            # K blocks divide a group, or (gemv2 at one row) span whole groups
-            multi = c["impl"] == "gemv2" and c["BLOCK_M"] == 1 and c["BLOCK_K"] % 32 == 0
+            # K blocks divide a group, or (gemv2 at one row, tcasm) span whole groups
+            multi = (c["impl"] == "tcasm" or (c["impl"] == "gemv2" and c["BLOCK_M"] == 1)) and c["BLOCK_K"] % 32 == 0
             assert 32 % c["BLOCK_K"] == 0 or multi, c
     assert any(c["BLOCK_K"] > 128 for c in candidate_configs(1, 14336, 4096, 128) if c["impl"] == "gemv2")
+    for M in (1, 4, 16):  # tcasm: swept at M <= 16 for every group size, never the table's pick (unmeasured)
+        for g in (32, 64, 128):
+            tcasm = [c for c in candidate_configs(M, 14336, 4096, g) if c["impl"] == "tcasm"]
+            assert tcasm and all(c["BLOCK_K"] in (g, 2 * g) and c["BLOCK_M"] == 16 for c in tcasm)
+            assert select_config(M, 14336, 4096, g)["impl"] != "tcasm"
+    assert not [c for c in candidate_configs(64, 14336, 4096, 128) if c["impl"] == "tcasm"]
 
 
 @pytest.mark.gpu
 def test_int4_gemm_gpu_single_pass_candidates():
-    """Every gemv2 / tiled2 / tiled3 config the --tune sweep tries at M <= 16 (bf16, the benchmark's dtype), on a
+    """Every gemv2 / tiled2 / tiled3 / tcasm config the --tune sweep tries at M <= 16 (bf16, the benchmark's dtype), on a
     real GPU, twice in a row (the single-pass counters must be re-armed), and under CUDA graph replay."""
     dtype = torch.bfloat16
     N, K, g = 1000, 1024, 128
@@ -268,7 +314,7 @@ def test_int4_gemm_gpu_single_pass_candidates():
     for M in (1, 4, 16):
         x = torch.randn(M, K, dtype=dtype, device="cuda")
         expected = _expected(x, qweight, scales, zeros, g)
-        for cfg in [c for c in candidate_configs(M, N, K, g) if c["impl"] in ("gemv2", "tiled2", "tiled3")]:
+        for cfg in [c for c in candidate_configs(M, N, K, g) if c["impl"] in ("gemv2", "tiled2", "tiled3", "tcasm")]:
             for _ in range(2):
                 out = _run(x, qweight, scales, zeros, g, cfg)
                 assert_close(out, expected, dtype, scale=2.0)
@@ -311,3 +357,48 @@ def test_int4_gemm_gpu_tiled3_suite_shapes(M, K, N):
         for _ in range(2):
             out = _run(x, qweight, scales, zeros, g, cfg, bias=bias)
             assert_close(out, expected, dtype, scale=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("g,asym", [(32, True), (64, False), (128, True), (128, False)])
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_int4_gemm_gpu_tcasm(M, g, asym, dtype):
+    """tcasm's inline-PTX unpack (the interpreter never runs it) against int4_gemm_ref in float64: bf16 and fp16 x
+    (0x4300 / 0x6400 halves), odd N, an odd number of groups (K = 5 g, so two-group blocks run past K), every
+    candidate tile of the --tune sweep for this group size, bias, NaN-poisoned out, called twice (re-armed
+    split-K counters)."""
+    N, K = 999, 5 * g
+    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    bias = torch.randn(N, dtype=dtype, device="cuda")
+    expected = int4_gemm_ref(x.double(), qweight, scales, zeros, g, bias.double())
+    cands = [c for c in candidate_configs(M, 14336, 4096, g) if c["impl"] == "tcasm"]
+    assert cands
+    for cfg in cands:
+        for _ in range(2):
+            out = _run(x, qweight, scales, zeros, g, cfg, bias=bias)
+            assert_close(out, expected, dtype, scale=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16])
+def test_int4_gemm_gpu_tcasm_suite_shape_and_codes(M):
+    """K4096 N14336 g128 (the benchmark's shape) for tcasm's tiles, and words of extreme / distinct codes with
+    fractional zeros through the inline-PTX unpack (each nibble must land at its own permuted k)."""
+    dtype, N, K, g = torch.bfloat16, 14336, 4096, 128
+    qweight, scales, zeros = _weights(N, K, g, True, "cuda", dtype)
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    expected = int4_gemm_ref(x.double(), qweight, scales, zeros, g)
+    cands = [c for c in candidate_configs(M, N, K, g) if c["impl"] == "tcasm"]
+    for cfg in cands:
+        assert_close(_run(x, qweight, scales, zeros, g, cfg), expected, dtype, scale=2.0)
+    N, K = 40, 256
+    zeros = (torch.rand(N, K // g, device="cuda") * 15).to(dtype)
+    scales = scales[:N, :K // g].contiguous()
+    x = x[:, :K].contiguous()
+    for word in (0x0F0F0F0F, -0x0F0F0F10, 0x76543210, -0x01234568):
+        qweight = torch.full((N, K // 8), word, dtype=torch.int32, device="cuda")
+        for cfg in cands[:3]:
+            out = _run(x, qweight, scales, zeros, g, cfg)
+            assert_close(out, int4_gemm_ref(x.double(), qweight, scales, zeros, g), dtype, scale=2.0)
