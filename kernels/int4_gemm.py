@@ -765,6 +765,9 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K,
 # Update this one table from new --tune runs.
 GEMV_MAX_M = 1
 DEQUANT_CUBLAS_MIN_M = 192
+# Implementations that read float32 x at full speed (FMA kernels convert x to fp32 anyway): the int4 pass gives
+# their launches x.float() (passes/int4.py float_gemv_inputs); tcasm refuses float32 x.
+FLOAT_X_IMPLS = ("gemv", "gemv2")
 _SM_COUNT = 132  # H100 SXM / H200
 
 

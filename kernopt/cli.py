@@ -71,6 +71,21 @@ def linear_shapes(model, groups=()) -> list[tuple[int, int]]:
     return sorted(shapes)
 
 
+def int4_x_dtype(m: int, dtype):
+    """The x dtype of an int4 launch of m rows in a compiled model: float32 for the GEMV rows, where the int4
+    pass gives the op x.float() (passes/int4.py: float_gemv_inputs), else `dtype`. Tuning times that dtype
+    and stores under its bucket (workload.gemm_bucket keys on it), or the decode launches would miss it."""
+    import torch
+
+    from kernopt.ops import kernel_module
+    from kernopt.passes.int4 import float_inputs_enabled
+
+    if dtype in (torch.bfloat16, torch.float16) and float_inputs_enabled() \
+            and m <= kernel_module("int4_gemm").GEMV_MAX_M:
+        return torch.float32
+    return dtype
+
+
 def tune_job(kind: str, m: int, n: int, k: int, group_size: int):
     """(kernel, cache key, candidates, run, check, timer) for one shape: the key the op looks up
     (kernopt/ops.py), and the same check and timer as the ops' first-use tuning (ops.tuning_kit)."""
@@ -85,6 +100,7 @@ def tune_job(kind: str, m: int, n: int, k: int, group_size: int):
         from kernopt.int4 import n_contiguous, quantize_weight
 
         mod = kernel_module("int4_gemm")
+        x = x.to(int4_x_dtype(m, x.dtype))
         qw, sc, z = (n_contiguous(t) if t is not None else None for t in quantize_weight(w, group_size))
         kernel, key = "int4_gemm", workload.gemm_bucket(m, n, k, f"g{group_size}", x.dtype)
         candidates, operands = mod.candidate_configs(m, n, k, group_size), (x, qw, sc, z)

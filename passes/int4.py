@@ -563,8 +563,8 @@ def float_inputs_enabled() -> bool:
 
 
 def float_gemv_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
-    """int4 ops whose launch is the GEMV (rows <= int4_gemm.GEMV_MAX_M, a Triton implementation) and whose x
-    is bf16/fp16 become ``op(x.float()).to(x.dtype)``.
+    """int4 ops whose launch is the GEMV (rows <= int4_gemm.GEMV_MAX_M, a Triton implementation, the table's
+    impl one of int4_gemm.FLOAT_X_IMPLS) and whose x is bf16/fp16 become ``op(x.float()).to(x.dtype)``.
 
     Why: at decode the int4 GEMV is issue-bound (ncu on the H200: benchmarks/results/profiles), and every
     thread converts each x element it multiplies from bf16 to fp32: 697 SASS instructions per 128 nibbles of
@@ -588,6 +588,10 @@ def float_gemv_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
         rows = static_int(rows)
         kmod = kmod or ops.kernel_module("int4_gemm")
         if rows is None or rows > kmod.GEMV_MAX_M:
+            continue
+        scales = node.args[2] if node.target is INT4_GROUP else [node.args[2]]
+        n_total = sum(size_hint(example_value(s).shape[0]) for s in scales)
+        if kmod.select_config(rows, n_total, size_hint(xv.shape[-1]), node.args[4])["impl"] not in kmod.FLOAT_X_IMPLS:
             continue
         x32 = insert_before(gm, node, torch.Tensor.float, (x,), xv.float())
         node.update_arg(0, x32)

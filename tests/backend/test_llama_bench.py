@@ -250,3 +250,17 @@ def test_linear_shapes_include_the_grouped_int4_launches():
     gate_up = (2 * cfg.intermediate_size, hidden)
     assert qkv not in plain and gate_up not in plain
     assert set(grouped) == set(plain) | {qkv, gate_up}
+
+
+def test_int4_tuning_times_the_x_dtype_the_compiled_launch_gets(monkeypatch):
+    """GEMV rows get x.float() from the int4 pass, so `kernopt tune` times (and keys) them in float32."""
+    import torch
+
+    from kernopt import cli
+    from kernopt.kernels.int4_gemm import GEMV_MAX_M
+
+    assert cli.int4_x_dtype(GEMV_MAX_M, torch.bfloat16) == torch.float32
+    assert cli.int4_x_dtype(GEMV_MAX_M + 1, torch.bfloat16) == torch.bfloat16
+    assert cli.int4_x_dtype(1, torch.float32) == torch.float32
+    monkeypatch.setenv("KERNOPT_INT4_FLOAT_X", "0")
+    assert cli.int4_x_dtype(GEMV_MAX_M, torch.bfloat16) == torch.bfloat16

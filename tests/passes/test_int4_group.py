@@ -379,7 +379,8 @@ def test_gemv_launches_read_float_x_with_the_same_output(monkeypatch, x_dtypes):
         assert_close(got, model(x).double(), DT, scale=2.0)
 
 
-def test_float_x_leaves_alone_more_rows_than_the_gemv_and_the_reference(x_dtypes):
+def test_float_x_leaves_alone_more_rows_than_the_gemv_and_the_reference(monkeypatch, x_dtypes):
+    import kernopt.kernels.int4_gemm as kmod
     from kernopt.kernels.int4_gemm import GEMV_MAX_M
 
     model = GatedMLP()
@@ -389,4 +390,10 @@ def test_float_x_leaves_alone_more_rows_than_the_gemv_and_the_reference(x_dtypes
     if DEV == "cpu":  # bf16 on CPU runs the plain-torch reference: its dtype is left as it is
         report = kernopt.explain(model.to(torch.bfloat16), torch.randn(1, K, dtype=torch.bfloat16),
                                  options={"inner": "eager"})
+        assert _group_rewrites(report) and not _float_x_rewrites(report), report.table()
+    if ops.implementation(torch.empty(0, dtype=DT, device=DEV)) != "reference":
+        # a table impl that takes 16-bit x only (tcasm): the GEMV rows keep their dtype too
+        monkeypatch.setattr(kmod, "FLOAT_X_IMPLS", ())
+        torch._dynamo.reset()
+        report = kernopt.explain(model.to(DT), torch.randn(1, K, dtype=DT, device=DEV), options={"inner": "eager"})
         assert _group_rewrites(report) and not _float_x_rewrites(report), report.table()
