@@ -31,12 +31,41 @@ when seq_k is not a multiple of BLOCK_N, and stores its output through a descrip
 ignores WARP_SPEC where these do not hold.
 
 On the H200 (benchmarks/attention_ws_probe.py, sweeps/attention-ws-h200.json at 03964ae) only part of it
-computes the right answer: non-causal with 2 stages is right (128x128: 492 / 545 / 532 TFLOP/s at B4 S2048 /
+computed the right answer: non-causal with 2 stages is right (128x128: 492 / 545 / 532 TFLOP/s at B4 S2048 /
 B1 S8192 / GQA B4 S4096, against 468 / 481 / 485 for the table's 64x64 in the same run); 3 and 4 stages
-write NaN in ~40% of the outputs (and did so intermittently at S256); causal is wrong (max abs error ~1.2,
-~8% of the outputs). So the launcher also ignores WARP_SPEC when causal, candidate_configs keeps only the
-2-stage tiles, and select_config never picks it: a kernel that is wrong at one stage count is not trusted
-at another without more evidence than one sweep.
+wrote NaN in ~40% of the outputs (and did so intermittently at S256); causal was wrong (max abs error ~1.2,
+~8% of the outputs).
+
+Why causal (and the first, pointer-based output store) went wrong, from the sm_90a TTGIR compiled offline:
+the pass splits the 128-row tile by slicing every row-shaped value, so tl.arange(0, 128) becomes
+make_range [0, 64) in consumer 0 and [64, 128) in consumer 1. Slicing a descriptor load/store (the Q load,
+Q.load([start_m, 0])) adds 64 to its row coordinate for consumer 1, and records start_m -> start_m + 64 in
+the pass's value mapping (WSDataPartition.cpp, sliceOp on DescriptorLoadOp/DescriptorStoreOp); every other
+sliced op of consumer 1 that uses start_m is cloned through that mapping. So offs_m = start_m +
+tl.arange(0, 128) came out in consumer 1 as (start_m + 64) + [64, 128), rows start_m + 128 .. + 191:
+
+    partition1:  %48 = arith.addi %start_m, %c64_i32
+                 %offs_m = tt.make_range {end = 128, start = 64} : tensor<64xi32, #ttg.slice<{dim = 1, ...}>>
+                 %offs_m_24 = tt.splat %48 : i32 -> tensor<64xi32, ...>
+                 %offs_m_25 = arith.addi %offs_m_24, %offs_m          (the causal mask's rows)
+
+(consumer 0: make_range [0, 64) + splat %start_m, right). Its causal mask therefore let rows 64-127 see up to
+64 keys past the diagonal, and the old pointer store wrote rows 64-127 into the next tile's rows 0-63
+(rows 64-127 never written: the NaN of the first sweep). The WS loop now never puts start_m into a
+row-shaped tensor: _softmax_step's LOCAL_ROWS form compares (offs_n - (start_m + seq_k - seq_q)) on the key
+axis (not partitioned) with the tile-local tl.arange(0, BLOCK_M) on the row axis, which the pass slices
+right; the compiled consumers then hold make_range [0, 64) / [64, 128) against a splat of
+start_m + causal_shift made from the unmapped start_m (tests/kernels/sm90_offline.py checks this: "ws_rows").
+Not run on a GPU yet, so the launcher still ignores WARP_SPEC when causal unless WS_CAUSAL is set (the probe
+does), candidate_configs keeps only the 2-stage tiles, and select_config never picks WS.
+
+3-4 stages: nothing wrong found offline. The TTGIR's slot/phase arithmetic (slot i % stages, parity
+(i // stages) & 1, producer waiting both consumers' "empty" barriers at the inverted parity), the shared
+memory map (K / V stages, two 64-row Q buffers, two output staging buffers, barriers: no live overlap) and
+the consumer PTX (each wgmma waited, wait_group 0, before its "empty" arrive) have the same shape at 2, 3
+and 4 stages. One oddity, the same at 2 stages: barrier arrays the pass allocates but never waits on
+(count-1 partners of the "empty" barriers) get shared offset 0, so their mbarrier.init writes land on the
+first K stage before the first TMA load. WS_STAGES lets the probe run them again with a per-tile NaN map.
 """
 from __future__ import annotations
 
@@ -58,6 +87,13 @@ LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# Where the launcher lets a WARP_SPEC config be warp-specialised beyond what the H200 has shown right (module
+# docstring). Off / (2,) by default; benchmarks/attention_ws_probe.py sets them for its GPU probe only.
+# WS_CAUSAL: causal WS through the tile-local row formulation (offline sm_90a TTGIR gives each consumer its
+# own rows; no GPU run yet). WS_STAGES: the num_stages allowed (3 and 4 wrote NaN at 03964ae, cause unknown).
+WS_CAUSAL = False
+WS_STAGES = (2,)
+
 
 @triton.jit
 def apply_mask(s, visible, mvals, MASK_KIND: tl.constexpr):
@@ -78,18 +114,26 @@ def apply_mask(s, visible, mvals, MASK_KIND: tl.constexpr):
 
 @triton.jit
 def _softmax_step(acc, l_i, m_i, qk, m_base, stride_mm, stride_mn, offs_m, offs_n, seq_q, seq_k, causal_shift,
-                  qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+                  qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                  LOCAL_ROWS: tl.constexpr = False):
     """Online-softmax update for one score tile qk = q @ k^T (unscaled, fp32).
 
     Returns (p, acc * alpha, l_i * alpha + rowsum(p), m_new); the caller adds p @ v to acc.
     MASKED=False: every (row, key) pair is visible (no bounds / causal arithmetic at all).
     MASKED=True: keys past seq_k and, if CAUSAL, keys right of the diagonal are dropped.
+    LOCAL_ROWS (the warp-specialised loop): offs_m are the tile's own row numbers (tl.arange(0, BLOCK_M), no
+    start_m in them) and causal_shift includes start_m, so that the causal test's only row-shaped operand is the
+    arange that Triton's data partitioning slices per consumer (module docstring: it offsets start_m twice).
     """
     if MASKED or MASK_KIND != 0:
         s = qk * qk_scale
         valid = offs_n[None, :] < seq_k
         if MASKED and CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            if LOCAL_ROWS:
+                # key j visible to tile row r  <=>  j - (start_m + seq_k - seq_q) <= r: the scalar goes to the key side
+                valid = valid & ((offs_n - causal_shift)[None, :] <= offs_m[:, None])
+            else:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
         if MASK_KIND != 0:
             m_ptrs = m_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
             mvals = tl.load(m_ptrs, mask=(offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k), other=0)
@@ -149,7 +193,7 @@ def _attn_tile(acc, l_i, m_i, q, K, V, Mask, kv_b, kv_h, k_base, v_base, m_base,
                           BLOCK_N, BLOCK_D, EVEN_D, MASKED, TMA, DEVICE_TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p, acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, m_base, stride_mm, stride_mn, offs_m, offs_n, seq_q,
-                                         seq_k, causal_shift, qk_scale, MASKED, CAUSAL, MASK_KIND)
+                                         seq_k, causal_shift, qk_scale, MASKED, CAUSAL, MASK_KIND, WARP_SPEC)
         v = _load_kv_tile(V, v_base, kv_b, kv_h, start_n, offs_n, offs_d, d_ok, stride_vn, stride_vd, seq_k,
                           BLOCK_N, BLOCK_D, EVEN_D, MASKED, TMA, DEVICE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -295,9 +339,12 @@ def _flash_attention_fwd(
             # One loop over every visible tile: Triton 3.6's Hopper warp specialisation fails to compile
             # (NVGPUWarpSpecialization asserts) when a second loop consumes the specialised loop's results.
             # So the tiles need masks in every iteration when any tile does (causal, or a partial last tile).
+            # Row numbers local to the tile and start_m folded into the diagonal's shift (LOCAL_ROWS in
+            # _softmax_step): see the module docstring for why offs_m must not reach the specialised loop.
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                                       offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, 0, end,
+                                       tl.arange(0, BLOCK_M), offs_d, d_ok, seq_q, seq_k, start_m + causal_shift,
+                                       qk_scale, 0, end,
                                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL or not EVEN_N, CAUSAL, MASK_KIND,
                                        TMA, DOT_PRECISION, True, DEVICE_TMA)
         else:
@@ -574,9 +621,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
 
     # Warp specialisation only where Triton 3.6 compiles it and it computed the right answer on the H200 (see
     # the module docstring): on-device descriptors, no caller mask, 128 rows / 4 warps (two 64-row consumer
-    # warp groups), non-causal, 2 stages. Elsewhere ignored (the same tile without it).
+    # warp groups), non-causal, 2 stages (WS_CAUSAL / WS_STAGES widen it for a GPU probe). Elsewhere ignored
+    # (the same tile without it).
     warp_spec = (bool(cfg.get("WARP_SPEC", False)) and device_tma and mask_kind == 0 and BM == 128
-                 and cfg["num_warps"] == 4 and cfg["num_stages"] == 2 and not causal and _descriptor_ok(out))
+                 and cfg["num_warps"] == 4 and cfg["num_stages"] in WS_STAGES and (WS_CAUSAL or not causal)
+                 and _descriptor_ok(out))
     grid = (cdiv(Sq, BM), B * Hq)
     _flash_attention_fwd[grid](
         q_arg, k_arg, v_arg, m_arg, out,

@@ -22,7 +22,8 @@ How:
    ``cuobjdump --dump-resource-usage`` on the cubin), spill stores/loads (the ptxas ``-v`` log), whether the
    PTX uses wgmma (and e4m3 operands) and TMA, and whether the kernel got warp-specialised ("ws": TTGIR
    ``ttg.warp_specialize`` partitions and PTX ``setmaxnreg``; such a kernel launches more warps than its
-   num_warps, "4(12)" in the table). Identical specialisations compile once.
+   num_warps, "4(12)" in the table) and, for such kernels, whether each consumer partition's row indices are its
+   own ("ws_rows", see ``ws_row_facts``). Identical specialisations compile once.
 
 Usage (the interpreter must be off; the script removes TRITON_INTERPRET and KERNOPT_CPU itself):
     python tests/kernels/sm90_offline.py [--json out.json] [--only REGEX] [--jobs N] [--cache-dir DIR] [--list]
@@ -195,10 +196,15 @@ def _swapab_table(M, N, K, activation, dtype):
 
 
 # ---- kernels/flash_attention.py
-def _flash(B, Hq, Hkv, S, D, causal, mask=None, dtype=None, config=None):
+def _flash(B, Hq, Hkv, S, D, causal, mask=None, dtype=None, config=None, ws_probe=False):
+    """ws_probe: with the launcher's WS_CAUSAL / WS_STAGES widened as benchmarks/attention_ws_probe.py does."""
     def build(rec):
         import torch
         from kernopt.kernels import flash_attention as fa
+
+        if ws_probe:
+            with _ws_probe_flags(fa):
+                return _flash(B, Hq, Hkv, S, D, causal, mask, dtype, config)(rec)
 
         dt = _dtype(dtype)
         cfg = dict(fa.select_config(D, causal, S, S, B * Hq, dt))
@@ -212,6 +218,16 @@ def _flash(B, Hq, Hkv, S, D, causal, mask=None, dtype=None, config=None):
                            _empty(B, Hkv, S, D, dtype=dt), mask=m, causal=causal, config=cfg)
         return cfg
     return build
+
+
+@contextlib.contextmanager
+def _ws_probe_flags(fa):
+    saved = fa.WS_CAUSAL, fa.WS_STAGES
+    fa.WS_CAUSAL, fa.WS_STAGES = True, (2, 3, 4)
+    try:
+        yield
+    finally:
+        fa.WS_CAUSAL, fa.WS_STAGES = saved
 
 
 # ---- kernels/decode_attention.py
@@ -362,6 +378,18 @@ CASES = [
     Case("flash D128 S2000 WS 128x64 s2 dtma", _flash(4, HQ, HQ, 2000, 128, False,
                                                      config=dict(WS_FLASH, num_stages=2)),
          selected=False, no_spill=True, expect={"_flash_attention_fwd": ("wgmma", "tma", "ws")}),
+    # causal warp specialisation (launcher flag WS_CAUSAL, what the GPU probe enables): "ws_rows" = each consumer
+    # builds its causal mask from its own 64 rows (kernels/flash_attention.py's docstring: the pass used to
+    # offset start_m twice in the second consumer)
+    Case("flash D128 causal=1 WS 128x64 s2 dtma (probe flag)", _flash(4, HQ, HQ, 2048, 128, True, ws_probe=True,
+                                                                     config=dict(WS_FLASH, num_stages=2)),
+         selected=False, no_spill=True, expect={"_flash_attention_fwd": ("wgmma", "tma", "ws", "ws_rows")}),
+    Case("flash D128 causal=1 S2000 WS 128x128 s2 dtma (probe flag)",
+         _flash(4, HQ, HQ, 2000, 128, True, ws_probe=True, config=dict(WS_FLASH, BLOCK_N=128, num_stages=2)),
+         selected=False, no_spill=True, expect={"_flash_attention_fwd": ("wgmma", "tma", "ws", "ws_rows")}),
+    Case("flash D128 causal=1 WS 128x64 s3 dtma (probe flag)", _flash(4, HQ, HQ, 2048, 128, True, ws_probe=True,
+                                                                     config=dict(WS_FLASH, num_stages=3)),
+         selected=False, no_spill=True, expect={"_flash_attention_fwd": ("wgmma", "tma", "ws", "ws_rows")}),
     Case("flash D80 (padded) causal=1", _flash(4, HQ, HQ, 2048, 80, True), expect={"_flash_attention_fwd": ("wgmma", "tma")}),
     Case("flash GQA 32/8 D128 S4096", _flash(4, HQ, HKV, 4096, 128, False), expect={"_flash_attention_fwd": ("wgmma", "tma")}),
     Case("flash D128 causal=1 fp16", _flash(4, HQ, HQ, 2048, 128, True, dtype="fp16"),
@@ -491,6 +519,38 @@ def _ptx_facts(ptx: str) -> dict:
     }
 
 
+_ROW_I32 = r"tensor<\d+xi32, #ttg\.slice<\{dim = 1,"  # a row-index vector (slice along the column axis)
+
+
+def ws_row_facts(ttgir: str) -> dict:
+    """How each warp-specialised partition builds its row indices (kernels/flash_attention.py's docstring).
+
+    Triton 3.6's data partitioning slices tl.arange(0, 128) into make_range [64 k, 64 k + 64) for consumer k and
+    maps the tile's descriptor row coordinate c to c + 64 k for every op it slices, so a row vector built as
+    splat(c) + arange gets the offset twice. Signature of that: in a partition whose row make_range starts
+    above 0, a row-vector splat of a value that partition defines as `arith.addi x, %c<N>_i32` (the added
+    constant). "ws_rows": some partition's rows start above 0 (rows were split: the check is not vacuous) and
+    no partition has the signature.
+    """
+    lines = ttgir.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"\s*partition\d+\(", line)]
+    parts = []
+    for n, i in enumerate(starts):
+        end = next((j for j in range(i + 1, len(lines)) if "ttg.warp_return" in lines[j]), len(lines))
+        body = lines[i:end + 1]
+        ranges = [(int(m.group(2)), int(m.group(1))) for line in body if "tt.make_range" in line
+                  and re.search(_ROW_I32, line)
+                  for m in [re.search(r"end = (\d+) : i32, start = (\d+) : i32", line)] if m]
+        plus_const = {m.group(1) for line in body
+                      for m in [re.match(r"\s*(%\w+) = arith\.addi %\w+, %c\d+_i32(?:_\d+)?\b", line)] if m}
+        splats = {m.group(1) for line in body if re.search(_ROW_I32, line)
+                  for m in [re.search(r"tt\.splat (%\w+)", line)] if m}
+        twice = any(start > 0 for start, _ in ranges) and bool(splats & plus_const)
+        parts.append({"row_ranges": sorted(set(ranges)), "row_offset_twice": twice})
+    split = any(start > 0 for p in parts for start, _ in p["row_ranges"])
+    return {"ws_partitions": parts, "ws_rows": bool(parts) and split and not any(p["row_offset_twice"] for p in parts)}
+
+
 def compile_launch(case: Case, index: int) -> dict:
     """Capture `case` again and compile its `index`-th launch for sm_90: one record (error included)."""
     from triton import knobs
@@ -528,6 +588,7 @@ def compile_launch(case: Case, index: int) -> dict:
     rec.update(_ptx_facts(compiled.asm["ptx"]))
     # warp-specialised: TTGIR partitions (ttg.warp_specialize) and the PTX's register hand-over between them
     rec["ws"] = "ttg.warp_specialize" in compiled.asm["ttgir"] and "setmaxnreg" in compiled.asm["ptx"]
+    rec.update(ws_row_facts(compiled.asm["ttgir"]))  # "ws_rows": each consumer's row indices are its own
     rec["warps_launched"] = compiled.metadata.num_warps  # 12 for the specialised kernel with num_warps 4
     rec["checks"] = list(case.expect.get(rec["kernel"], ()))
     return rec

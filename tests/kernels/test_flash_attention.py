@@ -211,6 +211,29 @@ def test_device_descriptors_and_warp_spec_flags(monkeypatch):
         assert_close(out, ref, torch.float16)
 
 
+def test_warp_spec_probe_flags_causal_local_rows(monkeypatch):
+    """With the launcher's probe flags (WS_CAUSAL, WS_STAGES) causal and 3-stage WS configs are specialised, and
+    the specialised loop's causal mask (LOCAL_ROWS: tile-local rows against keys shifted by start_m + seq_k -
+    seq_q) matches the reference: several 128-row tiles, partial tiles, more queries than keys (zero rows) and
+    more keys than queries. The interpreter ignores the specialisation itself, so this checks the formulation's
+    arithmetic; tests/kernels/sm90_offline.py ("ws_rows") checks that the compiled partitions keep it."""
+    import kernopt.kernels.flash_attention as fa
+
+    monkeypatch.setattr(fa, "WS_CAUSAL", True)
+    monkeypatch.setattr(fa, "WS_STAGES", (2, 3))
+    spy = _KwargSpy(fa._flash_attention_fwd)
+    monkeypatch.setattr(fa, "_flash_attention_fwd", spy)
+    for Sq, Skv, causal, cfg in [(300, 300, True, WS), (130, 70, True, WS), (70, 200, True, dict(WS, num_stages=3)),
+                                 (257, 257, False, dict(WS, num_stages=3)), (129, 161, True, dict(WS, BLOCK_N=64))]:
+        q, k, v = make_qkv(1, 2, 1, Sq, Skv, 32, torch.float16)
+        spy.calls.clear()
+        out, ref = run(q, k, v, causal=causal, config=cfg)
+        (kw,) = spy.calls
+        assert kw["WARP_SPEC"] and kw["CAUSAL"] == causal, (Sq, Skv, causal, cfg)
+        assert not torch.isnan(out).any(), (Sq, Skv, causal, cfg)
+        assert_close(out, ref, torch.float16)
+
+
 def test_default_config_and_allocated_output():
     q, k, v = make_qkv(1, 2, 2, 9, 9, 16, torch.float32)
     out = flash_attention(q, k, v, causal=True)
@@ -282,6 +305,23 @@ def test_bf16_gpu_warp_spec_candidates(causal):
             out, ref = run(q, k, v, mask=m, causal=causal, config=cfg)
             assert mismatch(out, ref, torch.bfloat16) is None, (cfg, m is not None)
     assert not isinstance(alloc._allocator.get(), alloc.NullAllocator)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [1024, 1000])
+def test_bf16_gpu_warp_spec_causal_probe_flag(monkeypatch, S):
+    """Causal warp specialisation with the launcher's probe flag (WS_CAUSAL; not on by default until this passes
+    on the H200): 2 stages, 128x64 and 128x128 tiles, GQA, whole and partial last tiles."""
+    import kernopt.kernels.flash_attention as fa
+
+    monkeypatch.setattr(fa, "WS_CAUSAL", True)
+    B, Hq, Hkv = 2, 8, 2
+    q, k, v = make_qkv(B, Hq, Hkv, S, S, 128, torch.bfloat16)
+    for bn in (64, 128):
+        cfg = dict(WS, BLOCK_N=bn)
+        out, ref = run(q, k, v, causal=True, config=cfg)
+        assert not torch.isnan(out).any(), cfg
+        assert mismatch(out, ref, torch.bfloat16) is None, cfg
 
 
 @pytest.mark.gpu
