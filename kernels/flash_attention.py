@@ -40,7 +40,8 @@ Why causal (and the first, pointer-based output store) went wrong, from the sm_9
 the pass splits the 128-row tile by slicing every row-shaped value, so tl.arange(0, 128) becomes
 make_range [0, 64) in consumer 0 and [64, 128) in consumer 1. Slicing a descriptor load/store (the Q load,
 Q.load([start_m, 0])) adds 64 to its row coordinate for consumer 1, and records start_m -> start_m + 64 in
-the pass's value mapping (WSDataPartition.cpp, sliceOp on DescriptorLoadOp/DescriptorStoreOp); every other
+the pass's value mapping (third_party/nvidia/hopper/lib/Transforms/WarpSpecialization/
+WSDataPartition.cpp, sliceOp on DescriptorLoadOp/DescriptorStoreOp); every other
 sliced op of consumer 1 that uses start_m is cloned through that mapping. So offs_m = start_m +
 tl.arange(0, 128) came out in consumer 1 as (start_m + 64) + [64, 128), rows start_m + 128 .. + 191:
 
@@ -49,8 +50,8 @@ tl.arange(0, 128) came out in consumer 1 as (start_m + 64) + [64, 128), rows sta
                  %offs_m_24 = tt.splat %48 : i32 -> tensor<64xi32, ...>
                  %offs_m_25 = arith.addi %offs_m_24, %offs_m          (the causal mask's rows)
 
-(consumer 0: make_range [0, 64) + splat %start_m, right). Its causal mask therefore let rows 64-127 see up to
-64 keys past the diagonal, and the old pointer store wrote rows 64-127 into the next tile's rows 0-63
+(consumer 0: make_range [0, 64) + splat %start_m, right). Its causal mask therefore let rows 64-127 see keys past
+the diagonal (up to the tile's last key), and the old pointer store wrote rows 64-127 into the next tile's rows 0-63
 (rows 64-127 never written: the NaN of the first sweep). The WS loop now never puts start_m into a
 row-shaped tensor: _softmax_step's LOCAL_ROWS form compares (offs_n - (start_m + seq_k - seq_q)) on the key
 axis (not partitioned) with the tile-local tl.arange(0, BLOCK_M) on the row axis, which the pass slices
@@ -59,13 +60,17 @@ start_m + causal_shift made from the unmapped start_m (tests/kernels/sm90_offlin
 Not run on a GPU yet, so the launcher still ignores WARP_SPEC when causal unless WS_CAUSAL is set (the probe
 does), candidate_configs keeps only the 2-stage tiles, and select_config never picks WS.
 
-3-4 stages: nothing wrong found offline. The TTGIR's slot/phase arithmetic (slot i % stages, parity
-(i // stages) & 1, producer waiting both consumers' "empty" barriers at the inverted parity), the shared
-memory map (K / V stages, two 64-row Q buffers, two output staging buffers, barriers: no live overlap) and
-the consumer PTX (each wgmma waited, wait_group 0, before its "empty" arrive) have the same shape at 2, 3
-and 4 stages. One oddity, the same at 2 stages: barrier arrays the pass allocates but never waits on
-(count-1 partners of the "empty" barriers) get shared offset 0, so their mbarrier.init writes land on the
-first K stage before the first TMA load. WS_STAGES lets the probe run them again with a per-tile NaN map.
+3-4 stages: nothing wrong found offline (128x64, S1024, non-causal). The 3-stage PTX is the 2-stage PTX
+instruction for instruction except the slot / parity arithmetic (i % 3 and (i // 3) & 1 through a 64-bit
+multiply-high, strength-reduced pointers: checked by hand) and the barrier / buffer counts. Every barrier
+address was matched by hand in the producer and both consumers: K and V "full" barriers (expect_tx 16384 B,
+waited by both consumers at parity (i // stages) & 1), one "empty" barrier per consumer and operand (one
+128-count arrive after wgmma.wait_group 0, waited by the producer at the inverted parity), Q / Q-empty
+barriers used once. The shared memory map has no live overlap (3 stages: K 0-48K, V 48K-96K, Q halves 96K /
+112K, output staging 128K / 144K, descriptors and barriers above 160K). One oddity, the same at 2 stages:
+barrier arrays the pass allocates but never waits on (count-1 partners of the "empty" barriers) get shared
+offset 0, so their mbarrier.init writes (generic proxy, no proxy fence) land on the first K stage before the
+first TMA load into it. WS_STAGES lets the probe run them again with a per-tile NaN map.
 """
 from __future__ import annotations
 
