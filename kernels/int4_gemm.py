@@ -559,6 +559,31 @@ def _nib16(w, shift: tl.constexpr, HI: tl.constexpr, xdt: tl.constexpr):
     return (((w >> shift) & 0xF) | HI).to(tl.int16).to(xdt, bitcast=True)
 
 
+def _nibble_pairs_ptx(hi2: int) -> str:
+    """_nibble_pairs' PTX for one exponent pair `hi2` (bf16 0x43004300, fp16 0x64006400): word $8 -> four
+    registers of two 16-bit halves each, lop3((w >> 4m) & 0x000F000F | hi2), split into $0..$7."""
+    return f"""
+    {{
+    .reg .b32 t<4>;
+    shr.u32 t1, $8, 4;
+    shr.u32 t2, $8, 8;
+    shr.u32 t3, $8, 12;
+    lop3.b32 t0, $8, 0x000F000F, {hi2:#010x}, 0xEA;
+    lop3.b32 t1, t1, 0x000F000F, {hi2:#010x}, 0xEA;
+    lop3.b32 t2, t2, 0x000F000F, {hi2:#010x}, 0xEA;
+    lop3.b32 t3, t3, 0x000F000F, {hi2:#010x}, 0xEA;
+    mov.b32 {{$0, $1}}, t0;
+    mov.b32 {{$2, $3}}, t1;
+    mov.b32 {{$4, $5}}, t2;
+    mov.b32 {{$6, $7}}, t3;
+    }}
+    """
+
+
+_NIBBLE_PAIRS_PTX_BF16 = tl.constexpr(_nibble_pairs_ptx(0x43004300))
+_NIBBLE_PAIRS_PTX_FP16 = tl.constexpr(_nibble_pairs_ptx(0x64006400))
+
+
 @triton.jit
 def _nibble_pairs(w, xdt: tl.constexpr, ASM: tl.constexpr):
     """[R, C] int32 words -> 8 tensors [R, C] of x's 16-bit dtype: o[2m] = B + nibble m, o[2m + 1] = B + nibble
@@ -568,45 +593,17 @@ def _nibble_pairs(w, xdt: tl.constexpr, ASM: tl.constexpr):
     (one SHF + one LOP3 per nibble pair, no SHF for m = 0: 7 instructions per word); the caller lays the pairs
     out so that each half pair is a pair of adjacent k of the dot's register operand, so ptxas needs no
     PRMT to pack them. Not under the interpreter (no PTX there): the plain path computes the same values."""
-    if ASM:
+    if ASM:  # (the output dtypes must be literal dtypes, not the constexpr xdt: one call per dtype)
         if xdt == tl.bfloat16:
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                asm="""
-                {
-                .reg .b32 t<4>;
-                shr.u32 t1, $8, 4;
-                shr.u32 t2, $8, 8;
-                shr.u32 t3, $8, 12;
-                lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 t1, t1, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 t2, t2, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 t3, t3, 0x000F000F, 0x43004300, 0xEA;
-                mov.b32 {$0, $1}, t0;
-                mov.b32 {$2, $3}, t1;
-                mov.b32 {$4, $5}, t2;
-                mov.b32 {$6, $7}, t3;
-                }
-                """,
-                constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[w], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+                asm=_NIBBLE_PAIRS_PTX_BF16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[w], is_pure=True, pack=1,
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                       tl.bfloat16))
         else:
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                asm="""
-                {
-                .reg .b32 t<4>;
-                shr.u32 t1, $8, 4;
-                shr.u32 t2, $8, 8;
-                shr.u32 t3, $8, 12;
-                lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 t1, t1, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 t2, t2, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 t3, t3, 0x000F000F, 0x64006400, 0xEA;
-                mov.b32 {$0, $1}, t0;
-                mov.b32 {$2, $3}, t1;
-                mov.b32 {$4, $5}, t2;
-                mov.b32 {$6, $7}, t3;
-                }
-                """,
-                constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[w], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+                asm=_NIBBLE_PAIRS_PTX_FP16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[w], is_pure=True, pack=1,
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                       tl.float16))
     else:
         HI: tl.constexpr = 0x4300 if xdt == tl.bfloat16 else 0x6400
         o0 = _nib16(w, 0, HI, xdt)

@@ -71,19 +71,15 @@ def linear_shapes(model, groups=()) -> list[tuple[int, int]]:
     return sorted(shapes)
 
 
-def int4_x_dtype(m: int, dtype):
-    """The x dtype of an int4 launch of m rows in a compiled model: float32 for the GEMV rows, where the int4
-    pass gives the op x.float() (passes/int4.py: float_gemv_inputs), else `dtype`. Tuning times that dtype
-    and stores under its bucket (workload.gemm_bucket keys on it), or the decode launches would miss it."""
+def int4_x_dtype(m: int, n: int, k: int, group_size: int, dtype):
+    """The x dtype of an int4 launch of m x [n, k] in a compiled model: float32 where the int4 pass gives the
+    op x.float() (passes/int4.py: gemv_takes_float_x), else `dtype`. Tuning times that dtype and stores under
+    its bucket (workload.gemm_bucket keys on it), or the decode launches would miss it."""
     import torch
 
-    from kernopt.ops import kernel_module
-    from kernopt.passes.int4 import float_inputs_enabled
+    from kernopt.passes.int4 import gemv_takes_float_x
 
-    if dtype in (torch.bfloat16, torch.float16) and float_inputs_enabled() \
-            and m <= kernel_module("int4_gemm").GEMV_MAX_M:
-        return torch.float32
-    return dtype
+    return torch.float32 if gemv_takes_float_x(m, n, k, group_size, dtype) else dtype
 
 
 def tune_job(kind: str, m: int, n: int, k: int, group_size: int):
@@ -100,7 +96,7 @@ def tune_job(kind: str, m: int, n: int, k: int, group_size: int):
         from kernopt.int4 import n_contiguous, quantize_weight
 
         mod = kernel_module("int4_gemm")
-        x = x.to(int4_x_dtype(m, x.dtype))
+        x = x.to(int4_x_dtype(m, n, k, group_size, x.dtype))
         qw, sc, z = (n_contiguous(t) if t is not None else None for t in quantize_weight(w, group_size))
         kernel, key = "int4_gemm", workload.gemm_bucket(m, n, k, f"g{group_size}", x.dtype)
         candidates, operands = mod.candidate_configs(m, n, k, group_size), (x, qw, sc, z)

@@ -279,8 +279,8 @@ def int4_linear_group(x: Tensor, qweights: list[Tensor], scales: list[Tensor], z
                         dim=-1)
         return out.reshape(*lead, out.shape[-1])
     q_all, s_all = adjacent_view(qweights), adjacent_view(scales)
-    z_all = None if all(z is None for z in zeros) else adjacent_view(zeros)
     symmetric = all(z is None for z in zeros)
+    z_all = None if symmetric else adjacent_view(zeros)
     if q_all is not None and s_all is not None and (symmetric or z_all is not None):
         out = _int4_gemm_tuned(x2, q_all, s_all, z_all, group_size, _grouped_bias(biases, widths))
     else:

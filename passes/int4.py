@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from kernopt import ops, workload
 from kernopt.int4 import grouping_enabled
-from kernopt.passes.graph import (PassContext, arg, describe, example_value, insert_before, is_call, replace,
-                                  size_hint, static_int)
+from kernopt.passes.graph import (PassContext, arg, describe, example_value, format_config, insert_before, is_call,
+                                  replace, size_hint, static_int)
 
 LINEAR = (F.linear, torch._C._nn.linear)
 MATMUL = (torch.matmul, operator.matmul, torch.mm, "matmul", "mm")
@@ -244,6 +244,24 @@ def _kernel_operand(node: fx.Node, N: int, G: int, how: str) -> fx.Node:
     return best
 
 
+def _rows(xv: torch.Tensor):
+    """The rows an int4 launch on x sees: the product of x's leading dimensions (symbolic if they are)."""
+    rows = 1
+    for d in xv.shape[:-1]:
+        rows = rows * d
+    return rows
+
+
+_SOURCE_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
+
+
+def _copy_source_meta(dst: fx.Node, src: fx.Node) -> None:
+    """Where `dst` came from in the user's code, as `src` says (explain() and error messages read it)."""
+    for key in _SOURCE_META:
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
 class _Plan:
     def __init__(self, q_view: str, s_view: str, z_view: Optional[str], group: int):
         self.q_view, self.s_view, self.z_view, self.group = q_view, s_view, z_view, group
@@ -406,10 +424,7 @@ class Int4Pass:
         scales = view_ng(_kernel_operand(aff.scale, N, G, plan.s_view), plan.s_view)
         zeros = view_ng(_kernel_operand(aff.zero, N, G, plan.z_view), plan.z_view) if plan.z_view is not None else None
         xv = example_value(x)
-        rows = 1
-        for s in xv.shape[:-1]:
-            rows = rows * s
-        m_hint = size_hint(rows)
+        m_hint = size_hint(_rows(xv))
         impl = ops.implementation(xv)
         kmod = ops.kernel_module("int4_gemm")
         config = kmod.select_config(m_hint, N, K, plan.group) if impl != "reference" else "plain-torch reference"
@@ -522,19 +537,14 @@ def _group(gm: fx.GraphModule, ctx: PassContext, x: fx.Node, group_size: int, me
         out = insert_before(gm, anchor, torch.narrow, (group, -1, col, n), example_value(group).narrow(-1, col, n))
         if not all(_elementwise_user(u) for u in m.users):
             out = insert_before(gm, anchor, torch.Tensor.contiguous, (out,), ev)
-        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-            if key in m.meta:
-                out.meta[key] = m.meta[key]
+        _copy_source_meta(out, m)
         slices.append(out)
         col += n
     for m, out in zip(members, slices):  # only now: the anchor may be a member
         m.replace_all_uses_with(out)
         gm.graph.erase_node(m)
     xv = example_value(x)
-    rows = 1
-    for d in xv.shape[:-1]:
-        rows = rows * d
-    m_hint, K = size_hint(rows), size_hint(xv.shape[-1])
+    m_hint, K = size_hint(_rows(xv)), size_hint(xv.shape[-1])
     impl = ops.implementation(xv)
     if impl == "reference":
         config = "plain-torch reference (per part)"
@@ -542,8 +552,7 @@ def _group(gm: fx.GraphModule, ctx: PassContext, x: fx.Node, group_size: int, me
         config = "weights not in one storage: one launch per part into one output"
     else:
         config = ops.kernel_module("int4_gemm").select_config(m_hint, sum(cols), K, group_size)
-        config = ("one launch " if adjacent else "one launch if adjacent (checked per call) ") + \
-            " ".join(f"{k}={v}" for k, v in config.items())
+        config = ("one launch " if adjacent else "one launch if adjacent (checked per call) ") + format_config(config)
     ctx.rewrote(GROUP_PASS_NAME, group,
                 f"{len(members)} int4_linear of one x -> one launch M={m_hint} N={'+'.join(map(str, cols))} "
                 f"K={K} g{group_size}", "kernopt.int4_linear_group", config,
@@ -562,6 +571,15 @@ def float_inputs_enabled() -> bool:
     return os.environ.get(FLOAT_X_ENV, "1") != "0"
 
 
+def gemv_takes_float_x(rows: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> bool:
+    """Whether an int4 launch of `rows` x [n, k] rows with x in `dtype` gets x.float() (float_gemv_inputs): a
+    bf16/fp16 x, the switch on, rows <= int4_gemm.GEMV_MAX_M and the table's impl one of int4_gemm.FLOAT_X_IMPLS.
+    `kernopt tune` asks the same question, to time the dtype the compiled launch will see."""
+    kmod = ops.kernel_module("int4_gemm")
+    return (dtype in (torch.bfloat16, torch.float16) and float_inputs_enabled() and rows <= kmod.GEMV_MAX_M
+            and kmod.select_config(rows, n, k, group_size)["impl"] in kmod.FLOAT_X_IMPLS)
+
+
 def float_gemv_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
     """int4 ops whose launch is the GEMV (rows <= int4_gemm.GEMV_MAX_M, a Triton implementation, the table's
     impl one of int4_gemm.FLOAT_X_IMPLS) and whose x is bf16/fp16 become ``op(x.float()).to(x.dtype)``.
@@ -572,26 +590,17 @@ def float_gemv_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
     the cast into x's producer (the RMSNorm, silu * up) and the cast back into the consumers.
     Exact: bf16/fp16 -> fp32 is exact, the kernel accumulates in fp32 either way, and its fp32 output rounded
     to x's dtype is what it stores itself otherwise (round to nearest even)."""
-    kmod = None
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in (INT4_LINEAR, INT4_GROUP):
             continue
         x = node.args[0]
         xv, ov = example_value(x), example_value(node)
-        if xv is None or ov is None or xv.dtype not in (torch.bfloat16, torch.float16):
+        if xv is None or ov is None or ops.implementation(xv) not in ("triton", "interpreter"):
             continue
-        if ops.implementation(xv) not in ("triton", "interpreter"):
-            continue
-        rows = 1
-        for d in xv.shape[:-1]:
-            rows = rows * d
-        rows = static_int(rows)
-        kmod = kmod or ops.kernel_module("int4_gemm")
-        if rows is None or rows > kmod.GEMV_MAX_M:
-            continue
+        rows = static_int(_rows(xv))
         scales = node.args[2] if node.target is INT4_GROUP else [node.args[2]]
         n_total = sum(size_hint(example_value(s).shape[0]) for s in scales)
-        if kmod.select_config(rows, n_total, size_hint(xv.shape[-1]), node.args[4])["impl"] not in kmod.FLOAT_X_IMPLS:
+        if rows is None or not gemv_takes_float_x(rows, n_total, size_hint(xv.shape[-1]), node.args[4], xv.dtype):
             continue
         x32 = insert_before(gm, node, torch.Tensor.float, (x,), xv.float())
         node.update_arg(0, x32)
@@ -599,9 +608,7 @@ def float_gemv_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
         with gm.graph.inserting_after(node):
             back = gm.graph.call_function(torch.Tensor.to, (node, xv.dtype))
         back.meta["example_value"] = ov
-        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-            if key in node.meta:
-                back.meta[key] = node.meta[key]
+        _copy_source_meta(back, node)
         node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
         dt = str(xv.dtype).replace("torch.", "")
         op = "kernopt.int4_linear_group" if node.target is INT4_GROUP else "kernopt.int4_linear"

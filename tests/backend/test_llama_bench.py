@@ -259,8 +259,8 @@ def test_int4_tuning_times_the_x_dtype_the_compiled_launch_gets(monkeypatch):
     from kernopt import cli
     from kernopt.kernels.int4_gemm import GEMV_MAX_M
 
-    assert cli.int4_x_dtype(GEMV_MAX_M, torch.bfloat16) == torch.float32
-    assert cli.int4_x_dtype(GEMV_MAX_M + 1, torch.bfloat16) == torch.bfloat16
-    assert cli.int4_x_dtype(1, torch.float32) == torch.float32
+    assert cli.int4_x_dtype(GEMV_MAX_M, 4096, 4096, 128, torch.bfloat16) == torch.float32
+    assert cli.int4_x_dtype(GEMV_MAX_M + 1, 4096, 4096, 128, torch.bfloat16) == torch.bfloat16
+    assert cli.int4_x_dtype(1, 4096, 4096, 128, torch.float32) == torch.float32
     monkeypatch.setenv("KERNOPT_INT4_FLOAT_X", "0")
-    assert cli.int4_x_dtype(GEMV_MAX_M, torch.bfloat16) == torch.bfloat16
+    assert cli.int4_x_dtype(GEMV_MAX_M, 4096, 4096, 128, torch.bfloat16) == torch.bfloat16

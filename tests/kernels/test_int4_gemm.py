@@ -341,6 +341,16 @@ def test_int4_gemm_gpu_selected_configs(M, dtype):
     assert_close(out, _expected(x, qweight, scales, zeros, g, bias), dtype, scale=2.0)
 
 
+def _check_each_twice(cands, x, qweight, scales, zeros, g, bias, expected):
+    """Every config of `cands` (at least one) right twice in a row (the second call reads re-armed split-K
+    counters)."""
+    assert cands
+    for cfg in cands:
+        for _ in range(2):
+            out = _run(x, qweight, scales, zeros, g, cfg, bias=bias)
+            assert_close(out, expected, x.dtype, scale=2.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 5, 16])
 @pytest.mark.parametrize("K,N", [(4096, 14336), (14336, 4096), (4096, 4096)])
@@ -352,11 +362,7 @@ def test_int4_gemm_gpu_tiled3_suite_shapes(M, K, N):
     bias = torch.randn(N, dtype=dtype, device="cuda")
     expected = _expected(x, qweight, scales, zeros, g, bias)
     cands = [c for c in candidate_configs(M, N, K, g) if c["impl"] == "tiled3"]
-    assert cands
-    for cfg in cands:
-        for _ in range(2):
-            out = _run(x, qweight, scales, zeros, g, cfg, bias=bias)
-            assert_close(out, expected, dtype, scale=2.0)
+    _check_each_twice(cands, x, qweight, scales, zeros, g, bias, expected)
 
 
 @pytest.mark.gpu
@@ -374,11 +380,7 @@ def test_int4_gemm_gpu_tcasm(M, g, asym, dtype):
     bias = torch.randn(N, dtype=dtype, device="cuda")
     expected = int4_gemm_ref(x.double(), qweight, scales, zeros, g, bias.double())
     cands = [c for c in candidate_configs(M, 14336, 4096, g) if c["impl"] == "tcasm"]
-    assert cands
-    for cfg in cands:
-        for _ in range(2):
-            out = _run(x, qweight, scales, zeros, g, cfg, bias=bias)
-            assert_close(out, expected, dtype, scale=2.0)
+    _check_each_twice(cands, x, qweight, scales, zeros, g, bias, expected)
 
 
 @pytest.mark.gpu
