@@ -125,8 +125,9 @@ def _compile_prefill(model, options: dict) -> None:
     instead: no CUDA graphs, 36-49 ms per step instead of 3.8-5.3. Here `torch.compiler.is_compiling()` sends a
     traced call to the eager forward, so the decode step's graph is what it was without this, once the static
     cache's tensors are marked fixed-address (_mark_static_cache_addresses). Measured on the H200 (llama suite,
-    8B bs1, prompt 128, 128 new, fef99ba with KERNOPT_COMPILE_PREFILL=1): decode steps 5.08 (bf16) / 3.46 (int4)
-    ms with CUDA graphs, 188.5 / 248.9 tok/s against 158.9 / 207.1 with the prompt eager (ef7abc6 / 9112e97).
+    8B bs1, prompt 128, 128 new, adcb399, benchmarks/results/llama-h200.json): decode steps 5.03 (bf16) / 3.64
+    (int4) ms with CUDA graphs, 194.4 / 251.7 tok/s against 158.9 / 207.1 with the prompt eager (ef7abc6 /
+    9112e97).
     KERNOPT_COMPILE_PREFILL=0 leaves the prompt forward eager. `plain_torch_eager` restores the eager forward
     inside its block."""
     eager = model.forward
