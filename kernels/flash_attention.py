@@ -57,8 +57,9 @@ row-shaped tensor: _softmax_step's LOCAL_ROWS form compares (offs_n - (start_m +
 axis (not partitioned) with the tile-local tl.arange(0, BLOCK_M) on the row axis, which the pass slices
 right; the compiled consumers then hold make_range [0, 64) / [64, 128) against a splat of
 start_m + causal_shift made from the unmapped start_m (tests/kernels/sm90_offline.py checks this: "ws_rows").
-Not run on a GPU yet, so the launcher still ignores WARP_SPEC when causal unless WS_CAUSAL is set (the probe
-does), candidate_configs keeps only the 2-stage tiles, and select_config never picks WS.
+The H200 then ran it right (benchmarks/attention_ws_probe.py at 56ca545: causal 128x64 and 128x128 at 2 stages,
+B2 Hq8/2 S2000 and B1 S300x1000, no NaN, the same max error as the unspecialised kernel), so WS_CAUSAL is on;
+candidate_configs keeps only the 2-stage tiles.
 
 3-4 stages: nothing wrong found offline (128x64, S1024, non-causal). The 3-stage PTX is the 2-stage PTX
 instruction for instruction except the slot / parity arithmetic (i % 3 and (i // 3) & 1 through a 64-bit
@@ -92,11 +93,12 @@ LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Where the launcher lets a WARP_SPEC config be warp-specialised beyond what the H200 has shown right (module
-# docstring). Off / (2,) by default; benchmarks/attention_ws_probe.py sets them for its GPU probe only.
+# Where the launcher lets a WARP_SPEC config be warp-specialised (module docstring); benchmarks/attention_ws_probe.py
+# widens them for its GPU probe.
 # WS_CAUSAL: causal WS through the tile-local row formulation (offline sm_90a TTGIR gives each consumer its
-# own rows; no GPU run yet). WS_STAGES: the num_stages allowed (3 and 4 wrote NaN at 03964ae, cause unknown).
-WS_CAUSAL = False
+# own rows; right on the H200 at 2 stages, 128x64 and 128x128: attention_ws_probe at 56ca545, 10/10 runs).
+# WS_STAGES: the num_stages allowed (3 and 4 wrote NaN at 03964ae and again at 56ca545, causal or not).
+WS_CAUSAL = True
 WS_STAGES = (2,)
 
 
@@ -626,7 +628,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
 
     # Warp specialisation only where Triton 3.6 compiles it and it computed the right answer on the H200 (see
     # the module docstring): on-device descriptors, no caller mask, 128 rows / 4 warps (two 64-row consumer
-    # warp groups), non-causal, 2 stages (WS_CAUSAL / WS_STAGES widen it for a GPU probe). Elsewhere ignored
+    # warp groups), 2 stages, causal only with WS_CAUSAL (WS_STAGES widens it for a GPU probe). Elsewhere ignored
     # (the same tile without it).
     warp_spec = (bool(cfg.get("WARP_SPEC", False)) and device_tma and mask_kind == 0 and BM == 128
                  and cfg["num_warps"] == 4 and cfg["num_stages"] in WS_STAGES and (WS_CAUSAL or not causal)

@@ -183,7 +183,7 @@ def test_device_descriptors_and_warp_spec_flags(monkeypatch):
     """DEVICE_TMA / WARP_SPEC configs run (the interpreter builds the in-kernel descriptors and ignores the
     specialisation itself, so this checks the single-loop kernel the specialised launch uses: masked in
     every tile when seq_k % BLOCK_N != 0) and the launcher passes WS only where it compiles and was right on
-    the H200 (non-causal, 2 stages)."""
+    the H200 (2 stages; causal since the 56ca545 probe)."""
     import kernopt.kernels.flash_attention as fa
 
     spy = _KwargSpy(fa._flash_attention_fwd)
@@ -192,8 +192,8 @@ def test_device_descriptors_and_warp_spec_flags(monkeypatch):
     cases = [
         ((130, 96, False, None, WS), (True, True, True)),             # 96 keys: whole tiles, no mask arithmetic
         ((130, 70, False, None, WS), (True, False, True)),            # partial last tile: masked loop
-        ((70, 130, True, None, WS), (False, False, True)),            # causal: wrong on the H200, not specialised
-        ((130, 130, True, None, WS), (False, False, True)),
+        ((70, 130, True, None, WS), (True, False, True)),             # causal: masked loop (right on the H200)
+        ((130, 130, True, None, WS), (True, False, True)),
         ((130, 96, False, None, dict(WS, num_stages=3)), (False, False, True)),  # 3 stages: NaN on the H200
         ((40, 64, False, "bool", WS), (False, False, True)),          # a caller mask: not specialised
         ((40, 64, False, None, dict(WS, BLOCK_M=64)), (False, False, True)),  # 64 rows: not specialised
@@ -310,8 +310,8 @@ def test_bf16_gpu_warp_spec_candidates(causal):
 @pytest.mark.gpu
 @pytest.mark.parametrize("S", [1024, 1000])
 def test_bf16_gpu_warp_spec_causal_probe_flag(monkeypatch, S):
-    """Causal warp specialisation with the launcher's probe flag (WS_CAUSAL; not on by default until this passes
-    on the H200): 2 stages, 128x64 and 128x128 tiles, GQA, whole and partial last tiles."""
+    """Causal warp specialisation (WS_CAUSAL, on since the 56ca545 H200 probe; set here too so that the test
+    keeps checking it if the default changes): 2 stages, 128x64 and 128x128 tiles, GQA, whole and partial last tiles."""
     import kernopt.kernels.flash_attention as fa
 
     monkeypatch.setattr(fa, "WS_CAUSAL", True)
