@@ -21,6 +21,7 @@ import json
 
 import torch
 
+from kernopt.benchmark import Suite
 import kernopt.kernels.flash_attention as fa
 from kernopt.kernels.flash_attention import config_str, flash_attention, flash_attention_ref
 from kernopt.tolerance import mismatch
@@ -124,7 +125,8 @@ def main() -> None:
         print(f"  causal={int(key[0])} [{key[1]}]: {n_bad}/{len(rs)} wrong")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"flags": {"WS_CAUSAL": fa.WS_CAUSAL, "WS_STAGES": list(fa.WS_STAGES)}, "records": records},
+            json.dump({**Suite("attention_ws_probe").header,  # device, versions, commit, date
+                       "flags": {"WS_CAUSAL": fa.WS_CAUSAL, "WS_STAGES": list(fa.WS_STAGES)}, "records": records},
                       f, indent=1)
 
 

@@ -216,12 +216,16 @@ def main(argv=None):
                     best, best_cfg = tf, cfg
             extra = {"per_config": per_config, "selected_config": config_str(chosen)}
             if not str(per_config.get(config_str(chosen), "error")).startswith("error"):
-                # GPU-only time of the selected config (and of its twin on the other load path: TMA <-> pointers)
-                # and of SDPA default, and kernopt's host launch cost per call.
-                twin = dict(chosen, TMA=not chosen.get("TMA", False))
+                # GPU-only time of the selected config (and of its twin: on the other load path, TMA <-> pointers,
+                # or for a warp-specialised pick the table's unspecialised one) and of SDPA default, and kernopt's
+                # host launch cost per call.
+                if chosen.get("WARP_SPEC"):
+                    twin, twin_name = select_config(D, causal, S, S, B * Hq, q.dtype, warp_spec=False), "unspecialised"
+                else:
+                    twin = dict(chosen, TMA=not chosen.get("TMA", False))
+                    twin_name = "pointers" if chosen.get("TMA") else "tma"
                 calls = {"kernopt": lambda: flash_attention(q, k, v, causal=causal, config=chosen, out=out),
-                         "kernopt_" + ("pointers" if chosen.get("TMA") else "tma"):
-                             lambda: flash_attention(q, k, v, causal=causal, config=twin, out=out)}
+                         "kernopt_" + twin_name: lambda: flash_attention(q, k, v, causal=causal, config=twin, out=out)}
                 if "sdpa_default" in results:
                     calls["sdpa_default"] = sdpa_call(q, k, v, causal, None)[0]
                 graph, host = {}, {}

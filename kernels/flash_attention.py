@@ -59,7 +59,9 @@ right; the compiled consumers then hold make_range [0, 64) / [64, 128) against a
 start_m + causal_shift made from the unmapped start_m (tests/kernels/sm90_offline.py checks this: "ws_rows").
 The H200 then ran it right (benchmarks/attention_ws_probe.py at 56ca545: causal 128x64 and 128x128 at 2 stages,
 B2 Hq8/2 S2000 and B1 S300x1000, no NaN, the same max error as the unspecialised kernel), so WS_CAUSAL is on;
-candidate_configs keeps only the 2-stage tiles.
+candidate_configs keeps only the 2-stage tiles. select_config picks the 128x128 2-stage WS tile for non-causal
+D128 (faster in both H200 sweeps at S8192 and GQA S4096, one of two at S2048); causal WS was slower than the
+unspecialised 64x64 tile (its single loop masks every tile), so causal keeps that.
 
 3-4 stages: nothing wrong found offline (128x64, S1024, non-causal). The 3-stage PTX is the 2-stage PTX
 instruction for instruction except the slot / parity arithmetic (i % 3 and (i // 3) & 1 through a 64-bit
@@ -423,13 +425,14 @@ def _attention_flops(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_
 
 
 def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_heads: int,
-                  dtype: torch.dtype = torch.bfloat16) -> dict:
+                  dtype: torch.dtype = torch.bfloat16, warp_spec: bool = True) -> dict:
     """The one shape -> config table of this family (the measurements are in the comment above).
 
     Buckets: short query (decode-like, q_len <= 16, kernopt.workload's single-stream/interactive
     scenarios) gets a 16-row tile; prefill (server/offline) gets tiles by head dim, causal and sequence
     length; problems too small to hide a TMA launch's host cost use plain pointers. fp32 gets small
-    tiles (its tiles are twice the bytes and go through the slow IEEE dot).
+    tiles (its tiles are twice the bytes and go through the slow IEEE dot). warp_spec=False: the launch
+    cannot be warp-specialised (a caller mask, tensors unfit for descriptors), so no WARP_SPEC pick.
     """
     block_d = _block_d(head_dim)
     if dtype == torch.float32:
@@ -444,6 +447,13 @@ def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_hea
             return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "TMA": False}
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "TMA": False}
     tma = _attention_flops(head_dim, causal, seq_q, seq_k, batch_heads) >= _SMALL_FLOPS
+    if warp_spec and tma and not causal and head_dim == 128 and dtype in (torch.float16, torch.bfloat16):
+        # H200, non-causal D128 (TFLOP/s, 128x128 2-stage WS against the 64x64 3-stage TMA tile, same run):
+        # S2048 492 vs 468 (03964ae) and 502 vs 509 (2aa506d); S8192 545 vs 481, 548 vs 479; GQA S4096 532 vs 485,
+        # 538 vs 497 (sweeps/attention-ws-h200.json, sweeps/attention-h200.json). Causal WS lost (2aa506d:
+        # 327 / 422 / 398 against 417 / 478 / 446): every tile of its single loop pays the mask arithmetic.
+        return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
+                "WARP_SPEC": True}
     if causal and seq_q >= 8192:
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "TMA": tma}
     # 64x64 tiles with 4 warps fit two programs per SM, which overlap one's softmax with the other's MMAs.
@@ -475,7 +485,8 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
                           "SPLIT": True})
     if dtype != torch.float32 and _block_d(head_dim) == 128 and seq_q > 16:
         # Hopper warp specialisation: 128 rows as two 64-row consumer warp groups and a TMA producer, 12 warps.
-        # Only 2 stages (3 / 4 stages wrote NaN on the H200, module docstring), timed by the sweeps only. Offline sm_90a compile at D128 (sm90_offline.py --candidates): 168
+        # Only 2 stages (3 / 4 stages wrote NaN on the H200, module docstring); select_config picks 128x128 for
+        # non-causal D128. Offline sm_90a compile at D128 (sm90_offline.py --candidates): 168
         # registers at launch (setmaxnreg: consumers 232, producer 40), no spills, causal and not; shared
         # memory 96 KiB (128x32 s3), 112 (128x64 s2), 144 (128x64 s3), 176 (128x64 s4, 128x128 s2).
         # 12 warps x 168 registers fill the register file: one program per SM in every one of them. The
@@ -594,7 +605,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
         out = torch.empty((B, Hq, Sq, D), device=q.device, dtype=q.dtype)
     elif tuple(out.shape) != (B, Hq, Sq, D) or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"flash_attention: out must be {(B, Hq, Sq, D)} {q.dtype} with unit last stride")
-    cfg = dict(config) if config is not None else select_config(D, causal, Sq, Skv, B * Hq, q.dtype)
+    if config is not None:
+        cfg = dict(config)
+    else:  # the table's warp-specialised pick only where the launch below can specialise it
+        ws_ok = mask is None and all(_descriptor_ok(t) for t in (q, k, v, out))
+        cfg = select_config(D, causal, Sq, Skv, B * Hq, q.dtype, warp_spec=ws_ok)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     BD = _block_d(D)
     split = bool(cfg.get("SPLIT", False))

@@ -339,7 +339,7 @@ class AttentionPass:
                         scenario, impl)
             return
         fa = ops.kernel_module("flash_attention")
-        config = fa.config_str(fa.select_config(d, m.causal, sq, skv, b * hq, qv.dtype))
+        config = fa.config_str(fa.select_config(d, m.causal, sq, skv, b * hq, qv.dtype, warp_spec=mask is None))
         if static_int(qv.shape[2]) is None or static_int(kv.shape[2]) is None:
             config = f"dynamic lengths (per-call choice; now: {config})"
         replace(gm, m.node, torch.ops.kernopt.flash_attention.default,

@@ -261,6 +261,33 @@ def test_config_table():
     assert select_config(128, False, 4096, 4096, 128)["TMA"] is True
     assert select_config(128, True, 8192, 8192, 32)["BLOCK_M"] == 128
     assert select_config(128, True, 512, 512, 8)["TMA"] is False
+    # Warp specialisation: non-causal D128 prefill large enough for TMA, fp16/bf16, and only where the launch can
+    # specialise it (warp_spec=False: a caller mask / tensors unfit for descriptors).
+    ws = select_config(128, False, 2048, 2048, 128)
+    assert ws["WARP_SPEC"] and ws["DEVICE_TMA"] and (ws["BLOCK_M"], ws["num_warps"], ws["num_stages"]) == (128, 4, 2)
+    assert select_config(128, False, 2048, 2048, 128, warp_spec=False) == select_config(128, True, 2048, 2048, 128)
+    for args in ((128, True, 4096, 4096, 128), (128, False, 512, 512, 8), (96, False, 4096, 4096, 128),
+                 (64, False, 4096, 4096, 128), (128, False, 8, 4096, 128)):
+        assert not select_config(*args).get("WARP_SPEC"), args
+    assert not select_config(128, False, 4096, 4096, 128, torch.float32).get("WARP_SPEC")
+
+
+def test_table_pick_drops_warp_spec_where_the_launch_cannot_specialise(monkeypatch):
+    """config=None: a caller mask or a q unfit for descriptors gets the unspecialised table tile, not the WS tile
+    unspecialised (128 rows on 4 warps); without either the WS tile is launched specialised."""
+    import kernopt.kernels.flash_attention as fa
+
+    spy = _KwargSpy(fa._flash_attention_fwd)
+    monkeypatch.setattr(fa, "_flash_attention_fwd", spy)
+    monkeypatch.setattr(fa, "_SMALL_FLOPS", 0)  # interpreter-sized shapes count as large
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 128, torch.float16)
+    q_odd = torch.randn(1, 2, 40, 132, dtype=torch.float16, device=DEVICE)[..., :128]  # row stride 264 B: not 16-B
+    for qq, mask, ws in ((q, None, True), (q, padding_mask(1, 40), False), (q_odd, None, False)):
+        spy.calls.clear()
+        out, ref = run(qq, k, v, mask=mask, causal=False, config=None)
+        (kw,) = spy.calls
+        assert kw["WARP_SPEC"] == ws and (kw["BLOCK_M"] == 128) == ws, (mask is not None, qq.stride())
+        assert_close(out, ref, torch.float16)
 
 
 def test_supports_reasons():
