@@ -559,19 +559,26 @@ def _nib16(w, shift: tl.constexpr, HI: tl.constexpr, xdt: tl.constexpr):
     return (((w >> shift) & 0xF) | HI).to(tl.int16).to(xdt, bitcast=True)
 
 
-def _nibble_pairs_ptx(hi2: int) -> str:
+def _nibble_pairs_ptx(hi2: int, center: tuple = ()) -> str:
     """_nibble_pairs' PTX for one exponent pair `hi2` (bf16 0x43004300, fp16 0x64006400): word $8 -> four
-    registers of two 16-bit halves each, lop3((w >> 4m) & 0x000F000F | hi2), split into $0..$7."""
+    registers of two 16-bit halves each, lop3((w >> 4m) & 0x000F000F | hi2), split into $0..$7. `center` =
+    (packed fma op, one x2, -(B + 8) x2): one FMA per register after the LOP3, x 1 - (B + 8), exact: the symmetric
+    weight q - 8 straight out of the unpack (the FMA's operands must be registers; ptxas hoists their moves)."""
+    consts = fix = ""
+    if center:
+        op, one, c8 = center
+        consts = f"\n    .reg .b32 one, c8;\n    mov.b32 one, {one:#010x};\n    mov.b32 c8, {c8:#010x};"
+        fix = "".join(f"\n    {op} t{i}, t{i}, one, c8;" for i in range(4))
     return f"""
     {{
-    .reg .b32 t<4>;
+    .reg .b32 t<4>;{consts}
     shr.u32 t1, $8, 4;
     shr.u32 t2, $8, 8;
     shr.u32 t3, $8, 12;
     lop3.b32 t0, $8, 0x000F000F, {hi2:#010x}, 0xEA;
     lop3.b32 t1, t1, 0x000F000F, {hi2:#010x}, 0xEA;
     lop3.b32 t2, t2, 0x000F000F, {hi2:#010x}, 0xEA;
-    lop3.b32 t3, t3, 0x000F000F, {hi2:#010x}, 0xEA;
+    lop3.b32 t3, t3, 0x000F000F, {hi2:#010x}, 0xEA;{fix}
     mov.b32 {{$0, $1}}, t0;
     mov.b32 {{$2, $3}}, t1;
     mov.b32 {{$4, $5}}, t2;
@@ -582,18 +589,33 @@ def _nibble_pairs_ptx(hi2: int) -> str:
 
 _NIBBLE_PAIRS_PTX_BF16 = tl.constexpr(_nibble_pairs_ptx(0x43004300))
 _NIBBLE_PAIRS_PTX_FP16 = tl.constexpr(_nibble_pairs_ptx(0x64006400))
+# Centered (q - 8): bf16 1.0 = 0x3F80, -(128 + 8) = 0xC308; fp16 1.0 = 0x3C00, -(1024 + 8) = 0xE408.
+_NIBBLE_PAIRS_PTX_BF16_C8 = tl.constexpr(_nibble_pairs_ptx(0x43004300, ("fma.rn.bf16x2", 0x3F803F80, 0xC308C308)))
+_NIBBLE_PAIRS_PTX_FP16_C8 = tl.constexpr(_nibble_pairs_ptx(0x64006400, ("fma.rn.f16x2", 0x3C003C00, 0xE408E408)))
 
 
 @triton.jit
-def _nibble_pairs(w, xdt: tl.constexpr, ASM: tl.constexpr):
+def _nibble_pairs(w, xdt: tl.constexpr, ASM: tl.constexpr, CENTER: tl.constexpr = False):
     """[R, C] int32 words -> 8 tensors [R, C] of x's 16-bit dtype: o[2m] = B + nibble m, o[2m + 1] = B + nibble
-    m + 4 (m = 0..3), exact (bf16 0x4300 | q = 128 + q, fp16 0x6400 | q = 1024 + q).
+    m + 4 (m = 0..3), exact (bf16 0x4300 | q = 128 + q, fp16 0x6400 | q = 1024 + q). CENTER: nibble - 8 instead
+    (one more packed FMA per pair, exact).
 
     ASM: (o[2m], o[2m + 1]) are the two halves of ONE 32-bit register, ``lop3((w >> 4m), 0x000F000F, HI:HI)``
     (one SHF + one LOP3 per nibble pair, no SHF for m = 0: 7 instructions per word); the caller lays the pairs
     out so that each half pair is a pair of adjacent k of the dot's register operand, so ptxas needs no
     PRMT to pack them. Not under the interpreter (no PTX there): the plain path computes the same values."""
-    if ASM:  # (the output dtypes must be literal dtypes, not the constexpr xdt: one call per dtype)
+    if ASM and CENTER:
+        if xdt == tl.bfloat16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                asm=_NIBBLE_PAIRS_PTX_BF16_C8, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[w], is_pure=True,
+                pack=1, dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                               tl.bfloat16, tl.bfloat16))
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                asm=_NIBBLE_PAIRS_PTX_FP16_C8, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[w], is_pure=True,
+                pack=1, dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                               tl.float16))
+    elif ASM:  # (the output dtypes must be literal dtypes, not the constexpr xdt: one call per dtype)
         if xdt == tl.bfloat16:
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
                 asm=_NIBBLE_PAIRS_PTX_BF16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[w], is_pure=True, pack=1,
@@ -614,16 +636,27 @@ def _nibble_pairs(w, xdt: tl.constexpr, ASM: tl.constexpr):
         o5 = _nib16(w, 24, HI, xdt)
         o6 = _nib16(w, 12, HI, xdt)
         o7 = _nib16(w, 28, HI, xdt)
+        if CENTER:
+            C: tl.constexpr = 136.0 if xdt == tl.bfloat16 else 1032.0
+            o0 = (o0.to(tl.float32) - C).to(xdt)
+            o1 = (o1.to(tl.float32) - C).to(xdt)
+            o2 = (o2.to(tl.float32) - C).to(xdt)
+            o3 = (o3.to(tl.float32) - C).to(xdt)
+            o4 = (o4.to(tl.float32) - C).to(xdt)
+            o5 = (o5.to(tl.float32) - C).to(xdt)
+            o6 = (o6.to(tl.float32) - C).to(xdt)
+            o7 = (o7.to(tl.float32) - C).to(xdt)
     return o0, o1, o2, o3, o4, o5, o6, o7
 
 
 @triton.jit
-def _tcasm_operand(w, xdt: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+def _tcasm_operand(w, xdt: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
+                   CENTER: tl.constexpr = False):
     """Words [BLOCK_N, SUB/8] -> the dot's weight operand [BLOCK_N, SUB] of B + q, its columns in the permuted
     order of `_tcasm_k_order`: the 8 values of a word are one thread's 8 elements of a 32-column chunk of the
     16-bit wgmma/mma register fragment (columns 2t, 2t+1, 2t+8, 2t+9 of each of two k16 steps, t = lane % 4),
     so the unpack needs no shuffle: word t of a chunk goes whole to lane t."""
-    o0, o1, o2, o3, o4, o5, o6, o7 = _nibble_pairs(w, xdt, ASM)
+    o0, o1, o2, o3, o4, o5, o6, o7 = _nibble_pairs(w, xdt, ASM, CENTER)
     # o[i], i = 4 kb + 2 h + p -> [.., kb, h, p] (p fastest: the two halves of one asm register)
     t = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
     t = tl.reshape(t, (BLOCK_N, SUB // 32, 4, 2, 2, 2))  # [n, c, t, kb, h, p]: word r = 4 c + t
@@ -663,6 +696,7 @@ def _int4_tcasm_kernel(
     stride_om, stride_on,
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr, WARPS: tl.constexpr,
+    DIRECT: tl.constexpr = 0,
 ):
     """Swap-AB tensor-core GEMV/GEMM: out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, K] @ x^T [K, BLOCK_M] with the
     weight as the dot's register operand, two nibbles per 32-bit unpack instruction (see `_nibble_pairs`), and
@@ -685,7 +719,11 @@ def _int4_tcasm_kernel(
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     offs_nat = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the words are loaded in n order, then permuted
     mask_nat = offs_nat < N
-    w_ptrs = qw_ptr + offs_nat[:, None] * stride_qn + tl.arange(0, SUB // 8)[None, :] * stride_qk
+    if DIRECT:  # words loaded in the dot's row order (no relayout of the loaded tile)
+        w_ptrs = qw_ptr + offs_n[:, None] * stride_qn + tl.arange(0, SUB // 8)[None, :] * stride_qk
+        mask_nat = mask_n
+    else:
+        w_ptrs = qw_ptr + offs_nat[:, None] * stride_qn + tl.arange(0, SUB // 8)[None, :] * stride_qk
     xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + _tcasm_k_order(SUB)[:, None] * stride_xk
     xdt = x_ptr.dtype.element_ty
     if xdt == tl.bfloat16:
@@ -693,21 +731,50 @@ def _int4_tcasm_kernel(
     else:
         BIAS: tl.constexpr = 1024.0
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        for sb in tl.static_range(NSUB):
-            ks = k0 + sb * SUB
-            valid = ks < k_hi  # a K block of several groups may run past K
-            w = tl.load(w_ptrs + (ks // 8) * stride_qk, mask=mask_nat[:, None] & valid, other=0)
-            if BLOCK_N >= 16 * WARPS:  # rows in _tcasm_rows's order
-                w = tl.reshape(tl.permute(tl.reshape(w, (WARPS, 8, BLOCK_N // (16 * WARPS), 2, SUB // 8)),
-                                          (2, 0, 3, 1, 4)), (BLOCK_N, SUB // 8))
-            s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n & valid, ks // GROUP, stride_sn, stride_sg,
+    if DIRECT:
+        # One group-sized sub-block per iteration, the next one's x^T / scale / zero in flight (register double
+        # buffer: Triton pipelines the words through cp.async but not these). Symmetric weights need no
+        # cross-thread column sum of x^T (shared memory and barriers every group) for the zero's correction
+        # -(B + 8) sum_k x: DIRECT=1 gets it from a second dot with a constant operand, DIRECT=2 from an unpack
+        # that yields q - 8 itself.
+        ok = k_lo < k_hi
+        xt_n = tl.load(xt_ptrs + k_lo * stride_xk, mask=mask_m[None, :] & ok, other=0.0)
+        s_n, z_n = _load_group_params(s_ptr, z_ptr, offs_n, mask_n & ok, k_lo // GROUP, stride_sn, stride_sg,
                                       stride_zn, stride_zg, HAS_ZEROS)
-            xt = tl.load(xt_ptrs + ks * stride_xk, mask=mask_m[None, :] & valid, other=0.0)
-            cs = tl.sum(xt.to(tl.float32), axis=0)
-            a = _tcasm_operand(w, xdt, ASM, BLOCK_N, SUB)
-            blk = tl.dot(a, xt)
-            acc += (blk - (z + BIAS)[:, None] * cs[None, :]) * s[:, None]
+        for ks in tl.range(k_lo, k_hi, SUB):
+            xt, s, z = xt_n, s_n, z_n
+            ok = ks + SUB < k_hi
+            xt_n = tl.load(xt_ptrs + (ks + SUB) * stride_xk, mask=mask_m[None, :] & ok, other=0.0)
+            s_n, z_n = _load_group_params(s_ptr, z_ptr, offs_n, mask_n & ok, (ks + SUB) // GROUP, stride_sn,
+                                          stride_sg, stride_zn, stride_zg, HAS_ZEROS)
+            w = tl.load(w_ptrs + (ks // 8) * stride_qk, mask=mask_nat[:, None], other=0)
+            if HAS_ZEROS:
+                a = _tcasm_operand(w, xdt, ASM, BLOCK_N, SUB)
+                cs = tl.sum(xt.to(tl.float32), axis=0)
+                blk = tl.dot(a, xt) - (z + BIAS)[:, None] * cs[None, :]
+            elif DIRECT == 2:  # the unpack gives q - 8 (one packed FMA per nibble pair): no correction
+                blk = tl.dot(_tcasm_operand(w, xdt, ASM, BLOCK_N, SUB, True), xt)
+            else:
+                a = _tcasm_operand(w, xdt, ASM, BLOCK_N, SUB)
+                corr = tl.full((BLOCK_N, SUB), -(BIAS + 8.0), xdt)
+                blk = tl.dot(a, xt) + tl.dot(corr, xt)
+            acc += blk * s[:, None]
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            for sb in tl.static_range(NSUB):
+                ks = k0 + sb * SUB
+                valid = ks < k_hi  # a K block of several groups may run past K
+                w = tl.load(w_ptrs + (ks // 8) * stride_qk, mask=mask_nat[:, None] & valid, other=0)
+                if BLOCK_N >= 16 * WARPS:  # rows in _tcasm_rows's order
+                    w = tl.reshape(tl.permute(tl.reshape(w, (WARPS, 8, BLOCK_N // (16 * WARPS), 2, SUB // 8)),
+                                              (2, 0, 3, 1, 4)), (BLOCK_N, SUB // 8))
+                s, z = _load_group_params(s_ptr, z_ptr, offs_n, mask_n & valid, ks // GROUP, stride_sn, stride_sg,
+                                          stride_zn, stride_zg, HAS_ZEROS)
+                xt = tl.load(xt_ptrs + ks * stride_xk, mask=mask_m[None, :] & valid, other=0.0)
+                cs = tl.sum(xt.to(tl.float32), axis=0)
+                a = _tcasm_operand(w, xdt, ASM, BLOCK_N, SUB)
+                blk = tl.dot(a, xt)
+                acc += (blk - (z + BIAS)[:, None] * cs[None, :]) * s[:, None]
     _finish_tile(tl.trans(acc), out_ptr, part_ptr, cnt_ptr, b_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k,
                  offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, HAS_BIAS)
 
@@ -894,6 +961,13 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                         if K // split >= bk:
                             out.append({"impl": "tcasm", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk,
                                         "SPLIT_K": split, "num_warps": warps, "num_stages": 3})
+                # DIRECT: one group per iteration (BLOCK_K = group), words loaded in the dot's row order, the next
+                # group's x / scales prefetched, the symmetric zero by a second dot (1) or in the unpack (2).
+                for direct in (1, 2):
+                    for split in (4, 8, 16):
+                        if K // split >= group_size:
+                            out.append({"impl": "tcasm", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": group_size,
+                                        "SPLIT_K": split, "DIRECT": direct, "num_warps": warps, "num_stages": 3})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     return out
 
@@ -981,7 +1055,7 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
                                  PLANES=planes, **common)
     elif impl == "tcasm":
         _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],
-                                                               **common)
+                                                               DIRECT=int(cfg.get("DIRECT", 0)), **common)
     elif impl == "tiled3":
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         _int4_tiled3_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, DOT_PRECISION=precision,

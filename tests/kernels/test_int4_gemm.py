@@ -141,6 +141,16 @@ def test_int4_gemm_tcasm(device, blocks, g, asym, M):
     _check_calls_and_rearmed_counters(device, cfg, M, 37, 384, g, asym)
 
 
+@pytest.mark.parametrize("direct", [1, 2])
+@pytest.mark.parametrize("g,asym", [(32, True), (64, False), (128, False)])
+@pytest.mark.parametrize("M", [1, 17])
+def test_int4_gemm_tcasm_direct(device, direct, g, asym, M):
+    """DIRECT (one group per iteration, words in the dot's row order, prefetched x / scales; the symmetric zero by
+    a second dot or a centered unpack): ragged split-K over an odd number of groups, counters re-armed."""
+    cfg = {**TCASM, "BLOCK_K": g, "SPLIT_K": 3, "DIRECT": direct}
+    _check_calls_and_rearmed_counters(device, cfg, M, 37, 5 * g, g, asym)
+
+
 def test_int4_gemm_tcasm_extreme_codes_fractional_zeros_strided(device):
     """All-0 / all-15 codes and a word of 8 distinct codes (every nibble must land at its own permuted k),
     fractional zeros, K-contiguous storage with a strided x."""
@@ -300,6 +310,7 @@ def test_candidate_configs_sweep_the_variants_for_small_m():
         for g in (32, 64, 128):
             tcasm = [c for c in candidate_configs(M, 14336, 4096, g) if c["impl"] == "tcasm"]
             assert tcasm and all(c["BLOCK_K"] in (g, 2 * g) and c["BLOCK_M"] == 16 for c in tcasm)
+            assert {c.get("DIRECT", 0) for c in tcasm} == {0, 1, 2}
             assert select_config(M, 14336, 4096, g)["impl"] != "tcasm"
     assert not [c for c in candidate_configs(64, 14336, 4096, 128) if c["impl"] == "tcasm"]
 
