@@ -116,11 +116,12 @@ MS = [1, 4, 16, 64, 256]
 GROUP = 128
 
 
-def make_weights(N: int, K: int, g: int, device: str):
-    """Random int4 weights in kernopt's storage (logical [N, ...], N-contiguous; see kernopt/int4.py)."""
+def make_weights(N: int, K: int, g: int, device: str, symmetric: bool = False):
+    """Random int4 weights in kernopt's storage (logical [N, ...], N-contiguous; see kernopt/int4.py); symmetric:
+    no zero points (zero 8, what optimize(quantize="int4") makes by default)."""
     qweight = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=device).t()
     scales = (torch.rand(K // g, N, device=device) * 0.01 + 0.005).to(torch.bfloat16).t()
-    zeros = torch.randint(0, 16, (K // g, N), device=device).to(torch.bfloat16).t()
+    zeros = None if symmetric else torch.randint(0, 16, (K // g, N), device=device).to(torch.bfloat16).t()
     return qweight, scales, zeros
 
 
@@ -137,6 +138,7 @@ class Operands:
         self.xi = self.x if x_int4 is None else [x_int4] + [x_int4.clone() for _ in range(n - 1)]
         self.q = [(qweight, scales, zeros)] + [(qweight.clone(memory_format=torch.preserve_format),
                                                 scales.clone(memory_format=torch.preserve_format),
+                                                None if zeros is None else
                                                 zeros.clone(memory_format=torch.preserve_format))
                                                for _ in range(self.int4_copies - 1)]
         self.w = [w_bf16] + [w_bf16.clone() for _ in range(self.bf16_copies - 1)]
@@ -167,6 +169,8 @@ def main() -> None:
     parser.add_argument("--x-fp32", action="store_true",
                         help="the int4 kernels read x in float32 (same values; cuBLAS keeps bf16): what the int4 "
                              "pass gives GEMV launches (passes/int4.py float_gemv_inputs); suite gemm_int4_xfp32")
+    parser.add_argument("--symmetric", action="store_true",
+                        help="weights without zero points (optimize()'s default); JSON gemm_int4_sym-<gpu>.json")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
     args = parser.parse_args()
@@ -184,7 +188,7 @@ def main() -> None:
         ms = {int(m) for m in args.ms.replace("+", ",").split(",") if m}
         cases = [c for c in cases if c[0] in ms]
     impls = {i for i in args.impls.replace("+", ",").split(",") if i}
-    suite = Suite("gemm_int4_xfp32" if args.x_fp32 else "gemm_int4")
+    suite = Suite("gemm_int4" + ("_sym" if args.symmetric else "") + ("_xfp32" if args.x_fp32 else ""))
     torch.manual_seed(0)
     if args.read_roofline:
         roof = Suite("int4_read_roofline")
@@ -195,7 +199,7 @@ def main() -> None:
         print(f"wrote {roof.write(args.out)}")
         return
     for K, N in dict.fromkeys((k, n) for _, k, n in cases):
-        qweight, scales, zeros = make_weights(N, K, GROUP, "cuda")
+        qweight, scales, zeros = make_weights(N, K, GROUP, "cuda", args.symmetric)
         w_bf16 = dequantize_int4(qweight, scales, zeros, GROUP, torch.bfloat16)  # the plain-torch reference
         assert torch.equal(int4_dequantize(qweight, scales, zeros, GROUP, torch.bfloat16), w_bf16)
         w_exact = dequantize_int4(qweight, scales, zeros, GROUP, torch.float64)
