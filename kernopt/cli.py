@@ -88,7 +88,7 @@ def tune_job(kind: str, m: int, n: int, k: int, group_size: int):
     import torch
 
     from kernopt import workload
-    from kernopt.ops import kernel_module, tuning_kit
+    from kernopt.ops import int4_bucket_tag, kernel_module, tuning_kit
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
@@ -98,7 +98,7 @@ def tune_job(kind: str, m: int, n: int, k: int, group_size: int):
         mod = kernel_module("int4_gemm")
         x = x.to(int4_x_dtype(m, n, k, group_size, x.dtype))
         qw, sc, z = (n_contiguous(t) if t is not None else None for t in quantize_weight(w, group_size))
-        kernel, key = "int4_gemm", workload.gemm_bucket(m, n, k, f"g{group_size}", x.dtype)
+        kernel, key = "int4_gemm", workload.gemm_bucket(m, n, k, int4_bucket_tag(group_size, z is None), x.dtype)
         candidates, operands = mod.candidate_configs(m, n, k, group_size), (x, qw, sc, z)
         call = lambda cfg, x, q, s, z: mod.int4_gemm(x, q, s, z, group_size, config=cfg)  # noqa: E731
         reference = lambda x, q, s, z: mod.int4_gemm_ref(x, q, s, z, group_size)  # noqa: E731

@@ -184,6 +184,12 @@ def _(q, k_pages, v_pages, block_table, seq_lens, scale):
 # --------------------------------------------------------------------------------------------------
 # Quantized-weight matmuls.
 # --------------------------------------------------------------------------------------------------
+def int4_bucket_tag(group_size: int, symmetric: bool) -> str:
+    """The int4 part of a tuned-config key: group size, and "sym" for weights without zero points (their best
+    GEMV differs: int4_gemm.select_config)."""
+    return f"g{group_size}" + ("sym" if symmetric else "")
+
+
 def _int4_gemm_tuned(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
                      bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
     """The int4 kernel on x2 [M, K] with the tuned config of its (M bucket, N, K, group, dtype); `out` may be a
@@ -193,7 +199,7 @@ def _int4_gemm_tuned(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Optiona
     call = lambda cfg, x2, q, s, z, b: mod.int4_gemm(x2, q, s, z, group_size, bias=b, config=cfg)  # noqa: E731
     operands = (x2, qweight, scales, zeros, bias)
     config = workload.config_for(
-        "int4_gemm", workload.gemm_bucket(m, n, k, f"g{group_size}", x2.dtype),
+        "int4_gemm", workload.gemm_bucket(m, n, k, int4_bucket_tag(group_size, zeros is None), x2.dtype),
         lambda: mod.candidate_configs(m, n, k, group_size), lambda cfg: call(cfg, *operands),
         lambda: tuning_kit(call, operands,
                            lambda x2, q, s, z, b: mod.int4_gemm_ref(x2, q, s, z, group_size, bias=b)))
