@@ -146,10 +146,12 @@ class Suite:
             res = r["results"]
             line = [r["case"], r["metric"]] + [res.get(s, "") for s in systems]
             k = res.get("kernopt")
+            runs = r.get("from_run", {})  # systems merged in from an earlier run: no ratio across runs
             ratios = []
             for s in systems:
                 if s != "kernopt" and k and res.get(s):
-                    ratios.append(f"{(k / res[s]) if r['higher_is_better'] else (res[s] / k):.2f}")
+                    same = runs.get("kernopt") == runs.get(s)
+                    ratios.append(f"{(k / res[s]) if r['higher_is_better'] else (res[s] / k):.2f}" if same else "-")
             line.append(" ".join(ratios) or r.get("error", ""))
             out.append(line)
         return tabulate(out, headers=["case", "metric", *systems, "kernopt speedup vs " + "/".join(

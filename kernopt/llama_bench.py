@@ -417,7 +417,12 @@ def merge_earlier(suite, out: Path, systems) -> None:
         for k, v in fields.items():
             mine = row.setdefault(k, {})
             mine.update({sys_: v[sys_] for sys_ in carried if sys_ in v})
-        row.setdefault("from_run", {}).update({sys_: old.get("from_run", {}).get(sys_, stamp) for sys_ in carried})
+        # what the earlier run measured of the systems this run re-measures (the carried systems' same-run
+        # baselines: a ratio across runs is not a measurement)
+        same_run = {sys_: v for sys_, v in old.get("results", {}).items()
+                    if sys_ in systems and sys_ not in old.get("from_run", {})}
+        here = dict(stamp, same_run_results=same_run) if same_run else stamp
+        row.setdefault("from_run", {}).update({sys_: old.get("from_run", {}).get(sys_, here) for sys_ in carried})
         errs = row.get("system_errors", {})
         if errs:
             row["errors"] = "; ".join(f"{sys_}: {e}" for sys_, e in errs.items())

@@ -191,7 +191,16 @@ def test_merge_keeps_earlier_numbers_of_systems_not_rerun(tmp_path):
     one_b = rows["1B decode bs1"]
     assert one_b["results"] == {"kernopt_int4": 3.0, "eager": 1.0}  # kernopt was in this run's systems: not kept
     assert set(one_b["dynamo"]) == {"kernopt_int4", "eager"}
-    assert one_b["from_run"] == {"eager": {"kernopt_commit": "aaa", "date": first.header["date"]}}
+    # eager's run also measured kernopt (2.0), which this run replaced: kept as eager's same-run baseline
+    assert one_b["from_run"] == {"eager": {"kernopt_commit": "aaa", "date": first.header["date"],
+                                           "same_run_results": {"kernopt": 2.0}}}
+    # The table gives a kernopt ratio only against systems of the same run.
+    t = Suite("llama")
+    t.add("same", "tok/s", True, {"kernopt": 2.0, "eager": 1.0})
+    t.add("merged", "tok/s", True, {"kernopt": 2.0, "eager": 1.0}, from_run={"eager": {"kernopt_commit": "aaa"}})
+    t.add("both", "tok/s", True, {"kernopt": 2.0, "eager": 1.0},
+          from_run={"eager": {"kernopt_commit": "aaa"}, "kernopt": {"kernopt_commit": "aaa"}})
+    assert [line.split()[-1] for line in t.table().splitlines()[2:]] == ["2.00", "-", "2.00"]
     # A third run re-measures eager for 1B only; the 8B row and 1B kernopt_int4 stay, eager is replaced.
     again = suite("NVIDIA H200", "ccc", {"1B decode bs1": {"eager": 9.0}})
     llama_bench.merge_earlier(again, tmp_path, ["eager"])
