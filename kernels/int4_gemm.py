@@ -843,21 +843,20 @@ def _split_k(tiles: int, K: int, block_k: int, wanted: int, min_k_per_split: int
     return split
 
 
-def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = False) -> dict:
-    """The config (a plain dict with "impl") for an [M, K] x int4 [N, K] product with this group size;
-    symmetric: the weights have no zero points (zero 8)."""
+def select_config(M: int, N: int, K: int, group_size: int) -> dict:
+    """The config (a plain dict with "impl") for an [M, K] x int4 [N, K] product with this group size."""
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
-        # split 8 at N=14336 and 16 at N=4096 (the H200 sweep's best at K=4096); at most 16
+        # split 8 at N=14336 and 16 at N=4096 (the H200 sweep's best at K=4096); at most 16. Not PLANES: with
+        # symmetric weights and bf16 x it was faster in isolation (sweeps/gemm_int4_sym-h200.json: 17.6 / 17.2 /
+        # 8.2 us against 21.2 / 20.4 / 9.7), but picked for symmetric weights (dd6e6ff) the int4 llama decode
+        # step went from 3.64 (adcb399) to 4.42 ms (regressions/llama-h200-dd6e6ff-planes.json; HF's step moved
+        # 7.14 -> 7.81 between those runs, so ~11% of it is the pick). Likely why: the pass hands the GEMV float32
+        # x, and with float32 x PLANES' loop is the longer one offline (577 against 520 SASS instructions per 128
+        # nibbles; not timed at the kernel level). Untried: PLANES with x left in bf16 (benchmarks/NOTES.md).
         split = _split_k(cdiv(N, 128), K, block_k, wanted=4 * _SM_COUNT, min_k_per_split=256, max_split=16)
-        cfg = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 128, "BLOCK_K": block_k, "SPLIT_K": split,
-               "PREFETCH": 1, "num_warps": 4, "num_stages": 1}
-        if symmetric:
-            # One nibble plane at a time: H200, symmetric weights, bf16 x (sweeps/gemm_int4_sym-h200.json, f058872):
-            # 17.61 / 17.20 / 8.25 us at K4096 N14336 / K14336 N4096 / 4096^2 against 21.15 / 20.42 / 9.70 for the
-            # same tiles without PLANES; with zero points PLANES lost (its zero is applied per word row).
-            cfg["PLANES"] = 1
-        return cfg
+        return {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 128, "BLOCK_K": block_k, "SPLIT_K": split,
+                "PREFETCH": 1, "num_warps": 4, "num_stages": 1}
     if M < DEQUANT_CUBLAS_MIN_M:
         if M <= 16:
             cfg = {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
@@ -1087,7 +1086,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
                          f"got {tuple(out.shape)} {out.dtype} {out.device}")
     if M == 0 or N == 0:
         return out
-    cfg = dict(config) if config is not None else select_config(M, N, K, group_size, symmetric=zeros is None)
+    cfg = dict(config) if config is not None else select_config(M, N, K, group_size)
     impl = cfg.get("impl")
     if impl == "dequant_cublas":
         w = int4_dequantize(qweight, scales, zeros, group_size, x.dtype, cfg)

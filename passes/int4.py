@@ -427,8 +427,7 @@ class Int4Pass:
         m_hint = size_hint(_rows(xv))
         impl = ops.implementation(xv)
         kmod = ops.kernel_module("int4_gemm")
-        config = kmod.select_config(m_hint, N, K, plan.group, symmetric=zeros is None) if impl != "reference" \
-            else "plain-torch reference"
+        config = kmod.select_config(m_hint, N, K, plan.group) if impl != "reference" else "plain-torch reference"
         replace(gm, node, torch.ops.kernopt.int4_linear.default, (x, qw, scales, zeros, plan.group, bias),
                 dead=[n for n in reversed(nodes) if n.op in ("call_function", "call_method")])
         layout = f"qweight{plan.q_view or ''} scales{plan.s_view or ''}" + \
@@ -552,8 +551,7 @@ def _group(gm: fx.GraphModule, ctx: PassContext, x: fx.Node, group_size: int, me
     elif adjacent is False:
         config = "weights not in one storage: one launch per part into one output"
     else:
-        config = ops.kernel_module("int4_gemm").select_config(m_hint, sum(cols), K, group_size,
-                                                              symmetric=members[0].args[3] is None)
+        config = ops.kernel_module("int4_gemm").select_config(m_hint, sum(cols), K, group_size)
         config = ("one launch " if adjacent else "one launch if adjacent (checked per call) ") + format_config(config)
     ctx.rewrote(GROUP_PASS_NAME, group,
                 f"{len(members)} int4_linear of one x -> one launch M={m_hint} N={'+'.join(map(str, cols))} "

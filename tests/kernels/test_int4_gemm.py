@@ -248,7 +248,7 @@ def test_int4_gemm_selected_config_hypothesis(M, N, groups, g, asym):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(M, K, dtype=torch.float16, device=device)
     qweight, scales, zeros = _weights(N, K, g, asym, device)
-    cfg = select_config(M, N, K, g, symmetric=not asym)
+    cfg = select_config(M, N, K, g)
     if device == "cpu" and cfg["impl"] == "tiled":
         cfg = {**cfg, "BLOCK_M": 16, "BLOCK_N": 32}
     out = _run(x, qweight, scales, zeros, g, cfg)
@@ -259,11 +259,6 @@ def test_select_config_table():
     assert select_config(1, 14336, 4096, 128)["impl"] == "gemv2"
     assert select_config(1, 14336, 4096, 128)["SPLIT_K"] == 8  # the H200 sweep's best
     assert select_config(1, 4096, 4096, 128)["SPLIT_K"] == 16
-    # symmetric weights (no zero points): the GEMV one nibble plane at a time (the H200 symmetric sweep's best)
-    sym = select_config(1, 14336, 4096, 128, symmetric=True)
-    assert sym == {**select_config(1, 14336, 4096, 128), "PLANES": 1}
-    assert "PLANES" not in select_config(1, 14336, 4096, 128)
-    assert "PLANES" not in select_config(16, 14336, 4096, 128, symmetric=True)
     assert select_config(16, 14336, 4096, 128)["impl"] == "tiled2"
     assert select_config(64, 14336, 4096, 128)["impl"] == "tiled"
     assert select_config(256, 14336, 4096, 128)["impl"] in ("tiled", "dequant_cublas")
@@ -362,12 +357,14 @@ def test_int4_gemm_gpu_selected_configs(M, dtype, asym):
 @pytest.mark.gpu
 @pytest.mark.parametrize("asym", [True, False])
 def test_int4_gemm_gpu_selected_gemv_float32_x(asym):
-    """The table's M=1 pick with float32 x and bf16 weights: what the int4 pass hands the GEMV."""
+    """The table's M=1 pick with float32 x and bf16 weights: what the int4 pass hands the GEMV (it casts the
+    output back to bf16, so bf16's tolerance; the H200 gave ~2e-4 absolute error on outputs of magnitude ~1, more
+    than float32's 1e-5: the kernel's biased-nibble sums are not float32-exact)."""
     N, K, g = 1000, 1024, 128
     x = torch.randn(1, K, dtype=torch.float32, device="cuda")
     qweight, scales, zeros = _weights(N, K, g, asym, "cuda", torch.bfloat16)
     out = _run(x, qweight, scales, zeros, g, None)
-    assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float32)
+    assert_close(out, _expected(x, qweight, scales, zeros, g), torch.bfloat16)
 
 
 def _check_each_twice(cands, x, qweight, scales, zeros, g, bias, expected):
