@@ -127,6 +127,7 @@ their address arithmetic), 255 registers with spills at BLOCK_N >= 128, loads no
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -843,8 +844,26 @@ def _split_k(tiles: int, K: int, block_k: int, wanted: int, min_k_per_split: int
     return split
 
 
-def select_config(M: int, N: int, K: int, group_size: int) -> dict:
-    """The config (a plain dict with "impl") for an [M, K] x int4 [N, K] product with this group size."""
+# An experiment switch for the decode GEMV of symmetric weights (M <= GEMV_MAX_M, no zero points), read per call:
+# "planes" (gemv2 one nibble plane at a time) or "tcasm" (the swap-AB tensor-core kernel, DIRECT=2: the unpack
+# gives q - 8). Both were faster in isolation with bf16 x (sweeps/gemm_int4_sym-h200.json, f058872: 17.6 / 17.2 /
+# 8.2 and 19.0 / 18.2 / 8.6 us against 21.2 / 20.4 / 9.7 for the default) and neither takes float32 x (the int4
+# pass leaves their x alone: passes/int4.gemv_takes_float_x). The llama suite's kernopt_int4_planes /
+# kernopt_int4_tcasm systems set it, so that one run compares them with kernopt_int4 end to end.
+GEMV_VARIANT_ENV = "KERNOPT_INT4_GEMV"
+GEMV_VARIANTS = ("planes", "tcasm")
+
+
+def gemv_variant() -> str:
+    v = os.environ.get(GEMV_VARIANT_ENV, "")
+    if v and v not in GEMV_VARIANTS:
+        raise ValueError(f"{GEMV_VARIANT_ENV}={v!r}; valid: '', {', '.join(map(repr, GEMV_VARIANTS))}")
+    return v
+
+
+def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = False) -> dict:
+    """The config (a plain dict with "impl") for an [M, K] x int4 [N, K] product with this group size;
+    symmetric: the weights have no zero points (only the GEMV_VARIANT_ENV experiment looks at it)."""
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
         # split 8 at N=14336 and 16 at N=4096 (the H200 sweep's best at K=4096); at most 16. Not PLANES: with
@@ -853,10 +872,18 @@ def select_config(M: int, N: int, K: int, group_size: int) -> dict:
         # step went from 3.64 (adcb399) to 4.42 ms (regressions/llama-h200-dd6e6ff-planes.json; HF's step moved
         # 7.14 -> 7.81 between those runs, so ~11% of it is the pick). Likely why: the pass hands the GEMV float32
         # x, and with float32 x PLANES' loop is the longer one offline (577 against 520 SASS instructions per 128
-        # nibbles; not timed at the kernel level). Untried: PLANES with x left in bf16 (benchmarks/NOTES.md).
+        # nibbles; not timed at the kernel level). GEMV_VARIANT_ENV tries it with x left in bf16.
         split = _split_k(cdiv(N, 128), K, block_k, wanted=4 * _SM_COUNT, min_k_per_split=256, max_split=16)
-        return {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 128, "BLOCK_K": block_k, "SPLIT_K": split,
-                "PREFETCH": 1, "num_warps": 4, "num_stages": 1}
+        cfg = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 128, "BLOCK_K": block_k, "SPLIT_K": split,
+               "PREFETCH": 1, "num_warps": 4, "num_stages": 1}
+        variant = gemv_variant() if symmetric else ""
+        if variant == "planes":
+            cfg["PLANES"] = 1
+        elif variant == "tcasm" and group_size >= 32:
+            # the symmetric sweep's best tiles: 64 rows, split 4 when N is wide (K4096 N14336), else 8
+            cfg = {"impl": "tcasm", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": group_size, "SPLIT_K": 4 if N >= 8192
+                   else 8, "DIRECT": 2, "num_warps": 4, "num_stages": 3}
+        return cfg
     if M < DEQUANT_CUBLAS_MIN_M:
         if M <= 16:
             cfg = {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
@@ -1086,7 +1113,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
                          f"got {tuple(out.shape)} {out.dtype} {out.device}")
     if M == 0 or N == 0:
         return out
-    cfg = dict(config) if config is not None else select_config(M, N, K, group_size)
+    cfg = dict(config) if config is not None else select_config(M, N, K, group_size, symmetric=zeros is None)
     impl = cfg.get("impl")
     if impl == "dequant_cublas":
         w = int4_dequantize(qweight, scales, zeros, group_size, x.dtype, cfg)

@@ -71,7 +71,7 @@ def linear_shapes(model, groups=()) -> list[tuple[int, int]]:
     return sorted(shapes)
 
 
-def int4_x_dtype(m: int, n: int, k: int, group_size: int, dtype):
+def int4_x_dtype(m: int, n: int, k: int, group_size: int, dtype, symmetric: bool = True):
     """The x dtype of an int4 launch of m x [n, k] in a compiled model: float32 where the int4 pass gives the
     op x.float() (passes/int4.py: gemv_takes_float_x), else `dtype`. Tuning times that dtype and stores under
     its bucket (workload.gemm_bucket keys on it), or the decode launches would miss it."""
@@ -79,7 +79,7 @@ def int4_x_dtype(m: int, n: int, k: int, group_size: int, dtype):
 
     from kernopt.passes.int4 import gemv_takes_float_x
 
-    return torch.float32 if gemv_takes_float_x(m, n, k, group_size, dtype) else dtype
+    return torch.float32 if gemv_takes_float_x(m, n, k, group_size, dtype, symmetric=symmetric) else dtype
 
 
 def tune_job(kind: str, m: int, n: int, k: int, group_size: int):
@@ -96,8 +96,8 @@ def tune_job(kind: str, m: int, n: int, k: int, group_size: int):
         from kernopt.int4 import n_contiguous, quantize_weight
 
         mod = kernel_module("int4_gemm")
-        x = x.to(int4_x_dtype(m, n, k, group_size, x.dtype))
         qw, sc, z = (n_contiguous(t) if t is not None else None for t in quantize_weight(w, group_size))
+        x = x.to(int4_x_dtype(m, n, k, group_size, x.dtype, symmetric=z is None))
         kernel, key = "int4_gemm", workload.gemm_bucket(m, n, k, int4_bucket_tag(group_size, z is None), x.dtype)
         candidates, operands = mod.candidate_configs(m, n, k, group_size), (x, qw, sc, z)
         call = lambda cfg, x, q, s, z: mod.int4_gemm(x, q, s, z, group_size, config=cfg)  # noqa: E731

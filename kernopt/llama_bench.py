@@ -53,7 +53,10 @@ LLAMA = {
 SYSTEMS = ("eager", "hf_static_inductor", "kernopt", "kernopt_int4", "kernopt_fp8")
 # Not run unless named: kernopt bf16 with transformers' own synchronous decode loop (the stop flag read every
 # step), to split what the deferred stop check is worth from what the kernels are worth.
-EXTRA_SYSTEMS = ("kernopt_sync",)
+# kernopt_int4_planes / kernopt_int4_tcasm: kernopt_int4 with the decode GEMV experiment of
+# kernels/int4_gemm.py (GEMV_VARIANT_ENV) set for that system only.
+EXTRA_SYSTEMS = ("kernopt_sync", "kernopt_int4_planes", "kernopt_int4_tcasm")
+INT4_GEMV_VARIANT = {"kernopt_int4_planes": "planes", "kernopt_int4_tcasm": "tcasm"}
 DEVICES = ("cuda", "cpu")
 MIN_COSINE = 0.995  # compiled kernopt vs its own eager reference, bf16
 # Quantized systems pass when within MIN_COSINE of their eager reference, or at least as close to it as that
@@ -62,7 +65,7 @@ MIN_COSINE = 0.995  # compiled kernopt vs its own eager reference, bf16
 # On random weights such flips carry through the layers: benchmarks/fp8_sensitivity.py (CPU) moved 1% / 10% of
 # the inputs by 2^-8 and got logits cosines of 0.983 / 0.976 at the 8B width with 8 layers, and 0.982 /
 # 0.977 at 1B (16 layers). The fp8 reference itself is 0.946-0.952 from the float model there.
-QUANTIZED = ("kernopt_int4", "kernopt_fp8")
+QUANTIZED = ("kernopt_int4", "kernopt_fp8", "kernopt_int4_planes", "kernopt_int4_tcasm")
 
 
 def dtype_for(device: str) -> torch.dtype:
@@ -134,13 +137,34 @@ def prepare(system: str, model, device: str = "cuda", inner: str = "inductor"):
     if system == "hf_static_inductor":
         model.generation_config.cache_implementation = "static"
     else:
-        quantize = {"kernopt": None, "kernopt_sync": None, "kernopt_int4": "int4", "kernopt_fp8": "fp8"}[system]
+        quantize = {"kernopt": None, "kernopt_sync": None, "kernopt_int4": "int4", "kernopt_fp8": "fp8",
+                    "kernopt_int4_planes": "int4", "kernopt_int4_tcasm": "int4"}[system]
         model = kernopt.optimize(model, quantize=quantize, cache="static", inner=inner)
         if system == "kernopt_sync":
             model.generate = type(model).generate.__get__(model)  # transformers' loop, without the deferral
     if device != "cuda":
         _compile_decode_on_cpu(model)
     return model
+
+
+@contextlib.contextmanager
+def _int4_gemv_variant(system: str):
+    """The int4 decode GEMV experiment (kernels/int4_gemm.py GEMV_VARIANT_ENV) set for one system's run."""
+    from kernopt.kernels.int4_gemm import GEMV_VARIANT_ENV
+
+    variant = INT4_GEMV_VARIANT.get(system)
+    saved = os.environ.get(GEMV_VARIANT_ENV)
+    if variant:
+        os.environ[GEMV_VARIANT_ENV] = variant
+    elif saved is not None:
+        del os.environ[GEMV_VARIANT_ENV]  # the other systems run the table's GEMV whatever the caller set
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(GEMV_VARIANT_ENV, None)
+        else:
+            os.environ[GEMV_VARIANT_ENV] = saved
 
 
 def run_system(system: str, shape: str, batch_sizes, prompt: int, new: int, prefill_len: int, ref_logits,
@@ -510,7 +534,7 @@ def main(argv=None) -> dict:
             for system in systems:
                 print(f"[llama] {shape} {system} ...", flush=True)
                 try:
-                    with _compile_caches(cold_root, f"{shape}-{system}"):
+                    with _compile_caches(cold_root, f"{shape}-{system}"), _int4_gemv_variant(system):
                         res, logits = run_system(system, shape, batch_sizes, args.prompt, args.new, args.prefill, ref,
                                                  device=args.device, inner=args.inner)
                 except Exception as e:  # one system failing must not lose the others' numbers

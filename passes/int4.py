@@ -427,7 +427,8 @@ class Int4Pass:
         m_hint = size_hint(_rows(xv))
         impl = ops.implementation(xv)
         kmod = ops.kernel_module("int4_gemm")
-        config = kmod.select_config(m_hint, N, K, plan.group) if impl != "reference" else "plain-torch reference"
+        config = kmod.select_config(m_hint, N, K, plan.group, symmetric=zeros is None) if impl != "reference" \
+            else "plain-torch reference"
         replace(gm, node, torch.ops.kernopt.int4_linear.default, (x, qw, scales, zeros, plan.group, bias),
                 dead=[n for n in reversed(nodes) if n.op in ("call_function", "call_method")])
         layout = f"qweight{plan.q_view or ''} scales{plan.s_view or ''}" + \
@@ -551,7 +552,8 @@ def _group(gm: fx.GraphModule, ctx: PassContext, x: fx.Node, group_size: int, me
     elif adjacent is False:
         config = "weights not in one storage: one launch per part into one output"
     else:
-        config = ops.kernel_module("int4_gemm").select_config(m_hint, sum(cols), K, group_size)
+        config = ops.kernel_module("int4_gemm").select_config(m_hint, sum(cols), K, group_size,
+                                                              symmetric=members[0].args[3] is None)
         config = ("one launch " if adjacent else "one launch if adjacent (checked per call) ") + format_config(config)
     ctx.rewrote(GROUP_PASS_NAME, group,
                 f"{len(members)} int4_linear of one x -> one launch M={m_hint} N={'+'.join(map(str, cols))} "
@@ -571,13 +573,16 @@ def float_inputs_enabled() -> bool:
     return os.environ.get(FLOAT_X_ENV, "1") != "0"
 
 
-def gemv_takes_float_x(rows: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> bool:
+def gemv_takes_float_x(rows: int, n: int, k: int, group_size: int, dtype: torch.dtype,
+                       symmetric: bool = False) -> bool:
     """Whether an int4 launch of `rows` x [n, k] rows with x in `dtype` gets x.float() (float_gemv_inputs): a
-    bf16/fp16 x, the switch on, rows <= int4_gemm.GEMV_MAX_M and the table's impl one of int4_gemm.FLOAT_X_IMPLS.
-    `kernopt tune` asks the same question, to time the dtype the compiled launch will see."""
+    bf16/fp16 x, the switch on, rows <= int4_gemm.GEMV_MAX_M and the table's impl one of int4_gemm.FLOAT_X_IMPLS
+    (not PLANES). `kernopt tune` asks the same question, to time the dtype the compiled launch will see."""
     kmod = ops.kernel_module("int4_gemm")
-    return (dtype in (torch.bfloat16, torch.float16) and float_inputs_enabled() and rows <= kmod.GEMV_MAX_M
-            and kmod.select_config(rows, n, k, group_size)["impl"] in kmod.FLOAT_X_IMPLS)
+    if dtype not in (torch.bfloat16, torch.float16) or not float_inputs_enabled() or rows > kmod.GEMV_MAX_M:
+        return False
+    cfg = kmod.select_config(rows, n, k, group_size, symmetric=symmetric)
+    return cfg["impl"] in kmod.FLOAT_X_IMPLS and not cfg.get("PLANES")
 
 
 def float_gemv_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -600,7 +605,9 @@ def float_gemv_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
         rows = static_int(_rows(xv))
         scales = node.args[2] if node.target is INT4_GROUP else [node.args[2]]
         n_total = sum(size_hint(example_value(s).shape[0]) for s in scales)
-        if rows is None or not gemv_takes_float_x(rows, n_total, size_hint(xv.shape[-1]), node.args[4], xv.dtype):
+        zeros = node.args[3] if node.target is INT4_GROUP else [node.args[3]]
+        if rows is None or not gemv_takes_float_x(rows, n_total, size_hint(xv.shape[-1]), node.args[4], xv.dtype,
+                                                  symmetric=all(z is None for z in zeros)):
             continue
         x32 = insert_before(gm, node, torch.Tensor.float, (x,), xv.float())
         node.update_arg(0, x32)

@@ -273,3 +273,16 @@ def test_int4_tuning_times_the_x_dtype_the_compiled_launch_gets(monkeypatch):
     assert cli.int4_x_dtype(1, 4096, 4096, 128, torch.float32) == torch.float32
     monkeypatch.setenv("KERNOPT_INT4_FLOAT_X", "0")
     assert cli.int4_x_dtype(GEMV_MAX_M, 4096, 4096, 128, torch.bfloat16) == torch.bfloat16
+
+
+def test_int4_gemv_variant_systems_set_the_switch_for_their_run_only(monkeypatch):
+    from kernopt.kernels.int4_gemm import GEMV_VARIANT_ENV, GEMV_VARIANTS
+
+    assert set(llama_bench.INT4_GEMV_VARIANT.values()) == set(GEMV_VARIANTS)
+    assert set(llama_bench.INT4_GEMV_VARIANT) <= set(llama_bench.EXTRA_SYSTEMS) & set(llama_bench.QUANTIZED)
+    monkeypatch.setenv(GEMV_VARIANT_ENV, "planes")
+    with llama_bench._int4_gemv_variant("kernopt_int4_tcasm"):
+        assert os.environ[GEMV_VARIANT_ENV] == "tcasm"
+    with llama_bench._int4_gemv_variant("kernopt_int4"):
+        assert GEMV_VARIANT_ENV not in os.environ  # the table's GEMV for the plain system
+    assert os.environ[GEMV_VARIANT_ENV] == "planes"

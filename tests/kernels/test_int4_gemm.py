@@ -255,6 +255,27 @@ def test_int4_gemm_selected_config_hypothesis(M, N, groups, g, asym):
     assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
 
 
+@pytest.mark.parametrize("variant", ["planes", "tcasm"])
+def test_gemv_variant_switch(device, monkeypatch, variant):
+    """KERNOPT_INT4_GEMV (the llama suite's int4 GEMV experiment): only symmetric M=1 launches change, and the
+    table's call (config=None) computes the right product through it; an unknown value is an error."""
+    from kernopt.kernels import int4_gemm as q4
+
+    default = select_config(1, 14336, 4096, 128, symmetric=True)
+    monkeypatch.setenv(q4.GEMV_VARIANT_ENV, variant)
+    cfg = select_config(1, 14336, 4096, 128, symmetric=True)
+    assert cfg != default and (cfg.get("PLANES") == 1 if variant == "planes" else cfg["impl"] == "tcasm")
+    assert select_config(1, 14336, 4096, 128) == default  # zero points: the table's GEMV
+    assert select_config(4, 14336, 4096, 128, symmetric=True) == select_config(4, 14336, 4096, 128)  # not a GEMV
+    N, K, g = 37, 256, 64
+    x = torch.randn(1, K, dtype=torch.float16, device=device)
+    qweight, scales, zeros = _weights(N, K, g, False, device)
+    assert_close(_run(x, qweight, scales, zeros, g, None), _expected(x, qweight, scales, zeros, g), torch.float16)
+    monkeypatch.setenv(q4.GEMV_VARIANT_ENV, "fastest")
+    with pytest.raises(ValueError, match="KERNOPT_INT4_GEMV"):
+        select_config(1, 14336, 4096, 128, symmetric=True)
+
+
 def test_select_config_table():
     assert select_config(1, 14336, 4096, 128)["impl"] == "gemv2"
     assert select_config(1, 14336, 4096, 128)["SPLIT_K"] == 8  # the H200 sweep's best

@@ -397,3 +397,33 @@ def test_float_x_leaves_alone_more_rows_than_the_gemv_and_the_reference(monkeypa
         torch._dynamo.reset()
         report = kernopt.explain(model.to(DT), torch.randn(1, K, dtype=DT, device=DEV), options={"inner": "eager"})
         assert _group_rewrites(report) and not _float_x_rewrites(report), report.table()
+
+
+@pytest.mark.skipif(ops.implementation(torch.empty(0, dtype=DT, device=DEV)) == "reference",
+                    reason="the kernels' x dtype only matters where the kernels run")
+@pytest.mark.parametrize("variant", ["planes", "tcasm"])
+def test_gemv_variant_keeps_x_dtype_for_symmetric_weights(monkeypatch, x_dtypes, variant):
+    """The decode GEMV experiment (KERNOPT_INT4_GEMV, kernels/int4_gemm.py) reads 16-bit x: with symmetric weights
+    the float32-x rewrite stays away and the output is still right; weights with zero points keep float32 x."""
+    from kernopt.kernels.int4_gemm import GEMV_VARIANT_ENV
+
+    class SymMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up = _linears(widths=(96, 96), symmetric=True, bias=(False, False))
+            self.down = _linears(widths=(K,), symmetric=True, bias=(False,), k=96)[0]
+
+        def forward(self, x):
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+
+    monkeypatch.setenv(GEMV_VARIANT_ENV, variant)
+    x = torch.randn(1, K, dtype=DT, device=DEV)
+    for model, floats in ((SymMLP(), False), (GatedMLP(), True)):
+        pack_adjacent([model.gate, model.up])
+        torch._dynamo.reset()
+        report = kernopt.explain(model, x, options={"inner": "eager"})
+        assert bool(_float_x_rewrites(report)) == floats, report.table()
+        got = _compiled_out(model, x, x_dtypes)
+        assert x_dtypes == ([torch.float32] * 2 if floats else [DT, DT])
+        with torch.no_grad():
+            assert_close(got, model(x).double(), DT, scale=2.0)
