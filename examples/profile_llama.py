@@ -21,7 +21,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from kernopt.benchmark import require_cuda
-from kernopt.llama_bench import LLAMA, SYSTEMS, build, prepare
+from kernopt.llama_bench import EXTRA_SYSTEMS, LLAMA, SYSTEMS, _int4_gemv_variant, build, prepare
 
 
 def _sort_key(events) -> str:
@@ -60,21 +60,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="8B", choices=sorted(LLAMA))
     ap.add_argument("--systems", default="kernopt,kernopt_int4",
-                    help=f"comma-separated, from: {', '.join(SYSTEMS)}, kernopt_sync")
+                    help=f"comma-separated, from: {', '.join(SYSTEMS + EXTRA_SYSTEMS)}")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "profiles"))
     args = ap.parse_args()
     require_cuda("profile_llama.py")
     systems = [s for s in args.systems.replace("+", ",").split(",") if s]
-    known = SYSTEMS + ("kernopt_sync",)
+    known = SYSTEMS + EXTRA_SYSTEMS
     unknown = [s for s in systems if s not in known]
     if unknown:
         ap.error(f"unknown systems {unknown}; known: {', '.join(known)}")
     os.makedirs(args.out, exist_ok=True)
     device = torch.cuda.get_device_name()
     for system in systems:
-        table, gpu_us = profile_system(system, args.shape, args.prompt, args.new)
+        with _int4_gemv_variant(system):  # the int4 GEMV experiment's systems set their switch
+            table, gpu_us = profile_system(system, args.shape, args.prompt, args.new)
         gc.collect()
         torch.cuda.empty_cache()
         head = (f"{system} {args.shape} bs1 prompt {args.prompt} new {args.new} on {device}, torch {torch.__version__}: "
