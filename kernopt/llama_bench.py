@@ -148,7 +148,7 @@ def prepare(system: str, model, device: str = "cuda", inner: str = "inductor"):
 
 
 @contextlib.contextmanager
-def _int4_gemv_variant(system: str):
+def int4_gemv_variant(system: str):
     """The int4 decode GEMV experiment (kernels/int4_gemm.py GEMV_VARIANT_ENV) set for one system's run."""
     from kernopt.kernels.int4_gemm import GEMV_VARIANT_ENV
 
@@ -534,7 +534,7 @@ def main(argv=None) -> dict:
             for system in systems:
                 print(f"[llama] {shape} {system} ...", flush=True)
                 try:
-                    with _compile_caches(cold_root, f"{shape}-{system}"), _int4_gemv_variant(system):
+                    with _compile_caches(cold_root, f"{shape}-{system}"), int4_gemv_variant(system):
                         res, logits = run_system(system, shape, batch_sizes, args.prompt, args.new, args.prefill, ref,
                                                  device=args.device, inner=args.inner)
                 except Exception as e:  # one system failing must not lose the others' numbers

@@ -281,8 +281,8 @@ def test_int4_gemv_variant_systems_set_the_switch_for_their_run_only(monkeypatch
     assert set(llama_bench.INT4_GEMV_VARIANT.values()) == set(GEMV_VARIANTS)
     assert set(llama_bench.INT4_GEMV_VARIANT) <= set(llama_bench.EXTRA_SYSTEMS) & set(llama_bench.QUANTIZED)
     monkeypatch.setenv(GEMV_VARIANT_ENV, "planes")
-    with llama_bench._int4_gemv_variant("kernopt_int4_tcasm"):
+    with llama_bench.int4_gemv_variant("kernopt_int4_tcasm"):
         assert os.environ[GEMV_VARIANT_ENV] == "tcasm"
-    with llama_bench._int4_gemv_variant("kernopt_int4"):
+    with llama_bench.int4_gemv_variant("kernopt_int4"):
         assert GEMV_VARIANT_ENV not in os.environ  # the table's GEMV for the plain system
     assert os.environ[GEMV_VARIANT_ENV] == "planes"
