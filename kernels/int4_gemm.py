@@ -66,8 +66,8 @@ issue time, below, is not what bounds it).
   planes (stride-8 gathers that cp.async cannot copy) are prefetched into registers one block ahead.
   BLOCK_K = 128 (the dots need K >= 16): group sizes >= 128 only. Single-pass split-K as below.
   candidate_configs sweeps it at M <= 16; select_config does not pick it (measured slower, above).
-- ``tcasm`` (swap-AB tensor-core kernel, M <= 16; a candidate, UNMEASURED on a GPU, never picked by
-  select_config): out^T [BLOCK_N, 16] = W @ x^T with W [BLOCK_N, BLOCK_K] as wgmma's register operand, like
+- ``tcasm`` (swap-AB tensor-core kernel, M <= 16; a candidate, never picked by select_config; the
+  KERNOPT_INT4_GEMV=tcasm experiment below): out^T [BLOCK_N, 16] = W @ x^T with W [BLOCK_N, BLOCK_K] as wgmma's register operand, like
   tiled3, but one dot per group over all of its K (not 8 plane dots of K/8), and two nibbles per 32-bit
   instruction: inline PTX ``lop3.b32 (w >> 4m) & 0x000F000F | 0x43004300`` gives nibbles m and m + 4 of a word
   as a bf16x2 pair (128 + q each; 0x64006400 in fp16), 7 instructions per word. The dot's K order is permuted
@@ -86,7 +86,14 @@ issue time, below, is not what bounds it).
   barrier) and 2 FFMA per accumulator element ([BLOCK_N, 16]: 15 padding columns at M = 1), so g32 costs
   5.5 / nibble and BLOCK_N 64 4.2. float32 x is refused (16-bit dot operands; an exact 3-way bf16 split of x,
   hi + mid + lo, with weights q - 8 instead of 128 + q to keep fp32 accumulation error small, is the way to
-  add it).
+  add it). Measured on the H200 (56ca545, sweeps/gemm_int4-tcasm-h200.json): right, but slower than gemv2
+  everywhere (M=1 29.0 / 26.8 / 11.3 us against 22.4 / 21.5 / 10.1); the compiled loop relays the loaded words
+  out through shared memory (the row permutation), loads x^T unpipelined and sums it across threads, with
+  barriers and a wgmma wait every group: the instruction count was not the limit. DIRECT (1 and 2) loads the
+  words in the dot's row order, one group per iteration, next x^T / scales prefetched, and for symmetric
+  weights drops the column sum (1: a second dot with a constant operand; 2: the unpack gives q - 8 by one
+  packed FMA per pair): 19.0 / 18.2 / 8.6 us with symmetric weights (2), against gemv2's 21.2 / 20.4 / 9.7
+  with bf16 x and PLANES' 17.6 / 17.2 / 8.2 (sweeps/gemm_int4_sym-h200.json).
 
 Offline sm_90a compile analysis (2026-11-28, triton 3.6 + its ptxas, CPU only: NOT timings). K4096 N14336
 g128 unless noted; instr/nib = SASS instructions of the K loop per weight nibble per thread (issue cost:
@@ -704,7 +711,7 @@ def _int4_tcasm_kernel(
     the dot's K order permuted so that the pairs land where the register fragment wants them (x is gathered in
     the same order: the sum over k does not care). Zero and scale per (row, group) on the fp32 dot of each
     group: s (dot - (B + z) sum_k x), more exact than the reference's weight rounded to x's dtype.
-    UNMEASURED on a GPU (offline sm_90a SASS only: see the module docstring)."""
+    Measured on the H200: see the module docstring."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -958,7 +965,7 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                 out.append({"impl": "gemv2", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
                             "PREFETCH": prefetch, "num_warps": warps, "num_stages": stages})
         if M == 1:
-            # PLANES: one nibble plane at a time on the word tile in its load layout (unmeasured). Offline sm_90a
+            # PLANES: one nibble plane at a time on the word tile in its load layout (H200: see select_config). Offline sm_90a
             # SASS of the K loop (benchmarks/sass_loop.py) at 128 x 128 x 4 warps, per 128 nibbles per thread: 621
             # instructions against 697, 4 barriers against 16 (no shared-memory relayout of the words, no
             # broadcast of x to every thread). The H200's ncu of the gemv2 above: issue-bound at 4 warps per scheduler (47 % of issue
@@ -984,8 +991,8 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                         out.append({"impl": "tiled3", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split,
                                     "num_warps": warps, "num_stages": stages})
         # tcasm: swap-AB wgmma, the weight unpacked two nibbles per 32-bit instruction straight into the register
-        # operand (K order permuted to the fragment's); unmeasured, so select_config never picks it. BLOCK_M 16: at
-        # 8 Triton falls back to mma.sync with shared-memory round trips (offline sm_90a: 4.0 instr/nibble).
+        # operand (K order permuted to the fragment's); slower than gemv2 on the H200, so select_config never
+        # picks it. BLOCK_M 16: at 8 Triton falls back to mma.sync with shared-memory round trips (offline sm_90a: 4.0 instr/nibble).
         # BLOCK_K = one or two groups (a dot per group), >= 32 (the permutation works on 32-column chunks).
         if group_size >= 32:
             for bn, warps in ((64, 4), (128, 4), (256, 8)):
@@ -1113,7 +1120,9 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
                          f"got {tuple(out.shape)} {out.dtype} {out.device}")
     if M == 0 or N == 0:
         return out
-    cfg = dict(config) if config is not None else select_config(M, N, K, group_size, symmetric=zeros is None)
+    # (the GEMV experiment's kernels read 16-bit x only: a float32 x keeps the table's GEMV)
+    cfg = dict(config) if config is not None else \
+        select_config(M, N, K, group_size, symmetric=zeros is None and x.dtype != torch.float32)
     impl = cfg.get("impl")
     if impl == "dequant_cublas":
         w = int4_dequantize(qweight, scales, zeros, group_size, x.dtype, cfg)
