@@ -605,11 +605,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
         out = torch.empty((B, Hq, Sq, D), device=q.device, dtype=q.dtype)
     elif tuple(out.shape) != (B, Hq, Sq, D) or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"flash_attention: out must be {(B, Hq, Sq, D)} {q.dtype} with unit last stride")
+    qkv_desc_ok = all(_descriptor_ok(t) for t in (q, k, v))
+    out_desc_ok = _descriptor_ok(out)
     if config is not None:
         cfg = dict(config)
     else:  # the table's warp-specialised pick only where the launch below can specialise it
-        ws_ok = mask is None and all(_descriptor_ok(t) for t in (q, k, v, out))
-        cfg = select_config(D, causal, Sq, Skv, B * Hq, q.dtype, warp_spec=ws_ok)
+        cfg = select_config(D, causal, Sq, Skv, B * Hq, q.dtype, warp_spec=mask is None and qkv_desc_ok and out_desc_ok)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     BD = _block_d(D)
     split = bool(cfg.get("SPLIT", False))
@@ -627,7 +628,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
             mask_kind, m_arg = 2, m
         m_strides = m_arg.stride()
 
-    tma = bool(cfg.get("TMA")) and all(_descriptor_ok(t) for t in (q, k, v))
+    tma = bool(cfg.get("TMA")) and qkv_desc_ok
     # On-device descriptors: the non-split kernel only; the interpreter runs them too (no scratch there).
     device_tma = tma and bool(cfg.get("DEVICE_TMA")) and not split
     if device_tma:
@@ -647,7 +648,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     # (the same tile without it).
     warp_spec = (bool(cfg.get("WARP_SPEC", False)) and device_tma and mask_kind == 0 and BM == 128
                  and cfg["num_warps"] == 4 and cfg["num_stages"] in WS_STAGES and (WS_CAUSAL or not causal)
-                 and _descriptor_ok(out))
+                 and out_desc_ok)
     grid = (cdiv(Sq, BM), B * Hq)
     _flash_attention_fwd[grid](
         q_arg, k_arg, v_arg, m_arg, out,

@@ -603,9 +603,9 @@ def float_gemv_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
         if xv is None or ov is None or ops.implementation(xv) not in ("triton", "interpreter"):
             continue
         rows = static_int(_rows(xv))
-        scales = node.args[2] if node.target is INT4_GROUP else [node.args[2]]
+        # per-part operands: lists for the grouped op, one tensor for int4_linear
+        scales, zeros = (node.args[i] if node.target is INT4_GROUP else [node.args[i]] for i in (2, 3))
         n_total = sum(size_hint(example_value(s).shape[0]) for s in scales)
-        zeros = node.args[3] if node.target is INT4_GROUP else [node.args[3]]
         if rows is None or not gemv_takes_float_x(rows, n_total, size_hint(xv.shape[-1]), node.args[4], xv.dtype,
                                                   symmetric=all(z is None for z in zeros)):
             continue
