@@ -34,7 +34,8 @@ import torch  # noqa: E402
 _ADDR = re.compile(r"\s+/\*([0-9a-f]{4,})\*/")
 
 
-def compile_sass(cfg: dict, M: int, N: int, K: int, group: int, x_dtype: torch.dtype) -> tuple[str, str]:
+def compile_sass(cfg: dict, M: int, N: int, K: int, group: int, x_dtype: torch.dtype,
+                 symmetric: bool = False) -> tuple[str, str]:
     """(SASS text, ptxas register count) of the int4 kernel that int4_gemm launches for this config."""
     from triton import knobs
     from triton.compiler import compile as triton_compile, make_backend
@@ -43,9 +44,9 @@ def compile_sass(cfg: dict, M: int, N: int, K: int, group: int, x_dtype: torch.d
 
     qweight = torch.empty((K // 8, N), dtype=torch.int32).t()
     scales = torch.empty((K // group, N), dtype=torch.bfloat16).t()
-    zeros = torch.empty((K // group, N), dtype=torch.bfloat16).t()
+    zeros = None if symmetric else torch.empty((K // group, N), dtype=torch.bfloat16).t()
     with so.Recorder() as rec:
-        if cfg.get("impl") == "tcasm":
+        if cfg.get("impl") == "tcasm" or cfg.get("PAIRS"):
             rec.override(ASM=True)  # what a CUDA launch passes (the inline-PTX unpack)
         q4.int4_gemm(torch.empty((M, K), dtype=x_dtype), qweight, scales, zeros, group, config=cfg)
     launch = next(launch for launch in rec.launches if "int4" in launch.fn.__name__)
@@ -90,10 +91,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--x-dtype", default="bfloat16")
+    ap.add_argument("--symmetric", action="store_true", help="weights without zero points")
     ap.add_argument("--dump", help="write the loop's SASS here")
     args = ap.parse_args()
     cfg = json.loads(args.config)
-    sass, regs = compile_sass(cfg, args.m, args.n, args.k, args.group, getattr(torch, args.x_dtype))
+    sass, regs = compile_sass(cfg, args.m, args.n, args.k, args.group, getattr(torch, args.x_dtype),
+                              args.symmetric)
     body = loop_body(sass)
     nibbles = cfg["BLOCK_N"] * cfg["BLOCK_K"] / (32 * cfg.get("num_warps", 4))
     print(f"registers {regs}; K loop {len(body)} instructions, {len(body) / nibbles:.2f} per nibble per thread")

@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--read-roofline", action="store_true",
                         help="also time a words-only read kernel per (K, N), layouts and tiles (TB/s), then exit")
     parser.add_argument("--impls", default="", help="--tune: time only these impls' candidates (e.g. gemv2+tiled3)")
+    parser.add_argument("--filter", default="", help="--tune: time only candidates whose config text contains this "
+                        "(e.g. PAIRS=1)")
     parser.add_argument("--x-fp32", action="store_true",
                         help="the int4 kernels read x in float32 (same values; cuBLAS keeps bf16): what the int4 "
                              "pass gives GEMV launches (passes/int4.py float_gemv_inputs); suite gemm_int4_xfp32")
@@ -207,7 +209,7 @@ def main() -> None:
             case = f"M={M} K={K} N={N} g{GROUP}"
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             xi = x.float() if args.x_fp32 else x  # the int4 kernels' x
-            cfg = select_config(M, N, K, GROUP)
+            cfg = select_config(M, N, K, GROUP, symmetric=zeros is None and not args.x_fp32, x_dtype=xi.dtype)
             # The reference: the exact product, (q - z) * s in float64 (exact for int4 codes and bf16
             # scales). The kernels differ from it by bf16 rounding: of each weight (the tensor-core kernels
             # round the dequantized weight to bf16, as int4_gemm_ref does) or of x's products (FMA
@@ -238,7 +240,7 @@ def main() -> None:
                 per_impl: dict[str, tuple[float, dict]] = {}
                 all_us: dict[str, float] = {}
                 for cand in candidate_configs(M, N, K, GROUP):
-                    if impls and cand["impl"] not in impls:
+                    if (impls and cand["impl"] not in impls) or args.filter not in format_config(cand):
                         continue
                     try:
                         o = int4_gemm(xi, qweight, scales, zeros, GROUP, config=cand)

@@ -350,6 +350,73 @@ def _word_rows_zero_scale(acc_w, xq, xb, xs, z, s, MULTI: tl.constexpr):
     return acc_w
 
 
+def _word_pairs_ptx() -> str:
+    """PAIRS' PTX for one word $1 and x's four bf16 pairs $2..$5 (pair m = x[k + 2m], x[k + 2m + 1]): the fp32 sum
+    $0 = sum_i x_i (q_i - 8) over the word's 8 nibbles, with packed bf16x2 math (two nibbles per instruction).
+
+    prmt puts byte m of the word (nibbles 2m, 2m + 1) in the low half and byte m of (word >> 4) in the high half, so
+    lop3 (& 0x000F000F | 0x43004300) reads bf16 (128 + q_2m, 128 + q_2m+1): the nibble pair in x's own pair order.
+    One packed FMA (x 1 - 136) centres it to q - 8, exactly (so the products carry no 128 bias into the bf16 sums),
+    four packed FMAs sum the 8 products into two bf16 lanes (4 terms each), and the lanes go to fp32 (shift / mask)
+    and are added. Per word: SHF + 4 PRMT + 4 LOP3 + 4 + 4 HFMA2 + 3 = 20 instructions, against ~36 for gemv2's
+    fp32 path (one LOP3 + one FFMA per nibble plus x conversion and the per-word-row sums)."""
+    lop = "".join(f"\n    prmt.b32 t{m}, $1, s4, {(m | m << 4 | (4 + m) << 8 | (4 + m) << 12):#06x};"
+                  f"\n    lop3.b32 t{m}, t{m}, 0x000F000F, 0x43004300, 0xEA;"
+                  f"\n    fma.rn.bf16x2 t{m}, t{m}, one, c8;" for m in range(4))
+    return f"""
+    {{
+    .reg .b32 s4, t0, t1, t2, t3, one, c8, nz, acc, lo, hi;
+    mov.b32 one, 0x3F803F80;
+    mov.b32 c8, 0xC308C308;
+    mov.b32 nz, 0x80008000;
+    shr.u32 s4, $1, 4;{lop}
+    fma.rn.bf16x2 acc, t0, $2, nz;
+    fma.rn.bf16x2 acc, t1, $3, acc;
+    fma.rn.bf16x2 acc, t2, $4, acc;
+    fma.rn.bf16x2 acc, t3, $5, acc;
+    shl.b32 lo, acc, 16;
+    and.b32 hi, acc, 0xFFFF0000;
+    add.f32 $0, lo, hi;
+    }}
+    """
+
+
+_WORD_PAIRS_PTX = tl.constexpr(_word_pairs_ptx())
+
+
+@triton.jit
+def _bf16_pair_sum(p):
+    """x's bf16 pair packed in an int32 -> the fp32 sum of its two halves (exact conversions)."""
+    return (p << 16).to(tl.float32, bitcast=True) + (p & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_pair_sums(w, x_row, kx, x_ok, stride_xk, NEED_XS: tl.constexpr, ASM: tl.constexpr):
+    """PAIRS: per word of w [R, C] (word row r holds k = kx[r] .. kx[r] + 7), the fp32 sum of x_k (q_k - 8), and
+    (NEED_XS) per word row the sum of its 8 x. ASM: bf16 x (contiguous, 4-byte aligned rows: the launcher sees to
+    it) read as int32 pairs, the word sums by _WORD_PAIRS_PTX. Else (interpreter, or any dtype): the same sums in
+    plain fp32 Triton."""
+    xs = tl.zeros(kx.shape, dtype=tl.float32)
+    if ASM:
+        xi = x_row.to(tl.pointer_type(tl.int32)) + kx // 2
+        p0 = tl.load(xi, mask=x_ok, other=0)
+        p1 = tl.load(xi + 1, mask=x_ok, other=0)
+        p2 = tl.load(xi + 2, mask=x_ok, other=0)
+        p3 = tl.load(xi + 3, mask=x_ok, other=0)
+        ws = tl.inline_asm_elementwise(asm=_WORD_PAIRS_PTX, constraints="=r,r,r,r,r,r",
+                                       args=[w, p0[:, None], p1[:, None], p2[:, None], p3[:, None]],
+                                       dtype=tl.float32, is_pure=True, pack=1)
+        if NEED_XS:
+            xs = _bf16_pair_sum(p0) + _bf16_pair_sum(p1) + _bf16_pair_sum(p2) + _bf16_pair_sum(p3)
+    else:
+        ws = tl.zeros(w.shape, dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_row + (kx + i) * stride_xk, mask=x_ok, other=0.0).to(tl.float32)
+            ws += (((w >> (4 * i)) & 0xF).to(tl.float32) - 8.0) * xi[:, None]
+            xs += xi
+    return ws, xs
+
+
 @triton.jit
 def _int4_gemv2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
@@ -358,7 +425,7 @@ def _int4_gemv2_kernel(
     stride_om, stride_on,
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    LOAD_STAGES: tl.constexpr, PLANES: tl.constexpr,
+    LOAD_STAGES: tl.constexpr, PLANES: tl.constexpr, PAIRS: tl.constexpr = False, ASM: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -393,7 +460,22 @@ def _int4_gemv2_kernel(
             w_cur, s_cur, z_cur = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0, k_hi, K,
                                                stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, GROUP,
                                                HAS_ZEROS, MULTI)
-        if PLANES:
+        if PAIRS:
+            # Packed bf16x2 word sums (BLOCK_M == 1; _word_pair_sums): sum_k x (q - z) = sum_k x (q - 8) + (8 - z) sum_k x,
+            # so symmetric weights need no x sums at all.
+            kx = k0 + offs_w * 8
+            ws, xs = _word_pair_sums(w_cur, x_ptr + pid_m * stride_xm, kx, (kx < K) & (pid_m < M), stride_xk,
+                                     HAS_ZEROS, ASM)
+            if HAS_ZEROS:
+                if MULTI:
+                    acc_w += (ws + xs[:, None] * (8.0 - z_cur)) * s_cur
+                else:
+                    acc_w += (ws + xs[:, None] * (8.0 - z_cur)[None, :]) * s_cur[None, :]
+            elif MULTI:
+                acc_w += ws * s_cur
+            else:
+                acc_w += ws * s_cur[None, :]
+        elif PLANES:
             # One nibble plane at a time on the [BLOCK_K/8, BLOCK_N] word tile in its load layout: x_j (k = k0 + 8r
             # + j) is a [BLOCK_K/8] vector per plane, no [.., 8, ..] tensor, so no shared-memory relayout of the
             # words or broadcast of x to every thread (BLOCK_M == 1).
@@ -858,7 +940,7 @@ def _split_k(tiles: int, K: int, block_k: int, wanted: int, min_k_per_split: int
 # pass leaves their x alone: passes/int4.gemv_takes_float_x). The llama suite's kernopt_int4_planes /
 # kernopt_int4_tcasm systems set it, so that one run compares them with kernopt_int4 end to end.
 GEMV_VARIANT_ENV = "KERNOPT_INT4_GEMV"
-GEMV_VARIANTS = ("planes", "tcasm")
+GEMV_VARIANTS = ("planes", "tcasm", "pairs")
 
 
 def gemv_variant() -> str:
@@ -868,9 +950,11 @@ def gemv_variant() -> str:
     return v
 
 
-def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = False) -> dict:
+def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = False,
+                  x_dtype: Optional[torch.dtype] = None) -> dict:
     """The config (a plain dict with "impl") for an [M, K] x int4 [N, K] product with this group size;
-    symmetric: the weights have no zero points (only the GEMV_VARIANT_ENV experiment looks at it)."""
+    symmetric: the weights have no zero points; x_dtype: x's dtype as the launch sees it (only the
+    GEMV_VARIANT_ENV experiment looks at these two)."""
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
         # split 8 at N=14336 and 16 at N=4096 (the H200 sweep's best at K=4096); at most 16. Not PLANES: with
@@ -883,10 +967,12 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
         split = _split_k(cdiv(N, 128), K, block_k, wanted=4 * _SM_COUNT, min_k_per_split=256, max_split=16)
         cfg = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 128, "BLOCK_K": block_k, "SPLIT_K": split,
                "PREFETCH": 1, "num_warps": 4, "num_stages": 1}
-        variant = gemv_variant() if symmetric else ""
-        if variant == "planes":
+        variant = gemv_variant()
+        if variant == "pairs" and x_dtype == torch.bfloat16:
+            cfg["PAIRS"] = 1  # any zero points; bf16 x only (packed bf16x2 math)
+        elif variant == "planes" and symmetric:
             cfg["PLANES"] = 1
-        elif variant == "tcasm" and group_size >= 32:
+        elif variant == "tcasm" and symmetric and group_size >= 32:
             # the symmetric sweep's best tiles: 64 rows, split 4 when N is wide (K4096 N14336), else 8
             cfg = {"impl": "tcasm", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": group_size, "SPLIT_K": 4 if N >= 8192
                    else 8, "DIRECT": 2, "num_warps": 4, "num_stages": 3}
@@ -976,6 +1062,17 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                 if K // split >= bk:
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
                                 "PREFETCH": prefetch, "PLANES": 1, "num_warps": warps, "num_stages": stages})
+        if M == 1:
+            # PAIRS: packed bf16x2 word sums (_word_pairs_ptx; bf16 x only on the GPU). Fewer instructions and
+            # registers per word than the fp32 path, so wider tiles and deeper splits are worth timing too.
+            for bn, bk, split, warps, prefetch, stages in ((128, block_k, 8, 4, 1, 1), (128, block_k, 16, 4, 1, 1),
+                                                           (128, block_k, 4, 4, 1, 1), (256, block_k, 8, 4, 1, 1),
+                                                           (256, block_k, 8, 8, 1, 1), (256, block_k, 16, 8, 1, 1),
+                                                           (128, block_k, 8, 4, 0, 3), (128, 2 * block_k, 8, 4, 1, 1),
+                                                           (256, 2 * block_k, 8, 8, 1, 1), (512, block_k, 8, 8, 1, 1)):
+                if K // split >= bk:
+                    out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+                                "PREFETCH": prefetch, "PAIRS": 1, "num_warps": warps, "num_stages": stages})
         # tiled2: the tiled kernel's tiles with the LOP3 unpack and the single-pass split-K.
         for bn, bk, warps in ((64, 64, 4), (128, 64, 4), (128, 128, 4), (256, 64, 8)):
             for split in (2, 4, 8, 16):
@@ -1088,11 +1185,21 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
                   num_stages=cfg.get("num_stages", 1 if impl == "gemv2" else 3))
     if impl == "gemv2":
         grid = (cdiv(N, bn), split, cdiv(M, bm))
-        planes = bool(cfg.get("PLANES", 0))
-        if planes and bm != 1:
-            raise ValueError(f"int4_gemm: gemv2 PLANES=1 needs BLOCK_M=1, got {bm}")
+        planes, pairs = bool(cfg.get("PLANES", 0)), bool(cfg.get("PAIRS", 0))
+        if (planes or pairs) and bm != 1:
+            raise ValueError(f"int4_gemm: gemv2 PLANES=1 / PAIRS=1 need BLOCK_M=1, got {bm}")
+        if planes and pairs:
+            raise ValueError("int4_gemm: gemv2 takes PLANES=1 or PAIRS=1, not both")
+        asm = pairs and x.is_cuda
+        if asm:
+            if x.dtype != torch.bfloat16:
+                # fp16 pairs would overflow (sums of x (q - 8) past 65504 once |x| > ~2000); float32 would round x
+                raise ValueError(f"int4_gemm: gemv2 PAIRS=1 takes bfloat16 x on the GPU, got {x.dtype}")
+            if x.stride(1) != 1 or (M > 1 and x.stride(0) % 2) or x.data_ptr() % 4:
+                x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)  # fresh: aligned, contiguous
+                args = (x,) + args[1:13] + (x.stride(0), x.stride(1)) + args[15:]
         _int4_gemv2_kernel[grid](*args, PREFETCH=bool(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
-                                 PLANES=planes, **common)
+                                 PLANES=planes, PAIRS=pairs, ASM=asm, **common)
     elif impl == "tcasm":
         _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],
                                                                DIRECT=int(cfg.get("DIRECT", 0)), **common)
@@ -1122,7 +1229,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         return out
     # (the GEMV experiment's kernels read 16-bit x only: a float32 x keeps the table's GEMV)
     cfg = dict(config) if config is not None else \
-        select_config(M, N, K, group_size, symmetric=zeros is None and x.dtype != torch.float32)
+        select_config(M, N, K, group_size, symmetric=zeros is None and x.dtype != torch.float32, x_dtype=x.dtype)
     impl = cfg.get("impl")
     if impl == "dequant_cublas":
         w = int4_dequantize(qweight, scales, zeros, group_size, x.dtype, cfg)

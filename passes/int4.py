@@ -427,7 +427,8 @@ class Int4Pass:
         m_hint = size_hint(_rows(xv))
         impl = ops.implementation(xv)
         kmod = ops.kernel_module("int4_gemm")
-        config = kmod.select_config(m_hint, N, K, plan.group, symmetric=zeros is None) if impl != "reference" \
+        config = kmod.select_config(m_hint, N, K, plan.group, symmetric=zeros is None,
+                                    x_dtype=xv.dtype) if impl != "reference" \
             else "plain-torch reference"
         replace(gm, node, torch.ops.kernopt.int4_linear.default, (x, qw, scales, zeros, plan.group, bias),
                 dead=[n for n in reversed(nodes) if n.op in ("call_function", "call_method")])
@@ -553,7 +554,8 @@ def _group(gm: fx.GraphModule, ctx: PassContext, x: fx.Node, group_size: int, me
         config = "weights not in one storage: one launch per part into one output"
     else:
         config = ops.kernel_module("int4_gemm").select_config(m_hint, sum(cols), K, group_size,
-                                                              symmetric=members[0].args[3] is None)
+                                                              symmetric=members[0].args[3] is None,
+                                                              x_dtype=xv.dtype)
         config = ("one launch " if adjacent else "one launch if adjacent (checked per call) ") + format_config(config)
     ctx.rewrote(GROUP_PASS_NAME, group,
                 f"{len(members)} int4_linear of one x -> one launch M={m_hint} N={'+'.join(map(str, cols))} "
@@ -577,12 +579,12 @@ def gemv_takes_float_x(rows: int, n: int, k: int, group_size: int, dtype: torch.
                        symmetric: bool = False) -> bool:
     """Whether an int4 launch of `rows` x [n, k] rows with x in `dtype` gets x.float() (float_gemv_inputs): a
     bf16/fp16 x, the switch on, rows <= int4_gemm.GEMV_MAX_M and the table's impl one of int4_gemm.FLOAT_X_IMPLS
-    (not PLANES). `kernopt tune` asks the same question, to time the dtype the compiled launch will see."""
+    (not PLANES / PAIRS). `kernopt tune` asks the same question, to time the dtype the compiled launch will see."""
     kmod = ops.kernel_module("int4_gemm")
     if dtype not in (torch.bfloat16, torch.float16) or not float_inputs_enabled() or rows > kmod.GEMV_MAX_M:
         return False
-    cfg = kmod.select_config(rows, n, k, group_size, symmetric=symmetric)
-    return cfg["impl"] in kmod.FLOAT_X_IMPLS and not cfg.get("PLANES")
+    cfg = kmod.select_config(rows, n, k, group_size, symmetric=symmetric, x_dtype=dtype)
+    return cfg["impl"] in kmod.FLOAT_X_IMPLS and not cfg.get("PLANES") and not cfg.get("PAIRS")
 
 
 def float_gemv_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:

@@ -79,6 +79,10 @@ GEMV2_MULTI_TAIL = {**GEMV2, "BLOCK_K": 256, "SPLIT_K": 1, "PREFETCH": 0, "num_s
 # one nibble plane at a time (M = 1): prefetching with split-K, and staged over a multi-group block past K
 GEMV2_PLANES = {**GEMV2, "PLANES": 1}
 GEMV2_PLANES_MULTI = {**GEMV2_MULTI_TAIL, "PLANES": 1}
+# packed word sums (M = 1; the interpreter runs its plain-Triton twin, the GPU test below the inline PTX)
+GEMV2_PAIRS = {**GEMV2, "PAIRS": 1}
+GEMV2_PAIRS_MULTI = {**GEMV2_MULTI_TAIL, "PAIRS": 1}
+GEMV2_PAIRS_MULTI_SPLIT = {**GEMV2_MULTI, "PAIRS": 1}
 TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "GROUP_M": 2}
 
 
@@ -87,7 +91,9 @@ TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_
     for name, cfg, groups in (("gemv2", GEMV2, (32, 64, 128)), ("tiled2", TILED2, (32, 64, 128)),
                               ("gemv2_rows", GEMV2_ROWS, (64, 128)), ("gemv2_staged", GEMV2_STAGED, (32, 128)),
                               ("gemv2_multi", GEMV2_MULTI, (32,)), ("gemv2_multi_tail", GEMV2_MULTI_TAIL, (32, 128)),
-                              ("gemv2_planes", GEMV2_PLANES, (32, 128)), ("gemv2_planes_multi", GEMV2_PLANES_MULTI, (32,)))
+                              ("gemv2_planes", GEMV2_PLANES, (32, 128)), ("gemv2_planes_multi", GEMV2_PLANES_MULTI, (32,)),
+                              ("gemv2_pairs", GEMV2_PAIRS, (32, 64, 128)), ("gemv2_pairs_multi", GEMV2_PAIRS_MULTI, (32, 128)),
+                              ("gemv2_pairs_multi_split", GEMV2_PAIRS_MULTI_SPLIT, (32,)))
     for g in groups for asym in (True, False) if name != "gemv2_rows" or asym == (g == 128)])
 def test_int4_gemm_single_pass_variants(device, g, asym, cfg):
     """Odd M/N, every group size, sym/asym, bias, NaN-poisoned out; with split-K a second call with new
@@ -185,16 +191,20 @@ def test_int4_gemm_gemv2_extreme_codes_and_zeros(device):
         for cfg in ({**GEMV2, "BLOCK_M": 2}, TILED2):
             out = _run(x, qweight, scales, zeros, g, cfg)
             assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
-        for row in range(M):  # the plane-at-a-time unpack (one row per launch)
-            out = _run(x[row:row + 1], qweight, scales, zeros, g, GEMV2_PLANES)
-            assert_close(out, _expected(x[row:row + 1], qweight, scales, zeros, g), torch.float16)
+        for row in range(M):  # the plane-at-a-time unpack and the word sums (one row per launch)
+            for cfg in (GEMV2_PLANES, GEMV2_PAIRS):
+                out = _run(x[row:row + 1], qweight, scales, zeros, g, cfg)
+                assert_close(out, _expected(x[row:row + 1], qweight, scales, zeros, g), torch.float16)
 
 
 def test_int4_gemm_gemv2_planes_needs_one_row():
     x = torch.randn(2, 64, dtype=torch.float16)
     qweight, scales, zeros = _weights(16, 64, 32, True, "cpu")
-    with pytest.raises(ValueError, match="PLANES=1 needs BLOCK_M=1"):
-        int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV2_PLANES, "BLOCK_M": 2})
+    for cfg in (GEMV2_PLANES, GEMV2_PAIRS):
+        with pytest.raises(ValueError, match="need BLOCK_M=1"):
+            int4_gemm(x, qweight, scales, zeros, 32, config={**cfg, "BLOCK_M": 2})
+    with pytest.raises(ValueError, match="not both"):
+        int4_gemm(x[:1], qweight, scales, zeros, 32, config={**GEMV2_PAIRS, "PLANES": 1})
 
 
 @pytest.mark.parametrize("cfg", [GEMV_SPLIT, TILED, TILED_SPLIT, GEMV2],
@@ -255,17 +265,24 @@ def test_int4_gemm_selected_config_hypothesis(M, N, groups, g, asym):
     assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
 
 
-@pytest.mark.parametrize("variant", ["planes", "tcasm"])
+@pytest.mark.parametrize("variant", ["planes", "tcasm", "pairs"])
 def test_gemv_variant_switch(device, monkeypatch, variant):
-    """KERNOPT_INT4_GEMV (the llama suite's int4 GEMV experiment): only symmetric M=1 launches change, and the
-    table's call (config=None) computes the right product through it; an unknown value is an error."""
+    """KERNOPT_INT4_GEMV (the llama suite's int4 GEMV experiment): only M=1 launches change (symmetric weights for
+    planes / tcasm, bf16 x for pairs), and the table's call (config=None) computes the right product through it;
+    an unknown value is an error."""
     from kernopt.kernels import int4_gemm as q4
 
-    default = select_config(1, 14336, 4096, 128, symmetric=True)
+    bf16 = torch.bfloat16
+    default = select_config(1, 14336, 4096, 128, symmetric=True, x_dtype=bf16)
     monkeypatch.setenv(q4.GEMV_VARIANT_ENV, variant)
-    cfg = select_config(1, 14336, 4096, 128, symmetric=True)
-    assert cfg != default and (cfg.get("PLANES") == 1 if variant == "planes" else cfg["impl"] == "tcasm")
-    assert select_config(1, 14336, 4096, 128) == default  # zero points: the table's GEMV
+    cfg = select_config(1, 14336, 4096, 128, symmetric=True, x_dtype=bf16)
+    assert cfg != default and {"planes": cfg.get("PLANES") == 1, "pairs": cfg.get("PAIRS") == 1,
+                               "tcasm": cfg["impl"] == "tcasm"}[variant]
+    if variant == "pairs":  # any zero points, bf16 x only
+        assert select_config(1, 14336, 4096, 128, x_dtype=bf16) == cfg
+        assert select_config(1, 14336, 4096, 128, symmetric=True, x_dtype=torch.float16) == default
+    else:
+        assert select_config(1, 14336, 4096, 128, x_dtype=bf16) == default  # zero points: the table's GEMV
     assert select_config(4, 14336, 4096, 128, symmetric=True) == select_config(4, 14336, 4096, 128)  # not a GEMV
     N, K, g = 37, 256, 64
     x = torch.randn(1, K, dtype=torch.float16, device=device)
@@ -430,6 +447,34 @@ def test_int4_gemm_gpu_tcasm(M, g, asym, dtype):
     expected = int4_gemm_ref(x.double(), qweight, scales, zeros, g, bias.double())
     cands = [c for c in candidate_configs(M, 14336, 4096, g) if c["impl"] == "tcasm"]
     _check_each_twice(cands, x, qweight, scales, zeros, g, bias, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g,asym", [(32, True), (64, False), (128, True), (128, False)])
+def test_int4_gemm_gpu_pairs(g, asym):
+    """gemv2 PAIRS' inline PTX (the interpreter runs its plain twin): bf16 x, odd N, an odd number of groups (K = 5 g:
+    multi-group blocks run past K), every PAIRS candidate, bias, NaN-poisoned out, twice (re-armed counters); words
+    of distinct / extreme codes with fractional zeros (each nibble must meet its own x); |x| ~ 1e4 (bf16 sums do
+    not overflow); a misaligned, strided x (copied by the launcher); fp16 x refused."""
+    dtype, M, N, K = torch.bfloat16, 1, 999, 5 * g
+    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+    bias = torch.randn(N, dtype=dtype, device="cuda")
+    cands = [c for c in candidate_configs(1, 14336, 4096, g) if c.get("PAIRS")]
+    for amp in (1.0, 1e4):
+        x = torch.randn(M, K, dtype=dtype, device="cuda") * amp
+        expected = int4_gemm_ref(x.double(), qweight, scales, zeros, g, bias.double())
+        _check_each_twice(cands, x, qweight, scales, zeros, g, bias, expected)
+    xs = torch.randn(1, 2 * K + 1, dtype=dtype, device="cuda")[:, 1::2]  # stride 2, odd element offset
+    assert_close(_run(xs, qweight, scales, zeros, g, cands[0]), int4_gemm_ref(xs.double(), qweight, scales, zeros, g),
+                 dtype, scale=2.0)
+    z = (torch.rand(40, 256 // g, device="cuda") * 15).to(dtype) if asym else None
+    s, x = scales[:40, :256 // g].contiguous(), torch.randn(1, 256, dtype=dtype, device="cuda")
+    for word in (0x0F0F0F0F, -0x0F0F0F10, 0x76543210, -0x01234568):
+        qw = torch.full((40, 32), word, dtype=torch.int32, device="cuda")
+        for cfg in cands[:3]:
+            assert_close(_run(x, qw, s, z, g, cfg), int4_gemm_ref(x.double(), qw, s, z, g), dtype, scale=2.0)
+    with pytest.raises(ValueError, match="PAIRS=1 takes bfloat16"):
+        _run(x.half(), qw, s.half(), z.half() if asym else None, g, cands[0])
 
 
 @pytest.mark.gpu
