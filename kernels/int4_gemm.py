@@ -916,6 +916,10 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K,
 # gemv 24.2, tiled3 25.2, tiled2 29.8; 9.99 us at 4096^2 against gemv 11.9 and tiled3 10.5. M=16: tiled2 (the
 # tiled kernel's tiles with the LOP3 unpack and single-pass split-K) 31.6 / 33.3 / 13.1 us against tiled
 # 33.1 / 35.4 / 14.4 at the three shapes. (Both above bf16 cuBLAS's 30-32 us at M=16: see NOTES.md.)
+# M=1 with bf16 x since a14fa7a: gemv2 PAIRS (packed bf16x2 word sums), symmetric --tune on the H200
+# (sweeps/pairs/gemm_int4_sym-h200.json): 14.4 / 13.8 / 7.6 us at its best tiles (128 x 4 warps, split 4 / 16 / 16:
+# ~450-510 programs) against the fp32 gemv2's 21.2 / 20.4 / 9.8 and bf16 cuBLAS's 30.9 / 32.3 / 13.3; end to end
+# (8B bs1, same call, sweeps/pairs/llama-h200.json) the int4 decode step went 3.66 -> 2.73 ms.
 # Update this one table from new --tune runs.
 GEMV_MAX_M = 1
 DEQUANT_CUBLAS_MIN_M = 192
@@ -933,14 +937,15 @@ def _split_k(tiles: int, K: int, block_k: int, wanted: int, min_k_per_split: int
     return split
 
 
-# An experiment switch for the decode GEMV of symmetric weights (M <= GEMV_MAX_M, no zero points), read per call:
-# "planes" (gemv2 one nibble plane at a time) or "tcasm" (the swap-AB tensor-core kernel, DIRECT=2: the unpack
-# gives q - 8). Both were faster in isolation with bf16 x (sweeps/gemm_int4_sym-h200.json, f058872: 17.6 / 17.2 /
-# 8.2 and 19.0 / 18.2 / 8.6 us against 21.2 / 20.4 / 9.7 for the default) and neither takes float32 x (the int4
-# pass leaves their x alone: passes/int4.gemv_takes_float_x). The llama suite's kernopt_int4_planes /
+# An experiment switch for the decode GEMV (M <= GEMV_MAX_M), read per call: "fp32" (gemv2's fp32 path, the table's
+# pick before PAIRS; the int4 pass then hands it float32 x), or, for symmetric weights, "planes" (gemv2 one
+# nibble plane at a time) or "tcasm" (the swap-AB tensor-core kernel, DIRECT=2: the unpack gives q - 8). planes and
+# tcasm were faster than fp32 in isolation with bf16 x (sweeps/gemm_int4_sym-h200.json, f058872: 17.6 / 17.2 / 8.2
+# and 19.0 / 18.2 / 8.6 us against 21.2 / 20.4 / 9.7) and neither takes float32 x (the int4 pass leaves their x
+# alone: passes/int4.gemv_takes_float_x). The llama suite's kernopt_int4_fp32 / kernopt_int4_planes /
 # kernopt_int4_tcasm systems set it, so that one run compares them with kernopt_int4 end to end.
 GEMV_VARIANT_ENV = "KERNOPT_INT4_GEMV"
-GEMV_VARIANTS = ("planes", "tcasm", "pairs")
+GEMV_VARIANTS = ("fp32", "planes", "tcasm")
 
 
 def gemv_variant() -> str:
@@ -953,24 +958,28 @@ def gemv_variant() -> str:
 def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = False,
                   x_dtype: Optional[torch.dtype] = None) -> dict:
     """The config (a plain dict with "impl") for an [M, K] x int4 [N, K] product with this group size;
-    symmetric: the weights have no zero points; x_dtype: x's dtype as the launch sees it (only the
-    GEMV_VARIANT_ENV experiment looks at these two)."""
+    symmetric: the weights have no zero points; x_dtype: x's dtype as the launch sees it (M=1 with bf16 x runs
+    gemv2 PAIRS; None: not bf16)."""
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
-        # split 8 at N=14336 and 16 at N=4096 (the H200 sweep's best at K=4096); at most 16. Not PLANES: with
-        # symmetric weights and bf16 x it was faster in isolation (sweeps/gemm_int4_sym-h200.json: 17.6 / 17.2 /
-        # 8.2 us against 21.2 / 20.4 / 9.7), but picked for symmetric weights (dd6e6ff) the int4 llama decode
-        # step went from 3.64 (adcb399) to 4.42 ms (regressions/llama-h200-dd6e6ff-planes.json; HF's step moved
-        # 7.14 -> 7.81 between those runs, so ~11% of it is the pick). Likely why: the pass hands the GEMV float32
-        # x, and with float32 x PLANES' loop is the longer one offline (577 against 520 SASS instructions per 128
-        # nibbles; not timed at the kernel level). GEMV_VARIANT_ENV tries it with x left in bf16.
+        variant = gemv_variant()
+        if x_dtype == torch.bfloat16 and not variant:
+            # PAIRS (bf16 x, any zero points): ~3 programs per SM (split 4 at N=14336, 16 at N=4096; the H200 --tune
+            # above), at most 16.
+            split = _split_k(cdiv(N, 128), K, block_k, wanted=3 * _SM_COUNT, min_k_per_split=256, max_split=16)
+            return {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 128, "BLOCK_K": block_k, "SPLIT_K": split,
+                    "PREFETCH": 1, "PAIRS": 1, "num_warps": 4, "num_stages": 1}
+        # fp32 path (float32 / fp16 x, or the "fp32" variant): split 8 at N=14336 and 16 at N=4096 (the H200 sweep's
+        # best at K=4096); at most 16. Not PLANES: with symmetric weights and bf16 x it was faster in isolation
+        # (sweeps/gemm_int4_sym-h200.json: 17.6 / 17.2 / 8.2 us against 21.2 / 20.4 / 9.7), but picked for
+        # symmetric weights (dd6e6ff) the int4 llama decode step went from 3.64 (adcb399) to 4.42 ms
+        # (regressions/llama-h200-dd6e6ff-planes.json; HF's step moved 7.14 -> 7.81 between those runs, so ~11% of
+        # it is the pick). Likely why: the pass handed the GEMV float32 x, and with float32 x PLANES' loop is the
+        # longer one offline (577 against 520 SASS instructions per 128 nibbles; not timed at the kernel level).
         split = _split_k(cdiv(N, 128), K, block_k, wanted=4 * _SM_COUNT, min_k_per_split=256, max_split=16)
         cfg = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 128, "BLOCK_K": block_k, "SPLIT_K": split,
                "PREFETCH": 1, "num_warps": 4, "num_stages": 1}
-        variant = gemv_variant()
-        if variant == "pairs" and x_dtype == torch.bfloat16:
-            cfg["PAIRS"] = 1  # any zero points; bf16 x only (packed bf16x2 math)
-        elif variant == "planes" and symmetric:
+        if variant == "planes" and symmetric:
             cfg["PLANES"] = 1
         elif variant == "tcasm" and symmetric and group_size >= 32:
             # the symmetric sweep's best tiles: 64 rows, split 4 when N is wide (K4096 N14336), else 8

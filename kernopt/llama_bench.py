@@ -53,10 +53,10 @@ LLAMA = {
 SYSTEMS = ("eager", "hf_static_inductor", "kernopt", "kernopt_int4", "kernopt_fp8")
 # Not run unless named: kernopt bf16 with transformers' own synchronous decode loop (the stop flag read every
 # step), to split what the deferred stop check is worth from what the kernels are worth.
-# kernopt_int4_planes / kernopt_int4_tcasm / kernopt_int4_pairs: kernopt_int4 with the decode GEMV experiment of
+# kernopt_int4_fp32 / kernopt_int4_planes / kernopt_int4_tcasm: kernopt_int4 with the decode GEMV experiment of
 # kernels/int4_gemm.py (GEMV_VARIANT_ENV) set for that system only.
-EXTRA_SYSTEMS = ("kernopt_sync", "kernopt_int4_planes", "kernopt_int4_tcasm", "kernopt_int4_pairs")
-INT4_GEMV_VARIANT = {"kernopt_int4_planes": "planes", "kernopt_int4_tcasm": "tcasm", "kernopt_int4_pairs": "pairs"}
+EXTRA_SYSTEMS = ("kernopt_sync", "kernopt_int4_fp32", "kernopt_int4_planes", "kernopt_int4_tcasm")
+INT4_GEMV_VARIANT = {"kernopt_int4_fp32": "fp32", "kernopt_int4_planes": "planes", "kernopt_int4_tcasm": "tcasm"}
 DEVICES = ("cuda", "cpu")
 MIN_COSINE = 0.995  # compiled kernopt vs its own eager reference, bf16
 # Quantized systems pass when within MIN_COSINE of their eager reference, or at least as close to it as that
@@ -65,7 +65,7 @@ MIN_COSINE = 0.995  # compiled kernopt vs its own eager reference, bf16
 # On random weights such flips carry through the layers: benchmarks/fp8_sensitivity.py (CPU) moved 1% / 10% of
 # the inputs by 2^-8 and got logits cosines of 0.983 / 0.976 at the 8B width with 8 layers, and 0.982 /
 # 0.977 at 1B (16 layers). The fp8 reference itself is 0.946-0.952 from the float model there.
-QUANTIZED = ("kernopt_int4", "kernopt_fp8", "kernopt_int4_planes", "kernopt_int4_tcasm", "kernopt_int4_pairs")
+QUANTIZED = ("kernopt_int4", "kernopt_fp8", "kernopt_int4_fp32", "kernopt_int4_planes", "kernopt_int4_tcasm")
 
 
 def dtype_for(device: str) -> torch.dtype:
@@ -138,7 +138,7 @@ def prepare(system: str, model, device: str = "cuda", inner: str = "inductor"):
         model.generation_config.cache_implementation = "static"
     else:
         quantize = {"kernopt": None, "kernopt_sync": None, "kernopt_int4": "int4", "kernopt_fp8": "fp8",
-                    "kernopt_int4_planes": "int4", "kernopt_int4_tcasm": "int4", "kernopt_int4_pairs": "int4"}[system]
+                    "kernopt_int4_fp32": "int4", "kernopt_int4_planes": "int4", "kernopt_int4_tcasm": "int4"}[system]
         model = kernopt.optimize(model, quantize=quantize, cache="static", inner=inner)
         if system == "kernopt_sync":
             model.generate = type(model).generate.__get__(model)  # transformers' loop, without the deferral

@@ -262,15 +262,19 @@ def test_linear_shapes_include_the_grouped_int4_launches():
 
 
 def test_int4_tuning_times_the_x_dtype_the_compiled_launch_gets(monkeypatch):
-    """GEMV rows get x.float() from the int4 pass, so `kernopt tune` times (and keys) them in float32."""
+    """GEMV rows on the fp32 path (fp16 x; bf16 under KERNOPT_INT4_GEMV=fp32) get x.float() from the int4 pass, so
+    `kernopt tune` times (and keys) them in float32; bf16 GEMV rows (PAIRS) keep bf16."""
     import torch
 
     from kernopt import cli
-    from kernopt.kernels.int4_gemm import GEMV_MAX_M
+    from kernopt.kernels.int4_gemm import GEMV_MAX_M, GEMV_VARIANT_ENV
 
-    assert cli.int4_x_dtype(GEMV_MAX_M, 4096, 4096, 128, torch.bfloat16) == torch.float32
-    assert cli.int4_x_dtype(GEMV_MAX_M + 1, 4096, 4096, 128, torch.bfloat16) == torch.bfloat16
+    assert cli.int4_x_dtype(GEMV_MAX_M, 4096, 4096, 128, torch.float16) == torch.float32
+    assert cli.int4_x_dtype(GEMV_MAX_M, 4096, 4096, 128, torch.bfloat16) == torch.bfloat16
+    assert cli.int4_x_dtype(GEMV_MAX_M + 1, 4096, 4096, 128, torch.float16) == torch.float16
     assert cli.int4_x_dtype(1, 4096, 4096, 128, torch.float32) == torch.float32
+    monkeypatch.setenv(GEMV_VARIANT_ENV, "fp32")
+    assert cli.int4_x_dtype(GEMV_MAX_M, 4096, 4096, 128, torch.bfloat16) == torch.float32
     monkeypatch.setenv("KERNOPT_INT4_FLOAT_X", "0")
     assert cli.int4_x_dtype(GEMV_MAX_M, 4096, 4096, 128, torch.bfloat16) == torch.bfloat16
 

@@ -427,3 +427,17 @@ def test_gemv_variant_keeps_x_dtype_for_symmetric_weights(monkeypatch, x_dtypes,
         assert x_dtypes == ([torch.float32] * 2 if floats else [DT, DT])
         with torch.no_grad():
             assert_close(got, model(x).double(), DT, scale=2.0)
+
+
+def test_float_x_only_for_the_fp32_gemv(monkeypatch):
+    """bf16 x at M=1 runs gemv2 PAIRS (packed bf16 math), so the pass leaves it bf16; fp16 x (and bf16 under
+    KERNOPT_INT4_GEMV=fp32) runs the fp32 path, which gets x.float(); no rewrite past the GEMV's rows."""
+    from kernopt.kernels.int4_gemm import GEMV_VARIANT_ENV
+    from kernopt.passes.int4 import gemv_takes_float_x
+
+    for sym in (True, False):
+        assert not gemv_takes_float_x(1, 14336, 4096, 128, torch.bfloat16, symmetric=sym)
+        assert gemv_takes_float_x(1, 14336, 4096, 128, torch.float16, symmetric=sym)
+        assert not gemv_takes_float_x(2, 14336, 4096, 128, torch.float16, symmetric=sym)
+    monkeypatch.setenv(GEMV_VARIANT_ENV, "fp32")
+    assert gemv_takes_float_x(1, 14336, 4096, 128, torch.bfloat16)
