@@ -476,8 +476,9 @@ def test_int4_gemm_gpu_pairs(g, asym):
     xs = torch.randn(1, 2 * K + 1, dtype=dtype, device="cuda")[:, 1::2]  # stride 2, odd element offset
     assert_close(_run(xs, qweight, scales, zeros, g, cands[0]), int4_gemm_ref(xs.double(), qweight, scales, zeros, g),
                  dtype, scale=2.0)
+    _, s, _ = _weights(40, 256, g, False, "cuda", dtype)
     z = (torch.rand(40, 256 // g, device="cuda") * 15).to(dtype) if asym else None
-    s, x = scales[:40, :256 // g].contiguous(), torch.randn(1, 256, dtype=dtype, device="cuda")
+    x = torch.randn(1, 256, dtype=dtype, device="cuda")
     for word in (0x0F0F0F0F, -0x0F0F0F10, 0x76543210, -0x01234568):
         qw = torch.full((40, 32), word, dtype=torch.int32, device="cuda")
         for cfg in cands[:3]:
