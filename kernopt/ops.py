@@ -236,15 +236,20 @@ def adjacent_view(parts: list) -> Optional[Tensor]:
     first = parts[0]
     if any(p is None for p in parts) or first.dim() not in (1, 2):
         return None
+    # (lean on purpose: the prompt's uncaptured forward runs this per grouped launch, on the host)
+    dtype, device, tail, stride = first.dtype, first.device, first.shape[1:], first.stride()
     storage = first.untyped_storage().data_ptr()
     offset = first.storage_offset()
-    for prev, p in zip(parts, parts[1:]):
-        if (p.dtype != first.dtype or p.device != first.device or p.shape[1:] != first.shape[1:]
-                or p.stride() != first.stride() or p.untyped_storage().data_ptr() != storage
-                or prev.shape[0] == 0 or p.storage_offset() != prev.storage_offset() + prev.shape[0] * prev.stride(0)):
+    rows = prev_rows = first.shape[0]
+    expected = offset + rows * stride[0]
+    for p in parts[1:]:
+        if (prev_rows == 0 or p.storage_offset() != expected or p.stride() != stride or p.shape[1:] != tail
+                or p.dtype != dtype or p.device != device or p.untyped_storage().data_ptr() != storage):
             return None
-    rows = sum(p.shape[0] for p in parts)
-    return torch.as_strided(first, (rows, *first.shape[1:]), first.stride(), offset)
+        prev_rows = p.shape[0]
+        rows += prev_rows
+        expected += prev_rows * stride[0]
+    return torch.as_strided(first, (rows, *tail), stride, offset)
 
 
 def _grouped_bias(biases: list, widths: list[int]) -> Optional[Tensor]:

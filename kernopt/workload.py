@@ -202,12 +202,17 @@ def _file_lock(path: Path):
 
 
 _CACHE: Optional[ConfigCache] = None
+_CACHE_ENV: tuple = ()
 
 
 def config_cache() -> ConfigCache:
-    global _CACHE
-    if _CACHE is None or _CACHE.directory != cache_dir():
-        _CACHE = ConfigCache()
+    """The process's cache object, re-opened when the variables that place it (KERNOPT_CACHE_DIR, HOME) change.
+    Compared as strings: every kernel call asks (building the Path each time cost ~35 us of a ~200 us int4 op
+    call on the CPU side, which the prompt's uncaptured forward pays per launch)."""
+    global _CACHE, _CACHE_ENV
+    env = (os.environ.get("KERNOPT_CACHE_DIR"), os.environ.get("HOME"))
+    if _CACHE is None or env != _CACHE_ENV:
+        _CACHE, _CACHE_ENV = ConfigCache(), env
     return _CACHE
 
 
