@@ -50,6 +50,21 @@ issue time, below, is not what bounds it).
   that cannot overlap with loads at this occupancy (gemv2 uses ~240 registers: 2 CTAs of 4 warps
   per SM). Expected: 30 -> ~15-20 us at M=1 if issue + exposed latency is the bound; if gemv2 is not
   faster, the bound is memory-level parallelism and the next step is more bytes in flight per SM.
+- ``gemv2`` ``PAIRS`` (the table's M=1 pick for bf16 x since 471c8f1, any zero points): packed bf16x2 math, two
+  nibbles per instruction (_word_pairs_ptx). prmt puts byte m of a word and byte m of (word >> 4) in the two halves
+  of a register, one LOP3 makes them the bf16 pair (128 + q_2m, 128 + q_2m+1), one HFMA2 centres it to q - 8
+  (exact), and four HFMA2 sum x (q - 8) over the word's 8 nibbles against x's own adjacent pairs, read as int32
+  (no x conversion, no relayout); the two bf16 lanes (4 products each) go to fp32 and are added; zero and scale
+  per word row in fp32 as gemv2 does (zero points: + (8 - z) times the row's x sum). Offline sm_90a
+  (benchmarks/sass_loop.py --symmetric, 128 x 128 x 4 warps): 430 instructions per 128 nibbles (3.4 / nibble,
+  80 registers) against 684 (5.3, 125 registers) for the fp32 path with bf16 x. Accuracy: bf16 rounding of each
+  product and partial sum, an error proportional to the outputs' RMS (~0.6% of it on the GPU test at |x| ~ 1e4,
+  inside bf16's tolerance; fp16 x would overflow past |x| ~ 2000, so fp16 and float32 x keep the fp32 path).
+  H200 (sweeps/pairs/gemm_int4_sym-h200.json, a14fa7a, symmetric, --tune): 14.4 / 13.8 / 7.6 us at the best tiles
+  against 21.2 / 20.4 / 9.8 for the fp32 path and 30.9 / 32.3 / 13.3 for bf16 cuBLAS (2.1-2.3x at the two large
+  shapes); the suite's asymmetric weights with the table's pick (gemm_int4-h200.json, 471c8f1) 16.9 / 15.9 /
+  8.4 us, 1.83 / 1.99 / 1.60x cuBLAS. End to end (llama 8B bs1, sweeps/pairs/llama-h200.json) the int4 decode step
+  went 3.66 -> 2.73 ms in one run.
 - ``tiled2``: the tensor-core kernel with the same LOP3 unpack, ``(B + q) - (B + z)`` (exact: B <= 2^11
   and z a 16-bit float) times s in fp32, one rounding to x's dtype (the reference's value), and the
   single-pass split-K. The tiled loop's SASS (BLOCK 16x128x64, bf16) drops the 64 I2FP and ~100
@@ -358,8 +373,9 @@ def _word_pairs_ptx() -> str:
     lop3 (& 0x000F000F | 0x43004300) reads bf16 (128 + q_2m, 128 + q_2m+1): the nibble pair in x's own pair order.
     One packed FMA (x 1 - 136) centres it to q - 8, exactly (so the products carry no 128 bias into the bf16 sums),
     four packed FMAs sum the 8 products into two bf16 lanes (4 terms each), and the lanes go to fp32 (shift / mask)
-    and are added. Per word: SHF + 4 PRMT + 4 LOP3 + 4 + 4 HFMA2 + 3 = 20 instructions, against ~36 for gemv2's
-    fp32 path (one LOP3 + one FFMA per nibble plus x conversion and the per-word-row sums)."""
+    and are added. Per word: SHF + 4 PRMT + 4 LOP3 + 4 + 4 HFMA2 + 3 = 20 instructions here; the compiled loop,
+    with its loads, addresses and the scale FFMA, has 27 per word (430 per 16 words, sass_loop --symmetric) against
+    43 for gemv2's fp32 path with bf16 x."""
     lop = "".join(f"\n    prmt.b32 t{m}, $1, s4, {(m | m << 4 | (4 + m) << 8 | (4 + m) << 12):#06x};"
                   f"\n    lop3.b32 t{m}, t{m}, 0x000F000F, 0x43004300, 0xEA;"
                   f"\n    fma.rn.bf16x2 t{m}, t{m}, one, c8;" for m in range(4))
@@ -1072,13 +1088,17 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
                                 "PREFETCH": prefetch, "PLANES": 1, "num_warps": warps, "num_stages": stages})
         if M == 1:
-            # PAIRS: packed bf16x2 word sums (_word_pairs_ptx; bf16 x only on the GPU). Fewer instructions and
-            # registers per word than the fp32 path, so wider tiles and deeper splits are worth timing too.
+            # PAIRS: packed bf16x2 word sums (_word_pairs_ptx; bf16 x only on the GPU). H200 --tune at a14fa7a
+            # (sweeps/pairs/gemm_int4_sym-h200.json): 128 x 4 warps best at every shape (split 4 / 16 / 16), 256 and
+            # 512 columns and 8 warps slower (dropped: 256 x 8 warps, 256 x 2 blocks x 8 warps, 512). Not yet timed:
+            # 64 columns (offline sm_90a: 48 registers at 4 warps, 3.5 instructions per nibble: twice the programs
+            # and the warps per SM of the 128-column tile, the shape of the int4 read roofline's best, 3.46 TB/s).
             for bn, bk, split, warps, prefetch, stages in ((128, block_k, 8, 4, 1, 1), (128, block_k, 16, 4, 1, 1),
                                                            (128, block_k, 4, 4, 1, 1), (256, block_k, 8, 4, 1, 1),
-                                                           (256, block_k, 8, 8, 1, 1), (256, block_k, 16, 8, 1, 1),
-                                                           (128, block_k, 8, 4, 0, 3), (128, 2 * block_k, 8, 4, 1, 1),
-                                                           (256, 2 * block_k, 8, 8, 1, 1), (512, block_k, 8, 8, 1, 1)):
+                                                           (256, block_k, 16, 8, 1, 1), (128, block_k, 8, 4, 0, 3),
+                                                           (128, 2 * block_k, 8, 4, 1, 1), (128, 2 * block_k, 8, 8, 1, 1),
+                                                           (64, block_k, 8, 4, 1, 1), (64, block_k, 16, 4, 1, 1),
+                                                           (64, 2 * block_k, 8, 4, 1, 1), (64, block_k, 8, 2, 1, 1)):
                 if K // split >= bk:
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
                                 "PREFETCH": prefetch, "PAIRS": 1, "num_warps": warps, "num_stages": stages})

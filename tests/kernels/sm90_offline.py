@@ -265,13 +265,13 @@ def _int4(M, N=MLP, K=HIDDEN, group=128, zeros=False, bias=False, pick=None, con
         import torch
         from kernopt.kernels import int4_gemm as q4
 
-        cfg = config or q4.select_config(M, N, K, group)
+        cfg = config or q4.select_config(M, N, K, group, symmetric=not zeros, x_dtype=_dtype())
         if pick is not None:
             cands = [c for c in q4.candidate_configs(M, N, K, group) if all(c.get(k) == v for k, v in pick.items())]
             if not cands:
                 raise AssertionError(f"no candidate_configs({M}, {N}, {K}, {group}) entry matches {pick}")
             cfg = cands[0]
-        if cfg["impl"] == "tcasm":
+        if cfg["impl"] == "tcasm" or cfg.get("PAIRS"):
             rec.override(ASM=True)  # the launcher passes x.is_cuda: the inline-PTX unpack
         qweight = torch.empty((K // 8, N), dtype=torch.int32).t()
         scales = _empty(K // group, N).t()
@@ -405,7 +405,8 @@ CASES = [
     Case("decode contiguous B1 S8192 bool mask", _decode(1, 8192, mask="bool")),
     Case("decode contiguous B4 S4096 additive mask", _decode(4, 4096, mask="additive")),
     # int4 weight-only GEMM, K4096 N14336 g128
-    Case("int4 M1 (gemv2)", _int4(1)),
+    Case("int4 M1 (gemv2 PAIRS)", _int4(1)),
+    Case("int4 M1 zeros+bias (gemv2 PAIRS)", _int4(1, zeros=True, bias=True)),
     Case("int4 M16 (tiled2)", _int4(16)),
     Case("int4 M16 zeros+bias (tiled2)", _int4(16, zeros=True, bias=True)),
     Case("int4 M256 (dequant kernel)", _int4(256)),
