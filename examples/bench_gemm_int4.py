@@ -175,13 +175,16 @@ def main() -> None:
                         help="weights without zero points (optimize()'s default); JSON gemm_int4_sym-<gpu>.json")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
+    parser.add_argument("--shapes", default="", help="(K, N) pairs instead of the suite's, plus-separated KxN, e.g. "
+                        "4096x6144+4096x28672 (Llama-3-8B's grouped q/k/v and gate/up launches)")
     args = parser.parse_args()
     require_cuda("bench_gemm_int4.py")
 
     from kernopt.kernels.int4_gemm import (candidate_configs, dequantize_int4, format_config, int4_dequantize,
                                            select_config)
 
-    cases = [(m, k, n) for (k, n) in SHAPES for m in MS]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split("+") if s] or SHAPES
+    cases = [(m, k, n) for (k, n) in shapes for m in MS]
     if args.quick:
         cases = [(1, 4096, 14336), (64, 4096, 14336)]
     if args.only:
