@@ -167,6 +167,32 @@ def int4_gemv_variant(system: str):
             os.environ[GEMV_VARIANT_ENV] = saved
 
 
+def _check_decode_logits(model, prompt_ids, new: int, out: dict, problems: list) -> None:
+    """The decode steps' logits, as the timed `generate` computes them (compiled step, CUDA graphs, the decode
+    kernels), against the system's plain-torch reference on the same tokens: one eager forward over the
+    generated sequence (teacher forcing, so no diverging trajectories). The prefill check above never runs the
+    M=1 kernels (the int4 / fp8 GEMVs, decode attention). Sets ``decode_cosine_vs_reference``; below the
+    prefill check's floor it is an error of the system, and a failure to run the check is a warning."""
+    from kernopt.hf import plain_torch_eager
+
+    try:
+        res = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
+                             max_new_tokens=new, min_new_tokens=new, output_logits=True, return_dict_in_generate=True)
+        # logits[i] picked new token i; for i >= 1 a decode step computed it, at position prompt + i - 1
+        got = torch.stack(res.logits[1:], dim=1)[:1].float()
+        p = prompt_ids.shape[1]
+        with plain_torch_eager(model):
+            ref = model(res.sequences[:1, :p + new - 1], use_cache=False).logits[:, p:].float()
+        cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0).item()
+    except Exception as e:  # the check is a check: the timings above stand
+        out.setdefault("warnings", []).append(f"decode logits check did not run: {type(e).__name__}: {e}")
+        return
+    out["decode_cosine_vs_reference"] = cos
+    floor = out.get("cosine_floor", MIN_COSINE)
+    if cos < floor:
+        problems.append(f"decode-step logits cosine {cos:.4f} vs the eager reference, below {floor:.4f}")
+
+
 def run_system(system: str, shape: str, batch_sizes, prompt: int, new: int, prefill_len: int, ref_logits,
                device: str = "cuda", inner: str = "inductor"):
     # Each system starts from an empty Dynamo cache: HF's forward is one code object for all systems, and
@@ -206,6 +232,7 @@ def run_system(system: str, shape: str, batch_sizes, prompt: int, new: int, pref
                 quant = torch.nn.functional.cosine_similarity(reference.flatten(), float_logits.flatten(), dim=0).item()
                 out["reference_cosine_vs_float"] = quant
                 floor = min(MIN_COSINE, quant)
+            out["cosine_floor"] = floor
             if cos < floor:
                 problems.append(f"prefill logits cosine {cos:.4f} vs the eager reference, below {floor:.4f} "
                                 + ("(the quantization's own cosine to the float model)" if floor < MIN_COSINE
@@ -240,6 +267,8 @@ def run_system(system: str, shape: str, batch_sizes, prompt: int, new: int, pref
                 out.setdefault("warnings", []).append(
                     f"decode_bs{bs}: {first_counts['cudagraph_skips']} graph(s) compiled for CUDA graphs ran without "
                     "them (TORCH_LOGS=perf_hints says why)")
+            if bs == batch_sizes[0] and kernopt_system and new > 1:
+                _check_decode_logits(model, prompt_ids, new, out, problems)
             if bs == batch_sizes[0]:
                 out["dynamo"]["first_call_s"] = {"graphs": first_counts["graphs"], "frames": first_counts["frames"]}
                 # First call minus the fastest compiled call: what compiling (and one-time warm-up) cost.
@@ -330,6 +359,8 @@ def _suite(all_results: dict, batch_sizes, prefill: int, device: str = "cuda", s
             qerr = {s: round(r["cosine_vs_bf16"], 5) for s, r in results.items() if "cosine_vs_bf16" in r}
             qref = {s: round(r["reference_cosine_vs_float"], 5) for s, r in results.items()
                     if "reference_cosine_vs_float" in r}
+            dcos = {s: round(r["decode_cosine_vs_reference"], 5) for s, r in results.items()
+                    if "decode_cosine_vs_reference" in r}
             dyn = {s: r["dynamo"][key] for s, r in results.items() if key in r.get("dynamo", {})}
             warns = {s: r["warnings"] for s, r in results.items() if r.get("warnings")}
             if vals or errs:  # a case whose every system failed still says why
@@ -338,6 +369,8 @@ def _suite(all_results: dict, batch_sizes, prefill: int, device: str = "cuda", s
                     extra["prefill_logits_cosine_vs_reference"] = cos
                     extra["prefill_logits_cosine_vs_bf16"] = qerr
                     extra["reference_logits_cosine_vs_float"] = qref
+                if dcos:
+                    extra["decode_logits_cosine_vs_reference"] = dcos
                 extra["dynamo"] = dyn
                 if warns:
                     extra["warnings"] = warns

@@ -64,6 +64,11 @@ def test_cpu_smoke_runs_every_system_without_recompiles(tmp_path, capsys, no_cud
         assert prefill["compile_graphs"] >= 1 and not any(prefill["timed_graphs"] + prefill["timed_frames"])
     cos = rows["tiny prefill b1 s8"]["prefill_logits_cosine_vs_reference"]
     assert set(cos) == {"kernopt", "kernopt_int4"} and min(cos.values()) >= llama_bench.MIN_COSINE
+    # the decode steps' logits (compiled step, decode kernels) against the reference on the same tokens
+    dcos = rows["tiny prefill b1 s8"]["decode_logits_cosine_vs_reference"]
+    assert set(dcos) == {"kernopt", "kernopt_int4"} and min(dcos.values()) >= llama_bench.MIN_COSINE, dcos
+    assert not any("decode logits check" in w for ws in rows["tiny prefill b1 s8"].get("warnings", {}).values()
+                   for w in ws)
     # quantized systems also record how far their reference is from the unquantized model (the check's floor)
     assert set(rows["tiny prefill b1 s8"]["reference_logits_cosine_vs_float"]) == {"kernopt_int4"}
     first = rows["tiny first-call s"]
