@@ -356,10 +356,13 @@ def candidate_configs(batch: int, kv_heads: int, q_heads: int, max_len: int, hea
     """
     base = select_config(batch, kv_heads, q_heads, max_len, head_dim, sm_count, q_len, paged)
     out = [base]
+    # Short caches (the table's min_tiles leaves 1 split: e.g. B1 Hkv8 S256, 8 programs of 4 tiles, 7.7 us per
+    # call in the H200 int4 decode profile) also try 4 and 8 splits: fewer tiles per program, more programs.
+    mults = (0.5, 1, 2) if base["SPLITS"] > 1 else (1, 2, 4, 8)
     for block_n in (32, 64, 128):
         for stages in (2, 3, 4):
             for warps in (4, 8):
-                for mult in (0.5, 1, 2):
+                for mult in mults:
                     splits = max(1, min(256, int(round(base["SPLITS"] * mult))))
                     if block_n * 4 > max_len and splits > 1:
                         continue

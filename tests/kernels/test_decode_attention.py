@@ -417,6 +417,10 @@ def test_select_config_table():
     assert (paged["BLOCK_N"], paged["SPLITS"], paged["num_warps"]) == (64, 4, 8)
     assert any(c["BLOCK_N"] == 64 and c["num_stages"] == 3 for c in da.candidate_configs(1, 8, 32, 8192, 128,
                                                                                           paged=True))
+    # a short cache keeps 1 split in the table but the sweep tries 2-8 (one or two tiles per program), with merges
+    assert da.select_config(1, 8, 32, 256, 128, 132)["SPLITS"] == 1
+    short = da.candidate_configs(1, 8, 32, 256, 128, 132)
+    assert {c["SPLITS"] for c in short} == {1, 2, 4, 8} and any(c.get("FUSED_MERGE") for c in short)
 
 
 @pytest.mark.parametrize("paged", [False, True])
