@@ -56,8 +56,9 @@ issue time, below, is not what bounds it).
   (exact), and four HFMA2 sum x (q - 8) over the word's 8 nibbles against x's own adjacent pairs, read as int32
   (no x conversion, no relayout); the two bf16 lanes (4 products each) go to fp32 and are added; zero and scale
   per word row in fp32 as gemv2 does (zero points: + (8 - z) times the row's x sum). Offline sm_90a
-  (benchmarks/sass_loop.py --symmetric, 128 x 128 x 4 warps): 430 instructions per 128 nibbles (3.4 / nibble,
-  80 registers) against 684 (5.3, 125 registers) for the fp32 path with bf16 x. Accuracy: bf16 rounding of each
+  (benchmarks/sass_loop.py --symmetric, 128 x 128 x 4 warps): 413 instructions per 128 nibbles (3.2 / nibble,
+  80 registers; 430 at a14fa7a, the timed version, before x's loads lost their masks within K and the signed
+  halving of their index) against 684 (5.3, 125 registers) for the fp32 path with bf16 x. Accuracy: bf16 rounding of each
   product and partial sum, an error proportional to the outputs' RMS (~0.6% of it on the GPU test at |x| ~ 1e4,
   inside bf16's tolerance; fp16 x would overflow past |x| ~ 2000, so fp16 and float32 x keep the fp32 path).
   H200 (sweeps/pairs/gemm_int4_sym-h200.json, a14fa7a, symmetric, --tune): 14.4 / 13.8 / 7.6 us at the best tiles
@@ -374,7 +375,7 @@ def _word_pairs_ptx() -> str:
     One packed FMA (x 1 - 136) centres it to q - 8, exactly (so the products carry no 128 bias into the bf16 sums),
     four packed FMAs sum the 8 products into two bf16 lanes (4 terms each), and the lanes go to fp32 (shift / mask)
     and are added. Per word: SHF + 4 PRMT + 4 LOP3 + 4 + 4 HFMA2 + 3 = 20 instructions here; the compiled loop,
-    with its loads, addresses and the scale FFMA, has 27 per word (430 per 16 words, sass_loop --symmetric) against
+    with its loads, addresses and the scale FFMA, has 26 per word (413 per 16 words, sass_loop --symmetric) against
     43 for gemv2's fp32 path with bf16 x."""
     lop = "".join(f"\n    prmt.b32 t{m}, $1, s4, {(m | m << 4 | (4 + m) << 8 | (4 + m) << 12):#06x};"
                   f"\n    lop3.b32 t{m}, t{m}, 0x000F000F, 0x43004300, 0xEA;"
@@ -407,18 +408,26 @@ def _bf16_pair_sum(p):
 
 
 @triton.jit
-def _word_pair_sums(w, x_row, kx, x_ok, stride_xk, NEED_XS: tl.constexpr, ASM: tl.constexpr):
+def _word_pair_sums(w, x_row, kx, x_ok, stride_xk, NEED_XS: tl.constexpr, ASM: tl.constexpr,
+                    MASK_X: tl.constexpr = True):
     """PAIRS: per word of w [R, C] (word row r holds k = kx[r] .. kx[r] + 7), the fp32 sum of x_k (q_k - 8), and
     (NEED_XS) per word row the sum of its 8 x. ASM: bf16 x (contiguous, 4-byte aligned rows: the launcher sees to
-    it) read as int32 pairs, the word sums by _WORD_PAIRS_PTX. Else (interpreter, or any dtype): the same sums in
-    plain fp32 Triton."""
+    it) read as int32 pairs, the word sums by _WORD_PAIRS_PTX; MASK_X=False: every row is inside K (blocks of one
+    group at most: K is a multiple of them), so the x loads go unmasked. Else (interpreter, or any dtype): the same
+    sums in plain fp32 Triton."""
     xs = tl.zeros(kx.shape, dtype=tl.float32)
     if ASM:
-        xi = x_row.to(tl.pointer_type(tl.int32)) + kx // 2
-        p0 = tl.load(xi, mask=x_ok, other=0)
-        p1 = tl.load(xi + 1, mask=x_ok, other=0)
-        p2 = tl.load(xi + 2, mask=x_ok, other=0)
-        p3 = tl.load(xi + 3, mask=x_ok, other=0)
+        xi = x_row.to(tl.pointer_type(tl.int32)) + (kx >> 1)  # (kx >= 0: a shift, not a signed division)
+        if MASK_X:
+            p0 = tl.load(xi, mask=x_ok, other=0)
+            p1 = tl.load(xi + 1, mask=x_ok, other=0)
+            p2 = tl.load(xi + 2, mask=x_ok, other=0)
+            p3 = tl.load(xi + 3, mask=x_ok, other=0)
+        else:
+            p0 = tl.load(xi)
+            p1 = tl.load(xi + 1)
+            p2 = tl.load(xi + 2)
+            p3 = tl.load(xi + 3)
         ws = tl.inline_asm_elementwise(asm=_WORD_PAIRS_PTX, constraints="=r,r,r,r,r,r",
                                        args=[w, p0[:, None], p1[:, None], p2[:, None], p3[:, None]],
                                        dtype=tl.float32, is_pure=True, pack=1)
@@ -481,7 +490,7 @@ def _int4_gemv2_kernel(
             # so symmetric weights need no x sums at all.
             kx = k0 + offs_w * 8
             ws, xs = _word_pair_sums(w_cur, x_ptr + pid_m * stride_xm, kx, (kx < K) & (pid_m < M), stride_xk,
-                                     HAS_ZEROS, ASM)
+                                     HAS_ZEROS, ASM, MULTI)
             if HAS_ZEROS:
                 if MULTI:
                     acc_w += (ws + xs[:, None] * (8.0 - z_cur)) * s_cur
