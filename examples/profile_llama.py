@@ -21,7 +21,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from kernopt.benchmark import require_cuda
-from kernopt.llama_bench import EXTRA_SYSTEMS, LLAMA, SYSTEMS, int4_gemv_variant, build, prepare
+from kernopt.llama_bench import EXTRA_SYSTEMS, LLAMA, SYSTEMS, build, prepare, system_env
 
 
 def _sort_key(events) -> str:
@@ -74,7 +74,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     device = torch.cuda.get_device_name()
     for system in systems:
-        with int4_gemv_variant(system):  # the int4 GEMV experiment's systems set their switch
+        with system_env(system):  # the experiment systems set their switches
             table, gpu_us = profile_system(system, args.shape, args.prompt, args.new)
         gc.collect()
         torch.cuda.empty_cache()

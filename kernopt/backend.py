@@ -123,7 +123,7 @@ _active_reports: list[Report] = []  # explain() listens here
 
 
 def run_passes(gm: fx.GraphModule, opts: dict, graph_id: int) -> PassContext:
-    ctx = PassContext(graph_id=graph_id, scenario=opts["scenario"])
+    ctx = PassContext(graph_id=graph_id, scenario=opts["scenario"], cuda_graphs=opts["mode"] == "reduce-overhead")
     for name in opts["enabled"]:
         try:
             p = load(name)

@@ -53,10 +53,17 @@ LLAMA = {
 SYSTEMS = ("eager", "hf_static_inductor", "kernopt", "kernopt_int4", "kernopt_fp8")
 # Not run unless named: kernopt bf16 with transformers' own synchronous decode loop (the stop flag read every
 # step), to split what the deferred stop check is worth from what the kernels are worth.
+# kernopt_int4_prompt_inductor: kernopt_int4 with the compiled prompt's int4 linears left to Inductor
+# (passes/int4.py PROMPT_ENV).
 # kernopt_int4_fp32 / kernopt_int4_planes / kernopt_int4_tcasm: kernopt_int4 with the decode GEMV experiment of
 # kernels/int4_gemm.py (GEMV_VARIANT_ENV) set for that system only.
-EXTRA_SYSTEMS = ("kernopt_sync", "kernopt_int4_fp32", "kernopt_int4_planes", "kernopt_int4_tcasm")
-INT4_GEMV_VARIANT = {"kernopt_int4_fp32": "fp32", "kernopt_int4_planes": "planes", "kernopt_int4_tcasm": "tcasm"}
+EXTRA_SYSTEMS = ("kernopt_sync", "kernopt_int4_fp32", "kernopt_int4_planes", "kernopt_int4_tcasm",
+                 "kernopt_int4_prompt_inductor")
+# The experiment switches each system sets for its own run (every other system runs with them unset, whatever
+# the caller set): kernels/int4_gemm.py GEMV_VARIANT_ENV, passes/int4.py PROMPT_ENV.
+SYSTEM_ENV = {"kernopt_int4_fp32": {"KERNOPT_INT4_GEMV": "fp32"}, "kernopt_int4_planes": {"KERNOPT_INT4_GEMV": "planes"},
+              "kernopt_int4_tcasm": {"KERNOPT_INT4_GEMV": "tcasm"},
+              "kernopt_int4_prompt_inductor": {"KERNOPT_INT4_PROMPT": "inductor"}}
 DEVICES = ("cuda", "cpu")
 MIN_COSINE = 0.995  # compiled kernopt vs its own eager reference, bf16
 # Quantized systems pass when within MIN_COSINE of their eager reference, or at least as close to it as that
@@ -65,7 +72,8 @@ MIN_COSINE = 0.995  # compiled kernopt vs its own eager reference, bf16
 # On random weights such flips carry through the layers: benchmarks/fp8_sensitivity.py (CPU) moved 1% / 10% of
 # the inputs by 2^-8 and got logits cosines of 0.983 / 0.976 at the 8B width with 8 layers, and 0.982 /
 # 0.977 at 1B (16 layers). The fp8 reference itself is 0.946-0.952 from the float model there.
-QUANTIZED = ("kernopt_int4", "kernopt_fp8", "kernopt_int4_fp32", "kernopt_int4_planes", "kernopt_int4_tcasm")
+QUANTIZED = ("kernopt_int4", "kernopt_fp8", "kernopt_int4_fp32", "kernopt_int4_planes", "kernopt_int4_tcasm",
+             "kernopt_int4_prompt_inductor")
 
 
 def dtype_for(device: str) -> torch.dtype:
@@ -138,7 +146,8 @@ def prepare(system: str, model, device: str = "cuda", inner: str = "inductor"):
         model.generation_config.cache_implementation = "static"
     else:
         quantize = {"kernopt": None, "kernopt_sync": None, "kernopt_int4": "int4", "kernopt_fp8": "fp8",
-                    "kernopt_int4_fp32": "int4", "kernopt_int4_planes": "int4", "kernopt_int4_tcasm": "int4"}[system]
+                    "kernopt_int4_fp32": "int4", "kernopt_int4_planes": "int4", "kernopt_int4_tcasm": "int4",
+                    "kernopt_int4_prompt_inductor": "int4"}[system]
         model = kernopt.optimize(model, quantize=quantize, cache="static", inner=inner)
         if system == "kernopt_sync":
             model.generate = type(model).generate.__get__(model)  # transformers' loop, without the deferral
@@ -148,23 +157,21 @@ def prepare(system: str, model, device: str = "cuda", inner: str = "inductor"):
 
 
 @contextlib.contextmanager
-def int4_gemv_variant(system: str):
-    """The int4 decode GEMV experiment (kernels/int4_gemm.py GEMV_VARIANT_ENV) set for one system's run."""
-    from kernopt.kernels.int4_gemm import GEMV_VARIANT_ENV
-
-    variant = INT4_GEMV_VARIANT.get(system)
-    saved = os.environ.get(GEMV_VARIANT_ENV)
-    if variant:
-        os.environ[GEMV_VARIANT_ENV] = variant
-    elif saved is not None:
-        del os.environ[GEMV_VARIANT_ENV]  # the other systems run the table's GEMV whatever the caller set
+def system_env(system: str):
+    """The experiment switches of SYSTEM_ENV set for one system's run, the others unset; the caller's restored."""
+    names = {name for env in SYSTEM_ENV.values() for name in env}
+    saved = {name: os.environ.get(name) for name in names}
+    for name in names:
+        os.environ.pop(name, None)
+    os.environ.update(SYSTEM_ENV.get(system, {}))
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(GEMV_VARIANT_ENV, None)
-        else:
-            os.environ[GEMV_VARIANT_ENV] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _check_decode_logits(model, prompt_ids, new: int, out: dict, problems: list) -> None:
@@ -567,7 +574,7 @@ def main(argv=None) -> dict:
             for system in systems:
                 print(f"[llama] {shape} {system} ...", flush=True)
                 try:
-                    with _compile_caches(cold_root, f"{shape}-{system}"), int4_gemv_variant(system):
+                    with _compile_caches(cold_root, f"{shape}-{system}"), system_env(system):
                         res, logits = run_system(system, shape, batch_sizes, args.prompt, args.new, args.prefill, ref,
                                                  device=args.device, inner=args.inner)
                 except Exception as e:  # one system failing must not lose the others' numbers

@@ -48,6 +48,7 @@ class PassContext:
 
     graph_id: int = 0
     scenario: str = "auto"
+    cuda_graphs: bool = False  # the graph runs under CUDA graphs (mode="reduce-overhead"): launches cost no host time
     rewrites: list[Rewrite] = field(default_factory=list)
     fallbacks: list[Fallback] = field(default_factory=list)
 

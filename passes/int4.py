@@ -373,6 +373,10 @@ class Int4Pass:
             return "bias dtype differs from x"
         if any(not isinstance(s, int) for s in wv.shape):
             return "dynamic weight shape"
+        rows = size_hint(_rows(xv))
+        if not ctx.cuda_graphs and rows >= PROMPT_INDUCTOR_MIN_ROWS and prompt_to_inductor():
+            return (f"{rows} rows in a graph without CUDA graphs, {PROMPT_ENV}=inductor: left to Inductor "
+                    "(dequantize + matmul: launches from generated code, no custom-op host time)")
         N, K = (wv.shape[1], wv.shape[0]) if transposed else (wv.shape[0], wv.shape[1])
         bad = [n for n in nodes if n.op in ("call_function", "call_method") and n.target not in ALLOWED]
         if bad:
@@ -567,6 +571,22 @@ def _group(gm: fx.GraphModule, ctx: PassContext, x: fx.Node, group_size: int, me
 # GEMV launches read x in float32
 # ------------------------------------------------------------------------------------------------
 FLOAT_X_ENV = "KERNOPT_INT4_FLOAT_X"
+# An experiment switch (default "kernel"): "inductor" leaves int4 linears of PROMPT_INDUCTOR_MIN_ROWS rows or more
+# alone in graphs that run without CUDA graphs (kernopt.optimize's compiled prompt forward), for Inductor's
+# dequantize + matmul. Why: such a graph pays every op's host time (H200 profile of the int4 8B generate-1-token
+# call, benchmarks/NOTES.md: 9 ms of GPU time in 55-85 ms, ~400 us of CPU per int4 op call under the profiler),
+# and Inductor's generated launches cost a fraction of a custom op's. The GPU time it trades: dequantize + cuBLAS
+# against the tiled kernel (80 against 45 us at M=64 K4096 N14336, equal from M=256 where the table picks it).
+# The llama suite's kernopt_int4_prompt_inductor system sets it. Unmeasured end to end.
+PROMPT_ENV = "KERNOPT_INT4_PROMPT"
+PROMPT_INDUCTOR_MIN_ROWS = 17  # above the speculative-verification rows that tiled2 serves
+
+
+def prompt_to_inductor() -> bool:
+    v = os.environ.get(PROMPT_ENV, "kernel")
+    if v not in ("kernel", "inductor"):
+        raise ValueError(f"{PROMPT_ENV}={v!r}; valid: 'kernel', 'inductor'")
+    return v == "inductor"
 FLOAT_X_PASS_NAME = "int4_float_x"
 
 

@@ -284,14 +284,19 @@ def test_int4_tuning_times_the_x_dtype_the_compiled_launch_gets(monkeypatch):
     assert cli.int4_x_dtype(GEMV_MAX_M, 4096, 4096, 128, torch.bfloat16) == torch.bfloat16
 
 
-def test_int4_gemv_variant_systems_set_the_switch_for_their_run_only(monkeypatch):
+def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
     from kernopt.kernels.int4_gemm import GEMV_VARIANT_ENV, GEMV_VARIANTS
+    from kernopt.passes.int4 import PROMPT_ENV
 
-    assert set(llama_bench.INT4_GEMV_VARIANT.values()) == set(GEMV_VARIANTS)
-    assert set(llama_bench.INT4_GEMV_VARIANT) <= set(llama_bench.EXTRA_SYSTEMS) & set(llama_bench.QUANTIZED)
+    gemv = {env[GEMV_VARIANT_ENV] for env in llama_bench.SYSTEM_ENV.values() if GEMV_VARIANT_ENV in env}
+    assert gemv == set(GEMV_VARIANTS)
+    assert {name for env in llama_bench.SYSTEM_ENV.values() for name in env} == {GEMV_VARIANT_ENV, PROMPT_ENV}
+    assert set(llama_bench.SYSTEM_ENV) <= set(llama_bench.EXTRA_SYSTEMS) & set(llama_bench.QUANTIZED)
     monkeypatch.setenv(GEMV_VARIANT_ENV, "planes")
-    with llama_bench.int4_gemv_variant("kernopt_int4_tcasm"):
-        assert os.environ[GEMV_VARIANT_ENV] == "tcasm"
-    with llama_bench.int4_gemv_variant("kernopt_int4"):
+    with llama_bench.system_env("kernopt_int4_tcasm"):
+        assert os.environ[GEMV_VARIANT_ENV] == "tcasm" and PROMPT_ENV not in os.environ
+    with llama_bench.system_env("kernopt_int4_prompt_inductor"):
+        assert os.environ[PROMPT_ENV] == "inductor" and GEMV_VARIANT_ENV not in os.environ
+    with llama_bench.system_env("kernopt_int4"):
         assert GEMV_VARIANT_ENV not in os.environ  # the table's GEMV for the plain system
-    assert os.environ[GEMV_VARIANT_ENV] == "planes"
+    assert os.environ[GEMV_VARIANT_ENV] == "planes" and PROMPT_ENV not in os.environ

@@ -176,3 +176,31 @@ def test_int4_pass_refuses_group_the_kernel_cannot_take():
                     torch.randn(2, 96, dtype=DT), expect_rewrite=False)
     reasons = [f.reason for f in _refusals(report)]
     assert any("group size 24" in r for r in reasons), reasons
+
+
+def test_prompt_rows_left_to_inductor_outside_cuda_graphs_when_switched(monkeypatch):
+    """KERNOPT_INT4_PROMPT=inductor (an experiment): int4 linears of >= 17 rows in a graph without CUDA graphs stay
+    plain torch for Inductor, with the reason in explain(); decode rows, and graphs under mode="reduce-overhead",
+    keep the kernel; the default rewrites them all; a bad value is an error."""
+    from kernopt.passes.int4 import PROMPT_ENV
+
+    m = Int4Linear.from_linear(nn.Linear(128, 24, bias=False).to(DT), 32).to(DEV)
+    prompt, decode = torch.randn(32, 128, dtype=DT, device=DEV), torch.randn(1, 128, dtype=DT, device=DEV)
+
+    def rewrote(x, **options):
+        torch._dynamo.reset()
+        report = kernopt.explain(m, x, options={"inner": "eager", **options})
+        _no_pass_errors(report)
+        return bool(_rewrites(report)), report
+
+    assert rewrote(prompt)[0] and rewrote(decode)[0]
+    monkeypatch.setenv(PROMPT_ENV, "inductor")
+    done, report = rewrote(prompt)
+    assert not done and any("32 rows in a graph without CUDA graphs" in f.reason for f in _refusals(report))
+    assert rewrote(decode)[0] and rewrote(prompt, mode="reduce-overhead")[0]
+    torch._dynamo.reset()
+    with torch.no_grad():  # left alone is still the module's own (reference) math
+        assert_close(torch.compile(m, backend="kernopt")(prompt), m(prompt).double(), DT, scale=2.0)
+    monkeypatch.setenv(PROMPT_ENV, "always")
+    with pytest.raises(Exception, match=PROMPT_ENV):
+        rewrote(prompt)
