@@ -1,4 +1,4 @@
-"""Host (Python) cost of one kernopt int4 op call, with the Triton launches stubbed out: runs on a CPU.
+"""Host (Python) cost of one kernopt int4 / flash_attention op call, Triton launches stubbed out: runs on a CPU.
 
 Why: the compiled prompt forward runs without CUDA graphs, so every kernopt op's Python sits on the critical
 path of a generate call (H200 profile, benchmarks/NOTES.md: 9 ms of GPU time in a 55-85 ms generate-1-token
@@ -33,10 +33,11 @@ def main() -> None:
     args = ap.parse_args()
 
     import kernopt.ops as ops
-    from kernopt.kernels import int4_gemm as q4
+    from kernopt.kernels import flash_attention as fa, int4_gemm as q4
 
     for name in [n for n in dir(q4) if n.startswith("_") and n.endswith("_kernel")]:
         setattr(q4, name, _NoLaunch())
+    fa._flash_attention_fwd = _NoLaunch()
     ops.implementation = lambda t: "triton"  # the GPU's code path, on CPU tensors
 
     K, g = 4096, 128
@@ -52,6 +53,11 @@ def main() -> None:
             x, [q for q, _ in parts], [s for _, s in parts], [None] * 3, g, [None] * 3),
         "int4_gemm (launcher only)": lambda: q4.int4_gemm(x, qweight, scales, None, g),
     }
+    # the prompt's causal attention at Llama-3-8B's heads (GQA 32 / 8, head dim 128)
+    q = torch.randn(1, 32, args.m, 128, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, args.m, 128, dtype=torch.bfloat16) for _ in range(2))
+    calls["flash_attention"] = lambda: torch.ops.kernopt.flash_attention.default(q, k, v, None, True, 128 ** -0.5)
+    calls["flash_attention (launcher only)"] = lambda: fa.flash_attention(q, k, v, None, True, 128 ** -0.5)
     for name, call in calls.items():
         for _ in range(20):
             call()

@@ -38,6 +38,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -159,19 +160,9 @@ def prepare(system: str, model, device: str = "cuda", inner: str = "inductor"):
 @contextlib.contextmanager
 def system_env(system: str):
     """The experiment switches of SYSTEM_ENV set for one system's run, the others unset; the caller's restored."""
-    names = {name for env in SYSTEM_ENV.values() for name in env}
-    saved = {name: os.environ.get(name) for name in names}
-    for name in names:
-        os.environ.pop(name, None)
-    os.environ.update(SYSTEM_ENV.get(system, {}))
-    try:
+    unset = {name: None for env in SYSTEM_ENV.values() for name in env}
+    with _env(**{**unset, **SYSTEM_ENV.get(system, {})}):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _check_decode_logits(model, prompt_ids, new: int, out: dict, problems: list) -> None:
@@ -410,10 +401,14 @@ def output_dir(device: str, out) -> Path:
 
 
 @contextlib.contextmanager
-def _env(**values: str):
-    """Set environment variables for the block; restore what was there after."""
+def _env(**values: Optional[str]):
+    """Set environment variables for the block (None: unset one); restore what was there after."""
     prev = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:
