@@ -55,16 +55,18 @@ SYSTEMS = ("eager", "hf_static_inductor", "kernopt", "kernopt_int4", "kernopt_fp
 # Not run unless named: kernopt bf16 with transformers' own synchronous decode loop (the stop flag read every
 # step), to split what the deferred stop check is worth from what the kernels are worth.
 # kernopt_int4_prompt_inductor: kernopt_int4 with the compiled prompt's int4 linears left to Inductor
-# (passes/int4.py PROMPT_ENV).
+# (passes/int4.py PROMPT_ENV). kernopt_int4_prompt_nographs: kernopt_int4 with the compiled prompt forward run
+# without CUDA graphs (kernopt/hf.py, KERNOPT_PREFILL_CUDA_GRAPHS=0).
 # kernopt_int4_fp32 / kernopt_int4_planes / kernopt_int4_tcasm: kernopt_int4 with the decode GEMV experiment of
 # kernels/int4_gemm.py (GEMV_VARIANT_ENV) set for that system only.
 EXTRA_SYSTEMS = ("kernopt_sync", "kernopt_int4_fp32", "kernopt_int4_planes", "kernopt_int4_tcasm",
-                 "kernopt_int4_prompt_inductor")
+                 "kernopt_int4_prompt_inductor", "kernopt_int4_prompt_nographs")
 # The experiment switches each system sets for its own run (every other system runs with them unset, whatever
 # the caller set): kernels/int4_gemm.py GEMV_VARIANT_ENV, passes/int4.py PROMPT_ENV.
 SYSTEM_ENV = {"kernopt_int4_fp32": {"KERNOPT_INT4_GEMV": "fp32"}, "kernopt_int4_planes": {"KERNOPT_INT4_GEMV": "planes"},
               "kernopt_int4_tcasm": {"KERNOPT_INT4_GEMV": "tcasm"},
-              "kernopt_int4_prompt_inductor": {"KERNOPT_INT4_PROMPT": "inductor"}}
+              "kernopt_int4_prompt_inductor": {"KERNOPT_INT4_PROMPT": "inductor"},
+              "kernopt_int4_prompt_nographs": {"KERNOPT_PREFILL_CUDA_GRAPHS": "0"}}
 DEVICES = ("cuda", "cpu")
 MIN_COSINE = 0.995  # compiled kernopt vs its own eager reference, bf16
 # Quantized systems pass when within MIN_COSINE of their eager reference, or at least as close to it as that
@@ -74,7 +76,7 @@ MIN_COSINE = 0.995  # compiled kernopt vs its own eager reference, bf16
 # the inputs by 2^-8 and got logits cosines of 0.983 / 0.976 at the 8B width with 8 layers, and 0.982 /
 # 0.977 at 1B (16 layers). The fp8 reference itself is 0.946-0.952 from the float model there.
 QUANTIZED = ("kernopt_int4", "kernopt_fp8", "kernopt_int4_fp32", "kernopt_int4_planes", "kernopt_int4_tcasm",
-             "kernopt_int4_prompt_inductor")
+             "kernopt_int4_prompt_inductor", "kernopt_int4_prompt_nographs")
 
 
 def dtype_for(device: str) -> torch.dtype:
@@ -148,7 +150,7 @@ def prepare(system: str, model, device: str = "cuda", inner: str = "inductor"):
     else:
         quantize = {"kernopt": None, "kernopt_sync": None, "kernopt_int4": "int4", "kernopt_fp8": "fp8",
                     "kernopt_int4_fp32": "int4", "kernopt_int4_planes": "int4", "kernopt_int4_tcasm": "int4",
-                    "kernopt_int4_prompt_inductor": "int4"}[system]
+                    "kernopt_int4_prompt_inductor": "int4", "kernopt_int4_prompt_nographs": "int4"}[system]
         model = kernopt.optimize(model, quantize=quantize, cache="static", inner=inner)
         if system == "kernopt_sync":
             model.generate = type(model).generate.__get__(model)  # transformers' loop, without the deferral
@@ -340,14 +342,15 @@ def _suite(all_results: dict, batch_sizes, prefill: int, device: str = "cuda", s
         suite.header["cpu_threads"] = torch.get_num_threads()
     suite.header["dtype"] = str(dtype_for(device)).replace("torch.", "")
     suite.header["transformers"] = transformers.__version__
-    from kernopt.hf import compile_prefill_enabled
+    from kernopt.hf import compile_prefill_enabled, prefill_cuda_graphs_enabled
 
     # kernopt's switches that change what the kernopt systems run (environment variables)
     suite.header["kernopt_env"] = {k: os.environ[k] for k in ("KERNOPT_COMPILE_PREFILL", "KERNOPT_INT4_GROUP",
                                                               "KERNOPT_INT4_FLOAT_X", "KERNOPT_DEFER_STOP_CHECK",
-                                                              "KERNOPT_AUTOTUNE")
+                                                              "KERNOPT_AUTOTUNE", "KERNOPT_PREFILL_CUDA_GRAPHS")
                                    if k in os.environ}
     suite.header["compile_prefill"] = compile_prefill_enabled()
+    suite.header["prefill_cuda_graphs"] = prefill_cuda_graphs_enabled()
     for shape, results in all_results.items():
         def row(case, key, metric, hib, **more):
             vals = {s: r[key] for s, r in results.items() if key in r and not (s.startswith("kernopt") and "error" in r)}

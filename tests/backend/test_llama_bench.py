@@ -19,6 +19,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import kernopt.hf  # noqa: E402
 from kernopt import cli, llama_bench  # noqa: E402
 from kernopt.benchmark import RESULTS_DIR  # noqa: E402
 
@@ -290,13 +291,16 @@ def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
 
     gemv = {env[GEMV_VARIANT_ENV] for env in llama_bench.SYSTEM_ENV.values() if GEMV_VARIANT_ENV in env}
     assert gemv == set(GEMV_VARIANTS)
-    assert {name for env in llama_bench.SYSTEM_ENV.values() for name in env} == {GEMV_VARIANT_ENV, PROMPT_ENV}
+    assert {name for env in llama_bench.SYSTEM_ENV.values() for name in env} == {GEMV_VARIANT_ENV, PROMPT_ENV,
+                                                                             "KERNOPT_PREFILL_CUDA_GRAPHS"}
     assert set(llama_bench.SYSTEM_ENV) <= set(llama_bench.EXTRA_SYSTEMS) & set(llama_bench.QUANTIZED)
     monkeypatch.setenv(GEMV_VARIANT_ENV, "planes")
     with llama_bench.system_env("kernopt_int4_tcasm"):
         assert os.environ[GEMV_VARIANT_ENV] == "tcasm" and PROMPT_ENV not in os.environ
     with llama_bench.system_env("kernopt_int4_prompt_inductor"):
         assert os.environ[PROMPT_ENV] == "inductor" and GEMV_VARIANT_ENV not in os.environ
+    with llama_bench.system_env("kernopt_int4_prompt_nographs"):
+        assert os.environ["KERNOPT_PREFILL_CUDA_GRAPHS"] == "0" and not kernopt.hf.prefill_cuda_graphs_enabled()
     with llama_bench.system_env("kernopt_int4"):
         assert GEMV_VARIANT_ENV not in os.environ  # the table's GEMV for the plain system
     assert os.environ[GEMV_VARIANT_ENV] == "planes" and PROMPT_ENV not in os.environ

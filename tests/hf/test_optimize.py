@@ -84,6 +84,7 @@ def test_optimize_static_cache_compiles_the_prompt_forward_too(monkeypatch):
 
     monkeypatch.setattr(kernopt.hf, "PREFILL_COMPILE_DEVICES", ("cuda", "cpu"))
     monkeypatch.setenv("KERNOPT_COMPILE_PREFILL", "1")
+    monkeypatch.setenv("KERNOPT_PREFILL_CUDA_GRAPHS", "0")  # the graphed prompt: the next test
     model = tiny_llama()
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
@@ -137,6 +138,7 @@ def test_compiled_prompt_forward_leaves_static_cache_tensors_marked_static(monke
 
     monkeypatch.setattr(kernopt.hf, "PREFILL_COMPILE_DEVICES", ("cuda", "cpu"))
     monkeypatch.setenv("KERNOPT_COMPILE_PREFILL", "1")
+    monkeypatch.setenv("KERNOPT_PREFILL_CUDA_GRAPHS", "0")  # with graphs the cache is initialized before the call
     model = tiny_llama()
     ids = torch.randint(0, 97, (2, 9))
     kernopt.optimize(model, cache="static", inner="eager")
@@ -156,6 +158,69 @@ def test_compiled_prompt_forward_leaves_static_cache_tensors_marked_static(monke
     for layer in cache.layers:
         for name in ("keys", "values", "cumulative_length"):
             assert hasattr(getattr(layer, name), "_dynamo_static_input_type"), name
+
+
+def test_prompt_forward_against_a_static_cache_runs_graphed(monkeypatch):
+    """With a static cache (generate's under cache="static"), the prompt forward runs the compiled function that
+    replays CUDA graphs on a GPU (mode="reduce-overhead"; on CPU Inductor would skip the graphs, and the eager inner
+    compiler has none): the cache is initialized and its tensors marked fixed-address before that call (a cache
+    allocated inside a captured forward would live in the graphs' pool), the outputs are copies, the tokens are
+    the eager ones and a second generate compiles nothing. Without a static cache, or a model whose cache cannot
+    be initialized ahead, or KERNOPT_PREFILL_CUDA_GRAPHS=0, the forward compiled without graphs runs."""
+    monkeypatch.setattr(kernopt.hf, "PREFILL_COMPILE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.delenv("KERNOPT_PREFILL_CUDA_GRAPHS", raising=False)
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+        eager_logits = model(ids).logits
+        kernopt.optimize(model, cache="static", inner="eager")
+        model.generation_config.compile_config._compile_all_devices = True
+        graphed, plain = model._kernopt_prompt_graphed, model._kernopt_prompt_forward
+        assert graphed is not None
+        seen, returned, plain_calls = [], [], []
+
+        def spy(*a, **k):
+            cache = k["past_key_values"]
+            seen.append(all(layer.is_initialized and hasattr(layer.keys, "_dynamo_static_input_type")
+                            and hasattr(layer.values, "_dynamo_static_input_type") for layer in cache.layers))
+            out = graphed(*a, **k)
+            returned.append(out.logits)
+            return out
+
+        model._kernopt_prompt_graphed = spy
+        model._kernopt_prompt_forward = lambda *a, **k: plain_calls.append(1) or plain(*a, **k)
+        report = kernopt.backend.Report()
+        kernopt.backend._active_reports.append(report)
+        try:
+            got = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+            graphs = report.graphs
+            again = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+            assert report.graphs == graphs  # the second call compiled nothing
+            out = model(ids)  # no cache passed: the forward compiled without graphs
+        finally:
+            kernopt.backend._active_reports.remove(report)
+    assert seen == [True, True] and len(plain_calls) == 1
+    assert torch.equal(got, want) and torch.equal(again, want)
+    torch.testing.assert_close(out.logits, eager_logits, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the returned logits are copies of the graphed call's
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        res = model(ids, past_key_values=cache, use_cache=True)
+    assert seen[-1] and res.logits.data_ptr() != returned[-1].data_ptr()
+    torch.testing.assert_close(res.logits, eager_logits, rtol=1e-4, atol=1e-4)
+    # a model that cannot say its cache's shape (transformers' answer None, e.g. MLA): no graphs, nothing allocated
+    monkeypatch.setattr(model, "_get_static_cache_init_shape", lambda: None)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    plain_calls.clear()
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    assert len(plain_calls) == 1 and len(seen) == 3
+    monkeypatch.setenv("KERNOPT_PREFILL_CUDA_GRAPHS", "0")
+    other = tiny_llama()
+    kernopt.optimize(other, cache="static", inner="eager")
+    assert other._kernopt_prompt_graphed is None and not kernopt.hf.prefill_cuda_graphs_enabled()
 
 
 class _HostEvent:
