@@ -34,6 +34,7 @@ import contextlib
 import gc
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -114,12 +115,35 @@ def _sync_time(fn, device: str = "cuda") -> float:
 
 
 def dynamo_counts() -> dict[str, int]:
-    """Running totals: frames Dynamo was asked to convert (failed ones too), FX graphs it compiled, and graphs
-    Inductor compiled for CUDA graphs (mode="reduce-overhead") but then ran without them (cudagraph_skips)."""
+    """Running totals: frames Dynamo was asked to convert (failed ones too), FX graphs it compiled, graphs
+    Inductor compiled for CUDA graphs (mode="reduce-overhead") but then ran without them (cudagraph_skips), and
+    CUDA graphs its trees recorded (cudagraph_recordings; a recording inside a timed call costs a capture)."""
     from torch._dynamo.utils import counters
 
     return {"frames": int(counters["frames"]["total"]), "graphs": int(counters["stats"]["unique_graphs"]),
-            "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
+            "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
+            **cudagraph_tree_counts()}
+
+
+def cudagraph_tree_counts() -> dict[str, int]:
+    """Running totals of the current CUDA device's CUDA-graph tree (Inductor's, mode="reduce-overhead"):
+    graphs recorded, of which re-recordings of a function already recorded, and warm-up runs. Read from the
+    tree manager's counters (private; {} where this torch lacks them, or without CUDA)."""
+    if not torch.cuda.is_available():
+        return {}
+    try:
+        from torch._inductor import cudagraph_trees
+
+        manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+        if manager is None:
+            return {"cudagraph_recordings": 0, "cudagraph_rerecords": 0, "cudagraph_warmups": 0}
+        # itertools.count's repr carries its next value: count(n) / count(-n, -1)
+        recorded = int(re.search(r"-?\d+", repr(manager.graph_counter)).group())
+        warmups = -int(re.search(r"-?\d+", repr(manager.warmup_node_counter)).group()) - 1
+        return {"cudagraph_recordings": recorded, "cudagraph_rerecords": int(manager.debug_fail_counter),
+                "cudagraph_warmups": warmups}
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return {}
 
 
 def _counted(fn, device: str) -> tuple[float, dict[str, int]]:
@@ -260,7 +284,9 @@ def run_system(system: str, shape: str, batch_sizes, prompt: int, new: int, pref
             counts = {"first_call_graphs": first_counts["graphs"], "first_call_frames": first_counts["frames"],
                       "first_call_cudagraph_skips": first_counts["cudagraph_skips"],
                       "timed_graphs": [c["graphs"] for _, c in timed],
-                      "timed_frames": [c["frames"] for _, c in timed]}
+                      "timed_frames": [c["frames"] for _, c in timed],
+                      "timed_cudagraph_recordings": [c.get("cudagraph_recordings") for _, c in timed],
+                      "timed_cudagraph_rerecords": [c.get("cudagraph_rerecords") for _, c in timed]}
             out["dynamo"][f"decode_bs{bs}"] = counts
             if device == "cuda" and system != "eager" and first_counts["cudagraph_skips"]:
                 # The decode step runs without CUDA graphs: launch-bound; Inductor's perf hints log say why.
@@ -280,11 +306,18 @@ def run_system(system: str, shape: str, batch_sizes, prompt: int, new: int, pref
         prompt_ids = torch.randint(lo, hi, (bs, prompt), device=device)
         first_token = lambda: model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),  # noqa: E731
                                              do_sample=False, max_new_tokens=1, min_new_tokens=1)
-        t1 = min(_sync_time(first_token, device) for _ in range(3))
+        ones = [_counted(first_token, device) for _ in range(3)]
+        t1 = min(t for t, _ in ones)
         out[f"generate_1_token_ms_bs{bs}"] = t1 * 1e3
+        out["dynamo"][f"generate_1_token_bs{bs}"] = {
+            "timed_graphs": [c["graphs"] for _, c in ones], "timed_frames": [c["frames"] for _, c in ones],
+            "timed_cudagraph_recordings": [c.get("cudagraph_recordings") for _, c in ones]}
         if new > 1:
             out[f"decode_step_ms_bs{bs}"] = max(0.0, bs * new / out[f"decode_bs{bs}"] - t1) / (new - 1) * 1e3
     for case, c in out["dynamo"].items():
+        if any(c.get("timed_cudagraph_recordings") or ()):
+            out.setdefault("warnings", []).append(
+                f"{case}: CUDA graphs recorded inside timed calls ({c['timed_cudagraph_recordings']} per call)")
         if sum(c.get("timed_graphs", [])) or sum(c.get("timed_frames", [])):
             msg = (f"{case}: timed calls recompiled (Dynamo graphs {c['timed_graphs']}, "
                    f"frames {c['timed_frames']} per call)")
