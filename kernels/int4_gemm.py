@@ -989,10 +989,15 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
     if M <= GEMV_MAX_M:
         variant = gemv_variant()
         if x_dtype == torch.bfloat16 and not variant:
-            # PAIRS (bf16 x, any zero points): ~3 programs per SM (split 4 at N=14336, 16 at N=4096; the H200 --tune
-            # above), at most 16.
-            split = _split_k(cdiv(N, 128), K, block_k, wanted=3 * _SM_COUNT, min_k_per_split=256, max_split=16)
-            return {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 128, "BLOCK_K": block_k, "SPLIT_K": split,
+            # PAIRS (bf16 x, any zero points): 64-column tiles, split to ~6 programs per SM but at least 8 and at
+            # most 16, keeping >= 256 of K per split. The H200 --tune at the llama decode step's four launch shapes
+            # (sweeps/pairs/gemm_int4_sym-h200.json, 747aee5), best against the 128-column tile with ~3 programs
+            # per SM picked before: K4096 N6144 8.70 us (64 x split 8) vs 9.52, N28672 24.42-24.99 (split 8) vs
+            # 25.31, 4096^2 7.56 (split 16) vs 7.90, K14336 N4096 13.80 (split 16) vs 14.41.
+            split = max(_split_k(cdiv(N, 64), K, block_k, wanted=768, min_k_per_split=256, max_split=16), 8)
+            while split > 1 and K // split < max(block_k, 256):
+                split //= 2
+            return {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": block_k, "SPLIT_K": split,
                     "PREFETCH": 1, "PAIRS": 1, "num_warps": 4, "num_stages": 1}
         # fp32 path (float32 / fp16 x, or the "fp32" variant): split 8 at N=14336 and 16 at N=4096 (the H200 sweep's
         # best at K=4096); at most 16. Not PLANES: with symmetric weights and bf16 x it was faster in isolation

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import threading
 from typing import Iterable, Optional
@@ -80,6 +81,7 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
         # torch.compile takes mode= or options=, not both: the CUDA-graph mode travels inside our options.
         gc.compile_config = CompileConfig(backend="kernopt", options={**options, "mode": "reduce-overhead"},
                                           mode=None, fullgraph=False)
+        _reuse_static_cache(model)
         if compile and compile_prefill_enabled() and _device_of(model).type in PREFILL_COMPILE_DEVICES:
             _compile_prefill(model, options)
         _defer_stop_checks_in_generate(model)
@@ -145,7 +147,9 @@ def _compile_prefill(model, options: dict) -> None:
         if torch.compiler.is_compiling():
             return eager(*args, **kwargs)
         cache = kwargs.get("past_key_values")
-        if model._kernopt_prompt_graphed is not None and _static_cache_ready(model, cache, args, kwargs):
+        # initialized ahead either way: one compiled graph whether or not a call meets a fresh cache
+        ready = _static_cache_ready(model, cache, args, kwargs)
+        if model._kernopt_prompt_graphed is not None and ready:
             return _outputs_copied(model._kernopt_prompt_graphed(*args, **kwargs))
         out = model._kernopt_prompt_forward(*args, **kwargs)
         _mark_static_cache_addresses(cache)
@@ -205,6 +209,42 @@ def _outputs_copied(out):
                 out[k] = _outputs_copied(v)
         return out
     return out
+
+
+def _reuse_static_cache(model) -> None:
+    """`generate` under ``cache="static"`` reuses one static cache (reset, as transformers' own generate did before
+    v5) while the batch size and length it needs stay the same, instead of allocating a new one every call.
+
+    Why: the decode step's CUDA graphs (and the prompt's, `_static_cache_ready`) read the cache's tensors at the
+    addresses they were recorded with. transformers 5 allocates a fresh `StaticCache` per call; when the caching
+    allocator hands back other addresses, Inductor's CUDA-graph trees re-record every graph that reads them (a
+    capture per call, and one more recorded graph held each time; re-recordings for moved static inputs do not
+    count towards its limit). Measured on the H200 at 747aee5 (benchmarks/prompt_graph_probe.py, 1B int4): the
+    second generate call re-recorded both graphs; in the 8B llama suite ~100 ms per 128-token call went to that.
+    Like transformers' caches before v5, the cache a call returns (``return_dict_in_generate``) is the one the next
+    call with the same shape resets. A cache the caller passes is left alone (transformers never builds one then)."""
+    original = getattr(model, "_prepare_static_cache", None)
+    if original is None:  # another transformers: its own cache handling
+        return
+    state: dict = {}
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def _prepare_static_cache(*args, **kwargs):
+        a = signature.bind(*args, **kwargs).arguments
+        # transformers sizes the cache for the longest call so far (_previous_max_cache_length): the same here
+        length = max(a["max_cache_len"], getattr(model, "_previous_max_cache_length", -1))
+        key = (a.get("cache_implementation"), a["batch_size"], length, a.get("prefill_chunk_size"))
+        cache = state.get("cache")
+        if cache is not None and state.get("key") == key and not model.config.is_encoder_decoder:
+            cache.reset()
+            return cache
+        cache = original(*args, **kwargs)
+        state.update(cache=cache, key=key)
+        return cache
+
+    model._prepare_static_cache = _prepare_static_cache
 
 
 def _mark_static_cache_addresses(cache) -> None:

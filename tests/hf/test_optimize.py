@@ -138,10 +138,12 @@ def test_compiled_prompt_forward_leaves_static_cache_tensors_marked_static(monke
 
     monkeypatch.setattr(kernopt.hf, "PREFILL_COMPILE_DEVICES", ("cuda", "cpu"))
     monkeypatch.setenv("KERNOPT_COMPILE_PREFILL", "1")
-    monkeypatch.setenv("KERNOPT_PREFILL_CUDA_GRAPHS", "0")  # with graphs the cache is initialized before the call
+    monkeypatch.setenv("KERNOPT_PREFILL_CUDA_GRAPHS", "0")
     model = tiny_llama()
     ids = torch.randint(0, 97, (2, 9))
     kernopt.optimize(model, cache="static", inner="eager")
+    # a cache the model cannot initialize ahead (otherwise _static_cache_ready does, before the compiled call)
+    monkeypatch.setattr(model, "_get_static_cache_init_shape", lambda: None)
     cache = StaticCache(config=model.config, max_cache_len=16)
     allocated_in_trace = []
     compiled = model._kernopt_prompt_forward
@@ -158,6 +160,33 @@ def test_compiled_prompt_forward_leaves_static_cache_tensors_marked_static(monke
     for layer in cache.layers:
         for name in ("keys", "values", "cumulative_length"):
             assert hasattr(getattr(layer, name), "_dynamo_static_input_type"), name
+
+
+def test_static_cache_is_reused_across_generate_calls_of_one_shape():
+    """transformers 5 builds a new static cache per generate call; optimize(cache="static") hands back the same
+    one (reset) while batch size and length stay, so CUDA graphs that read it keep their addresses; a longer
+    call gets a new, longer cache, which shorter calls then reuse (transformers' own sizing); tokens unchanged."""
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9))
+    kw = dict(do_sample=False, attention_mask=torch.ones_like(ids), return_dict_in_generate=True)
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, **kw).sequences
+        want_long = model.generate(ids, max_new_tokens=9, **kw).sequences
+        kernopt.optimize(model, cache="static", inner="eager", compile=False)
+        first = model.generate(ids, max_new_tokens=6, **kw)
+        second = model.generate(ids, max_new_tokens=6, **kw)
+        longer = model.generate(ids, max_new_tokens=9, **kw)
+        shorter = model.generate(ids, max_new_tokens=6, **kw)
+        other_batch = model.generate(ids[:1], max_new_tokens=6, do_sample=False,
+                                     attention_mask=torch.ones_like(ids[:1]), return_dict_in_generate=True)
+    assert second.past_key_values is first.past_key_values
+    assert longer.past_key_values is not first.past_key_values
+    assert shorter.past_key_values is longer.past_key_values
+    assert other_batch.past_key_values is not longer.past_key_values
+    for got in (first, second, shorter):
+        assert torch.equal(got.sequences, want)
+    assert torch.equal(longer.sequences, want_long)
+    assert torch.equal(other_batch.sequences, want[:1])
 
 
 def test_prompt_forward_against_a_static_cache_runs_graphed(monkeypatch):

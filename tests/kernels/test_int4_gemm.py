@@ -295,10 +295,11 @@ def test_gemv_variant_switch(device, monkeypatch, variant):
 
 def test_select_config_table():
     bf16 = torch.bfloat16
-    for sym in (True, False):  # M=1 bf16 x: PAIRS, ~3 programs per SM (the H200 --tune's best splits)
-        assert [select_config(1, n, k, 128, sym, bf16)["SPLIT_K"] for k, n in ((4096, 14336), (14336, 4096),
-                                                                           (4096, 4096))] == [4, 16, 16]
+    for sym in (True, False):  # M=1 bf16 x: PAIRS, 64 columns, split 8 / 16 (the H200 --tune's best)
+        shapes = ((4096, 14336), (14336, 4096), (4096, 4096), (4096, 6144), (4096, 28672), (512, 1024))
+        assert [select_config(1, n, k, 128, sym, bf16)["SPLIT_K"] for k, n in shapes] == [8, 16, 16, 8, 8, 2]
         assert select_config(1, 14336, 4096, 128, sym, bf16)["PAIRS"] == 1
+        assert select_config(1, 14336, 4096, 128, sym, bf16)["BLOCK_N"] == 64
     assert "PAIRS" not in select_config(1, 14336, 4096, 128, x_dtype=torch.float16)  # fp16 x: the fp32 path
     assert select_config(1, 14336, 4096, 128)["impl"] == "gemv2"
     assert select_config(1, 14336, 4096, 128)["SPLIT_K"] == 8  # the H200 sweep's best
