@@ -968,9 +968,11 @@ def _split_k(tiles: int, K: int, block_k: int, wanted: int, min_k_per_split: int
 # tcasm were faster than fp32 in isolation with bf16 x (sweeps/gemm_int4_sym-h200.json, f058872: 17.6 / 17.2 / 8.2
 # and 19.0 / 18.2 / 8.6 us against 21.2 / 20.4 / 9.7) and neither takes float32 x (the int4 pass leaves their x
 # alone: passes/int4.gemv_takes_float_x). The llama suite's kernopt_int4_fp32 / kernopt_int4_planes /
-# kernopt_int4_tcasm systems set it, so that one run compares them with kernopt_int4 end to end.
+# kernopt_int4_tcasm systems set it, so that one run compares them with kernopt_int4 end to end. "pairs128": PAIRS
+# with the 128-column tiles and ~3 programs per SM that the table picked before 2293615 (llama system
+# kernopt_int4_pairs128), for the end-to-end A/B of the 64-column pick.
 GEMV_VARIANT_ENV = "KERNOPT_INT4_GEMV"
-GEMV_VARIANTS = ("fp32", "planes", "tcasm")
+GEMV_VARIANTS = ("fp32", "planes", "tcasm", "pairs128")
 
 
 def gemv_variant() -> str:
@@ -988,10 +990,14 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
         variant = gemv_variant()
+        if x_dtype == torch.bfloat16 and variant == "pairs128":
+            split = _split_k(cdiv(N, 128), K, block_k, wanted=3 * _SM_COUNT, min_k_per_split=256, max_split=16)
+            return {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 128, "BLOCK_K": block_k, "SPLIT_K": split,
+                    "PREFETCH": 1, "PAIRS": 1, "num_warps": 4, "num_stages": 1}
         if x_dtype == torch.bfloat16 and not variant:
             # PAIRS (bf16 x, any zero points): 64-column tiles, split to ~6 programs per SM but at least 8 and at
             # most 16, keeping >= 256 of K per split. The H200 --tune at the llama decode step's four launch shapes
-            # (sweeps/pairs/gemm_int4_sym-h200.json, 747aee5), best against the 128-column tile with ~3 programs
+            # (sweeps/pairs/gemm_int4_sym-launch_shapes-h200.json, 747aee5), best against the 128-column tile with ~3 programs
             # per SM picked before: K4096 N6144 8.70 us (64 x split 8) vs 9.52, N28672 24.42-24.99 (split 8) vs
             # 25.31, 4096^2 7.56 (split 16) vs 7.90, K14336 N4096 13.80 (split 16) vs 14.41.
             split = max(_split_k(cdiv(N, 64), K, block_k, wanted=768, min_k_per_split=256, max_split=16), 8)

@@ -219,7 +219,7 @@ def _reuse_static_cache(model) -> None:
     addresses they were recorded with. transformers 5 allocates a fresh `StaticCache` per call; when the caching
     allocator hands back other addresses, Inductor's CUDA-graph trees re-record every graph that reads them (a
     capture per call, and one more recorded graph held each time; re-recordings for moved static inputs do not
-    count towards its limit). Measured on the H200 at 747aee5 (benchmarks/prompt_graph_probe.py, 1B int4): the
+    count towards its limit). Measured on the H200 at 747aee5 (benchmarks/prompt_graph_probe.py, 1B int4; sweeps/prompt_graphs): the
     second generate call re-recorded both graphs; in the 8B llama suite ~100 ms per 128-token call went to that.
     Like transformers' caches before v5, the cache a call returns (``return_dict_in_generate``) is the one the next
     call with the same shape resets. A cache the caller passes is left alone (transformers never builds one then)."""
