@@ -997,9 +997,11 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
         if x_dtype == torch.bfloat16 and not variant:
             # PAIRS (bf16 x, any zero points): 64-column tiles, split to ~6 programs per SM but at least 8 and at
             # most 16, keeping >= 256 of K per split. The H200 --tune at the llama decode step's four launch shapes
-            # (sweeps/pairs/gemm_int4_sym-launch_shapes-h200.json, 747aee5), best against the 128-column tile with ~3 programs
-            # per SM picked before: K4096 N6144 8.70 us (64 x split 8) vs 9.52, N28672 24.42-24.99 (split 8) vs
-            # 25.31, 4096^2 7.56 (split 16) vs 7.90, K14336 N4096 13.80 (split 16) vs 14.41.
+            # (sweeps/pairs/gemm_int4_sym-launch_shapes-h200.json, 747aee5), best against the 128-column tile with
+            # ~3 programs per SM picked before: K4096 N6144 8.70 us (64 x split 8) vs 9.52, N28672 24.42-24.99
+            # (split 8) vs 25.31, 4096^2 7.56 (split 16) vs 7.90, K14336 N4096 13.80 (split 16) vs 14.41. End to
+            # end (sweeps/pairs128/llama-h200.json, adfb41e, one run): 8B int4 decode step 2.91 ms against 3.03 with
+            # the 128-column pick (KERNOPT_INT4_GEMV=pairs128), 331.92 against 317.03 tok/s.
             split = max(_split_k(cdiv(N, 64), K, block_k, wanted=768, min_k_per_split=256, max_split=16), 8)
             while split > 1 and K // split < max(block_k, 256):
                 split //= 2
