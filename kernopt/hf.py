@@ -170,7 +170,9 @@ def _static_cache_ready(model, cache, args, kwargs) -> bool:
     model says how: transformers' own `_get_static_cache_init_shape`, as its chunked prefill does).
 
     Why graphs for the prompt: compiled without them, each kernopt op's Python runs on the critical path
-    (a 128-token 8B prompt: ~9 ms of GPU work in a 35-56 ms call, benchmarks/results/profiles). A cache
+    (a 128-token 8B prompt: ~9 ms of GPU work in a 35-56 ms call, benchmarks/results/profiles). With them, the
+    llama suite's int4 generate-1-token call took 17.05 ms against 43.91 without (one run, 747aee5,
+    sweeps/prompt_graphs/llama-h200-747aee5.json), and 15.3-15.7 ms in the three runs after. A cache
     allocated inside the captured forward would live in the CUDA-graph pool and be overwritten by the next
     replay, hence the early initialization; anything else (no cache, a dynamic cache, a model the cache
     cannot be initialized for) runs the compiled forward without graphs."""
@@ -219,8 +221,11 @@ def _reuse_static_cache(model) -> None:
     addresses they were recorded with. transformers 5 allocates a fresh `StaticCache` per call; when the caching
     allocator hands back other addresses, Inductor's CUDA-graph trees re-record every graph that reads them (a
     capture per call, and one more recorded graph held each time; re-recordings for moved static inputs do not
-    count towards its limit). Measured on the H200 at 747aee5 (benchmarks/prompt_graph_probe.py, 1B int4; sweeps/prompt_graphs): the
-    second generate call re-recorded both graphs; in the 8B llama suite ~100 ms per 128-token call went to that.
+    count towards its limit). On the H200 at 747aee5 (benchmarks/prompt_graph_probe.py, 1B int4, in
+    benchmarks/results/sweeps/prompt_graphs) the second generate call re-recorded both graphs ("static input data
+    pointer changed"); the 8B llama suite's int4 system took 491 ms per 128-token call there (sweeps/prompt_graphs)
+    and 402 / 386 ms with the reuse (2293615 / adfb41e), its timed calls recording only the prompt graph's first
+    recording. HF static + Inductor, without it, re-records its decode graph in every timed call.
     Like transformers' caches before v5, the cache a call returns (``return_dict_in_generate``) is the one the next
     call with the same shape resets. A cache the caller passes is left alone (transformers never builds one then)."""
     original = getattr(model, "_prepare_static_cache", None)
