@@ -1,4 +1,6 @@
 """kernopt.optimize on a tiny Llama: arguments, quantized layers, generate runs and matches where it must."""
+import contextlib
+
 import pytest
 import torch
 
@@ -12,6 +14,17 @@ def tiny_llama():
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@contextlib.contextmanager
+def listening_report():
+    """A backend Report that records every graph compiled inside the block (what explain() listens with)."""
+    report = kernopt.backend.Report()
+    kernopt.backend._active_reports.append(report)
+    try:
+        yield report
+    finally:
+        kernopt.backend._active_reports.remove(report)
 
 
 def test_bad_arguments_name_valid_choices():
@@ -61,14 +74,10 @@ def test_optimize_static_cache_compiles_decode_through_transformers():
         cc = model.generation_config.compile_config
         assert cc.options["mode"] == "reduce-overhead" and model.generation_config.cache_implementation == "static"
         cc._compile_all_devices = True  # transformers compiles decode steps only on GPUs unless told
-        report = kernopt.backend.Report()
-        kernopt.backend._active_reports.append(report)
-        try:
+        with listening_report() as report:
             got = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
             graphs = report.graphs
             again = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
-        finally:
-            kernopt.backend._active_reports.remove(report)
     assert torch.equal(got, want) and torch.equal(again, want)
     assert graphs >= 1  # decode steps went through the kernopt backend
     assert report.graphs == graphs  # and a second generate call reuses them (no backend-match recompiles)
@@ -97,9 +106,7 @@ def test_optimize_static_cache_compiles_the_prompt_forward_too(monkeypatch):
         prompt_calls = []
         compiled = model._kernopt_prompt_forward
         model._kernopt_prompt_forward = lambda *a, **k: prompt_calls.append(1) or compiled(*a, **k)
-        report = kernopt.backend.Report()
-        kernopt.backend._active_reports.append(report)
-        try:
+        with listening_report() as report:
             prompt_logits = model(ids).logits
             prompt_graphs = report.graphs
             got = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
@@ -110,8 +117,6 @@ def test_optimize_static_cache_compiles_the_prompt_forward_too(monkeypatch):
                 plain = model(ids).logits
             assert model.forward != eager_forward  # dispatching again after the block
             plain_graphs = report.graphs
-        finally:
-            kernopt.backend._active_reports.remove(report)
     assert prompt_graphs >= 1  # the prompt's forward went through the kernopt backend
     assert graphs > prompt_graphs  # and so did the decode step, through transformers' compiled call
     # one prompt forward per call (model(ids), then generate's prompt): the 5 decode steps never entered it
@@ -219,16 +224,12 @@ def test_prompt_forward_against_a_static_cache_runs_graphed(monkeypatch):
 
         model._kernopt_prompt_graphed = spy
         model._kernopt_prompt_forward = lambda *a, **k: plain_calls.append(1) or plain(*a, **k)
-        report = kernopt.backend.Report()
-        kernopt.backend._active_reports.append(report)
-        try:
+        with listening_report() as report:
             got = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
             graphs = report.graphs
             again = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
             assert report.graphs == graphs  # the second call compiled nothing
             out = model(ids)  # no cache passed: the forward compiled without graphs
-        finally:
-            kernopt.backend._active_reports.remove(report)
     assert seen == [True, True] and len(plain_calls) == 1
     assert torch.equal(got, want) and torch.equal(again, want)
     torch.testing.assert_close(out.logits, eager_logits, rtol=1e-4, atol=1e-4)
@@ -348,7 +349,6 @@ def test_optimize_int4_packs_linears_sharing_an_input_and_groups_them(grouping, 
     shared buffers (kernopt.int4.pack_adjacent), and the int4 pass runs each set as one grouped op; the logits
     are those of the same model quantized without any of it. KERNOPT_INT4_GROUP=0 turns both off."""
     from kernopt import ops
-    from kernopt.backend import Report, _active_reports
     from kernopt.int4 import quantize_int4_
     from kernopt.tolerance import assert_close
 
@@ -356,15 +356,11 @@ def test_optimize_int4_packs_linears_sharing_an_input_and_groups_them(grouping, 
     ref = quantize_int4_(tiny_llama(), group_size=32)
     model = tiny_llama()
     ids = torch.randint(0, 97, (2, 9))
-    report = Report()
     with torch.no_grad():
         want = ref(ids).logits
         kernopt.optimize(model, quantize="int4", group_size=32, inner="eager")
-        _active_reports.append(report)
-        try:
+        with listening_report() as report:
             got = model(ids).logits
-        finally:
-            _active_reports.remove(report)
     assert_close(got, want.double(), torch.float32, scale=2.0)
     groups = model._kernopt["int4_groups"]
     grouped = [r for r in report.rewrites if r.pass_name == "int4_group"]
