@@ -240,7 +240,8 @@ def _reuse_static_cache(model) -> None:
         a = signature.bind(*args, **kwargs).arguments
         # transformers sizes the cache for the longest call so far (_previous_max_cache_length): the same here
         length = max(a["max_cache_len"], getattr(model, "_previous_max_cache_length", -1))
-        key = (a.get("cache_implementation"), a["batch_size"], length, a.get("prefill_chunk_size"))
+        key = (a.get("cache_implementation"), a["batch_size"], length, a.get("prefill_chunk_size"), model.dtype,
+               _device_of(model))
         cache = state.get("cache")
         if cache is not None and state.get("key") == key and not model.config.is_encoder_decoder:
             cache.reset()
