@@ -133,7 +133,10 @@ class Suite:
         self.rows.append(row)
         return row
 
-    def table(self) -> str:
+    def table(self, baseline: Optional[str] = None) -> str:
+        """The rows as a text table, with speedups: kernopt's against every other system, or, with `baseline`
+        (a system of the suite, e.g. the llama suite's hf_static_inductor), every kernopt system's against it.
+        A ratio needs both systems from the same run ("-" where one was merged in from an earlier run)."""
         from tabulate import tabulate
 
         systems: list[str] = []
@@ -141,21 +144,31 @@ class Suite:
             for k in r["results"]:
                 if k not in systems:
                     systems.append(k)
+        if baseline is not None and baseline not in systems:
+            baseline = None
+        if baseline is None:
+            pairs = [("kernopt", s) for s in systems if s != "kernopt"]
+            title = "kernopt speedup vs " + "/".join(s for _, s in pairs)
+        else:
+            pairs = [(s, baseline) for s in systems if s.startswith("kernopt")]
+            title = "speedup vs " + baseline + " (" + "/".join(s for s, _ in pairs) + ")"
         out = []
         for r in self.rows:
             res = r["results"]
             line = [r["case"], r["metric"]] + [res.get(s, "") for s in systems]
-            k = res.get("kernopt")
             runs = r.get("from_run", {})  # systems merged in from an earlier run: no ratio across runs
             ratios = []
-            for s in systems:
-                if s != "kernopt" and k and res.get(s):
-                    same = runs.get("kernopt") == runs.get(s)
-                    ratios.append(f"{(k / res[s]) if r['higher_is_better'] else (res[s] / k):.2f}" if same else "-")
-            line.append(" ".join(ratios) or r.get("error", ""))
+            for mine, other in pairs:
+                if res.get(mine) and res.get(other):
+                    k, o = res[mine], res[other]
+                    same = runs.get(mine) == runs.get(other)
+                    ratios.append(f"{(k / o) if r['higher_is_better'] else (o / k):.2f}" if same else "-")
+                elif baseline is not None:
+                    ratios.append("-")
+            shown = " ".join(ratios) if any(x != "-" for x in ratios) or baseline is None else ""
+            line.append(shown or r.get("error", ""))
             out.append(line)
-        return tabulate(out, headers=["case", "metric", *systems, "kernopt speedup vs " + "/".join(
-            s for s in systems if s != "kernopt")], floatfmt=".2f")
+        return tabulate(out, headers=["case", "metric", *systems, title], floatfmt=".2f")
 
     def write(self, directory: Optional[Path] = None, plot: bool = False) -> Path:
         directory = Path(directory) if directory else RESULTS_DIR

@@ -619,7 +619,7 @@ def main(argv=None) -> dict:
                 # After every system: a run cut short keeps what it measured.
                 write(suite_now(), out_dir)
     suite = suite_now()
-    print(suite.table())
+    print(suite.table(baseline="hf_static_inductor"))
     path = write(suite, out_dir, plot=not args.no_plot)
     print("wrote", path)
     return {"path": path, "results": all_results}

@@ -207,6 +207,16 @@ def test_merge_keeps_earlier_numbers_of_systems_not_rerun(tmp_path):
     t.add("both", "tok/s", True, {"kernopt": 2.0, "eager": 1.0},
           from_run={"eager": {"kernopt_commit": "aaa"}, "kernopt": {"kernopt_commit": "aaa"}})
     assert [line.split()[-1] for line in t.table().splitlines()[2:]] == ["2.00", "-", "2.00"]
+    # Against a baseline (the llama suite's hf_static_inductor): every kernopt system's ratio, lower-is-better too.
+    b = Suite("llama")
+    b.add("8B decode bs1", "tok/s", True, {"hf_static_inductor": 100.0, "kernopt": 150.0, "kernopt_int4": 250.0})
+    b.add("8B prefill b1 s2048", "ms", False, {"hf_static_inductor": 60.0, "kernopt": 50.0, "kernopt_int4": 75.0})
+    b.add("8B first-call s", "s", False, {"hf_static_inductor": 30.0, "kernopt": 60.0, "kernopt_int4": 40.0},
+          from_run={"kernopt_int4": {"kernopt_commit": "aaa"}})
+    lines = b.table(baseline="hf_static_inductor").splitlines()
+    assert "speedup vs hf_static_inductor (kernopt/kernopt_int4)" in lines[0]
+    assert [line.split()[-2:] for line in lines[2:]] == [["1.50", "2.50"], ["1.20", "0.80"], ["0.50", "-"]]
+    assert b.table(baseline="eager") == b.table()  # a baseline the suite lacks: kernopt against the others
     # A third run re-measures eager for 1B only; the 8B row and 1B kernopt_int4 stay, eager is replaced.
     again = suite("NVIDIA H200", "ccc", {"1B decode bs1": {"eager": 9.0}})
     llama_bench.merge_earlier(again, tmp_path, ["eager"])
