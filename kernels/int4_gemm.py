@@ -472,11 +472,19 @@ def _int4_gemv2_kernel(
     if PREFETCH:
         w, s, z = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k_lo, k_hi, K, stride_qk, stride_sn,
                                stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
+    if PREFETCH == 2:  # two K blocks in flight: the one after next, too
+        w2, s2, z2 = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k_lo + BLOCK_K, k_hi, K, stride_qk,
+                                  stride_sn, stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
     # tl.range's num_stages pipelines the word / scale / x loads through shared memory by cp.async
     # (LOAD_STAGES - 1 K blocks ahead); a plain range loop without a dot is never pipelined by Triton 3.6,
     # whatever the kernel's num_stages (offline sm_90a compiles), hence PREFETCH's register double buffer.
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOAD_STAGES):
-        if PREFETCH:
+        if PREFETCH == 2:
+            w_cur, s_cur, z_cur = w, s, z
+            w, s, z = w2, s2, z2
+            w2, s2, z2 = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0 + 2 * BLOCK_K, k_hi, K,
+                                      stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
+        elif PREFETCH:
             # Register double buffer: the next block's words are in flight while this one is unpacked.
             w_cur, s_cur, z_cur = w, s, z
             w, s, z = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0 + BLOCK_K, k_hi, K, stride_qk,
@@ -1115,12 +1123,17 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             # 512 columns and 8 warps slower (dropped: 256 x 8 warps, 256 x 2 blocks x 8 warps, 512). Not yet timed:
             # 64 columns (offline sm_90a: 48 registers at 4 warps, 3.5 instructions per nibble: twice the programs
             # and the warps per SM of the 128-column tile, the shape of the int4 read roofline's best, 3.46 TB/s).
+            # The 64-column tiles won at 747aee5 (the table's pick since). PREFETCH=2 (two K blocks of words in
+            # registers ahead of the unpack, not yet timed): more bytes in flight per warp, for the latency that
+            # ncu showed bounding the fp32 gemv2 (0.97 eligible warps per scheduler).
             for bn, bk, split, warps, prefetch, stages in ((128, block_k, 8, 4, 1, 1), (128, block_k, 16, 4, 1, 1),
                                                            (128, block_k, 4, 4, 1, 1), (256, block_k, 8, 4, 1, 1),
                                                            (256, block_k, 16, 8, 1, 1), (128, block_k, 8, 4, 0, 3),
                                                            (128, 2 * block_k, 8, 4, 1, 1), (128, 2 * block_k, 8, 8, 1, 1),
                                                            (64, block_k, 8, 4, 1, 1), (64, block_k, 16, 4, 1, 1),
-                                                           (64, 2 * block_k, 8, 4, 1, 1), (64, block_k, 8, 2, 1, 1)):
+                                                           (64, 2 * block_k, 8, 4, 1, 1), (64, block_k, 8, 2, 1, 1),
+                                                           (64, block_k, 8, 4, 2, 1), (64, block_k, 16, 4, 2, 1),
+                                                           (128, block_k, 8, 4, 2, 1)):
                 if K // split >= bk:
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
                                 "PREFETCH": prefetch, "PAIRS": 1, "num_warps": warps, "num_stages": stages})
@@ -1249,7 +1262,7 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
             if x.stride(1) != 1 or (M > 1 and x.stride(0) % 2) or x.data_ptr() % 4:
                 x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)  # fresh: aligned, contiguous
                 args = (x,) + args[1:13] + (x.stride(0), x.stride(1)) + args[15:]
-        _int4_gemv2_kernel[grid](*args, PREFETCH=bool(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
+        _int4_gemv2_kernel[grid](*args, PREFETCH=int(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
                                  PLANES=planes, PAIRS=pairs, ASM=asm, **common)
     elif impl == "tcasm":
         _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],

@@ -83,6 +83,10 @@ GEMV2_PLANES_MULTI = {**GEMV2_MULTI_TAIL, "PLANES": 1}
 GEMV2_PAIRS = {**GEMV2, "PAIRS": 1}
 GEMV2_PAIRS_MULTI = {**GEMV2_MULTI_TAIL, "PAIRS": 1}
 GEMV2_PAIRS_MULTI_SPLIT = {**GEMV2_MULTI, "PAIRS": 1}
+# two K blocks prefetched (the last two prefetches of each slice fall past it: masked), fp32 path and PAIRS
+GEMV2_DEEP = {**GEMV2, "PREFETCH": 2}
+GEMV2_PAIRS_DEEP = {**GEMV2_PAIRS, "PREFETCH": 2}
+GEMV2_PAIRS_DEEP_MULTI = {**GEMV2_PAIRS_MULTI_SPLIT, "PREFETCH": 2}
 TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "GROUP_M": 2}
 
 
@@ -93,7 +97,9 @@ TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_
                               ("gemv2_multi", GEMV2_MULTI, (32,)), ("gemv2_multi_tail", GEMV2_MULTI_TAIL, (32, 128)),
                               ("gemv2_planes", GEMV2_PLANES, (32, 128)), ("gemv2_planes_multi", GEMV2_PLANES_MULTI, (32,)),
                               ("gemv2_pairs", GEMV2_PAIRS, (32, 64, 128)), ("gemv2_pairs_multi", GEMV2_PAIRS_MULTI, (32, 128)),
-                              ("gemv2_pairs_multi_split", GEMV2_PAIRS_MULTI_SPLIT, (32,)))
+                              ("gemv2_pairs_multi_split", GEMV2_PAIRS_MULTI_SPLIT, (32,)),
+                              ("gemv2_deep", GEMV2_DEEP, (32, 128)), ("gemv2_pairs_deep", GEMV2_PAIRS_DEEP, (32, 128)),
+                              ("gemv2_pairs_deep_multi", GEMV2_PAIRS_DEEP_MULTI, (32,)))
     for g in groups for asym in (True, False) if name != "gemv2_rows" or asym == (g == 128)])
 def test_int4_gemm_single_pass_variants(device, g, asym, cfg):
     """Odd M/N, every group size, sym/asym, bias, NaN-poisoned out; with split-K a second call with new
