@@ -998,11 +998,7 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
         variant = gemv_variant()
-        if x_dtype == torch.bfloat16 and variant == "pairs128":
-            split = _split_k(cdiv(N, 128), K, block_k, wanted=3 * _SM_COUNT, min_k_per_split=256, max_split=16)
-            return {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 128, "BLOCK_K": block_k, "SPLIT_K": split,
-                    "PREFETCH": 1, "PAIRS": 1, "num_warps": 4, "num_stages": 1}
-        if x_dtype == torch.bfloat16 and not variant:
+        if x_dtype == torch.bfloat16 and variant in ("", "pairs128"):
             # PAIRS (bf16 x, any zero points): 64-column tiles, split to ~6 programs per SM but at least 8 and at
             # most 16, keeping >= 256 of K per split. The H200 --tune at the llama decode step's four launch shapes
             # (sweeps/pairs/gemm_int4_sym-launch_shapes-h200.json, 747aee5), best against the 128-column tile with
@@ -1010,10 +1006,16 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
             # (split 8) vs 25.31, 4096^2 7.56 (split 16) vs 7.90, K14336 N4096 13.80 (split 16) vs 14.41. End to
             # end (sweeps/pairs128/llama-h200.json, adfb41e, one run): 8B int4 decode step 2.91 ms against 3.03 with
             # the 128-column pick (KERNOPT_INT4_GEMV=pairs128), 331.92 against 317.03 tok/s.
-            split = max(_split_k(cdiv(N, 64), K, block_k, wanted=768, min_k_per_split=256, max_split=16), 8)
-            while split > 1 and K // split < max(block_k, 256):
-                split //= 2
-            return {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": block_k, "SPLIT_K": split,
+            # "pairs128": the pick before, 128 columns and ~3 programs per SM.
+            if variant == "pairs128":
+                bn = 128
+                split = _split_k(cdiv(N, bn), K, block_k, wanted=3 * _SM_COUNT, min_k_per_split=256, max_split=16)
+            else:
+                bn = 64
+                split = max(_split_k(cdiv(N, bn), K, block_k, wanted=768, min_k_per_split=256, max_split=16), 8)
+                while split > 1 and K // split < max(block_k, 256):
+                    split //= 2
+            return {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
                     "PREFETCH": 1, "PAIRS": 1, "num_warps": 4, "num_stages": 1}
         # fp32 path (float32 / fp16 x, or the "fp32" variant): split 8 at N=14336 and 16 at N=4096 (the H200 sweep's
         # best at K=4096); at most 16. Not PLANES: with symmetric weights and bf16 x it was faster in isolation

@@ -58,8 +58,9 @@ SYSTEMS = ("eager", "hf_static_inductor", "kernopt", "kernopt_int4", "kernopt_fp
 # kernopt_int4_prompt_inductor: kernopt_int4 with the compiled prompt's int4 linears left to Inductor
 # (passes/int4.py PROMPT_ENV). kernopt_int4_prompt_nographs: kernopt_int4 with the compiled prompt forward run
 # without CUDA graphs (kernopt/hf.py, KERNOPT_PREFILL_CUDA_GRAPHS=0).
-# kernopt_int4_fp32 / kernopt_int4_planes / kernopt_int4_tcasm / kernopt_int4_pairs128: kernopt_int4 with the decode GEMV experiment of
-# kernels/int4_gemm.py (GEMV_VARIANT_ENV) set for that system only.
+# kernopt_int4_fp32 / kernopt_int4_planes / kernopt_int4_tcasm / kernopt_int4_pairs128: kernopt_int4 with the
+# decode GEMV experiment of kernels/int4_gemm.py (GEMV_VARIANT_ENV) set for that system only. A system's name
+# says what it quantizes to (quantize_of).
 EXTRA_SYSTEMS = ("kernopt_sync", "kernopt_int4_fp32", "kernopt_int4_planes", "kernopt_int4_tcasm",
                  "kernopt_int4_prompt_inductor", "kernopt_int4_prompt_nographs", "kernopt_int4_pairs128")
 # The experiment switches each system sets for its own run (every other system runs with them unset, whatever
@@ -77,8 +78,14 @@ MIN_COSINE = 0.995  # compiled kernopt vs its own eager reference, bf16
 # On random weights such flips carry through the layers: benchmarks/fp8_sensitivity.py (CPU) moved 1% / 10% of
 # the inputs by 2^-8 and got logits cosines of 0.983 / 0.976 at the 8B width with 8 layers, and 0.982 /
 # 0.977 at 1B (16 layers). The fp8 reference itself is 0.946-0.952 from the float model there.
-QUANTIZED = ("kernopt_int4", "kernopt_fp8", "kernopt_int4_fp32", "kernopt_int4_planes", "kernopt_int4_tcasm",
-             "kernopt_int4_prompt_inductor", "kernopt_int4_prompt_nographs", "kernopt_int4_pairs128")
+
+
+def quantize_of(system: str) -> Optional[str]:
+    """What optimize() quantizes to for a kernopt system: its name says (kernopt_int4*, kernopt_fp8*)."""
+    return "int4" if system.startswith("kernopt_int4") else "fp8" if system.startswith("kernopt_fp8") else None
+
+
+QUANTIZED = tuple(s for s in SYSTEMS + EXTRA_SYSTEMS if quantize_of(s))
 
 
 def dtype_for(device: str) -> torch.dtype:
@@ -173,11 +180,9 @@ def prepare(system: str, model, device: str = "cuda", inner: str = "inductor"):
     if system == "hf_static_inductor":
         model.generation_config.cache_implementation = "static"
     else:
-        quantize = {"kernopt": None, "kernopt_sync": None, "kernopt_int4": "int4", "kernopt_fp8": "fp8",
-                    "kernopt_int4_fp32": "int4", "kernopt_int4_planes": "int4", "kernopt_int4_tcasm": "int4",
-                    "kernopt_int4_prompt_inductor": "int4", "kernopt_int4_prompt_nographs": "int4",
-                    "kernopt_int4_pairs128": "int4"}[system]
-        model = kernopt.optimize(model, quantize=quantize, cache="static", inner=inner)
+        if system not in SYSTEMS + EXTRA_SYSTEMS:
+            raise KeyError(system)
+        model = kernopt.optimize(model, quantize=quantize_of(system), cache="static", inner=inner)
         if system == "kernopt_sync":
             model.generate = type(model).generate.__get__(model)  # transformers' loop, without the deferral
     if device != "cuda":

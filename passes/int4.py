@@ -571,13 +571,16 @@ def _group(gm: fx.GraphModule, ctx: PassContext, x: fx.Node, group_size: int, me
 # GEMV launches read x in float32
 # ------------------------------------------------------------------------------------------------
 FLOAT_X_ENV = "KERNOPT_INT4_FLOAT_X"
+FLOAT_X_PASS_NAME = "int4_float_x"
 # An experiment switch (default "kernel"): "inductor" leaves int4 linears of PROMPT_INDUCTOR_MIN_ROWS rows or more
 # alone in graphs that run without CUDA graphs (kernopt.optimize's compiled prompt forward), for Inductor's
 # dequantize + matmul. Why: such a graph pays every op's host time (H200 profile of the int4 8B generate-1-token
 # call, benchmarks/NOTES.md: 9 ms of GPU time in 55-85 ms, ~400 us of CPU per int4 op call under the profiler),
 # and Inductor's generated launches cost a fraction of a custom op's. The GPU time it trades: dequantize + cuBLAS
 # against the tiled kernel (80 against 45 us at M=64 K4096 N14336, equal from M=256 where the table picks it).
-# The llama suite's kernopt_int4_prompt_inductor system sets it. Unmeasured end to end.
+# The llama suite's kernopt_int4_prompt_inductor system sets it. Unmeasured end to end. Since 747aee5 the prompt
+# forward against a static cache runs under CUDA graphs (kernopt/hf.py), so there it applies only with
+# KERNOPT_PREFILL_CUDA_GRAPHS=0.
 PROMPT_ENV = "KERNOPT_INT4_PROMPT"
 PROMPT_INDUCTOR_MIN_ROWS = 17  # above the speculative-verification rows that tiled2 serves
 
@@ -587,7 +590,6 @@ def prompt_to_inductor() -> bool:
     if v not in ("kernel", "inductor"):
         raise ValueError(f"{PROMPT_ENV}={v!r}; valid: 'kernel', 'inductor'")
     return v == "inductor"
-FLOAT_X_PASS_NAME = "int4_float_x"
 
 
 def float_inputs_enabled() -> bool:
