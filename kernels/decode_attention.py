@@ -308,6 +308,9 @@ def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_di
         B1 contiguous 2.38 (best 2.41), B32 S4096 4.09-4.12 (best 4.22-4.27), B128 S2048 4.29-4.33 (best
         4.38-4.41): within 3.5%, not enough to move a row on one run
 
+    short cache (< 8 splits by the rows above where >= 8 are wanted;   max_len/8 within 32..BLOCK_N, 8 splits
+      >= 256 tokens, narrow query tile: B1 S256 / S1024)
+
     A wide query tile (G * Sq >= 64) halves BLOCK_N: the score tile becomes the register bottleneck. Splits
     never go past 128. ``FUSED_MERGE`` (`fused`) is not picked: the sweep's best per case was within 1.5% of
     the two-kernel merge either way (B1 contiguous 2.41 fused vs 2.40; paged 2.21 vs 2.37).
@@ -338,7 +341,24 @@ def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_di
         want = per_sm * sm_count / programs
         want = math.ceil(want) if round_up else int(want)
         splits = max(1, min(want, tiles // min_tiles, 128))
+        if _short_cache(splits, want, block_m, max_len):
+            # Short caches (min_tiles leaves < 8 splits while the GPU wants more programs): 8 splits of one or two
+            # tiles, tiles of max_len / 8 within 32..BLOCK_N. H200 sweep (sweeps/decode-short-h200.json, 9506a06,
+            # B1 Hq32 Hkv8 D128, the int4 llama decode step's case): S256 best 32 x 8 splits, 0.206 / 0.223 TB/s
+            # (paged / contiguous; 5.0 / 4.7 us) against the 1-split row's 0.185 / 0.183 (5.7 us); S1024 paged
+            # 64 x 8 splits 0.571 against the 4-split row's 0.492 (contiguous best 128 x 8: 0.631 against 0.466).
+            block_n = max(32, min(block_n, next_power_of_2(math.ceil(max_len / _SHORT_SPLITS))))
+            splits = min(_SHORT_SPLITS, math.ceil(max_len / block_n))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLITS": splits, "num_warps": warps, "num_stages": stages}
+
+
+_SHORT_SPLITS = 8
+
+
+def _short_cache(splits: int, want: int, block_m: int, max_len: int) -> bool:
+    """select_config's short-cache row: the tile rule leaves fewer than 8 splits where the GPU wants >= 8 programs
+    per (sequence, KV head), with a narrow query tile and >= 8 tiles of 32 (shorter caches are unmeasured)."""
+    return splits < _SHORT_SPLITS <= want and block_m < 64 and max_len >= 32 * _SHORT_SPLITS
 
 
 def fused(config: dict) -> dict:
@@ -356,16 +376,16 @@ def candidate_configs(batch: int, kv_heads: int, q_heads: int, max_len: int, hea
     """
     base = select_config(batch, kv_heads, q_heads, max_len, head_dim, sm_count, q_len, paged)
     out = [base]
-    # Short caches (the table's min_tiles leaves 1 split: e.g. B1 Hkv8 S256, 8 programs of 4 tiles, 7.7 us per
-    # call in the H200 int4 decode profile) also try 4 and 8 splits: fewer tiles per program, more programs.
-    mults = (0.5, 1, 2) if base["SPLITS"] > 1 else (1, 2, 4, 8)
+    # Short caches (the table's short-cache row, 8 splits, or 1 split below 256 tokens) also try 1-4 splits.
+    splits0 = base["SPLITS"]
+    mults = (1, 2, 4, 8) if splits0 == 1 else (0.125, 0.25, 0.5, 1, 2) if splits0 <= _SHORT_SPLITS else (0.5, 1, 2)
     for block_n in (32, 64, 128):
         for stages in (2, 3, 4):
             for warps in (4, 8):
                 for mult in mults:
                     splits = max(1, min(256, int(round(base["SPLITS"] * mult))))
-                    if block_n * 4 > max_len and splits > 1:
-                        continue
+                    if splits > 1 and (block_n * 4 > max_len and splits0 == 1 or splits * block_n > max_len):
+                        continue  # (splits of less than one tile would be empty)
                     cfg = {**base, "BLOCK_N": block_n, "num_stages": stages, "num_warps": warps, "SPLITS": splits}
                     if cfg not in out:
                         out.append(cfg)
