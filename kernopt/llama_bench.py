@@ -487,11 +487,12 @@ def _per_system(value) -> bool:
     return isinstance(value, dict) and bool(value) and set(value) <= set(SYSTEMS + EXTRA_SYSTEMS)
 
 
-def merge_earlier(suite, out: Path, systems) -> None:
+def merge_earlier(suite, out: Path) -> None:
     """Fold an earlier run's JSON in `out` (same suite and device) into `suite`: its numbers for the systems this
-    run did not measure, in the same case's row or in a row of its own, each marked in the row's ``from_run``
-    with the commit and date they came from. One file then holds runs split by shape or by system (a GPU
-    command has a time limit that the whole suite exceeds)."""
+    run did not measure in a case (no result and no error in that case's row), in the same case's row or in a row
+    of its own, each marked in the row's ``from_run`` with the commit and date they came from. One file then holds
+    runs split by shape or by system (a GPU command has a time limit that the whole suite exceeds), and a run cut
+    short (the suite writes after every system) loses none of the earlier numbers of the systems it did not reach."""
     import json
 
     from kernopt.benchmark import gpu_slug
@@ -508,10 +509,11 @@ def merge_earlier(suite, out: Path, systems) -> None:
     kept = []
     for old in earlier.get("rows", []):
         fields = {k: v for k, v in old.items() if _per_system(v) and k != "from_run"}
-        carried = sorted({sys_ for v in fields.values() for sys_ in v} - set(systems))
+        row = ours.get(old["case"])
+        systems = set(row["results"]) | set(row.get("system_errors", {})) if row is not None else set()
+        carried = sorted({sys_ for v in fields.values() for sys_ in v} - systems)
         if not carried:
             continue
-        row = ours.get(old["case"])
         if row is None:
             row = {k: v for k, v in old.items() if k not in fields and k not in ("errors", "from_run")}
             row["results"] = {}
@@ -600,7 +602,7 @@ def main(argv=None) -> dict:
     def suite_now():
         suite = _suite(all_results, batch_sizes, args.prefill, args.device, start_state)
         if args.merge:
-            merge_earlier(suite, out_dir, systems)
+            merge_earlier(suite, out_dir)
         return suite
 
     all_results: dict[str, dict] = {}

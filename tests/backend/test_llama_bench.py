@@ -190,16 +190,22 @@ def test_merge_keeps_earlier_numbers_of_systems_not_rerun(tmp_path):
     first.write(tmp_path)
     # Another shape, and a split by system: kernopt_int4 alone for 1B.
     later = suite("NVIDIA H200", "bbb", {"8B decode bs1": {"kernopt": 5.0}, "1B decode bs1": {"kernopt_int4": 3.0}})
-    llama_bench.merge_earlier(later, tmp_path, ["kernopt", "kernopt_int4"])
+    llama_bench.merge_earlier(later, tmp_path)
     later.write(tmp_path)
     rows = load()
     assert rows["8B decode bs1"]["results"] == {"kernopt": 5.0} and "from_run" not in rows["8B decode bs1"]
     one_b = rows["1B decode bs1"]
-    assert one_b["results"] == {"kernopt_int4": 3.0, "eager": 1.0}  # kernopt was in this run's systems: not kept
-    assert set(one_b["dynamo"]) == {"kernopt_int4", "eager"}
-    # eager's run also measured kernopt (2.0), which this run replaced: kept as eager's same-run baseline
-    assert one_b["from_run"] == {"eager": {"kernopt_commit": "aaa", "date": first.header["date"],
-                                           "same_run_results": {"kernopt": 2.0}}}
+    # this run measured kernopt at 8B only (e.g. cut short before its 1B): the earlier 1B number is kept
+    assert one_b["results"] == {"kernopt_int4": 3.0, "eager": 1.0, "kernopt": 2.0}
+    assert set(one_b["dynamo"]) == {"kernopt_int4", "eager", "kernopt"}
+    aaa = {"kernopt_commit": "aaa", "date": first.header["date"]}
+    assert one_b["from_run"] == {"eager": aaa, "kernopt": aaa}
+    # A system that failed in this run's case replaces the earlier number too (the failure is the news).
+    fourth = suite("NVIDIA H200", "ddd", {"1B decode bs1": {"eager": 1.5}})
+    fourth.rows[0]["system_errors"] = {"kernopt": "boom"}
+    llama_bench.merge_earlier(fourth, tmp_path)
+    one_b4 = {r["case"]: r for r in fourth.rows}["1B decode bs1"]
+    assert "kernopt" not in one_b4["results"] and one_b4["results"]["kernopt_int4"] == 3.0
     # The table gives a kernopt ratio only against systems of the same run.
     t = Suite("llama")
     t.add("same", "tok/s", True, {"kernopt": 2.0, "eager": 1.0})
@@ -219,16 +225,17 @@ def test_merge_keeps_earlier_numbers_of_systems_not_rerun(tmp_path):
     assert b.table(baseline="eager") == b.table()  # a baseline the suite lacks: kernopt against the others
     # A third run re-measures eager for 1B only; the 8B row and 1B kernopt_int4 stay, eager is replaced.
     again = suite("NVIDIA H200", "ccc", {"1B decode bs1": {"eager": 9.0}})
-    llama_bench.merge_earlier(again, tmp_path, ["eager"])
+    llama_bench.merge_earlier(again, tmp_path)
     again.write(tmp_path)
     rows = load()
-    assert rows["1B decode bs1"]["results"] == {"eager": 9.0, "kernopt_int4": 3.0}
-    assert rows["1B decode bs1"]["from_run"] == {"kernopt_int4": {"kernopt_commit": "bbb", "date": later.header["date"]}}
+    assert rows["1B decode bs1"]["results"] == {"eager": 9.0, "kernopt_int4": 3.0, "kernopt": 2.0}
+    assert rows["1B decode bs1"]["from_run"] == {"kernopt_int4": {"kernopt_commit": "bbb", "date": later.header["date"]},
+                                                 "kernopt": aaa}
     assert rows["8B decode bs1"]["results"] == {"kernopt": 5.0} and rows["8B decode bs1"]["from_run"]["kernopt"]
     # A foreign device's file is never merged.
     (tmp_path / "llama-h100.json").write_text((tmp_path / "llama-h200.json").read_text())
     other = suite("NVIDIA H100 80GB HBM3", "ddd", {"1B decode bs1": {"eager": 4.0}})
-    llama_bench.merge_earlier(other, tmp_path, ["eager"])
+    llama_bench.merge_earlier(other, tmp_path)
     assert [(r["case"], r["results"]) for r in other.rows] == [("1B decode bs1", {"eager": 4.0})]
 
 
@@ -241,7 +248,7 @@ def test_merge_rebuilds_the_errors_of_kept_systems(tmp_path):
     first.write(tmp_path)
     second = Suite("llama")
     second.add("1B decode bs1", "tok/s", True, {"eager": 2.0})
-    llama_bench.merge_earlier(second, tmp_path, ["eager"])
+    llama_bench.merge_earlier(second, tmp_path)
     assert second.rows[0]["errors"] == "kernopt: boom; x" and second.rows[0]["results"] == {"eager": 2.0}
 
 
