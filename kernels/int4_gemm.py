@@ -1127,7 +1127,11 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             # and the warps per SM of the 128-column tile, the shape of the int4 read roofline's best, 3.46 TB/s).
             # The 64-column tiles won at 747aee5 (the table's pick since). PREFETCH=2 (two K blocks of words in
             # registers ahead of the unpack, not yet timed): more bytes in flight per warp, for the latency that
-            # ncu showed bounding the fp32 gemv2 (0.97 eligible warps per scheduler).
+            # ncu showed bounding the fp32 gemv2 (0.97 eligible warps per scheduler). PREFETCH=2 timed slower (H200,
+            # sweeps/pairs/gemm_int4_sym-prefetch2-h200.json, 9506a06: 14.99 against 13.75 us at K14336 N4096).
+            # 2 warps, 32 columns and split 32: ncu of the 64-column pick (profiles/ncu-pairs-*.txt, 35d2bcf) showed
+            # 0.86 waves at K14336 N4096 (2.0 TB/s) and a 2.72-wave grid with a partial tail at K4096 N28672
+            # (2.49 TB/s, 48 registers: 10 CTAs per SM); smaller CTAs, more of them.
             for bn, bk, split, warps, prefetch, stages in ((128, block_k, 8, 4, 1, 1), (128, block_k, 16, 4, 1, 1),
                                                            (128, block_k, 4, 4, 1, 1), (256, block_k, 8, 4, 1, 1),
                                                            (256, block_k, 16, 8, 1, 1), (128, block_k, 8, 4, 0, 3),
@@ -1135,7 +1139,9 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                                                            (64, block_k, 8, 4, 1, 1), (64, block_k, 16, 4, 1, 1),
                                                            (64, 2 * block_k, 8, 4, 1, 1), (64, block_k, 8, 2, 1, 1),
                                                            (64, block_k, 8, 4, 2, 1), (64, block_k, 16, 4, 2, 1),
-                                                           (128, block_k, 8, 4, 2, 1)):
+                                                           (128, block_k, 8, 4, 2, 1), (64, block_k, 32, 4, 1, 1),
+                                                           (64, block_k, 16, 2, 1, 1), (64, block_k, 32, 2, 1, 1),
+                                                           (32, block_k, 16, 2, 1, 1), (32, block_k, 32, 2, 1, 1)):
                 if K // split >= bk:
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
                                 "PREFETCH": prefetch, "PAIRS": 1, "num_warps": warps, "num_stages": stages})
