@@ -408,14 +408,10 @@ def _bf16_pair_sum(p):
 
 
 @triton.jit
-def _word_pair_sums(w, x_row, kx, x_ok, stride_xk, NEED_XS: tl.constexpr, ASM: tl.constexpr,
-                    MASK_X: tl.constexpr = True):
-    """PAIRS: per word of w [R, C] (word row r holds k = kx[r] .. kx[r] + 7), the fp32 sum of x_k (q_k - 8), and
-    (NEED_XS) per word row the sum of its 8 x. ASM: bf16 x (contiguous, 4-byte aligned rows: the launcher sees to
-    it) read as int32 pairs, the word sums by _WORD_PAIRS_PTX; MASK_X=False: every row is inside K (blocks of one
-    group at most: K is a multiple of them), so the x loads go unmasked. Else (interpreter, or any dtype): the same
-    sums in plain fp32 Triton."""
-    xs = tl.zeros(kx.shape, dtype=tl.float32)
+def _pair_x(x_row, kx, x_ok, stride_xk, ASM: tl.constexpr, MASK_X: tl.constexpr = True):
+    """PAIRS' x for word rows starting at kx [R]: ASM, bf16 x (contiguous, 4-byte aligned rows: the launcher sees to
+    it) as four int32 pairs [R] (k, k + 1 .. k + 6, k + 7); else (interpreter, any dtype) the 8 values as one fp32
+    [R, 8] tile, returned four times (the same tuple shape). MASK_X=False: every row is inside K, loads unmasked."""
     if ASM:
         xi = x_row.to(tl.pointer_type(tl.int32)) + (kx >> 1)  # (kx >= 0: a shift, not a signed division)
         if MASK_X:
@@ -428,18 +424,43 @@ def _word_pair_sums(w, x_row, kx, x_ok, stride_xk, NEED_XS: tl.constexpr, ASM: t
             p1 = tl.load(xi + 1)
             p2 = tl.load(xi + 2)
             p3 = tl.load(xi + 3)
+        return p0, p1, p2, p3
+    else:
+        offs_j = tl.arange(0, 8)
+        xt = tl.load(x_row + (kx[:, None] + offs_j[None, :]) * stride_xk, mask=x_ok[:, None], other=0.0)
+        xt = xt.to(tl.float32)
+        return xt, xt, xt, xt
+
+
+@triton.jit
+def _pair_sums_of(w, p0, p1, p2, p3, NEED_XS: tl.constexpr, ASM: tl.constexpr):
+    """PAIRS: per word of w [R, C], the fp32 sum of x_k (q_k - 8) over its 8 nibbles, from _pair_x's x; and (NEED_XS)
+    per word row the sum of its 8 x. ASM: _WORD_PAIRS_PTX; else the same sums in plain fp32 Triton."""
+    if ASM:
         ws = tl.inline_asm_elementwise(asm=_WORD_PAIRS_PTX, constraints="=r,r,r,r,r,r",
                                        args=[w, p0[:, None], p1[:, None], p2[:, None], p3[:, None]],
                                        dtype=tl.float32, is_pure=True, pack=1)
         if NEED_XS:
             xs = _bf16_pair_sum(p0) + _bf16_pair_sum(p1) + _bf16_pair_sum(p2) + _bf16_pair_sum(p3)
+        else:
+            xs = tl.zeros(p0.shape, dtype=tl.float32)
     else:
+        offs_j = tl.arange(0, 8)
         ws = tl.zeros(w.shape, dtype=tl.float32)
         for i in tl.static_range(8):
-            xi = tl.load(x_row + (kx + i) * stride_xk, mask=x_ok, other=0.0).to(tl.float32)
+            xi = tl.sum(tl.where(offs_j[None, :] == i, p0, 0.0), axis=1)
             ws += (((w >> (4 * i)) & 0xF).to(tl.float32) - 8.0) * xi[:, None]
-            xs += xi
+        xs = tl.sum(p0, axis=1)
     return ws, xs
+
+
+@triton.jit
+def _word_pair_sums(w, x_row, kx, x_ok, stride_xk, NEED_XS: tl.constexpr, ASM: tl.constexpr,
+                    MASK_X: tl.constexpr = True):
+    """PAIRS: per word of w [R, C] (word row r holds k = kx[r] .. kx[r] + 7), the fp32 sum of x_k (q_k - 8), and
+    (NEED_XS) per word row the sum of its 8 x, with x loaded here (_pair_x, then _pair_sums_of)."""
+    p0, p1, p2, p3 = _pair_x(x_row, kx, x_ok, stride_xk, ASM, MASK_X)
+    return _pair_sums_of(w, p0, p1, p2, p3, NEED_XS, ASM)
 
 
 @triton.jit
@@ -451,6 +472,7 @@ def _int4_gemv2_kernel(
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     LOAD_STAGES: tl.constexpr, PLANES: tl.constexpr, PAIRS: tl.constexpr = False, ASM: tl.constexpr = False,
+    PREFETCH_X: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -472,6 +494,9 @@ def _int4_gemv2_kernel(
     if PREFETCH:
         w, s, z = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k_lo, k_hi, K, stride_qk, stride_sn,
                                stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
+    if PREFETCH_X:  # PAIRS: x of the next K block loaded with its words (masked past the slice: never used)
+        kxn = k_lo + offs_w * 8
+        xp0, xp1, xp2, xp3 = _pair_x(x_ptr + pid_m * stride_xm, kxn, (kxn < k_hi) & (pid_m < M), stride_xk, ASM)
     if PREFETCH == 2:  # two K blocks in flight: the one after next, too
         w2, s2, z2 = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k_lo + BLOCK_K, k_hi, K, stride_qk,
                                   stride_sn, stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
@@ -497,8 +522,15 @@ def _int4_gemv2_kernel(
             # Packed bf16x2 word sums (BLOCK_M == 1; _word_pair_sums): sum_k x (q - z) = sum_k x (q - 8) + (8 - z) sum_k x,
             # so symmetric weights need no x sums at all.
             kx = k0 + offs_w * 8
-            ws, xs = _word_pair_sums(w_cur, x_ptr + pid_m * stride_xm, kx, (kx < K) & (pid_m < M), stride_xk,
-                                     HAS_ZEROS, ASM, MULTI)
+            if PREFETCH_X:
+                xc0, xc1, xc2, xc3 = xp0, xp1, xp2, xp3
+                kxn = kx + BLOCK_K
+                xp0, xp1, xp2, xp3 = _pair_x(x_ptr + pid_m * stride_xm, kxn, (kxn < k_hi) & (pid_m < M), stride_xk,
+                                             ASM)
+                ws, xs = _pair_sums_of(w_cur, xc0, xc1, xc2, xc3, HAS_ZEROS, ASM)
+            else:
+                ws, xs = _word_pair_sums(w_cur, x_ptr + pid_m * stride_xm, kx, (kx < K) & (pid_m < M), stride_xk,
+                                         HAS_ZEROS, ASM, MULTI)
             if HAS_ZEROS:
                 if MULTI:
                     acc_w += (ws + xs[:, None] * (8.0 - z_cur)) * s_cur
@@ -1145,6 +1177,13 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                 if K // split >= bk:
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
                                 "PREFETCH": prefetch, "PAIRS": 1, "num_warps": warps, "num_stages": stages})
+            # PREFETCH_X: x's pairs of the next K block loaded with its words (the unprefetched x loads are issued
+            # just before the word sums that wait on them; ncu of the 64-column pick, profiles/ncu-pairs-*.txt:
+            # ~5 of 13 cycles between a warp's instructions stalled on L1TEX). Not yet timed.
+            for bn, split, warps in ((64, 8, 4), (64, 16, 4), (64, 8, 2), (64, 16, 2), (32, 16, 2)):
+                if K // split >= block_k:
+                    out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
+                                "PREFETCH": 1, "PAIRS": 1, "PREFETCH_X": 1, "num_warps": warps, "num_stages": 1})
         # tiled2: the tiled kernel's tiles with the LOP3 unpack and the single-pass split-K.
         for bn, bk, warps in ((64, 64, 4), (128, 64, 4), (128, 128, 4), (256, 64, 8)):
             for split in (2, 4, 8, 16):
@@ -1262,6 +1301,9 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
             raise ValueError(f"int4_gemm: gemv2 PLANES=1 / PAIRS=1 need BLOCK_M=1, got {bm}")
         if planes and pairs:
             raise ValueError("int4_gemm: gemv2 takes PLANES=1 or PAIRS=1, not both")
+        prefetch_x = bool(cfg.get("PREFETCH_X", 0))
+        if prefetch_x and not (pairs and int(cfg.get("PREFETCH", 1)) == 1):
+            raise ValueError("int4_gemm: gemv2 PREFETCH_X=1 needs PAIRS=1 and PREFETCH=1")
         asm = pairs and x.is_cuda
         if asm:
             if x.dtype != torch.bfloat16:
@@ -1271,7 +1313,7 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
                 x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)  # fresh: aligned, contiguous
                 args = (x,) + args[1:13] + (x.stride(0), x.stride(1)) + args[15:]
         _int4_gemv2_kernel[grid](*args, PREFETCH=int(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
-                                 PLANES=planes, PAIRS=pairs, ASM=asm, **common)
+                                 PLANES=planes, PAIRS=pairs, ASM=asm, PREFETCH_X=prefetch_x, **common)
     elif impl == "tcasm":
         _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],
                                                                DIRECT=int(cfg.get("DIRECT", 0)), **common)

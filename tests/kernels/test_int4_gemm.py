@@ -87,6 +87,11 @@ GEMV2_PAIRS_MULTI_SPLIT = {**GEMV2_MULTI, "PAIRS": 1}
 GEMV2_DEEP = {**GEMV2, "PREFETCH": 2}
 GEMV2_PAIRS_DEEP = {**GEMV2_PAIRS, "PREFETCH": 2}
 GEMV2_PAIRS_DEEP_MULTI = {**GEMV2_PAIRS_MULTI_SPLIT, "PREFETCH": 2}
+# PAIRS with x's next K block prefetched beside its words (masked past the slice), one group per block with a ragged
+# split-K, two groups per block with split-K, and a 256-wide block running past K
+GEMV2_PAIRS_PX = {**GEMV2_PAIRS, "PREFETCH_X": 1}
+GEMV2_PAIRS_PX_MULTI_SPLIT = {**GEMV2_PAIRS_MULTI_SPLIT, "PREFETCH_X": 1}
+GEMV2_PAIRS_PX_MULTI_TAIL = {**GEMV2_PAIRS_MULTI, "PREFETCH": 1, "num_stages": 1, "PREFETCH_X": 1}
 TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "GROUP_M": 2}
 
 
@@ -99,7 +104,10 @@ TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_
                               ("gemv2_pairs", GEMV2_PAIRS, (32, 64, 128)), ("gemv2_pairs_multi", GEMV2_PAIRS_MULTI, (32, 128)),
                               ("gemv2_pairs_multi_split", GEMV2_PAIRS_MULTI_SPLIT, (32,)),
                               ("gemv2_deep", GEMV2_DEEP, (32, 128)), ("gemv2_pairs_deep", GEMV2_PAIRS_DEEP, (32, 128)),
-                              ("gemv2_pairs_deep_multi", GEMV2_PAIRS_DEEP_MULTI, (32,)))
+                              ("gemv2_pairs_deep_multi", GEMV2_PAIRS_DEEP_MULTI, (32,)),
+                              ("gemv2_pairs_px", GEMV2_PAIRS_PX, (32, 64, 128)),
+                              ("gemv2_pairs_px_multi_split", GEMV2_PAIRS_PX_MULTI_SPLIT, (32,)),
+                              ("gemv2_pairs_px_multi_tail", GEMV2_PAIRS_PX_MULTI_TAIL, (32, 128)))
     for g in groups for asym in (True, False) if name != "gemv2_rows" or asym == (g == 128)])
 def test_int4_gemm_single_pass_variants(device, g, asym, cfg):
     """Odd M/N, every group size, sym/asym, bias, NaN-poisoned out; with split-K a second call with new
@@ -198,7 +206,7 @@ def test_int4_gemm_gemv2_extreme_codes_and_zeros(device):
             out = _run(x, qweight, scales, zeros, g, cfg)
             assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
         for row in range(M):  # the plane-at-a-time unpack and the word sums (one row per launch)
-            for cfg in (GEMV2_PLANES, GEMV2_PAIRS):
+            for cfg in (GEMV2_PLANES, GEMV2_PAIRS, GEMV2_PAIRS_PX):
                 out = _run(x[row:row + 1], qweight, scales, zeros, g, cfg)
                 assert_close(out, _expected(x[row:row + 1], qweight, scales, zeros, g), torch.float16)
 
@@ -211,6 +219,9 @@ def test_int4_gemm_gemv2_planes_needs_one_row():
             int4_gemm(x, qweight, scales, zeros, 32, config={**cfg, "BLOCK_M": 2})
     with pytest.raises(ValueError, match="not both"):
         int4_gemm(x[:1], qweight, scales, zeros, 32, config={**GEMV2_PAIRS, "PLANES": 1})
+    for cfg in ({**GEMV2, "PREFETCH_X": 1}, {**GEMV2_PAIRS_PX, "PREFETCH": 2}, {**GEMV2_PAIRS_PX, "PREFETCH": 0}):
+        with pytest.raises(ValueError, match="PREFETCH_X=1 needs PAIRS=1 and PREFETCH=1"):
+            int4_gemm(x[:1], qweight, scales, zeros, 32, config=cfg)
 
 
 @pytest.mark.parametrize("cfg", [GEMV_SPLIT, TILED, TILED_SPLIT, GEMV2],
