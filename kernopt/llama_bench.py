@@ -53,9 +53,9 @@ LLAMA = {
     "8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
 }
-# Timed `generate` calls per batch size (the fastest counts). 5 since the seventh H200 session (2 before): HF static + Inductor's
-# calls moved 118-137 tok/s between runs (it re-records its decode graph in every call), and the fastest of more
-# calls is the steadier estimate of each system, the baseline included.
+# Timed `generate` calls per batch size (the fastest counts): 5 since the seventh H200 session (2 before). HF
+# static + Inductor's calls moved 118-137 tok/s between runs (it re-records its decode graph in every call), and
+# the fastest of more calls is the steadier estimate of each system, the baseline included.
 DECODE_TIMED_CALLS = 5
 
 SYSTEMS = ("eager", "hf_static_inductor", "kernopt", "kernopt_int4", "kernopt_fp8")
