@@ -1011,8 +1011,12 @@ def _split_k(tiles: int, K: int, block_k: int, wanted: int, min_k_per_split: int
 # kernopt_int4_tcasm systems set it, so that one run compares them with kernopt_int4 end to end. "pairs128": PAIRS
 # with the 128-column tiles and ~3 programs per SM that the table picked before 2293615 (llama system
 # kernopt_int4_pairs128), for the end-to-end A/B of the 64-column pick.
+# "small" (llama system kernopt_int4_small): PAIRS with 2 warps and 32 / 64 columns, the per-shape bests of the
+# seventh session's sweep (sweeps/pairs/gemm_int4_sym-small_ctas-h200.json, 1-5 % faster at the decode launch
+# shapes in isolation); "px" (kernopt_int4_px): the table's PAIRS pick with PREFETCH_X (untimed). Both for the
+# end-to-end A/B before either goes into the table.
 GEMV_VARIANT_ENV = "KERNOPT_INT4_GEMV"
-GEMV_VARIANTS = ("fp32", "planes", "tcasm", "pairs128")
+GEMV_VARIANTS = ("fp32", "planes", "tcasm", "pairs128", "small", "px")
 
 
 def gemv_variant() -> str:
@@ -1030,7 +1034,7 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
         variant = gemv_variant()
-        if x_dtype == torch.bfloat16 and variant in ("", "pairs128"):
+        if x_dtype == torch.bfloat16 and variant in ("", "pairs128", "small", "px"):
             # PAIRS (bf16 x, any zero points): 64-column tiles, split to ~6 programs per SM but at least 8 and at
             # most 16, keeping >= 256 of K per split. The H200 --tune at the llama decode step's four launch shapes
             # (sweeps/pairs/gemm_int4_sym-launch_shapes-h200.json, 747aee5), best against the 128-column tile with
@@ -1039,16 +1043,22 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
             # end (sweeps/pairs128/llama-h200.json, adfb41e, one run): 8B int4 decode step 2.91 ms against 3.03 with
             # the 128-column pick (KERNOPT_INT4_GEMV=pairs128), 331.92 against 317.03 tok/s.
             # "pairs128": the pick before, 128 columns and ~3 programs per SM.
+            warps = 4
             if variant == "pairs128":
                 bn = 128
                 split = _split_k(cdiv(N, bn), K, block_k, wanted=3 * _SM_COUNT, min_k_per_split=256, max_split=16)
             else:
                 bn = 64
                 split = max(_split_k(cdiv(N, bn), K, block_k, wanted=768, min_k_per_split=256, max_split=16), 8)
+                if variant == "small":  # N6144: 64 x 16, N28672: 64 x 8, N4096 (K 4096 / 14336): 32 x 16
+                    bn, split, warps = (32 if N <= 4096 else 64), (8 if N >= 16384 else 16), 2
                 while split > 1 and K // split < max(block_k, 256):
                     split //= 2
-            return {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
-                    "PREFETCH": 1, "PAIRS": 1, "num_warps": 4, "num_stages": 1}
+            cfg = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
+                   "PREFETCH": 1, "PAIRS": 1, "num_warps": warps, "num_stages": 1}
+            if variant == "px":
+                cfg["PREFETCH_X"] = 1
+            return cfg
         # fp32 path (float32 / fp16 x, or the "fp32" variant): split 8 at N=14336 and 16 at N=4096 (the H200 sweep's
         # best at K=4096); at most 16. Not PLANES: with symmetric weights and bf16 x it was faster in isolation
         # (sweeps/gemm_int4_sym-h200.json: 17.6 / 17.2 / 8.2 us against 21.2 / 20.4 / 9.7), but picked for
