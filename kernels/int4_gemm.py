@@ -336,6 +336,33 @@ def _finish_tile(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, tile, pid_k, offs_m, of
 
 
 @triton.jit
+def _finish_gated(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, tile, pid_k, offs_n, mask_n, pid_n, M, N, N_OUT,
+                  stride_om, stride_on, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """GATED gemv2 (M = 1): the tile's columns are BLOCK_N / 2 gate columns then the up columns of the same outputs
+    (offs_n, of the [2 N_OUT] combined weight); after the single-pass split-K (as _finish_tile), the last slice
+    writes out[0, j] = silu(gate_j) * up_j for its BLOCK_N / 2 outputs, rounding as the unfused ops do: each
+    product to out's dtype, silu of it to out's dtype, then their product."""
+    mask = mask_n[None, :]
+    if SPLIT_K == 1:
+        last = True
+        total = acc
+    else:
+        last, total, _ = split_k_gather(acc, acc, part_ptr, part_ptr, cnt_ptr, tile, pid_k, offs_n[None, :], mask,
+                                        N, SPLIT_K, False)
+    if last:
+        if HAS_BIAS:
+            total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        dt = out_ptr.dtype.element_ty
+        t = tl.reshape(total.to(dt).to(tl.float32), (2, BLOCK_N // 2))
+        half = tl.arange(0, 2)[:, None]
+        g = tl.sum(tl.where(half == 0, t, 0.0), axis=0)
+        u = tl.sum(tl.where(half == 1, t, 0.0), axis=0)
+        act = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
+        j = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_ptr + j * stride_on, (act * u).to(dt), mask=j < N_OUT)
+
+
+@triton.jit
 def _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0, k_hi, K, stride_qk, stride_sn, stride_sg,
                  stride_zn, stride_zg, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, MULTI: tl.constexpr):
     """gemv2's loads for the K block at k0 (none past k_hi): words [BLOCK_K/8, BLOCK_N], and zero and scale per
@@ -472,16 +499,23 @@ def _int4_gemv2_kernel(
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     LOAD_STAGES: tl.constexpr, PLANES: tl.constexpr, PAIRS: tl.constexpr = False, ASM: tl.constexpr = False,
-    PREFETCH_X: tl.constexpr = False,
+    PREFETCH_X: tl.constexpr = False, GATED: tl.constexpr = False, N_OUT=0,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_K // 8)
     offs_j = tl.arange(0, 8)
-    mask_n = offs_n < N
+    if GATED:
+        # SwiGLU (BLOCK_M == 1): N = 2 N_OUT columns, gate then up; a tile takes BLOCK_N / 2 of each, same outputs
+        cols = tl.arange(0, BLOCK_N)
+        j_out = pid_n * (BLOCK_N // 2) + cols % (BLOCK_N // 2)
+        offs_n = j_out + (cols // (BLOCK_N // 2)) * N_OUT
+        mask_n = j_out < N_OUT
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     w_ptrs = qw_ptr + offs_n[None, :] * stride_qn + offs_w[:, None] * stride_qk
@@ -579,8 +613,12 @@ def _int4_gemv2_kernel(
                     acc = tl.where((offs_m == row)[:, None], acc + part[None, :], acc)
     if BLOCK_M == 1:
         acc = tl.sum(acc_w, axis=0)[None, :] + acc
-    _finish_tile(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k,
-                 offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, HAS_BIAS)
+    if GATED:
+        _finish_gated(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, pid_n, pid_k, offs_n, mask_n, pid_n, M, N, N_OUT,
+                      stride_om, stride_on, SPLIT_K, HAS_BIAS, BLOCK_N)
+    else:
+        _finish_tile(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k,
+                     offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -1290,7 +1328,7 @@ IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "tcasm", "dequant_cublas"
 
 
 def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split,
-                        has_zeros, has_bias):
+                        has_zeros, has_bias, gated=False):
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     tiles = cdiv(M, bm) * cdiv(N, bn)
     if split > 1:
@@ -1305,7 +1343,7 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
                   BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg.get("num_warps", 4),
                   num_stages=cfg.get("num_stages", 1 if impl == "gemv2" else 3))
     if impl == "gemv2":
-        grid = (cdiv(N, bn), split, cdiv(M, bm))
+        grid = (cdiv(N // 2, bn // 2), split, 1) if gated else (cdiv(N, bn), split, cdiv(M, bm))
         planes, pairs = bool(cfg.get("PLANES", 0)), bool(cfg.get("PAIRS", 0))
         if (planes or pairs) and bm != 1:
             raise ValueError(f"int4_gemm: gemv2 PLANES=1 / PAIRS=1 need BLOCK_M=1, got {bm}")
@@ -1323,7 +1361,8 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
                 x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)  # fresh: aligned, contiguous
                 args = (x,) + args[1:13] + (x.stride(0), x.stride(1)) + args[15:]
         _int4_gemv2_kernel[grid](*args, PREFETCH=int(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
-                                 PLANES=planes, PAIRS=pairs, ASM=asm, PREFETCH_X=prefetch_x, **common)
+                                 PLANES=planes, PAIRS=pairs, ASM=asm, PREFETCH_X=prefetch_x, GATED=gated,
+                                 N_OUT=N // 2, **common)
     elif impl == "tcasm":
         _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],
                                                                DIRECT=int(cfg.get("DIRECT", 0)), **common)
@@ -1340,21 +1379,33 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
               group_size: int, bias: Optional[torch.Tensor] = None, config: Optional[dict] = None,
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              out: Optional[torch.Tensor] = None, gated: bool = False) -> torch.Tensor:
     """x [M, K] fp16/bf16 (fp32 accepted) times the int4 weight [N, K] (format in the module docstring)
-    -> [M, N] in x's dtype. `out=` may be a preallocated [M, N] tensor; `config=` overrides select_config."""
+    -> [M, N] in x's dtype. `out=` may be a preallocated [M, N] tensor; `config=` overrides select_config.
+
+    gated: Llama's SwiGLU over the product, ``silu(y[:, :N/2]) * y[:, N/2:]`` -> [M, N/2] (the weight's rows are the
+    gate projection's then the up projection's, as `kernopt.int4.pack_adjacent` stores them), each step rounded to
+    x's dtype as the unfused ops round. With gemv2 at one row (M = 1, BLOCK_M = 1) in the GEMV's epilogue: no [M, N]
+    output and no second kernel; any other config runs the product, then the two ops in torch."""
     M, N, K = _check(x, qweight, scales, zeros, group_size, bias)
+    if gated and N % 2:
+        raise ValueError(f"int4_gemm: gated needs an even N (gate rows then up rows), got N={N}")
+    n_out = N // 2 if gated else N
     if out is None:
-        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != (M, N) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"int4_gemm: out must be [M, N] = {(M, N)} {x.dtype} on {x.device}, "
-                         f"got {tuple(out.shape)} {out.dtype} {out.device}")
+        out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (M, n_out) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"int4_gemm: out must be [M, N{' / 2' if gated else ''}] = {(M, n_out)} {x.dtype} on "
+                         f"{x.device}, got {tuple(out.shape)} {out.dtype} {out.device}")
     if M == 0 or N == 0:
         return out
     # (the GEMV experiment's kernels read 16-bit x only: a float32 x keeps the table's GEMV)
     cfg = dict(config) if config is not None else \
         select_config(M, N, K, group_size, symmetric=zeros is None and x.dtype != torch.float32, x_dtype=x.dtype)
     impl = cfg.get("impl")
+    gated_epilogue = gated and impl == "gemv2" and cfg.get("BLOCK_M") == 1 and M == 1
+    if gated and not gated_epilogue:
+        y = int4_gemm(x, qweight, scales, zeros, group_size, bias, cfg)
+        return out.copy_(F.silu(y[:, :n_out]) * y[:, n_out:])
     if impl == "dequant_cublas":
         w = int4_dequantize(qweight, scales, zeros, group_size, x.dtype, cfg)
         return out.copy_(F.linear(x, w, bias))
@@ -1384,7 +1435,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         raise ValueError("int4_gemm: tcasm takes float16/bfloat16 x only, got float32 (use gemv2 for float32 x)")
     if impl in ("gemv2", "tiled2", "tiled3", "tcasm"):
         return _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group_size, split,
-                                   k_per_split, zeros is not None, bias is not None)
+                                   k_per_split, zeros is not None, bias is not None, gated=gated_epilogue)
     if split == 1:
         dst, stride_s = out, 0
     else:

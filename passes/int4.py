@@ -360,6 +360,8 @@ class Int4Pass:
                 ctx.refused(self.name, node, matched, reason)
         if grouping_enabled():
             group_shared_inputs(gm, ctx)
+            if swiglu_enabled():
+                fuse_swiglu(gm, ctx)
         if float_inputs_enabled():
             float_gemv_inputs(gm, ctx)
 
@@ -590,6 +592,77 @@ def prompt_to_inductor() -> bool:
     if v not in ("kernel", "inductor"):
         raise ValueError(f"{PROMPT_ENV}={v!r}; valid: 'kernel', 'inductor'")
     return v == "inductor"
+
+
+# ------------------------------------------------------------------------------------------------
+# SwiGLU: silu(gate) * up over a grouped gate/up launch -> one kernopt.int4_swiglu (the GEMV's epilogue at decode)
+# ------------------------------------------------------------------------------------------------
+INT4_SWIGLU = torch.ops.kernopt.int4_swiglu.default
+SWIGLU_ENV = "KERNOPT_INT4_SWIGLU"
+SWIGLU_PASS_NAME = "int4_swiglu"
+SILU = (F.silu, torch.nn.functional.silu, "silu")
+
+
+def swiglu_enabled() -> bool:
+    """``KERNOPT_INT4_SWIGLU=1`` fuses silu(gate) * up into the grouped gate/up launch (fuse_swiglu); off by default
+    until the H200 A/B (llama system kernopt_int4_swiglu) says it is faster end to end."""
+    v = os.environ.get(SWIGLU_ENV, "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"{SWIGLU_ENV}={v!r}; valid: '0', '1'")
+    return v == "1"
+
+
+def _only_user(n: fx.Node) -> Optional[fx.Node]:
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def _narrow_of(n: fx.Node, group: fx.Node) -> Optional[tuple[int, int]]:
+    """(start, length) when `n` is torch.narrow(group, -1, start, length) (what _group inserts), else None."""
+    if not (n.op == "call_function" and n.target is torch.narrow and len(n.args) == 4 and n.args[0] is group
+            and not n.kwargs):
+        return None
+    dim, start, length = n.args[1:]
+    return (start, length) if dim == -1 and isinstance(start, int) and isinstance(length, int) else None
+
+
+def fuse_swiglu(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Replace ``silu(narrow(g, 0, n)) * narrow(g, n, n)`` over a two-part int4_linear_group g (gate, up of equal
+    widths: Llama's MLP after grouping) by one ``kernopt.int4_swiglu`` node with g's arguments. Any other use of
+    the group, its slices or the silu leaves the graph as it is (reported)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not INT4_GROUP or len(node.args[1]) != 2:
+            continue
+        matched = "silu(int4 gate) * int4 up (grouped)"
+        slices = {_narrow_of(u, node): u for u in node.users}
+        widths = [static_int(example_value(s).shape[0]) for s in node.args[2]]
+        n = widths[0]
+        gate, up = slices.get((0, n)), slices.get((n, n))
+        if len(node.users) != 2 or widths[1] != n or gate is None or up is None:
+            continue  # not a gate/up pair (q/k/v, or slices used otherwise): nothing to say
+        act = _only_user(gate)
+        mul = _only_user(act) if act is not None and is_call(act, *SILU) and not act.kwargs else None
+        if mul is None or not is_call(mul, *MUL) or mul.kwargs or set(mul.args) != {act, up} or len(mul.args) != 2 \
+                or _only_user(up) is not mul or act.args[0] is not gate:
+            if act is not None and is_call(act, *SILU):
+                ctx.refused(SWIGLU_PASS_NAME, node, matched, "the gate's silu or the up slice has other uses")
+            continue
+        x, group_size = node.args[0], node.args[4]
+        new = insert_before(gm, mul, INT4_SWIGLU, node.args, example_value(mul))
+        mul.replace_all_uses_with(new)
+        for dead in (mul, act, up, gate, node):
+            gm.graph.erase_node(dead)
+        xv = example_value(x)
+        m_hint, K = size_hint(_rows(xv)), size_hint(xv.shape[-1])
+        impl = ops.implementation(xv)
+        config = "plain-torch reference"
+        if impl != "reference":
+            cfg = ops.kernel_module("int4_gemm").select_config(m_hint, 2 * n, K, group_size,
+                                                               symmetric=node.args[3][0] is None, x_dtype=xv.dtype)
+            epilogue = cfg.get("impl") == "gemv2" and cfg.get("BLOCK_M") == 1 and m_hint == 1
+            config = ("in the GEMV's epilogue if adjacent (checked per call) " if epilogue else
+                      "grouped product, then silu * mul in torch ") + format_config(cfg)
+        ctx.rewrote(SWIGLU_PASS_NAME, new, f"{matched} M={m_hint} N={n} K={K} g{group_size}", "kernopt.int4_swiglu",
+                    config, workload.scenario_for_activation(ctx.scenario, [size_hint(d) for d in xv.shape]), impl)
 
 
 def float_inputs_enabled() -> bool:

@@ -343,6 +343,28 @@ def test_optimized_quantized_linears_run_their_ops_in_eager_calls(quantize, op, 
     assert op not in eager(model, ids)[1]
 
 
+def test_optimize_int4_swiglu_generates_the_unfused_tokens(monkeypatch):
+    """KERNOPT_INT4_SWIGLU=1: each layer's silu(gate) * up becomes kernopt.int4_swiglu (in the one-row GEMV's
+    epilogue at decode); greedy tokens with a static cache (decode steps through the backend) are those of the same
+    model quantized without kernopt."""
+    from kernopt.int4 import quantize_int4_
+
+    monkeypatch.setenv("KERNOPT_INT4_SWIGLU", "1")
+    ref = quantize_int4_(tiny_llama(), group_size=32)
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
+        kernopt.optimize(model, quantize="int4", group_size=32, cache="static", inner="eager")
+        model.generation_config.compile_config._compile_all_devices = True
+        with listening_report() as report:
+            got = model.generate(ids, max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert torch.equal(got, want)
+    fused = [r for r in report.rewrites if r.pass_name == "int4_swiglu"]
+    assert len(fused) >= 2 and all(r.kernel == "kernopt.int4_swiglu" for r in fused), report.table()
+    assert any("M=1 " in r.matched for r in fused), report.table()  # the decode step's
+
+
 @pytest.mark.parametrize("grouping", ["1", "0"])
 def test_optimize_int4_packs_linears_sharing_an_input_and_groups_them(grouping, monkeypatch):
     """optimize(quantize="int4") traces which linears read one input (q/k/v, gate/up), lays each set out in

@@ -260,7 +260,7 @@ def _decode(B, S, paged=False, mask=None, fused=False, page=64, D=HEAD_DIM, Hq=H
 
 
 # ---- kernels/int4_gemm.py (N-contiguous storage, as kernopt/int4.py writes it)
-def _int4(M, N=MLP, K=HIDDEN, group=128, zeros=False, bias=False, pick=None, config=None):
+def _int4(M, N=MLP, K=HIDDEN, group=128, zeros=False, bias=False, pick=None, config=None, gated=False):
     def build(rec):
         import torch
         from kernopt.kernels import int4_gemm as q4
@@ -279,7 +279,8 @@ def _int4(M, N=MLP, K=HIDDEN, group=128, zeros=False, bias=False, pick=None, con
         if cfg["impl"] == "dequant_cublas":  # the Triton half; the cuBLAS half is F.linear
             q4.int4_dequantize(qweight, scales, z, group, _dtype(), cfg)
         else:
-            q4.int4_gemm(_empty(M, K), qweight, scales, z, group, bias=_empty(N) if bias else None, config=cfg)
+            q4.int4_gemm(_empty(M, K), qweight, scales, z, group, bias=_empty(N) if bias else None, config=cfg,
+                         gated=gated)
         return cfg
     return build
 
@@ -407,6 +408,9 @@ CASES = [
     # int4 weight-only GEMM, K4096 N14336 g128
     Case("int4 M1 (gemv2 PAIRS)", _int4(1)),
     Case("int4 M1 zeros+bias (gemv2 PAIRS)", _int4(1, zeros=True, bias=True)),
+    Case("int4 M1 swiglu (gemv2 PAIRS, gated epilogue)", _int4(1, N=2 * MLP, gated=True)),
+    Case("int4 M1 swiglu zeros+bias (gemv2 PAIRS, gated epilogue)", _int4(1, N=2 * MLP, zeros=True, bias=True,
+                                                                          gated=True)),
     Case("int4 M16 (tiled2)", _int4(16)),
     Case("int4 M16 zeros+bias (tiled2)", _int4(16, zeros=True, bias=True)),
     Case("int4 M256 (dequant kernel)", _int4(256)),

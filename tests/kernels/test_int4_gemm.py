@@ -4,6 +4,7 @@ Runs the Triton kernels under the interpreter on CPU (fp16 activations) and on t
 """
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -113,6 +114,43 @@ def test_int4_gemm_single_pass_variants(device, g, asym, cfg):
     """Odd M/N, every group size, sym/asym, bias, NaN-poisoned out; with split-K a second call with new
     inputs on the same counters (the last slice must have re-armed them), and counters back at zero."""
     _check_calls_and_rearmed_counters(device, cfg, (1 if cfg["BLOCK_M"] == 1 else 3), 37, 384, g, asym)
+
+
+def _swiglu_expected(x, qweight, scales, zeros, g, bias):
+    """silu(gate) * up over the float64 product (gate rows then up rows), as the unfused ops compute it."""
+    y = _expected(x, qweight, scales, zeros, g, bias)
+    n = y.shape[-1] // 2
+    return F.silu(y[:, :n]) * y[:, n:]
+
+
+@pytest.mark.parametrize("cfg", [GEMV2_PAIRS, GEMV2, {**GEMV2, "SPLIT_K": 1}, GEMV2_PAIRS_PX_MULTI_TAIL,
+                                 GEMV2_PAIRS_MULTI_SPLIT, TILED2, DEQUANT, None],
+                         ids=["pairs_split3", "fp32_split3", "fp32_split1", "pairs_px_multi_tail", "pairs_multi_split",
+                              "tiled2_fallback", "dequant_fallback", "table"])
+@pytest.mark.parametrize("asym", [True, False])
+@pytest.mark.parametrize("M", [1, 3])
+def test_int4_gemm_gated_swiglu(device, cfg, asym, M):
+    """gated=True: silu(y[:, :N/2]) * y[:, N/2:] -> [M, N/2]; at one row through gemv2's epilogue (BLOCK_M 1), else
+    the product then the two ops. Odd N/2 (a tile's gate and up halves ragged), K = 5 groups, bias, NaN-poisoned
+    out, twice (re-armed split-K counters: every counter back at zero)."""
+    g, n = 32, 37
+    K = 5 * g
+    for _ in range(2):
+        qweight, scales, zeros = _weights(2 * n, K, g, asym, device)
+        x = torch.randn(M, K, dtype=torch.float16, device=device)
+        bias = torch.randn(2 * n, dtype=torch.float16, device=device)
+        out = torch.full((M, n), float("nan"), dtype=x.dtype, device=device)
+        res = int4_gemm(x, qweight, scales, zeros, g, bias=bias, config=cfg, out=out, gated=True)
+        assert res is out
+        assert_close(out, _swiglu_expected(x, qweight, scales, zeros, g, bias), torch.float16, scale=2.0)
+    for buf in workspace._BUFFERS.values():
+        assert not buf.any()
+    assert int4_gemm(x, qweight, scales, zeros, g, config=cfg, gated=True).shape == (M, n)
+    with pytest.raises(ValueError, match="gated needs an even N"):
+        int4_gemm(x, qweight[:-1], scales[:-1], zeros[:-1] if asym else None, g, config=cfg, gated=True)
+    with pytest.raises(ValueError, match=r"out must be \[M, N / 2\]"):
+        int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=torch.empty(M, 2 * n, dtype=x.dtype, device=device),
+                  gated=True)
 
 
 # tiled3 (swap-AB tensor-core kernel): BLOCK_K 128 (its dots need K = BLOCK_K / 8 >= 16 on the GPU), so
@@ -527,6 +565,29 @@ def test_int4_gemm_gpu_pairs(g, asym):
             assert_close(_run(x, qw, s, z, g, cfg), int4_gemm_ref(x.double(), qw, s, z, g), dtype, scale=2.0)
     with pytest.raises(ValueError, match="PAIRS=1 takes bfloat16"):
         _run(x.half(), qw, s.half(), z.half() if asym else None, g, cands[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g,asym", [(32, True), (128, False), (128, True)])
+def test_int4_gemm_gpu_gated_swiglu(g, asym):
+    """gated=True on the GPU: bf16 x through every PAIRS candidate's epilogue (inline PTX), odd N/2, K = 5 g, bias,
+    NaN-poisoned out, twice; and the table's pick at the llama 8B gate/up shape (K4096, 2 x 14336)."""
+    dtype, n, K = torch.bfloat16, 999, 5 * g
+    qweight, scales, zeros = _weights(2 * n, K, g, asym, "cuda", dtype)
+    bias = torch.randn(2 * n, dtype=dtype, device="cuda")
+    x = torch.randn(1, K, dtype=dtype, device="cuda")
+    expected = _swiglu_expected(x, qweight, scales, zeros, g, bias)
+    for cfg in [c for c in candidate_configs(1, 14336, 4096, g) if c.get("PAIRS")]:
+        for _ in range(2):
+            out = torch.full((1, n), float("nan"), dtype=dtype, device="cuda")
+            int4_gemm(x, qweight, scales, zeros, g, bias=bias, config=cfg, out=out, gated=True)
+            problem = mismatch(out, expected, dtype, scale=2.0, magnitude=rms(expected))
+            assert problem is None, f"{cfg}: {problem}"
+    qweight, scales, zeros = _weights(2 * 14336, 4096, 128, asym, "cuda", dtype)
+    x = torch.randn(1, 4096, dtype=dtype, device="cuda")
+    expected = _swiglu_expected(x, qweight, scales, zeros, 128, None)
+    out = int4_gemm(x, qweight, scales, zeros, 128, gated=True)
+    assert mismatch(out, expected, dtype, scale=2.0, magnitude=rms(expected)) is None
 
 
 @pytest.mark.gpu

@@ -239,6 +239,77 @@ def test_pass_groups_gate_and_up_and_leaves_down_alone(launches):
     assert len(groups) == 1 and "N=96+96" in groups[0].matched, report.table()
 
 
+def _swiglu_rewrites(report):
+    return [r for r in report.rewrites if r.pass_name == "int4_swiglu"]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_pass_fuses_swiglu_into_the_gate_up_launch(monkeypatch, launches, rows):
+    """KERNOPT_INT4_SWIGLU=1: silu(gate) * up over the grouped gate/up -> one kernopt.int4_swiglu (one launch over
+    both, the silu * mul in its epilogue at one row); the output is the eager module's."""
+    monkeypatch.setenv("KERNOPT_INT4_SWIGLU", "1")
+    model = GatedMLP()
+    pack_adjacent([model.gate, model.up])
+    report = _compile_and_compare(model, torch.randn(rows, K, dtype=DT, device=DEV), launches, [192, K])
+    fused = _swiglu_rewrites(report)
+    assert len(fused) == 1 and fused[0].kernel == "kernopt.int4_swiglu" and "N=96" in fused[0].matched, report.table()
+    if ops.implementation(torch.empty(0, dtype=DT, device=DEV)) != "reference":
+        assert fused[0].config.startswith("in the GEMV's epilogue" if rows == 1 else "grouped product"), fused[0].config
+
+
+def test_pass_swiglu_off_by_default_and_unpacked_parts(monkeypatch, launches):
+    """Off unless asked (not yet timed on the GPU); with it on and gate/up not in one storage, the op runs each part's
+    launch, then silu * mul (still the module's output)."""
+    model = GatedMLP()
+    report = _compile_and_compare(model, torch.randn(1, K, dtype=DT, device=DEV), launches, [96, 96, K])
+    assert not _swiglu_rewrites(report) and _group_rewrites(report), report.table()
+    monkeypatch.setenv("KERNOPT_INT4_SWIGLU", "1")
+    report = _compile_and_compare(model, torch.randn(1, K, dtype=DT, device=DEV), launches, [96, 96, K])
+    assert len(_swiglu_rewrites(report)) == 1, report.table()
+    monkeypatch.setenv("KERNOPT_INT4_SWIGLU", "yes")
+    with pytest.raises(ValueError, match="KERNOPT_INT4_SWIGLU"):
+        from kernopt.passes.int4 import swiglu_enabled
+        swiglu_enabled()
+
+
+class GatedMLPSharedAct(GatedMLP):
+    """silu(gate) is also returned: fusing would have to compute it twice; left as it is."""
+
+    def forward(self, x):
+        act = F.silu(self.gate(x))
+        return self.down(act * self.up(x)), act
+
+
+def test_pass_swiglu_leaves_alone_an_activation_used_elsewhere(monkeypatch, launches):
+    monkeypatch.setenv("KERNOPT_INT4_SWIGLU", "1")
+    model = GatedMLPSharedAct()
+    pack_adjacent([model.gate, model.up])
+    report = _compile_and_compare(model, torch.randn(1, K, dtype=DT, device=DEV), launches, [192, K])
+    assert not _swiglu_rewrites(report) and _group_rewrites(report), report.table()
+    assert [f for f in report.fallbacks if f.pass_name == "int4_swiglu" and "other uses" in f.reason], report.table()
+
+
+def test_swiglu_op_registration_reference_and_fake_shape(monkeypatch):
+    gate, up = _linears(widths=(24, 24), bias=(True, True))
+    pack_adjacent([gate, up])
+    x = torch.randn(2, 3, K, dtype=DT, device=DEV)
+    args = (x, [gate.qweight, up.qweight], [gate.scales, up.scales], [gate.zeros, up.zeros], G, [gate.bias, up.bias])
+    with torch.no_grad():
+        want = F.silu(gate(x)) * up(x)
+    got = torch.ops.kernopt.int4_swiglu(*args)
+    assert got.shape == (2, 3, 24)
+    assert_close(got, want.double(), DT, scale=2.0)
+    monkeypatch.setenv("KERNOPT_CPU", "reference")
+    if ops.implementation(x) == "reference":
+        assert_close(torch.ops.kernopt.int4_swiglu(*args), want.double(), DT, scale=2.0)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = torch.ops.kernopt.int4_swiglu(torch.empty(5, K, dtype=DT, device=DEV), *args[1:])
+    assert fake.shape == (5, 24)
+    with pytest.raises(ValueError, match="two parts"):
+        torch.ops.kernopt.int4_swiglu(x, [gate.qweight], [gate.scales], [gate.zeros], G, [gate.bias])
+
+
 class DifferentInputs(nn.Module):
     """a(x), b(y): different inputs; c(a(x)): one linear's output feeds another (same widths and K)."""
 
