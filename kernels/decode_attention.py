@@ -384,7 +384,7 @@ def candidate_configs(batch: int, kv_heads: int, q_heads: int, max_len: int, hea
             for warps in (4, 8):
                 for mult in mults:
                     splits = max(1, min(256, int(round(base["SPLITS"] * mult))))
-                    if splits > 1 and (block_n * 4 > max_len and splits0 == 1 or splits * block_n > max_len):
+                    if splits > 1 and ((block_n * 4 > max_len and splits0 == 1) or splits * block_n > max_len):
                         continue  # (splits of less than one tile would be empty)
                     cfg = {**base, "BLOCK_N": block_n, "num_stages": stages, "num_warps": warps, "SPLITS": splits}
                     if cfg not in out:

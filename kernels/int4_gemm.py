@@ -336,8 +336,8 @@ def _finish_tile(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, tile, pid_k, offs_m, of
 
 
 @triton.jit
-def _finish_gated(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, tile, pid_k, offs_n, mask_n, pid_n, M, N, N_OUT,
-                  stride_om, stride_on, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _finish_gated(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, pid_n, pid_k, offs_n, mask_n, N, N_OUT, stride_on,
+                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     """GATED gemv2 (M = 1): the tile's columns are BLOCK_N / 2 gate columns then the up columns of the same outputs
     (offs_n, of the [2 N_OUT] combined weight); after the single-pass split-K (as _finish_tile), the last slice
     writes out[0, j] = silu(gate_j) * up_j for its BLOCK_N / 2 outputs, rounding as the unfused ops do: each
@@ -347,7 +347,7 @@ def _finish_gated(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, tile, pid_k, offs_n, m
         last = True
         total = acc
     else:
-        last, total, _ = split_k_gather(acc, acc, part_ptr, part_ptr, cnt_ptr, tile, pid_k, offs_n[None, :], mask,
+        last, total, _ = split_k_gather(acc, acc, part_ptr, part_ptr, cnt_ptr, pid_n, pid_k, offs_n[None, :], mask,
                                         N, SPLIT_K, False)
     if last:
         if HAS_BIAS:
@@ -614,8 +614,8 @@ def _int4_gemv2_kernel(
     if BLOCK_M == 1:
         acc = tl.sum(acc_w, axis=0)[None, :] + acc
     if GATED:
-        _finish_gated(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, pid_n, pid_k, offs_n, mask_n, pid_n, M, N, N_OUT,
-                      stride_om, stride_on, SPLIT_K, HAS_BIAS, BLOCK_N)
+        _finish_gated(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, pid_n, pid_k, offs_n, mask_n, N, N_OUT, stride_on,
+                      SPLIT_K, HAS_BIAS, BLOCK_N)
     else:
         _finish_tile(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k,
                      offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, HAS_BIAS)
@@ -1086,10 +1086,11 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
                 bn = 128
                 split = _split_k(cdiv(N, bn), K, block_k, wanted=3 * _SM_COUNT, min_k_per_split=256, max_split=16)
             else:
-                bn = 64
-                split = max(_split_k(cdiv(N, bn), K, block_k, wanted=768, min_k_per_split=256, max_split=16), 8)
                 if variant == "small":  # N6144: 64 x 16, N28672: 64 x 8, N4096 (K 4096 / 14336): 32 x 16
                     bn, split, warps = (32 if N <= 4096 else 64), (8 if N >= 16384 else 16), 2
+                else:
+                    bn = 64
+                    split = max(_split_k(cdiv(N, bn), K, block_k, wanted=768, min_k_per_split=256, max_split=16), 8)
                 while split > 1 and K // split < max(block_k, 256):
                     split //= 2
             cfg = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
@@ -1206,8 +1207,7 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             # 64 columns (offline sm_90a: 48 registers at 4 warps, 3.5 instructions per nibble: twice the programs
             # and the warps per SM of the 128-column tile, the shape of the int4 read roofline's best, 3.46 TB/s).
             # The 64-column tiles won at 747aee5 (the table's pick since). PREFETCH=2 (two K blocks of words in
-            # registers ahead of the unpack, not yet timed): more bytes in flight per warp, for the latency that
-            # ncu showed bounding the fp32 gemv2 (0.97 eligible warps per scheduler). PREFETCH=2 timed slower (H200,
+            # registers ahead of the unpack, for more bytes in flight per warp) timed slower (H200,
             # sweeps/pairs/gemm_int4_sym-prefetch2-h200.json, 9506a06: 14.99 against 13.75 us at K14336 N4096).
             # 2 warps, 32 columns and split 32: ncu of the 64-column pick (profiles/ncu-pairs-*.txt, 35d2bcf) showed
             # 0.86 waves at K14336 N4096 (2.0 TB/s) and a 2.72-wave grid with a partial tail at K4096 N28672
@@ -1377,6 +1377,12 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
     return out
 
 
+def gated_epilogue(cfg: dict, M: int) -> bool:
+    """Whether int4_gemm(gated=True) with this config applies the SwiGLU in the kernel's epilogue (gemv2 at one row),
+    rather than after the product in torch."""
+    return cfg.get("impl") == "gemv2" and cfg.get("BLOCK_M") == 1 and M == 1
+
+
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
               group_size: int, bias: Optional[torch.Tensor] = None, config: Optional[dict] = None,
               out: Optional[torch.Tensor] = None, gated: bool = False) -> torch.Tensor:
@@ -1402,8 +1408,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     cfg = dict(config) if config is not None else \
         select_config(M, N, K, group_size, symmetric=zeros is None and x.dtype != torch.float32, x_dtype=x.dtype)
     impl = cfg.get("impl")
-    gated_epilogue = gated and impl == "gemv2" and cfg.get("BLOCK_M") == 1 and M == 1
-    if gated and not gated_epilogue:
+    in_kernel = gated and gated_epilogue(cfg, M)
+    if gated and not in_kernel:
         y = int4_gemm(x, qweight, scales, zeros, group_size, bias, cfg)
         return out.copy_(F.silu(y[:, :n_out]) * y[:, n_out:])
     if impl == "dequant_cublas":
@@ -1435,7 +1441,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         raise ValueError("int4_gemm: tcasm takes float16/bfloat16 x only, got float32 (use gemv2 for float32 x)")
     if impl in ("gemv2", "tiled2", "tiled3", "tcasm"):
         return _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group_size, split,
-                                   k_per_split, zeros is not None, bias is not None, gated=gated_epilogue)
+                                   k_per_split, zeros is not None, bias is not None, gated=in_kernel)
     if split == 1:
         dst, stride_s = out, 0
     else:

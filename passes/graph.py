@@ -154,3 +154,4 @@ def describe(node: fx.Node) -> str:
 
 MUL = (operator.mul, torch.mul, "mul")
 ADD = (operator.add, torch.add, "add")
+SILU = (torch.nn.functional.silu, "silu")

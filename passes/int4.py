@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from kernopt import ops, workload
 from kernopt.int4 import grouping_enabled
-from kernopt.passes.graph import (PassContext, arg, describe, example_value, format_config, insert_before, is_call,
-                                  replace, size_hint, static_int)
+from kernopt.passes.graph import (SILU, PassContext, arg, describe, example_value, format_config, insert_before,
+                                  is_call, replace, size_hint, static_int)
 
 LINEAR = (F.linear, torch._C._nn.linear)
 MATMUL = (torch.matmul, operator.matmul, torch.mm, "matmul", "mm")
@@ -600,7 +600,6 @@ def prompt_to_inductor() -> bool:
 INT4_SWIGLU = torch.ops.kernopt.int4_swiglu.default
 SWIGLU_ENV = "KERNOPT_INT4_SWIGLU"
 SWIGLU_PASS_NAME = "int4_swiglu"
-SILU = (F.silu, torch.nn.functional.silu, "silu")
 
 
 def swiglu_enabled() -> bool:
@@ -656,10 +655,9 @@ def fuse_swiglu(gm: fx.GraphModule, ctx: PassContext) -> None:
         impl = ops.implementation(xv)
         config = "plain-torch reference"
         if impl != "reference":
-            cfg = ops.kernel_module("int4_gemm").select_config(m_hint, 2 * n, K, group_size,
-                                                               symmetric=node.args[3][0] is None, x_dtype=xv.dtype)
-            epilogue = cfg.get("impl") == "gemv2" and cfg.get("BLOCK_M") == 1 and m_hint == 1
-            config = ("in the GEMV's epilogue if adjacent (checked per call) " if epilogue else
+            kmod = ops.kernel_module("int4_gemm")
+            cfg = kmod.select_config(m_hint, 2 * n, K, group_size, symmetric=node.args[3][0] is None, x_dtype=xv.dtype)
+            config = ("in the GEMV's epilogue if adjacent (checked per call) " if kmod.gated_epilogue(cfg, m_hint) else
                       "grouped product, then silu * mul in torch ") + format_config(cfg)
         ctx.rewrote(SWIGLU_PASS_NAME, new, f"{matched} M={m_hint} N={n} K={K} g{group_size}", "kernopt.int4_swiglu",
                     config, workload.scenario_for_activation(ctx.scenario, [size_hint(d) for d in xv.shape]), impl)

@@ -21,14 +21,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from kernopt import ops, workload
-from kernopt.passes.graph import (ADD, MUL, PassContext, arg, describe, example_value, insert_before, is_call,
+from kernopt.passes.graph import (ADD, MUL, SILU, PassContext, arg, describe, example_value, insert_before, is_call,
                                   replace, single_user, size_hint, static_int)
 
 LINEAR = (F.linear, torch._C._nn.linear)
 MATMUL = (torch.matmul, __import__("operator").matmul, torch.mm, "matmul", "mm")
 ADDMM = (torch.addmm, "addmm")
 TRANSPOSE = ("t", torch.t)
-SILU = (F.silu, "silu")
 GELU = (F.gelu, torch._C._nn.gelu, "gelu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
