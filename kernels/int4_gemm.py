@@ -1049,12 +1049,12 @@ def _split_k(tiles: int, K: int, block_k: int, wanted: int, min_k_per_split: int
 # kernopt_int4_tcasm systems set it, so that one run compares them with kernopt_int4 end to end. "pairs128": PAIRS
 # with the 128-column tiles and ~3 programs per SM that the table picked before 2293615 (llama system
 # kernopt_int4_pairs128), for the end-to-end A/B of the 64-column pick.
-# "small" (llama system kernopt_int4_small): PAIRS with 2 warps and 32 / 64 columns, the per-shape bests of the
-# seventh session's sweep (sweeps/pairs/gemm_int4_sym-small_ctas-h200.json, 1-5 % faster at the decode launch
-# shapes in isolation); "px" (kernopt_int4_px): the table's PAIRS pick with PREFETCH_X (untimed). Both for the
-# end-to-end A/B before either goes into the table.
+# "pairs64" (llama system kernopt_int4_pairs64): PAIRS with 4 warps and 64 columns, the table's pick from 2293615
+# until the eighth session's A/B put 2 warps and 32 / 64 columns in its place; "px" (kernopt_int4_px): the table's
+# PAIRS pick with PREFETCH_X (x's next K block loaded beside its words): with the 4-warp pick, slower end to end
+# (sweeps/int4_ab/llama-h200.json: decode step 2.93 against 2.91 ms).
 GEMV_VARIANT_ENV = "KERNOPT_INT4_GEMV"
-GEMV_VARIANTS = ("fp32", "planes", "tcasm", "pairs128", "small", "px")
+GEMV_VARIANTS = ("fp32", "planes", "tcasm", "pairs128", "pairs64", "px")
 
 
 def gemv_variant() -> str:
@@ -1072,25 +1072,26 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
         variant = gemv_variant()
-        if x_dtype == torch.bfloat16 and variant in ("", "pairs128", "small", "px"):
-            # PAIRS (bf16 x, any zero points): 64-column tiles, split to ~6 programs per SM but at least 8 and at
-            # most 16, keeping >= 256 of K per split. The H200 --tune at the llama decode step's four launch shapes
-            # (sweeps/pairs/gemm_int4_sym-launch_shapes-h200.json, 747aee5), best against the 128-column tile with
-            # ~3 programs per SM picked before: K4096 N6144 8.70 us (64 x split 8) vs 9.52, N28672 24.42-24.99
-            # (split 8) vs 25.31, 4096^2 7.56 (split 16) vs 7.90, K14336 N4096 13.80 (split 16) vs 14.41. End to
-            # end (sweeps/pairs128/llama-h200.json, adfb41e, one run): 8B int4 decode step 2.91 ms against 3.03 with
-            # the 128-column pick (KERNOPT_INT4_GEMV=pairs128), 331.92 against 317.03 tok/s.
-            # "pairs128": the pick before, 128 columns and ~3 programs per SM.
+        if x_dtype == torch.bfloat16 and variant in ("", "pairs128", "pairs64", "px"):
+            # PAIRS (bf16 x, any zero points): 2 warps, 32 columns up to N = 4096 and 64 above, split to >= 2048
+            # programs but at least 8 and at most 16, keeping >= 256 of K per split. The H200 --tune at the llama
+            # decode step's four launch shapes with 2-warp / 32-column candidates (sweeps/pairs/
+            # gemm_int4_sym-small_ctas-h200.json, ecd4320): K4096 N6144 8.64 us (64 x split 16), N28672 24.45 (64 x
+            # 8), 4096^2 7.20 (32 x 16), K14336 N4096 13.65 (32 x 16), against 8.74 / 25.17 / 7.58 / 13.78 for the
+            # 4-warp 64-column pick before ("pairs64"). End to end (sweeps/int4_ab/llama-h200.json, 3ceaa16, one
+            # run): 8B int4 decode step 2.86 ms against 2.91 with "pairs64", 338.11 against 332.17 tok/s.
+            # "pairs128": the pick before that, 128 columns and ~3 programs per SM (2.91 against 3.03 ms at adfb41e).
             warps = 4
             if variant == "pairs128":
                 bn = 128
                 split = _split_k(cdiv(N, bn), K, block_k, wanted=3 * _SM_COUNT, min_k_per_split=256, max_split=16)
             else:
-                if variant == "small":  # N6144: 64 x 16, N28672: 64 x 8, N4096 (K 4096 / 14336): 32 x 16
-                    bn, split, warps = (32 if N <= 4096 else 64), (8 if N >= 16384 else 16), 2
-                else:
+                if variant == "pairs64":
                     bn = 64
                     split = max(_split_k(cdiv(N, bn), K, block_k, wanted=768, min_k_per_split=256, max_split=16), 8)
+                else:
+                    bn, warps = (32 if N <= 4096 else 64), 2
+                    split = max(_split_k(cdiv(N, bn), K, block_k, wanted=2048, min_k_per_split=256, max_split=16), 8)
                 while split > 1 and K // split < max(block_k, 256):
                     split //= 2
             cfg = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
@@ -1227,7 +1228,8 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                                 "PREFETCH": prefetch, "PAIRS": 1, "num_warps": warps, "num_stages": stages})
             # PREFETCH_X: x's pairs of the next K block loaded with its words (the unprefetched x loads are issued
             # just before the word sums that wait on them; ncu of the 64-column pick, profiles/ncu-pairs-*.txt:
-            # ~5 of 13 cycles between a warp's instructions stalled on L1TEX). Not yet timed.
+            # ~5 of 13 cycles between a warp's instructions stalled on L1TEX). End to end with the 4-warp pick, slower
+            # (sweeps/int4_ab/llama-h200.json, 3ceaa16: decode step 2.93 against 2.91 ms).
             for bn, split, warps in ((64, 8, 4), (64, 16, 4), (64, 8, 2), (64, 16, 2), (32, 16, 2)):
                 if K // split >= block_k:
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,

@@ -257,15 +257,16 @@ def test_pass_fuses_swiglu_into_the_gate_up_launch(monkeypatch, launches, rows):
         assert fused[0].config.startswith("in the GEMV's epilogue" if rows == 1 else "grouped product"), fused[0].config
 
 
-def test_pass_swiglu_off_by_default_and_unpacked_parts(monkeypatch, launches):
-    """Off unless asked (not yet timed on the GPU); with it on and gate/up not in one storage, the op runs each part's
-    launch, then silu * mul (still the module's output)."""
+def test_pass_swiglu_on_by_default_off_when_asked_and_unpacked_parts(monkeypatch, launches):
+    """On unless KERNOPT_INT4_SWIGLU=0; with gate/up not in one storage, the op runs each part's launch, then
+    silu * mul (still the module's output)."""
+    monkeypatch.delenv("KERNOPT_INT4_SWIGLU", raising=False)
     model = GatedMLP()
     report = _compile_and_compare(model, torch.randn(1, K, dtype=DT, device=DEV), launches, [96, 96, K])
-    assert not _swiglu_rewrites(report) and _group_rewrites(report), report.table()
-    monkeypatch.setenv("KERNOPT_INT4_SWIGLU", "1")
-    report = _compile_and_compare(model, torch.randn(1, K, dtype=DT, device=DEV), launches, [96, 96, K])
     assert len(_swiglu_rewrites(report)) == 1, report.table()
+    monkeypatch.setenv("KERNOPT_INT4_SWIGLU", "0")
+    report = _compile_and_compare(model, torch.randn(1, K, dtype=DT, device=DEV), launches, [96, 96, K])
+    assert not _swiglu_rewrites(report) and _group_rewrites(report), report.table()
     monkeypatch.setenv("KERNOPT_INT4_SWIGLU", "yes")
     with pytest.raises(ValueError, match="KERNOPT_INT4_SWIGLU"):
         from kernopt.passes.int4 import swiglu_enabled
@@ -432,6 +433,7 @@ def test_gemv_launches_read_float_x_with_the_same_output(monkeypatch, x_dtypes):
     very same as with x in fp16 (exact conversion, fp32 accumulation either way, one rounding at the end)."""
     from kernopt.kernels.int4_gemm import GEMV_MAX_M
 
+    monkeypatch.setenv("KERNOPT_INT4_SWIGLU", "0")  # the fused op keeps x's dtype (it rounds as the unfused ops do)
     model = GatedMLP()
     pack_adjacent([model.gate, model.up])
     x = torch.randn(GEMV_MAX_M, K, dtype=DT, device=DEV)
@@ -488,6 +490,7 @@ def test_gemv_variant_keeps_x_dtype_for_symmetric_weights(monkeypatch, x_dtypes,
             return self.down(F.silu(self.gate(x)) * self.up(x))
 
     monkeypatch.setenv(GEMV_VARIANT_ENV, variant)
+    monkeypatch.setenv("KERNOPT_INT4_SWIGLU", "0")  # the float32-x rewrite is over the unfused gate/up launch
     x = torch.randn(1, K, dtype=DT, device=DEV)
     for model, floats in ((SymMLP(), False), (GatedMLP(), True)):
         pack_adjacent([model.gate, model.up])
