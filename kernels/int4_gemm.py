@@ -1073,7 +1073,7 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
     if M <= GEMV_MAX_M:
         variant = gemv_variant()
         if x_dtype == torch.bfloat16 and variant in ("", "pairs128", "pairs64", "px"):
-            # PAIRS (bf16 x, any zero points): 2 warps, 32 columns up to N = 4096 and 64 above, split to >= 2048
+            # PAIRS (bf16 x, any zero points): 2 warps, 32 columns up to N = 4096 and 64 above, split to >= 1536
             # programs but at least 8 and at most 16, keeping >= 256 of K per split. The H200 --tune at the llama
             # decode step's four launch shapes with 2-warp / 32-column candidates (sweeps/pairs/
             # gemm_int4_sym-small_ctas-h200.json, ecd4320): K4096 N6144 8.64 us (64 x split 16), N28672 24.45 (64 x
@@ -1081,6 +1081,8 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
             # 4-warp 64-column pick before ("pairs64"). End to end (sweeps/int4_ab/llama-h200.json, 3ceaa16, one
             # run): 8B int4 decode step 2.86 ms against 2.91 with "pairs64", 338.11 against 332.17 tok/s.
             # "pairs128": the pick before that, 128 columns and ~3 programs per SM (2.91 against 3.03 ms at adfb41e).
+            # K4096 N14336 (the suite's shape, not a llama launch): split 16 (>= 2048 programs) took 17.61 us at
+            # 9f9a1dd against 16.68 for the 4-warp split 8 (gemm_int4-h200.json); split 8 since.
             warps = 4
             if variant == "pairs128":
                 bn = 128
@@ -1091,7 +1093,7 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
                     split = max(_split_k(cdiv(N, bn), K, block_k, wanted=768, min_k_per_split=256, max_split=16), 8)
                 else:
                     bn, warps = (32 if N <= 4096 else 64), 2
-                    split = max(_split_k(cdiv(N, bn), K, block_k, wanted=2048, min_k_per_split=256, max_split=16), 8)
+                    split = max(_split_k(cdiv(N, bn), K, block_k, wanted=1536, min_k_per_split=256, max_split=16), 8)
                 while split > 1 and K // split < max(block_k, 256):
                     split //= 2
             cfg = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
