@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import os
 import threading
 from typing import Any, Callable, Optional, Sequence
 
@@ -151,8 +152,23 @@ def _inner(gm: fx.GraphModule, example_inputs: Sequence, opts: dict) -> Callable
 
     patches = {}
     if opts["mode"] not in (None, "default"):
-        patches = torch._inductor.list_mode_options(opts["mode"])
+        patches = dict(torch._inductor.list_mode_options(opts["mode"]))
+    if combo_kernels_enabled():
+        patches["combo_kernels"] = True
     return compile_fx(gm, example_inputs, config_patches=patches) if patches else compile_fx(gm, example_inputs)
+
+
+# An experiment switch (llama system kernopt_int4_combo), off by default: Inductor's combo kernels (independent
+# kernels of one graph launched as one, e.g. a decode step's q rotary, k rotary + cache write and v cache write,
+# each ~1-1.5 us on the H200 in profiles/profile-8B-kernopt_int4-grouped.txt). Triton GPU code only; untimed.
+COMBO_ENV = "KERNOPT_INDUCTOR_COMBO"
+
+
+def combo_kernels_enabled() -> bool:
+    v = os.environ.get(COMBO_ENV, "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"{COMBO_ENV}={v!r}; valid: '0', '1'")
+    return v == "1"
 
 
 def _outputs(result: Any) -> list:

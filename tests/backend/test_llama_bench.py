@@ -312,7 +312,8 @@ def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
     assert gemv == set(GEMV_VARIANTS)
     assert {name for env in llama_bench.SYSTEM_ENV.values() for name in env} == {GEMV_VARIANT_ENV, PROMPT_ENV,
                                                                              "KERNOPT_PREFILL_CUDA_GRAPHS",
-                                                                             "KERNOPT_INT4_SWIGLU"}
+                                                                             "KERNOPT_INT4_SWIGLU",
+                                                                             "KERNOPT_INDUCTOR_COMBO"}
     assert set(llama_bench.SYSTEM_ENV) <= set(llama_bench.EXTRA_SYSTEMS) & set(llama_bench.QUANTIZED)
     monkeypatch.setenv(GEMV_VARIANT_ENV, "planes")
     with llama_bench.system_env("kernopt_int4_tcasm"):
