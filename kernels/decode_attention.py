@@ -81,6 +81,9 @@ def _attend_split(
     SPLIT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_LENS: tl.constexpr,
     FP32_DOT: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    kn_ptr, vn_ptr, cos_ptr, sin_ptr, pos_ptr,
+    stride_knb, stride_knh, stride_knd, stride_vnb, stride_vnh, stride_vnd, stride_cb, stride_cd, stride_sb, stride_sd,
+    APPEND: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -109,6 +112,29 @@ def _attend_split(
     q_ptrs = (q_ptr + b.to(tl.int64) * stride_qb + row_head[:, None].to(tl.int64) * stride_qh
               + row_pos[:, None] * stride_qs + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if APPEND:
+        # HF's rotary (x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[D/2:], x[:D/2])) on q and the new key
+        # in fp32, one rounding to the dtype (as Inductor computes it); the split holding the cache position
+        # writes the key and value there, and its loop below reads them back (Q_LEN = 1, contiguous, BLOCK_D = D).
+        HALF: tl.constexpr = HEAD_DIM // 2
+        partner = (offs_d + HALF) % HEAD_DIM
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        cos = tl.load(cos_ptr + b.to(tl.int64) * stride_cb + offs_d * stride_cd).to(tl.float32)
+        sin = tl.load(sin_ptr + b.to(tl.int64) * stride_sb + offs_d * stride_sd).to(tl.float32)
+        q_pair = tl.load(q_ptrs + (partner - offs_d)[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+        q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q_pair.to(tl.float32) * sin[None, :]).to(q.dtype)
+        pos = tl.load(pos_ptr).to(tl.int32)
+        if (pos >= lo) & (pos < hi):
+            kn_row = kn_ptr + b.to(tl.int64) * stride_knb + h.to(tl.int64) * stride_knh
+            kn = tl.load(kn_row + offs_d * stride_knd).to(tl.float32)
+            kn_pair = tl.load(kn_row + partner * stride_knd).to(tl.float32)
+            k_new = (kn * cos + sign * kn_pair * sin).to(k_ptr.dtype.element_ty)
+            v_new = tl.load(vn_ptr + b.to(tl.int64) * stride_vnb + h.to(tl.int64) * stride_vnh + offs_d * stride_vnd)
+            k_row = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + pos.to(tl.int64) * stride_kn
+            v_row = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + pos.to(tl.int64) * stride_vn
+            tl.store(k_row + offs_d * stride_kd, k_new)
+            tl.store(v_row + offs_d * stride_vd, v_new.to(v_ptr.dtype.element_ty))
+            tl.debug_barrier()  # the block's writes land before any of its threads loads that row below
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -456,7 +482,7 @@ def _out(q: torch.Tensor, head_dim_v: int, out: Optional[torch.Tensor], name: st
 
 
 def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_len, kv_heads,
-            k_strides, v_strides, table_stride, mask=None):
+            k_strides, v_strides, table_stride, mask=None, append=None):
     b, hq, sq, d = q.shape
     mask_kind, mask_arg, mask_strides = 0, q, (0, 0, 0, 0)
     if mask is not None:  # already broadcast to [B, Hq, Sq, S] (a view: stride 0 on broadcast dims)
@@ -492,6 +518,7 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
         SPLIT=splits > 1, PAGED=paged, PAGE_SIZE=page_size, HAS_LENS=lens is not None,
         FP32_DOT=q.dtype == torch.float32, FUSED_MERGE=fused, MERGE_ROWS=merge_rows,
         MERGE_CHUNK=merge_chunk, MASK_KIND=mask_kind,
+        **_append_args(q, append), APPEND=append is not None,
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]),
     )
     if splits > 1 and not fused:
@@ -501,6 +528,19 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
             BLOCK_D=block_d, num_warps=4,
         )
     return out
+
+
+def _append_args(q: torch.Tensor, append: Optional[tuple]) -> dict:
+    """_attend_split's APPEND operands: (k_new, v_new, cos, sin, position) pointers and their strides (k_new / v_new
+    [B, Hkv, 1, D], cos / sin [B, D] views), or dummies."""
+    names = ("stride_knb", "stride_knh", "stride_knd", "stride_vnb", "stride_vnh", "stride_vnd", "stride_cb",
+             "stride_cd", "stride_sb", "stride_sd")
+    if append is None:
+        return {"kn_ptr": q, "vn_ptr": q, "cos_ptr": q, "sin_ptr": q, "pos_ptr": q, **dict.fromkeys(names, 0)}
+    k_new, v_new, cos, sin, pos = append
+    strides = (k_new.stride(0), k_new.stride(1), k_new.stride(3), v_new.stride(0), v_new.stride(1), v_new.stride(3),
+               cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
+    return {"kn_ptr": k_new, "vn_ptr": v_new, "cos_ptr": cos, "sin_ptr": sin, "pos_ptr": pos, **dict(zip(names, strides))}
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: Optional[torch.Tensor] = None,
@@ -534,6 +574,59 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens:
         config = select_config(bk, hkv, q.shape[1], s, d, _sm_count(q.device), q.shape[2])
     return _launch(q, k, v, kv_lens, None, out, sm_scale, config, paged=False, page_size=1, full_len=s,
                    kv_heads=hkv, k_strides=k.stride(), v_strides=v.stride(), table_stride=0, mask=mask)
+
+
+def _rope_operands(q, k_new, v_new, cos, sin, k_cache, v_cache, cache_position, name):
+    """Checks of decode_attention_append's operands; cos / sin as [B, D] views (stride 0 where broadcast)."""
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"{name}: k_cache and v_cache must both be [B, Hkv, S, D], got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    b, hkv, s, d = k_cache.shape
+    _check_q(q, hkv, d, name)
+    if q.shape[0] != b or q.shape[2] != 1:
+        raise ValueError(f"{name}: q must be [B={b}, Hq, 1, D], got {tuple(q.shape)}")
+    for t, what in ((k_new, "k_new"), (v_new, "v_new")):
+        if tuple(t.shape) != (b, hkv, 1, d):
+            raise ValueError(f"{name}: {what} must be [B, Hkv, 1, D] = {(b, hkv, 1, d)}, got {tuple(t.shape)}")
+    if len({t.dtype for t in (q, k_new, v_new, k_cache, v_cache)}) != 1:
+        raise ValueError(f"{name}: q, k_new, v_new and the caches must share one dtype")
+    if d % 2 or d != next_power_of_2(d) or d < 16:
+        raise ValueError(f"{name}: head_dim {d} must be a power of two >= 16 (rotate_half pairs d with d + D/2)")
+    if cache_position.numel() != 1 or cache_position.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: cache_position must hold one int32/int64 position (the batch's), got "
+                         f"{tuple(cache_position.shape)} {cache_position.dtype}")
+    rows = []
+    for t, what in ((cos, "cos"), (sin, "sin")):
+        if t.dim() > 4 or t.shape[-1] != d or t.numel() // d not in (1, b):
+            raise ValueError(f"{name}: {what} must broadcast to [B, 1, 1, D] = {(b, 1, 1, d)}, got {tuple(t.shape)}")
+        rows.append(torch.broadcast_to(t.reshape(-1, d), (b, d)))
+    if any(t.device != q.device for t in (k_new, v_new, cos, sin, k_cache, v_cache, cache_position)):
+        raise ValueError(f"{name}: every operand must be on {q.device}")
+    return rows[0], rows[1], cache_position.reshape(1)
+
+
+def decode_attention_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cache_position: torch.Tensor, sm_scale: Optional[float] = None,
+                            mask: Optional[torch.Tensor] = None, config: Optional[dict] = None,
+                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One decode step of HF's static cache in one kernel: rotary on q [B, Hq, 1, D] and the new key [B, Hkv, 1, D]
+    (``x * cos + rotate_half(x) * sin``; cos / sin broadcastable to [B, 1, 1, D]), the key and ``v_new`` written
+    into k_cache / v_cache [B, Hkv, S, D] at ``cache_position`` (one position for the batch, as StaticLayer.update
+    writes it), then decode_attention over the caches with the optional mask. Mutates k_cache and v_cache.
+    A position outside 0..S-1 writes nothing (StaticLayer's index_copy_ would raise)."""
+    name = "decode_attention_append"
+    cos2, sin2, pos = _rope_operands(q, k_new, v_new, cos, sin, k_cache, v_cache, cache_position, name)
+    b, hkv, s, d = k_cache.shape
+    mask = _check_mask(mask, (b, q.shape[1], 1, s), q.device, name)
+    out = _out(q, d, out, name)
+    if sm_scale is None:
+        sm_scale = d ** -0.5
+    if config is None:
+        config = select_config(b, hkv, q.shape[1], s, d, _sm_count(q.device), 1)
+    return _launch(q, k_cache, v_cache, None, None, out, sm_scale, config, paged=False, page_size=1, full_len=s,
+                   kv_heads=hkv, k_strides=k_cache.stride(), v_strides=v_cache.stride(), table_stride=0, mask=mask,
+                   append=(k_new, v_new, cos2, sin2, pos))
 
 
 def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
@@ -614,6 +707,29 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_l
     p = torch.where(vis, p, torch.zeros((), dtype=acc, device=q.device))             # rows with no key -> 0, not NaN
     o = torch.matmul(p, vf)
     return o.reshape(b, hq, sq, v.shape[-1]).to(q.dtype)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's ``x * cos + rotate_half(x) * sin`` in fp32, rounded once to x's dtype."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos.float() + rotated * sin.float()).to(x.dtype)
+
+
+def decode_attention_append_ref(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor,
+                                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                cache_position: torch.Tensor, sm_scale: Optional[float] = None,
+                                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rotary on q and k_new, index_copy_ of the key and value into the caches at cache_position, attention."""
+    b, _, s, d = k_cache.shape
+    cos4 = cos.reshape(-1, 1, 1, d)
+    sin4 = sin.reshape(-1, 1, 1, d)
+    pos = cache_position.reshape(1).long()
+    if 0 <= int(pos) < s:
+        k_cache.index_copy_(2, pos, rope_ref(k_new, cos4, sin4))
+        v_cache.index_copy_(2, pos, v_new)
+    return decode_attention_ref(rope_ref(q, cos4, sin4), k_cache, v_cache, sm_scale=sm_scale, mask=mask)
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,

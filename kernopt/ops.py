@@ -168,6 +168,20 @@ def _(q, k, v, kv_lens, scale, mask=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+@torch.library.custom_op("kernopt::decode_attention_append", mutates_args=("k_cache", "v_cache"))
+def decode_attention_append(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
+                            v_cache: Tensor, cache_position: Tensor, scale: float,
+                            mask: Optional[Tensor] = None) -> Tensor:
+    """HF static-cache decode step: rotary on q / k_new, k / v written at cache_position, attention (one kernel)."""
+    return _run("decode_attention", "decode_attention_append", q, q, k_new, v_new, cos, sin, k_cache, v_cache,
+                cache_position, sm_scale=scale, mask=mask)
+
+
+@decode_attention_append.register_fake
+def _(q, k_new, v_new, cos, sin, k_cache, v_cache, cache_position, scale, mask=None):
+    return q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
+
+
 @torch.library.custom_op("kernopt::paged_decode_attention", mutates_args=())
 def paged_decode_attention(
     q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float

@@ -20,7 +20,8 @@ Patterns (plain torch; the first is what the op's reference computes):
 Replacement: `kernopt.flash_attention(q, k, v, mask, causal, scale)` on the un-repeated K/V. A query of at
 most 4 tokens with no mask (SDPA `is_causal` only where it means the same as bottom-right causal), or of one
 token with a mask (HF's static-cache decode), goes to `kernopt.decode_attention(q, k, v, None, scale[, mask])`
-instead, when k/v are contiguous.
+instead, when k/v are contiguous. With KERNOPT_DECODE_APPEND=1, passes/decode_append.py then folds a static-cache
+step's rotary and k / v cache writes into it (`kernopt.decode_attention_append`).
 
 Guard (`_guard`, a reason string to refuse): 4-D fp16/bf16/fp32 q/k/v the kernel supports
 (`kernopt.kernels.flash_attention.supports`: head dim, GQA ratio, mask dtype/broadcast), a Triton kernel
@@ -183,6 +184,10 @@ class AttentionPass:
                 self._rewrite(gm, ctx, m)
             else:
                 ctx.refused(self.name, node, m.matched, reason)
+        from kernopt.passes.decode_append import append_enabled, fuse_decode_append
+
+        if append_enabled():  # HF static-cache decode: rotary + cache write into the decode kernel
+            fuse_decode_append(gm, ctx)
 
     # F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa=...)
     def _match_sdpa(self, node: fx.Node):

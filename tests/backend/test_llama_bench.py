@@ -313,8 +313,10 @@ def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
     assert {name for env in llama_bench.SYSTEM_ENV.values() for name in env} == {GEMV_VARIANT_ENV, PROMPT_ENV,
                                                                              "KERNOPT_PREFILL_CUDA_GRAPHS",
                                                                              "KERNOPT_INT4_SWIGLU",
-                                                                             "KERNOPT_INDUCTOR_COMBO"}
-    assert set(llama_bench.SYSTEM_ENV) <= set(llama_bench.EXTRA_SYSTEMS) & set(llama_bench.QUANTIZED)
+                                                                             "KERNOPT_INDUCTOR_COMBO",
+                                                                             "KERNOPT_DECODE_APPEND"}
+    assert set(llama_bench.SYSTEM_ENV) <= set(llama_bench.EXTRA_SYSTEMS)
+    assert llama_bench.quantize_of("kernopt_append") is None and llama_bench.quantize_of("kernopt_int4_append") == "int4"
     monkeypatch.setenv(GEMV_VARIANT_ENV, "planes")
     with llama_bench.system_env("kernopt_int4_tcasm"):
         assert os.environ[GEMV_VARIANT_ENV] == "tcasm" and PROMPT_ENV not in os.environ

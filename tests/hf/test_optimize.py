@@ -365,6 +365,38 @@ def test_optimize_int4_swiglu_generates_the_unfused_tokens(monkeypatch):
     assert any("M=1 " in r.matched for r in fused), report.table()  # the decode step's
 
 
+def test_optimize_decode_append_generates_eager_tokens(monkeypatch):
+    """KERNOPT_DECODE_APPEND=1: each layer's decode step (rotary, the static cache's index_copy_ of k / v, the
+    attention) becomes one kernopt.decode_attention_append, which Inductor runs on the cache itself; greedy tokens
+    are eager's, and the cache the call returns holds eager's keys and values (within fp16 rounding: the compiled
+    projections and the rotary round differently)."""
+    from kernopt import ops
+    from kernopt.tolerance import assert_close
+
+    monkeypatch.setenv("KERNOPT_DECODE_APPEND", "1")
+    monkeypatch.delenv("KERNOPT_CPU")  # the attention pass rewrites only where kernels run: here the interpreter
+    ref = tiny_llama().half()  # fp16: the attention kernels' dtype under the interpreter
+    model = tiny_llama().half()
+    if ops.implementation(torch.empty(0, dtype=torch.float16)) == "reference":
+        pytest.skip("no Triton interpreter here: the attention pass would leave the step alone")
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),
+                            cache_implementation="static", return_dict_in_generate=True)
+        kernopt.optimize(model, cache="static", inner="inductor")
+        model.generation_config.compile_config._compile_all_devices = True
+        with listening_report() as report:
+            got = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),
+                                 return_dict_in_generate=True)
+    assert torch.equal(got.sequences, want.sequences)
+    fused = [r for r in report.rewrites if r.pass_name == "decode_append"]
+    assert len(fused) == 2 and all(r.kernel == "kernopt.decode_attention_append" for r in fused), report.table()
+    n = ids.shape[1] + 5  # positions written: the prompt's, then one per decode step but the last token's
+    for layer_got, layer_want in zip(got.past_key_values.layers, want.past_key_values.layers):
+        for got_t, want_t in ((layer_got.keys, layer_want.keys), (layer_got.values, layer_want.values)):
+            assert_close(got_t[:, :, :n], want_t[:, :, :n].double(), torch.float16)
+
+
 @pytest.mark.parametrize("grouping", ["1", "0"])
 def test_optimize_int4_packs_linears_sharing_an_input_and_groups_them(grouping, monkeypatch):
     """optimize(quantize="int4") traces which linears read one input (q/k/v, gate/up), lays each set out in

@@ -231,7 +231,8 @@ def _ws_probe_flags(fa):
 
 
 # ---- kernels/decode_attention.py
-def _decode(B, S, paged=False, mask=None, fused=False, page=64, D=HEAD_DIM, Hq=HQ, Hkv=HKV, q_len=1, config=None):
+def _decode(B, S, paged=False, mask=None, fused=False, page=64, D=HEAD_DIM, Hq=HQ, Hkv=HKV, q_len=1, config=None,
+            append=False):
     def build(rec):
         import torch
         from kernopt.kernels import decode_attention as da
@@ -254,7 +255,12 @@ def _decode(B, S, paged=False, mask=None, fused=False, page=64, D=HEAD_DIM, Hq=H
                 m = torch.empty((B, 1, q_len, S), dtype=torch.bool)
             elif mask == "additive":
                 m = _empty(B, 1, q_len, S)
-            da.decode_attention(q, _empty(B, Hkv, S, D), _empty(B, Hkv, S, D), mask=m, config=cfg)
+            if append:  # HF's static-cache step: rotary + the k / v write inside the kernel
+                da.decode_attention_append(q, _empty(B, Hkv, 1, D), _empty(B, Hkv, 1, D), _empty(1, 1, 1, D),
+                                           _empty(1, 1, 1, D), _empty(B, Hkv, S, D), _empty(B, Hkv, S, D),
+                                           torch.zeros(1, dtype=torch.long), mask=m, config=cfg)
+            else:
+                da.decode_attention(q, _empty(B, Hkv, S, D), _empty(B, Hkv, S, D), mask=m, config=cfg)
         return cfg
     return build
 
@@ -405,6 +411,8 @@ CASES = [
     Case("decode paged B1 S8192 FUSED_MERGE", _decode(1, 8192, paged=True, fused=True), selected=False),
     Case("decode contiguous B1 S8192 bool mask", _decode(1, 8192, mask="bool")),
     Case("decode contiguous B4 S4096 additive mask", _decode(4, 4096, mask="additive")),
+    Case("decode append B1 S256 bool mask", _decode(1, 256, mask="bool", append=True)),
+    Case("decode append B1 S4096 bool mask", _decode(1, 4096, mask="bool", append=True)),
     # int4 weight-only GEMM, K4096 N14336 g128
     Case("int4 M1 (gemv2 PAIRS)", _int4(1)),
     Case("int4 M1 zeros+bias (gemv2 PAIRS)", _int4(1, zeros=True, bias=True)),

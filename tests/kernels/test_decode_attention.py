@@ -578,3 +578,114 @@ def test_gpu_fused_merge_cuda_graph_replay():
         assert not buf.any()
     del graph
 
+
+
+# --------------------------------------------------------------------------------------------------
+# decode_attention_append: HF static-cache decode step (rotary on q / k_new, k / v written at the position,
+# attention) in one kernel.
+# --------------------------------------------------------------------------------------------------
+def _append_case(B, hq, hkv, S, D, dtype, cos_batch=1, device=DEVICE):
+    q = torch.randn(B, hq, 1, D, dtype=dtype, device=device)
+    k_new = torch.randn(B, hkv, 1, D, dtype=dtype, device=device)
+    v_new = torch.randn(B, hkv, 1, D, dtype=dtype, device=device)
+    ang = torch.rand(cos_batch, 1, 1, D // 2, device=device).repeat(1, 1, 1, 2) * 6.0
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    k_cache = torch.randn(B, hkv, S, D, dtype=dtype, device=device)
+    v_cache = torch.randn(B, hkv, S, D, dtype=dtype, device=device)
+    return q, k_new, v_new, cos, sin, k_cache, v_cache
+
+
+def _check_append(case, pos, mask=None, config=None, dtype=torch.float16):
+    q, k_new, v_new, cos, sin, k_cache, v_cache = case
+    p = torch.tensor([pos], device=q.device)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    want = da.decode_attention_append_ref(q.double(), k_new.double(), v_new.double(), cos.double(), sin.double(),
+                                          k_want.double(), v_want.double(), p, mask=mask)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    da.decode_attention_append_ref(q, k_new, v_new, cos, sin, k_ref, v_ref, p, mask=mask)
+    out = torch.full_like(q, float("nan"))
+    got = da.decode_attention_append(q, k_new, v_new, cos, sin, k_cache, v_cache, p, mask=mask, config=config,
+                                     out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert_close(got, want, dtype)
+    # the written row is the rotated key rounded once (as the reference rounds it); every other row untouched
+    for got_cache, ref_cache in ((k_cache, k_ref), (v_cache, v_ref)):
+        torch.testing.assert_close(got_cache, ref_cache, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (4, 1)])
+@pytest.mark.parametrize("splits", [1, 3, 4])
+def test_append_positions_gqa_splits(dtype, hq, hkv, splits):
+    torch.manual_seed(0)
+    S = 3 * 16 + 5  # not a multiple of the tile
+    for pos in (0, 15, 16, 17, S - 1):  # first slot, either side of a tile / split edge, the last slot
+        case = _append_case(2, hq, hkv, S, 32, dtype)
+        _check_append(case, pos, config=small_config(16, splits), dtype=dtype)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("cos_batch", [1, 2])
+def test_append_with_hf_static_mask(kind, cos_batch):
+    """HF's static-cache step: the mask hides the unfilled slots (NaN there: never read), the position is visible."""
+    torch.manual_seed(1)
+    B, S, pos = 2, 40, 22
+    case = list(_append_case(B, 8, 2, S, 64, torch.float16, cos_batch=cos_batch))
+    case[5][:, :, pos + 1:] = float("nan")
+    case[6][:, :, pos + 1:] = float("nan")
+    keep = (torch.arange(S, device=DEVICE) <= pos)[None, None, None, :].expand(B, 1, 1, S)
+    mask = keep if kind == "bool" else torch.zeros(B, 1, 1, S, device=DEVICE).masked_fill(~keep, float("-inf"))
+    for splits in (1, 3):
+        c = [t.clone() for t in case]
+        _check_append(c, pos, mask=mask, config=small_config(16, splits))
+
+
+def test_append_default_config_and_position_outside_writes_nothing():
+    torch.manual_seed(2)
+    case = _append_case(1, 4, 2, 33, 16, torch.float32)
+    _check_append(case, 7, dtype=torch.float32)
+    q, k_new, v_new, cos, sin, k_cache, v_cache = case
+    before = k_cache.clone(), v_cache.clone()
+    da.decode_attention_append(q, k_new, v_new, cos, sin, k_cache, v_cache, torch.tensor([33], device=DEVICE))
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+def test_append_rejects_bad_inputs():
+    case = _append_case(1, 4, 2, 20, 32, torch.float16)
+    q, k_new, v_new, cos, sin, k_cache, v_cache = case
+    p = torch.tensor([3], device=DEVICE)
+    with pytest.raises(ValueError, match="k_new must be"):
+        da.decode_attention_append(q, k_new[:, :1], v_new, cos, sin, k_cache, v_cache, p)
+    with pytest.raises(ValueError, match="q must be"):
+        da.decode_attention_append(q.expand(1, 4, 2, 32), k_new, v_new, cos, sin, k_cache, v_cache, p)
+    with pytest.raises(ValueError, match="cos must broadcast"):
+        da.decode_attention_append(q, k_new, v_new, cos[..., :16], sin, k_cache, v_cache, p)
+    with pytest.raises(ValueError, match="cache_position"):
+        da.decode_attention_append(q, k_new, v_new, cos, sin, k_cache, v_cache, p.float())
+    with pytest.raises(ValueError, match="one dtype"):
+        da.decode_attention_append(q, k_new.float(), v_new, cos, sin, k_cache, v_cache, p)
+    c24 = _append_case(1, 4, 2, 20, 24, torch.float16)
+    with pytest.raises(ValueError, match="power of two"):
+        da.decode_attention_append(*c24, p)
+
+
+def test_append_custom_op_mutates_the_caches():
+    import kernopt.ops  # noqa: F401  (registers torch.ops.kernopt.*)
+
+    torch.manual_seed(3)
+    q, k_new, v_new, cos, sin, k_cache, v_cache = _append_case(1, 4, 2, 20, 32, torch.float16)
+    p = torch.tensor([5], device=DEVICE)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    want = da.decode_attention_append_ref(q, k_new, v_new, cos, sin, k_ref, v_ref, p, 0.3)
+    got = torch.ops.kernopt.decode_attention_append(q, k_new, v_new, cos, sin, k_cache, v_cache, p, 0.3)
+    assert_close(got, want, torch.float16)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,S,pos", [(1, 256, 200), (1, 4096, 4095), (4, 1000, 0)])
+def test_gpu_append_suite_shapes(dtype, B, S, pos):
+    torch.manual_seed(4)
+    case = _append_case(B, 32, 8, S, 128, dtype, device="cuda")
+    _check_append(case, pos, dtype=dtype)
