@@ -597,9 +597,11 @@ def _rope_operands(q, k_new, v_new, cos, sin, k_cache, v_cache, cache_position, 
                          f"{tuple(cache_position.shape)} {cache_position.dtype}")
     rows = []
     for t, what in ((cos, "cos"), (sin, "sin")):
-        if t.dim() > 4 or t.shape[-1] != d or t.numel() // d not in (1, b):
-            raise ValueError(f"{name}: {what} must broadcast to [B, 1, 1, D] = {(b, 1, 1, d)}, got {tuple(t.shape)}")
-        rows.append(torch.broadcast_to(t.reshape(-1, d), (b, d)))
+        try:
+            rows.append(torch.broadcast_to(t, (b, 1, 1, d))[:, 0, 0, :])  # [B, D], stride 0 where broadcast
+        except RuntimeError:
+            raise ValueError(f"{name}: {what} must broadcast to [B, 1, 1, D] = {(b, 1, 1, d)}, got "
+                             f"{tuple(t.shape)}") from None
     if any(t.device != q.device for t in (k_new, v_new, cos, sin, k_cache, v_cache, cache_position)):
         raise ValueError(f"{name}: every operand must be on {q.device}")
     return rows[0], rows[1], cache_position.reshape(1)

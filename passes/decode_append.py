@@ -145,7 +145,7 @@ def fuse_decode_append(gm: fx.GraphModule, ctx: PassContext) -> None:
         else:
             first = min(order[ik], order[iv])
             between = [u for c in (keys, values) for u in c.users
-                       if u not in (ik, iv, node) and first < order[u] < order[node]]
+                       if u not in (ik, iv, node) and first < order.get(u, -1) < order[node]]
             kv, vv = example_value(qr[0]), example_value(iv.args[3])
             pos = example_value(ik.args[2])
             d = size_hint(qv.shape[-1])

@@ -660,6 +660,8 @@ def test_append_rejects_bad_inputs():
         da.decode_attention_append(q.expand(1, 4, 2, 32), k_new, v_new, cos, sin, k_cache, v_cache, p)
     with pytest.raises(ValueError, match="cos must broadcast"):
         da.decode_attention_append(q, k_new, v_new, cos[..., :16], sin, k_cache, v_cache, p)
+    with pytest.raises(ValueError, match="sin must broadcast"):  # two positions' angles: not one step's
+        da.decode_attention_append(q, k_new, v_new, cos, sin.expand(1, 1, 2, 32), k_cache, v_cache, p)
     with pytest.raises(ValueError, match="cache_position"):
         da.decode_attention_append(q, k_new, v_new, cos, sin, k_cache, v_cache, p.float())
     with pytest.raises(ValueError, match="one dtype"):
