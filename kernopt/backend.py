@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import os
 import threading
 from typing import Any, Callable, Optional, Sequence
 
@@ -29,7 +28,7 @@ import torch.fx as fx
 from kernopt import ops  # noqa: F401  (registers torch.ops.kernopt.*)
 from kernopt import tolerance, workload
 from kernopt.passes import PASS_NAMES, load
-from kernopt.passes.graph import Fallback, PassContext, Rewrite
+from kernopt.passes.graph import Fallback, PassContext, Rewrite, env_switch
 
 log = logging.getLogger("kernopt")
 
@@ -166,10 +165,7 @@ COMBO_ENV = "KERNOPT_INDUCTOR_COMBO"
 
 
 def combo_kernels_enabled() -> bool:
-    v = os.environ.get(COMBO_ENV, "0")
-    if v not in ("0", "1"):
-        raise ValueError(f"{COMBO_ENV}={v!r}; valid: '0', '1'")
-    return v == "1"
+    return env_switch(COMBO_ENV, "0")
 
 
 def _outputs(result: Any) -> list:

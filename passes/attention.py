@@ -40,6 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from kernopt import ops, workload
+from kernopt.passes.decode_append import append_enabled, fuse_decode_append
 from kernopt.passes.graph import (ADD, MUL, PassContext, arg, example_value, insert_before, is_call, replace,
                                   size_hint, static_int)
 
@@ -184,8 +185,6 @@ class AttentionPass:
                 self._rewrite(gm, ctx, m)
             else:
                 ctx.refused(self.name, node, m.matched, reason)
-        from kernopt.passes.decode_append import append_enabled, fuse_decode_append
-
         if append_enabled():  # HF static-cache decode: rotary + cache write into the decode kernel
             fuse_decode_append(gm, ctx)
 

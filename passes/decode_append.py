@@ -23,14 +23,13 @@ the writes and the attention (the fused op writes at the attention's place). Off
 from __future__ import annotations
 
 import operator
-import os
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
 from kernopt import ops
-from kernopt.passes.graph import ADD, MUL, PassContext, example_value, is_call, size_hint
+from kernopt.passes.graph import ADD, MUL, PassContext, env_switch, example_value, is_call, size_hint
 
 APPEND_ENV = "KERNOPT_DECODE_APPEND"
 PASS_NAME = "decode_append"
@@ -41,10 +40,7 @@ CAT = (torch.cat, torch.concat, torch.concatenate)
 
 
 def append_enabled() -> bool:
-    v = os.environ.get(APPEND_ENV, "0")
-    if v not in ("0", "1"):
-        raise ValueError(f"{APPEND_ENV}={v!r}; valid: '0', '1'")
-    return v == "1"
+    return env_switch(APPEND_ENV, "0")
 
 
 def _half_of(n: Any, x: Any, first: bool, half: int) -> bool:

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from kernopt import ops, workload
 from kernopt.int4 import grouping_enabled
-from kernopt.passes.graph import (SILU, PassContext, arg, describe, example_value, format_config, insert_before,
-                                  is_call, replace, size_hint, static_int)
+from kernopt.passes.graph import (SILU, PassContext, arg, describe, env_switch, example_value, format_config,
+                                  insert_before, is_call, replace, size_hint, static_int)
 
 LINEAR = (F.linear, torch._C._nn.linear)
 MATMUL = (torch.matmul, operator.matmul, torch.mm, "matmul", "mm")
@@ -606,10 +606,7 @@ def swiglu_enabled() -> bool:
     """silu(gate) * up fused into the grouped gate/up launch (fuse_swiglu), unless ``KERNOPT_INT4_SWIGLU=0``. On by
     default since the H200 A/B (sweeps/int4_ab/llama-h200.json, 3ceaa16, one run): 8B int4 decode step 2.90 ms
     against 2.91 unfused (llama system kernopt_int4_unfused), one kernel less per layer."""
-    v = os.environ.get(SWIGLU_ENV, "1")
-    if v not in ("0", "1"):
-        raise ValueError(f"{SWIGLU_ENV}={v!r}; valid: '0', '1'")
-    return v == "1"
+    return env_switch(SWIGLU_ENV, "1")
 
 
 def _only_user(n: fx.Node) -> Optional[fx.Node]:
