@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import os
 import threading
 from typing import Any, Callable, Optional, Sequence
 
@@ -152,20 +153,27 @@ def _inner(gm: fx.GraphModule, example_inputs: Sequence, opts: dict) -> Callable
     patches = {}
     if opts["mode"] not in (None, "default"):
         patches = dict(torch._inductor.list_mode_options(opts["mode"]))
-    if combo_kernels_enabled():
+    if combo_kernels_enabled(example_inputs):
         patches["combo_kernels"] = True
     return compile_fx(gm, example_inputs, config_patches=patches) if patches else compile_fx(gm, example_inputs)
 
 
-# An experiment switch (llama system kernopt_int4_combo), off by default: Inductor's combo kernels (independent
-# kernels of one graph launched as one). Triton GPU code only. H200 profiles (profiles/profile-8B-kernopt_int4{,
-# _combo}.txt, 6d8bb8e): a decode step's q rotary, k rotary + cache write and v cache write (1.26 + 1.38 + 0.99 us
-# per layer) became one 1.59 us kernel, 2.496 -> 2.419 ms of kernel time per step; not yet timed end to end.
+# Inductor's combo kernels (independent kernels of one graph launched as one): on by default for graphs with CUDA
+# inputs (Triton GPU code only); KERNOPT_INDUCTOR_COMBO=0 turns them off (llama system kernopt_int4_nocombo), =1 on
+# for every graph. H200 profiles (profiles/profile-8B-kernopt_int4{,_combo}.txt, 6d8bb8e): a decode step's q rotary,
+# k rotary + cache write and v cache write (1.26 + 1.38 + 0.99 us per layer) became one 1.59 us kernel; the llama
+# suite (sweeps/append, 7abfcf7, one run): 8B int4 bs1 decode step 2.84 -> 2.72 ms.
 COMBO_ENV = "KERNOPT_INDUCTOR_COMBO"
 
 
-def combo_kernels_enabled() -> bool:
-    return env_switch(COMBO_ENV, "0")
+def _on_cuda(example_inputs: Sequence) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+
+
+def combo_kernels_enabled(example_inputs: Sequence = ()) -> bool:
+    if os.environ.get(COMBO_ENV) is None:
+        return _on_cuda(example_inputs)
+    return env_switch(COMBO_ENV, "1")
 
 
 def _outputs(result: Any) -> list:

@@ -20,7 +20,7 @@ Patterns (plain torch; the first is what the op's reference computes):
 Replacement: `kernopt.flash_attention(q, k, v, mask, causal, scale)` on the un-repeated K/V. A query of at
 most 4 tokens with no mask (SDPA `is_causal` only where it means the same as bottom-right causal), or of one
 token with a mask (HF's static-cache decode), goes to `kernopt.decode_attention(q, k, v, None, scale[, mask])`
-instead, when k/v are contiguous. With KERNOPT_DECODE_APPEND=1, passes/decode_append.py then folds a static-cache
+instead, when k/v are contiguous. Unless KERNOPT_DECODE_APPEND=0, passes/decode_append.py then folds a static-cache
 step's rotary and k / v cache writes into it (`kernopt.decode_attention_append`).
 
 Guard (`_guard`, a reason string to refuse): 4-D fp16/bf16/fp32 q/k/v the kernel supports

@@ -156,8 +156,9 @@ def test_autograd_graph_left_alone():
 
 
 def test_combo_kernels_switch_reaches_inductor(monkeypatch):
-    """KERNOPT_INDUCTOR_COMBO=1 (the llama suite's kernopt_int4_combo) hands Inductor combo_kernels=True beside the
-    mode's options; unset, Inductor gets the mode's options alone; anything but 0/1 is a clear error."""
+    """Unset, Inductor gets combo_kernels=True beside the mode's options for graphs with CUDA inputs and the mode's
+    options alone otherwise; KERNOPT_INDUCTOR_COMBO=1 turns them on for every graph, =0 off (the llama suite's
+    kernopt_int4_nocombo); anything but 0/1 is a clear error."""
     import torch._inductor.compile_fx as cfx
 
     from kernopt import backend
@@ -167,12 +168,19 @@ def test_combo_kernels_switch_reaches_inductor(monkeypatch):
     gm = torch.fx.symbolic_trace(nn.Linear(3, 3))
     opts = parse_options({"mode": "reduce-overhead"})
     monkeypatch.delenv(backend.COMBO_ENV, raising=False)
+    backend._inner(gm, [torch.zeros(1)], opts)
+    monkeypatch.setattr(backend, "_on_cuda", lambda inputs: True)
     backend._inner(gm, [], opts)
+    monkeypatch.setenv(backend.COMBO_ENV, "0")
+    backend._inner(gm, [], opts)
+    monkeypatch.undo()
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, ex, config_patches=None: seen.append(config_patches) or gm)
     monkeypatch.setenv(backend.COMBO_ENV, "1")
-    backend._inner(gm, [], opts)
+    backend._inner(gm, [torch.zeros(1)], opts)
     backend._inner(gm, [], parse_options(None))
     assert "combo_kernels" not in seen[0] and seen[0]["triton.cudagraphs"]
-    assert seen[1] == {**seen[0], "combo_kernels": True} and seen[2] == {"combo_kernels": True}
+    assert seen[1] == {**seen[0], "combo_kernels": True} and seen[2] == seen[0]
+    assert seen[3] == {**seen[0], "combo_kernels": True} and seen[4] == {"combo_kernels": True}
     monkeypatch.setenv(backend.COMBO_ENV, "yes")
     with pytest.raises(ValueError, match=backend.COMBO_ENV):
         backend._inner(gm, [], opts)

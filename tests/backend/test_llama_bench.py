@@ -316,7 +316,7 @@ def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
                                                                              "KERNOPT_INDUCTOR_COMBO",
                                                                              "KERNOPT_DECODE_APPEND"}
     assert set(llama_bench.SYSTEM_ENV) <= set(llama_bench.EXTRA_SYSTEMS)
-    assert llama_bench.quantize_of("kernopt_append") is None and llama_bench.quantize_of("kernopt_int4_append") == "int4"
+    assert llama_bench.quantize_of("kernopt_noappend") is None and llama_bench.quantize_of("kernopt_int4_noappend") == "int4"
     monkeypatch.setenv(GEMV_VARIANT_ENV, "planes")
     with llama_bench.system_env("kernopt_int4_tcasm"):
         assert os.environ[GEMV_VARIANT_ENV] == "tcasm" and PROMPT_ENV not in os.environ

@@ -1,5 +1,5 @@
 """The decode_append step of the attention pass: HF's rotary + static-cache index_copy_ + decode attention ->
-`kernopt.decode_attention_append` (KERNOPT_DECODE_APPEND=1), and what it leaves alone."""
+`kernopt.decode_attention_append` (on unless KERNOPT_DECODE_APPEND=0), and what it leaves alone."""
 import pytest
 import torch
 import torch.nn as nn
@@ -98,8 +98,12 @@ def test_fuses_and_matches_eager(monkeypatch, inner):
     _same_state(args, want_args, pos=4)
 
 
-def test_off_by_default_and_bad_value(monkeypatch):
+def test_on_by_default_off_with_0_and_bad_value(monkeypatch):
     monkeypatch.delenv("KERNOPT_DECODE_APPEND", raising=False)
+    torch._dynamo.reset()
+    report = kernopt.explain(StaticStep(), *_inputs(), options={"inner": "eager"})
+    assert _appends(report), report.table()
+    monkeypatch.setenv("KERNOPT_DECODE_APPEND", "0")
     torch._dynamo.reset()
     report = kernopt.explain(StaticStep(), *_inputs(), options={"inner": "eager"})
     assert not _appends(report) and any(r.kernel == "kernopt.decode_attention" for r in report.rewrites), \
