@@ -37,6 +37,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -137,6 +138,70 @@ def _sync_time(fn, device: str = "cuda") -> float:
     fn()
     _sync(device)
     return time.perf_counter() - t0
+
+
+# What the GPU did while a system's timed decode calls ran, sampled by nvidia-smi every SAMPLE_MS: at 1a9ca54 one
+# of six kernopt_int4 runs took 3.24 ms per decode step against 2.70 in the five others (sweeps/repeat6), with HF
+# and kernopt bf16 at their usual speed in the same process; these fields say next time whether clocks, power or
+# temperature moved with it.
+GPU_QUERY = ("clocks.sm", "clocks.mem", "temperature.gpu", "power.draw", "clocks_throttle_reasons.active")
+SAMPLE_MS = 100
+
+
+class GpuSampler:
+    """``with GpuSampler() as s: ...`` then ``s.summary()``: min / max SM and memory clocks (MHz), max temperature
+    (C) and power (W), the throttle-reason masks seen (nvidia-smi's hex bit masks), and the sample count. None
+    where nvidia-smi is missing, exits or prints what does not parse (the error, in ``summary()["error"]``)."""
+
+    def __init__(self, device_index: Optional[str] = None):
+        self.index = device_index if device_index is not None else _smi_index()
+        self.proc = None
+        self.text = ""
+
+    def __enter__(self):
+        cmd = ["nvidia-smi", f"--query-gpu={','.join(GPU_QUERY)}", "--format=csv,noheader,nounits",
+               f"--loop-ms={SAMPLE_MS}", f"--id={self.index}"]
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        except OSError:
+            self.proc = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.text, _ = self.proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.text, _ = self.proc.communicate()
+        return False
+
+    def summary(self) -> Optional[dict]:
+        if self.proc is None:
+            return None
+        rows = []
+        for line in self.text.splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) != len(GPU_QUERY):
+                return {"error": self.text.strip()[:200]}
+            try:
+                rows.append((float(parts[0]), float(parts[1]), float(parts[2]), float(parts[3]), parts[4]))
+            except ValueError:
+                return {"error": line.strip()[:200]}
+        if not rows:
+            return {"error": "no samples"}
+        col = list(zip(*rows))
+        return {"sm_mhz": [min(col[0]), max(col[0])], "mem_mhz": [min(col[1]), max(col[1])],
+                "max_temp_c": max(col[2]), "max_power_w": max(col[3]), "throttle": sorted(set(col[4])),
+                "samples": len(rows)}
+
+
+def _smi_index() -> str:
+    """nvidia-smi's id of the GPU this process uses: CUDA_VISIBLE_DEVICES' entry when set (an index or a UUID)."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return visible[current] if current < len(visible) else str(current)
 
 
 def dynamo_counts() -> dict[str, int]:
@@ -302,7 +367,10 @@ def run_system(system: str, shape: str, batch_sizes, prompt: int, new: int, pref
             first, first_counts = _counted(gen, device)
             if bs == batch_sizes[0]:
                 out["first_call_s"] = first
-            timed = [_counted(gen, device) for _ in range(DECODE_TIMED_CALLS)]  # after the first: compiled
+            with (GpuSampler() if device == "cuda" else contextlib.nullcontext()) as sampler:
+                timed = [_counted(gen, device) for _ in range(DECODE_TIMED_CALLS)]  # after the first: compiled
+            if sampler is not None:
+                out.setdefault("gpu", {})[f"decode_bs{bs}"] = sampler.summary()
             t = min(s for s, _ in timed)
             out[f"decode_bs{bs}"] = bs * new / t
             counts = {"first_call_graphs": first_counts["graphs"], "first_call_frames": first_counts["frames"],
@@ -406,7 +474,8 @@ def _suite(all_results: dict, batch_sizes, prefill: int, device: str = "cuda", s
     suite.header["kernopt_env"] = {k: os.environ[k] for k in ("KERNOPT_COMPILE_PREFILL", "KERNOPT_INT4_GROUP",
                                                               "KERNOPT_INT4_FLOAT_X", "KERNOPT_DEFER_STOP_CHECK",
                                                               "KERNOPT_AUTOTUNE", "KERNOPT_PREFILL_CUDA_GRAPHS",
-                                                              "KERNOPT_INT4_SWIGLU")
+                                                              "KERNOPT_INT4_SWIGLU", "KERNOPT_INDUCTOR_COMBO",
+                                                              "KERNOPT_DECODE_APPEND", "KERNOPT_INT4_GEMV")
                                    if k in os.environ}
     suite.header["compile_prefill"] = compile_prefill_enabled()
     suite.header["prefill_cuda_graphs"] = prefill_cuda_graphs_enabled()
@@ -422,6 +491,7 @@ def _suite(all_results: dict, batch_sizes, prefill: int, device: str = "cuda", s
             dcos = {s: round(r["decode_cosine_vs_reference"], 5) for s, r in results.items()
                     if "decode_cosine_vs_reference" in r}
             dyn = {s: r["dynamo"][key] for s, r in results.items() if key in r.get("dynamo", {})}
+            gpu = {s: r["gpu"][key] for s, r in results.items() if key in r.get("gpu", {})}
             warns = {s: r["warnings"] for s, r in results.items() if r.get("warnings")}
             if vals or errs:  # a case whose every system failed still says why
                 extra = {"errors": errs, "system_errors": system_errors} if errs else {}
@@ -432,6 +502,8 @@ def _suite(all_results: dict, batch_sizes, prefill: int, device: str = "cuda", s
                 if dcos:
                     extra["decode_logits_cosine_vs_reference"] = dcos
                 extra["dynamo"] = dyn
+                if gpu:
+                    extra["gpu_during_timed_calls"] = gpu
                 if warns:
                     extra["warnings"] = warns
                 extra.update(more)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import pytest
 import torch
@@ -327,3 +328,41 @@ def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
     with llama_bench.system_env("kernopt_int4"):
         assert GEMV_VARIANT_ENV not in os.environ  # the table's GEMV for the plain system
     assert os.environ[GEMV_VARIANT_ENV] == "planes" and PROMPT_ENV not in os.environ
+
+
+def _fake_smi(tmp_path, monkeypatch, body: str):
+    """An `nvidia-smi` on PATH that prints `body` and then waits to be terminated, as `-lms` sampling does."""
+    exe = tmp_path / "nvidia-smi"
+    exe.write_text("#!/bin/sh\ncat <<'END'\n" + body + "END\nexec sleep 30\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_gpu_sampler_summarises_what_nvidia_smi_printed(tmp_path, monkeypatch):
+    _fake_smi(tmp_path, monkeypatch, "1980, 3201, 41, 350.5, 0x0000000000000000\n"
+                                     "1755, 3201, 44, 612.25, 0x0000000000000004\n"
+                                     "1980, 2619, 43, 400.0, 0x0000000000000000\n")
+    with llama_bench.GpuSampler("0") as s:
+        time.sleep(0.5)
+    assert s.summary() == {"sm_mhz": [1755.0, 1980.0], "mem_mhz": [2619.0, 3201.0], "max_temp_c": 44.0,
+                           "max_power_w": 612.25, "throttle": ["0x0000000000000000", "0x0000000000000004"],
+                           "samples": 3}
+    assert s.proc.returncode is not None  # the sampler was stopped, not left running
+
+
+def test_gpu_sampler_reports_what_it_cannot_read(tmp_path, monkeypatch):
+    _fake_smi(tmp_path, monkeypatch, "Field \"clocks_throttle_reasons.active\" is not a valid field to query.\n")
+    with llama_bench.GpuSampler("0") as s:
+        time.sleep(0.3)
+    assert "not a valid field" in s.summary()["error"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with llama_bench.GpuSampler("0") as s:
+        pass
+    assert s.summary() is None
+
+
+def test_gpu_sampler_uses_the_visible_devices_entry(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234, 3")
+    assert llama_bench._smi_index() == "GPU-1234"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert llama_bench._smi_index() == "0"
