@@ -162,7 +162,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
     parser.add_argument("--tune", action="store_true", help="also time every candidate config per case")
     parser.add_argument("--only", default="", help="run only cases whose name contains this text")
-    parser.add_argument("--ms", default="", help="run only these M (plus- or comma-separated, e.g. 1+4)")
+    parser.add_argument("--ms", default="",
+                        help="run these M instead of the suite's (plus- or comma-separated, e.g. 2+4+8)")
     parser.add_argument("--read-roofline", action="store_true",
                         help="also time a words-only read kernel per (K, N), layouts and tiles (TB/s), then exit")
     parser.add_argument("--impls", default="", help="--tune: time only these impls' candidates (e.g. gemv2+tiled3)")
@@ -184,14 +185,12 @@ def main() -> None:
                                            select_config)
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split("+") if s] or SHAPES
-    cases = [(m, k, n) for (k, n) in shapes for m in MS]
+    ms = sorted({int(m) for m in args.ms.replace("+", ",").split(",") if m}) or MS  # any M, e.g. 2+4+8
+    cases = [(m, k, n) for (k, n) in shapes for m in ms]
     if args.quick:
         cases = [(1, 4096, 14336), (64, 4096, 14336)]
     if args.only:
         cases = [c for c in cases if args.only in f"M={c[0]} K={c[1]} N={c[2]} g{GROUP}"]
-    if args.ms:
-        ms = {int(m) for m in args.ms.replace("+", ",").split(",") if m}
-        cases = [c for c in cases if c[0] in ms]
     impls = {i for i in args.impls.replace("+", ",").split(",") if i}
     suite = Suite("gemm_int4" + ("_sym" if args.symmetric else "") + ("_xfp32" if args.x_fp32 else ""))
     torch.manual_seed(0)

@@ -66,6 +66,13 @@ issue time, below, is not what bounds it).
   shapes); the suite's asymmetric weights with the table's pick (gemm_int4-h200.json, 471c8f1) 16.9 / 15.9 /
   8.4 us, 1.83 / 1.99 / 1.60x cuBLAS. End to end (llama 8B bs1, sweeps/pairs/llama-h200.json) the int4 decode step
   went 3.66 -> 2.73 ms in one run.
+- ``gemv2`` ``PAIRS`` with ``BLOCK_M`` 2 or 4 (multi-row PAIRS; --tune candidates at M 2-16, untimed, never the
+  table's pick yet): the word tile is unpacked into its four bf16x2 (q - 8) pair tiles once (_UNPACK_PAIRS_PTX),
+  then each x row runs the one-row loop's 4 HFMA2 and lane sum (_PAIRS_DOT_PTX), zero and scale into its own
+  [BLOCK_K/8, BLOCK_N] accumulator, in the one-row layout (no shared memory). Offline sm_90a (sass_loop, K4096
+  N14336 symmetric): 4.7-4.8 instructions per nibble for 2 rows and 7.3-7.4 for 4 (against 3.2 for one row), 96-128
+  registers at 32 columns, no spills. A first version with one [BLOCK_M, BLOCK_K/8, BLOCK_N] accumulator compiled to
+  shared-memory relayouts of x every K block (40 BAR, 64 LDS per loop at 4 rows; 6.95 per nibble at 2 rows).
 - ``tiled2``: the tensor-core kernel with the same LOP3 unpack, ``(B + q) - (B + z)`` (exact: B <= 2^11
   and z a 16-bit float) times s in fp32, one rounding to x's dtype (the reference's value), and the
   single-pass split-K. The tiled loop's SASS (BLOCK 16x128x64, bf16) drops the 64 I2FP and ~100
@@ -428,6 +435,46 @@ def _word_pairs_ptx() -> str:
 _WORD_PAIRS_PTX = tl.constexpr(_word_pairs_ptx())
 
 
+def _unpack_pairs_ptx() -> str:
+    """Multi-row PAIRS, first half of _word_pairs_ptx: word $4 -> its 8 nibbles as four packed bf16x2 (q - 8) pairs
+    $0..$3 (pair m: nibbles 2m, 2m + 1, in x's own pair order), unpacked once for every row of x."""
+    lop = "".join(f"\n    prmt.b32 ${m}, $4, s4, {(m | m << 4 | (4 + m) << 8 | (4 + m) << 12):#06x};"
+                  f"\n    lop3.b32 ${m}, ${m}, 0x000F000F, 0x43004300, 0xEA;"
+                  f"\n    fma.rn.bf16x2 ${m}, ${m}, one, c8;" for m in range(4))
+    return f"""
+    {{
+    .reg .b32 s4, one, c8;
+    mov.b32 one, 0x3F803F80;
+    mov.b32 c8, 0xC308C308;
+    shr.u32 s4, $4, 4;{lop}
+    }}
+    """
+
+
+def _pairs_dot_ptx() -> str:
+    """Multi-row PAIRS, second half of _word_pairs_ptx: the four (q - 8) pairs $1..$4 against one row's four x pairs
+    $5..$8 -> the fp32 sum $0 (four packed FMAs into two bf16 lanes, then the lanes to fp32 and added): per row the
+    same instructions, in the same order, as the one-row PAIRS, so each row's sums are the one-row kernel's bit for
+    bit."""
+    return """
+    {
+    .reg .b32 nz, acc, lo, hi;
+    mov.b32 nz, 0x80008000;
+    fma.rn.bf16x2 acc, $1, $5, nz;
+    fma.rn.bf16x2 acc, $2, $6, acc;
+    fma.rn.bf16x2 acc, $3, $7, acc;
+    fma.rn.bf16x2 acc, $4, $8, acc;
+    shl.b32 lo, acc, 16;
+    and.b32 hi, acc, 0xFFFF0000;
+    add.f32 $0, lo, hi;
+    }
+    """
+
+
+_UNPACK_PAIRS_PTX = tl.constexpr(_unpack_pairs_ptx())
+_PAIRS_DOT_PTX = tl.constexpr(_pairs_dot_ptx())
+
+
 @triton.jit
 def _bf16_pair_sum(p):
     """x's bf16 pair packed in an int32 -> the fp32 sum of its two halves (exact conversions)."""
@@ -482,6 +529,45 @@ def _pair_sums_of(w, p0, p1, p2, p3, NEED_XS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _unpack_pairs(w, ASM: tl.constexpr):
+    """Multi-row PAIRS: the word tile w [R, C] as four packed bf16x2 (q - 8) pair tiles (ASM: _UNPACK_PAIRS_PTX),
+    shared by every x row; else (the interpreter) w itself four times, unpacked again by _row_pair_sums."""
+    if ASM:
+        t0, t1, t2, t3 = tl.inline_asm_elementwise(asm=_UNPACK_PAIRS_PTX, constraints="=r,=r,=r,=r,r", args=[w],
+                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                                                   pack=1)
+        return t0, t1, t2, t3
+    else:
+        return w, w, w, w
+
+
+@triton.jit
+def _row_pair_acc(acc_w, t0, t1, t2, t3, x_row, row_ok, kx, x_ok, stride_xk, s, z, HAS_ZEROS: tl.constexpr,
+                  MULTI: tl.constexpr, ASM: tl.constexpr, MASK_X: tl.constexpr):
+    """Multi-row PAIRS, one x row: acc_w [R, C] += its word sums (_PAIRS_DOT_PTX on _unpack_pairs' tiles: the one-row
+    kernel's instructions for the sums, bit for bit) with zero and scale per word row, as the one-row loop does."""
+    p0, p1, p2, p3 = _pair_x(x_row, kx, x_ok & row_ok, stride_xk, ASM, MASK_X)
+    if ASM:
+        ws = tl.inline_asm_elementwise(asm=_PAIRS_DOT_PTX, constraints="=r,r,r,r,r,r,r,r,r",
+                                       args=[t0, t1, t2, t3, p0[:, None], p1[:, None], p2[:, None], p3[:, None]],
+                                       dtype=tl.float32, is_pure=True, pack=1)
+        if HAS_ZEROS:
+            xs = _bf16_pair_sum(p0) + _bf16_pair_sum(p1) + _bf16_pair_sum(p2) + _bf16_pair_sum(p3)
+    else:
+        ws, xs = _pair_sums_of(t0, p0, p1, p2, p3, HAS_ZEROS, ASM)
+    if HAS_ZEROS:
+        if MULTI:
+            acc_w += (ws + xs[:, None] * (8.0 - z)) * s
+        else:
+            acc_w += (ws + xs[:, None] * (8.0 - z)[None, :]) * s[None, :]
+    elif MULTI:
+        acc_w += ws * s
+    else:
+        acc_w += ws * s[None, :]
+    return acc_w
+
+
+@triton.jit
 def _word_pair_sums(w, x_row, kx, x_ok, stride_xk, NEED_XS: tl.constexpr, ASM: tl.constexpr,
                     MASK_X: tl.constexpr = True):
     """PAIRS: per word of w [R, C] (word row r holds k = kx[r] .. kx[r] + 7), the fp32 sum of x_k (q_k - 8), and
@@ -522,6 +608,11 @@ def _int4_gemv2_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # BLOCK_M == 1: per-(word row, column) accumulator, reduced across rows (and warps) once at the end
     acc_w = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    # Multi-row PAIRS (BLOCK_M 2 or 4): one such accumulator per x row (rows 1-3 unused below their BLOCK_M)
+    ROWS: tl.constexpr = PAIRS and BLOCK_M > 1
+    acc_w1 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    acc_w2 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    acc_w3 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
     # MULTI: a K block spans BLOCK_K / GROUP groups (BLOCK_M == 1 only): zero and scale are loaded per word
     # row ([BLOCK_K/8, BLOCK_N], each group's row repeated GROUP/8 times: L1 hits) and applied per word row.
     MULTI: tl.constexpr = BLOCK_K > GROUP
@@ -552,7 +643,23 @@ def _int4_gemv2_kernel(
             w_cur, s_cur, z_cur = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0, k_hi, K,
                                                stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, GROUP,
                                                HAS_ZEROS, MULTI)
-        if PAIRS:
+        if ROWS:
+            # Multi-row PAIRS: each word unpacked once into bf16x2 (q - 8) pairs (_unpack_pairs), then per x row the
+            # one-row loop's 4 HFMA2, lane sum, zero and scale (_row_pair_acc), each row in the one-row layout.
+            kx = k0 + offs_w * 8
+            x_ok = kx < K
+            t0, t1, t2, t3 = _unpack_pairs(w_cur, ASM)
+            row0 = pid_m * BLOCK_M
+            acc_w = _row_pair_acc(acc_w, t0, t1, t2, t3, x_ptr + row0 * stride_xm, row0 < M, kx, x_ok, stride_xk,
+                                  s_cur, z_cur, HAS_ZEROS, MULTI, ASM, True)
+            acc_w1 = _row_pair_acc(acc_w1, t0, t1, t2, t3, x_ptr + (row0 + 1) * stride_xm, row0 + 1 < M, kx, x_ok,
+                                   stride_xk, s_cur, z_cur, HAS_ZEROS, MULTI, ASM, True)
+            if BLOCK_M == 4:
+                acc_w2 = _row_pair_acc(acc_w2, t0, t1, t2, t3, x_ptr + (row0 + 2) * stride_xm, row0 + 2 < M, kx, x_ok,
+                                       stride_xk, s_cur, z_cur, HAS_ZEROS, MULTI, ASM, True)
+                acc_w3 = _row_pair_acc(acc_w3, t0, t1, t2, t3, x_ptr + (row0 + 3) * stride_xm, row0 + 3 < M, kx, x_ok,
+                                       stride_xk, s_cur, z_cur, HAS_ZEROS, MULTI, ASM, True)
+        elif PAIRS:
             # Packed bf16x2 word sums (BLOCK_M == 1; _word_pair_sums): sum_k x (q - z) = sum_k x (q - 8) + (8 - z) sum_k x,
             # so symmetric weights need no x sums at all.
             kx = k0 + offs_w * 8
@@ -613,6 +720,13 @@ def _int4_gemv2_kernel(
                     acc = tl.where((offs_m == row)[:, None], acc + part[None, :], acc)
     if BLOCK_M == 1:
         acc = tl.sum(acc_w, axis=0)[None, :] + acc
+    if ROWS:
+        row_in = offs_m - pid_m * BLOCK_M
+        acc = tl.where((row_in == 0)[:, None], tl.sum(acc_w, axis=0)[None, :], acc)
+        acc = tl.where((row_in == 1)[:, None], tl.sum(acc_w1, axis=0)[None, :], acc)
+        if BLOCK_M == 4:
+            acc = tl.where((row_in == 2)[:, None], tl.sum(acc_w2, axis=0)[None, :], acc)
+            acc = tl.where((row_in == 3)[:, None], tl.sum(acc_w3, axis=0)[None, :], acc)
     if GATED:
         _finish_gated(acc, out_ptr, part_ptr, cnt_ptr, b_ptr, pid_n, pid_k, offs_n, mask_n, N, N_OUT, stride_on,
                       SPLIT_K, HAS_BIAS, BLOCK_N)
@@ -1025,6 +1139,8 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K,
 # (8B bs1, same call, sweeps/pairs/llama-h200.json) the int4 decode step went 3.66 -> 2.73 ms.
 # Update this one table from new --tune runs.
 GEMV_MAX_M = 1
+# gemv2 PAIRS' rows per program: 1, or several x rows against each word unpacked once (multi-row PAIRS, M 2-16)
+PAIRS_ROWS = (1, 2, 4)
 DEQUANT_CUBLAS_MIN_M = 192
 # Implementations that read float32 x at full speed (FMA kernels convert x to fp32 anyway): the int4 pass gives
 # their launches x.float() (passes/int4.py float_gemv_inputs); tcasm refuses float32 x.
@@ -1171,10 +1287,9 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                      (512, 16, 8, 1, 1),
                      (128, 8, 4, 0, 3), (128, 8, 4, 0, 4), (128, 16, 4, 0, 4), (256, 8, 8, 0, 3), (256, 16, 8, 0, 3),
                      (64, 16, 4, 0, 4))
-        elif bm <= 4:  # at BLOCK_M 16 every gemv2 tile spills (BLOCK_N 128 x 8 warps fails allocation outright)
-            tiles = tuple((bn, split, warps, 1, 1) for bn, warps in ((64, 4), (128, 8)) for split in (4, 8, 16))
-            tiles += ((64, 8, 4, 0, 3), (128, 8, 8, 0, 3))
         else:
+            # Several rows on gemv2's fp32 path: 176-618 us at M = 4 on the H200 (sweeps/m4_16, 856606c), never a
+            # pick; the sweeps time multi-row PAIRS there instead (above). At BLOCK_M 16 every such tile spilled.
             tiles = ()
         tiles = tuple((bn, block_k, split, warps, prefetch, stages) for bn, split, warps, prefetch, stages in tiles)
         if M == 1:
@@ -1236,6 +1351,18 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                 if K // split >= block_k:
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
                                 "PREFETCH": 1, "PAIRS": 1, "PREFETCH_X": 1, "num_warps": warps, "num_stages": 1})
+        elif M <= 16:
+            # Multi-row PAIRS (bf16 x on the GPU; untimed): each word unpacked into bf16x2 pairs once (_unpack_pairs),
+            # then per x row the one-row loop's 4 HFMA2, lane sum, zero and scale (_row_pair_acc), 2 or 4 rows per
+            # program (M > 4: several programs per weight tile), where tiled2 / tiled3 (the M = 4 / 16 picks) stage
+            # dequantized tiles through shared memory for the MMA and run at ~1x bf16 cuBLAS (sweeps/m4_16, 856606c).
+            bm = 2 if M == 2 else 4
+            for bn, split, warps in ((32, 16, 2), (64, 8, 2), (32, 8, 2), (64, 16, 4), (32, 16, 4), (64, 8, 4)):
+                if bm * (block_k // 8) * bn > 64 * 32 * warps:  # the accumulators: <= 64 fp32 per thread
+                    continue
+                if K // split >= max(block_k, 256):
+                    out.append({"impl": "gemv2", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
+                                "PREFETCH": 1, "PAIRS": 1, "num_warps": warps, "num_stages": 1})
         # tiled2: the tiled kernel's tiles with the LOP3 unpack and the single-pass split-K.
         for bn, bk, warps in ((64, 64, 4), (128, 64, 4), (128, 128, 4), (256, 64, 8)):
             for split in (2, 4, 8, 16):
@@ -1349,8 +1476,12 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
     if impl == "gemv2":
         grid = (cdiv(N // 2, bn // 2), split, 1) if gated else (cdiv(N, bn), split, cdiv(M, bm))
         planes, pairs = bool(cfg.get("PLANES", 0)), bool(cfg.get("PAIRS", 0))
-        if (planes or pairs) and bm != 1:
-            raise ValueError(f"int4_gemm: gemv2 PLANES=1 / PAIRS=1 need BLOCK_M=1, got {bm}")
+        if planes and bm != 1:
+            raise ValueError(f"int4_gemm: gemv2 PLANES=1 needs BLOCK_M=1, got {bm}")
+        if pairs and bm not in PAIRS_ROWS:
+            raise ValueError(f"int4_gemm: gemv2 PAIRS=1 takes BLOCK_M in {PAIRS_ROWS}, got {bm}")
+        if pairs and bm > 1 and (gated or cfg.get("PREFETCH_X")):
+            raise ValueError("int4_gemm: gemv2 PAIRS=1 with BLOCK_M > 1 has no gated epilogue or PREFETCH_X")
         if planes and pairs:
             raise ValueError("int4_gemm: gemv2 takes PLANES=1 or PAIRS=1, not both")
         prefetch_x = bool(cfg.get("PREFETCH_X", 0))
@@ -1423,11 +1554,12 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         raise ValueError(f"int4_gemm: unknown impl {impl!r}; valid: {', '.join(map(repr, IMPLS))}")
 
     block_k = cfg["BLOCK_K"]
-    # gemv2 at BLOCK_M 1 also takes K blocks of several whole groups (zero and scale per word row)
-    multi_ok = ((impl == "gemv2" and cfg.get("BLOCK_M") == 1) or impl == "tcasm") and block_k % group_size == 0
+    # gemv2 at BLOCK_M 1 (or with PAIRS) also takes K blocks of several whole groups (zero and scale per word row)
+    multi_ok = ((impl == "gemv2" and (cfg.get("BLOCK_M") == 1 or cfg.get("PAIRS"))) or impl == "tcasm") \
+        and block_k % group_size == 0
     if block_k < 8 or block_k & (block_k - 1) or (group_size % block_k and not multi_ok):
         raise ValueError(f"int4_gemm: BLOCK_K={block_k} must be a power of two >= 8 dividing group_size={group_size}"
-                         " (or, for tcasm and for gemv2 at BLOCK_M=1, a multiple of it)")
+                         " (or, for tcasm and for gemv2 at BLOCK_M=1 or with PAIRS, a multiple of it)")
     if impl == "tcasm" and min(block_k, group_size) < 32:
         raise ValueError(f"int4_gemm: tcasm dots span 32-column chunks: min(BLOCK_K, group_size) must be >= 32, "
                          f"got BLOCK_K={block_k} group_size={group_size}")

@@ -426,7 +426,14 @@ CASES = [
          selected=False),
     Case("int4 M1 gemv2 256x16 w4 no prefetch", _int4(1, pick={"impl": "gemv2", "BLOCK_N": 256, "SPLIT_K": 16,
                                                                "num_warps": 4, "PREFETCH": 0}), selected=False),
-    Case("int4 M4 gemv2 64x8 w4", _int4(4, pick={"impl": "gemv2", "BLOCK_N": 64, "SPLIT_K": 8}), selected=False),
+    Case("int4 M4 gemv2 64x8 w4", _int4(4, config={"impl": "gemv2", "BLOCK_M": 4, "BLOCK_N": 64, "BLOCK_K": 128,
+                                                   "SPLIT_K": 8, "PREFETCH": 1, "num_warps": 4, "num_stages": 1}),
+         selected=False),
+    # multi-row PAIRS (the word unpacked once, then per row), with zero points and bias: the candidates' point is
+    # to keep the one-row loop's registers-only data flow, so they must not spill
+    Case("int4 M4 gemv2 PAIRS 4 rows zeros+bias", _int4(4, zeros=True, bias=True, pick={
+        "impl": "gemv2", "PAIRS": 1, "BLOCK_M": 4, "BLOCK_N": 32, "SPLIT_K": 16, "num_warps": 2}), selected=False,
+        no_spill=True),
     Case("int4 M16 tiled2 128x64 split4", _int4(16, pick={"impl": "tiled2", "BLOCK_N": 128, "SPLIT_K": 4}),
          selected=False),
     # tiled3: swap-AB, the weight planes as wgmma's register operand (no shared-memory store of weights)

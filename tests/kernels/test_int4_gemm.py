@@ -252,9 +252,8 @@ def test_int4_gemm_gemv2_extreme_codes_and_zeros(device):
 def test_int4_gemm_gemv2_planes_needs_one_row():
     x = torch.randn(2, 64, dtype=torch.float16)
     qweight, scales, zeros = _weights(16, 64, 32, True, "cpu")
-    for cfg in (GEMV2_PLANES, GEMV2_PAIRS):
-        with pytest.raises(ValueError, match="need BLOCK_M=1"):
-            int4_gemm(x, qweight, scales, zeros, 32, config={**cfg, "BLOCK_M": 2})
+    with pytest.raises(ValueError, match="needs BLOCK_M=1"):
+        int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV2_PLANES, "BLOCK_M": 2})
     with pytest.raises(ValueError, match="not both"):
         int4_gemm(x[:1], qweight, scales, zeros, 32, config={**GEMV2_PAIRS, "PLANES": 1})
     for cfg in ({**GEMV2, "PREFETCH_X": 1}, {**GEMV2_PAIRS_PX, "PREFETCH": 2}, {**GEMV2_PAIRS_PX, "PREFETCH": 0}):
@@ -421,7 +420,7 @@ def test_candidate_configs_sweep_the_variants_for_small_m():
     for M in (1, 4, 16):
         impls = {c["impl"] for c in candidate_configs(M, 14336, 4096, 128)}
         assert {"tiled2", "tiled", "dequant_cublas"} <= impls
-        assert ("gemv2" in impls) == (M <= 4)  # gemv2 tiles spill at BLOCK_M 16 (offline sm_90 compile)
+        assert "gemv2" in impls  # at M > 1: multi-row PAIRS (2 or 4 rows per program)
     for M in (1, 4, 16):
         tiled3 = [c for c in candidate_configs(M, 14336, 4096, 128) if c["impl"] == "tiled3"]
         assert tiled3 and all(c["BLOCK_K"] >= 128 and c["BLOCK_M"] == 16 for c in tiled3)
@@ -614,3 +613,70 @@ def test_int4_gemm_gpu_tcasm_suite_shape_and_codes(M):
         for cfg in cands[:3]:
             out = _run(x, qweight, scales, zeros, g, cfg)
             assert_close(out, int4_gemm_ref(x.double(), qweight, scales, zeros, g), dtype, scale=2.0)
+
+
+# Multi-row PAIRS (BLOCK_M 2 / 4): each word unpacked once for every x row. Rows past M (M = 3 in a 4-row block,
+# M = 5 in three 2-row blocks), several row blocks, odd N, ragged split-K, K blocks of several groups past K; the
+# interpreter runs the plain-Triton twin.
+GEMV2_PAIRS_ROWS = {**GEMV2_PAIRS, "BLOCK_M": 4}
+GEMV2_PAIRS_ROWS_MULTI = {**GEMV2_PAIRS_MULTI, "BLOCK_M": 2}
+GEMV2_PAIRS_ROWS_MULTI_SPLIT = {**GEMV2_PAIRS_MULTI_SPLIT, "BLOCK_M": 4}
+
+
+@pytest.mark.parametrize("cfg,M,g", [(GEMV2_PAIRS_ROWS, 3, 32), (GEMV2_PAIRS_ROWS, 4, 128),
+                                     (GEMV2_PAIRS_ROWS_MULTI, 5, 32), (GEMV2_PAIRS_ROWS_MULTI, 2, 128),
+                                     (GEMV2_PAIRS_ROWS_MULTI_SPLIT, 7, 32), ({**GEMV2_PAIRS_ROWS, "BLOCK_M": 2}, 1, 64)],
+                         ids=["rows4-m3", "rows4-m4", "rows2-multi-tail-m5", "rows2-multi-tail-m2",
+                              "rows4-multi-split-m7", "rows2-m1"])
+@pytest.mark.parametrize("asym", [True, False])
+def test_int4_gemm_pairs_rows(device, cfg, M, g, asym):
+    """Multi-row PAIRS against the float64 reference: bias, NaN-poisoned out, a second call on re-armed counters."""
+    _check_calls_and_rearmed_counters(device, cfg, M, 37, 384, g, asym)
+
+
+def test_int4_gemm_pairs_rows_refusals():
+    x = torch.randn(3, 64, dtype=torch.float16)
+    qweight, scales, zeros = _weights(16, 64, 32, True, "cpu")
+    for bm in (3, 8):
+        with pytest.raises(ValueError, match="PAIRS=1 takes BLOCK_M in"):
+            int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV2_PAIRS, "BLOCK_M": bm})
+    with pytest.raises(ValueError, match="no gated epilogue or PREFETCH_X"):
+        int4_gemm(x, qweight, scales, zeros, 32, config={**GEMV2_PAIRS_PX, "BLOCK_M": 4})
+
+
+def test_int4_gemm_pairs_rows_candidates():
+    """M 2-16: multi-row PAIRS candidates (2 rows per program at M = 2, else 4), each with at most 64 accumulator
+    floats per thread; none past 16; no gemv2 fp32-path rows (176-618 us at M = 4 on the H200)."""
+    for m in (2, 3, 4, 8, 12, 16):
+        rows = [c for c in candidate_configs(m, 14336, 4096, 128) if c["impl"] == "gemv2"]
+        assert rows and all(c.get("PAIRS") == 1 for c in rows), m
+        assert {c["BLOCK_M"] for c in rows} == {2 if m == 2 else 4}, m
+        assert all(c["BLOCK_M"] * 16 * c["BLOCK_N"] <= 64 * 32 * c["num_warps"] for c in rows)
+    assert all(c["BLOCK_M"] == 1 for c in candidate_configs(1, 14336, 4096, 128) if c.get("PAIRS"))
+    assert not [c for c in candidate_configs(17, 14336, 4096, 128) if c.get("PAIRS")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g,asym", [(32, True), (128, False), (128, True)])
+def test_int4_gemm_gpu_pairs_rows(g, asym):
+    """Multi-row PAIRS' inline PTX (unpack once, then per row): bf16 x, M 2-7 and 16 (rows past M, several row blocks),
+    odd N, K = 5 g, every multi-row candidate, bias, NaN-poisoned out, twice; each row against the float64
+    reference and against the one-row PAIRS kernel on that row alone (the same word sums per row)."""
+    dtype, N, K = torch.bfloat16, 999, 5 * g
+    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+    bias = torch.randn(N, dtype=dtype, device="cuda")
+    one_row = [c for c in candidate_configs(1, 14336, 4096, g) if c.get("PAIRS")][0]
+    for M in (2, 3, 4, 7, 16):
+        cands = [c for c in candidate_configs(M, 14336, 4096, g) if c.get("PAIRS")]
+        assert cands and all(c["BLOCK_M"] > 1 for c in cands)
+        x = torch.randn(M, K, dtype=dtype, device="cuda") * 100
+        expected = int4_gemm_ref(x.double(), qweight, scales, zeros, g, bias.double())
+        single = torch.cat([_run(x[i:i + 1], qweight, scales, zeros, g, one_row, bias=bias) for i in range(M)])
+        for cfg in cands:
+            for _ in range(2):
+                out = _run(x, qweight, scales, zeros, g, cfg, bias=bias)
+                problem = mismatch(out, expected, dtype, scale=2.0, magnitude=rms(expected))
+                assert problem is None, f"M={M} {cfg}: {problem}"
+                assert mismatch(out, single, dtype, scale=2.0, magnitude=rms(expected)) is None, f"M={M} {cfg}"
+    for buf in workspace._BUFFERS.values():
+        assert not buf.any()
