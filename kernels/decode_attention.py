@@ -44,9 +44,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .flash_attention import apply_mask
 from .host import next_power_of_2
+from .pdl import launch_kwargs, use_pdl
 from .workspace import arrival_counters as _arrival_counters
 
 MAX_QUERY_LEN = 8  # speculative verification window; longer queries are prefill (flash_attention)
@@ -83,8 +85,11 @@ def _attend_split(
     MASK_KIND: tl.constexpr,
     kn_ptr, vn_ptr, cos_ptr, sin_ptr, pos_ptr,
     stride_knb, stride_knh, stride_knd, stride_vnb, stride_vnh, stride_vnd, stride_cb, stride_cd, stride_sb, stride_sd,
-    APPEND: tl.constexpr = False,
+    APPEND: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    if PDL:  # kernels/pdl.py: let the next PDL launch (the merge) start early, then wait for the kernel before
+        gdc_launch_dependents()
+        gdc_wait()
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // num_kv_heads
@@ -287,8 +292,11 @@ def _merge_splits_kernel(
     stride_ob, stride_oh, stride_os, stride_od,
     num_q_heads, num_splits,
     Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # kernels/pdl.py: the partials are the split kernel's writes
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)  # over B * Hq * Q_LEN
     pos = row % Q_LEN
     head = (row // Q_LEN) % num_q_heads
@@ -508,6 +516,7 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
     if merge_chunk < 1 or merge_chunk & (merge_chunk - 1):
         raise ValueError(f"decode attention: MERGE_CHUNK must be a power of two >= 1, got {merge_chunk}")
     dummy = lens if lens is not None else q
+    pdl = use_pdl(q)
     grid = (b * kv_heads, splits)
     _attend_split[grid](
         q, k, v, dummy, table if table is not None else dummy, out, part_o, part_lse, counters, mask_arg,
@@ -518,14 +527,14 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
         SPLIT=splits > 1, PAGED=paged, PAGE_SIZE=page_size, HAS_LENS=lens is not None,
         FP32_DOT=q.dtype == torch.float32, FUSED_MERGE=fused, MERGE_ROWS=merge_rows,
         MERGE_CHUNK=merge_chunk, MASK_KIND=mask_kind,
-        **_append_args(q, append), APPEND=append is not None,
-        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]),
+        **_append_args(q, append), APPEND=append is not None, PDL=pdl,
+        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **launch_kwargs(pdl),
     )
     if splits > 1 and not fused:
         _merge_splits_kernel[(b * hq * sq,)](
             part_o, part_lse, out, *out.stride(), hq, splits,
             Q_LEN=sq, HEAD_DIM=d, BLOCK_S=max(2, next_power_of_2(splits)),
-            BLOCK_D=block_d, num_warps=4,
+            BLOCK_D=block_d, PDL=pdl, num_warps=4, **launch_kwargs(pdl),
         )
     return out
 

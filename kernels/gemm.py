@@ -93,8 +93,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .host import cdiv, next_power_of_2
+from .pdl import launch_kwargs, use_pdl
 from .tile_order import tile_coords
 from .workspace import arrival_counters, split_k_gather
 
@@ -231,7 +233,11 @@ def _gemv_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_un, stride_uk, stride_ym, stride_yn, stride_ps,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # kernels/pdl.py: let the next PDL launch start early, then wait for the kernel before this one
+        gdc_launch_dependents()
+        gdc_wait()
     SWIGLU: tl.constexpr = ACT == 4
     tile = tl.program_id(0)  # n-blocks fastest: neighbouring programs share the x rows
     pid_k = tl.program_id(1)
@@ -726,7 +732,9 @@ def _single_pass(x, w, wu, bias, out, cfg, act: int) -> torch.Tensor:
     common = dict(ACT=act, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg["impl"] == "gemv":
-        _gemv_kernel[(tiles, split)](*args, VEC=min(bk, 16 // x.element_size()), **common)
+        pdl = use_pdl(x)
+        _gemv_kernel[(tiles, split)](*args, VEC=min(bk, 16 // x.element_size()), PDL=pdl, **common,
+                                     **launch_kwargs(pdl))
     else:
         _gemm_swapab_kernel[(tiles, split)](*args, IEEE=x.dtype == torch.float32, **common)
     return out

@@ -164,8 +164,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .host import cdiv, next_power_of_2
+from .pdl import launch_kwargs, use_pdl
 from .tile_order import tile_coords
 from .workspace import arrival_counters, split_k_gather
 
@@ -585,8 +587,10 @@ def _int4_gemv2_kernel(
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     LOAD_STAGES: tl.constexpr, PLANES: tl.constexpr, PAIRS: tl.constexpr = False, ASM: tl.constexpr = False,
-    PREFETCH_X: tl.constexpr = False, GATED: tl.constexpr = False, N_OUT=0,
+    PREFETCH_X: tl.constexpr = False, GATED: tl.constexpr = False, N_OUT=0, PDL: tl.constexpr = False,
 ):
+    if PDL:  # kernels/pdl.py: the next PDL launch may start during this kernel's last wave
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -619,6 +623,8 @@ def _int4_gemv2_kernel(
     if PREFETCH:
         w, s, z = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k_lo, k_hi, K, stride_qk, stride_sn,
                                stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
+    if PDL:  # the first K block's constant words / scales / zeros are in flight; x and the outputs wait for the
+        gdc_wait()  # kernel before (its writes visible)
     if PREFETCH_X:  # PAIRS: x of the next K block loaded with its words (masked past the slice: never used)
         kxn = k_lo + offs_w * 8
         xp0, xp1, xp2, xp3 = _pair_x(x_ptr + pid_m * stride_xm, kxn, (kxn < k_hi) & (pid_m < M), stride_xk, ASM)
@@ -1495,9 +1501,10 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
             if x.stride(1) != 1 or (M > 1 and x.stride(0) % 2) or x.data_ptr() % 4:
                 x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)  # fresh: aligned, contiguous
                 args = (x,) + args[1:13] + (x.stride(0), x.stride(1)) + args[15:]
+        pdl = use_pdl(x)
         _int4_gemv2_kernel[grid](*args, PREFETCH=int(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
                                  PLANES=planes, PAIRS=pairs, ASM=asm, PREFETCH_X=prefetch_x, GATED=gated,
-                                 N_OUT=N // 2, **common)
+                                 N_OUT=N // 2, PDL=pdl, **common, **launch_kwargs(pdl))
     elif impl == "tcasm":
         _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],
                                                                DIRECT=int(cfg.get("DIRECT", 0)), **common)

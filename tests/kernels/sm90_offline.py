@@ -266,6 +266,14 @@ def _decode(B, S, paged=False, mask=None, fused=False, page=64, D=HEAD_DIM, Hq=H
 
 
 # ---- kernels/int4_gemm.py (N-contiguous storage, as kernopt/int4.py writes it)
+def _pdl(build):
+    """The same launches as a GPU makes them with KERNOPT_PDL=1 (kernels/pdl.py): PDL=True in every kernel."""
+    def wrapped(rec):
+        rec.override(PDL=True)
+        return build(rec)
+    return wrapped
+
+
 def _int4(M, N=MLP, K=HIDDEN, group=128, zeros=False, bias=False, pick=None, config=None, gated=False):
     def build(rec):
         import torch
@@ -413,6 +421,13 @@ CASES = [
     Case("decode contiguous B4 S4096 additive mask", _decode(4, 4096, mask="additive")),
     Case("decode append B1 S256 bool mask", _decode(1, 256, mask="bool", append=True)),
     Case("decode append B1 S4096 bool mask", _decode(1, 4096, mask="bool", append=True)),
+    # KERNOPT_PDL=1: griddepcontrol in the decode path's kernels, nothing else changed (so no new spills)
+    Case("decode append B1 S256 bool mask PDL", _pdl(_decode(1, 256, mask="bool", append=True)), selected=False,
+         no_spill=True, expect={"_attend_split": ("pdl",), "_merge_splits_kernel": ("pdl",)}),
+    Case("int4 M1 (gemv2 PAIRS) PDL", _pdl(_int4(1)), selected=False, no_spill=True,
+         expect={"_int4_gemv2_kernel": ("pdl",)}),
+    Case("gemm gemv M1 swiglu K4096 N14336 PDL", _pdl(_gemm(1, MLP, HIDDEN, "swiglu", config=_gemv_table)),
+         selected=False, no_spill=True, expect={"_gemv_kernel": ("pdl",)}),
     # int4 weight-only GEMM, K4096 N14336 g128
     Case("int4 M1 (gemv2 PAIRS)", _int4(1)),
     Case("int4 M1 zeros+bias (gemv2 PAIRS)", _int4(1, zeros=True, bias=True)),
@@ -534,6 +549,7 @@ def _ptx_facts(ptx: str) -> dict:
         "mma_sync": "mma.sync" in ptx,
         "tma": "cp.async.bulk.tensor" in ptx,
         "cp_async": "cp.async.cg" in ptx or "cp.async.ca" in ptx,  # loads pipelined by num_stages (not TMA)
+        "pdl": "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx,  # kernels/pdl.py
         "wgmma_shapes": sorted({m.group(0) for line in mma for m in [re.search(r"m64n\d+k\d+\S*?(?=\s)", line)]
                                 if m}),
     }
