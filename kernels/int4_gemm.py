@@ -557,6 +557,13 @@ def _row_pair_acc(acc_w, t0, t1, t2, t3, x_row, row_ok, kx, x_ok, stride_xk, s, 
             xs = _bf16_pair_sum(p0) + _bf16_pair_sum(p1) + _bf16_pair_sum(p2) + _bf16_pair_sum(p3)
     else:
         ws, xs = _pair_sums_of(t0, p0, p1, p2, p3, HAS_ZEROS, ASM)
+    return _pairs_zero_scale(acc_w, ws, xs, z, s, HAS_ZEROS, MULTI)
+
+
+@triton.jit
+def _pairs_zero_scale(acc_w, ws, xs, z, s, HAS_ZEROS: tl.constexpr, MULTI: tl.constexpr):
+    """PAIRS: acc_w [R, C] += (word sums + (8 - z) x sums) * s, zero and scale per word row (MULTI: [R, C] tiles)
+    or per column; sum_k x (q - z) = sum_k x (q - 8) + (8 - z) sum_k x, so symmetric weights need no x sums."""
     if HAS_ZEROS:
         if MULTI:
             acc_w += (ws + xs[:, None] * (8.0 - z)) * s
@@ -678,15 +685,7 @@ def _int4_gemv2_kernel(
             else:
                 ws, xs = _word_pair_sums(w_cur, x_ptr + pid_m * stride_xm, kx, (kx < K) & (pid_m < M), stride_xk,
                                          HAS_ZEROS, ASM, MULTI)
-            if HAS_ZEROS:
-                if MULTI:
-                    acc_w += (ws + xs[:, None] * (8.0 - z_cur)) * s_cur
-                else:
-                    acc_w += (ws + xs[:, None] * (8.0 - z_cur)[None, :]) * s_cur[None, :]
-            elif MULTI:
-                acc_w += ws * s_cur
-            else:
-                acc_w += ws * s_cur[None, :]
+            acc_w = _pairs_zero_scale(acc_w, ws, xs, z_cur, s_cur, HAS_ZEROS, MULTI)
         elif PLANES:
             # One nibble plane at a time on the [BLOCK_K/8, BLOCK_N] word tile in its load layout: x_j (k = k0 + 8r
             # + j) is a [BLOCK_K/8] vector per plane, no [.., 8, ..] tensor, so no shared-memory relayout of the
