@@ -11,7 +11,10 @@ random inputs:
 - ``kernopt``: `paged_decode_attention` on a paged cache (64-token pages, pages of all sequences shuffled in
   the pool, as after many allocations and frees);
 - ``kernopt_contiguous``: `decode_attention` on the contiguous cache;
-- ``sdpa_gqa``: ``F.scaled_dot_product_attention(q, k, v, enable_gqa=True)`` on the contiguous cache.
+- ``sdpa_gqa``: ``F.scaled_dot_product_attention(q, k, v, enable_gqa=True)`` on the contiguous cache;
+- ``kernopt_contiguous_pdl``: ``kernopt_contiguous``'s config with programmatic dependent launch (KERNOPT_PDL=1,
+  kernels/pdl.py: the merge kernel launched while the split kernel drains, and each call's split kernel while the
+  call before finishes), where the config splits; an experiment, off by default.
 Metric: TB/s of K+V bytes read (2 * B * Hkv * S * D * 2 bytes / time per call). Every kernopt output is checked
 against the fp32 reference in the same run before it is timed. kernopt's numbers use `select_config` (what a
 user gets: ``paged=True`` for the paged kernel); the sweep (`candidate_configs`) records each system's best
@@ -35,7 +38,9 @@ on a batch with lengths spread from 64 to 4096.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +87,22 @@ def paged_copy(k, v, page_size):
         x = F.pad(src, (0, 0, 0, pad)).view(B, hkv, per_seq, page_size, d).permute(0, 2, 3, 1, 4)
         dst[table.long().flatten()] = x.reshape(num_pages, page_size, hkv, d)
     return k_pages, v_pages, table
+
+
+@contextlib.contextmanager
+def pdl_env():
+    """KERNOPT_PDL=1 while the graph is captured (the launches read it then; replays need nothing)."""
+    from kernopt.kernels.pdl import PDL_ENV
+
+    old = os.environ.get(PDL_ENV)
+    os.environ[PDL_ENV] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(PDL_ENV, None)
+        else:
+            os.environ[PDL_ENV] = old
 
 
 def merge_kind(cfg: dict) -> str:
@@ -232,6 +253,16 @@ def main(argv=None):
             if by_merge:
                 extra[f"{sys_name}_best_by_merge"] = {k_: {"tbps": round(t_, 4), "config": config_string(c_)}
                                                       for k_, (t_, c_) in sorted(by_merge.items())}
+        if contiguous_cfg["SPLITS"] > 1 and "kernopt_contiguous" in results:
+            try:
+                with pdl_env():
+                    problem = checked(contiguous(contiguous_cfg)(0), x0["out"], ref)
+                    if problem is None:
+                        results["kernopt_contiguous_pdl"] = graph_tbps(contiguous(contiguous_cfg))
+            except Exception as e:
+                problem = f"{type(e).__name__}: {e}"[:300]
+            if problem:
+                errors.append(f"kernopt_contiguous_pdl: {problem}")
         extra["time_us"] = {s_: round(kv_bytes(B, S) / (r * 1e12) * 1e6, 2) for s_, r in results.items()}
         extra["eager_us"] = eager_us  # do_bench of one eager call: Python launch included (the old method)
         extra["graph"] = {"copies": copies, "calls": calls}
