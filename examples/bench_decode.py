@@ -38,14 +38,12 @@ on a batch with lengths spread from 64 to 4096.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from kernopt.benchmark import Suite, require_cuda, rotation, time_graph_ms, time_ms
+from kernopt.benchmark import Suite, env_vars, require_cuda, rotation, time_graph_ms, time_ms
 from kernopt.tolerance import mismatch
 
 HQ, HKV, D = 32, 8, 128
@@ -87,22 +85,6 @@ def paged_copy(k, v, page_size):
         x = F.pad(src, (0, 0, 0, pad)).view(B, hkv, per_seq, page_size, d).permute(0, 2, 3, 1, 4)
         dst[table.long().flatten()] = x.reshape(num_pages, page_size, hkv, d)
     return k_pages, v_pages, table
-
-
-@contextlib.contextmanager
-def pdl_env():
-    """KERNOPT_PDL=1 while the graph is captured (the launches read it then; replays need nothing)."""
-    from kernopt.kernels.pdl import PDL_ENV
-
-    old = os.environ.get(PDL_ENV)
-    os.environ[PDL_ENV] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(PDL_ENV, None)
-        else:
-            os.environ[PDL_ENV] = old
 
 
 def merge_kind(cfg: dict) -> str:
@@ -255,7 +237,7 @@ def main(argv=None):
                                                       for k_, (t_, c_) in sorted(by_merge.items())}
         if contiguous_cfg["SPLITS"] > 1 and "kernopt_contiguous" in results:
             try:
-                with pdl_env():
+                with env_vars(KERNOPT_PDL="1"):  # read when the graph is captured; replays need nothing
                     problem = checked(contiguous(contiguous_cfg)(0), x0["out"], ref)
                     if problem is None:
                         results["kernopt_contiguous_pdl"] = graph_tbps(contiguous(contiguous_cfg))

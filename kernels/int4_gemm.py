@@ -533,7 +533,7 @@ def _pair_sums_of(w, p0, p1, p2, p3, NEED_XS: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def _unpack_pairs(w, ASM: tl.constexpr):
     """Multi-row PAIRS: the word tile w [R, C] as four packed bf16x2 (q - 8) pair tiles (ASM: _UNPACK_PAIRS_PTX),
-    shared by every x row; else (the interpreter) w itself four times, unpacked again by _row_pair_sums."""
+    shared by every x row; else (the interpreter) w itself four times, unpacked again by _row_pair_acc."""
     if ASM:
         t0, t1, t2, t3 = tl.inline_asm_elementwise(asm=_UNPACK_PAIRS_PTX, constraints="=r,=r,=r,=r,r", args=[w],
                                                    dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
@@ -545,10 +545,10 @@ def _unpack_pairs(w, ASM: tl.constexpr):
 
 @triton.jit
 def _row_pair_acc(acc_w, t0, t1, t2, t3, x_row, row_ok, kx, x_ok, stride_xk, s, z, HAS_ZEROS: tl.constexpr,
-                  MULTI: tl.constexpr, ASM: tl.constexpr, MASK_X: tl.constexpr):
+                  MULTI: tl.constexpr, ASM: tl.constexpr):
     """Multi-row PAIRS, one x row: acc_w [R, C] += its word sums (_PAIRS_DOT_PTX on _unpack_pairs' tiles: the one-row
     kernel's instructions for the sums, bit for bit) with zero and scale per word row, as the one-row loop does."""
-    p0, p1, p2, p3 = _pair_x(x_row, kx, x_ok & row_ok, stride_xk, ASM, MASK_X)
+    p0, p1, p2, p3 = _pair_x(x_row, kx, x_ok & row_ok, stride_xk, ASM)  # masked: the row may lie past M
     if ASM:
         ws = tl.inline_asm_elementwise(asm=_PAIRS_DOT_PTX, constraints="=r,r,r,r,r,r,r,r,r",
                                        args=[t0, t1, t2, t3, p0[:, None], p1[:, None], p2[:, None], p3[:, None]],
@@ -624,7 +624,7 @@ def _int4_gemv2_kernel(
     acc_w1 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
     acc_w2 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
     acc_w3 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-    # MULTI: a K block spans BLOCK_K / GROUP groups (BLOCK_M == 1 only): zero and scale are loaded per word
+    # MULTI: a K block spans BLOCK_K / GROUP groups (BLOCK_M == 1, or PAIRS): zero and scale are loaded per word
     # row ([BLOCK_K/8, BLOCK_N], each group's row repeated GROUP/8 times: L1 hits) and applied per word row.
     MULTI: tl.constexpr = BLOCK_K > GROUP
     if PREFETCH:
@@ -664,14 +664,14 @@ def _int4_gemv2_kernel(
             t0, t1, t2, t3 = _unpack_pairs(w_cur, ASM)
             row0 = pid_m * BLOCK_M
             acc_w = _row_pair_acc(acc_w, t0, t1, t2, t3, x_ptr + row0 * stride_xm, row0 < M, kx, x_ok, stride_xk,
-                                  s_cur, z_cur, HAS_ZEROS, MULTI, ASM, True)
+                                  s_cur, z_cur, HAS_ZEROS, MULTI, ASM)
             acc_w1 = _row_pair_acc(acc_w1, t0, t1, t2, t3, x_ptr + (row0 + 1) * stride_xm, row0 + 1 < M, kx, x_ok,
-                                   stride_xk, s_cur, z_cur, HAS_ZEROS, MULTI, ASM, True)
+                                   stride_xk, s_cur, z_cur, HAS_ZEROS, MULTI, ASM)
             if BLOCK_M == 4:
                 acc_w2 = _row_pair_acc(acc_w2, t0, t1, t2, t3, x_ptr + (row0 + 2) * stride_xm, row0 + 2 < M, kx, x_ok,
-                                       stride_xk, s_cur, z_cur, HAS_ZEROS, MULTI, ASM, True)
+                                       stride_xk, s_cur, z_cur, HAS_ZEROS, MULTI, ASM)
                 acc_w3 = _row_pair_acc(acc_w3, t0, t1, t2, t3, x_ptr + (row0 + 3) * stride_xm, row0 + 3 < M, kx, x_ok,
-                                       stride_xk, s_cur, z_cur, HAS_ZEROS, MULTI, ASM, True)
+                                       stride_xk, s_cur, z_cur, HAS_ZEROS, MULTI, ASM)
         elif PAIRS:
             # Packed bf16x2 word sums (BLOCK_M == 1; _word_pair_sums): sum_k x (q - z) = sum_k x (q - 8) + (8 - z) sum_k x,
             # so symmetric weights need no x sums at all.

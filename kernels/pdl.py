@@ -18,18 +18,16 @@ False off the GPU).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from .host import env_switch
 
 PDL_ENV = "KERNOPT_PDL"
 
 
 def pdl_enabled() -> bool:
-    v = os.environ.get(PDL_ENV, "0")
-    if v not in ("0", "1"):
-        raise ValueError(f"{PDL_ENV}={v!r}; valid: '0', '1'")
-    return v == "1"
+    return env_switch(PDL_ENV, "0")
 
 
 @functools.lru_cache(maxsize=None)

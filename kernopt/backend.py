@@ -29,7 +29,8 @@ import torch.fx as fx
 from kernopt import ops  # noqa: F401  (registers torch.ops.kernopt.*)
 from kernopt import tolerance, workload
 from kernopt.passes import PASS_NAMES, load
-from kernopt.passes.graph import Fallback, PassContext, Rewrite, env_switch
+from kernopt.kernels.host import env_switch
+from kernopt.passes.graph import Fallback, PassContext, Rewrite
 
 log = logging.getLogger("kernopt")
 

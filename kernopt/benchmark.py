@@ -6,6 +6,7 @@ and drops the kernopt number), prints the table and writes `benchmarks/results/<
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -218,3 +219,22 @@ def require_cuda(script: str) -> None:
                          "Run it on the GPU machine (see README, 'Benchmarks').")
 
 
+
+
+@contextlib.contextmanager
+def env_vars(**values: Optional[str]):
+    """Set environment variables for the block (None: unset one); restore what was there after."""
+    prev = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in prev.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

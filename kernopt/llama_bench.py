@@ -279,7 +279,9 @@ def prepare(system: str, model, device: str = "cuda", inner: str = "inductor"):
 def system_env(system: str):
     """The experiment switches of SYSTEM_ENV set for one system's run, the others unset; the caller's restored."""
     unset = {name: None for env in SYSTEM_ENV.values() for name in env}
-    with _env(**{**unset, **SYSTEM_ENV.get(system, {})}):
+    from kernopt.benchmark import env_vars
+
+    with env_vars(**{**unset, **SYSTEM_ENV.get(system, {})}):
         yield
 
 
@@ -538,25 +540,6 @@ def output_dir(device: str, out) -> Path:
     return Path(out)
 
 
-@contextlib.contextmanager
-def _env(**values: Optional[str]):
-    """Set environment variables for the block (None: unset one); restore what was there after."""
-    prev = {k: os.environ.get(k) for k in values}
-    for k, v in values.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    try:
-        yield
-    finally:
-        for k, v in prev.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _compile_caches(root, name: str):
     """With `root` (--cold-compile-caches): fresh Inductor and Triton cache directories for one system of one
     shape, so its first call compiles from nothing rather than from what an earlier run or system left on disk.
@@ -564,7 +547,9 @@ def _compile_caches(root, name: str):
     number.)"""
     if root is None:
         return contextlib.nullcontext()
-    return _env(TORCHINDUCTOR_CACHE_DIR=str(root / name / "inductor"), TRITON_CACHE_DIR=str(root / name / "triton"))
+    from kernopt.benchmark import env_vars
+
+    return env_vars(TORCHINDUCTOR_CACHE_DIR=str(root / name / "inductor"), TRITON_CACHE_DIR=str(root / name / "triton"))
 
 
 @contextlib.contextmanager
@@ -573,7 +558,9 @@ def _cpu_references(device: str):
     if device == "cuda":
         yield
         return
-    with _env(KERNOPT_CPU="reference"):
+    from kernopt.benchmark import env_vars
+
+    with env_vars(KERNOPT_CPU="reference"):
         yield
 
 

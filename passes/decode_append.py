@@ -31,7 +31,8 @@ import torch
 import torch.fx as fx
 
 from kernopt import ops
-from kernopt.passes.graph import ADD, MUL, PassContext, env_switch, example_value, is_call, size_hint
+from kernopt.kernels.host import env_switch
+from kernopt.passes.graph import ADD, MUL, PassContext, example_value, is_call, size_hint
 
 APPEND_ENV = "KERNOPT_DECODE_APPEND"
 PASS_NAME = "decode_append"

@@ -14,7 +14,6 @@ returns a reason string to refuse), and either rewrites the match to a `torch.op
 from __future__ import annotations
 
 import operator
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -151,14 +150,6 @@ def describe(node: fx.Node) -> str:
         return name
     shape = "x".join(str(s) for s in v.shape)
     return f"{name} [{shape}] {str(v.dtype).replace('torch.', '')}"
-
-
-def env_switch(name: str, default: str) -> bool:
-    """A '0' / '1' environment switch (default: its value when unset); any other value is a clear error."""
-    v = os.environ.get(name, default)
-    if v not in ("0", "1"):
-        raise ValueError(f"{name}={v!r}; valid: '0', '1'")
-    return v == "1"
 
 
 MUL = (operator.mul, torch.mul, "mul")

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from kernopt import ops, workload
 from kernopt.int4 import grouping_enabled
-from kernopt.passes.graph import (SILU, PassContext, arg, describe, env_switch, example_value, format_config,
-                                  insert_before, is_call, replace, size_hint, static_int)
+from kernopt.kernels.host import env_switch
+from kernopt.passes.graph import (SILU, PassContext, arg, describe, example_value, format_config, insert_before,
+                                  is_call, replace, size_hint, static_int)
 
 LINEAR = (F.linear, torch._C._nn.linear)
 MATMUL = (torch.matmul, operator.matmul, torch.mm, "matmul", "mm")
