@@ -555,6 +555,8 @@ def _row_pair_acc(acc_w, t0, t1, t2, t3, x_row, row_ok, kx, x_ok, stride_xk, s, 
                                        dtype=tl.float32, is_pure=True, pack=1)
         if HAS_ZEROS:
             xs = _bf16_pair_sum(p0) + _bf16_pair_sum(p1) + _bf16_pair_sum(p2) + _bf16_pair_sum(p3)
+        else:
+            xs = tl.zeros(p0.shape, dtype=tl.float32)  # unused: symmetric weights need no x sums
     else:
         ws, xs = _pair_sums_of(t0, p0, p1, p2, p3, HAS_ZEROS, ASM)
     return _pairs_zero_scale(acc_w, ws, xs, z, s, HAS_ZEROS, MULTI)
