@@ -1,0 +1,171 @@
+"""Decode attention at B1: where the time of a call goes, against what reading the same bytes costs (#4).
+
+    python benchmarks/decode_probe.py [--out DIR]      # JSON: DIR/decode_probe-<gpu>.json
+    ncu --clock-control none --kernel-name regex:_attend_split --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        python benchmarks/decode_probe.py --launch 8192   # a few eager calls, a target for Nsight Compute
+
+Every number is microseconds per call from one CUDA graph of many calls, inputs rotated past the L2 (as
+examples/bench_decode.py times); B1 Hq32 Hkv8 D128 bf16, contiguous cache:
+- ``length S<n>``: select_config's pick: the whole call (split + merge kernel), the split kernel alone (the merge
+  launch skipped: its output is not valid, timing only), the fused merge, PDL (KERNOPT_PDL=1), and SDPA. The
+  slope and intercept over S split a call into streaming and fixed cost.
+- ``splits S8192``: the split kernel alone (and the whole call) at 8..128 splits, BLOCK_N 64 and 128.
+- ``read S<n>``: a Triton kernel that only reads the same K+V bytes (P programs, each summing one contiguous
+  chunk): what reading those bytes costs at this size, for P from 132 to 2048, and the best of them.
+- ``empty``: a graph of launches of a kernel that does nothing (1 and 256 programs): one kernel boundary.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernopt.benchmark import Suite, env_vars, require_cuda, rotation, time_graph_ms
+
+HQ, HKV, D = 32, 8, 128
+LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, numel, chunk, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    lo = pid.to(tl.int64) * chunk
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(0, chunk, BLOCK):
+        offs = lo + i + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc))
+
+
+@triton.jit
+def _empty_kernel(out_ptr, n):
+    if tl.program_id(0) >= n:  # never: the launch is the whole cost
+        tl.store(out_ptr, 0.0)
+
+
+class _NoLaunch:
+    """Stands in for the merge kernel: `kernel[grid](...)` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def split_only():
+    import kernopt.kernels.decode_attention as da
+
+    saved = da._merge_splits_kernel
+    da._merge_splits_kernel = _NoLaunch()
+    try:
+        yield
+    finally:
+        da._merge_splits_kernel = saved
+
+
+def kv_bytes(S: int) -> int:
+    return 2 * HKV * S * D * 2
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
+    ap.add_argument("--rep", type=int, default=30, help="do_bench ms per timed graph")
+    ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    ap.add_argument("--launch", type=int, default=0, metavar="S", help="only launch the selected config a few times")
+    args = ap.parse_args(argv)
+    require_cuda("decode_probe.py")
+    from kernopt.kernels.decode_attention import config_string, decode_attention, fused, select_config
+
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    torch.manual_seed(0)
+
+    def make_inputs(S, copies):
+        return [dict(q=torch.randn(1, HQ, 1, D, device="cuda", dtype=torch.bfloat16),
+                     k=torch.randn(1, HKV, S, D, device="cuda", dtype=torch.bfloat16),
+                     v=torch.randn(1, HKV, S, D, device="cuda", dtype=torch.bfloat16),
+                     out=torch.empty(1, HQ, 1, D, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]
+
+    if args.launch:
+        x = make_inputs(args.launch, 1)[0]
+        cfg = select_config(1, HKV, HQ, args.launch, D, sm)
+        print(config_string(cfg))
+        for _ in range(6):
+            decode_attention(x["q"], x["k"], x["v"], config=cfg, out=x["out"])
+        torch.cuda.synchronize()
+        return
+
+    suite = Suite("decode_probe")
+
+    def us(make, copies, calls):
+        return 1e3 * time_graph_ms(make, copies, calls, args.rep)
+
+    def call(inputs, cfg):
+        return lambda i: (lambda x=inputs[i]: decode_attention(x["q"], x["k"], x["v"], config=cfg, out=x["out"]))
+
+    for S in (int(s) for s in args.lengths.split(",")):
+        copies, calls = rotation(kv_bytes(S))
+        inputs = make_inputs(S, copies)
+        cfg = select_config(1, HKV, HQ, S, D, sm)
+        res = {"call": us(call(inputs, cfg), copies, calls)}
+        if cfg["SPLITS"] > 1:
+            with split_only():
+                res["split_only"] = us(call(inputs, cfg), copies, calls)
+            res["fused"] = us(call(inputs, fused(cfg)), copies, calls)
+            with env_vars(KERNOPT_PDL="1"):
+                res["pdl"] = us(call(inputs, cfg), copies, calls)
+        res["sdpa"] = us(lambda i: (lambda x=inputs[i]: F.scaled_dot_product_attention(
+            x["q"], x["k"], x["v"], enable_gqa=True)), copies, calls)
+        tbps = {k: round(kv_bytes(S) / (v * 1e-6) / 1e12, 3) for k, v in res.items()}
+        row = suite.add(f"length S{S}", "us", False, res, config=config_string(cfg), tbps=tbps)
+        print(row["case"], row["results"], flush=True)
+
+        if S == 8192:
+            for block_n in (64, 128):
+                for splits in (8, 16, 32, 64, 128):
+                    if splits * block_n > S:
+                        continue
+                    c = {**cfg, "BLOCK_N": block_n, "SPLITS": splits}
+                    r = {"call": us(call(inputs, c), copies, calls)}
+                    with split_only():
+                        r["split_only"] = us(call(inputs, c), copies, calls)
+                    row = suite.add(f"splits S{S} BLOCK_N{block_n} splits{splits}", "us", False, r,
+                                    config=config_string(c))
+                    print(row["case"], row["results"], flush=True)
+
+        # Reading the same bytes: one flat buffer per copy (K and V of a copy are adjacent here).
+        flat = [torch.randn(2 * HKV * S * D, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        sink = torch.empty(4096, device="cuda", dtype=torch.float32)
+        numel = flat[0].numel()
+        res = {}
+        for programs in (132, 264, 256, 512, 1024, 2048):
+            for block, warps in ((2048, 4), (4096, 8)):
+                chunk = math.ceil(math.ceil(numel / programs) / block) * block
+                if programs > 1 and chunk * (programs - 1) >= numel:
+                    continue
+
+                def read(i, p=programs, c=chunk, b=block, w=warps):
+                    return lambda: _read_kernel[(p,)](flat[i], sink, numel, c, BLOCK=b, num_warps=w, num_stages=3)
+
+                res[f"P{programs}_B{block}"] = us(read, copies, calls)
+        res["best"] = min(res.values())
+        row = suite.add(f"read S{S}", "us", False, res, tbps=round(kv_bytes(S) / (res["best"] * 1e-6) / 1e12, 3))
+        print(row["case"], {k: round(v, 2) for k, v in row["results"].items()}, flush=True)
+        inputs = flat = None
+        torch.cuda.empty_cache()
+
+    sink = torch.empty(1, device="cuda", dtype=torch.float32)
+    res = {f"grid{g}": us(lambda i, g=g: (lambda: _empty_kernel[(g,)](sink, g)), 1, 200) for g in (1, 256)}
+    suite.add("empty", "us", False, res)
+    print("empty", res)
+    print(suite.table())
+    print(f"wrote {suite.write(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
