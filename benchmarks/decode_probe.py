@@ -12,7 +12,8 @@ examples/bench_decode.py times); B1 Hq32 Hkv8 D128 bf16, contiguous cache:
   slope and intercept over S split a call into streaming and fixed cost.
 - ``splits S8192``: the split kernel alone (and the whole call) at 8..128 splits, BLOCK_N 64 and 128.
 - ``read S<n>``: a Triton kernel that only reads the same K+V bytes (P programs, each summing one contiguous
-  chunk): what reading those bytes costs at this size, for P from 132 to 2048, and the best of them.
+  chunk; ``_x4``: four independent loads a step): what reading those bytes costs at this size, for P from 132 to
+  2048, and the best of them (``best``, Triton kernels only); ``torch_sum``: torch's own reduction of them.
 - ``empty``: a graph of launches of a kernel that does nothing (1 and 256 programs): one kernel boundary.
 """
 from __future__ import annotations
@@ -40,6 +41,22 @@ def _read_kernel(x_ptr, out_ptr, numel, chunk, BLOCK: tl.constexpr):
     for i in range(0, chunk, BLOCK):
         offs = lo + i + tl.arange(0, BLOCK)
         acc += tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc))
+
+
+@triton.jit
+def _read4_kernel(x_ptr, out_ptr, numel, chunk, BLOCK: tl.constexpr):
+    """_read_kernel with four independent loads per step (more bytes in flight per thread)."""
+    pid = tl.program_id(0)
+    lo = pid.to(tl.int64) * chunk
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(0, chunk, 4 * BLOCK):
+        offs = lo + i + tl.arange(0, BLOCK)
+        a = tl.load(x_ptr + offs, mask=offs < numel, other=0.0)
+        b = tl.load(x_ptr + offs + BLOCK, mask=offs + BLOCK < numel, other=0.0)
+        c = tl.load(x_ptr + offs + 2 * BLOCK, mask=offs + 2 * BLOCK < numel, other=0.0)
+        d = tl.load(x_ptr + offs + 3 * BLOCK, mask=offs + 3 * BLOCK < numel, other=0.0)
+        acc += (a.to(tl.float32) + b.to(tl.float32)) + (c.to(tl.float32) + d.to(tl.float32))
     tl.store(out_ptr + pid, tl.sum(acc))
 
 
@@ -126,17 +143,24 @@ def main(argv=None) -> None:
         print(row["case"], row["results"], flush=True)
 
         if S == 8192:
-            for block_n in (64, 128):
-                for splits in (8, 16, 32, 64, 128):
-                    if splits * block_n > S:
-                        continue
-                    c = {**cfg, "BLOCK_N": block_n, "SPLITS": splits}
+            # (BLOCK_N, splits, warps, stages): the table's neighbourhood, then deeper pipelines of small tiles
+            # (32-token tiles: 16 KB of K+V a stage) and 3 programs per SM (48 splits: 384 programs)
+            tried = [(bn, sp, 4, 3) for bn in (64, 128) for sp in (8, 16, 32, 64, 128) if sp * bn <= S]
+            tried += [(32, 32, 4, 4), (32, 32, 4, 6), (32, 32, 4, 8), (32, 64, 4, 4), (32, 64, 4, 6),
+                      (32, 32, 2, 6), (64, 32, 4, 2), (64, 32, 8, 3), (64, 48, 4, 3), (64, 40, 4, 3),
+                      (128, 16, 8, 2), (32, 48, 4, 5)]
+            for block_n, splits, warps, stages in tried:
+                c = {**cfg, "BLOCK_N": block_n, "SPLITS": splits, "num_warps": warps, "num_stages": stages}
+                try:
                     r = {"call": us(call(inputs, c), copies, calls)}
                     with split_only():
                         r["split_only"] = us(call(inputs, c), copies, calls)
-                    row = suite.add(f"splits S{S} BLOCK_N{block_n} splits{splits}", "us", False, r,
-                                    config=config_string(c))
-                    print(row["case"], row["results"], flush=True)
+                except Exception as e:  # e.g. out of shared memory
+                    print(f"{config_string(c)}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    continue
+                row = suite.add(f"splits S{S} BLOCK_N{block_n} splits{splits} w{warps} s{stages}", "us", False, r,
+                                config=config_string(c))
+                print(row["case"], row["results"], flush=True)
 
         # Reading the same bytes: one flat buffer per copy (K and V of a copy are adjacent here).
         flat = [torch.randn(2 * HKV * S * D, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
@@ -153,7 +177,13 @@ def main(argv=None) -> None:
                     return lambda: _read_kernel[(p,)](flat[i], sink, numel, c, BLOCK=b, num_warps=w, num_stages=3)
 
                 res[f"P{programs}_B{block}"] = us(read, copies, calls)
-        res["best"] = min(res.values())
+
+                def read4(i, p=programs, c=chunk, b=block // 4, w=warps):
+                    return lambda: _read4_kernel[(p,)](flat[i], sink, numel, c, BLOCK=b, num_warps=w)
+
+                res[f"P{programs}_B{block}_x4"] = us(read4, copies, calls)
+        res["torch_sum"] = us(lambda i: (lambda: flat[i].sum()), copies, calls)
+        res["best"] = min(v for k, v in res.items() if k != "torch_sum")
         row = suite.add(f"read S{S}", "us", False, res, tbps=round(kv_bytes(S) / (res["best"] * 1e-6) / 1e12, 3))
         print(row["case"], {k: round(v, 2) for k, v in row["results"].items()}, flush=True)
         inputs = flat = None

@@ -112,7 +112,7 @@ def read_roofline(K: int, N: int, rep: int) -> dict:
 
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]
-MS = [1, 4, 16, 64, 256]
+MS = [1, 2, 4, 16, 64, 256]
 GROUP = 128
 
 

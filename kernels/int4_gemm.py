@@ -1241,6 +1241,18 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
             cfg = {"impl": "tcasm", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": group_size, "SPLIT_K": 4 if N >= 8192
                    else 8, "DIRECT": 2, "num_warps": 4, "num_stages": 3}
         return cfg
+    if M == 2 and x_dtype == torch.bfloat16 and gemv_variant() in ("", "pairs128", "pairs64", "px"):
+        # Two-row PAIRS (bf16 x, any zero points): each word unpacked once, then both rows' HFMA2 sums. H200 --tune
+        # at c0e8a0e (sweeps/rows/gemm_int4-h200.json, weights with zero points): 32 columns x 2 warps x split 8 took
+        # 22.90 / 21.96 / 9.19 us at K4096 N14336 / K14336 N4096 / 4096^2 (the best of the sweep, or within 0.6% of
+        # it), against 30.64 / 32.44 / 12.98 for tiled2 (the M <= 16 row below) and bf16 cuBLAS's 30.25 / 31.62 /
+        # 12.43. At M = 4 the 4-row candidates were level with tiled2 / tiled3 (32.6 / 32.0 / 12.2 against 30.4 /
+        # 31.3 / 12.2 us), at M = 16 2.7-3.5x slower: the rows beyond 2 stay on the tensor-core tiles.
+        split = 8
+        while split > 1 and K // split < max(block_k, 256):
+            split //= 2
+        return {"impl": "gemv2", "BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": split, "PREFETCH": 1,
+                "PAIRS": 1, "num_warps": 2, "num_stages": 1}
     if M < DEQUANT_CUBLAS_MIN_M:
         if M <= 16:
             cfg = {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}

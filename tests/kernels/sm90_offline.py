@@ -452,6 +452,9 @@ CASES = [
     Case("int4 M2 gemv2 PAIRS 2 rows symmetric", _int4(2, pick={
         "impl": "gemv2", "PAIRS": 1, "BLOCK_M": 2, "BLOCK_N": 64, "SPLIT_K": 8, "num_warps": 2}), selected=False,
         no_spill=True),
+    # the table's M=2 pick for bf16 x (two-row PAIRS, 32 columns x 2 warps), symmetric and with zero points + bias
+    Case("int4 M2 selected symmetric", _int4(2), no_spill=True),
+    Case("int4 M2 selected zeros+bias", _int4(2, zeros=True, bias=True), no_spill=True),
     Case("int4 M16 tiled2 128x64 split4", _int4(16, pick={"impl": "tiled2", "BLOCK_N": 128, "SPLIT_K": 4}),
          selected=False),
     # tiled3: swap-AB, the weight planes as wgmma's register operand (no shared-memory store of weights)

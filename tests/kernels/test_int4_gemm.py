@@ -386,6 +386,15 @@ def test_select_config_table():
     assert select_config(1, 14336, 4096, 128)["SPLIT_K"] == 8  # the H200 sweep's best
     assert select_config(1, 4096, 4096, 128)["SPLIT_K"] == 16
     assert select_config(16, 14336, 4096, 128)["impl"] == "tiled2"
+    # M=2 with bf16 x: two-row PAIRS (the H200 sweep's best), split down to >= 256 of K per split; else tiled2
+    for sym in (True, False):
+        cfg = select_config(2, 14336, 4096, 128, sym, bf16)
+        assert (cfg["impl"], cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], cfg["PAIRS"]) == ("gemv2", 2, 32, 8, 1)
+    assert [select_config(2, 4096, k, g, False, bf16)["SPLIT_K"] for k, g in ((1024, 128), (512, 32), (256, 64))] \
+        == [4, 2, 1]
+    assert select_config(2, 14336, 4096, 128, x_dtype=torch.float16)["impl"] == "tiled2"
+    assert select_config(2, 14336, 4096, 128)["impl"] == "tiled2"
+    assert select_config(3, 14336, 4096, 128, x_dtype=bf16)["impl"] == "tiled2"
     assert select_config(64, 14336, 4096, 128)["impl"] == "tiled"
     assert select_config(256, 14336, 4096, 128)["impl"] in ("tiled", "dequant_cublas")
     assert select_config(8192, 14336, 4096, 128)["impl"] == "dequant_cublas"
