@@ -339,14 +339,14 @@ def _fake_smi(tmp_path, monkeypatch, body: str):
 
 
 def test_gpu_sampler_summarises_what_nvidia_smi_printed(tmp_path, monkeypatch):
-    _fake_smi(tmp_path, monkeypatch, "1980, 3201, 41, 350.5, 0x0000000000000000\n"
-                                     "1755, 3201, 44, 612.25, 0x0000000000000004\n"
-                                     "1980, 2619, 43, 400.0, 0x0000000000000000\n")
+    _fake_smi(tmp_path, monkeypatch, "1980, 3201, 41, 350.5, 0x0000000000000000, 100\n"
+                                     "1755, 3201, 44, 612.25, 0x0000000000000004, 84\n"
+                                     "1980, 2619, 43, 400.0, 0x0000000000000000, 95\n")
     with llama_bench.GpuSampler("0") as s:
         time.sleep(0.5)
     assert s.summary() == {"sm_mhz": [1755.0, 1980.0], "mem_mhz": [2619.0, 3201.0], "max_temp_c": 44.0,
                            "max_power_w": 612.25, "throttle": ["0x0000000000000000", "0x0000000000000004"],
-                           "samples": 3}
+                           "util_pct": [84.0, 93.0], "samples": 3}
     assert s.proc.returncode is not None  # the sampler was stopped, not left running
 
 
@@ -355,6 +355,10 @@ def test_gpu_sampler_reports_what_it_cannot_read(tmp_path, monkeypatch):
     with llama_bench.GpuSampler("0") as s:
         time.sleep(0.3)
     assert "not a valid field" in s.summary()["error"]
+    _fake_smi(tmp_path, monkeypatch, "1980, 3201, 41, 350.5, 0x0000000000000000\n")  # a field short: not a guess
+    with llama_bench.GpuSampler("0") as s:
+        time.sleep(0.3)
+    assert s.summary()["error"].startswith("1980, 3201, 41")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with llama_bench.GpuSampler("0") as s:
         pass
