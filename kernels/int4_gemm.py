@@ -66,10 +66,11 @@ issue time, below, is not what bounds it).
   shapes); the suite's asymmetric weights with the table's pick (gemm_int4-h200.json, 471c8f1) 16.9 / 15.9 /
   8.4 us, 1.83 / 1.99 / 1.60x cuBLAS. End to end (llama 8B bs1, sweeps/pairs/llama-h200.json) the int4 decode step
   went 3.66 -> 2.73 ms in one run.
-- ``gemv2`` ``PAIRS`` with ``BLOCK_M`` 2 or 4 (multi-row PAIRS; --tune candidates at M 2-16, untimed, never the
-  table's pick yet): the word tile is unpacked into its four bf16x2 (q - 8) pair tiles once (_UNPACK_PAIRS_PTX),
-  then each x row runs the one-row loop's 4 HFMA2 and lane sum (_PAIRS_DOT_PTX), zero and scale into its own
-  [BLOCK_K/8, BLOCK_N] accumulator, in the one-row layout (no shared memory). Offline sm_90a (sass_loop, K4096
+- ``gemv2`` ``PAIRS`` with ``BLOCK_M`` 2 or 4 (multi-row PAIRS; --tune candidates at M 2-16; the table's pick at
+  M=2 with bf16 x, 1.31-1.44x bf16 cuBLAS on the H200, where tiled2 was at ~1x; level with tiled2 at M=4): the
+  word tile is unpacked into its four bf16x2 (q - 8) pair tiles once (_UNPACK_PAIRS_PTX), then each x row runs
+  the one-row loop's 4 HFMA2 and lane sum (_PAIRS_DOT_PTX), zero and scale into its own [BLOCK_K/8, BLOCK_N]
+  accumulator, in the one-row layout (no shared memory). Offline sm_90a (sass_loop, K4096
   N14336 symmetric): 4.7-4.8 instructions per nibble for 2 rows and 7.3-7.4 for 4 (against 3.2 for one row), 96-128
   registers at 32 columns, no spills. A first version with one [BLOCK_M, BLOCK_K/8, BLOCK_N] accumulator compiled to
   shared-memory relayouts of x every K block (40 BAR, 64 LDS per loop at 4 rows; 6.95 per nibble at 2 rows).
@@ -1371,10 +1372,11 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
                                 "PREFETCH": 1, "PAIRS": 1, "PREFETCH_X": 1, "num_warps": warps, "num_stages": 1})
         elif M <= 16:
-            # Multi-row PAIRS (bf16 x on the GPU; untimed): each word unpacked into bf16x2 pairs once (_unpack_pairs),
-            # then per x row the one-row loop's 4 HFMA2, lane sum, zero and scale (_row_pair_acc), 2 or 4 rows per
-            # program (M > 4: several programs per weight tile), where tiled2 / tiled3 (the M = 4 / 16 picks) stage
-            # dequantized tiles through shared memory for the MMA and run at ~1x bf16 cuBLAS (sweeps/m4_16, 856606c).
+            # Multi-row PAIRS (bf16 x on the GPU; select_config's M=2 pick, see there): each word unpacked into
+            # bf16x2 pairs once (_unpack_pairs), then per x row the one-row loop's 4 HFMA2, lane sum, zero and scale
+            # (_row_pair_acc), 2 or 4 rows per program (M > 4: several programs per weight tile), where tiled2 /
+            # tiled3 (the M = 4 / 16 picks) stage dequantized tiles through shared memory for the MMA and run at ~1x
+            # bf16 cuBLAS (sweeps/m4_16, 856606c).
             bm = 2 if M == 2 else 4
             for bn, split, warps in ((32, 16, 2), (64, 8, 2), (32, 8, 2), (64, 16, 4), (32, 16, 4), (64, 8, 4)):
                 if bm * (block_k // 8) * bn > 64 * 32 * warps:  # the accumulators: <= 64 fp32 per thread
