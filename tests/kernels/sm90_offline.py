@@ -405,6 +405,16 @@ CASES = [
     Case("flash D128 causal=1 WS 128x64 s3 dtma (probe flag)", _flash(4, HQ, HQ, 2048, 128, True, ws_probe=True,
                                                                      config=dict(WS_FLASH, num_stages=3)),
          selected=False, no_spill=True, expect={"_flash_attention_fwd": ("wgmma", "tma", "ws", "ws_rows")}),
+    # MIN_MASK: the specialised loop's masks as one NaN-propagating min per score (a candidate, untimed)
+    Case("flash D128 causal=1 WS 128x128 s2 dtma minmask", _flash(4, HQ, HQ, 2048, 128, True, ws_probe=True,
+         config=dict(WS_FLASH, BLOCK_N=128, num_stages=2, MIN_MASK=True)), selected=False, no_spill=True,
+         expect={"_flash_attention_fwd": ("wgmma", "tma", "ws", "ws_rows", "min_nan")}),
+    Case("flash D128 causal=1 S2048 WS 128x128 s2 dtma (probe flag)", _flash(4, HQ, HQ, 2048, 128, True,
+         ws_probe=True, config=dict(WS_FLASH, BLOCK_N=128, num_stages=2)), selected=False, no_spill=True,
+         expect={"_flash_attention_fwd": ("wgmma", "tma", "ws", "ws_rows")}),
+    Case("flash D128 S2000 WS 128x64 s2 dtma minmask", _flash(4, HQ, HQ, 2000, 128, False,
+         config=dict(WS_FLASH, num_stages=2, MIN_MASK=True)), selected=False, no_spill=True,
+         expect={"_flash_attention_fwd": ("wgmma", "tma", "ws", "min_nan")}),
     Case("flash D80 (padded) causal=1", _flash(4, HQ, HQ, 2048, 80, True), expect={"_flash_attention_fwd": ("wgmma", "tma")}),
     Case("flash GQA 32/8 D128 S4096", _flash(4, HQ, HKV, 4096, 128, False), expect={"_flash_attention_fwd": ("wgmma", "tma")}),
     Case("flash D128 causal=1 fp16", _flash(4, HQ, HQ, 2048, 128, True, dtype="fp16"),
@@ -556,6 +566,7 @@ def _ptx_facts(ptx: str) -> dict:
         "tma": "cp.async.bulk.tensor" in ptx,
         "cp_async": "cp.async.cg" in ptx or "cp.async.ca" in ptx,  # loads pipelined by num_stages (not TMA)
         "pdl": "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx,  # kernels/pdl.py
+        "min_nan": "min.NaN.f32" in ptx,  # NaN-propagating min (flash attention's MIN_MASK)
         "wgmma_shapes": sorted({m.group(0) for line in mma for m in [re.search(r"m64n\d+k\d+\S*?(?=\s)", line)]
                                 if m}),
     }

@@ -234,6 +234,38 @@ def test_warp_spec_probe_flags_causal_local_rows(monkeypatch):
         assert_close(out, ref, torch.float16)
 
 
+def test_min_mask_matches_the_exact_masks(monkeypatch):
+    """MIN_MASK (the specialised loop's masks as one min per score against a row-minus-column bound): the launcher
+    takes it only where every row sees a key in the first tile and the scale is positive, and there it matches the
+    reference: several 128-row tiles, partial last tiles, more keys than queries, non-causal partial tiles. A NaN
+    in q still reaches that row's output (the min propagates NaN), and only that row's."""
+    import kernopt.kernels.flash_attention as fa
+
+    monkeypatch.setattr(fa, "WS_STAGES", (2, 3))
+    spy = _KwargSpy(fa._flash_attention_fwd)
+    monkeypatch.setattr(fa, "_flash_attention_fwd", spy)
+    mm = dict(WS, MIN_MASK=True)
+    cases = [((300, 300, True, mm, None), True), ((70, 200, True, dict(mm, num_stages=3), None), True),
+             ((129, 161, True, dict(mm, BLOCK_N=64), None), True), ((130, 70, False, mm, None), True),
+             ((130, 70, True, mm, None), False),     # more queries than keys: rows with no key, exact masks
+             ((130, 96, False, mm, None), False),    # whole tiles, not causal: no masks at all
+             ((200, 200, True, mm, -0.1), False)]    # a negative scale: the exact masks
+    for (Sq, Skv, causal, cfg, scale), expect in cases:
+        q, k, v = make_qkv(1, 2, 1, Sq, Skv, 32, torch.float16)
+        spy.calls.clear()
+        out, ref = run(q, k, v, causal=causal, config=cfg, sm_scale=scale)
+        (kw,) = spy.calls
+        assert kw["WARP_SPEC"] and kw["MIN_MASK"] == expect, (Sq, Skv, causal, cfg, scale)
+        assert not torch.isnan(out).any(), (Sq, Skv, causal, cfg, scale)
+        assert_close(out, ref, torch.float16)
+    q, k, v = make_qkv(1, 2, 1, 150, 150, 32, torch.float16)
+    q[0, 1, 140, 3] = float("nan")
+    out, _ = run(q, k, v, causal=True, config=mm)
+    assert spy.calls[-1]["MIN_MASK"]
+    assert torch.isnan(out[0, 1, 140]).all() and not torch.isnan(out[0, 1, :140]).any()
+    assert not torch.isnan(out[0, 0]).any() and not torch.isnan(out[0, 1, 141:]).any()
+
+
 def test_default_config_and_allocated_output():
     q, k, v = make_qkv(1, 2, 2, 9, 9, 16, torch.float32)
     out = flash_attention(q, k, v, causal=True)
