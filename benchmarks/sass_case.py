@@ -13,13 +13,9 @@ their instruction counts and opcode histograms.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # real JITFunctions: before triton is imported
@@ -33,19 +29,9 @@ import sm90_offline as so  # noqa: E402
 
 def compile_case(name: str, index: int = 0) -> tuple[str, str, str]:
     """(kernel name, SASS text, registers) of the case's index-th launch."""
-    from triton import knobs
-    from triton.compiler import compile as triton_compile, make_backend
-
     _, launches = so.capture(so.find_case(name))
     launch = launches[index]
-    src, options, _ = so.specialize(launch, make_backend(so._target()))
-    with contextlib.redirect_stdout(io.StringIO()):
-        compiled = triton_compile(src, target=so._target(), options=options.__dict__)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True).stdout
-    return launch.fn.__name__, sass, str(so._resource_usage(compiled.asm["cubin"]).get("regs", "?"))
+    return (launch.fn.__name__, *sass_loop.sass_of(launch))
 
 
 def loops(sass: str) -> list[list[str]]:

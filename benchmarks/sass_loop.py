@@ -37,9 +37,6 @@ _ADDR = re.compile(r"\s+/\*([0-9a-f]{4,})\*/")
 def compile_sass(cfg: dict, M: int, N: int, K: int, group: int, x_dtype: torch.dtype,
                  symmetric: bool = False) -> tuple[str, str]:
     """(SASS text, ptxas register count) of the int4 kernel that int4_gemm launches for this config."""
-    from triton import knobs
-    from triton.compiler import compile as triton_compile, make_backend
-
     from kernopt.kernels import int4_gemm as q4
 
     qweight = torch.empty((K // 8, N), dtype=torch.int32).t()
@@ -49,7 +46,14 @@ def compile_sass(cfg: dict, M: int, N: int, K: int, group: int, x_dtype: torch.d
         if cfg.get("impl") == "tcasm" or cfg.get("PAIRS"):
             rec.override(ASM=True)  # what a CUDA launch passes (the inline-PTX unpack)
         q4.int4_gemm(torch.empty((M, K), dtype=x_dtype), qweight, scales, zeros, group, config=cfg)
-    launch = next(launch for launch in rec.launches if "int4" in launch.fn.__name__)
+    return sass_of(next(launch for launch in rec.launches if "int4" in launch.fn.__name__))
+
+
+def sass_of(launch) -> tuple[str, str]:
+    """(SASS text, register count) of one recorded launch (sm90_offline's Launch), compiled for sm_90a."""
+    from triton import knobs
+    from triton.compiler import compile as triton_compile, make_backend
+
     src, options, _ = so.specialize(launch, make_backend(so._target()))
     with contextlib.redirect_stdout(io.StringIO()):
         compiled = triton_compile(src, target=so._target(), options=options.__dict__)
