@@ -1188,6 +1188,17 @@ def gemv_variant() -> str:
     return v
 
 
+# GEMV variants (gemv_variant) under which bf16 x runs PAIRS: the default and the PAIRS experiments
+_PAIRS_VARIANTS = ("", "pairs128", "pairs64", "px")
+
+
+def _pairs_split(split: int, K: int, block_k: int) -> int:
+    """A PAIRS split halved until every split has >= max(BLOCK_K, 256) of K (or it is 1)."""
+    while split > 1 and K // split < max(block_k, 256):
+        split //= 2
+    return split
+
+
 def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = False,
                   x_dtype: Optional[torch.dtype] = None) -> dict:
     """The config (a plain dict with "impl") for an [M, K] x int4 [N, K] product with this group size;
@@ -1196,7 +1207,7 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
         variant = gemv_variant()
-        if x_dtype == torch.bfloat16 and variant in ("", "pairs128", "pairs64", "px"):
+        if x_dtype == torch.bfloat16 and variant in _PAIRS_VARIANTS:
             # PAIRS (bf16 x, any zero points): 2 warps, 32 columns up to N = 4096 and 64 above, split to >= 1536
             # programs but at least 8 and at most 16, keeping >= 256 of K per split. The H200 --tune at the llama
             # decode step's four launch shapes with 2-warp / 32-column candidates (sweeps/pairs/
@@ -1218,8 +1229,7 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
                 else:
                     bn, warps = (32 if N <= 4096 else 64), 2
                     split = max(_split_k(cdiv(N, bn), K, block_k, wanted=1536, min_k_per_split=256, max_split=16), 8)
-                while split > 1 and K // split < max(block_k, 256):
-                    split //= 2
+                split = _pairs_split(split, K, block_k)
             cfg = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
                    "PREFETCH": 1, "PAIRS": 1, "num_warps": warps, "num_stages": 1}
             if variant == "px":
@@ -1242,18 +1252,15 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
             cfg = {"impl": "tcasm", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": group_size, "SPLIT_K": 4 if N >= 8192
                    else 8, "DIRECT": 2, "num_warps": 4, "num_stages": 3}
         return cfg
-    if M == 2 and x_dtype == torch.bfloat16 and gemv_variant() in ("", "pairs128", "pairs64", "px"):
+    if M == 2 and x_dtype == torch.bfloat16 and gemv_variant() in _PAIRS_VARIANTS:
         # Two-row PAIRS (bf16 x, any zero points): each word unpacked once, then both rows' HFMA2 sums. H200 --tune
         # at c0e8a0e (sweeps/rows/gemm_int4-h200.json, weights with zero points): 32 columns x 2 warps x split 8 took
         # 22.90 / 21.96 / 9.19 us at K4096 N14336 / K14336 N4096 / 4096^2 (the best of the sweep, or within 0.6% of
         # it), against 30.64 / 32.44 / 12.98 for tiled2 (the M <= 16 row below) and bf16 cuBLAS's 30.25 / 31.62 /
         # 12.43. At M = 4 the 4-row candidates were level with tiled2 / tiled3 (32.6 / 32.0 / 12.2 against 30.4 /
         # 31.3 / 12.2 us), at M = 16 2.7-3.5x slower: the rows beyond 2 stay on the tensor-core tiles.
-        split = 8
-        while split > 1 and K // split < max(block_k, 256):
-            split //= 2
-        return {"impl": "gemv2", "BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": split, "PREFETCH": 1,
-                "PAIRS": 1, "num_warps": 2, "num_stages": 1}
+        return {"impl": "gemv2", "BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": block_k,
+                "SPLIT_K": _pairs_split(8, K, block_k), "PREFETCH": 1, "PAIRS": 1, "num_warps": 2, "num_stages": 1}
     if M < DEQUANT_CUBLAS_MIN_M:
         if M <= 16:
             cfg = {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}

@@ -219,8 +219,6 @@ def require_cuda(script: str) -> None:
                          "Run it on the GPU machine (see README, 'Benchmarks').")
 
 
-
-
 @contextlib.contextmanager
 def env_vars(**values: Optional[str]):
     """Set environment variables for the block (None: unset one); restore what was there after."""
