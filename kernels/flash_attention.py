@@ -84,7 +84,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, next_power_of_2
+from .host import cdiv, next_power_of_2, sm_count
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -269,16 +269,56 @@ def _flash_attention_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om,
+    num_heads, group, seq_q, seq_k, head_dim, qk_scale, batch_heads,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr, DEVICE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
+    MIN_MASK: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+):
+    n_mblocks = tl.cdiv(seq_q, BLOCK_M)
+    if PERSISTENT:
+        # One program per SM walks the (row block, batch x head) tiles, row block major: causal takes the heaviest
+        # row blocks (the last query rows) first over the whole grid, so the tail of the work is short tiles.
+        for t in tl.range(tl.program_id(0), n_mblocks * batch_heads, tl.num_programs(0)):
+            pid_m = n_mblocks - 1 - t // batch_heads if CAUSAL else t // batch_heads
+            _flash_tile(pid_m, t % batch_heads, Q, K, V, Mask, Out,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om,
+    num_heads, group, seq_q, seq_k, head_dim, qk_scale,
+                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC, SPLIT, DEVICE_TMA, EVEN_N,
+                    MIN_MASK)
+    else:
+        # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
+        pid_m = n_mblocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+        _flash_tile(pid_m, tl.program_id(1), Q, K, V, Mask, Out,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om,
+    num_heads, group, seq_q, seq_k, head_dim, qk_scale,
+                    BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC, SPLIT, DEVICE_TMA, EVEN_N,
+                    MIN_MASK)
+
+
+@triton.jit
+def _flash_tile(
+    pid_m, pid_bh, Q, K, V, Mask, Out,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om,
     num_heads, group, seq_q, seq_k, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr, DEVICE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
-    MIN_MASK: tl.constexpr = False,
+    MIN_MASK: tl.constexpr,
 ):
-    # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
-    n_mblocks = tl.cdiv(seq_q, BLOCK_M)
-    pid_m = n_mblocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """One BLOCK_M-row block of one (batch, head): the kernel's program, or one tile of a persistent program."""
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     kv_h = h // group
@@ -517,9 +557,19 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
                           "DEVICE_TMA": True, "WARP_SPEC": ws})
             if ws and causal:
                 # MIN_MASK: the causal specialised loop masks every tile; one min per score instead (_softmax_step;
-                # offline sm_90a SASS in the launcher's comment; untimed). Non-causal partial tiles gain nothing
-                # there (one select per score either way: the same instruction count at S2000).
+                # offline sm_90a SASS in the launcher's comment; H200 in select_config's comment). Non-causal
+                # partial tiles gain nothing there (one select per score either way: the same count at S2000).
                 cands.append({**cands[-1], "MIN_MASK": True})
+        # PERSISTENT: the table's tile and the 128x128 WS tile (MIN_MASK when causal) as persistent programs, as many
+        # per SM as the tile fits (two for 64x64 / 4 warps, else one): each program's setup (barriers, register
+        # split, descriptors' scratch) paid once, causal row blocks heaviest first over the whole grid.
+        ws128 = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
+                 "WARP_SPEC": True}
+        if causal:
+            ws128["MIN_MASK"] = True
+        for c in (base, ws128):
+            occupancy = 2 if (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) == (64, 64, 4) else 1
+            cands.append({**c, "PERSISTENT": occupancy})
     seen, out = set(), []
     for c in cands:
         key = tuple(sorted(c.items()))
@@ -541,6 +591,8 @@ def config_str(cfg: dict) -> str:
         s += " split"
     if cfg.get("MIN_MASK"):
         s += " minmask"
+    if cfg.get("PERSISTENT"):
+        s += f" persistent{cfg['PERSISTENT']}"
     return s
 
 
@@ -685,17 +737,22 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     # FSEL 392 -> 196; FMNMX 136 -> 264, FADD 264 -> 392, I2FP 0 -> 68), against 2589 non-causal. Not yet timed.
     min_mask = (warp_spec and bool(cfg.get("MIN_MASK", False)) and sm_scale > 0
                 and (not causal or Skv >= Sq) and (causal or Skv % BN != 0))
-    grid = (cdiv(Sq, BM), B * Hq)
+    # PERSISTENT (a config key, a candidate): n programs per SM (the tile's occupancy) walk the tiles in a loop
+    persistent = int(cfg.get("PERSISTENT", 0))
+    if persistent:
+        grid = (min(cdiv(Sq, BM) * B * Hq, persistent * sm_count(q.device)),)
+    else:
+        grid = (cdiv(Sq, BM), B * Hq)
     _flash_attention_fwd[grid](
         q_arg, k_arg, v_arg, m_arg, out,
         *q.stride(), *k.stride(), *v.stride(), *m_strides,
         out.stride(0), out.stride(1), out.stride(2),
-        Hq, Hq // Hkv, Sq, Skv, D, float(sm_scale) * LOG2E,
+        Hq, Hq // Hkv, Sq, Skv, D, float(sm_scale) * LOG2E, B * Hq,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, EVEN_D=(BD == D),
         CAUSAL=bool(causal), MASK_KIND=mask_kind, TMA=tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WARP_SPEC=warp_spec, SPLIT=split, DEVICE_TMA=device_tma, EVEN_N=warp_spec and Skv % BN == 0,
-        MIN_MASK=min_mask, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        MIN_MASK=min_mask, PERSISTENT=persistent > 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 

@@ -6,6 +6,7 @@ six of them were 36 of the 65 us the paged decode launcher spent in Python). Lau
 op that is not CUDA-graph-replayed (eager use, the paged cache's decode steps), so they use these instead.
 Inside @triton.jit code use `tl.cdiv` as usual. Also the parser of kernopt's '0' / '1' environment switches.
 """
+import functools
 import os
 
 
@@ -25,3 +26,17 @@ def env_switch(name: str, default: str) -> bool:
     if v not in ("0", "1"):
         raise ValueError(f"{name}={v!r}; valid: '0', '1'")
     return v == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    import torch
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """The device's SM count (cached per device); 132 (H100 SXM / H200) for a non-CUDA device (CPU tests)."""
+    if device.type == "cuda":
+        import torch
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 132

@@ -165,11 +165,12 @@ class _KwargSpy:
     """Stands in for the kernel: records each launch's keyword arguments (the constexprs) and runs it."""
 
     def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
+        self.kernel, self.calls, self.grids = kernel, [], []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.calls.append(kwargs)
+            self.grids.append(grid)
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -264,6 +265,36 @@ def test_min_mask_matches_the_exact_masks(monkeypatch):
     assert spy.calls[-1]["MIN_MASK"]
     assert torch.isnan(out[0, 1, 140]).all() and not torch.isnan(out[0, 1, :140]).any()
     assert not torch.isnan(out[0, 0]).any() and not torch.isnan(out[0, 1, 141:]).any()
+
+
+def test_persistent_programs_walk_every_tile(monkeypatch):
+    """PERSISTENT: PERSISTENT x SMs programs (here 1 SM, so each program walks many tiles) cover every (row block,
+    batch x head) tile once, causal heaviest first: several row blocks and heads, GQA, partial tiles, more keys than
+    queries, the warp-specialised tile (MIN_MASK when causal) and two programs per SM; outputs poisoned with NaN."""
+    import kernopt.kernels.flash_attention as fa
+
+    monkeypatch.setattr(fa, "sm_count", lambda device: 1)
+    spy = _KwargSpy(fa._flash_attention_fwd)
+    monkeypatch.setattr(fa, "_flash_attention_fwd", spy)
+    small = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "TMA": True}
+    cases = [(300, 300, True, dict(WS, MIN_MASK=True, PERSISTENT=1)), (300, 300, False, dict(WS, PERSISTENT=1)),
+             (130, 70, False, dict(WS, PERSISTENT=1)), (70, 130, True, dict(small, PERSISTENT=2)),
+             (97, 97, True, dict(small, TMA=False, PERSISTENT=2)), (97, 160, False, dict(small, PERSISTENT=3))]
+    for Sq, Skv, causal, cfg in cases:
+        q, k, v = make_qkv(2, 4, 2, Sq, Skv, 32, torch.float16)
+        spy.calls.clear()
+        spy.grids.clear()
+        out, ref = run(q, k, v, causal=causal, config=cfg)
+        assert spy.calls[0]["PERSISTENT"] and spy.grids[0] == (cfg["PERSISTENT"],), (Sq, Skv, causal, cfg)
+        assert not torch.isnan(out).any(), (Sq, Skv, causal, cfg)
+        assert_close(out, ref, torch.float16)
+    # more programs than tiles: one tile each
+    monkeypatch.setattr(fa, "sm_count", lambda device: 132)
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 32, torch.float16)
+    spy.grids.clear()
+    out, ref = run(q, k, v, causal=True, config=dict(small, PERSISTENT=2))
+    assert spy.grids[0] == (4,)
+    assert_close(out, ref, torch.float16)
 
 
 def test_default_config_and_allocated_output():
