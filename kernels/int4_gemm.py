@@ -1192,6 +1192,27 @@ def gemv_variant() -> str:
 _PAIRS_VARIANTS = ("", "pairs128", "pairs64", "px")
 
 
+# PAIRS (M=1) programs per SM by tile: (BLOCK_N, warps) -> registers per thread with zero points (offline sm_90a, 166bbf3;
+# the symmetric kernel uses <= these: 40 / 96 / 32 / 48) and what they leave room for in the 64K-register file.
+_PAIRS_REGS = {(32, 2): 48, (64, 2): 96, (32, 4): 40, (64, 4): 48}
+
+
+def _pairs_programs_per_sm(bn: int, warps: int) -> int:
+    return min(32, 64 // warps, 65536 // (_PAIRS_REGS[(bn, warps)] * 32 * warps))
+
+
+def _cdiv_split(K: int, split: int, block_k: int) -> int:
+    """The split the launcher runs for a requested one: slices of whole K blocks, cdiv(K, slice) of them."""
+    return cdiv(K, cdiv(cdiv(K, split), block_k) * block_k)
+
+
+def _fill_split(tiles: int, K: int, block_k: int, programs: int) -> int:
+    """The largest split (as the launcher rounds it to whole K blocks) with tiles x split <= programs (at least 1)."""
+    fits = [s for s in map(lambda want: _cdiv_split(K, want, block_k), range(1, K // block_k + 1))
+            if tiles * s <= programs]
+    return max(fits, default=1)
+
+
 def _pairs_split(split: int, K: int, block_k: int) -> int:
     """A PAIRS split halved until every split has >= max(BLOCK_K, 256) of K (or it is 1)."""
     while split > 1 and K // split < max(block_k, 256):
@@ -1378,6 +1399,15 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                 if K // split >= block_k:
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
                                 "PREFETCH": 1, "PAIRS": 1, "PREFETCH_X": 1, "num_warps": warps, "num_stages": 1})
+            # Wave-filling splits: as many K slices as keep the grid within one (or two) full waves of resident
+            # programs. ncu of the table's pick at K4096 N14336 (64 x 2 warps x split 8, profiles/
+            # ncu-pairs-m1-k4096-n14336-166bbf3.txt): 96 registers, 10 programs per SM, a 1792-program grid = 1.36
+            # waves, 22.9% achieved occupancy of 31.2%, DRAM 38%, 0.55 instructions issued per cycle per scheduler.
+            for (bn, warps) in _PAIRS_REGS:
+                for waves in (1, 2):
+                    split = _fill_split(cdiv(N, bn), K, block_k, waves * _pairs_programs_per_sm(bn, warps) * _SM_COUNT)
+                    out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
+                                "PREFETCH": 1, "PAIRS": 1, "num_warps": warps, "num_stages": 1})
         elif M <= 16:
             # Multi-row PAIRS (bf16 x on the GPU; select_config's M=2 pick, see there): each word unpacked into
             # bf16x2 pairs once (_unpack_pairs), then per x row the one-row loop's 4 HFMA2, lane sum, zero and scale
@@ -1501,6 +1531,8 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
     common = dict(GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, SPLIT_K=split, BLOCK_M=bm,
                   BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg.get("num_warps", 4),
                   num_stages=cfg.get("num_stages", 1 if impl == "gemv2" else 3))
+    if cfg.get("maxnreg"):  # ptxas's register cap per thread (more programs per SM; spills past what the kernel needs)
+        common["maxnreg"] = int(cfg["maxnreg"])
     if impl == "gemv2":
         grid = (cdiv(N // 2, bn // 2), split, 1) if gated else (cdiv(N, bn), split, cdiv(M, bm))
         planes, pairs = bool(cfg.get("PLANES", 0)), bool(cfg.get("PAIRS", 0))

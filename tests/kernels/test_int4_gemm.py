@@ -425,6 +425,24 @@ def test_int4_gemm_rejects_bad_inputs():
         int4_gemm(x, qweight, scales, zeros, 32, config={**TILED3, "BLOCK_K": 128})
 
 
+def test_fill_split_keeps_the_grid_within_the_resident_programs():
+    """_fill_split: the largest split, as the launcher rounds it to whole K blocks, whose grid fits `programs`; the
+    M=1 candidates include one- and two-wave splits per PAIRS tile."""
+    from kernopt.kernels.int4_gemm import _cdiv_split, _fill_split, _pairs_programs_per_sm
+
+    for tiles, K, bk, programs in ((224, 4096, 128, 1320), (64, 14336, 128, 1320), (448, 4096, 128, 2772),
+                                   (3000, 4096, 128, 1320), (7, 640, 128, 20), (1, 128, 128, 50)):
+        split = _fill_split(tiles, K, bk, programs)
+        assert split == _cdiv_split(K, split, bk)  # a split the launcher keeps as it is
+        assert split == 1 or tiles * split <= programs
+        bigger = [s for s in range(split + 1, K // bk + 1) if _cdiv_split(K, s, bk) > split]
+        assert not bigger or tiles * _cdiv_split(K, bigger[0], bk) > programs
+    assert _pairs_programs_per_sm(32, 2) == 21 and _pairs_programs_per_sm(64, 2) == 10
+    cands = [(c["BLOCK_N"], c["num_warps"], c["SPLIT_K"]) for c in candidate_configs(1, 14336, 4096, 128)
+             if c.get("PAIRS")]
+    assert (64, 2, 5) in cands and (32, 2, 6) in cands
+
+
 def test_candidate_configs_sweep_the_variants_for_small_m():
     for M in (1, 4, 16):
         impls = {c["impl"] for c in candidate_configs(M, 14336, 4096, 128)}
