@@ -515,8 +515,11 @@ def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_hea
         # S2048 492 vs 468 (03964ae) and 502 vs 509 (2aa506d); S8192 545 vs 481, 548 vs 479; GQA S4096 532 vs 485,
         # 538 vs 497 (sweeps/attention-ws-h200.json, sweeps/attention-h200.json). Causal WS lost (2aa506d:
         # 327 / 422 / 398 against 417 / 478 / 446): every tile of its single loop pays the mask arithmetic.
+        # PERSISTENT (one program per SM walking the tiles head-major) since a36c529, same run each (sweeps/
+        # persistent2): S2048 565.4 vs 508.2, S8192 556.3 vs 552.0, GQA S4096 561.2 vs 534.9. Walked row-block
+        # major (166bbf3, sweeps/persistent) it had lost 6-12%.
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
-                "WARP_SPEC": True}
+                "WARP_SPEC": True, "PERSISTENT": 1}
     if causal and seq_q >= 8192:
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "TMA": tma}
     # 64x64 tiles with 4 warps fit two programs per SM, which overlap one's softmax with the other's MMAs.

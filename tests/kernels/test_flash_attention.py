@@ -328,6 +328,7 @@ def test_config_table():
     # specialise it (warp_spec=False: a caller mask / tensors unfit for descriptors).
     ws = select_config(128, False, 2048, 2048, 128)
     assert ws["WARP_SPEC"] and ws["DEVICE_TMA"] and (ws["BLOCK_M"], ws["num_warps"], ws["num_stages"]) == (128, 4, 2)
+    assert ws["PERSISTENT"] == 1  # one program per SM walks the tiles (H200: sweeps/persistent2)
     assert select_config(128, False, 2048, 2048, 128, warp_spec=False) == select_config(128, True, 2048, 2048, 128)
     for args in ((128, True, 4096, 4096, 128), (128, False, 512, 512, 8), (96, False, 4096, 4096, 128),
                  (64, False, 4096, 4096, 128), (128, False, 8, 4096, 128)):
@@ -412,6 +413,22 @@ def test_bf16_gpu_warp_spec_causal_probe_flag(monkeypatch, S):
         out, ref = run(q, k, v, causal=True, config=cfg)
         assert not torch.isnan(out).any(), cfg
         assert mismatch(out, ref, torch.bfloat16) is None, cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [2048, 2000])
+def test_bf16_gpu_persistent_programs_walk_many_tiles(S):
+    """The PERSISTENT candidates (the non-causal table pick among them) at a grid of 4-8 tiles per program: GQA,
+    whole and partial last tiles, causal and not, against the float64 reference, outputs poisoned with NaN."""
+    B, Hq, Hkv = 2, 16, 4
+    q, k, v = make_qkv(B, Hq, Hkv, S, S, 128, torch.bfloat16)
+    for causal in (False, True):
+        cfgs = [c for c in candidate_configs(128, causal, S, S, B * Hq, torch.bfloat16) if c.get("PERSISTENT")]
+        assert cfgs
+        for cfg in cfgs:
+            out, ref = run(q, k, v, causal=causal, config=cfg)
+            assert not torch.isnan(out).any(), cfg
+            assert mismatch(out, ref, torch.bfloat16) is None, cfg
 
 
 @pytest.mark.gpu
