@@ -1178,7 +1178,7 @@ def _split_k(tiles: int, K: int, block_k: int, wanted: int, min_k_per_split: int
 # PAIRS pick with PREFETCH_X (x's next K block loaded beside its words): with the 4-warp pick, slower end to end
 # (sweeps/int4_ab/llama-h200.json: decode step 2.93 against 2.91 ms).
 GEMV_VARIANT_ENV = "KERNOPT_INT4_GEMV"
-GEMV_VARIANTS = ("fp32", "planes", "tcasm", "pairs128", "pairs64", "px")
+GEMV_VARIANTS = ("fp32", "planes", "tcasm", "pairs128", "pairs64", "px", "waves")
 
 
 def gemv_variant() -> str:
@@ -1188,8 +1188,12 @@ def gemv_variant() -> str:
     return v
 
 
+# "waves" (llama system kernopt_int4_waves): the 64-column PAIRS tiles (N > 4096) with the split that fills one wave of
+# resident programs (_fill_split) and 4 warps from N = 16384, the bests of the H200 sweep at a36c529 (sweeps/waves:
+# K4096 N28672 symmetric 22.55 us against the table's 24.39, K4096 N6144 8.53 against 8.65, K4096 N14336 with zero
+# points 15.71 against 16.40); for the end-to-end A/B before it becomes the table.
 # GEMV variants (gemv_variant) under which bf16 x runs PAIRS: the default and the PAIRS experiments
-_PAIRS_VARIANTS = ("", "pairs128", "pairs64", "px")
+_PAIRS_VARIANTS = ("", "pairs128", "pairs64", "px", "waves")
 
 
 # PAIRS (M=1) programs per SM by tile: (BLOCK_N, warps) -> registers per thread with zero points (offline sm_90a, 166bbf3;
@@ -1251,6 +1255,9 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
                     bn, warps = (32 if N <= 4096 else 64), 2
                     split = max(_split_k(cdiv(N, bn), K, block_k, wanted=1536, min_k_per_split=256, max_split=16), 8)
                 split = _pairs_split(split, K, block_k)
+                if variant == "waves" and bn == 64:
+                    warps = 4 if N >= 16384 else 2
+                    split = _fill_split(cdiv(N, bn), K, block_k, _pairs_programs_per_sm(bn, warps) * _SM_COUNT)
             cfg = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
                    "PREFETCH": 1, "PAIRS": 1, "num_warps": warps, "num_stages": 1}
             if variant == "px":

@@ -365,7 +365,11 @@ def test_gemv_default_pick_and_variants_pairs64_px(monkeypatch):
     monkeypatch.setenv(q4.GEMV_VARIANT_ENV, "px")
     px = {kn: select_config(1, kn[1], kn[0], 128, False, bf16) for kn in shapes}
     assert all(px[kn] == {**table[kn], "PREFETCH_X": 1} for kn in shapes)
-    for variant, picks in (("", table), ("pairs64", pairs64), ("px", px)):
+    monkeypatch.setenv(q4.GEMV_VARIANT_ENV, "waves")
+    waves = {kn: select_config(1, kn[1], kn[0], 128, True, bf16) for kn in shapes}
+    assert [(c["BLOCK_N"], c["SPLIT_K"], c["num_warps"]) for c in waves.values()] == \
+        [(64, 11, 2), (64, 2, 4), (32, 16, 2), (32, 16, 2)]
+    for variant, picks in (("", table), ("pairs64", pairs64), ("px", px), ("waves", waves)):
         monkeypatch.setenv(q4.GEMV_VARIANT_ENV, variant)
         assert "PAIRS" not in select_config(1, 14336, 4096, 128, x_dtype=torch.float16)
         assert select_config(4, 14336, 4096, 128) == select_config(4, 14336, 4096, 128, symmetric=True)
