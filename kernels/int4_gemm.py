@@ -1178,7 +1178,7 @@ def _split_k(tiles: int, K: int, block_k: int, wanted: int, min_k_per_split: int
 # PAIRS pick with PREFETCH_X (x's next K block loaded beside its words): with the 4-warp pick, slower end to end
 # (sweeps/int4_ab/llama-h200.json: decode step 2.93 against 2.91 ms).
 GEMV_VARIANT_ENV = "KERNOPT_INT4_GEMV"
-GEMV_VARIANTS = ("fp32", "planes", "tcasm", "pairs128", "pairs64", "px", "waves")
+GEMV_VARIANTS = ("fp32", "planes", "tcasm", "pairs128", "pairs64", "px", "split8")
 
 
 def gemv_variant() -> str:
@@ -1188,12 +1188,10 @@ def gemv_variant() -> str:
     return v
 
 
-# "waves" (llama system kernopt_int4_waves): the 64-column PAIRS tiles (N > 4096) with the split that fills one wave of
-# resident programs (_fill_split) and 4 warps from N = 16384, the bests of the H200 sweep at a36c529 (sweeps/waves:
-# K4096 N28672 symmetric 22.55 us against the table's 24.39, K4096 N6144 8.53 against 8.65, K4096 N14336 with zero
-# points 15.71 against 16.40); for the end-to-end A/B before it becomes the table.
+# "split8" (llama system kernopt_int4_split8): the 64-column PAIRS tiles (N > 4096) as the table had them before
+# 3f3578c's one-wave splits: 2 warps, split 8-16 ("px" adds PREFETCH_X to these).
 # GEMV variants (gemv_variant) under which bf16 x runs PAIRS: the default and the PAIRS experiments
-_PAIRS_VARIANTS = ("", "pairs128", "pairs64", "px", "waves")
+_PAIRS_VARIANTS = ("", "pairs128", "pairs64", "px", "split8")
 
 
 # PAIRS (M=1) programs per SM by tile: (BLOCK_N, warps) -> registers per thread with zero points (offline sm_90a, 166bbf3;
@@ -1233,8 +1231,9 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
     if M <= GEMV_MAX_M:
         variant = gemv_variant()
         if x_dtype == torch.bfloat16 and variant in _PAIRS_VARIANTS:
-            # PAIRS (bf16 x, any zero points): 2 warps, 32 columns up to N = 4096 and 64 above, split to >= 1536
-            # programs but at least 8 and at most 16, keeping >= 256 of K per split. The H200 --tune at the llama
+            # PAIRS (bf16 x, any zero points): 32 columns x 2 warps up to N = 4096, split to >= 1536 programs but at
+            # least 8 and at most 16, keeping >= 256 of K per split; 64 columns above, split to one wave (below).
+            # Before 3f3578c (KERNOPT_INT4_GEMV=split8) 64 columns took the 32-column rule too. The H200 --tune at the llama
             # decode step's four launch shapes with 2-warp / 32-column candidates (sweeps/pairs/
             # gemm_int4_sym-small_ctas-h200.json, ecd4320): K4096 N6144 8.64 us (64 x split 16), N28672 24.45 (64 x
             # 8), 4096^2 7.20 (32 x 16), K14336 N4096 13.65 (32 x 16), against 8.74 / 25.17 / 7.58 / 13.78 for the
@@ -1255,7 +1254,13 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
                     bn, warps = (32 if N <= 4096 else 64), 2
                     split = max(_split_k(cdiv(N, bn), K, block_k, wanted=1536, min_k_per_split=256, max_split=16), 8)
                 split = _pairs_split(split, K, block_k)
-                if variant == "waves" and bn == 64:
+                if bn == 64 and variant == "":
+                    # One wave: the split that keeps every program resident at once (_fill_split), 4 warps from
+                    # N = 16384. ncu of the split-8 pick at K4096 N14336 (profiles/ncu-pairs-m1-k4096-n14336-166bbf3.txt):
+                    # 1792 programs = 1.36 waves of the 10 per SM its 96 registers allow, 22.9% achieved occupancy,
+                    # DRAM 38%. H200 --tune at a36c529 (sweeps/waves): K4096 N28672 symmetric 22.55 us against 24.39
+                    # for split 8, N6144 8.53 against 8.65, N14336 with zero points 15.71 against 16.40; end to end
+                    # (sweeps/waves_llama, 3f3578c, one process, 8B bs1): decode step 2.664 against 2.689 ms.
                     warps = 4 if N >= 16384 else 2
                     split = _fill_split(cdiv(N, bn), K, block_k, _pairs_programs_per_sm(bn, warps) * _SM_COUNT)
             cfg = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,

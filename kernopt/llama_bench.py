@@ -70,14 +70,14 @@ SYSTEMS = ("eager", "hf_static_inductor", "kernopt", "kernopt_int4", "kernopt_fp
 # kernopt_noappend / kernopt_int4_noappend: the decode step's rotary + static-cache write left to Inductor, not inside
 # the decode attention kernel (passes/decode_append.py APPEND_ENV=0). kernopt_pdl / kernopt_int4_pdl: programmatic
 # dependent launch for the decode path's kernels (kernels/pdl.py, KERNOPT_PDL=1).
-# kernopt_int4_fp32 / _planes / _tcasm / _pairs128 / _pairs64 / _px / _waves: kernopt_int4 with the
+# kernopt_int4_fp32 / _planes / _tcasm / _pairs128 / _pairs64 / _px / _split8: kernopt_int4 with the
 # decode GEMV experiment of kernels/int4_gemm.py (GEMV_VARIANT_ENV) set for that system only. A system's name
 # says what it quantizes to (quantize_of).
 EXTRA_SYSTEMS = ("kernopt_sync", "kernopt_int4_fp32", "kernopt_int4_planes", "kernopt_int4_tcasm",
                  "kernopt_int4_prompt_inductor", "kernopt_int4_prompt_nographs", "kernopt_int4_pairs128",
                  "kernopt_int4_pairs64", "kernopt_int4_px", "kernopt_int4_unfused",
                  "kernopt_int4_nocombo", "kernopt_noappend", "kernopt_int4_noappend", "kernopt_pdl",
-                 "kernopt_int4_pdl", "kernopt_int4_waves")
+                 "kernopt_int4_pdl", "kernopt_int4_split8")
 # The experiment switches each system sets for its own run (every other system runs with them unset, whatever
 # the caller set): kernels/int4_gemm.py GEMV_VARIANT_ENV, passes/int4.py PROMPT_ENV and SWIGLU_ENV,
 # kernopt/backend.py COMBO_ENV, passes/decode_append.py APPEND_ENV, kernels/pdl.py PDL_ENV.
@@ -85,7 +85,7 @@ SYSTEM_ENV = {"kernopt_int4_fp32": {"KERNOPT_INT4_GEMV": "fp32"}, "kernopt_int4_
               "kernopt_int4_tcasm": {"KERNOPT_INT4_GEMV": "tcasm"},
               "kernopt_int4_pairs128": {"KERNOPT_INT4_GEMV": "pairs128"},
               "kernopt_int4_pairs64": {"KERNOPT_INT4_GEMV": "pairs64"}, "kernopt_int4_px": {"KERNOPT_INT4_GEMV": "px"},
-              "kernopt_int4_waves": {"KERNOPT_INT4_GEMV": "waves"},
+              "kernopt_int4_split8": {"KERNOPT_INT4_GEMV": "split8"},
               "kernopt_int4_unfused": {"KERNOPT_INT4_SWIGLU": "0"},
               "kernopt_int4_nocombo": {"KERNOPT_INDUCTOR_COMBO": "0"},
               "kernopt_noappend": {"KERNOPT_DECODE_APPEND": "0"}, "kernopt_int4_noappend": {"KERNOPT_DECODE_APPEND": "0"},

@@ -348,8 +348,9 @@ def test_gemv_variant_switch(device, monkeypatch, variant):
 
 
 def test_gemv_default_pick_and_variants_pairs64_px(monkeypatch):
-    """bf16 x at M=1: PAIRS with 2 warps and 32 / 64 columns (the sweep's per-shape bests at the llama decode launch
-    shapes); KERNOPT_INT4_GEMV=pairs64 gives the 4-warp 64-column pick before, =px the table's pick with PREFETCH_X;
+    """bf16 x at M=1: PAIRS with 32 / 64 columns (the sweep's per-shape bests at the llama decode launch shapes; 64
+    columns split to one wave, 4 warps at gate/up); KERNOPT_INT4_GEMV=pairs64 gives the 4-warp 64-column pick of
+    747aee5, =split8 the 2-warp split 8-16 pick before 3f3578c, =px that pick with PREFETCH_X;
     other dtypes and M > 1 keep the table; every pick is a candidate the sweep times (and the GPU tests check)."""
     from kernopt.kernels import int4_gemm as q4
 
@@ -357,19 +358,19 @@ def test_gemv_default_pick_and_variants_pairs64_px(monkeypatch):
     shapes = ((4096, 6144), (4096, 28672), (4096, 4096), (14336, 4096))
     table = {kn: select_config(1, kn[1], kn[0], 128, True, bf16) for kn in shapes}
     assert [(c["BLOCK_N"], c["SPLIT_K"], c["num_warps"]) for c in table.values()] == \
-        [(64, 16, 2), (64, 8, 2), (32, 16, 2), (32, 16, 2)]
+        [(64, 11, 2), (64, 2, 4), (32, 16, 2), (32, 16, 2)]
     monkeypatch.setenv(q4.GEMV_VARIANT_ENV, "pairs64")
     pairs64 = {kn: select_config(1, kn[1], kn[0], 128, True, bf16) for kn in shapes}
     assert [(c["BLOCK_N"], c["SPLIT_K"], c["num_warps"]) for c in pairs64.values()] == \
         [(64, 8, 4), (64, 8, 4), (64, 16, 4), (64, 16, 4)]
+    monkeypatch.setenv(q4.GEMV_VARIANT_ENV, "split8")
+    split8 = {kn: select_config(1, kn[1], kn[0], 128, True, bf16) for kn in shapes}
+    assert [(c["BLOCK_N"], c["SPLIT_K"], c["num_warps"]) for c in split8.values()] == \
+        [(64, 16, 2), (64, 8, 2), (32, 16, 2), (32, 16, 2)]
     monkeypatch.setenv(q4.GEMV_VARIANT_ENV, "px")
     px = {kn: select_config(1, kn[1], kn[0], 128, False, bf16) for kn in shapes}
-    assert all(px[kn] == {**table[kn], "PREFETCH_X": 1} for kn in shapes)
-    monkeypatch.setenv(q4.GEMV_VARIANT_ENV, "waves")
-    waves = {kn: select_config(1, kn[1], kn[0], 128, True, bf16) for kn in shapes}
-    assert [(c["BLOCK_N"], c["SPLIT_K"], c["num_warps"]) for c in waves.values()] == \
-        [(64, 11, 2), (64, 2, 4), (32, 16, 2), (32, 16, 2)]
-    for variant, picks in (("", table), ("pairs64", pairs64), ("px", px), ("waves", waves)):
+    assert all(px[kn] == {**split8[kn], "PREFETCH_X": 1} for kn in shapes)
+    for variant, picks in (("", table), ("pairs64", pairs64), ("px", px), ("split8", split8)):
         monkeypatch.setenv(q4.GEMV_VARIANT_ENV, variant)
         assert "PAIRS" not in select_config(1, 14336, 4096, 128, x_dtype=torch.float16)
         assert select_config(4, 14336, 4096, 128) == select_config(4, 14336, 4096, 128, symmetric=True)
@@ -379,9 +380,9 @@ def test_gemv_default_pick_and_variants_pairs64_px(monkeypatch):
 
 def test_select_config_table():
     bf16 = torch.bfloat16
-    for sym in (True, False):  # M=1 bf16 x: PAIRS, 32 / 64 columns, split 8 / 16 (the H200 --tune's best)
+    for sym in (True, False):  # M=1 bf16 x: PAIRS, 32 columns split 16 / 64 columns split to one wave (H200 --tune)
         shapes = ((4096, 14336), (14336, 4096), (4096, 4096), (4096, 6144), (4096, 28672), (512, 1024))
-        assert [select_config(1, n, k, 128, sym, bf16)["SPLIT_K"] for k, n in shapes] == [8, 16, 16, 16, 8, 2]
+        assert [select_config(1, n, k, 128, sym, bf16)["SPLIT_K"] for k, n in shapes] == [5, 16, 16, 11, 2, 2]
         assert [select_config(1, n, k, 128, sym, bf16)["BLOCK_N"] for k, n in shapes] == [64, 32, 32, 64, 64, 32]
         assert select_config(1, 14336, 4096, 128, sym, bf16)["PAIRS"] == 1
         assert select_config(1, 14336, 4096, 128, sym, bf16)["BLOCK_N"] == 64
