@@ -47,7 +47,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .flash_attention import apply_mask
-from .host import next_power_of_2
+from .host import next_power_of_2, sm_count
 from .pdl import launch_kwargs, use_pdl
 from .workspace import arrival_counters as _arrival_counters
 
@@ -426,12 +426,6 @@ def candidate_configs(batch: int, kv_heads: int, q_heads: int, max_len: int, hea
     return [v for cfg in out for v in ((cfg, fused(cfg)) if cfg["SPLITS"] > 1 else (cfg,))]
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
-
-
 def config_string(config: dict) -> str:
     """One line per config; split configs end in ``merge=kernel`` (second kernel) or ``merge=fused``."""
     text = (f"BLOCK_M={config['BLOCK_M']} BLOCK_N={config['BLOCK_N']} splits={config['SPLITS']} "
@@ -580,7 +574,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens:
     if sm_scale is None:
         sm_scale = d ** -0.5
     if config is None:
-        config = select_config(bk, hkv, q.shape[1], s, d, _sm_count(q.device), q.shape[2])
+        config = select_config(bk, hkv, q.shape[1], s, d, sm_count(q.device), q.shape[2])
     return _launch(q, k, v, kv_lens, None, out, sm_scale, config, paged=False, page_size=1, full_len=s,
                    kv_heads=hkv, k_strides=k.stride(), v_strides=v.stride(), table_stride=0, mask=mask)
 
@@ -634,7 +628,7 @@ def decode_attention_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     if sm_scale is None:
         sm_scale = d ** -0.5
     if config is None:
-        config = select_config(b, hkv, q.shape[1], s, d, _sm_count(q.device), 1)
+        config = select_config(b, hkv, q.shape[1], s, d, sm_count(q.device), 1)
     return _launch(q, k_cache, v_cache, None, None, out, sm_scale, config, paged=False, page_size=1, full_len=s,
                    kv_heads=hkv, k_strides=k_cache.stride(), v_strides=v_cache.stride(), table_stride=0, mask=mask,
                    append=(k_new, v_new, cos2, sin2, pos))
@@ -671,7 +665,7 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     # The block table's width bounds every length without reading seq_lens back to the host.
     max_len = block_table.shape[1] * page_size
     if config is None:
-        config = select_config(b, hkv, q.shape[1], max_len, d, _sm_count(q.device), q.shape[2], paged=True)
+        config = select_config(b, hkv, q.shape[1], max_len, d, sm_count(q.device), q.shape[2], paged=True)
     # Kernel strides for the paged layout are (page, head, slot, dim).
     ks, vs = k_pages.stride(), v_pages.stride()
     return _launch(q, k_pages, v_pages, seq_lens, block_table, out, sm_scale, config, paged=True,

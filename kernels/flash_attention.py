@@ -30,6 +30,18 @@ the specialised kernel runs one loop over every visible tile, masked in every it
 when seq_k is not a multiple of BLOCK_N, and stores its output through a descriptor too; the launcher
 ignores WARP_SPEC where these do not hold.
 
+Two ways around the single masked loop for causal, compiled offline for sm_90a on 2026-11-30 and dropped: the
+diagonal tile as straight-line code after the specialised (unmasked) loop stops the pass in WSDataPartition.cpp
+("Unexpected op": its slicing walks back from that tile's dots into ops it has no rule for); SPLIT's two explicit
+64-row halves under warp specialisation fail with two loops (a dominance assertion in the same pass) and with one
+loop compile but spill (724 B). Masking only the diagonal inside one specialised loop needs warp specialisation
+written by hand (Gluon), not this pass.
+
+Config "PERSISTENT": n (a launch option of any tile): n x SM-count programs, each walking the (row block,
+batch x head) tiles in the grid launch's order, strided by the program count: each program's setup (launch,
+barrier init, register split) is paid once per SM, not once per tile. The non-causal warp-specialised pick
+(select_config's comment has the H200 numbers); causal lost (candidate_configs' comment says why).
+
 On the H200 (benchmarks/attention_ws_probe.py, sweeps/attention-ws-h200.json at 03964ae) only part of it
 computed the right answer: non-causal with 2 stages is right (128x128: 492 / 545 / 532 TFLOP/s at B4 S2048 /
 B1 S8192 / GQA B4 S4096, against 468 / 481 / 485 for the table's 64x64 in the same run); 3 and 4 stages
@@ -562,12 +574,15 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
                           "DEVICE_TMA": True, "WARP_SPEC": ws})
             if ws and causal:
                 # MIN_MASK: the causal specialised loop masks every tile; one min per score instead (_softmax_step;
-                # offline sm_90a SASS in the launcher's comment; H200 in select_config's comment). Non-causal
+                # offline sm_90a SASS and the H200's timing in the launcher's comment: not picked). Non-causal
                 # partial tiles gain nothing there (one select per score either way: the same count at S2000).
                 cands.append({**cands[-1], "MIN_MASK": True})
         # PERSISTENT: the table's tile and the 128x128 WS tile (MIN_MASK when causal) as persistent programs, as many
         # per SM as the tile fits (two for 64x64 / 4 warps, else one): each program's setup (barriers, register
-        # split, descriptors' scratch) paid once, causal row blocks heaviest first over the whole grid.
+        # split) paid once. The non-causal pick since aec10b3. Causal lost on the H200 (sweeps/persistent2, a36c529:
+        # 64x64 386.0 / GQA 458.1 against 412.2 / 472.3 launched as a grid; the WS tile 357.2 / 429.3 / 424.3): a
+        # static walk gives programs unequal causal work (132 programs over 16 row blocks a head: each program
+        # cycles through 4 of the 16 row-block weights), where a grid launch hands the next block to the first free SM.
         ws128 = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
                  "WARP_SPEC": True}
         if causal:
@@ -739,7 +754,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     # causal) and the scale must keep the scores' order (sm_scale > 0); elsewhere the exact masks. Offline sm_90a
     # SASS (benchmarks/sass_case.py, B4 H32 S2048 D128, 128x128 2 stages): the causal WS kernel 3792 -> 3448
     # instructions; its largest loop 3632 -> 3274 (ISETP 166 -> 29, IMAD 216 -> 29, LOP3 269 -> 76, SEL 96 -> 0,
-    # FSEL 392 -> 196; FMNMX 136 -> 264, FADD 264 -> 392, I2FP 0 -> 68), against 2589 non-causal. Not yet timed.
+    # FSEL 392 -> 196; FMNMX 136 -> 264, FADD 264 -> 392, I2FP 0 -> 68), against 2589 non-causal. H200
+    # (sweeps/minmask, dd84e1b): causal WS +3.8-5.1% (S2048 / S8192 / GQA S4096 at 128x128: 329.8 -> 342.3, 419.3 ->
+    # 435.0, 402.5 -> 420.1 TFLOP/s), still behind the table's unspecialised tiles (416.2 / 481.8 / 477.8): not picked.
     min_mask = (warp_spec and bool(cfg.get("MIN_MASK", False)) and sm_scale > 0
                 and (not causal or Skv >= Sq) and (causal or Skv % BN != 0))
     # PERSISTENT (a config key, a candidate): n programs per SM (the tile's occupancy) walk the tiles in a loop

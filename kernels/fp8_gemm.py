@@ -23,14 +23,13 @@ and quantizes to zeros: defined, never NaN.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, next_power_of_2
+from .host import cdiv, next_power_of_2, sm_count
 from .tile_order import tile_coords
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -279,11 +278,6 @@ def config_str(cfg: dict) -> str:
     return s
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _flat_scale(scale: torch.Tensor, n: int, what: str) -> tuple[torch.Tensor, int]:
     """A scale as a 1-D fp32 tensor and its element stride: 0 for one scalar broadcast, 1 per row/column."""
     if scale.dtype != torch.float32:
@@ -320,7 +314,7 @@ def _launch(a, b, sa, sb, bias, c, cfg, bias_along_m=False):
     b_nk = b.t()
     if cfg.get("TMA") and not bias_along_m and _tma_ok(a, b_nk, c):
         if a.is_cuda:
-            num_sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
+            num_sms = sm_count(a.device)
         else:
             num_sms = 4  # the interpreter: a few programs still walk several tiles each
         tiles = cdiv(M, BM) * cdiv(N, BN)

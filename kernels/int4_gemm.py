@@ -65,7 +65,9 @@ issue time, below, is not what bounds it).
   against 21.2 / 20.4 / 9.8 for the fp32 path and 30.9 / 32.3 / 13.3 for bf16 cuBLAS (2.1-2.3x at the two large
   shapes); the suite's asymmetric weights with the table's pick (gemm_int4-h200.json, 471c8f1) 16.9 / 15.9 /
   8.4 us, 1.83 / 1.99 / 1.60x cuBLAS. End to end (llama 8B bs1, sweeps/pairs/llama-h200.json) the int4 decode step
-  went 3.66 -> 2.73 ms in one run.
+  went 3.66 -> 2.73 ms in one run. Tiles since 3f3578c: 32 columns x 2 warps split 16 up to N = 4096; above, 64
+  columns split so that the grid fits one wave of resident programs (_fill_split: 10 per SM at 2 warps / 96 registers,
+  4 warps from N = 16384), which gemm_int4-h200.json (936f0f6) puts at 15.72 us at K4096 N14336 (1.97x bf16 cuBLAS).
 - ``gemv2`` ``PAIRS`` with ``BLOCK_M`` 2 or 4 (multi-row PAIRS; --tune candidates at M 2-16; the table's pick at
   M=2 with bf16 x, 1.31-1.44x bf16 cuBLAS on the H200, where tiled2 was at ~1x; level with tiled2 at M=4): the
   word tile is unpacked into its four bf16x2 (q - 8) pair tiles once (_UNPACK_PAIRS_PTX), then each x row runs
