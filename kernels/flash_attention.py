@@ -296,26 +296,20 @@ def _flash_attention_fwd(
         for t in tl.range(tl.program_id(0), n_mblocks * batch_heads, tl.num_programs(0)):
             pid_m = n_mblocks - 1 - t % n_mblocks if CAUSAL else t % n_mblocks
             _flash_tile(pid_m, t // n_mblocks, Q, K, V, Mask, Out,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_ob, stride_oh, stride_om,
-    num_heads, group, seq_q, seq_k, head_dim, qk_scale,
-                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC, SPLIT, DEVICE_TMA, EVEN_N,
-                    MIN_MASK)
+                        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                        stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
+                        stride_ob, stride_oh, stride_om, num_heads, group, seq_q, seq_k, head_dim, qk_scale,
+                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC, SPLIT,
+                        DEVICE_TMA, EVEN_N, MIN_MASK)
     else:
         # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
         pid_m = n_mblocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
         _flash_tile(pid_m, tl.program_id(1), Q, K, V, Mask, Out,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_ob, stride_oh, stride_om,
-    num_heads, group, seq_q, seq_k, head_dim, qk_scale,
-                    BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC, SPLIT, DEVICE_TMA, EVEN_N,
-                    MIN_MASK)
+                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                    stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
+                    stride_ob, stride_oh, stride_om, num_heads, group, seq_q, seq_k, head_dim, qk_scale,
+                    BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC, SPLIT,
+                    DEVICE_TMA, EVEN_N, MIN_MASK)
 
 
 @triton.jit
@@ -581,8 +575,9 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
         # per SM as the tile fits (two for 64x64 / 4 warps, else one): each program's setup (barriers, register
         # split) paid once. The non-causal pick since aec10b3. Causal lost on the H200 (sweeps/persistent2, a36c529:
         # 64x64 386.0 / GQA 458.1 against 412.2 / 472.3 launched as a grid; the WS tile 357.2 / 429.3 / 424.3): a
-        # static walk gives programs unequal causal work (132 programs over 16 row blocks a head: each program
-        # cycles through 4 of the 16 row-block weights), where a grid launch hands the next block to the first free SM.
+        # static walk gives programs unequal causal work (S2048, 128-row tiles: 132 programs over 16 row blocks a
+        # head, each program cycles through 4 of the 16 row-block weights), where a grid launch hands the next block
+        # to the first free SM.
         ws128 = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
                  "WARP_SPEC": True}
         if causal:
@@ -759,7 +754,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     # 435.0, 402.5 -> 420.1 TFLOP/s), still behind the table's unspecialised tiles (416.2 / 481.8 / 477.8): not picked.
     min_mask = (warp_spec and bool(cfg.get("MIN_MASK", False)) and sm_scale > 0
                 and (not causal or Skv >= Sq) and (causal or Skv % BN != 0))
-    # PERSISTENT (a config key, a candidate): n programs per SM (the tile's occupancy) walk the tiles in a loop
+    # PERSISTENT (a config key: the non-causal WS pick, a candidate elsewhere): n programs per SM (the tile's
+    # occupancy) walk the tiles in a loop
     persistent = int(cfg.get("PERSISTENT", 0))
     if persistent:
         grid = (min(cdiv(Sq, BM) * B * Hq, persistent * sm_count(q.device)),)

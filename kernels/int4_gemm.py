@@ -65,7 +65,7 @@ issue time, below, is not what bounds it).
   against 21.2 / 20.4 / 9.8 for the fp32 path and 30.9 / 32.3 / 13.3 for bf16 cuBLAS (2.1-2.3x at the two large
   shapes); the suite's asymmetric weights with the table's pick (gemm_int4-h200.json, 471c8f1) 16.9 / 15.9 /
   8.4 us, 1.83 / 1.99 / 1.60x cuBLAS. End to end (llama 8B bs1, sweeps/pairs/llama-h200.json) the int4 decode step
-  went 3.66 -> 2.73 ms in one run. Tiles since 3f3578c: 32 columns x 2 warps split 16 up to N = 4096; above, 64
+  went 3.66 -> 2.73 ms in one run. Tiles since 936f0f6: 32 columns x 2 warps split 16 up to N = 4096; above, 64
   columns split so that the grid fits one wave of resident programs (_fill_split: 10 per SM at 2 warps / 96 registers,
   4 warps from N = 16384), which gemm_int4-h200.json (936f0f6) puts at 15.72 us at K4096 N14336 (1.97x bf16 cuBLAS).
 - ``gemv2`` ``PAIRS`` with ``BLOCK_M`` 2 or 4 (multi-row PAIRS; --tune candidates at M 2-16; the table's pick at
@@ -1191,13 +1191,13 @@ def gemv_variant() -> str:
 
 
 # "split8" (llama system kernopt_int4_split8): the 64-column PAIRS tiles (N > 4096) as the table had them before
-# 3f3578c's one-wave splits: 2 warps, split 8-16 ("px" adds PREFETCH_X to these).
+# 936f0f6's one-wave splits: 2 warps, split 8-16 ("px" adds PREFETCH_X to these).
 # GEMV variants (gemv_variant) under which bf16 x runs PAIRS: the default and the PAIRS experiments
 _PAIRS_VARIANTS = ("", "pairs128", "pairs64", "px", "split8")
 
 
-# PAIRS (M=1) programs per SM by tile: (BLOCK_N, warps) -> registers per thread with zero points (offline sm_90a, 166bbf3;
-# the symmetric kernel uses <= these: 40 / 96 / 32 / 48) and what they leave room for in the 64K-register file.
+# PAIRS (M=1) programs per SM by tile: (BLOCK_N, warps) -> registers per thread with zero points (offline sm_90a,
+# 166bbf3; the symmetric kernel uses <= these) and what they leave room for in the 64K-register file.
 _PAIRS_REGS = {(32, 2): 48, (64, 2): 96, (32, 4): 40, (64, 4): 48}
 
 
@@ -1235,8 +1235,8 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
         if x_dtype == torch.bfloat16 and variant in _PAIRS_VARIANTS:
             # PAIRS (bf16 x, any zero points): 32 columns x 2 warps up to N = 4096, split to >= 1536 programs but at
             # least 8 and at most 16, keeping >= 256 of K per split; 64 columns above, split to one wave (below).
-            # Before 3f3578c (KERNOPT_INT4_GEMV=split8) 64 columns took the 32-column rule too. The H200 --tune at the llama
-            # decode step's four launch shapes with 2-warp / 32-column candidates (sweeps/pairs/
+            # Before 936f0f6 (KERNOPT_INT4_GEMV=split8) 64 columns took the 32-column rule too. The H200 --tune at
+            # the llama decode step's four launch shapes with 2-warp / 32-column candidates (sweeps/pairs/
             # gemm_int4_sym-small_ctas-h200.json, ecd4320): K4096 N6144 8.64 us (64 x split 16), N28672 24.45 (64 x
             # 8), 4096^2 7.20 (32 x 16), K14336 N4096 13.65 (32 x 16), against 8.74 / 25.17 / 7.58 / 13.78 for the
             # 4-warp 64-column pick before ("pairs64"). End to end (sweeps/int4_ab/llama-h200.json, 3ceaa16, one
@@ -1258,11 +1258,12 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
                 split = _pairs_split(split, K, block_k)
                 if bn == 64 and variant == "":
                     # One wave: the split that keeps every program resident at once (_fill_split), 4 warps from
-                    # N = 16384. ncu of the split-8 pick at K4096 N14336 (profiles/ncu-pairs-m1-k4096-n14336-166bbf3.txt):
-                    # 1792 programs = 1.36 waves of the 10 per SM its 96 registers allow, 22.9% achieved occupancy,
-                    # DRAM 38%. H200 --tune at a36c529 (sweeps/waves): K4096 N28672 symmetric 22.55 us against 24.39
-                    # for split 8, N6144 8.53 against 8.65, N14336 with zero points 15.71 against 16.40; end to end
-                    # (sweeps/waves_llama, 3f3578c, one process, 8B bs1): decode step 2.664 against 2.689 ms.
+                    # N = 16384. ncu of the split-8 pick at K4096 N14336 (profiles/
+                    # ncu-pairs-m1-k4096-n14336-166bbf3.txt): 1792 programs = 1.36 waves of the 10 per SM its 96
+                    # registers allow, 22.9% achieved occupancy, DRAM 38%. H200 --tune at a36c529 (sweeps/waves):
+                    # K4096 N28672 symmetric 22.55 us against 24.39 for split 8, N6144 8.53 against 8.65, N14336 with
+                    # zero points 15.71 against 16.40. End to end (8B bs1, one process each, both orders:
+                    # sweeps/waves_llama, waves_llama2): decode step 2.664 against 2.689 ms, 2.677 against 2.696.
                     warps = 4 if N >= 16384 else 2
                     split = _fill_split(cdiv(N, bn), K, block_k, _pairs_programs_per_sm(bn, warps) * _SM_COUNT)
             cfg = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
@@ -1468,7 +1469,8 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                             out.append({"impl": "tcasm", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": group_size,
                                         "SPLIT_K": split, "DIRECT": direct, "num_warps": warps, "num_stages": 3})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
-    return out
+    # the wave-filling splits can repeat a listed tile: time each config once
+    return list({tuple(sorted(c.items())): c for c in out}.values())
 
 
 def format_config(cfg: dict) -> str:
@@ -1545,8 +1547,6 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
     common = dict(GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, SPLIT_K=split, BLOCK_M=bm,
                   BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg.get("num_warps", 4),
                   num_stages=cfg.get("num_stages", 1 if impl == "gemv2" else 3))
-    if cfg.get("maxnreg"):  # ptxas's register cap per thread (more programs per SM; spills past what the kernel needs)
-        common["maxnreg"] = int(cfg["maxnreg"])
     if impl == "gemv2":
         grid = (cdiv(N // 2, bn // 2), split, 1) if gated else (cdiv(N, bn), split, cdiv(M, bm))
         planes, pairs = bool(cfg.get("PLANES", 0)), bool(cfg.get("PAIRS", 0))

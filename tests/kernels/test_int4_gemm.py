@@ -350,7 +350,7 @@ def test_gemv_variant_switch(device, monkeypatch, variant):
 def test_gemv_default_pick_and_variants_pairs64_px(monkeypatch):
     """bf16 x at M=1: PAIRS with 32 / 64 columns (the sweep's per-shape bests at the llama decode launch shapes; 64
     columns split to one wave, 4 warps at gate/up); KERNOPT_INT4_GEMV=pairs64 gives the 4-warp 64-column pick of
-    747aee5, =split8 the 2-warp split 8-16 pick before 3f3578c, =px that pick with PREFETCH_X;
+    747aee5, =split8 the 2-warp split 8-16 pick before 936f0f6, =px that pick with PREFETCH_X;
     other dtypes and M > 1 keep the table; every pick is a candidate the sweep times (and the GPU tests check)."""
     from kernopt.kernels import int4_gemm as q4
 
@@ -446,6 +446,9 @@ def test_fill_split_keeps_the_grid_within_the_resident_programs():
     cands = [(c["BLOCK_N"], c["num_warps"], c["SPLIT_K"]) for c in candidate_configs(1, 14336, 4096, 128)
              if c.get("PAIRS")]
     assert (64, 2, 5) in cands and (32, 2, 6) in cands
+    for M, N, K in ((1, 1000, 1024), (1, 14336, 4096), (16, 4096, 14336)):
+        every = candidate_configs(M, N, K, 128)
+        assert len(every) == len({tuple(sorted(c.items())) for c in every})  # each config timed once
 
 
 def test_candidate_configs_sweep_the_variants_for_small_m():
