@@ -160,6 +160,7 @@ their address arithmetic), 255 registers with spills at BLOCK_N >= 128, loads no
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -1210,11 +1211,11 @@ def _cdiv_split(K: int, split: int, block_k: int) -> int:
     return cdiv(K, cdiv(cdiv(K, split), block_k) * block_k)
 
 
+@functools.lru_cache(maxsize=None)  # select_config runs on every eager launch: the scan once per shape
 def _fill_split(tiles: int, K: int, block_k: int, programs: int) -> int:
     """The largest split (as the launcher rounds it to whole K blocks) with tiles x split <= programs (at least 1)."""
-    fits = [s for s in map(lambda want: _cdiv_split(K, want, block_k), range(1, K // block_k + 1))
-            if tiles * s <= programs]
-    return max(fits, default=1)
+    splits = (_cdiv_split(K, want, block_k) for want in range(1, K // block_k + 1))
+    return max((s for s in splits if tiles * s <= programs), default=1)
 
 
 def _pairs_split(split: int, K: int, block_k: int) -> int:
