@@ -15,6 +15,7 @@ TFLOP/s counts 4*B*Hq*Sq*Skv*D (halved for causal, the FlashAttention convention
 kernopt, the host was the bottleneck (the TMA launch builds three tensor descriptors per call).
 
     python examples/bench_attention.py --filter split   # sweep only candidates whose label has "split"
+    python examples/bench_attention.py --filter persistent+minmask   # ... either of these
 """
 from __future__ import annotations
 
@@ -154,7 +155,8 @@ def main(argv=None):
     ap.add_argument("--rep", type=int, default=60, help="do_bench repetition time in ms")
     ap.add_argument("--no-sweep", action="store_true", help="time only select_config's config")
     ap.add_argument("--filter", default=None,
-                    help="sweep only the candidates whose label contains this (plus the selected config)")
+                    help="sweep only the candidates whose label contains this, or one of several joined by +"
+                         " (plus the selected config)")
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this (e.g. 'D128 causal=0')")
     ap.add_argument("--plot", action="store_true")
     args = ap.parse_args(argv)
@@ -191,7 +193,8 @@ def main(argv=None):
             sweep = not args.quick and not args.no_sweep
             configs = candidate_configs(D, causal, S, S, B * Hq, q.dtype) if sweep else [chosen]
             if args.filter:
-                configs = [c for c in configs if c == chosen or args.filter in config_str(c)]
+                wanted = args.filter.split("+")
+                configs = [c for c in configs if c == chosen or any(w in config_str(c) for w in wanted)]
             per_config, best, best_cfg, first_error = {}, None, None, None
             out = torch.empty_like(q)
             for cfg in configs:

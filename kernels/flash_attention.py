@@ -38,9 +38,10 @@ loop compile but spill (724 B). Masking only the diagonal inside one specialised
 written by hand (Gluon), not this pass.
 
 Config "PERSISTENT": n (a launch option of any tile): n x SM-count programs, each walking the (row block,
-batch x head) tiles in the grid launch's order, strided by the program count: each program's setup (launch,
-barrier init, register split) is paid once per SM, not once per tile. The non-causal warp-specialised pick
-(select_config's comment has the H200 numbers); causal lost (candidate_configs' comment says why).
+batch x head) tiles in the grid launch's order, strided by the program count (causal: pairs of row blocks j and
+n-1-j of a head, so that every program's units weigh the same): each program's setup (launch, barrier init,
+register split) is paid once per SM, not once per tile. The non-causal warp-specialised pick (select_config's
+comment has the H200 numbers).
 
 On the H200 (benchmarks/attention_ws_probe.py, sweeps/attention-ws-h200.json at 03964ae) only part of it
 computed the right answer: non-causal with 2 stages is right (128x128: 492 / 545 / 532 TFLOP/s at B4 S2048 /
@@ -146,23 +147,25 @@ def _softmax_step(acc, l_i, m_i, qk, m_base, stride_mm, stride_mn, offs_m, offs_
     start_m in them) and causal_shift includes start_m, so that the causal test's only row-shaped operand is the
     arange that Triton's data partitioning slices per consumer (module docstring: it offsets start_m twice).
     MIN_MASK (MASKED, LOCAL_ROWS, no caller mask; the launcher's conditions in flash_attention): the masks as one
-    min per score, s = min(s, t) with t = row_r - col_j, a row and a column vector of exact fp32 multiples of
+    min per score, qk = min(qk, t) (before the scale, which sm_scale > 0 cannot reorder, so that it stays folded into
+    the exp2's FMA) with t = row_r - col_j, a row and a column vector of exact fp32 multiples of
     2^64: t = 2^64 (2 (r - j + shift) + 1), >= 2^64 where key j is visible to row r and <= -2^64 where it is
     not; keys past seq_k get col = 2^120. One FADD and one FMNMX (NaN-propagating) per score instead of the
     integer compares, selects and the -inf guard: the warp-specialised loop masks every tile. Needs every row to
     see a key in the first tile (seq_k >= seq_q when causal), since a masked score is finite here, not -inf.
     """
     if MASKED and MIN_MASK:
-        s = qk * qk_scale
         bound = 36893488147419103232.0  # 2^65: t's unit is 2^64, so 2 * 2^64 per key
         if CAUSAL:
             col = tl.where(offs_n < seq_k, (offs_n - causal_shift).to(tl.float32) * bound, 1.329227995784916e36)
             t = (offs_m.to(tl.float32) * bound + 18446744073709551616.0)[:, None] - col[None, :]
         else:
             t = tl.where(offs_n < seq_k, 1.329227995784916e36, -1.329227995784916e36)[None, :]
-        s = tl.minimum(s, t, propagate_nan=tl.PropagateNan.ALL)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        # the min on the unscaled scores (sm_scale > 0 keeps their order), so that the scale stays folded into
+        # the exp2's FMA as in the unmasked path: one FMUL and one FADD per score fewer
+        qk = tl.minimum(qk, t, propagate_nan=tl.PropagateNan.ALL)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
     elif MASKED or MASK_KIND != 0:
         s = qk * qk_scale
@@ -289,18 +292,35 @@ def _flash_attention_fwd(
 ):
     n_mblocks = tl.cdiv(seq_q, BLOCK_M)
     if PERSISTENT:
-        # The programs walk the (row block, batch x head) tiles in the order a grid launch dispatches them: the
-        # row blocks of one head after another (concurrent tiles share that head's K/V in L2), causal heaviest
-        # first within the head. H200 (sweeps/persistent, 166bbf3): row block major instead (heaviest first over
-        # the whole grid) ran 6-12% slower than the grid launch on every D128 case.
-        for t in tl.range(tl.program_id(0), n_mblocks * batch_heads, tl.num_programs(0)):
-            pid_m = n_mblocks - 1 - t % n_mblocks if CAUSAL else t % n_mblocks
-            _flash_tile(pid_m, t // n_mblocks, Q, K, V, Mask, Out,
-                        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                        stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
-                        stride_ob, stride_oh, stride_om, num_heads, group, seq_q, seq_k, head_dim, qk_scale,
-                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC, SPLIT,
-                        DEVICE_TMA, EVEN_N, MIN_MASK)
+        # The programs walk the (row block, batch x head) tiles head by head (concurrent tiles share that head's
+        # K/V in L2). H200 (sweeps/persistent, 166bbf3): row block major instead (heaviest first over the whole
+        # grid) ran 6-12% slower than the grid launch on every D128 case.
+        # Causal: a program's work units are pairs of row blocks of one head, j and n-1-j (heavy first), so every
+        # unit is the same n+1 key tiles (equal work for any bottom-right shift as well). Strided over single row
+        # blocks instead (a36c529, sweeps/persistent2), each program met only a few of the row-block weights (64x64
+        # at S2048: 4 of 32, mean weight 13..20 tiles by program): 6% slower than the grid launch.
+        if CAUSAL:
+            half = (n_mblocks + 1) // 2
+            mine = tl.cdiv(half * batch_heads - tl.program_id(0), tl.num_programs(0))
+            for k in tl.range(0, 2 * mine):
+                u = tl.program_id(0) + (k // 2) * tl.num_programs(0)
+                j = u % half
+                heavy = n_mblocks - 1 - j
+                if (k % 2 == 0) | (j != heavy):
+                    _flash_tile(heavy if k % 2 == 0 else j, u // half, Q, K, V, Mask, Out,
+                                stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
+                                stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh,
+                                stride_mm, stride_mn, stride_ob, stride_oh, stride_om, num_heads, group, seq_q,
+                                seq_k, head_dim, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND,
+                                TMA, DOT_PRECISION, WARP_SPEC, SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK)
+        else:
+            for t in tl.range(tl.program_id(0), n_mblocks * batch_heads, tl.num_programs(0)):
+                _flash_tile(t % n_mblocks, t // n_mblocks, Q, K, V, Mask, Out,
+                            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                            stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
+                            stride_ob, stride_oh, stride_om, num_heads, group, seq_q, seq_k, head_dim, qk_scale,
+                            BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC,
+                            SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK)
     else:
         # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
         pid_m = n_mblocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -399,9 +419,9 @@ def _flash_tile(
         l0 = tl.where(l0 == 0.0, 1.0, l0)
         l1 = tl.where(l1 == 0.0, 1.0, l1)
         tl.store(o_base + offs_m0[:, None] * stride_om + offs_d[None, :],
-                 (acc0 / l0[:, None]).to(Out.dtype.element_ty), mask=(offs_m0[:, None] < seq_q) & d_ok)
+                 (acc0 * (1.0 / l0)[:, None]).to(Out.dtype.element_ty), mask=(offs_m0[:, None] < seq_q) & d_ok)
         tl.store(o_base + offs_m1[:, None] * stride_om + offs_d[None, :],
-                 (acc1 / l1[:, None]).to(Out.dtype.element_ty), mask=(offs_m1[:, None] < seq_q) & d_ok)
+                 (acc1 * (1.0 / l1)[:, None]).to(Out.dtype.element_ty), mask=(offs_m1[:, None] < seq_q) & d_ok)
     else:
         if DEVICE_TMA:
             q = Q.load([start_m, 0])
@@ -438,7 +458,9 @@ def _flash_tile(
                                        DOT_PRECISION, False, DEVICE_TMA)
         # Rows that saw no key (l = 0) write 0, not 0/0.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = (acc / l_safe[:, None]).to(Out.dtype.element_ty)
+        # One reciprocal per row, not a full-range fp32 division per element (~6 SASS instructions each: with
+        # 64 outputs per thread that was ~380 instructions per tile, offline sm_90a).
+        out = (acc * (1.0 / l_safe)[:, None]).to(Out.dtype.element_ty)
         if WARP_SPEC:
             # Through a descriptor too (clipped at seq_q / head_dim): with the pointer store below, the H200 left
             # rows 64-127 of every tile unwritten and rows 0-63 wrong (benchmarks/attention_ws_probe.py, 3f6ff0a).
@@ -577,12 +599,13 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
         # 64x64 386.0 / GQA 458.1 against 412.2 / 472.3 launched as a grid; the WS tile 357.2 / 429.3 / 424.3): a
         # static walk gives programs unequal causal work (S2048, 128-row tiles: 132 programs over 16 row blocks a
         # head, each program cycles through 4 of the 16 row-block weights), where a grid launch hands the next block
-        # to the first free SM.
+        # to the first free SM. Causal now walks pairs of row blocks of equal summed work (the kernel's comment).
         ws128 = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
                  "WARP_SPEC": True}
         if causal:
             ws128["MIN_MASK"] = True
-        for c in (base, ws128):
+        # Causal since the balanced walk (the kernel's PERSISTENT comment): the 128x64 WS tile as well.
+        for c in (base, ws128) + ((dict(ws128, BLOCK_N=64),) if causal else ()):
             occupancy = 2 if (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) == (64, 64, 4) else 1
             cands.append({**c, "PERSISTENT": occupancy})
     seen, out = set(), []
