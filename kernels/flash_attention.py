@@ -288,9 +288,20 @@ def _flash_attention_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr, DEVICE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
-    MIN_MASK: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+    MIN_MASK: tl.constexpr = False, PERSISTENT: tl.constexpr = False, DESC4: tl.constexpr = False,
 ):
     n_mblocks = tl.cdiv(seq_q, BLOCK_M)
+    if DESC4:
+        # PERSISTENT with on-device descriptors: K and V through 4-D [batch, kv heads, seq, head_dim] descriptors
+        # built once per program, not 2-D ones per tile (each build writes a 128-byte tensor map and fences it);
+        # the hardware still clips every load at its head's sequence end. Q and the output keep their per-tile
+        # 2-D descriptors: with 4-D ones (a load / store reshaped to the tile) Triton 3.6's warp specialisation
+        # stops in NVGPUWarpSpecialization (offline sm_90a).
+        n_batch = batch_heads // num_heads
+        K = tl.make_tensor_descriptor(K, shape=[n_batch, num_heads // group, seq_k, head_dim],
+                                      strides=[stride_kb, stride_kh, stride_kn, 1], block_shape=[1, 1, BLOCK_N, BLOCK_D])
+        V = tl.make_tensor_descriptor(V, shape=[n_batch, num_heads // group, seq_k, head_dim],
+                                      strides=[stride_vb, stride_vh, stride_vn, 1], block_shape=[1, 1, BLOCK_N, BLOCK_D])
     if PERSISTENT:
         # The programs walk the (row block, batch x head) tiles head by head (concurrent tiles share that head's
         # K/V in L2). H200 (sweeps/persistent, 166bbf3): row block major instead (heaviest first over the whole
@@ -312,7 +323,7 @@ def _flash_attention_fwd(
                                 stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh,
                                 stride_mm, stride_mn, stride_ob, stride_oh, stride_om, num_heads, group, seq_q,
                                 seq_k, head_dim, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND,
-                                TMA, DOT_PRECISION, WARP_SPEC, SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK)
+                                TMA, DOT_PRECISION, WARP_SPEC, SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK, DESC4)
         else:
             for t in tl.range(tl.program_id(0), n_mblocks * batch_heads, tl.num_programs(0)):
                 _flash_tile(t % n_mblocks, t // n_mblocks, Q, K, V, Mask, Out,
@@ -320,7 +331,7 @@ def _flash_attention_fwd(
                             stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
                             stride_ob, stride_oh, stride_om, num_heads, group, seq_q, seq_k, head_dim, qk_scale,
                             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC,
-                            SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK)
+                            SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK, DESC4)
     else:
         # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
         pid_m = n_mblocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -329,7 +340,7 @@ def _flash_attention_fwd(
                     stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
                     stride_ob, stride_oh, stride_om, num_heads, group, seq_q, seq_k, head_dim, qk_scale,
                     BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC, SPLIT,
-                    DEVICE_TMA, EVEN_N, MIN_MASK)
+                    DEVICE_TMA, EVEN_N, MIN_MASK, DESC4)
 
 
 @triton.jit
@@ -344,7 +355,7 @@ def _flash_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr, DEVICE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
-    MIN_MASK: tl.constexpr,
+    MIN_MASK: tl.constexpr, DESC4: tl.constexpr,
 ):
     """One BLOCK_M-row block of one (batch, head): the kernel's program, or one tile of a persistent program."""
     b = pid_bh // num_heads
@@ -358,7 +369,7 @@ def _flash_tile(
     b64 = b.to(tl.int64)
     k_base = K
     v_base = V
-    if DEVICE_TMA or not TMA:
+    if (DEVICE_TMA and not DESC4) or not TMA:
         k_base = K + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh
         v_base = V + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh
     m_base = Mask
@@ -383,6 +394,7 @@ def _flash_tile(
         # last strides and 16-byte alignment): the loads past seq_q / seq_k / head_dim read zeros.
         Q = tl.make_tensor_descriptor(q_base, shape=[seq_q, head_dim], strides=[stride_qm, 1],
                                       block_shape=[BLOCK_M, BLOCK_D])
+    if DEVICE_TMA and not DESC4:
         K = tl.make_tensor_descriptor(k_base, shape=[seq_k, head_dim], strides=[stride_kn, 1],
                                       block_shape=[BLOCK_N, BLOCK_D])
         V = tl.make_tensor_descriptor(v_base, shape=[seq_k, head_dim], strides=[stride_vn, 1],
@@ -444,18 +456,18 @@ def _flash_tile(
                                        tl.arange(0, BLOCK_M), offs_d, d_ok, seq_q, seq_k, start_m + causal_shift,
                                        qk_scale, 0, end,
                                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL or not EVEN_N, CAUSAL, MASK_KIND,
-                                       TMA, DOT_PRECISION, True, DEVICE_TMA, MIN_MASK)
+                                       TMA, DOT_PRECISION, True, DEVICE_TMA and not DESC4, MIN_MASK)
         else:
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                        offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, 0, full_end,
                                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, CAUSAL, MASK_KIND, TMA,
-                                       DOT_PRECISION, False, DEVICE_TMA)
+                                       DOT_PRECISION, False, DEVICE_TMA and not DESC4)
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                        offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, full_end, end,
                                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, CAUSAL, MASK_KIND, TMA,
-                                       DOT_PRECISION, False, DEVICE_TMA)
+                                       DOT_PRECISION, False, DEVICE_TMA and not DESC4)
         # Rows that saw no key (l = 0) write 0, not 0/0.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         # One reciprocal per row, not a full-range fp32 division per element (~6 SASS instructions each: with
@@ -608,6 +620,8 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
         for c in (base, ws128) + ((dict(ws128, BLOCK_N=64),) if causal else ()):
             occupancy = 2 if (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) == (64, 64, 4) else 1
             cands.append({**c, "PERSISTENT": occupancy})
+        # DESC4: the persistent WS tile with K / V descriptors built once per program (the kernel's comment)
+        cands.append({**ws128, "PERSISTENT": 1, "DESC4": True})
     seen, out = set(), []
     for c in cands:
         key = tuple(sorted(c.items()))
@@ -631,6 +645,8 @@ def config_str(cfg: dict) -> str:
         s += " minmask"
     if cfg.get("PERSISTENT"):
         s += f" persistent{cfg['PERSISTENT']}"
+    if cfg.get("DESC4"):
+        s += " desc4"
     return s
 
 
@@ -780,6 +796,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     # PERSISTENT (a config key: the non-causal WS pick, a candidate elsewhere): n programs per SM (the tile's
     # occupancy) walk the tiles in a loop
     persistent = int(cfg.get("PERSISTENT", 0))
+    # DESC4 (a config key; the kernel's comment): K / V descriptors once per persistent program (nonzero strides).
+    desc4 = (persistent > 0 and device_tma and bool(cfg.get("DESC4"))
+             and all(st > 0 or n == 1 for t in (k, v) for st, n in zip(t.stride(), t.shape)))
     if persistent:
         grid = (min(cdiv(Sq, BM) * B * Hq, persistent * sm_count(q.device)),)
     else:
@@ -793,7 +812,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
         CAUSAL=bool(causal), MASK_KIND=mask_kind, TMA=tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WARP_SPEC=warp_spec, SPLIT=split, DEVICE_TMA=device_tma, EVEN_N=warp_spec and Skv % BN == 0,
-        MIN_MASK=min_mask, PERSISTENT=persistent > 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        MIN_MASK=min_mask, PERSISTENT=persistent > 0, DESC4=desc4, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
