@@ -299,9 +299,11 @@ def _flash_attention_fwd(
         # stops in NVGPUWarpSpecialization (offline sm_90a).
         n_batch = batch_heads // num_heads
         K = tl.make_tensor_descriptor(K, shape=[n_batch, num_heads // group, seq_k, head_dim],
-                                      strides=[stride_kb, stride_kh, stride_kn, 1], block_shape=[1, 1, BLOCK_N, BLOCK_D])
+                                      strides=[stride_kb, stride_kh, stride_kn, 1],
+                                      block_shape=[1, 1, BLOCK_N, BLOCK_D])
         V = tl.make_tensor_descriptor(V, shape=[n_batch, num_heads // group, seq_k, head_dim],
-                                      strides=[stride_vb, stride_vh, stride_vn, 1], block_shape=[1, 1, BLOCK_N, BLOCK_D])
+                                      strides=[stride_vb, stride_vh, stride_vn, 1],
+                                      block_shape=[1, 1, BLOCK_N, BLOCK_D])
     if PERSISTENT:
         # The programs walk the (row block, batch x head) tiles head by head (concurrent tiles share that head's
         # K/V in L2). H200 (sweeps/persistent, 166bbf3): row block major instead (heaviest first over the whole
@@ -528,14 +530,15 @@ def _attention_flops(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_
 
 
 def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_heads: int,
-                  dtype: torch.dtype = torch.bfloat16, warp_spec: bool = True) -> dict:
+                  dtype: torch.dtype = torch.bfloat16, warp_spec: bool = True, group: int = 1) -> dict:
     """The one shape -> config table of this family (the measurements are in the comment above).
 
     Buckets: short query (decode-like, q_len <= 16, kernopt.workload's single-stream/interactive
     scenarios) gets a 16-row tile; prefill (server/offline) gets tiles by head dim, causal and sequence
     length; problems too small to hide a TMA launch's host cost use plain pointers. fp32 gets small
     tiles (its tiles are twice the bytes and go through the slow IEEE dot). warp_spec=False: the launch
-    cannot be warp-specialised (a caller mask, tensors unfit for descriptors), so no WARP_SPEC pick.
+    cannot be warp-specialised (a caller mask, tensors unfit for descriptors), so no WARP_SPEC pick. group: query
+    heads per KV head (GQA).
     """
     block_d = _block_d(head_dim)
     if dtype == torch.float32:
@@ -560,6 +563,16 @@ def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_hea
         # major (166bbf3, sweeps/persistent) it had lost 6-12%.
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
                 "WARP_SPEC": True, "PERSISTENT": 1}
+    if (warp_spec and tma and causal and head_dim == 128 and group == 1 and seq_q >= 2048 and seq_k >= seq_q
+            and dtype in (torch.float16, torch.bfloat16)):
+        # Causal D128 without GQA: the WS tile with MIN_MASK as persistent programs walking pairs of row blocks of
+        # equal work (the kernel's PERSISTENT comment). H200, TFLOP/s by do_bench, two runs (sweeps/balanced at
+        # aea473a, sweeps/desc4 at 06d52d3): S2048 435.1 / 438.9 against the 64x64 tile's 421.9 / 438.7; B1 S8192
+        # 508.2 / 494.8 against the 128x128 8-warp tile's 484.0 / 485.5. GQA S4096 (group 4) lost in both: 464.6 /
+        # 466.1 against 64x64's 472.3 / 495.7, so GQA keeps the tiles below. With the walk over single row blocks
+        # (a36c529) the same tile had run 357.2 / 429.3 (imbalanced programs).
+        return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
+                "WARP_SPEC": True, "MIN_MASK": True, "PERSISTENT": 1}
     if causal and seq_q >= 8192:
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "TMA": tma}
     # 64x64 tiles with 4 warps fit two programs per SM, which overlap one's softmax with the other's MMAs.
@@ -567,7 +580,7 @@ def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_hea
 
 
 def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_heads: int,
-                      dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+                      dtype: torch.dtype = torch.bfloat16, group: int = 1) -> list[dict]:
     """Configs worth timing for a prefill shape (the benchmark prints each; the best wins).
 
     "SPLIT" configs (not measured yet) run BLOCK_M rows as two BLOCK_M/2 halves that share each K/V tile,
@@ -575,7 +588,7 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
     configs (D128 only) do the same with Triton's Hopper warp specialisation (module docstring: right only
     non-causal at 2 stages on the H200); all of them and their DEVICE_TMA control carry " dtma" in config_str.
     """
-    base = select_config(head_dim, causal, seq_q, seq_k, batch_heads, dtype)
+    base = select_config(head_dim, causal, seq_q, seq_k, batch_heads, dtype, group=group)
     cands = [base]
     if dtype != torch.float32 and _block_d(head_dim) <= 128 and seq_q > 16:
         # 64x32 / 3 stages: 115-128 registers and 65-67 KB shared memory at D128 (offline sm_90a compile), so
@@ -744,7 +757,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     if config is not None:
         cfg = dict(config)
     else:  # the table's warp-specialised pick only where the launch below can specialise it
-        cfg = select_config(D, causal, Sq, Skv, B * Hq, q.dtype, warp_spec=mask is None and qkv_desc_ok and out_desc_ok)
+        cfg = select_config(D, causal, Sq, Skv, B * Hq, q.dtype, warp_spec=mask is None and qkv_desc_ok and out_desc_ok,
+                            group=Hq // Hkv)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     BD = _block_d(D)
     split = bool(cfg.get("SPLIT", False))

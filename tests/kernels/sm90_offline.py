@@ -207,7 +207,8 @@ def _flash(B, Hq, Hkv, S, D, causal, mask=None, dtype=None, config=None, ws_prob
                 return _flash(B, Hq, Hkv, S, D, causal, mask, dtype, config)(rec)
 
         dt = _dtype(dtype)
-        cfg = dict(fa.select_config(D, causal, S, S, B * Hq, dt, warp_spec=mask is None))  # as the launcher picks
+        cfg = dict(fa.select_config(D, causal, S, S, B * Hq, dt, warp_spec=mask is None, group=Hq // Hkv))  # as the
+        # launcher picks
         cfg.update(config or {})
         m = None
         if mask == "bool":
