@@ -9,10 +9,12 @@ same random bf16 inputs. Every kernopt config's output is checked against the fp
 run before it is timed; kernopt's number is the best checked config, named in the row's "config".
 TFLOP/s counts 4*B*Hq*Sq*Skv*D (halved for causal, the FlashAttention convention).
 
-`results` are do_bench medians (host launch included, as an eager caller sees it). Each row also holds
-`graph_tflops` (CUDA-graph replay of the selected config and of SDPA default: GPU time only) and
-`host_us` (Python launch cost of one kernopt call): where `results` and `graph_tflops` disagree for
-kernopt, the host was the bottleneck (the TMA launch builds three tensor descriptors per call).
+`results` are do_bench medians (host launch included, as an eager caller sees it), one system after another.
+Each row also holds `graph_tflops`: CUDA-graph replay (GPU time only) of the selected config, its twin, SDPA
+default and SDPA's FA2 backend, timed in 5 interleaved rounds (order rotated each round) so that a drift of the
+GPU's clocks during the run falls on all of them alike; the median round, with the rounds' range in
+`graph_spread_tflops`. And `host_us` (Python launch cost of one kernopt call): where `results` and `graph_tflops`
+disagree for kernopt, the host was the bottleneck (the TMA launch builds three tensor descriptors per call).
 
     python examples/bench_attention.py --filter split   # sweep only candidates whose label has "split"
     python examples/bench_attention.py --filter persistent+minmask   # ... either of these
@@ -71,8 +73,7 @@ def reference(q, k, v, causal):
                                           causal=causal) for i in range(q.shape[0])])
 
 
-def graph_ms(fn, reps: int = 20, calls: int = 4) -> float:
-    """Median ms per call of a CUDA graph that runs fn `calls` times (no host launch cost in the timing)."""
+def _capture(fn, calls: int):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -84,6 +85,10 @@ def graph_ms(fn, reps: int = 20, calls: int = 4) -> float:
             fn()
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def _replay_ms(graph, reps: int, calls: int) -> float:
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -92,8 +97,28 @@ def graph_ms(fn, reps: int = 20, calls: int = 4) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
-    del graph
     return sorted(times)[len(times) // 2]
+
+
+def graph_rounds(fns: dict, rounds: int = 5, reps: int = 10, calls: int = 4) -> tuple[dict, dict]:
+    """CUDA-graph replay of several systems in interleaved rounds (the order rotated every round), so that a clock
+    or thermal drift during the run falls on all of them alike: ({name: median ms over the rounds},
+    {name: (min, max) ms of the rounds}). A system whose capture fails is left out (its error in the second dict)."""
+    graphs, errors = {}, {}
+    for name, fn in fns.items():
+        try:
+            graphs[name] = _capture(fn, calls)
+        except Exception as e:  # capture unsupported for this call
+            errors[name] = f"{type(e).__name__}: {str(e)[:120]}"
+    names = list(graphs)
+    per = {n: [] for n in names}
+    for r in range(rounds if names else 0):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            per[n].append(_replay_ms(graphs[n], reps, calls))
+    del graphs
+    med = {n: sorted(v)[len(v) // 2] for n, v in per.items()}
+    spread = {n: (min(v), max(v)) for n, v in per.items()}
+    return med, {**spread, **errors}
 
 
 def host_us(fn, n: int = 50) -> float:
@@ -230,16 +255,15 @@ def main(argv=None):
                     twin_name = "pointers" if chosen.get("TMA") else "tma"
                 calls = {"kernopt": lambda: flash_attention(q, k, v, causal=causal, config=chosen, out=out),
                          "kernopt_" + twin_name: lambda: flash_attention(q, k, v, causal=causal, config=twin, out=out)}
-                if "sdpa_default" in results:
-                    calls["sdpa_default"] = sdpa_call(q, k, v, causal, None)[0]
-                graph, host = {}, {}
-                for sys_name, fn in calls.items():
-                    try:
-                        graph[sys_name] = round(fl / graph_ms(fn) / 1e9, 1)
-                        if sys_name.startswith("kernopt"):
-                            host[sys_name] = round(host_us(fn), 1)
-                    except Exception as e:  # capture unsupported for this call
-                        notes[f"graph_{sys_name}"] = f"{type(e).__name__}: {str(e)[:120]}"
+                for sys_name in ("sdpa_default", "sdpa_flash"):
+                    if sys_name in results:
+                        calls[sys_name] = sdpa_call(q, k, v, causal, backends[sys_name])[0]
+                med, spread = graph_rounds(calls)
+                graph = {n: round(fl / ms / 1e9, 1) for n, ms in med.items()}
+                extra["graph_spread_tflops"] = {n: [round(fl / v[1] / 1e9, 1), round(fl / v[0] / 1e9, 1)]
+                                                for n, v in spread.items() if not isinstance(v, str)}
+                notes.update({f"graph_{n}": v for n, v in spread.items() if isinstance(v, str)})
+                host = {n: round(host_us(fn), 1) for n, fn in calls.items() if n.startswith("kernopt")}
                 extra["graph_tflops"], extra["host_us"] = graph, host
                 print(f"  {name} [{config_str(chosen)}] graph TFLOP/s {graph}, host us/call {host}", flush=True)
             if notes:

@@ -289,6 +289,7 @@ def _flash_attention_fwd(
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr, DEVICE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
     MIN_MASK: tl.constexpr = False, PERSISTENT: tl.constexpr = False, DESC4: tl.constexpr = False,
+    PTR_STORE: tl.constexpr = False,
 ):
     n_mblocks = tl.cdiv(seq_q, BLOCK_M)
     if DESC4:
@@ -325,7 +326,7 @@ def _flash_attention_fwd(
                                 stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh,
                                 stride_mm, stride_mn, stride_ob, stride_oh, stride_om, num_heads, group, seq_q,
                                 seq_k, head_dim, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND,
-                                TMA, DOT_PRECISION, WARP_SPEC, SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK, DESC4)
+                                TMA, DOT_PRECISION, WARP_SPEC, SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK, DESC4, PTR_STORE)
         else:
             for t in tl.range(tl.program_id(0), n_mblocks * batch_heads, tl.num_programs(0)):
                 _flash_tile(t % n_mblocks, t // n_mblocks, Q, K, V, Mask, Out,
@@ -333,7 +334,7 @@ def _flash_attention_fwd(
                             stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
                             stride_ob, stride_oh, stride_om, num_heads, group, seq_q, seq_k, head_dim, qk_scale,
                             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC,
-                            SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK, DESC4)
+                            SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK, DESC4, PTR_STORE)
     else:
         # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
         pid_m = n_mblocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -342,7 +343,7 @@ def _flash_attention_fwd(
                     stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
                     stride_ob, stride_oh, stride_om, num_heads, group, seq_q, seq_k, head_dim, qk_scale,
                     BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC, SPLIT,
-                    DEVICE_TMA, EVEN_N, MIN_MASK, DESC4)
+                    DEVICE_TMA, EVEN_N, MIN_MASK, DESC4, PTR_STORE)
 
 
 @triton.jit
@@ -357,7 +358,7 @@ def _flash_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr, DEVICE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
-    MIN_MASK: tl.constexpr, DESC4: tl.constexpr,
+    MIN_MASK: tl.constexpr, DESC4: tl.constexpr, PTR_STORE: tl.constexpr = False,
 ):
     """One BLOCK_M-row block of one (batch, head): the kernel's program, or one tile of a persistent program."""
     b = pid_bh // num_heads
@@ -478,9 +479,21 @@ def _flash_tile(
         if WARP_SPEC:
             # Through a descriptor too (clipped at seq_q / head_dim): with the pointer store below, the H200 left
             # rows 64-127 of every tile unwritten and rows 0-63 wrong (benchmarks/attention_ws_probe.py, 3f6ff0a).
-            O = tl.make_tensor_descriptor(o_base, shape=[seq_q, head_dim], strides=[stride_om, 1],
-                                          block_shape=[BLOCK_M, BLOCK_D])
-            O.store([start_m, 0], out)
+            if PTR_STORE:
+                # PTR_STORE (a config key): plain stores, so a consumer neither builds the output's tensor map nor
+                # waits for a TMA store to drain before its next row block (offline sm_90a TTGIR: the descriptor
+                # store ends every tile with async_tma_store_wait {pendings = 0}). The row offsets are the tile's
+                # own arange and start_m stays in the scalar base, which Triton's data partitioning slices right
+                # (the second consumer stores start_m + [64, 128); an offs_m-based pointer store went wrong on the
+                # H200 at 3f6ff0a, module docstring).
+                rows = tl.arange(0, BLOCK_M)
+                o_rows = o_base + start_m.to(tl.int64) * stride_om
+                tl.store(o_rows + rows[:, None] * stride_om + offs_d[None, :], out,
+                         mask=(rows[:, None] < seq_q - start_m) & d_ok)
+            else:
+                O = tl.make_tensor_descriptor(o_base, shape=[seq_q, head_dim], strides=[stride_om, 1],
+                                              block_shape=[BLOCK_M, BLOCK_D])
+                O.store([start_m, 0], out)
         else:
             tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out,
                      mask=(offs_m[:, None] < seq_q) & d_ok)
@@ -635,6 +648,8 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
             cands.append({**c, "PERSISTENT": occupancy})
         # DESC4: the persistent WS tile with K / V descriptors built once per program (the kernel's comment)
         cands.append({**ws128, "PERSISTENT": 1, "DESC4": True})
+        # PTR_STORE: the persistent WS tile storing its output through pointers (the epilogue's comment)
+        cands.append({**ws128, "PERSISTENT": 1, "PTR_STORE": True})
     seen, out = set(), []
     for c in cands:
         key = tuple(sorted(c.items()))
@@ -660,6 +675,8 @@ def config_str(cfg: dict) -> str:
         s += f" persistent{cfg['PERSISTENT']}"
     if cfg.get("DESC4"):
         s += " desc4"
+    if cfg.get("PTR_STORE"):
+        s += " ptrstore"
     return s
 
 
@@ -826,7 +843,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
         CAUSAL=bool(causal), MASK_KIND=mask_kind, TMA=tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WARP_SPEC=warp_spec, SPLIT=split, DEVICE_TMA=device_tma, EVEN_N=warp_spec and Skv % BN == 0,
-        MIN_MASK=min_mask, PERSISTENT=persistent > 0, DESC4=desc4, num_warps=cfg["num_warps"],
+        MIN_MASK=min_mask, PERSISTENT=persistent > 0, DESC4=desc4, PTR_STORE=warp_spec and bool(cfg.get("PTR_STORE")),
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return out

@@ -425,6 +425,11 @@ CASES = [
     Case("flash D128 WS 128x128 s2 dtma persistent desc4", _flash(4, HQ, HQ, 2048, 128, False,
          config=dict(WS_FLASH, BLOCK_N=128, num_stages=2, PERSISTENT=1, DESC4=True)), selected=False, no_spill=True,
          expect={"_flash_attention_fwd": ("wgmma", "tma", "ws")}),
+    # PTR_STORE: the output through pointers (the second consumer's rows: start_m + [64, 128), TTGIR by hand)
+    Case("flash D128 causal=1 WS 128x128 s2 dtma minmask persistent ptrstore",
+         _flash(4, HQ, HKV, 4096, 128, True,
+                config=dict(WS_FLASH, BLOCK_N=128, num_stages=2, MIN_MASK=True, PERSISTENT=1, PTR_STORE=True)),
+         selected=False, no_spill=True, expect={"_flash_attention_fwd": ("wgmma", "tma", "ws", "ws_rows", "min_nan")}),
     Case("flash D128 causal=1 64x64 tma persistent", _flash(4, HQ, HQ, 2048, 128, True, config=dict(PERSISTENT=2)),
          selected=False, no_spill=True, expect={"_flash_attention_fwd": ("wgmma", "tma")}),
     Case("flash D128 causal=1 S2048 WS 128x128 s2 dtma (probe flag)", _flash(4, HQ, HQ, 2048, 128, True,

@@ -270,8 +270,8 @@ def test_min_mask_matches_the_exact_masks(monkeypatch):
 def test_persistent_programs_walk_every_tile(monkeypatch):
     """PERSISTENT: PERSISTENT x SMs programs (here 1 SM, so each program walks many tiles) cover every (row block,
     batch x head) tile once, causal heaviest first: several row blocks and heads, GQA, partial tiles, more keys than
-    queries, the warp-specialised tile (MIN_MASK when causal; K / V descriptors per program, DESC4) and two programs per
-    SM; outputs poisoned with NaN."""
+    queries, the warp-specialised tile (MIN_MASK when causal; K / V descriptors per program, DESC4; pointer stores,
+    PTR_STORE) and two programs per SM; outputs poisoned with NaN."""
     import kernopt.kernels.flash_attention as fa
 
     monkeypatch.setattr(fa, "sm_count", lambda device: 1)
@@ -281,6 +281,8 @@ def test_persistent_programs_walk_every_tile(monkeypatch):
     cases = [(300, 300, True, dict(WS, MIN_MASK=True, PERSISTENT=1)), (300, 300, False, dict(WS, PERSISTENT=1)),
              (300, 300, True, dict(WS, MIN_MASK=True, PERSISTENT=1, DESC4=True)),
              (130, 70, False, dict(WS, PERSISTENT=1, DESC4=True)),
+             (97, 160, True, dict(WS, PERSISTENT=1, PTR_STORE=True)),
+             (130, 70, False, dict(WS, PERSISTENT=1, PTR_STORE=True)),
              (130, 70, False, dict(WS, PERSISTENT=1)), (70, 130, True, dict(small, PERSISTENT=2)),
              (97, 97, True, dict(small, TMA=False, PERSISTENT=2)), (97, 160, False, dict(small, PERSISTENT=3))]
     for Sq, Skv, causal, cfg in cases:
@@ -290,6 +292,7 @@ def test_persistent_programs_walk_every_tile(monkeypatch):
         out, ref = run(q, k, v, causal=causal, config=cfg)
         assert spy.calls[0]["PERSISTENT"] and spy.grids[0] == (cfg["PERSISTENT"],), (Sq, Skv, causal, cfg)
         assert spy.calls[0]["DESC4"] == cfg.get("DESC4", False), (Sq, Skv, causal, cfg)
+        assert spy.calls[0]["PTR_STORE"] == cfg.get("PTR_STORE", False), (Sq, Skv, causal, cfg)
         assert not torch.isnan(out).any(), (Sq, Skv, causal, cfg)
         assert_close(out, ref, torch.float16)
     # more programs than tiles: one tile each
