@@ -573,9 +573,10 @@ def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_hea
         # 327 / 422 / 398 against 417 / 478 / 446): every tile of its single loop pays the mask arithmetic.
         # PERSISTENT (one program per SM walking the tiles head-major) since a36c529, same run each (sweeps/
         # persistent2): S2048 565.4 vs 508.2, S8192 556.3 vs 552.0, GQA S4096 561.2 vs 534.9. Walked row-block
-        # major (166bbf3, sweeps/persistent) it had lost 6-12%.
+        # major (166bbf3, sweeps/persistent) it had lost 6-12%. PTR_STORE (pointer stores of the output) since
+        # 788b9cb, same run (sweeps/ptrstore, do_bench): S2048 611.7 vs 571.3, S8192 586.5 vs 522.4, GQA 569.9 vs 546.2.
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
-                "WARP_SPEC": True, "PERSISTENT": 1}
+                "WARP_SPEC": True, "PERSISTENT": 1, "PTR_STORE": True}
     if (warp_spec and tma and causal and head_dim == 128 and group == 1 and seq_q >= 2048 and seq_k >= seq_q
             and dtype in (torch.float16, torch.bfloat16)):
         # Causal D128 without GQA: the WS tile with MIN_MASK as persistent programs walking pairs of row blocks of
@@ -583,9 +584,10 @@ def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_hea
         # aea473a, sweeps/desc4 at 06d52d3): S2048 435.1 / 438.9 against the 64x64 tile's 421.9 / 438.7; B1 S8192
         # 508.2 / 494.8 against the 128x128 8-warp tile's 484.0 / 485.5. GQA S4096 (group 4) lost in both: 464.6 /
         # 466.1 against 64x64's 472.3 / 495.7, so GQA keeps the tiles below. With the walk over single row blocks
-        # (a36c529) the same tile had run 357.2 / 429.3 (imbalanced programs).
+        # (a36c529) the same tile had run 357.2 / 429.3 (imbalanced programs). PTR_STORE since 788b9cb (sweeps/
+        # ptrstore, same run): S2048 457.8 vs 430.4, S8192 465.9 vs 475.5.
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
-                "WARP_SPEC": True, "MIN_MASK": True, "PERSISTENT": 1}
+                "WARP_SPEC": True, "MIN_MASK": True, "PERSISTENT": 1, "PTR_STORE": True}
     if causal and seq_q >= 8192:
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "TMA": tma}
     # 64x64 tiles with 4 warps fit two programs per SM, which overlap one's softmax with the other's MMAs.
@@ -648,7 +650,8 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
             cands.append({**c, "PERSISTENT": occupancy})
         # DESC4: the persistent WS tile with K / V descriptors built once per program (the kernel's comment)
         cands.append({**ws128, "PERSISTENT": 1, "DESC4": True})
-        # PTR_STORE: the persistent WS tile storing its output through pointers (the epilogue's comment)
+        # PTR_STORE: the persistent WS tile storing its output through pointers (the epilogue's comment; the table's
+        # WS picks since 788b9cb: the plain persistent ws128 above is their control)
         cands.append({**ws128, "PERSISTENT": 1, "PTR_STORE": True})
     seen, out = set(), []
     for c in cands:

@@ -336,6 +336,7 @@ def test_config_table():
     ws = select_config(128, False, 2048, 2048, 128)
     assert ws["WARP_SPEC"] and ws["DEVICE_TMA"] and (ws["BLOCK_M"], ws["num_warps"], ws["num_stages"]) == (128, 4, 2)
     assert ws["PERSISTENT"] == 1  # one program per SM walks the tiles (H200: sweeps/persistent2)
+    assert ws["PTR_STORE"]  # pointer stores of the output (H200: sweeps/ptrstore)
     assert (select_config(128, False, 2048, 2048, 128, warp_spec=False)
             == select_config(128, True, 2048, 2048, 128, warp_spec=False)
             == select_config(128, True, 4096, 4096, 128, group=4))
@@ -348,7 +349,7 @@ def test_config_table():
     # causal D128 without GQA (S >= 2048, seq_k >= seq_q): the WS tile with MIN_MASK, persistent (H200 sweeps)
     for s in (2048, 8192):
         c = select_config(128, True, s, s, 128 if s == 2048 else 32)
-        assert c["WARP_SPEC"] and c["MIN_MASK"] and c["PERSISTENT"] == 1 and c["BLOCK_N"] == 128, c
+        assert c["WARP_SPEC"] and c["MIN_MASK"] and c["PERSISTENT"] == 1 and c["BLOCK_N"] == 128 and c["PTR_STORE"], c
     assert not select_config(128, False, 4096, 4096, 128, torch.float32).get("WARP_SPEC")
 
 
