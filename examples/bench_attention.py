@@ -18,6 +18,8 @@ disagree for kernopt, the host was the bottleneck (the TMA launch builds three t
 
     python examples/bench_attention.py --filter split   # sweep only candidates whose label has "split"
     python examples/bench_attention.py --filter persistent+minmask   # ... either of these
+    python examples/bench_attention.py --only "Hkv8 S4096 D128 causal=1" --filter persistent --graph-all
+                                       # the swept candidates by CUDA-graph replay as well, interleaved with SDPA
 """
 from __future__ import annotations
 
@@ -184,6 +186,8 @@ def main(argv=None):
                          " (plus the selected config)")
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this (e.g. 'D128 causal=0')")
     ap.add_argument("--plot", action="store_true")
+    ap.add_argument("--graph-all", action="store_true",
+                    help="time every checked sweep candidate by CUDA-graph replay too, in the interleaved rounds")
     args = ap.parse_args(argv)
     require_cuda("bench_attention.py")
 
@@ -255,6 +259,12 @@ def main(argv=None):
                     twin_name = "pointers" if chosen.get("TMA") else "tma"
                 calls = {"kernopt": lambda: flash_attention(q, k, v, causal=causal, config=chosen, out=out),
                          "kernopt_" + twin_name: lambda: flash_attention(q, k, v, causal=causal, config=twin, out=out)}
+                if args.graph_all:  # every checked candidate of the sweep in the same interleaved rounds
+                    for cfg in configs:
+                        label = config_str(cfg)
+                        if cfg != chosen and not str(per_config.get(label, "error")).startswith("error"):
+                            calls["cand " + label] = (
+                                lambda cfg=cfg: flash_attention(q, k, v, causal=causal, config=cfg, out=out))
                 for sys_name in ("sdpa_default", "sdpa_flash"):
                     if sys_name in results:
                         calls[sys_name] = sdpa_call(q, k, v, causal, backends[sys_name])[0]
