@@ -137,7 +137,8 @@ def apply_mask(s, visible, mvals, MASK_KIND: tl.constexpr):
 @triton.jit
 def _softmax_step(acc, l_i, m_i, qk, m_base, stride_mm, stride_mn, offs_m, offs_n, seq_q, seq_k, causal_shift,
                   qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                  LOCAL_ROWS: tl.constexpr = False, MIN_MASK: tl.constexpr = False):
+                  LOCAL_ROWS: tl.constexpr = False, MIN_MASK: tl.constexpr = False, start_n=0,
+                  BLOCK_N: tl.constexpr = 16):
     """Online-softmax update for one score tile qk = q @ k^T (unscaled, fp32).
 
     Returns (p, acc * alpha, l_i * alpha + rowsum(p), m_new); the caller adds p @ v to acc.
@@ -150,15 +151,22 @@ def _softmax_step(acc, l_i, m_i, qk, m_base, stride_mm, stride_mn, offs_m, offs_
     min per score, qk = min(qk, t) (before the scale, which sm_scale > 0 cannot reorder, so that it stays folded into
     the exp2's FMA) with t = row_r - col_j, a row and a column vector of exact fp32 multiples of
     2^64: t = 2^64 (2 (r - j + shift) + 1), >= 2^64 where key j is visible to row r and <= -2^64 where it is
-    not; keys past seq_k get col = 2^120. One FADD and one FMNMX (NaN-propagating) per score instead of the
-    integer compares, selects and the -inf guard: the warp-specialised loop masks every tile. Needs every row to
-    see a key in the first tile (seq_k >= seq_q when causal), since a masked score is finite here, not -inf.
+    not. Causal: the key tile's offset goes to the row side (2 values per thread per tile: row_r = 2^64 (2 r + 1)
+    - 2^65 (start_n - shift), col_j = 2^65 j for the tile-local j, loop-invariant), and keys past seq_k need no test:
+    a stored row r < seq_q sees only keys j <= r + shift < seq_k, and the rows past seq_q (never stored) read the
+    descriptor's zero fill there. Non-causal (a partial last tile): col = 2^120 past seq_k. One FADD and one FMNMX
+    (NaN-propagating) per score instead of the integer compares, selects and the -inf guard: the warp-specialised
+    loop masks every tile. Needs every row to see a key in the first tile (seq_k >= seq_q when causal), since a
+    masked score is finite here, not -inf.
     """
     if MASKED and MIN_MASK:
         bound = 36893488147419103232.0  # 2^65: t's unit is 2^64, so 2 * 2^64 per key
         if CAUSAL:
-            col = tl.where(offs_n < seq_k, (offs_n - causal_shift).to(tl.float32) * bound, 1.329227995784916e36)
-            t = (offs_m.to(tl.float32) * bound + 18446744073709551616.0)[:, None] - col[None, :]
+            # offs_n = start_n + [0, BLOCK_N): the tile's offset on the row side (see above)
+            row = offs_m.to(tl.float32) * bound + (18446744073709551616.0 - (start_n - causal_shift).to(tl.float32)
+                                                   * bound)
+            col = tl.arange(0, BLOCK_N).to(tl.float32) * bound
+            t = row[:, None] - col[None, :]
         else:
             t = tl.where(offs_n < seq_k, 1.329227995784916e36, -1.329227995784916e36)[None, :]
         # the min on the unscaled scores (sm_scale > 0 keeps their order), so that the scale stays folded into
@@ -237,7 +245,7 @@ def _attn_tile(acc, l_i, m_i, q, K, V, Mask, kv_b, kv_h, k_base, v_base, m_base,
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p, acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, m_base, stride_mm, stride_mn, offs_m, offs_n, seq_q,
                                          seq_k, causal_shift, qk_scale, MASKED, CAUSAL, MASK_KIND, WARP_SPEC,
-                                         MIN_MASK)
+                                         MIN_MASK, start_n, BLOCK_N)
         v = _load_kv_tile(V, v_base, kv_b, kv_h, start_n, offs_n, offs_d, d_ok, stride_vn, stride_vd, seq_k,
                           BLOCK_N, BLOCK_D, EVEN_D, MASKED, TMA, DEVICE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -825,6 +833,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     # FSEL 392 -> 196; FMNMX 136 -> 264, FADD 264 -> 392, I2FP 0 -> 68), against 2589 non-causal. H200
     # (sweeps/minmask, dd84e1b): causal WS +3.8-5.1% (S2048 / S8192 / GQA S4096 at 128x128: 329.8 -> 342.3, 419.3 ->
     # 435.0, 402.5 -> 420.1 TFLOP/s), still behind the table's unspecialised tiles (416.2 / 481.8 / 477.8): not picked.
+    # Since then (offline sm_90a, one consumer's key loop per tile, persistent 128x128): the min before the scale and
+    # the key tile's offset on the row side (_softmax_step) took it from 725 to 587 instructions, against 452
+    # non-causal: +64 FFMA and +64 FMNMX, one each per score.
     min_mask = (warp_spec and bool(cfg.get("MIN_MASK", False)) and sm_scale > 0
                 and (not causal or Skv >= Sq) and (causal or Skv % BN != 0))
     # PERSISTENT (a config key: the non-causal WS pick, a candidate elsewhere): n programs per SM (the tile's
