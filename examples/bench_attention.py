@@ -218,9 +218,9 @@ def main(argv=None):
                 except Exception as e:  # backend unavailable for this shape
                     notes[sys_name] = f"unavailable: {type(e).__name__}"
 
-            chosen = select_config(D, causal, S, S, B * Hq, q.dtype, group=Hq // Hkv)
+            chosen = select_config(D, causal, S, S, B * Hq, q.dtype)
             sweep = not args.quick and not args.no_sweep
-            configs = candidate_configs(D, causal, S, S, B * Hq, q.dtype, group=Hq // Hkv) if sweep else [chosen]
+            configs = candidate_configs(D, causal, S, S, B * Hq, q.dtype) if sweep else [chosen]
             if args.filter:
                 wanted = args.filter.split("+")
                 configs = [c for c in configs if c == chosen or any(w in config_str(c) for w in wanted)]
@@ -252,7 +252,7 @@ def main(argv=None):
                 # or for a warp-specialised pick the table's unspecialised one) and of SDPA default, and kernopt's
                 # host launch cost per call.
                 if chosen.get("WARP_SPEC"):
-                    twin = select_config(D, causal, S, S, B * Hq, q.dtype, warp_spec=False, group=Hq // Hkv)
+                    twin = select_config(D, causal, S, S, B * Hq, q.dtype, warp_spec=False)
                     twin_name = "unspecialised"
                 else:
                     twin = dict(chosen, TMA=not chosen.get("TMA", False))

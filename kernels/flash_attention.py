@@ -551,15 +551,14 @@ def _attention_flops(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_
 
 
 def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_heads: int,
-                  dtype: torch.dtype = torch.bfloat16, warp_spec: bool = True, group: int = 1) -> dict:
+                  dtype: torch.dtype = torch.bfloat16, warp_spec: bool = True) -> dict:
     """The one shape -> config table of this family (the measurements are in the comment above).
 
     Buckets: short query (decode-like, q_len <= 16, kernopt.workload's single-stream/interactive
     scenarios) gets a 16-row tile; prefill (server/offline) gets tiles by head dim, causal and sequence
     length; problems too small to hide a TMA launch's host cost use plain pointers. fp32 gets small
     tiles (its tiles are twice the bytes and go through the slow IEEE dot). warp_spec=False: the launch
-    cannot be warp-specialised (a caller mask, tensors unfit for descriptors), so no WARP_SPEC pick. group: query
-    heads per KV head (GQA).
+    cannot be warp-specialised (a caller mask, tensors unfit for descriptors), so no WARP_SPEC pick.
     """
     block_d = _block_d(head_dim)
     if dtype == torch.float32:
@@ -585,15 +584,16 @@ def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_hea
         # 788b9cb, same run (sweeps/ptrstore, do_bench): S2048 611.7 vs 571.3, S8192 586.5 vs 522.4, GQA 569.9 vs 546.2.
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
                 "WARP_SPEC": True, "PERSISTENT": 1, "PTR_STORE": True}
-    if (warp_spec and tma and causal and head_dim == 128 and group == 1 and seq_q >= 2048 and seq_k >= seq_q
+    if (warp_spec and tma and causal and head_dim == 128 and seq_q >= 2048 and seq_k >= seq_q
             and dtype in (torch.float16, torch.bfloat16)):
-        # Causal D128 without GQA: the WS tile with MIN_MASK as persistent programs walking pairs of row blocks of
-        # equal work (the kernel's PERSISTENT comment). H200, TFLOP/s by do_bench, two runs (sweeps/balanced at
-        # aea473a, sweeps/desc4 at 06d52d3): S2048 435.1 / 438.9 against the 64x64 tile's 421.9 / 438.7; B1 S8192
-        # 508.2 / 494.8 against the 128x128 8-warp tile's 484.0 / 485.5. GQA S4096 (group 4) lost in both: 464.6 /
-        # 466.1 against 64x64's 472.3 / 495.7, so GQA keeps the tiles below. With the walk over single row blocks
-        # (a36c529) the same tile had run 357.2 / 429.3 (imbalanced programs). PTR_STORE since 788b9cb (sweeps/
-        # ptrstore, same run): S2048 457.8 vs 430.4, S8192 465.9 vs 475.5.
+        # Causal D128: the WS tile with MIN_MASK as persistent programs walking pairs of row blocks of equal work (the
+        # kernel's PERSISTENT comment), storing through pointers. H200, TFLOP/s, do_bench / CUDA-graph replay in
+        # interleaved rounds, same run (sweeps/rowshift at dd10e48, MIN_MASK's row-side offset): S2048 489.1 / 463.4
+        # against the 64x64 tile's 437.0 / 411.1; B1 S8192 509.4 / 544.1 against the 128x128 8-warp tile's 454.0 /
+        # 458.4; GQA S4096 501.3 / 487.5 against 64x64's 441.8 / 457.7. Before the row-side offset (dd10e48) GQA was a
+        # tie (sweeps/ptrstore, ptrstore2: 459.6 / 498.4 against 497.5 / 454.2 by do_bench) and kept 64x64 from
+        # 213d433 to dd10e48. With the walk over single row blocks (a36c529) the tile had run 357.2 / 429.3 at
+        # S2048 / S8192 (imbalanced programs).
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
                 "WARP_SPEC": True, "MIN_MASK": True, "PERSISTENT": 1, "PTR_STORE": True}
     if causal and seq_q >= 8192:
@@ -603,7 +603,7 @@ def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_hea
 
 
 def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_heads: int,
-                      dtype: torch.dtype = torch.bfloat16, group: int = 1) -> list[dict]:
+                      dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Configs worth timing for a prefill shape (the benchmark prints each; the best wins).
 
     "SPLIT" configs (not measured yet) run BLOCK_M rows as two BLOCK_M/2 halves that share each K/V tile,
@@ -611,7 +611,7 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
     configs (D128 only) do the same with Triton's Hopper warp specialisation (module docstring: right only
     non-causal at 2 stages on the H200); all of them and their DEVICE_TMA control carry " dtma" in config_str.
     """
-    base = select_config(head_dim, causal, seq_q, seq_k, batch_heads, dtype, group=group)
+    base = select_config(head_dim, causal, seq_q, seq_k, batch_heads, dtype)
     cands = [base]
     if dtype != torch.float32 and _block_d(head_dim) <= 128 and seq_q > 16:
         # 64x32 / 3 stages: 115-128 registers and 65-67 KB shared memory at D128 (offline sm_90a compile), so
@@ -785,8 +785,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     if config is not None:
         cfg = dict(config)
     else:  # the table's warp-specialised pick only where the launch below can specialise it
-        cfg = select_config(D, causal, Sq, Skv, B * Hq, q.dtype, warp_spec=mask is None and qkv_desc_ok and out_desc_ok,
-                            group=Hq // Hkv)
+        cfg = select_config(D, causal, Sq, Skv, B * Hq, q.dtype, warp_spec=mask is None and qkv_desc_ok and out_desc_ok)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     BD = _block_d(D)
     split = bool(cfg.get("SPLIT", False))

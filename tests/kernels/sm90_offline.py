@@ -209,8 +209,7 @@ def _flash(B, Hq, Hkv, S, D, causal, mask=None, dtype=None, config=None, ws_prob
         dt = _dtype(dtype)
         # the launcher's pick; a case's own config overrides the unspecialised pick (no WS / MIN_MASK / PERSISTENT
         # keys leaking in from the table's warp-specialised tile)
-        cfg = dict(fa.select_config(D, causal, S, S, B * Hq, dt, warp_spec=mask is None and config is None,
-                                    group=Hq // Hkv))
+        cfg = dict(fa.select_config(D, causal, S, S, B * Hq, dt, warp_spec=mask is None and config is None))
         cfg.update(config or {})
         m = None
         if mask == "bool":
