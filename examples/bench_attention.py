@@ -249,8 +249,8 @@ def main(argv=None):
             extra = {"per_config": per_config, "selected_config": config_str(chosen)}
             if not str(per_config.get(config_str(chosen), "error")).startswith("error"):
                 # GPU-only time of the selected config (and of its twin: on the other load path, TMA <-> pointers,
-                # or for a warp-specialised pick the table's unspecialised one) and of SDPA default, and kernopt's
-                # host launch cost per call.
+                # or for a warp-specialised pick the table's unspecialised one) and of SDPA default and FA2, in
+                # interleaved rounds (graph_rounds), and kernopt's host launch cost per call.
                 if chosen.get("WARP_SPEC"):
                     twin = select_config(D, causal, S, S, B * Hq, q.dtype, warp_spec=False)
                     twin_name = "unspecialised"

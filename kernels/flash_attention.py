@@ -27,8 +27,8 @@ consumer groups compute the same rows), on-device descriptors (with host descrip
 loads keep the host's 128-row TMA box: each would write 128 rows into a 64-row buffer), one loop only (a
 second loop reading the first one's results makes the pass assert), no caller mask (the pass fails). So
 the specialised kernel runs one loop over every visible tile, masked in every iteration when causal or
-when seq_k is not a multiple of BLOCK_N, and stores its output through a descriptor too; the launcher
-ignores WARP_SPEC where these do not hold.
+when seq_k is not a multiple of BLOCK_N, and stores its output through a descriptor or (PTR_STORE) through
+pointers offset from a scalar start_m; the launcher ignores WARP_SPEC where these do not hold.
 
 Two ways around the single masked loop for causal, compiled offline for sm_90a on 2026-11-30 and dropped: the
 diagonal tile as straight-line code after the specialised (unmasked) loop stops the pass in WSDataPartition.cpp
@@ -73,8 +73,10 @@ start_m + causal_shift made from the unmapped start_m (tests/kernels/sm90_offlin
 The H200 then ran it right (benchmarks/attention_ws_probe.py at 56ca545: causal 128x64 and 128x128 at 2 stages,
 B2 Hq8/2 S2000 and B1 S300x1000, no NaN, the same max error as the unspecialised kernel), so WS_CAUSAL is on;
 candidate_configs keeps only the 2-stage tiles. select_config picks the 128x128 2-stage WS tile for non-causal
-D128 (faster in both H200 sweeps at S8192 and GQA S4096, one of two at S2048); causal WS was slower than the
-unspecialised 64x64 tile (its single loop masks every tile), so causal keeps that.
+D128 (faster in both H200 sweeps at S8192 and GQA S4096, one of two at S2048). Causal WS was slower than the
+unspecialised 64x64 tile (its single loop masks every tile) until the persistent walk over pairs of row blocks,
+PTR_STORE and MIN_MASK's row-side tile offset (2026-11-30): since ee530b2 select_config picks it for causal D128
+from S2048 too (its comment has the H200 numbers).
 
 3-4 stages: nothing wrong found offline (128x64, S1024, non-causal). The 3-stage PTX is the 2-stage PTX
 instruction for instruction except the slot / parity arithmetic (i % 3 and (i // 3) & 1 through a 64-bit
@@ -485,8 +487,9 @@ def _flash_tile(
         # 64 outputs per thread that was ~380 instructions per tile, offline sm_90a).
         out = (acc * (1.0 / l_safe)[:, None]).to(Out.dtype.element_ty)
         if WARP_SPEC:
-            # Through a descriptor too (clipped at seq_q / head_dim): with the pointer store below, the H200 left
-            # rows 64-127 of every tile unwritten and rows 0-63 wrong (benchmarks/attention_ws_probe.py, 3f6ff0a).
+            # Through a descriptor (clipped at seq_q / head_dim), or PTR_STORE's pointers: with the offs_m-based
+            # pointer store below, the H200 left rows 64-127 of every tile unwritten and rows 0-63 wrong
+            # (benchmarks/attention_ws_probe.py, 3f6ff0a).
             if PTR_STORE:
                 # PTR_STORE (a config key): plain stores, so a consumer neither builds the output's tensor map nor
                 # waits for a TMA store to drain before its next row block (offline sm_90a TTGIR: the descriptor
@@ -574,7 +577,8 @@ def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_hea
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "TMA": False}
     tma = _attention_flops(head_dim, causal, seq_q, seq_k, batch_heads) >= _SMALL_FLOPS
     if warp_spec and tma and not causal and head_dim == 128 and dtype in (torch.float16, torch.bfloat16):
-        # H200, non-causal D128 (TFLOP/s, 128x128 2-stage WS against the 64x64 3-stage TMA tile, same run):
+        # H200, non-causal D128 (TFLOP/s, 128x128 2-stage WS against the 64x64 3-stage TMA tile, same run; causal
+        # below):
         # S2048 492 vs 468 (03964ae) and 502 vs 509 (2aa506d); S8192 545 vs 481, 548 vs 479; GQA S4096 532 vs 485,
         # 538 vs 497 (sweeps/attention-ws-h200.json, sweeps/attention-h200.json). Causal WS lost (2aa506d:
         # 327 / 422 / 398 against 417 / 478 / 446): every tile of its single loop pays the mask arithmetic.
@@ -627,8 +631,8 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
                           "SPLIT": True})
     if dtype != torch.float32 and _block_d(head_dim) == 128 and seq_q > 16:
         # Hopper warp specialisation: 128 rows as two 64-row consumer warp groups and a TMA producer, 12 warps.
-        # Only 2 stages (3 / 4 stages wrote NaN on the H200, module docstring); select_config picks 128x128 for
-        # non-causal D128. Offline sm_90a compile at D128 (sm90_offline.py --candidates): 168
+        # Only 2 stages (3 / 4 stages wrote NaN on the H200, module docstring); select_config picks 128x128 (as
+        # persistent programs) for D128 from S2048. Offline sm_90a compile at D128 (sm90_offline.py --candidates): 168
         # registers at launch (setmaxnreg: consumers 232, producer 40), no spills, causal and not; shared
         # memory 96 KiB (128x32 s3), 112 (128x64 s2), 144 (128x64 s3), 176 (128x64 s4, 128x128 s2).
         # 12 warps x 168 registers fill the register file: one program per SM in every one of them. The
@@ -638,7 +642,8 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
                           "DEVICE_TMA": True, "WARP_SPEC": ws})
             if ws and causal:
                 # MIN_MASK: the causal specialised loop masks every tile; one min per score instead (_softmax_step;
-                # offline sm_90a SASS and the H200's timing in the launcher's comment: not picked). Non-causal
+                # offline sm_90a SASS and the H200's timing in the launcher's comment; part of the causal pick since
+                # ee530b2). Non-causal
                 # partial tiles gain nothing there (one select per score either way: the same count at S2000).
                 cands.append({**cands[-1], "MIN_MASK": True})
         # PERSISTENT: the table's tile and the 128x128 WS tile (MIN_MASK when causal) as persistent programs, as many
@@ -834,13 +839,16 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     # 435.0, 402.5 -> 420.1 TFLOP/s), still behind the table's unspecialised tiles (416.2 / 481.8 / 477.8): not picked.
     # Since then (offline sm_90a, one consumer's key loop per tile, persistent 128x128): the min before the scale and
     # the key tile's offset on the row side (_softmax_step) took it from 725 to 587 instructions, against 452
-    # non-causal: +64 FFMA and +64 FMNMX, one each per score.
+    # non-causal: +64 FFMA and +64 FMNMX, one each per score. H200 (sweeps/rowshift, dd10e48): the persistent
+    # ptrstore tile 489.1 / 509.4 / 501.3 TFLOP/s at S2048 / S8192 / GQA S4096 (458 / 477 / 498 before it,
+    # sweeps/ptrstore*): the causal pick since ee530b2.
     min_mask = (warp_spec and bool(cfg.get("MIN_MASK", False)) and sm_scale > 0
                 and (not causal or Skv >= Sq) and (causal or Skv % BN != 0))
-    # PERSISTENT (a config key: the non-causal WS pick, a candidate elsewhere): n programs per SM (the tile's
-    # occupancy) walk the tiles in a loop
+    # PERSISTENT (a config key: the WS picks, a candidate elsewhere): n programs per SM (the tile's occupancy) walk
+    # the tiles in a loop
     persistent = int(cfg.get("PERSISTENT", 0))
     # DESC4 (a config key; the kernel's comment): K / V descriptors once per persistent program (nonzero strides).
+    # A candidate: within the runs' noise on the H200 (sweeps/desc4, ptrstore, ptrstore2: -3% to +6%).
     desc4 = (persistent > 0 and device_tma and bool(cfg.get("DESC4"))
              and all(st > 0 or n == 1 for t in (k, v) for st, n in zip(t.stride(), t.shape)))
     if persistent:
@@ -857,8 +865,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WARP_SPEC=warp_spec, SPLIT=split, DEVICE_TMA=device_tma, EVEN_N=warp_spec and Skv % BN == 0,
         MIN_MASK=min_mask, PERSISTENT=persistent > 0, DESC4=desc4, PTR_STORE=warp_spec and bool(cfg.get("PTR_STORE")),
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 

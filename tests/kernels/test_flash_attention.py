@@ -269,9 +269,10 @@ def test_min_mask_matches_the_exact_masks(monkeypatch):
 
 def test_persistent_programs_walk_every_tile(monkeypatch):
     """PERSISTENT: PERSISTENT x SMs programs (here 1 SM, so each program walks many tiles) cover every (row block,
-    batch x head) tile once, causal heaviest first: several row blocks and heads, GQA, partial tiles, more keys than
-    queries, the warp-specialised tile (MIN_MASK when causal; K / V descriptors per program, DESC4; pointer stores,
-    PTR_STORE) and two programs per SM; outputs poisoned with NaN."""
+    batch x head) tile once, causal in pairs of row blocks (j, n-1-j; an odd n's middle block once): several row
+    blocks and heads, GQA, partial tiles, more keys than queries, the warp-specialised tile (MIN_MASK when causal;
+    K / V descriptors per program, DESC4; pointer stores, PTR_STORE) and two programs per SM; outputs poisoned with
+    NaN."""
     import kernopt.kernels.flash_attention as fa
 
     monkeypatch.setattr(fa, "sm_count", lambda device: 1)
