@@ -429,6 +429,11 @@ CASES = [
          _flash(4, HQ, HKV, 4096, 128, True,
                 config=dict(WS_FLASH, BLOCK_N=128, num_stages=2, MIN_MASK=True, PERSISTENT=1, PTR_STORE=True)),
          selected=False, no_spill=True, expect={"_flash_attention_fwd": ("wgmma", "tma", "ws", "ws_rows", "min_nan")}),
+    # ACC_MASK: the causal mask as the diagonal tile's initial QK^T accumulator (keys diagonal first)
+    Case("flash D128 causal=1 WS 128x128 s2 dtma persistent ptrstore accmask",
+         _flash(4, HQ, HKV, 4096, 128, True, config=dict(WS_FLASH, BLOCK_N=128, num_stages=2, MIN_MASK=True,
+                                                         PERSISTENT=1, PTR_STORE=True, ACC_MASK=True)),
+         selected=False, no_spill=True, expect={"_flash_attention_fwd": ("wgmma", "tma", "ws", "ws_rows")}),
     Case("flash D128 causal=1 64x64 tma persistent", _flash(4, HQ, HQ, 2048, 128, True, config=dict(PERSISTENT=2)),
          selected=False, no_spill=True, expect={"_flash_attention_fwd": ("wgmma", "tma")}),
     Case("flash D128 causal=1 S2048 WS 128x128 s2 dtma (probe flag)", _flash(4, HQ, HQ, 2048, 128, True,

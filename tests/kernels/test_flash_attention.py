@@ -267,6 +267,32 @@ def test_min_mask_matches_the_exact_masks(monkeypatch):
     assert not torch.isnan(out[0, 0]).any() and not torch.isnan(out[0, 1, 141:]).any()
 
 
+def test_acc_mask_matches_the_reference(monkeypatch):
+    """ACC_MASK (the causal mask as the diagonal tile's initial QK^T accumulator, keys walked diagonal first): the
+    launcher takes it only on a diagonal of whole square tiles with a positive scale, and there it matches the
+    reference: several row blocks, more keys than queries, GQA, persistent or not; elsewhere the other masks.
+    Outputs poisoned with NaN."""
+    import kernopt.kernels.flash_attention as fa
+
+    spy = _KwargSpy(fa._flash_attention_fwd)
+    monkeypatch.setattr(fa, "_flash_attention_fwd", spy)
+    am = dict(WS, BLOCK_N=128, MIN_MASK=True, ACC_MASK=True)
+    cases = [((256, 256, am, None), True), ((128, 384, am, None), True),
+             ((384, 384, dict(am, PERSISTENT=1), None), True),
+             ((256, 300, am, None), False),   # seq_k not a multiple of BLOCK_N: MIN_MASK instead
+             ((200, 256, am, None), False),   # shift 56: the diagonal off the tile grid (a partial row block)
+             ((256, 256, dict(am, BLOCK_N=64), None), False),   # non-square tiles
+             ((256, 256, am, -0.2), False)]   # a negative scale: the exact masks
+    for (Sq, Skv, cfg, scale), expect in cases:
+        q, k, v = make_qkv(1, 4, 2, Sq, Skv, 32, torch.float16)
+        spy.calls.clear()
+        out, ref = run(q, k, v, causal=True, config=cfg, sm_scale=scale)
+        (kw,) = spy.calls
+        assert kw["WARP_SPEC"] and kw["ACC_MASK"] == expect, (Sq, Skv, cfg, scale)
+        assert not torch.isnan(out).any(), (Sq, Skv, cfg, scale)
+        assert_close(out, ref, torch.float16)
+
+
 def test_persistent_programs_walk_every_tile(monkeypatch):
     """PERSISTENT: PERSISTENT x SMs programs (here 1 SM, so each program walks many tiles) cover every (row block,
     batch x head) tile once, causal in pairs of row blocks (j, n-1-j; an odd n's middle block once): several row
