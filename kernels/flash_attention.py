@@ -698,26 +698,17 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
     return out
 
 
+# config_str's suffix per flag key, in label order ("persistent" also prints its count)
+_FLAG_LABELS = (("TMA", "tma"), ("DEVICE_TMA", "dtma"), ("WARP_SPEC", "ws"), ("SPLIT", "split"),
+                ("MIN_MASK", "minmask"), ("PERSISTENT", "persistent"), ("DESC4", "desc4"), ("PTR_STORE", "ptrstore"),
+                ("ACC_MASK", "accmask"))
+
+
 def config_str(cfg: dict) -> str:
     s = f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} warps={cfg['num_warps']} stages={cfg['num_stages']}"
-    if cfg.get("TMA"):
-        s += " tma"
-    if cfg.get("DEVICE_TMA"):
-        s += " dtma"
-    if cfg.get("WARP_SPEC"):
-        s += " ws"
-    if cfg.get("SPLIT"):
-        s += " split"
-    if cfg.get("MIN_MASK"):
-        s += " minmask"
-    if cfg.get("PERSISTENT"):
-        s += f" persistent{cfg['PERSISTENT']}"
-    if cfg.get("DESC4"):
-        s += " desc4"
-    if cfg.get("PTR_STORE"):
-        s += " ptrstore"
-    if cfg.get("ACC_MASK"):
-        s += " accmask"
+    for key, label in _FLAG_LABELS:
+        if cfg.get(key):
+            s += f" {label}{cfg[key]}" if key == "PERSISTENT" else f" {label}"
     return s
 
 
