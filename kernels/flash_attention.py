@@ -391,6 +391,8 @@ def _flash_tile(
     MIN_MASK: tl.constexpr, DESC4: tl.constexpr, PTR_STORE: tl.constexpr = False, ACC_MASK: tl.constexpr = False,
 ):
     """One BLOCK_M-row block of one (batch, head): the kernel's program, or one tile of a persistent program."""
+    # on-device K / V descriptors of this tile's (batch, head), unless the persistent program built 4-D ones (DESC4)
+    TILE_KV_DESC: tl.constexpr = DEVICE_TMA and not DESC4
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     kv_h = h // group
@@ -402,7 +404,7 @@ def _flash_tile(
     b64 = b.to(tl.int64)
     k_base = K
     v_base = V
-    if (DEVICE_TMA and not DESC4) or not TMA:
+    if TILE_KV_DESC or not TMA:
         k_base = K + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh
         v_base = V + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh
     m_base = Mask
@@ -427,7 +429,7 @@ def _flash_tile(
         # last strides and 16-byte alignment): the loads past seq_q / seq_k / head_dim read zeros.
         Q = tl.make_tensor_descriptor(q_base, shape=[seq_q, head_dim], strides=[stride_qm, 1],
                                       block_shape=[BLOCK_M, BLOCK_D])
-    if DEVICE_TMA and not DESC4:
+    if TILE_KV_DESC:
         K = tl.make_tensor_descriptor(k_base, shape=[seq_k, head_dim], strides=[stride_kn, 1],
                                       block_shape=[BLOCK_N, BLOCK_D])
         V = tl.make_tensor_descriptor(v_base, shape=[seq_k, head_dim], strides=[stride_vn, 1],
@@ -489,18 +491,18 @@ def _flash_tile(
                                        tl.arange(0, BLOCK_M), offs_d, d_ok, seq_q, seq_k, start_m + causal_shift,
                                        qk_scale, 0, end,
                                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL or not EVEN_N, CAUSAL, MASK_KIND,
-                                       TMA, DOT_PRECISION, True, DEVICE_TMA and not DESC4, MIN_MASK, ACC_MASK)
+                                       TMA, DOT_PRECISION, True, TILE_KV_DESC, MIN_MASK, ACC_MASK)
         else:
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                        offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, 0, full_end,
                                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, CAUSAL, MASK_KIND, TMA,
-                                       DOT_PRECISION, False, DEVICE_TMA and not DESC4)
+                                       DOT_PRECISION, False, TILE_KV_DESC)
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                        offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, full_end, end,
                                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, CAUSAL, MASK_KIND, TMA,
-                                       DOT_PRECISION, False, DEVICE_TMA and not DESC4)
+                                       DOT_PRECISION, False, TILE_KV_DESC)
         # Rows that saw no key (l = 0) write 0, not 0/0.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         # One reciprocal per row, not a full-range fp32 division per element (~6 SASS instructions each: with

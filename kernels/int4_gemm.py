@@ -1250,13 +1250,9 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
                 bn = 128
                 split = _split_k(cdiv(N, bn), K, block_k, wanted=3 * _SM_COUNT, min_k_per_split=256, max_split=16)
             else:
-                if variant == "pairs64":
-                    bn = 64
-                    split = max(_split_k(cdiv(N, bn), K, block_k, wanted=768, min_k_per_split=256, max_split=16), 8)
-                else:
-                    bn, warps = (32 if N <= 4096 else 64), 2
-                    split = max(_split_k(cdiv(N, bn), K, block_k, wanted=1536, min_k_per_split=256, max_split=16), 8)
-                split = _pairs_split(split, K, block_k)
+                bn = 64 if variant == "pairs64" or N > 4096 else 32
+                if variant != "pairs64":
+                    warps = 2
                 if bn == 64 and variant == "":
                     # One wave: the split that keeps every program resident at once (_fill_split), 4 warps from
                     # N = 16384. ncu of the split-8 pick at K4096 N14336 (profiles/
@@ -1267,6 +1263,10 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
                     # sweeps/waves_llama, waves_llama2): decode step 2.664 against 2.689 ms, 2.677 against 2.696.
                     warps = 4 if N >= 16384 else 2
                     split = _fill_split(cdiv(N, bn), K, block_k, _pairs_programs_per_sm(bn, warps) * _SM_COUNT)
+                else:
+                    wanted = 768 if variant == "pairs64" else 1536
+                    split = _pairs_split(max(_split_k(cdiv(N, bn), K, block_k, wanted=wanted, min_k_per_split=256,
+                                                      max_split=16), 8), K, block_k)
             cfg = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
                    "PREFETCH": 1, "PAIRS": 1, "num_warps": warps, "num_stages": 1}
             if variant == "px":
