@@ -171,6 +171,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .host import cdiv, next_power_of_2
+from .int4_wgmma import int4_wgr_gemm, wgr_supported
 from .pdl import launch_kwargs, use_pdl
 from .tile_order import tile_coords
 from .workspace import arrival_counters, split_k_gather
@@ -1202,6 +1203,10 @@ _PAIRS_VARIANTS = ("", "pairs128", "pairs64", "px", "split8")
 _PAIRS_REGS = {(32, 2): 48, (64, 2): 96, (32, 4): 40, (64, 4): 48}
 
 
+# wgr (BLOCK_N, warps, stages) -> programs per SM by registers (offline sm_90a, BLOCK_M 16, kernels/int4_wgmma.py)
+_WGR_PROGRAMS_PER_SM = {(64, 4, 4): 5, (128, 4, 4): 3, (128, 8, 4): 3, (128, 4, 6): 3}
+
+
 def _pairs_programs_per_sm(bn: int, warps: int) -> int:
     return min(32, 64 // warps, 65536 // (_PAIRS_REGS[(bn, warps)] * 32 * warps))
 
@@ -1469,6 +1474,17 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                         if K // split >= group_size:
                             out.append({"impl": "tcasm", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": group_size,
                                         "SPLIT_K": split, "DIRECT": direct, "num_warps": warps, "num_stages": 3})
+        # wgr (kernels/int4_wgmma.py, Gluon): swap-AB wgmma with the words TMA'd into a ring and unpacked straight
+        # into the register operand; a step is min(group, 128) of K, groups >= 32. Splits fill one or two waves of
+        # the programs per SM its registers allow (offline sm_90a at BLOCK_M 16: 64 x 4 warps 95 registers, 128 x
+        # 4 warps 163, 128 x 8 warps 79; 24-41 KB of shared memory at 4 stages).
+        if group_size >= 32:
+            bm_w = 8 if M <= 8 else 16
+            for (bn, warps, stages), per_sm in _WGR_PROGRAMS_PER_SM.items():
+                for waves in ((1, 2) if stages == 4 else (1,)):
+                    split = _fill_split(cdiv(N, bn) * cdiv(M, bm_w), K, block_k, waves * per_sm * _SM_COUNT)
+                    out.append({"impl": "wgr", "BLOCK_M": bm_w, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
+                                "num_warps": warps, "num_stages": stages})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     # the wave-filling splits can repeat a listed tile: time each config once
     return list({tuple(sorted(c.items())): c for c in out}.values())
@@ -1527,7 +1543,7 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
     return w
 
 
-IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "tcasm", "dequant_cublas")
+IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "tcasm", "wgr", "dequant_cublas")
 
 # Arrival counters of the single-pass split-K kernels: kernels/workspace.py (one zeroed buffer per device,
 # reserved outside CUDA-graph captures).
@@ -1574,6 +1590,9 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
         _int4_gemv2_kernel[grid](*args, PREFETCH=int(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
                                  PLANES=planes, PAIRS=pairs, ASM=asm, PREFETCH_X=prefetch_x, GATED=gated,
                                  N_OUT=N // 2, PDL=pdl, **common, **launch_kwargs(pdl))
+    elif impl == "wgr":  # kernels/int4_wgmma.py (Gluon)
+        int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split, has_zeros, has_bias,
+                      cfg, part if split > 1 else None, counters if split > 1 else None)
     elif impl == "tcasm":
         _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],
                                                                DIRECT=int(cfg.get("DIRECT", 0)), **common)
@@ -1651,7 +1670,13 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         # The dot's operands are 16-bit (B + q and x); x in bf16 would round an fp32 x (float32 tolerance fails),
         # an exact 3-way bf16 split of x is possible but unbuilt (see the kernel's docstring).
         raise ValueError("int4_gemm: tcasm takes float16/bfloat16 x only, got float32 (use gemv2 for float32 x)")
-    if impl in ("gemv2", "tiled2", "tiled3", "tcasm"):
+    if impl == "wgr":
+        why = wgr_supported(x, qweight, group_size)
+        if why:
+            raise ValueError(f"int4_gemm: impl 'wgr': {why}")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") == "1":
+            raise ValueError("int4_gemm: impl 'wgr' is a Gluon kernel, which Triton's interpreter does not run")
+    if impl in ("gemv2", "tiled2", "tiled3", "tcasm", "wgr"):
         return _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group_size, split,
                                    k_per_split, zeros is not None, bias is not None, gated=in_kernel)
     if split == 1:

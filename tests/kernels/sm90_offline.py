@@ -130,6 +130,9 @@ def specialize(launch: Launch, backend):
     bound_args, specialization, options = binder(*launch.args, **kwargs)
     key = f"{fn.module}.{fn.__name__}:" + compute_cache_key({}, specialization, options)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    if fn.is_gluon():  # kernels/int4_wgmma.py
+        from triton.experimental.gluon._runtime import GluonASTSource
+        return GluonASTSource(fn, signature, constexprs, attrs), options, key
     return ASTSource(fn, signature, constexprs, attrs), options, key
 
 
@@ -507,6 +510,16 @@ CASES = [
     Case("int4 M16 tcasm 256x256 w8 split8", _int4(16, pick={"impl": "tcasm", "BLOCK_N": 256, "BLOCK_K": 256,
                                                              "SPLIT_K": 8}),
          selected=False, no_spill=True, expect={"_int4_tcasm_kernel": ("wgmma", "cp_async")}),
+    # wgr (kernels/int4_wgmma.py, Gluon): swap-AB wgmma, words by TMA into a ring, unpacked into the A fragment
+    Case("int4 M16 wgr 64 split2", _int4(16, config={"impl": "wgr", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
+                                                     "SPLIT_K": 2, "num_warps": 4, "num_stages": 4}),
+         selected=False, no_spill=True, expect={"_int4_wgr_kernel": ("wgmma", "tma")}),
+    Case("int4 M1 wgr 64 split2 zeros+bias", _int4(1, zeros=True, bias=True, config={
+        "impl": "wgr", "BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "num_stages": 4}),
+         selected=False, no_spill=True, expect={"_int4_wgr_kernel": ("wgmma", "tma")}),
+    Case("int4 M16 wgr g32 128x8w split4", _int4(16, group=32, config={
+        "impl": "wgr", "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 4, "num_warps": 8, "num_stages": 8}),
+         selected=False, no_spill=True, expect={"_int4_wgr_kernel": ("wgmma", "tma")}),
     # fp8: activation quantization + swap-AB pointer kernel (decode), persistent TMA kernel (prefill)
     Case("fp8 M16 swap-AB", _fp8(16), expect={"_fp8_gemm_kernel": E4}),
     Case("fp8 M16 swap-AB bias prequant", _fp8(16, bias=True, prequant=True), expect={"_fp8_gemm_kernel": E4}),

@@ -478,7 +478,7 @@ def test_candidate_configs_sweep_the_variants_for_small_m():
 
 @pytest.mark.gpu
 def test_int4_gemm_gpu_single_pass_candidates():
-    """Every gemv2 / tiled2 / tiled3 / tcasm config the --tune sweep tries at M <= 16 (bf16, the benchmark's dtype), on a
+    """Every gemv2 / tiled2 / tiled3 / tcasm / wgr config the --tune sweep tries at M <= 16 (bf16, the benchmark's dtype), on a
     real GPU, twice in a row (the single-pass counters must be re-armed), and under CUDA graph replay."""
     dtype = torch.bfloat16
     N, K, g = 1000, 1024, 128
@@ -486,7 +486,7 @@ def test_int4_gemm_gpu_single_pass_candidates():
     for M in (1, 4, 16):
         x = torch.randn(M, K, dtype=dtype, device="cuda")
         expected = _expected(x, qweight, scales, zeros, g)
-        for cfg in [c for c in candidate_configs(M, N, K, g) if c["impl"] in ("gemv2", "tiled2", "tiled3", "tcasm")]:
+        for cfg in [c for c in candidate_configs(M, N, K, g) if c["impl"] in ("gemv2", "tiled2", "tiled3", "tcasm", "wgr")]:
             for _ in range(2):
                 out = _run(x, qweight, scales, zeros, g, cfg)
                 assert_close(out, expected, dtype, scale=2.0)

@@ -1,0 +1,409 @@
+"""INT4 weight-only GEMM for small M on Hopper, written in Gluon: ``wgr`` (wgmma with the weight in registers).
+
+y[M, N] = x[M, K] @ dequant(qweight, scales, zeros)[N, K].T (+ bias), kernopt's int4 format (kernels/int4_gemm.py:
+N-contiguous int32 words, nibble i of word j is k = 8 j + i), M <= BLOCK_M (8 or 16) rows per program.
+
+Why Gluon: the Triton tensor-core int4 kernels (tiled2 / tiled3 / tcasm in int4_gemm.py) all ran at ~1x bf16
+cuBLAS at M = 4..16 on the H200, whatever their SASS count, because the compiler chose their data movement:
+dequantized tiles stored to shared memory for the MMA (tiled2), words relaid out through shared memory and x^T
+loaded unpipelined with a barrier and a wgmma wait per group (tcasm). Gluon states the layouts and the
+pipeline, so this kernel has exactly the data path of a Marlin-style kernel:
+
+- **Swap-AB.** The product is out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, K] @ x^T [K, BLOCK_M]: the weight is wgmma's
+  A operand, which sm_90 reads from registers, and the few rows of x are its N (8 or 16).
+- **Words by TMA into a STAGES-deep shared-memory ring** (mbarrier per slot): the bytes in flight cost no
+  registers (the M=1 GEMVs' ncu: latency-bound, 1.07 eligible warps, DRAM 38 %).
+- **Words from shared memory straight into the A fragment.** The word tile is read with a linear layout in
+  which lane t of warp w holds row 16 w + t // 4 (and + 8) and words j = t % 4 + 4 c: whole words per lane.
+  ``lop3 (w >> 4 i) & 0x000F000F | B2`` turns nibbles i and i + 4 into one 32-bit pair of 16-bit floats
+  (B + q, exact: B = 128 in bf16, 1024 in fp16), two nibbles per instruction, 4 per word plus 3 shifts. The
+  pairs are joined and reshaped into [BLOCK_N, KS] whose layout *is* wgmma's register-operand layout (the
+  conversion is asserted trivial at compile time): no shuffle, no shared-memory round trip.
+- **The K order is permuted, not the weights.** Position p = 32 c + 16 s + 8 h + 2 l + e of a step's dot holds
+  nibble i = 2 s + h + 4 e of word 4 c + l, i.e. k = 32 c + 8 l + 2 s + h + 4 e (`wgr_k_order`). x^T is gathered in
+  that order into shared memory (x is tiny and L2-resident); the sum over k does not care.
+- **Zero and scale per group on the fp32 dot:** d = sum_k x (B + q) over a group, then
+  acc += s (d - (B + z) sum_k x): more exact than the reference's rounded weight; the bias B's cancellation
+  costs ~8-10 of fp32's 24 bits, far below bf16 / fp16 output rounding.
+- Single-pass split-K (as the Triton kernels: fp32 partials, an arrival counter, the last slice sums them in
+  slice order and writes the output).
+
+One step is KS = min(group, 128) of K: a TMA box of [KS / 8, BLOCK_N] words, one x^T tile, one dot, one
+epilogue. Groups >= 32 (a step spans whole 32-column chunks).
+
+No interpreter: Gluon kernels do not run under TRITON_INTERPRET. On CPU the K-order permutation is tested
+against the plain-torch reference by emulation (`wgr_emulate`, the same index arithmetic and the same
+zero / scale algebra), and tests/kernels/sm90_offline.py compiles the kernel for sm_90a (layouts checked,
+registers, shared memory); the kernel itself is checked on the GPU (tests marked gpu, the gemm_int4 suite).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+try:  # Gluon ships with triton >= 3.5; kernopt's CPU installs have it too (triton 3.6)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - older triton
+    HAVE_GLUON = False
+
+
+def _pair_asm(shift: int, bias_hi2: int, sub: str, zeros: bool) -> str:
+    """PTX: nibbles i, i + 4 (shift = 4 i) of word $2 as the 16-bit float pair (q_i - z, q_i+4 - z) in $0, $1. The
+    LOP3 makes (B + q) under the float's exponent bits; symmetric weights subtract $3 = (B + 8, B + 8) (exact); with
+    zero points (which may be fractional) it subtracts (B, B), exact, then $3 = (z, z), one rounding of q - z."""
+    centre = ("mov.b32 c, %#010x; %s t, t, c; %s t, t, $3;" % (bias_hi2, sub, sub)) if zeros \
+        else ("%s t, t, $3;" % sub)
+    return ("{ .reg .b32 t, c; shr.b32 t, $2, %d; lop3.b32 t, t, 0x000F000F, %#010x, 0xEA; %s mov.b32 {$0, $1}, t; }"
+            % (shift, bias_hi2, centre))
+
+
+# The dot's K order within a step, as the kernel builds it (wgr_emulate repeats these exact ops on CPU):
+# the unpack joins the pairs into [n, word, e, h, s] (nibble 2 s + h + 4 e), splits word = 4 c + l, and A_PERM takes
+# [n, c, l, e, h, s] to [n, c, s, h, l, e]; x in natural order is [m, c, l, e, s, h] (k = 32 c + 8 l + 4 e + 2 s + h)
+# and X_PERM takes it to the same [m, c, s, h, l, e]. Position p = 32 c + 16 s + 8 h + 2 l + e.
+A_PERM = (0, 1, 5, 4, 2, 3)
+X_PERM = (0, 1, 4, 5, 2, 3)
+
+if HAVE_GLUON:
+    _A_PERM = gl.constexpr(list(A_PERM))
+    _X_PERM = gl.constexpr(list(X_PERM))
+    _BF16 = [[gl.constexpr(_pair_asm(4 * i, 0x43004300, "sub.rn.bf16x2", z)) for i in range(4)] for z in (0, 1)]
+    _FP16 = [[gl.constexpr(_pair_asm(4 * i, 0x64006400, "sub.rn.f16x2", z)) for i in range(4)] for z in (0, 1)]
+    (_BF16_P0, _BF16_P1, _BF16_P2, _BF16_P3), (_BF16_Z0, _BF16_Z1, _BF16_Z2, _BF16_Z3) = _BF16
+    (_FP16_P0, _FP16_P1, _FP16_P2, _FP16_P3), (_FP16_Z0, _FP16_Z1, _FP16_Z2, _FP16_Z3) = _FP16
+
+    @gluon.constexpr_function
+    def _word_layout(BLOCK_N, KS, NUM_WARPS):
+        """[BLOCK_N, KS / 8] words: lane t of warp w holds rows 16 w + t // 4 (+ 8, + 16 NUM_WARPS r) and words
+        t % 4 + 4 c, the rows and K chunks of wgmma's A fragment (see the module docstring)."""
+        rows_w = 16 * NUM_WARPS
+        reg = [[8, 0]]
+        c = 4
+        while c < KS // 8:
+            reg.append([0, c])
+            c *= 2
+        r = rows_w
+        while r < BLOCK_N:
+            reg.append([r, 0])
+            r *= 2
+        warp = []
+        r = 16
+        while r < rows_w:
+            warp.append([r, 0])
+            r *= 2
+        return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+                                          warp_bases=warp, block_bases=[], shape=[BLOCK_N, KS // 8])
+
+    @gluon.constexpr_function
+    def _x_layout(BLOCK_M, KS, NUM_WARPS):
+        """[BLOCK_M, KS] x tile in natural K order: 8 consecutive k (16 bytes) per thread."""
+        tk = min(32, KS // 8)
+        return gl.BlockedLayout([1, 8], [32 // tk, tk], [NUM_WARPS, 1], [1, 0])
+
+    @gluon.jit
+    def _pairs(w, zz, ASM: gl.constexpr, BF16: gl.constexpr):
+        if BF16:
+            lo, hi = gl.inline_asm_elementwise(ASM, "=h,=h,r,r", [w, zz], dtype=(gl.bfloat16, gl.bfloat16),
+                                               is_pure=True, pack=1)
+        else:
+            lo, hi = gl.inline_asm_elementwise(ASM, "=h,=h,r,r", [w, zz], dtype=(gl.float16, gl.float16),
+                                               is_pure=True, pack=1)
+        return gl.join(lo, hi)
+
+    @gluon.jit
+    def _unpack_operand(w, zz, BLOCK_N: gl.constexpr, KS: gl.constexpr, BF16: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                        OP: gl.constexpr):
+        """[BLOCK_N, KS / 8] words -> [BLOCK_N, KS] (q - z) in wgmma's A-operand layout OP, K in wgr_k_order;
+        zz: the row's pair to subtract (_zero_pairs) as 32 bits, broadcast along the words."""
+        if BF16:
+            if HAS_ZEROS:
+                p0 = _pairs(w, zz, _BF16_Z0, True)
+                p1 = _pairs(w, zz, _BF16_Z1, True)
+                p2 = _pairs(w, zz, _BF16_Z2, True)
+                p3 = _pairs(w, zz, _BF16_Z3, True)
+            else:
+                p0 = _pairs(w, zz, _BF16_P0, True)
+                p1 = _pairs(w, zz, _BF16_P1, True)
+                p2 = _pairs(w, zz, _BF16_P2, True)
+                p3 = _pairs(w, zz, _BF16_P3, True)
+        else:
+            if HAS_ZEROS:
+                p0 = _pairs(w, zz, _FP16_Z0, False)
+                p1 = _pairs(w, zz, _FP16_Z1, False)
+                p2 = _pairs(w, zz, _FP16_Z2, False)
+                p3 = _pairs(w, zz, _FP16_Z3, False)
+            else:
+                p0 = _pairs(w, zz, _FP16_P0, False)
+                p1 = _pairs(w, zz, _FP16_P1, False)
+                p2 = _pairs(w, zz, _FP16_P2, False)
+                p3 = _pairs(w, zz, _FP16_P3, False)
+        j = gl.join(gl.join(p0, p1), gl.join(p2, p3))      # [n, word, e, h, s]: nibble 2 s + h + 4 e
+        j = gl.reshape(j, [BLOCK_N, KS // 32, 4, 2, 2, 2])  # [n, c, l, e, h, s]: word = 4 c + l
+        j = gl.permute(j, _A_PERM.value)                       # [n, c, s, h, l, e]
+        a = gl.reshape(j, [BLOCK_N, KS])                    # p = 32 c + 16 s + 8 h + 2 l + e
+        return gl.convert_layout(a, OP, assert_trivial=True)
+
+    @gluon.jit
+    def _x_dot_order(xv, BLOCK_M: gl.constexpr, KS: gl.constexpr):
+        """[BLOCK_M, KS] x in natural K order (k = 32 c + 8 l + 4 e + 2 s + h) -> the dot's order
+        (p = 32 c + 16 s + 8 h + 2 l + e): a relabelling of each thread's registers."""
+        t = gl.reshape(xv, [BLOCK_M, KS // 32, 4, 2, 2, 2])  # [m, c, l, e, s, h]
+        t = gl.permute(t, _X_PERM.value)                        # [m, c, s, h, l, e]
+        return gl.reshape(t, [BLOCK_M, KS])
+
+    @gluon.jit
+    def _zero_pairs(z_ptr, rn, rn_ok, g, stride_zn, stride_zg, HAS_ZEROS: gl.constexpr, BF16: gl.constexpr,
+                    ZL: gl.constexpr, BLOCK_N: gl.constexpr):
+        """[BLOCK_N] int32: the pair of 16-bit floats each row's unpack subtracts: (z, z) with zero points (z rounded
+        to x's dtype once), else (B + 8, B + 8)."""
+        if HAS_ZEROS:
+            zf = gl.load(z_ptr + rn * stride_zn + g * stride_zg, mask=rn_ok, other=0.0).to(gl.float32)
+        elif BF16:
+            zf = gl.full([BLOCK_N], 136.0, gl.float32, layout=ZL)
+        else:
+            zf = gl.full([BLOCK_N], 1032.0, gl.float32, layout=ZL)
+        if BF16:
+            bits = zf.to(gl.bfloat16).to(gl.int16, bitcast=True)
+        else:
+            bits = zf.to(gl.float16).to(gl.int16, bitcast=True)
+        b32 = bits.to(gl.int32) & 0xFFFF
+        return b32 | (b32 << 16)
+
+    @gluon.jit
+    def _int4_wgr_kernel(
+        w_desc, x_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+        M, N, K, K_PER_SPLIT, SPLIT_K,
+        stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
+        GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr,
+    ):
+        NUM_WARPS: gl.constexpr = gl.num_warps()
+        BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
+        dt: gl.constexpr = x_ptr.dtype.element_ty
+        WL: gl.constexpr = _word_layout(BLOCK_N, KS, NUM_WARPS)
+        ZL: gl.constexpr = gl.SliceLayout(1, WL)
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        XL: gl.constexpr = _x_layout(BLOCK_M, KS, NUM_WARPS)
+        XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, KS], dt)
+        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+        COL: gl.constexpr = gl.SliceLayout(0, MMA)
+
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        pid_m = gl.program_id(2)
+        n0 = pid_n * BLOCK_N
+        k_lo = pid_k * K_PER_SPLIT
+        k_hi = gl.minimum(k_lo + K_PER_SPLIT, K)
+        steps = gl.cdiv(k_hi - k_lo, KS)
+
+        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KS // 8, BLOCK_N], w_desc.layout)
+        x_smem = gl.allocate_shared_memory(dt, [2, BLOCK_M, KS], XS)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
+        for i in gl.static_range(STAGES - 1):  # the ring's first STAGES - 1 steps
+            ok = i < steps
+            mbarrier.expect(bars.index(i), w_desc.block_type.nbytes, pred=ok)
+            tma.async_copy_global_to_shared(w_desc, [(k_lo + i * KS) // 8, n0], bars.index(i), w_smem.index(i),
+                                            pred=ok)
+
+        xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, XL))
+        xk = gl.arange(0, KS, layout=gl.SliceLayout(0, XL))
+        x_rows = x_ptr + xm[:, None] * stride_xm
+        x_ok = (xm < M)[:, None]
+        zn = n0 + gl.arange(0, BLOCK_N, layout=ZL)  # rows n in the word layout (zero pairs) and the MMA's (scales)
+        rn = n0 + gl.arange(0, BLOCK_N, layout=ROW)
+        rn_ok = rn < N
+
+        kx = k_lo + xk
+        xv = gl.load(x_rows + kx[None, :] * stride_xk, mask=x_ok & (kx < k_hi)[None, :], other=0.0)
+        g = k_lo // GROUP
+        sv = gl.load(s_ptr + rn * stride_sn + g * stride_sg, mask=rn_ok, other=0.0)
+        zz = _zero_pairs(z_ptr, zn, zn < N, g, stride_zn, stride_zg, HAS_ZEROS, BF16, ZL, BLOCK_N)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+        zero_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+        for i in range(steps):
+            k0 = k_lo + i * KS
+            slot = i % STAGES
+            xb = x_smem.index(i % 2)
+            xb.store(_x_dot_order(xv, BLOCK_M, KS))
+            s_cur = sv.to(gl.float32)
+            zz_cur = zz
+            # the next step's x, scales and zeros in flight while this one is unpacked
+            kx = k0 + KS + xk
+            xv = gl.load(x_rows + kx[None, :] * stride_xk, mask=x_ok & (kx < k_hi)[None, :], other=0.0)
+            g = gl.minimum(k0 + KS, K - 1) // GROUP
+            sv = gl.load(s_ptr + rn * stride_sn + g * stride_sg, mask=rn_ok, other=0.0)
+            zz = _zero_pairs(z_ptr, zn, zn < N, g, stride_zn, stride_zg, HAS_ZEROS, BF16, ZL, BLOCK_N)
+            fence_async_shared()
+            gl.thread_barrier()  # x^T stored by every warp; every warp is done with step i - 1 (its ring slot)
+            nxt = i + STAGES - 1
+            ok = nxt < steps
+            ns = nxt % STAGES
+            mbarrier.expect(bars.index(ns), w_desc.block_type.nbytes, pred=ok)
+            tma.async_copy_global_to_shared(w_desc, [(k_lo + nxt * KS) // 8, n0], bars.index(ns), w_smem.index(ns),
+                                            pred=ok)
+            mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+            words = w_smem.index(slot).permute((1, 0)).load(WL)
+            a = _unpack_operand(words, zz_cur[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
+            d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
+            acc += d * s_cur[:, None]
+
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+        om = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=COL)
+        mask = rn_ok[:, None] & (om < M)[None, :]
+        if not SPLIT:  # one K slice (SPLIT_K, a runtime value, is 1)
+            total = acc
+            last = True
+        else:
+            offs = om[None, :] * N + rn[:, None]
+            gl.store(part_ptr + offs + pid_k.to(gl.int64) * M * N, acc, mask=mask)
+            gl.thread_barrier()  # every thread's partial before the (release) arrival
+            tile = pid_m * gl.num_programs(0) + pid_n
+            arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            last = arrived == SPLIT_K - 1
+            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+            if last:
+                p_ptrs = part_ptr + offs
+                for _ in range(SPLIT_K):
+                    total += gl.load(p_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                    p_ptrs += M * N
+                gl.atomic_xchg(cnt_ptr + tile, 0)
+        if last:
+            if HAS_BIAS:
+                total += gl.load(b_ptr + rn, mask=rn_ok, other=0.0).to(gl.float32)[:, None]
+            gl.store(out_ptr + om[None, :] * stride_om + rn[:, None] * stride_on,
+                     total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------------
+def wgr_k_order(ks: int) -> torch.Tensor:
+    """[ks] int64: the K offset within a step that the dot's position p holds, k = 32 c + 8 l + 2 s + h + 4 e for
+    p = 32 c + 16 s + 8 h + 2 l + e (what A_PERM / X_PERM produce; tests check the two agree)."""
+    p = torch.arange(ks)
+    return (p // 32) * 32 + ((p // 2) % 4) * 8 + ((p // 16) % 2) * 2 + (p // 8) % 2 + (p % 2) * 4
+
+
+def _emulate_operand(words: torch.Tensor, ks: int) -> torch.Tensor:
+    """The kernel's _unpack_operand on int64 codes: [N, ks / 8] words -> [N, ks] q in the dot's order, by the same
+    joins (torch.stack on a new last dim), reshape and A_PERM."""
+    n = words.shape[0]
+    nib = [torch.bitwise_and(torch.bitwise_right_shift(words, 4 * i), 0xF) for i in range(8)]
+    pairs = [torch.stack([nib[i], nib[i + 4]], -1) for i in range(4)]  # _pairs: (nibble i, nibble i + 4)
+    j = torch.stack([torch.stack([pairs[0], pairs[1]], -1), torch.stack([pairs[2], pairs[3]], -1)], -1)
+    return j.reshape(n, ks // 32, 4, 2, 2, 2).permute(A_PERM).reshape(n, ks)
+
+
+def _emulate_x(x: torch.Tensor, ks: int) -> torch.Tensor:
+    """The kernel's _x_dot_order: [M, ks] x in natural order -> the dot's order (reshape, X_PERM)."""
+    return x.reshape(x.shape[0], ks // 32, 4, 2, 2, 2).permute(X_PERM).reshape(x.shape[0], ks)
+
+
+def wgr_emulate(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain-torch emulation of the kernel's arithmetic (CPU tests): per step of KS = min(group, 128), the dot of
+    (q - z) [N, KS] in the order the kernel's unpack produces with x [M, KS] in the order its x^T store produces
+    (the same reshapes and permutations), times the group's scale, summed in fp32; bias; rounded to x's dtype."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    ks = min(group_size, 128)
+    acc = torch.zeros((N, M), dtype=torch.float32, device=x.device)
+    for k0 in range(0, K, ks):
+        q = _emulate_operand(qweight[:, k0 // 8:(k0 + ks) // 8].long(), ks).float()
+        g = k0 // group_size
+        if zeros is not None:  # z rounded to x's dtype, then q - z rounded once (exact for integer zero points)
+            a = (q - zeros[:, g].to(x.dtype).float()[:, None]).to(x.dtype).float()
+        else:
+            a = q - 8.0
+        d = a @ _emulate_x(x[:, k0:k0 + ks], ks).float().t()
+        acc += d * scales[:, g].float()[:, None]
+    if bias is not None:
+        acc += bias.float()[:, None]
+    return acc.t().to(x.dtype)
+
+
+def wgr_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> Optional[str]:
+    """None when the wgr kernel takes this launch, else why not (the caller falls back)."""
+    if not HAVE_GLUON:
+        return "triton.experimental.gluon is not available"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"x must be float16 / bfloat16 (the dot's operands are 16-bit), got {x.dtype}"
+    if group_size < 32:
+        return f"group_size must be >= 32 (a step spans 32-column chunks), got {group_size}"
+    N = qweight.shape[0]
+    if qweight.stride(0) != 1 or (qweight.stride(1) * 4) % 16 or qweight.data_ptr() % 16 or N % 4:
+        return "qweight must be N-contiguous with 16-byte aligned rows of its [K / 8, N] view (the TMA box)"
+    return None
+
+
+def wgr_emulate(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain-torch emulation of the kernel's arithmetic (CPU tests): per step of KS = min(group, 128), the dot of
+    (B + q) in the permuted K order (wgr_k_order) with x gathered in that order, then s (d - (B + z) sum x), in
+    fp32 with B = 128 (bf16 x) or 1024 (fp16 x); the split-K sum and the output rounding as the kernel does them."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    ks = min(group_size, 128)
+    bias_b = 128.0 if x.dtype == torch.bfloat16 else 1024.0
+    order = wgr_k_order(ks).to(x.device)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=x.device)
+    q = torch.bitwise_and(torch.bitwise_right_shift(qweight.unsqueeze(-1), shifts), 0xF).reshape(N, K)
+    acc = torch.zeros((N, M), dtype=torch.float32, device=x.device)
+    for k0 in range(0, K, ks):
+        kk = k0 + order
+        a = (bias_b + q[:, kk].float()).to(x.dtype).float()  # exact: B + q is a 16-bit float
+        xt = x[:, kk].float()                                # [M, ks], the dot's order
+        d = a @ xt.t()                                       # [N, M]
+        g = k0 // group_size
+        z = zeros[:, g].float() if zeros is not None else torch.full((N,), 8.0, device=x.device)
+        acc += (d - (bias_b + z)[:, None] * xt.sum(1)[None, :]) * scales[:, g].float()[:, None]
+    if bias is not None:
+        acc += bias.float()[:, None]
+    return acc.t().to(x.dtype)
+
+
+def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split, has_zeros, has_bias,
+                  cfg: dict, part: Optional[torch.Tensor], counters: Optional[torch.Tensor]):
+    """Launch the wgr kernel (int4_gemm's dispatch has checked shapes and built the split-K workspace)."""
+    why = wgr_supported(x, qweight, group_size)
+    if why:
+        raise ValueError(f"int4_gemm: impl 'wgr': {why}")
+    bm, bn = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
+    warps = int(cfg.get("num_warps", 4))
+    ks = min(group_size, 128)
+    if bm not in (8, 16) or bn % (16 * warps) or warps not in (4, 8):
+        raise ValueError(f"int4_gemm: impl 'wgr' takes BLOCK_M 8 / 16, 4 or 8 warps and BLOCK_N a multiple of "
+                         f"16 x warps, got BLOCK_M={bm} BLOCK_N={bn} num_warps={warps}")
+    if k_per_split % ks:
+        raise ValueError(f"int4_gemm: impl 'wgr' needs K per split ({k_per_split}) a multiple of {ks}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    desc = TensorDescriptor.from_tensor(qweight.t(), [ks // 8, bn], layout)
+    if part is None:
+        part, counters = out, out  # never touched with SPLIT_K=1
+    grid = (triton_cdiv(N, bn), split, triton_cdiv(M, bm))
+    _int4_wgr_kernel[grid](
+        desc, x, scales, z, b, out, part, counters, M, N, K, k_per_split, split,
+        x.stride(0), x.stride(1), scales.stride(0), scales.stride(1), z.stride(0), z.stride(1),
+        out.stride(0), out.stride(1),
+        GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, SPLIT=split > 1, BLOCK_M=bm, BLOCK_N=bn, KS=ks,
+        STAGES=int(cfg.get("num_stages", 4)), num_warps=warps)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

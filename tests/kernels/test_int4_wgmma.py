@@ -1,0 +1,174 @@
+"""int4_gemm impl "wgr" (kernels/int4_wgmma.py, Gluon): swap-AB wgmma with the weight unpacked into the register operand.
+
+Gluon kernels do not run under Triton's interpreter, so on CPU this file checks the kernel's K-order bookkeeping by
+emulation (`wgr_emulate` repeats the kernel's joins, reshapes and permutations of the words and of x in torch: if
+the two orders disagreed, the products would pair the wrong x with each nibble), the config plumbing and the
+refusals; tests/kernels/test_sm90_compile.py compiles the kernel for sm_90a. The kernel itself runs in the tests
+marked gpu, against the float64 reference.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernopt.kernels import int4_wgmma as wg
+from kernopt.kernels import workspace
+from kernopt.kernels.int4_gemm import candidate_configs, int4_gemm, int4_gemm_ref
+from kernopt.tolerance import assert_close
+
+
+def _weights(N, K, g, asym, device, dtype):
+    qweight = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=device).t()
+    scales = (torch.rand(K // g, N, device=device) * 0.02 + 0.005).to(dtype).t()
+    zeros = torch.randint(0, 16, (K // g, N), device=device).to(dtype).t() if asym else None
+    return qweight, scales, zeros
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("g,asym", [(32, True), (64, False), (128, True), (128, False), (256, True)])
+def test_wgr_emulation_matches_reference(dtype, g, asym):
+    """The kernel's arithmetic, emulated: per step the unpacked (q - z) in the unpack's order against x in the x^T
+    store's order, scaled per group, bias; within the output dtype's tolerance of the float64 reference."""
+    torch.manual_seed(g)
+    N, K, M = 40, 3 * max(g, 128), 5
+    qweight, scales, zeros = _weights(N, K, g, asym, "cpu", dtype)
+    x = torch.randn(M, K, dtype=dtype)
+    bias = torch.randn(N, dtype=dtype)
+    out = wg.wgr_emulate(x, qweight, scales, zeros, g, bias)
+    assert out.dtype == dtype
+    assert_close(out, int4_gemm_ref(x.double(), qweight, scales, zeros, g, bias.double()), dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(word=st.integers(-2**31, 2**31 - 1), ks=st.sampled_from([32, 64, 128]))
+def test_wgr_orders_agree(word, ks):
+    """Position p of the unpacked operand holds nibble k(p) of its row and position p of the x tile holds x[k(p)],
+    for the same k(p) = wgr_k_order (a permutation of the step's K), extreme and random words alike."""
+    order = wg.wgr_k_order(ks)
+    assert sorted(order.tolist()) == list(range(ks))
+    words = torch.tensor([[word] * (ks // 8), [(word * 7 + 3) % 2**31] * (ks // 8)], dtype=torch.int64)
+    words[:, -1] = 0x76543210
+    codes = torch.bitwise_and(torch.bitwise_right_shift(words.repeat_interleave(8, 1),
+                                                        (torch.arange(ks) % 8) * 4), 0xF)
+    assert torch.equal(wg._emulate_operand(words, ks), codes[:, order])
+    x = torch.arange(ks, dtype=torch.float32)[None]
+    assert torch.equal(wg._emulate_x(x, ks)[0].long(), order)
+
+
+def test_wgr_in_small_m_candidates_only_for_groups_of_32_and_more():
+    for M in (1, 4, 16):
+        wgr = [c for c in candidate_configs(M, 14336, 4096, 128) if c["impl"] == "wgr"]
+        assert wgr and all(c["BLOCK_M"] == (8 if M <= 8 else 16) and c["BLOCK_K"] == 128 for c in wgr)
+        assert all(c["SPLIT_K"] >= 1 for c in wgr)
+    assert not [c for c in candidate_configs(1, 4096, 4096, 16) if c["impl"] == "wgr"]
+    assert not [c for c in candidate_configs(64, 4096, 4096, 128) if c["impl"] == "wgr"]
+
+
+WGR = {"impl": "wgr", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "num_stages": 4}
+
+
+def test_wgr_refusals(monkeypatch):
+    """Inputs the kernel cannot take get a clear error, never a wrong answer."""
+    dtype = torch.bfloat16
+    qweight, scales, zeros = _weights(64, 256, 128, False, "cpu", dtype)
+    x = torch.randn(2, 256, dtype=dtype)
+    assert wg.wgr_supported(x, qweight, 128) is None
+    assert "float16 / bfloat16" in wg.wgr_supported(x.float(), qweight, 128)
+    assert "group_size" in wg.wgr_supported(x, qweight, 16)
+    assert "N-contiguous" in wg.wgr_supported(x, qweight.contiguous(), 128)  # K-contiguous words
+    q60, s60, _ = _weights(60, 256, 128, False, "cpu", dtype)
+    assert wg.wgr_supported(x, q60, 128) is None  # N = 60: rows of 240 bytes, 16-byte aligned
+    q62, _, _ = _weights(62, 256, 128, False, "cpu", dtype)
+    assert "16-byte" in wg.wgr_supported(x, q62, 128)
+    with pytest.raises(ValueError, match="N-contiguous"):
+        int4_gemm(x, qweight.contiguous(), scales, None, 128, config=WGR)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="interpreter"):
+        int4_gemm(x, qweight, scales, None, 128, config=WGR)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="BLOCK_M 8 / 16"):
+        wg.int4_wgr_gemm(x, qweight, scales, scales, scales, torch.empty(2, 64, dtype=dtype), 2, 64, 256, 128, 1,
+                         256, False, False, {**WGR, "BLOCK_M": 4}, None, None)
+
+
+def _expected(x, qweight, scales, zeros, g, bias):
+    return int4_gemm_ref(x.double(), qweight, scales, zeros, g, None if bias is None else bias.double())
+
+
+def _run(x, qweight, scales, zeros, g, cfg, bias):
+    out = torch.full((x.shape[0], qweight.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    assert int4_gemm(x, qweight, scales, zeros, g, bias=bias, config=cfg, out=out) is out
+    return out
+
+
+def _check_twice(cands, x, qweight, scales, zeros, g, bias):
+    """Each config right twice in a row (the second call reads re-armed split-K counters); counters back at 0."""
+    expected = _expected(x, qweight, scales, zeros, g, bias)
+    for cfg in cands:
+        for _ in range(2):
+            assert_close(_run(x, qweight, scales, zeros, g, cfg, bias), expected, x.dtype, scale=2.0)
+    for buf in workspace._BUFFERS.values():
+        assert not buf.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("asym", [True, False])
+@pytest.mark.parametrize("M", [1, 16])
+def test_wgr_gpu_candidates(M, asym, dtype):
+    """Every wgr candidate of the --tune sweep at M = 1 (BLOCK_M 8) and 16, group 128, bf16 and fp16 x (the 0x4300 /
+    0x6400 exponents), zero points or not, N = 1000 (a ragged last tile), K = 5 steps (splits of unequal length),
+    bias, NaN-poisoned out; plus split 1."""
+    g, N, K = 128, 1000, 640
+    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    bias = torch.randn(N, dtype=dtype, device="cuda")
+    cands = [c for c in candidate_configs(M, 14336, 4096, g) if c["impl"] == "wgr"]
+    if dtype == torch.float16:  # the fp16 unpack differs only in its constants: two tiles
+        cands = cands[:2]
+    _check_twice(cands + [{**cands[0], "SPLIT_K": 1}], x, qweight, scales, zeros, g, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g,asym", [(32, True), (64, False), (256, True)])
+@pytest.mark.parametrize("M", [3, 9, 17])
+def test_wgr_gpu_group_sizes_and_row_tiles(M, g, asym):
+    """Groups of 32 / 64 (a step is one group) and 256 (two steps per group), M within one 8- or 16-row tile or
+    across two (17), K = 5 groups, split 1 and 3, bias."""
+    dtype = torch.bfloat16
+    N, K = 1000, 5 * g
+    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    bias = torch.randn(N, dtype=dtype, device="cuda")
+    base = {**WGR, "BLOCK_M": 8 if M <= 8 else 16, "BLOCK_K": min(g, 128), "BLOCK_N": 128}
+    _check_twice([base, {**base, "SPLIT_K": 3}], x, qweight, scales, zeros, g, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("asym", [True, False])
+def test_wgr_gpu_extreme_codes_fractional_zeros_strided_x(asym):
+    """Words of distinct / extreme codes (each nibble must meet its own x), fractional zero points, |x| ~ 1e3, a
+    strided x (copied by the launcher), under CUDA-graph replay too."""
+    dtype, g, N, K = torch.bfloat16, 128, 128, 512
+    _, s, _ = _weights(N, K, g, False, "cuda", dtype)
+    z = (torch.rand(N, K // g, device="cuda") * 15).to(dtype) if asym else None
+    cfg = {**WGR, "BLOCK_N": 128, "SPLIT_K": 2}
+    for word in (0x0F0F0F0F, -0x0F0F0F10, 0x76543210, -0x01234568):
+        qw = torch.full((K // 8, N), word, dtype=torch.int32, device="cuda").t()
+        x = torch.randn(4, K, dtype=dtype, device="cuda") * 1e3
+        assert_close(_run(x, qw, s, z, g, cfg, None), _expected(x, qw, s, z, g, None), dtype, scale=2.0)
+    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+    xs = torch.randn(3, 2 * K, dtype=dtype, device="cuda")[:, ::2]
+    assert_close(_run(xs, qweight, scales, zeros, g, cfg, None), _expected(xs, qweight, scales, zeros, g, None),
+                 dtype, scale=2.0)
+    x = torch.randn(16, K, dtype=dtype, device="cuda")
+    out = torch.empty(16, N, dtype=dtype, device="cuda")
+    int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=out)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        out.fill_(float("nan"))
+        graph.replay()
+        assert_close(out, _expected(x, qweight, scales, zeros, g, None), dtype, scale=2.0)
