@@ -349,32 +349,6 @@ def wgr_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> Op
     return None
 
 
-def wgr_emulate(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Plain-torch emulation of the kernel's arithmetic (CPU tests): per step of KS = min(group, 128), the dot of
-    (B + q) in the permuted K order (wgr_k_order) with x gathered in that order, then s (d - (B + z) sum x), in
-    fp32 with B = 128 (bf16 x) or 1024 (fp16 x); the split-K sum and the output rounding as the kernel does them."""
-    M, K = x.shape
-    N = qweight.shape[0]
-    ks = min(group_size, 128)
-    bias_b = 128.0 if x.dtype == torch.bfloat16 else 1024.0
-    order = wgr_k_order(ks).to(x.device)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=x.device)
-    q = torch.bitwise_and(torch.bitwise_right_shift(qweight.unsqueeze(-1), shifts), 0xF).reshape(N, K)
-    acc = torch.zeros((N, M), dtype=torch.float32, device=x.device)
-    for k0 in range(0, K, ks):
-        kk = k0 + order
-        a = (bias_b + q[:, kk].float()).to(x.dtype).float()  # exact: B + q is a 16-bit float
-        xt = x[:, kk].float()                                # [M, ks], the dot's order
-        d = a @ xt.t()                                       # [N, M]
-        g = k0 // group_size
-        z = zeros[:, g].float() if zeros is not None else torch.full((N,), 8.0, device=x.device)
-        acc += (d - (bias_b + z)[:, None] * xt.sum(1)[None, :]) * scales[:, g].float()[:, None]
-    if bias is not None:
-        acc += bias.float()[:, None]
-    return acc.t().to(x.dtype)
-
-
 def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split, has_zeros, has_bias,
                   cfg: dict, part: Optional[torch.Tensor], counters: Optional[torch.Tensor]):
     """Launch the wgr kernel (int4_gemm's dispatch has checked shapes and built the split-K workspace)."""
