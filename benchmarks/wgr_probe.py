@@ -24,7 +24,7 @@ gluon, gl = wg.gluon, wg.gl
 
 
 @gluon.jit
-def _probe_words(w_desc, out_ptr, BLOCK_N: gl.constexpr, KS: gl.constexpr):
+def _probe_words(w_desc, out_ptr, plain_ptr, BLOCK_N: gl.constexpr, KS: gl.constexpr, VARIANT: gl.constexpr):
     WL: gl.constexpr = wg._word_layout(BLOCK_N, KS, gl.num_warps())
     smem = gl.allocate_shared_memory(gl.int32, [KS // 8, BLOCK_N], w_desc.layout)
     bar = gl.allocate_shared_memory(gl.int64, [1], wg.mbarrier.MBarrierLayout())
@@ -33,10 +33,18 @@ def _probe_words(w_desc, out_ptr, BLOCK_N: gl.constexpr, KS: gl.constexpr):
     wg.mbarrier.expect(bar, w_desc.block_type.nbytes)
     wg.tma.async_copy_global_to_shared(w_desc, [0, 0], bar, smem)
     wg.mbarrier.wait(bar, 0)
-    words = smem.permute((1, 0)).load(WL)
     n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WL))
     j = gl.arange(0, KS // 8, layout=gl.SliceLayout(0, WL))
+    if VARIANT == 0:  # a load through the permuted view (the first version)
+        words = smem.permute((1, 0)).load(WL)
+    else:  # the kernel's: the tile's own orientation, permuted in registers
+        WLT: gl.constexpr = wg._word_layout_t(BLOCK_N, KS, gl.num_warps())
+        words = gl.convert_layout(gl.permute(smem.load(WLT), (1, 0)), WL, assert_trivial=True)
     gl.store(out_ptr + n[:, None] * (KS // 8) + j[None, :], words)
+    BL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [gl.num_warps(), 1], [1, 0])
+    rj = gl.arange(0, KS // 8, layout=gl.SliceLayout(1, BL))
+    rn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, BL))
+    gl.store(plain_ptr + rj[:, None] * BLOCK_N + rn[None, :], smem.load(BL))  # the tile as stored, plain layout
 
 
 @gluon.jit
@@ -94,12 +102,13 @@ def main() -> None:
     tile = (torch.arange(J, device="cuda")[:, None] * 1000 + torch.arange(BN, device="cuda")[None, :]).to(torch.int32)
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     desc = wg.TensorDescriptor.from_tensor(tile, [J, BN], layout)
-    out = torch.full((BN, J), -1, dtype=torch.int32, device="cuda")
-    _probe_words[(1,)](desc, out, BLOCK_N=BN, KS=KS, num_warps=4)
-    bad = (out != tile.t()).nonzero()
-    res["words_bad"] = int(bad.shape[0])
-    res["words_sample"] = {"got_row0": out[0].tolist(), "want_row0": tile.t()[0].tolist(),
-                           "got_row1": out[1].tolist()}
+    for variant in (0, 1):
+        out = torch.full((BN, J), -1, dtype=torch.int32, device="cuda")
+        plain = torch.full((J, BN), -1, dtype=torch.int32, device="cuda")
+        _probe_words[(1,)](desc, out, plain, BLOCK_N=BN, KS=KS, VARIANT=variant, num_warps=4)
+        res[f"words{variant}_bad"] = int((out != tile.t()).sum())
+        res[f"words{variant}_plain_bad"] = int((plain != tile).sum())
+        res[f"words{variant}_sample"] = {"got_row0": out[0].tolist(), "want_row0": tile.t()[0].tolist()}
     # unpack: random words, the operand in the dot's order (symmetric: q - 8)
     words = torch.randint(-2**31, 2**31 - 1, (BN, J), dtype=torch.int32, device="cuda")
     a = torch.full((BN, KS), float("nan"), dtype=torch.bfloat16, device="cuda")

@@ -101,6 +101,17 @@ if HAVE_GLUON:
                                           warp_bases=warp, block_bases=[], shape=[BLOCK_N, KS // 8])
 
     @gluon.constexpr_function
+    def _word_layout_t(BLOCK_N, KS, NUM_WARPS):
+        """_word_layout of the [KS / 8, BLOCK_N] tile as TMA stores it (word rows, then columns): the same lanes and
+        registers with the two axes swapped. The words are read from shared memory in this layout and permuted in
+        registers (free): on the H200 a load through a permuted shared-memory view returned the tile unpermuted
+        (benchmarks/wgr_probe.py, 7d92b7d: the lane meant for word (n, j) got flat element 16 n + j of the tile)."""
+        t = _word_layout(BLOCK_N, KS, NUM_WARPS)
+        swap = lambda bases: [[b[1], b[0]] for b in bases]  # noqa: E731
+        return gl.DistributedLinearLayout(reg_bases=swap(t.reg_bases), lane_bases=swap(t.lane_bases),
+                                          warp_bases=swap(t.warp_bases), block_bases=[], shape=[KS // 8, BLOCK_N])
+
+    @gluon.constexpr_function
     def _x_layout(BLOCK_M, KS, NUM_WARPS):
         """[BLOCK_M, KS] x tile in natural K order: 8 consecutive k (16 bytes) per thread."""
         tk = min(32, KS // 8)
@@ -187,6 +198,7 @@ if HAVE_GLUON:
         BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
         dt: gl.constexpr = x_ptr.dtype.element_ty
         WL: gl.constexpr = _word_layout(BLOCK_N, KS, NUM_WARPS)
+        WLT: gl.constexpr = _word_layout_t(BLOCK_N, KS, NUM_WARPS)
         ZL: gl.constexpr = gl.SliceLayout(1, WL)
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
@@ -253,7 +265,7 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(w_desc, [(k_lo + nxt * KS) // 8, n0], bars.index(ns), w_smem.index(ns),
                                             pred=ok)
             mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
-            words = w_smem.index(slot).permute((1, 0)).load(WL)
+            words = gl.convert_layout(gl.permute(w_smem.index(slot).load(WLT), (1, 0)), WL, assert_trivial=True)
             a = _unpack_operand(words, zz_cur[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
             d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
             acc += d * s_cur[:, None]
