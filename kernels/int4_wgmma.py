@@ -299,6 +299,133 @@ if HAVE_GLUON:
                      total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    @gluon.jit
+    def _sk_cta_of(s, P, W):
+        """The program whose stream-K range [p W // P, (p + 1) W // P) holds global step s."""
+        return ((s + 1) * P + W - 1) // W - 1
+
+    @gluon.jit
+    def _sk_issue(w_desc, x_desc, bar, w_buf, x_buf, s, ok, spt, tiles_n, KS: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_M: gl.constexpr):
+        """TMA of global step s's words [KS / 8, BLOCK_N] and x tile [BLOCK_M, KS] into one ring slot."""
+        tile = s // spt
+        k0 = (s % spt) * KS
+        mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(w_desc, [k0 // 8, (tile % tiles_n) * BLOCK_N], bar, w_buf, pred=ok)
+        tma.async_copy_global_to_shared(x_desc, [(tile // tiles_n) * BLOCK_M, k0], bar, x_buf, pred=ok)
+
+    @gluon.jit
+    def _int4_wgr_sk_kernel(
+        w_desc, x_desc, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+        M, N, K, W, spt, tiles_n, MAXC,
+        stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
+        GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr,
+    ):
+        """Persistent stream-K wgr: program p runs global steps [p W // P, (p + 1) W // P) of the W = tiles x spt
+        (tile, K step) sequence, tile-major, through one TMA ring of words and x tiles; a tile's partial sums from
+        its (at most MAXC) programs meet in the workspace, summed in program order by the last to arrive."""
+        NUM_WARPS: gl.constexpr = gl.num_warps()
+        BF16: gl.constexpr = x_desc.dtype == gl.bfloat16
+        dt: gl.constexpr = x_desc.dtype
+        WL: gl.constexpr = _word_layout(BLOCK_N, KS, NUM_WARPS)
+        WLT: gl.constexpr = _word_layout_t(BLOCK_N, KS, NUM_WARPS)
+        ZL: gl.constexpr = gl.SliceLayout(1, WL)
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        XL: gl.constexpr = _x_layout(BLOCK_M, KS, NUM_WARPS)
+        XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, KS], dt)
+        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+        COL: gl.constexpr = gl.SliceLayout(0, MMA)
+
+        pid = gl.program_id(0)
+        P = gl.num_programs(0)
+        s_lo = (pid * W) // P
+        s_hi = ((pid + 1) * W) // P
+
+        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KS // 8, BLOCK_N], w_desc.layout)
+        xr_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, KS], x_desc.layout)
+        x_smem = gl.allocate_shared_memory(dt, [2, BLOCK_M, KS], XS)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
+        for i in gl.static_range(STAGES - 1):
+            _sk_issue(w_desc, x_desc, bars.index(i), w_smem.index(i), xr_smem.index(i), s_lo + i, s_lo + i < s_hi,
+                      spt, tiles_n, KS, BLOCK_N, BLOCK_M)
+
+        nr = gl.arange(0, BLOCK_N, layout=ROW)
+        nz = gl.arange(0, BLOCK_N, layout=ZL)
+        mr = gl.arange(0, BLOCK_M, layout=COL)
+        tile = s_lo // spt
+        rn = (tile % tiles_n) * BLOCK_N + nr
+        g = ((s_lo % spt) * KS) // GROUP
+        sv = gl.load(s_ptr + rn * stride_sn + g * stride_sg, mask=rn < N, other=0.0)
+        zn = (tile % tiles_n) * BLOCK_N + nz
+        zz = _zero_pairs(z_ptr, zn, zn < N, g, stride_zn, stride_zg, HAS_ZEROS, BF16, ZL, BLOCK_N)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+        zero_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+        for i in range(s_hi - s_lo):
+            s = s_lo + i
+            tile = s // spt
+            ks = s % spt
+            slot = i % STAGES
+            s_cur = sv.to(gl.float32)
+            zz_cur = zz
+            # the next step's scales and zeros (its tile may be the next one)
+            nt = (s + 1) // spt
+            g = (((s + 1) % spt) * KS) // GROUP
+            rn_n = (nt % tiles_n) * BLOCK_N + nr
+            sv = gl.load(s_ptr + rn_n * stride_sn + g * stride_sg, mask=(rn_n < N) & (s + 1 < s_hi), other=0.0)
+            zn = (nt % tiles_n) * BLOCK_N + nz
+            zz = _zero_pairs(z_ptr, zn, (zn < N) & (s + 1 < s_hi), g, stride_zn, stride_zg, HAS_ZEROS, BF16, ZL,
+                             BLOCK_N)
+            mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+            xb = x_smem.index(i % 2)
+            xb.store(_x_dot_order(xr_smem.index(slot).load(XL), BLOCK_M, KS))
+            words = gl.convert_layout(gl.permute(w_smem.index(slot).load(WLT), (1, 0)), WL, assert_trivial=True)
+            fence_async_shared()
+            gl.thread_barrier()  # x^T stored by every warp; every warp done with step i - 1 and this slot's loads
+            nxt = s + STAGES - 1
+            ns = (i + STAGES - 1) % STAGES
+            _sk_issue(w_desc, x_desc, bars.index(ns), w_smem.index(ns), xr_smem.index(ns), nxt, nxt < s_hi,
+                      spt, tiles_n, KS, BLOCK_N, BLOCK_M)
+            a = _unpack_operand(words, zz_cur[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
+            d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
+            acc += d * s_cur[:, None]
+            if (ks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
+                rn = (tile % tiles_n) * BLOCK_N + nr
+                om = (tile // tiles_n) * BLOCK_M + mr
+                mask = (rn < N)[:, None] & (om < M)[None, :]
+                c_lo = _sk_cta_of(tile * spt, P, W)
+                n_c = _sk_cta_of(tile * spt + spt - 1, P, W) - c_lo + 1
+                if n_c == 1:
+                    total = acc
+                    last = True
+                else:
+                    offs = gl.arange(0, BLOCK_N, layout=ROW)[:, None] * BLOCK_M + mr[None, :]
+                    base = part_ptr + tile.to(gl.int64) * MAXC * BLOCK_N * BLOCK_M
+                    gl.store(base + (pid - c_lo) * BLOCK_N * BLOCK_M + offs, acc)
+                    gl.thread_barrier()  # every thread's partial before the (release) arrival
+                    arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+                    last = arrived == n_c - 1
+                    total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+                    if last:
+                        for c in range(n_c):
+                            total += gl.load(base + c * BLOCK_N * BLOCK_M + offs, cache_modifier=".cg")
+                        gl.atomic_xchg(cnt_ptr + tile, 0)
+                if last:
+                    if HAS_BIAS:
+                        total += gl.load(b_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[:, None]
+                    gl.store(out_ptr + om[None, :] * stride_om + rn[:, None] * stride_on,
+                             total.to(out_ptr.dtype.element_ty), mask=mask)
+                acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+
 # --------------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------------
@@ -379,6 +506,9 @@ def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_p
         x = x.contiguous()
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     desc = TensorDescriptor.from_tensor(qweight.t(), [ks // 8, bn], layout)
+    if int(cfg.get("STREAM", 0)):
+        return _launch_stream_k(desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn,
+                                warps, ks)
     if part is None:
         part, counters = out, out  # never touched with SPLIT_K=1
     grid = (triton_cdiv(N, bn), split, triton_cdiv(M, bm))
@@ -393,3 +523,38 @@ def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_p
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def sk_partition(W: int, P: int, spt: int) -> tuple[list[int], int]:
+    """Stream-K bookkeeping (the kernel's, in Python): per tile the number of programs whose step range
+    [p W // P, (p + 1) W // P) meets it, and the largest such number (the workspace's MAXC)."""
+    def cta_of(s):
+        return ((s + 1) * P + W - 1) // W - 1
+    counts = [cta_of(t * spt + spt - 1) - cta_of(t * spt) + 1 for t in range(W // spt)]
+    return counts, max(counts, default=1)
+
+
+def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn, warps, ks):
+    from .host import sm_count
+    from .workspace import arrival_counters
+
+    if not x.is_contiguous() or x.data_ptr() % 16:  # the x tiles' TMA: K % 8 == 0, so rows are 16-byte aligned
+        x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)
+    x_desc = TensorDescriptor.from_tensor(x, [bm, ks], gl.NVMMASharedLayout.get_default_for([bm, ks], _GL_DTYPE[x.dtype]))
+    tiles_n, tiles_m = triton_cdiv(N, bn), triton_cdiv(M, bm)
+    spt = triton_cdiv(K, ks)
+    W = tiles_n * tiles_m * spt
+    P = max(1, min(W, int(cfg.get("CTAS_PER_SM", 3)) * sm_count(x.device)))
+    # the most programs one tile can meet: a tile's spt steps over ranges of >= W // P steps each
+    maxc = min(P, triton_cdiv(spt, max(1, W // P)) + 1)
+    part = torch.empty((tiles_n * tiles_m, maxc, bn * bm), dtype=torch.float32, device=x.device)
+    counters = arrival_counters(x.device, tiles_n * tiles_m)
+    _int4_wgr_sk_kernel[(P,)](
+        w_desc, x_desc, scales, z, b, out, part, counters, M, N, K, W, spt, tiles_n, maxc,
+        scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
+        GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, KS=ks,
+        STAGES=int(cfg.get("num_stages", 4)), num_warps=warps)
+    return out
+
+
+_GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16} if HAVE_GLUON else {}

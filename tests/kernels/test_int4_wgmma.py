@@ -55,6 +55,23 @@ def test_wgr_orders_agree(word, ks):
     assert torch.equal(wg._emulate_x(x, ks)[0].long(), order)
 
 
+@settings(max_examples=200, deadline=None)
+@given(spt=st.integers(1, 120), tiles=st.integers(1, 300), p=st.integers(1, 700))
+def test_wgr_stream_k_partition(spt, tiles, p):
+    """Stream-K: the programs' step ranges [p W // P, (p + 1) W // P) partition the W steps, each tile's programs are
+    counted as the kernel counts them (the range of the programs holding its first and last step), and the
+    launcher's workspace (MAXC partials per tile) holds them all."""
+    W = spt * tiles
+    P = min(p, W)
+    counts, most = wg.sk_partition(W, P, spt)
+    ranges = [(c * W // P, (c + 1) * W // P) for c in range(P)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == W and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    for t in range(tiles):
+        meet = [c for c, (lo, hi) in enumerate(ranges) if lo < (t + 1) * spt and hi > t * spt]
+        assert counts[t] == len(meet) and meet == list(range(meet[0], meet[0] + len(meet)))
+    assert most <= min(P, -(-spt // max(1, W // P)) + 1)
+
+
 def test_wgr_in_small_m_candidates_only_for_groups_of_32_and_more():
     for M in (1, 4, 16):
         wgr = [c for c in candidate_configs(M, 14336, 4096, 128) if c["impl"] == "wgr"]
@@ -124,8 +141,9 @@ def test_wgr_gpu_candidates(M, asym, dtype):
     x = torch.randn(M, K, dtype=dtype, device="cuda")
     bias = torch.randn(N, dtype=dtype, device="cuda")
     cands = [c for c in candidate_configs(M, 14336, 4096, g) if c["impl"] == "wgr"]
-    if dtype == torch.float16:  # the fp16 unpack differs only in its constants: two tiles
-        cands = cands[:2]
+    assert any(c.get("STREAM") for c in cands)
+    if dtype == torch.float16:  # the fp16 unpack differs only in its constants: two tiles of each kernel
+        cands = cands[:2] + [c for c in cands if c.get("STREAM")][:2]
     _check_twice(cands + [{**cands[0], "SPLIT_K": 1}], x, qweight, scales, zeros, g, bias)
 
 
@@ -141,7 +159,10 @@ def test_wgr_gpu_group_sizes_and_row_tiles(M, g, asym):
     x = torch.randn(M, K, dtype=dtype, device="cuda")
     bias = torch.randn(N, dtype=dtype, device="cuda")
     base = {**WGR, "BLOCK_M": 8 if M <= 8 else 16, "BLOCK_K": min(g, 128), "BLOCK_N": 128}
-    _check_twice([base, {**base, "SPLIT_K": 3}], x, qweight, scales, zeros, g, bias)
+    stream = {**base, "STREAM": 1, "SPLIT_K": 1}
+    # stream-K with 1 program per SM (tiles of several programs) and 40 (programs of a few steps, many idle)
+    _check_twice([base, {**base, "SPLIT_K": 3}, {**stream, "CTAS_PER_SM": 1}, {**stream, "CTAS_PER_SM": 40}],
+                 x, qweight, scales, zeros, g, bias)
 
 
 @pytest.mark.gpu
