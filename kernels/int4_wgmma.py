@@ -169,16 +169,25 @@ if HAVE_GLUON:
         return gl.reshape(t, [BLOCK_M, KS])
 
     @gluon.jit
-    def _zero_pairs(z_ptr, rn, rn_ok, g, stride_zn, stride_zg, HAS_ZEROS: gl.constexpr, BF16: gl.constexpr,
-                    ZL: gl.constexpr, BLOCK_N: gl.constexpr):
+    def _load_zeros(z_ptr, rn, rn_ok, g, stride_zn, stride_zg, HAS_ZEROS: gl.constexpr, ZL: gl.constexpr,
+                    BLOCK_N: gl.constexpr):
+        """The rows' zero points of group g as stored (a constant without zero points); _zero_pairs converts them
+        where they are used, a step later, so that the load's latency is not waited on at once."""
+        if HAS_ZEROS:
+            return gl.load(z_ptr + rn * stride_zn + g * stride_zg, mask=rn_ok, other=0.0)
+        else:
+            return gl.zeros([BLOCK_N], gl.float32, layout=ZL)
+
+    @gluon.jit
+    def _zero_pairs(z, HAS_ZEROS: gl.constexpr, BF16: gl.constexpr):
         """[BLOCK_N] int32: the pair of 16-bit floats each row's unpack subtracts: (z, z) with zero points (z rounded
         to x's dtype once), else (B + 8, B + 8)."""
-        if HAS_ZEROS:
-            zf = gl.load(z_ptr + rn * stride_zn + g * stride_zg, mask=rn_ok, other=0.0).to(gl.float32)
-        elif BF16:
-            zf = gl.full([BLOCK_N], 136.0, gl.float32, layout=ZL)
-        else:
-            zf = gl.full([BLOCK_N], 1032.0, gl.float32, layout=ZL)
+        zf = z.to(gl.float32)
+        if not HAS_ZEROS:
+            if BF16:
+                zf = zf + 136.0
+            else:
+                zf = zf + 1032.0
         if BF16:
             bits = zf.to(gl.bfloat16).to(gl.int16, bitcast=True)
         else:
@@ -240,7 +249,7 @@ if HAVE_GLUON:
         xv = gl.load(x_rows + kx[None, :] * stride_xk, mask=x_ok & (kx < k_hi)[None, :], other=0.0)
         g = k_lo // GROUP
         sv = gl.load(s_ptr + rn * stride_sn + g * stride_sg, mask=rn_ok, other=0.0)
-        zz = _zero_pairs(z_ptr, zn, zn < N, g, stride_zn, stride_zg, HAS_ZEROS, BF16, ZL, BLOCK_N)
+        zv = _load_zeros(z_ptr, zn, zn < N, g, stride_zn, stride_zg, HAS_ZEROS, ZL, BLOCK_N)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
         zero_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
         for i in range(steps):
@@ -249,13 +258,13 @@ if HAVE_GLUON:
             xb = x_smem.index(i % 2)
             xb.store(_x_dot_order(xv, BLOCK_M, KS))
             s_cur = sv.to(gl.float32)
-            zz_cur = zz
+            zz_cur = _zero_pairs(zv, HAS_ZEROS, BF16)
             # the next step's x, scales and zeros in flight while this one is unpacked
             kx = k0 + KS + xk
             xv = gl.load(x_rows + kx[None, :] * stride_xk, mask=x_ok & (kx < k_hi)[None, :], other=0.0)
             g = gl.minimum(k0 + KS, K - 1) // GROUP
             sv = gl.load(s_ptr + rn * stride_sn + g * stride_sg, mask=rn_ok, other=0.0)
-            zz = _zero_pairs(z_ptr, zn, zn < N, g, stride_zn, stride_zg, HAS_ZEROS, BF16, ZL, BLOCK_N)
+            zv = _load_zeros(z_ptr, zn, zn < N, g, stride_zn, stride_zg, HAS_ZEROS, ZL, BLOCK_N)
             fence_async_shared()
             gl.thread_barrier()  # x^T stored by every warp; every warp is done with step i - 1 (its ring slot)
             nxt = i + STAGES - 1
@@ -363,7 +372,7 @@ if HAVE_GLUON:
         g = ((s_lo % spt) * KS) // GROUP
         sv = gl.load(s_ptr + rn * stride_sn + g * stride_sg, mask=rn < N, other=0.0)
         zn = (tile % tiles_n) * BLOCK_N + nz
-        zz = _zero_pairs(z_ptr, zn, zn < N, g, stride_zn, stride_zg, HAS_ZEROS, BF16, ZL, BLOCK_N)
+        zv = _load_zeros(z_ptr, zn, zn < N, g, stride_zn, stride_zg, HAS_ZEROS, ZL, BLOCK_N)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
         zero_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
         for i in range(s_hi - s_lo):
@@ -372,15 +381,14 @@ if HAVE_GLUON:
             ks = s % spt
             slot = i % STAGES
             s_cur = sv.to(gl.float32)
-            zz_cur = zz
+            zz_cur = _zero_pairs(zv, HAS_ZEROS, BF16)
             # the next step's scales and zeros (its tile may be the next one)
             nt = (s + 1) // spt
             g = (((s + 1) % spt) * KS) // GROUP
             rn_n = (nt % tiles_n) * BLOCK_N + nr
             sv = gl.load(s_ptr + rn_n * stride_sn + g * stride_sg, mask=(rn_n < N) & (s + 1 < s_hi), other=0.0)
             zn = (nt % tiles_n) * BLOCK_N + nz
-            zz = _zero_pairs(z_ptr, zn, (zn < N) & (s + 1 < s_hi), g, stride_zn, stride_zg, HAS_ZEROS, BF16, ZL,
-                             BLOCK_N)
+            zv = _load_zeros(z_ptr, zn, (zn < N) & (s + 1 < s_hi), g, stride_zn, stride_zg, HAS_ZEROS, ZL, BLOCK_N)
             mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
             xb = x_smem.index(i % 2)
             xb.store(_x_dot_order(xr_smem.index(slot).load(XL), BLOCK_M, KS))
