@@ -1490,10 +1490,12 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             # split-K kernel (M=16 K4096 N14336, 128 x 4 warps x split 3, ffbd0eb): SMs active 75 % of the elapsed
             # cycles (336 programs over 396 slots: 2 or 3 per SM), 37 % of stalls on global loads (x, scales); and
             # in the sweep fewer, longer programs won (per-program fill and split-K tail).
-            for bn, warps, stages, per_sm in ((128, 4, 4, 3), (128, 4, 3, 4), (64, 4, 4, 5), (64, 4, 6, 4),
-                                              (128, 8, 4, 2)):
-                out.append({"impl": "wgr", "STREAM": 1, "BLOCK_M": bm_w, "BLOCK_N": bn, "BLOCK_K": block_k,
-                            "SPLIT_K": 1, "CTAS_PER_SM": per_sm, "num_warps": warps, "num_stages": stages})
+            # PARAM_TMA: scales / zeros through the ring as well (else register loads two steps ahead).
+            for bn, warps, stages, per_sm, param_tma in ((128, 4, 4, 3, 0), (128, 4, 4, 3, 1), (128, 4, 3, 4, 1),
+                                                         (64, 4, 4, 5, 0), (64, 4, 6, 4, 1), (128, 8, 4, 2, 0)):
+                out.append({"impl": "wgr", "STREAM": 1, "PARAM_TMA": param_tma, "BLOCK_M": bm_w, "BLOCK_N": bn,
+                            "BLOCK_K": block_k, "SPLIT_K": 1, "CTAS_PER_SM": per_sm, "num_warps": warps,
+                            "num_stages": stages})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     # the wave-filling splits can repeat a listed tile: time each config once
     return list({tuple(sorted(c.items())): c for c in out}.values())

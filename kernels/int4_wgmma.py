@@ -314,22 +314,53 @@ if HAVE_GLUON:
         return ((s + 1) * P + W - 1) // W - 1
 
     @gluon.jit
-    def _sk_issue(w_desc, x_desc, bar, w_buf, x_buf, s, ok, spt, tiles_n, KS: gl.constexpr, BLOCK_N: gl.constexpr,
-                  BLOCK_M: gl.constexpr):
-        """TMA of global step s's words [KS / 8, BLOCK_N] and x tile [BLOCK_M, KS] into one ring slot."""
+    def _sk_issue(w_desc, x_desc, s_desc, z_desc, bar, w_buf, x_buf, s_buf, z_buf, s, ok, spt, tiles_n,
+                  GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, KS: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_M: gl.constexpr, PARAM_TMA: gl.constexpr):
+        """TMA of global step s's words [KS / 8, BLOCK_N], x tile [BLOCK_M, KS] and the group's scales (and zeros)
+        [1, BLOCK_N] into one ring slot: no global load in the loop is waited on by the warps."""
         tile = s // spt
         k0 = (s % spt) * KS
-        mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=ok)
-        tma.async_copy_global_to_shared(w_desc, [k0 // 8, (tile % tiles_n) * BLOCK_N], bar, w_buf, pred=ok)
+        n0 = (tile % tiles_n) * BLOCK_N
+        if PARAM_TMA and HAS_ZEROS:
+            mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes + s_desc.block_type.nbytes
+                            + z_desc.block_type.nbytes, pred=ok)
+        elif PARAM_TMA:
+            mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes + s_desc.block_type.nbytes,
+                            pred=ok)
+        else:
+            mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(w_desc, [k0 // 8, n0], bar, w_buf, pred=ok)
         tma.async_copy_global_to_shared(x_desc, [(tile // tiles_n) * BLOCK_M, k0], bar, x_buf, pred=ok)
+        if PARAM_TMA:
+            tma.async_copy_global_to_shared(s_desc, [k0 // GROUP, n0], bar, s_buf, pred=ok)
+            if HAS_ZEROS:
+                tma.async_copy_global_to_shared(z_desc, [k0 // GROUP, n0], bar, z_buf, pred=ok)
+
+    @gluon.jit
+    def _sk_params(s_ptr, z_ptr, s, s_hi, spt, tiles_n, N, nr, nz, stride_sn, stride_sg, stride_zn, stride_zg,
+                   GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, KS: gl.constexpr, BLOCK_N: gl.constexpr,
+                   ZL: gl.constexpr, PARAM_TMA: gl.constexpr):
+        """Global step s's scales (MMA row layout) and zeros (word layout), loaded (masked past s_hi); dummies
+        with PARAM_TMA (the ring carries them)."""
+        if PARAM_TMA:
+            return gl.zeros_like(nr.to(gl.float32)), gl.zeros_like(nz.to(gl.float32))
+        else:
+            tile = s // spt
+            g = ((s % spt) * KS) // GROUP
+            rn = (tile % tiles_n) * BLOCK_N + nr
+            sv = gl.load(s_ptr + rn * stride_sn + g * stride_sg, mask=(rn < N) & (s < s_hi), other=0.0)
+            zn = (tile % tiles_n) * BLOCK_N + nz
+            zv = _load_zeros(z_ptr, zn, (zn < N) & (s < s_hi), g, stride_zn, stride_zg, HAS_ZEROS, ZL, BLOCK_N)
+            return sv, zv
 
     @gluon.jit
     def _int4_wgr_sk_kernel(
-        w_desc, x_desc, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
-        M, N, K, W, spt, tiles_n, MAXC,
-        stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
+        w_desc, x_desc, s_desc, z_desc, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+        M, N, K, W, spt, tiles_n, MAXC, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
         GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr,
+        PARAM_TMA: gl.constexpr,
     ):
         """Persistent stream-K wgr: program p runs global steps [p W // P, (p + 1) W // P) of the W = tiles x spt
         (tile, K step) sequence, tile-major, through one TMA ring of words and x tiles; a tile's partial sums from
@@ -356,23 +387,25 @@ if HAVE_GLUON:
         w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KS // 8, BLOCK_N], w_desc.layout)
         xr_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, KS], x_desc.layout)
         x_smem = gl.allocate_shared_memory(dt, [2, BLOCK_M, KS], XS)
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, BLOCK_N], s_desc.layout)
+        z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES if HAS_ZEROS else 1, 1, BLOCK_N], z_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         fence_async_shared()
         for i in gl.static_range(STAGES - 1):
-            _sk_issue(w_desc, x_desc, bars.index(i), w_smem.index(i), xr_smem.index(i), s_lo + i, s_lo + i < s_hi,
-                      spt, tiles_n, KS, BLOCK_N, BLOCK_M)
+            _sk_issue(w_desc, x_desc, s_desc, z_desc, bars.index(i), w_smem.index(i), xr_smem.index(i),
+                      s_smem.index(i), z_smem.index(i if HAS_ZEROS else 0), s_lo + i, s_lo + i < s_hi, spt, tiles_n,
+                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA)
 
         nr = gl.arange(0, BLOCK_N, layout=ROW)
         nz = gl.arange(0, BLOCK_N, layout=ZL)
         mr = gl.arange(0, BLOCK_M, layout=COL)
-        tile = s_lo // spt
-        rn = (tile % tiles_n) * BLOCK_N + nr
-        g = ((s_lo % spt) * KS) // GROUP
-        sv = gl.load(s_ptr + rn * stride_sn + g * stride_sg, mask=rn < N, other=0.0)
-        zn = (tile % tiles_n) * BLOCK_N + nz
-        zv = _load_zeros(z_ptr, zn, zn < N, g, stride_zn, stride_zg, HAS_ZEROS, ZL, BLOCK_N)
+        # without PARAM_TMA: scales and zeros by register loads two steps ahead of their use
+        sv1, zv1 = _sk_params(s_ptr, z_ptr, s_lo, s_hi, spt, tiles_n, N, nr, nz, stride_sn, stride_sg, stride_zn,
+                              stride_zg, GROUP, HAS_ZEROS, KS, BLOCK_N, ZL, PARAM_TMA)
+        sv2, zv2 = _sk_params(s_ptr, z_ptr, s_lo + 1, s_hi, spt, tiles_n, N, nr, nz, stride_sn, stride_sg, stride_zn,
+                              stride_zg, GROUP, HAS_ZEROS, KS, BLOCK_N, ZL, PARAM_TMA)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
         zero_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
         for i in range(s_hi - s_lo):
@@ -380,16 +413,19 @@ if HAVE_GLUON:
             tile = s // spt
             ks = s % spt
             slot = i % STAGES
-            s_cur = sv.to(gl.float32)
-            zz_cur = _zero_pairs(zv, HAS_ZEROS, BF16)
-            # the next step's scales and zeros (its tile may be the next one)
-            nt = (s + 1) // spt
-            g = (((s + 1) % spt) * KS) // GROUP
-            rn_n = (nt % tiles_n) * BLOCK_N + nr
-            sv = gl.load(s_ptr + rn_n * stride_sn + g * stride_sg, mask=(rn_n < N) & (s + 1 < s_hi), other=0.0)
-            zn = (nt % tiles_n) * BLOCK_N + nz
-            zv = _load_zeros(z_ptr, zn, (zn < N) & (s + 1 < s_hi), g, stride_zn, stride_zg, HAS_ZEROS, ZL, BLOCK_N)
             mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+            if PARAM_TMA:
+                s_cur = s_smem.index(slot).reshape([BLOCK_N]).load(ROW).to(gl.float32)
+                if HAS_ZEROS:
+                    zz_cur = _zero_pairs(z_smem.index(slot).reshape([BLOCK_N]).load(ZL), True, BF16)
+                else:
+                    zz_cur = _zero_pairs(gl.zeros([BLOCK_N], gl.float32, layout=ZL), False, BF16)
+            else:
+                s_cur = sv1.to(gl.float32)
+                zz_cur = _zero_pairs(zv1, HAS_ZEROS, BF16)
+                sv1, zv1 = sv2, zv2
+                sv2, zv2 = _sk_params(s_ptr, z_ptr, s + 2, s_hi, spt, tiles_n, N, nr, nz, stride_sn, stride_sg,
+                                      stride_zn, stride_zg, GROUP, HAS_ZEROS, KS, BLOCK_N, ZL, PARAM_TMA)
             xb = x_smem.index(i % 2)
             xb.store(_x_dot_order(xr_smem.index(slot).load(XL), BLOCK_M, KS))
             words = gl.convert_layout(gl.permute(w_smem.index(slot).load(WLT), (1, 0)), WL, assert_trivial=True)
@@ -397,8 +433,9 @@ if HAVE_GLUON:
             gl.thread_barrier()  # x^T stored by every warp; every warp done with step i - 1 and this slot's loads
             nxt = s + STAGES - 1
             ns = (i + STAGES - 1) % STAGES
-            _sk_issue(w_desc, x_desc, bars.index(ns), w_smem.index(ns), xr_smem.index(ns), nxt, nxt < s_hi,
-                      spt, tiles_n, KS, BLOCK_N, BLOCK_M)
+            _sk_issue(w_desc, x_desc, s_desc, z_desc, bars.index(ns), w_smem.index(ns), xr_smem.index(ns),
+                      s_smem.index(ns), z_smem.index(ns if HAS_ZEROS else 0), nxt, nxt < s_hi, spt, tiles_n,
+                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA)
             a = _unpack_operand(words, zz_cur[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
             d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
             acc += d * s_cur[:, None]
@@ -549,6 +586,11 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
     if not x.is_contiguous() or x.data_ptr() % 16:  # the x tiles' TMA: K % 8 == 0, so rows are 16-byte aligned
         x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)
     x_desc = TensorDescriptor.from_tensor(x, [bm, ks], gl.NVMMASharedLayout.get_default_for([bm, ks], _GL_DTYPE[x.dtype]))
+    # PARAM_TMA: scales and zeros through the ring too (each TMA copy costs the loop a CTA barrier: Gluon orders
+    # the ops on a slot's mbarrier with bar.sync); else register loads two steps ahead
+    param_tma = bool(int(cfg.get("PARAM_TMA", 0)))
+    s_desc = _row_desc(scales, bn) if param_tma else x_desc
+    z_desc = _row_desc(z, bn) if param_tma and has_zeros else s_desc
     tiles_n, tiles_m = triton_cdiv(N, bn), triton_cdiv(M, bm)
     spt = triton_cdiv(K, ks)
     W = tiles_n * tiles_m * spt
@@ -558,11 +600,23 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
     part = torch.empty((tiles_n * tiles_m, maxc, bn * bm), dtype=torch.float32, device=x.device)
     counters = arrival_counters(x.device, tiles_n * tiles_m)
     _int4_wgr_sk_kernel[(P,)](
-        w_desc, x_desc, scales, z, b, out, part, counters, M, N, K, W, spt, tiles_n, maxc,
+        w_desc, x_desc, s_desc, z_desc, scales, z, b, out, part, counters, M, N, K, W, spt, tiles_n, maxc,
         scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, KS=ks,
-        STAGES=int(cfg.get("num_stages", 4)), num_warps=warps)
+        STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, num_warps=warps)
     return out
 
 
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16} if HAVE_GLUON else {}
+
+
+def _row_desc(t: torch.Tensor, bn: int):
+    """TMA descriptor of per-group rows (scales or zeros, logical [N, K / g]) as [K / g, N] boxes of [1, bn]; a copy
+    in that storage when the tensor is not already N-contiguous with 16-byte aligned rows (a cost per call)."""
+    v = t.t()
+    if v.stride(1) != 1 or (v.stride(0) * v.element_size()) % 16 or v.data_ptr() % 16:
+        n = v.shape[1]
+        pad = -(-n * v.element_size() // 16) * 16 // v.element_size()
+        v = torch.zeros((v.shape[0], pad), dtype=v.dtype, device=v.device)[:, :n].copy_(v)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=v.element_size() * 8, rank=2)
+    return TensorDescriptor(v, list(v.shape), list(v.stride()), [1, bn], layout)

@@ -521,7 +521,8 @@ CASES = [
         "impl": "wgr", "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 4, "num_warps": 8, "num_stages": 8}),
          selected=False, no_spill=True, expect={"_int4_wgr_kernel": ("wgmma", "tma")}),
     Case("int4 M16 wgr stream-K 128 zeros+bias", _int4(16, zeros=True, bias=True, config={
-        "impl": "wgr", "STREAM": 1, "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "CTAS_PER_SM": 3,
+        "impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1,
+        "CTAS_PER_SM": 3,
         "num_warps": 4, "num_stages": 4}), selected=False, no_spill=True, expect={"_int4_wgr_sk_kernel": ("wgmma", "tma")}),
     Case("int4 M1 wgr stream-K 64 g64", _int4(1, group=64, config={
         "impl": "wgr", "STREAM": 1, "BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, "CTAS_PER_SM": 5,
