@@ -1496,6 +1496,12 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                 out.append({"impl": "wgr", "STREAM": 1, "PARAM_TMA": param_tma, "BLOCK_M": bm_w, "BLOCK_N": bn,
                             "BLOCK_K": block_k, "SPLIT_K": 1, "CTAS_PER_SM": per_sm, "num_warps": warps,
                             "num_stages": stages})
+            # WS: the same stream-K kernel with a one-warp TMA producer (PARAM_TMA's ring) and the warpgroup as
+            # consumer, released slot by slot through empty mbarriers: none of the CTA-wide barriers Gluon places
+            # around each TMA issue (6 bar.sync a step at PARAM_TMA, offline) on the consumers' path.
+            for stages, per_sm in ((4, 3), (3, 4), (5, 3)):
+                out.append({"impl": "wgr", "STREAM": 1, "WS": 1, "BLOCK_M": bm_w, "BLOCK_N": 128, "BLOCK_K": block_k,
+                            "SPLIT_K": 1, "CTAS_PER_SM": per_sm, "num_warps": 4, "num_stages": stages})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     # the wave-filling splits can repeat a listed tile: time each config once
     return list({tuple(sorted(c.items())): c for c in out}.values())

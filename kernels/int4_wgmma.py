@@ -338,6 +338,141 @@ if HAVE_GLUON:
                 tma.async_copy_global_to_shared(z_desc, [k0 // GROUP, n0], bar, z_buf, pred=ok)
 
     @gluon.jit
+    def _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
+                  stride_om, stride_on, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                  MMA: gl.constexpr):
+        """A program's partial sum of `tile` at the end of its segment: the output if it ran the whole tile, else
+        its workspace slot (index among the tile's programs), and the last of them to arrive sums the slots in
+        program order, adds the bias, writes the output and re-arms the tile's counter."""
+        rn = (tile % tiles_n) * BLOCK_N + nr
+        om = (tile // tiles_n) * BLOCK_M + mr
+        mask = (rn < N)[:, None] & (om < M)[None, :]
+        c_lo = _sk_cta_of(tile * spt, P, W)
+        n_c = _sk_cta_of(tile * spt + spt - 1, P, W) - c_lo + 1
+        if n_c == 1:
+            total = acc
+            last = True
+        else:
+            offs = nr[:, None] * BLOCK_M + mr[None, :]
+            base = part_ptr + tile.to(gl.int64) * MAXC * BLOCK_N * BLOCK_M
+            gl.store(base + (pid - c_lo) * BLOCK_N * BLOCK_M + offs, acc)
+            gl.thread_barrier()  # every thread's partial before the (release) arrival
+            arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            last = arrived == n_c - 1
+            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+            if last:
+                for c in range(n_c):
+                    total += gl.load(base + c * BLOCK_N * BLOCK_M + offs, cache_modifier=".cg")
+                gl.atomic_xchg(cnt_ptr + tile, 0)
+        if last:
+            if HAS_BIAS:
+                total += gl.load(b_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[:, None]
+            gl.store(out_ptr + om[None, :] * stride_om + rn[:, None] * stride_on, total.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+
+    @gluon.jit
+    def _sk_producer(w_desc, x_desc, s_desc, z_desc, w_smem, xr_smem, s_smem, z_smem, ready, empty, W, spt, tiles_n,
+                     GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, KS: gl.constexpr, BLOCK_N: gl.constexpr,
+                     BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """WS's load partition (one warp): the program's steps' TMA copies into the ring, each slot once the
+        consumers have released it (empty[slot]; the first round's waits pass on a fresh barrier's phase)."""
+        pid = gl.program_id(0)
+        P = gl.num_programs(0)
+        s_lo = (pid * W) // P
+        s_hi = ((pid + 1) * W) // P
+        for i in range(s_hi - s_lo):
+            slot = i % STAGES
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            _sk_issue(w_desc, x_desc, s_desc, z_desc, ready.index(slot), w_smem.index(slot), xr_smem.index(slot),
+                      s_smem.index(slot), z_smem.index(slot if HAS_ZEROS else 0), s_lo + i, True, spt, tiles_n,
+                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, True)
+
+    @gluon.jit
+    def _sk_consumer(x_desc, w_smem, xr_smem, x_smem, s_smem, z_smem, ready, empty, b_ptr, out_ptr, part_ptr,
+                     cnt_ptr, M, N, W, spt, tiles_n, MAXC, stride_om, stride_on,
+                     HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """WS's default partition (one warpgroup): per step, wait for the slot, read its words / x / scales /
+        zeros, release it, then unpack, wgmma and the stream-K flush, with no TMA issue (and none of the CTA-wide
+        barriers Gluon puts around it) on its path."""
+        BF16: gl.constexpr = x_desc.dtype == gl.bfloat16
+        WL: gl.constexpr = _word_layout(BLOCK_N, KS, NUM_WARPS)
+        WLT: gl.constexpr = _word_layout_t(BLOCK_N, KS, NUM_WARPS)
+        ZL: gl.constexpr = gl.SliceLayout(1, WL)
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        XL: gl.constexpr = _x_layout(BLOCK_M, KS, NUM_WARPS)
+        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+        COL: gl.constexpr = gl.SliceLayout(0, MMA)
+        pid = gl.program_id(0)
+        P = gl.num_programs(0)
+        s_lo = (pid * W) // P
+        s_hi = ((pid + 1) * W) // P
+        nr = gl.arange(0, BLOCK_N, layout=ROW)
+        mr = gl.arange(0, BLOCK_M, layout=COL)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+        zero_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+        for i in range(s_hi - s_lo):
+            s = s_lo + i
+            tile = s // spt
+            ks = s % spt
+            slot = i % STAGES
+            mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+            s_cur = s_smem.index(slot).reshape([BLOCK_N]).load(ROW).to(gl.float32)
+            if HAS_ZEROS:
+                zz_cur = _zero_pairs(z_smem.index(slot).reshape([BLOCK_N]).load(ZL), True, BF16)
+            else:
+                zz_cur = _zero_pairs(gl.zeros([BLOCK_N], gl.float32, layout=ZL), False, BF16)
+            xb = x_smem.index(i % 2)
+            xb.store(_x_dot_order(xr_smem.index(slot).load(XL), BLOCK_M, KS))
+            words = gl.convert_layout(gl.permute(w_smem.index(slot).load(WLT), (1, 0)), WL, assert_trivial=True)
+            fence_async_shared()
+            gl.thread_barrier()  # the warpgroup's x^T stores done, and its reads of this slot
+            mbarrier.arrive(empty.index(slot), count=1)
+            a = _unpack_operand(words, zz_cur[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
+            d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
+            acc += d * s_cur[:, None]
+            if (ks == spt - 1) | (s == s_hi - 1):
+                _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
+                          stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA)
+                acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+
+    @gluon.jit
+    def _int4_wgr_ws_kernel(
+        w_desc, x_desc, s_desc, z_desc, b_ptr, out_ptr, part_ptr, cnt_ptr,
+        M, N, K, W, spt, tiles_n, MAXC, stride_om, stride_on,
+        GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr,
+        NUM_WARPS: gl.constexpr,
+    ):
+        """Stream-K wgr, warp-specialised: a one-warp partition issues the TMA ring (words, x, scales, zeros) and the
+        warpgroup only consumes it (ready / empty mbarriers per slot)."""
+        dt: gl.constexpr = x_desc.dtype
+        XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, KS], dt)
+        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KS // 8, BLOCK_N], w_desc.layout)
+        xr_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, KS], x_desc.layout)
+        x_smem = gl.allocate_shared_memory(dt, [2, BLOCK_M, KS], XS)
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, BLOCK_N], s_desc.layout)
+        z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES if HAS_ZEROS else 1, 1, BLOCK_N], z_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        fence_async_shared()
+        gl.warp_specialize([
+            (_sk_consumer, (x_desc, w_smem, xr_smem, x_smem, s_smem, z_smem, ready, empty, b_ptr, out_ptr, part_ptr,
+                            cnt_ptr, M, N, W, spt, tiles_n, MAXC, stride_om, stride_on, HAS_ZEROS, HAS_BIAS, BLOCK_M,
+                            BLOCK_N, KS, STAGES, NUM_WARPS)),
+            (_sk_producer, (w_desc, x_desc, s_desc, z_desc, w_smem, xr_smem, s_smem, z_smem, ready, empty, W, spt,
+                            tiles_n, GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, STAGES)),
+        ], [1], [24])
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(i))
+            mbarrier.invalidate(empty.index(i))
+
+    @gluon.jit
     def _sk_params(s_ptr, z_ptr, s, s_hi, spt, tiles_n, N, nr, nz, stride_sn, stride_sg, stride_zn, stride_zg,
                    GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, KS: gl.constexpr, BLOCK_N: gl.constexpr,
                    ZL: gl.constexpr, PARAM_TMA: gl.constexpr):
@@ -440,31 +575,8 @@ if HAVE_GLUON:
             d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
             acc += d * s_cur[:, None]
             if (ks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
-                rn = (tile % tiles_n) * BLOCK_N + nr
-                om = (tile // tiles_n) * BLOCK_M + mr
-                mask = (rn < N)[:, None] & (om < M)[None, :]
-                c_lo = _sk_cta_of(tile * spt, P, W)
-                n_c = _sk_cta_of(tile * spt + spt - 1, P, W) - c_lo + 1
-                if n_c == 1:
-                    total = acc
-                    last = True
-                else:
-                    offs = gl.arange(0, BLOCK_N, layout=ROW)[:, None] * BLOCK_M + mr[None, :]
-                    base = part_ptr + tile.to(gl.int64) * MAXC * BLOCK_N * BLOCK_M
-                    gl.store(base + (pid - c_lo) * BLOCK_N * BLOCK_M + offs, acc)
-                    gl.thread_barrier()  # every thread's partial before the (release) arrival
-                    arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-                    last = arrived == n_c - 1
-                    total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
-                    if last:
-                        for c in range(n_c):
-                            total += gl.load(base + c * BLOCK_N * BLOCK_M + offs, cache_modifier=".cg")
-                        gl.atomic_xchg(cnt_ptr + tile, 0)
-                if last:
-                    if HAS_BIAS:
-                        total += gl.load(b_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[:, None]
-                    gl.store(out_ptr + om[None, :] * stride_om + rn[:, None] * stride_on,
-                             total.to(out_ptr.dtype.element_ty), mask=mask)
+                _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
+                          stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA)
                 acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
 
         for i in gl.static_range(STAGES):
@@ -599,6 +711,17 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
     maxc = min(P, triton_cdiv(spt, max(1, W // P)) + 1)
     part = torch.empty((tiles_n * tiles_m, maxc, bn * bm), dtype=torch.float32, device=x.device)
     counters = arrival_counters(x.device, tiles_n * tiles_m)
+    if int(cfg.get("WS", 0)):
+        _int4_wgr_ws_kernel[(P,)](
+            w_desc, x_desc, _row_desc(scales, bn), _row_desc(z, bn) if has_zeros else x_desc, b, out, part, counters,
+            M, N, K, W, spt, tiles_n, maxc, out.stride(0), out.stride(1),
+            GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, KS=ks,
+            STAGES=int(cfg.get("num_stages", 4)), NUM_WARPS=warps, num_warps=warps,
+            # The register file shared by CTAS_PER_SM programs. Triton pads the one-warp producer partition to a
+            # warpgroup (8 warps a program) and gives the consumers 2 maxnreg - 24 by setmaxnreg; without maxnreg
+            # they would take 248 a thread and one program would fill an SM.
+            maxnreg=max(64, min(128, 65536 // (int(cfg.get("CTAS_PER_SM", 3)) * 32 * (warps + 4)) // 8 * 8)))
+        return out
     _int4_wgr_sk_kernel[(P,)](
         w_desc, x_desc, s_desc, z_desc, scales, z, b, out, part, counters, M, N, K, W, spt, tiles_n, maxc,
         scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),

@@ -143,7 +143,7 @@ def test_wgr_gpu_candidates(M, asym, dtype):
     cands = [c for c in candidate_configs(M, 14336, 4096, g) if c["impl"] == "wgr"]
     assert any(c.get("STREAM") for c in cands)
     if dtype == torch.float16:  # the fp16 unpack differs only in its constants: two tiles of each kernel
-        cands = cands[:2] + [c for c in cands if c.get("STREAM")][:3]
+        cands = cands[:2] + [c for c in cands if c.get("STREAM")][:3] + [c for c in cands if c.get("WS")][:1]
     _check_twice(cands + [{**cands[0], "SPLIT_K": 1}], x, qweight, scales, zeros, g, bias)
 
 
@@ -162,7 +162,8 @@ def test_wgr_gpu_group_sizes_and_row_tiles(M, g, asym):
     stream = {**base, "STREAM": 1, "SPLIT_K": 1}
     # stream-K with 1 program per SM (tiles of several programs) and 40 (programs of a few steps, many idle)
     _check_twice([base, {**base, "SPLIT_K": 3}, {**stream, "CTAS_PER_SM": 1}, {**stream, "CTAS_PER_SM": 40},
-                  {**stream, "CTAS_PER_SM": 3, "PARAM_TMA": 1}], x, qweight, scales, zeros, g, bias)
+                  {**stream, "CTAS_PER_SM": 3, "PARAM_TMA": 1}, {**stream, "CTAS_PER_SM": 3, "WS": 1},
+                  {**stream, "CTAS_PER_SM": 40, "WS": 1, "num_stages": 2}], x, qweight, scales, zeros, g, bias)
 
 
 @pytest.mark.gpu
