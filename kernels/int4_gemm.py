@@ -1231,10 +1231,11 @@ def _pairs_split(split: int, K: int, block_k: int) -> int:
 
 
 def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = False,
-                  x_dtype: Optional[torch.dtype] = None) -> dict:
+                  x_dtype: Optional[torch.dtype] = None, wgr: bool = True) -> dict:
     """The config (a plain dict with "impl") for an [M, K] x int4 [N, K] product with this group size;
     symmetric: the weights have no zero points; x_dtype: x's dtype as the launch sees it (M=1 with bf16 x runs
-    gemv2 PAIRS; None: not bf16)."""
+    gemv2 PAIRS; None: not bf16); wgr: whether the Gluon kernel may be picked (int4_gemm passes False where it
+    cannot run: CPU / interpreter, or weights it does not take, see _table_wgr)."""
     block_k = min(group_size, 128)
     if M <= GEMV_MAX_M:
         variant = gemv_variant()
@@ -1294,6 +1295,10 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
             cfg = {"impl": "tcasm", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": group_size, "SPLIT_K": 4 if N >= 8192
                    else 8, "DIRECT": 2, "num_warps": 4, "num_stages": 3}
         return cfg
+    wgr_cfg = _wgr_pick(M, N, K, group_size) if wgr and x_dtype in (torch.float16, torch.bfloat16) \
+        and gemv_variant() in _PAIRS_VARIANTS else None
+    if wgr_cfg is not None:
+        return wgr_cfg
     if M == 2 and x_dtype == torch.bfloat16 and gemv_variant() in _PAIRS_VARIANTS:
         # Two-row PAIRS (bf16 x, any zero points): each word unpacked once, then both rows' HFMA2 sums. H200 --tune
         # at c0e8a0e (sweeps/rows/gemm_int4-h200.json, weights with zero points): 32 columns x 2 warps x split 8 took
@@ -1318,6 +1323,35 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
                 "SPLIT_K": _split_k(tiles, K, bk, wanted=2 * _SM_COUNT if M > 16 else 4 * _SM_COUNT,
                                     min_k_per_split=512, max_split=8)}
     return {"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": min(block_k, 128), "num_warps": 4}
+
+
+def _wgr_pick(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
+    """The wgr kernel's table (kernels/int4_wgmma.py; 16-bit x, groups >= 32), from the H200 sweeps of 2026-11-30
+    (benchmarks/results/sweeps/wgr*/, bf16 x, group 128, weights with and without zero points; us at K4096 N14336 /
+    K14336 N4096 / 4096^2, bf16 cuBLAS ~30.5 / 32 / 13.3 in the same runs), or None where another kernel wins:
+
+    - M = 3..8 (and M = 2 above 4096 x 8192 weights): stream-K, scales / zeros through the TMA ring, 8 rows, 128
+      columns x 4 warps, 3 stages, 4 programs per SM (sweeps/wgr5, 39ed471): M=4 16.87 / 18.10 / 10.08 with zero
+      points, 15.70 / 17.12 / 9.62 without, against tiled2's 30.47 / 32.09 / 12.88. At M = 2 the two-row PAIRS
+      GEMV took 22.86 / 21.95 / 9.18 (gemm_int4-h200.json, 936f0f6): wgr pads to 8 rows at the same cost as M = 4,
+      so it takes M = 2 except at 4096^2.
+    - M = 9..16: the same kernel with 16 rows, 4 stages, 3 programs per SM: 19.55 / 21.33 with zero points, 18.95 /
+      20.26 without; at 4096^2 and below the split-K wgr (64 columns, one wave of 5 programs per SM) was faster:
+      11.48 / 11.01 (sweeps/wgr3) against the stream-K's 12.5-13.5 and tiled2's 13.76.
+    M = 1 stays on the PAIRS GEMV (15.7 / 16.0 / 7.8 against wgr's 16.8 / 18.1 / 10.1)."""
+    if group_size < 32 or M < 2 or M > 16:
+        return None
+    block_k = min(group_size, 128)
+    if M <= 8:
+        if M == 2 and N * K <= 4096 * 8192:
+            return None
+        return {"impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "BLOCK_M": 8, "BLOCK_N": 128, "BLOCK_K": block_k,
+                "SPLIT_K": 1, "CTAS_PER_SM": 4, "num_warps": 4, "num_stages": 3}
+    if N * K <= 4096 * 4096:
+        return {"impl": "wgr", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": block_k,
+                "SPLIT_K": _fill_split(cdiv(N, 64), K, block_k, 5 * _SM_COUNT), "num_warps": 4, "num_stages": 4}
+    return {"impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": block_k,
+            "SPLIT_K": 1, "CTAS_PER_SM": 3, "num_warps": 4, "num_stages": 4}
 
 
 def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
@@ -1624,6 +1658,18 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
     return out
 
 
+def _table_wgr(x, qweight, scales, zeros, group_size) -> bool:
+    """Whether the table may pick wgr for these operands: a CUDA launch (Gluon has no interpreter), weights the
+    kernel takes (wgr_supported), and scales / zeros whose rows TMA can read as they are (else a per-call copy:
+    the Triton kernels are cheaper than that)."""
+    if not x.is_cuda or wgr_supported(x, qweight, group_size) is not None:
+        return False
+    for t in (scales, zeros):
+        if t is not None and (t.stride(0) != 1 or (t.stride(1) * t.element_size()) % 16 or t.data_ptr() % 16):
+            return False
+    return True
+
+
 def gated_epilogue(cfg: dict, M: int) -> bool:
     """Whether int4_gemm(gated=True) with this config applies the SwiGLU in the kernel's epilogue (gemv2 at one row),
     rather than after the product in torch."""
@@ -1653,7 +1699,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         return out
     # (the GEMV experiment's kernels read 16-bit x only: a float32 x keeps the table's GEMV)
     cfg = dict(config) if config is not None else \
-        select_config(M, N, K, group_size, symmetric=zeros is None and x.dtype != torch.float32, x_dtype=x.dtype)
+        select_config(M, N, K, group_size, symmetric=zeros is None and x.dtype != torch.float32, x_dtype=x.dtype,
+                      wgr=_table_wgr(x, qweight, scales, zeros, group_size))
     impl = cfg.get("impl")
     in_kernel = gated and gated_epilogue(cfg, M)
     if gated and not in_kernel:

@@ -391,15 +391,29 @@ def test_select_config_table():
     assert select_config(1, 14336, 4096, 128)["SPLIT_K"] == 8  # the H200 sweep's best
     assert select_config(1, 4096, 4096, 128)["SPLIT_K"] == 16
     assert select_config(16, 14336, 4096, 128)["impl"] == "tiled2"
-    # M=2 with bf16 x: two-row PAIRS (the H200 sweep's best), split down to >= 256 of K per split; else tiled2
+    # M=2 with bf16 x: two-row PAIRS (the H200 sweep's best) up to 4096 x 8192 weights, split down to >= 256 of K
+    # per split, and where the wgr kernel may not run; above, wgr (8 rows)
     for sym in (True, False):
-        cfg = select_config(2, 14336, 4096, 128, sym, bf16)
-        assert (cfg["impl"], cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], cfg["PAIRS"]) == ("gemv2", 2, 32, 8, 1)
+        for cfg in (select_config(2, 4096, 4096, 128, sym, bf16), select_config(2, 14336, 4096, 128, sym, bf16, False)):
+            assert (cfg["impl"], cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], cfg["PAIRS"]) == ("gemv2", 2, 32, 8, 1)
+        assert select_config(2, 14336, 4096, 128, sym, bf16)["impl"] == "wgr"
     assert [select_config(2, 4096, k, g, False, bf16)["SPLIT_K"] for k, g in ((1024, 128), (512, 32), (256, 64))] \
         == [4, 2, 1]
-    assert select_config(2, 14336, 4096, 128, x_dtype=torch.float16)["impl"] == "tiled2"
+    assert select_config(2, 4096, 4096, 128, x_dtype=torch.float16)["impl"] == "tiled2"
     assert select_config(2, 14336, 4096, 128)["impl"] == "tiled2"
-    assert select_config(3, 14336, 4096, 128, x_dtype=bf16)["impl"] == "tiled2"
+    assert select_config(3, 14336, 4096, 128, x_dtype=bf16, wgr=False)["impl"] == "tiled2"
+    # M = 2..16 with 16-bit x and groups >= 32: the wgr kernel (kernels/int4_wgmma.py), stream-K with 8 rows to M = 8,
+    # 16 rows above; the split-K wgr at 16 rows on 4096^2 and smaller weights; nothing for groups of 16, float32 x
+    for dt in (bf16, torch.float16):
+        for M, N, K, want in ((3, 14336, 4096, (1, 8, 128)), (8, 4096, 14336, (1, 8, 128)), (4, 4096, 4096, (1, 8, 128)),
+                              (9, 14336, 4096, (1, 16, 128)), (16, 4096, 14336, (1, 16, 128)),
+                              (16, 4096, 4096, (None, 16, 64))):
+            cfg = select_config(M, N, K, 128, False, dt)
+            assert cfg["impl"] == "wgr" and (cfg.get("STREAM"), cfg["BLOCK_M"], cfg["BLOCK_N"]) == want, (M, N, K)
+    assert select_config(16, 4096, 4096, 128, False, bf16)["SPLIT_K"] == 8
+    assert select_config(16, 14336, 4096, 16, False, bf16)["impl"] == "tiled2"
+    assert select_config(16, 14336, 4096, 128, False, torch.float32)["impl"] == "tiled2"
+    assert select_config(17, 14336, 4096, 128, False, bf16)["impl"] == "tiled"
     assert select_config(64, 14336, 4096, 128)["impl"] == "tiled"
     assert select_config(256, 14336, 4096, 128)["impl"] in ("tiled", "dequant_cublas")
     assert select_config(8192, 14336, 4096, 128)["impl"] == "dequant_cublas"

@@ -198,3 +198,31 @@ def test_wgr_gpu_extreme_codes_fractional_zeros_strided_x(asym):
         out.fill_(float("nan"))
         graph.replay()
         assert_close(out, _expected(x, qweight, scales, zeros, g, None), dtype, scale=2.0)
+
+
+def test_table_takes_wgr_only_where_it_runs():
+    """int4_gemm lets the table pick wgr only for a CUDA launch with weights, scales and zeros TMA can read."""
+    from kernopt.kernels.int4_gemm import _table_wgr
+
+    qweight, scales, zeros = _weights(64, 256, 128, True, "cpu", torch.bfloat16)
+    assert not _table_wgr(torch.randn(4, 256, dtype=torch.bfloat16), qweight, scales, zeros, 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("asym", [True, False])
+@pytest.mark.parametrize("M", [2, 4, 16])
+def test_wgr_gpu_table_picks_and_fallbacks(M, asym):
+    """The table's wgr picks (config=None, as the ops call it) at a shape where it takes wgr, and the fallback when
+    the scales are stored K-contiguous (rows TMA cannot read as they are): both against the float64 reference."""
+    from kernopt.kernels.int4_gemm import _table_wgr
+
+    dtype, g, N, K = torch.bfloat16, 128, 4104, 2048
+    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    bias = torch.randn(N, dtype=dtype, device="cuda")
+    assert _table_wgr(x, qweight, scales, zeros, g)
+    for s in (scales, scales.contiguous()):
+        assert _table_wgr(x, qweight, s, zeros, g) == (s is scales)
+        for _ in range(2):
+            assert_close(_run(x, qweight, s, zeros, g, None, bias), _expected(x, qweight, s, zeros, g, bias), dtype,
+                         scale=2.0)
