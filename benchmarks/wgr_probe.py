@@ -147,8 +147,14 @@ def main() -> None:
     x = torch.randn(16, K, dtype=torch.bfloat16, device="cuda")
     res["kernel_random_err"] = _err(int4_gemm(x, qw, s, None, g, config=cfg), int4_gemm_ref(x.double(), qw, s, None, g))
     print(json.dumps(res, indent=1))
+    import datetime
+
+    import triton
+    doc = {"suite": "wgr_probe", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, "kernopt_commit": os.environ.get("KERNOPT_COMMIT", ""),
+           "date": datetime.date.today().isoformat(), "results": res}
     with open(os.path.join(args.out, "wgr_probe.json"), "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump(doc, f, indent=1)
 
 
 if __name__ == "__main__":

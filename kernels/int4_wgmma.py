@@ -48,7 +48,9 @@ try:  # Gluon ships with triton >= 3.5; kernopt's CPU installs have it too (trit
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    HAVE_GLUON = True
+    # the Gluon API this file uses (triton 3.6); an older Gluon leaves impl "wgr" unavailable, nothing else
+    HAVE_GLUON = hasattr(gluon, "constexpr_function") and all(
+        hasattr(gl, name) for name in ("DistributedLinearLayout", "warp_specialize", "inline_asm_elementwise"))
 except ImportError:  # pragma: no cover - older triton
     HAVE_GLUON = False
 
