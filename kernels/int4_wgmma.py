@@ -1,40 +1,64 @@
 """INT4 weight-only GEMM for small M on Hopper, written in Gluon: ``wgr`` (wgmma with the weight in registers).
 
 y[M, N] = x[M, K] @ dequant(qweight, scales, zeros)[N, K].T (+ bias), kernopt's int4 format (kernels/int4_gemm.py:
-N-contiguous int32 words, nibble i of word j is k = 8 j + i), M <= BLOCK_M (8 or 16) rows per program.
+N-contiguous int32 words, nibble i of word j is k = 8 j + i), BLOCK_M (8 or 16) rows of x per tile. int4_gemm's
+table picks it at M = 2..16 with 16-bit x and groups >= 32 (`int4_gemm._wgr_pick`); M = 1 stays on the PAIRS GEMV.
 
 Why Gluon: the Triton tensor-core int4 kernels (tiled2 / tiled3 / tcasm in int4_gemm.py) all ran at ~1x bf16
 cuBLAS at M = 4..16 on the H200, whatever their SASS count, because the compiler chose their data movement:
 dequantized tiles stored to shared memory for the MMA (tiled2), words relaid out through shared memory and x^T
 loaded unpipelined with a barrier and a wgmma wait per group (tcasm). Gluon states the layouts and the
-pipeline, so this kernel has exactly the data path of a Marlin-style kernel:
+pipeline, so this kernel has the data path of a Marlin-style kernel:
 
 - **Swap-AB.** The product is out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, K] @ x^T [K, BLOCK_M]: the weight is wgmma's
   A operand, which sm_90 reads from registers, and the few rows of x are its N (8 or 16).
-- **Words by TMA into a STAGES-deep shared-memory ring** (mbarrier per slot): the bytes in flight cost no
-  registers (the M=1 GEMVs' ncu: latency-bound, 1.07 eligible warps, DRAM 38 %).
-- **Words from shared memory straight into the A fragment.** The word tile is read with a linear layout in
-  which lane t of warp w holds row 16 w + t // 4 (and + 8) and words j = t % 4 + 4 c: whole words per lane.
-  ``lop3 (w >> 4 i) & 0x000F000F | B2`` turns nibbles i and i + 4 into one 32-bit pair of 16-bit floats
-  (B + q, exact: B = 128 in bf16, 1024 in fp16), two nibbles per instruction, 4 per word plus 3 shifts. The
-  pairs are joined and reshaped into [BLOCK_N, KS] whose layout *is* wgmma's register-operand layout (the
-  conversion is asserted trivial at compile time): no shuffle, no shared-memory round trip.
+- **Words by TMA into a STAGES-deep shared-memory ring** (an mbarrier per slot): bytes in flight cost no registers.
+- **Words from shared memory straight into the A fragment.** The word tile is read in a linear layout in which
+  lane t of warp w holds rows 16 w + t // 4 (and + 8) and words j = t % 4 + 4 c: whole words per lane. It is
+  read in the orientation TMA stored it ([KS / 8, BLOCK_N]) and permuted in registers: a load through a permuted
+  shared-memory view returned the tile unpermuted on the H200 (benchmarks/wgr_probe.py, sweeps/wgr_probe).
+  ``lop3 (w >> 4 i) & 0x000F000F | B2`` makes nibbles i and i + 4 one 32-bit pair of 16-bit floats (B + q, exact:
+  B = 128 in bf16, 1024 in fp16) and a packed subtraction centres it to q - z: (B + 8) for symmetric weights
+  (exact), or B then z for zero points (one rounding of q - z, as the reference rounds (q - z) s). The pairs are
+  joined and reshaped into [BLOCK_N, KS], whose layout *is* wgmma's register-operand layout (the conversion is
+  asserted trivial at compile time): no shuffle, no shared-memory round trip. The dot's fp32 result is scaled
+  per row (one group per step) into the accumulator.
 - **The K order is permuted, not the weights.** Position p = 32 c + 16 s + 8 h + 2 l + e of a step's dot holds
-  nibble i = 2 s + h + 4 e of word 4 c + l, i.e. k = 32 c + 8 l + 2 s + h + 4 e (`wgr_k_order`). x^T is gathered in
-  that order into shared memory (x is tiny and L2-resident); the sum over k does not care.
-- **Zero and scale per group on the fp32 dot:** d = sum_k x (B + q) over a group, then
-  acc += s (d - (B + z) sum_k x): more exact than the reference's rounded weight; the bias B's cancellation
-  costs ~8-10 of fp32's 24 bits, far below bf16 / fp16 output rounding.
-- Single-pass split-K (as the Triton kernels: fp32 partials, an arrival counter, the last slice sums them in
-  slice order and writes the output).
+  nibble i = 2 s + h + 4 e of word 4 c + l, i.e. k = 32 c + 8 l + 2 s + h + 4 e (`wgr_k_order`; A_PERM / X_PERM).
+  x is read in natural order and relabelled in registers into that order before its store to the wgmma's shared
+  operand; the sum over k does not care.
 
-One step is KS = min(group, 128) of K: a TMA box of [KS / 8, BLOCK_N] words, one x^T tile, one dot, one
-epilogue. Groups >= 32 (a step spans whole 32-column chunks).
+One step is KS = min(group, 128) of K: [KS / 8, BLOCK_N] words, one x^T tile, one dot, one scale. Three ways to
+spread the steps over programs (int4_gemm config keys):
 
-No interpreter: Gluon kernels do not run under TRITON_INTERPRET. On CPU the K-order permutation is tested
-against the plain-torch reference by emulation (`wgr_emulate`, the same index arithmetic and the same
-zero / scale algebra), and tests/kernels/sm90_offline.py compiles the kernel for sm_90a (layouts checked,
-registers, shared memory); the kernel itself is checked on the GPU (tests marked gpu, the gemm_int4 suite).
+- split-K (``_int4_wgr_kernel``): a program per (column tile, K slice), single-pass split-K as the Triton kernels
+  (fp32 partials, an arrival counter, the last slice sums them in slice order); x, scales, zeros by register loads
+  one step ahead. The table's pick at 16 rows on 4096^2 (11.41 us, 1.17x bf16 cuBLAS).
+- ``STREAM`` (``_int4_wgr_sk_kernel``): one persistent program per resident slot (CTAS_PER_SM), each a contiguous
+  run of the (tile, step) sequence (stream-K), x tiles TMA'd through the ring with the words, a tile's partial
+  sums from its programs summed in program order by the last to arrive (`sk_partition`). ``PARAM_TMA``: scales and
+  zeros through the ring too; without it, register loads two steps ahead. The table's pick elsewhere.
+- ``STREAM`` + ``WS`` (``_int4_wgr_ws_kernel``): the same, warp-specialised: a one-warp TMA producer and the
+  warpgroup as consumer (ready / empty mbarriers per slot), with maxnreg set so that CTAS_PER_SM programs fit.
+
+Measured on the H200 (bf16 x, group 128; us at K4096 N14336 / K14336 N4096 / 4096^2; gemm_int4-h200.json at
+97e4eb1 with zero points, sweeps/wgr_suite without): M = 2 and 4 16.8-16.9 / 18.1-18.2 / 10.1 (1.77-1.79x,
+1.75-1.76x, 1.30x bf16 cuBLAS; tiled2 30.5 / 32.1 / 12.9 before), M = 16 19.5 / 21.3 / 11.4 (1.56x / 1.52x /
+1.17x); without zero points M = 4 15.8 / 17.1 and M = 16 18.9 / 20.3. What moved it (sweeps/wgr .. wgr5): the
+scales / zeros in the TMA ring (M = 16 22.1 -> 19.5): ncu (profiles/ncu-wgr-*) put 37-38 % of the stalls on
+global loads whose values the compiler consumed at once (x's relabelling PRMTs right after its LDG; zero
+conversions); register loads two steps ahead were slower still. What did not: stream-K instead of split-K at the
+same loads (within 1 %, though SMs were active only 75 % of the split-K kernel's cycles), warp specialisation
+(within +-3 %: the 4-6 CTA-wide barriers a step Gluon puts around the TMA issue were not the bound), 8 warps,
+6 stages, 64 columns. Left: the wgmma is synchronous every step (its wait, then the scale FFMAs, sit on each
+step's path; an async wgmma overlapping the next step's unpack is the next lever), and 4-way shared-memory bank
+conflicts on the word reads (ncu: 65 % excess wavefronts).
+
+No interpreter: Gluon kernels do not run under TRITON_INTERPRET. On CPU the K-order bookkeeping is tested by
+emulation (`wgr_emulate` repeats the kernel's joins, reshapes and permutations in torch), the stream-K partition
+by `sk_partition`, and tests/kernels/sm90_offline.py compiles every variant for sm_90a (layouts checked,
+registers, shared memory, spills); the kernels themselves are checked on the GPU (tests marked gpu, the
+gemm_int4 suite's check of every timed config).
 """
 from __future__ import annotations
 
