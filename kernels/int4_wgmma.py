@@ -143,6 +143,17 @@ if HAVE_GLUON:
         tk = min(32, KS // 8)
         return gl.BlockedLayout([1, 8], [32 // tk, tk], [NUM_WARPS, 1], [1, 0])
 
+    @gluon.constexpr_function
+    def _wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS):
+        """The kernels' register layouts: words (WL) and as TMA stores them (WLT), the word rows' vectors (ZL), the
+        wgmma accumulator (MMA), its register A operand (OP), the natural-order x tile (XL), the accumulator's rows
+        (ROW) and columns (COL)."""
+        wl = _word_layout(BLOCK_N, KS, NUM_WARPS)
+        mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
+        return (wl, _word_layout_t(BLOCK_N, KS, NUM_WARPS), gl.SliceLayout(1, wl), mma,
+                gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2), _x_layout(BLOCK_M, KS, NUM_WARPS),
+                gl.SliceLayout(1, mma), gl.SliceLayout(0, mma))
+
     @gluon.jit
     def _pairs(w, zz, ASM: gl.constexpr, BF16: gl.constexpr):
         if BF16:
@@ -232,16 +243,16 @@ if HAVE_GLUON:
         NUM_WARPS: gl.constexpr = gl.num_warps()
         BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
         dt: gl.constexpr = x_ptr.dtype.element_ty
-        WL: gl.constexpr = _word_layout(BLOCK_N, KS, NUM_WARPS)
-        WLT: gl.constexpr = _word_layout_t(BLOCK_N, KS, NUM_WARPS)
-        ZL: gl.constexpr = gl.SliceLayout(1, WL)
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                      instr_shape=[16, BLOCK_M, 16])
-        OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        XL: gl.constexpr = _x_layout(BLOCK_M, KS, NUM_WARPS)
+        LAYOUTS: gl.constexpr = _wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS)
+        WL: gl.constexpr = LAYOUTS[0]
+        WLT: gl.constexpr = LAYOUTS[1]
+        ZL: gl.constexpr = LAYOUTS[2]
+        MMA: gl.constexpr = LAYOUTS[3]
+        OP: gl.constexpr = LAYOUTS[4]
+        XL: gl.constexpr = LAYOUTS[5]
+        ROW: gl.constexpr = LAYOUTS[6]
+        COL: gl.constexpr = LAYOUTS[7]
         XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, KS], dt)
-        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
-        COL: gl.constexpr = gl.SliceLayout(0, MMA)
 
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
@@ -364,6 +375,34 @@ if HAVE_GLUON:
                 tma.async_copy_global_to_shared(z_desc, [k0 // GROUP, n0], bar, z_buf, pred=ok)
 
     @gluon.jit
+    def _slot_params(s_buf, z_buf, HAS_ZEROS: gl.constexpr, BF16: gl.constexpr, BLOCK_N: gl.constexpr,
+                     ROW: gl.constexpr, ZL: gl.constexpr):
+        """A ring slot's scales (fp32, MMA row layout) and zero pairs (word layout, _zero_pairs)."""
+        s_cur = s_buf.reshape([BLOCK_N]).load(ROW).to(gl.float32)
+        if HAS_ZEROS:
+            zz_cur = _zero_pairs(z_buf.reshape([BLOCK_N]).load(ZL), True, BF16)
+        else:
+            zz_cur = _zero_pairs(gl.zeros([BLOCK_N], gl.float32, layout=ZL), False, BF16)
+        return s_cur, zz_cur
+
+    @gluon.jit
+    def _slot_operands(w_buf, xr_buf, xb, BLOCK_M: gl.constexpr, KS: gl.constexpr, WL: gl.constexpr,
+                       WLT: gl.constexpr, XL: gl.constexpr):
+        """A ring slot's x tile stored into xb in the dot's K order, and its words in the word layout (read in the
+        tile's own orientation, permuted in registers)."""
+        xb.store(_x_dot_order(xr_buf.load(XL), BLOCK_M, KS))
+        return gl.convert_layout(gl.permute(w_buf.load(WLT), (1, 0)), WL, assert_trivial=True)
+
+    @gluon.jit
+    def _step_mma(acc, words, zz, s_cur, xb, zero_acc, BLOCK_N: gl.constexpr, KS: gl.constexpr, BF16: gl.constexpr,
+                  HAS_ZEROS: gl.constexpr, OP: gl.constexpr):
+        """One step's product: the words unpacked to (q - z) in the register operand, times x^T from xb, scaled
+        per row into acc."""
+        a = _unpack_operand(words, zz[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
+        d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
+        return acc + d * s_cur[:, None]
+
+    @gluon.jit
     def _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
                   stride_om, stride_on, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                   MMA: gl.constexpr):
@@ -422,15 +461,15 @@ if HAVE_GLUON:
         zeros, release it, then unpack, wgmma and the stream-K flush, with no TMA issue (and none of the CTA-wide
         barriers Gluon puts around it) on its path."""
         BF16: gl.constexpr = x_desc.dtype == gl.bfloat16
-        WL: gl.constexpr = _word_layout(BLOCK_N, KS, NUM_WARPS)
-        WLT: gl.constexpr = _word_layout_t(BLOCK_N, KS, NUM_WARPS)
-        ZL: gl.constexpr = gl.SliceLayout(1, WL)
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                      instr_shape=[16, BLOCK_M, 16])
-        OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        XL: gl.constexpr = _x_layout(BLOCK_M, KS, NUM_WARPS)
-        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
-        COL: gl.constexpr = gl.SliceLayout(0, MMA)
+        LAYOUTS: gl.constexpr = _wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS)
+        WL: gl.constexpr = LAYOUTS[0]
+        WLT: gl.constexpr = LAYOUTS[1]
+        ZL: gl.constexpr = LAYOUTS[2]
+        MMA: gl.constexpr = LAYOUTS[3]
+        OP: gl.constexpr = LAYOUTS[4]
+        XL: gl.constexpr = LAYOUTS[5]
+        ROW: gl.constexpr = LAYOUTS[6]
+        COL: gl.constexpr = LAYOUTS[7]
         pid = gl.program_id(0)
         P = gl.num_programs(0)
         s_lo = (pid * W) // P
@@ -445,20 +484,14 @@ if HAVE_GLUON:
             ks = s % spt
             slot = i % STAGES
             mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-            s_cur = s_smem.index(slot).reshape([BLOCK_N]).load(ROW).to(gl.float32)
-            if HAS_ZEROS:
-                zz_cur = _zero_pairs(z_smem.index(slot).reshape([BLOCK_N]).load(ZL), True, BF16)
-            else:
-                zz_cur = _zero_pairs(gl.zeros([BLOCK_N], gl.float32, layout=ZL), False, BF16)
+            s_cur, zz_cur = _slot_params(s_smem.index(slot), z_smem.index(slot if HAS_ZEROS else 0), HAS_ZEROS, BF16,
+                                         BLOCK_N, ROW, ZL)
             xb = x_smem.index(i % 2)
-            xb.store(_x_dot_order(xr_smem.index(slot).load(XL), BLOCK_M, KS))
-            words = gl.convert_layout(gl.permute(w_smem.index(slot).load(WLT), (1, 0)), WL, assert_trivial=True)
+            words = _slot_operands(w_smem.index(slot), xr_smem.index(slot), xb, BLOCK_M, KS, WL, WLT, XL)
             fence_async_shared()
             gl.thread_barrier()  # the warpgroup's x^T stores done, and its reads of this slot
             mbarrier.arrive(empty.index(slot), count=1)
-            a = _unpack_operand(words, zz_cur[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
-            d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
-            acc += d * s_cur[:, None]
+            acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP)
             if (ks == spt - 1) | (s == s_hi - 1):
                 _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
                           stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA)
@@ -529,16 +562,16 @@ if HAVE_GLUON:
         NUM_WARPS: gl.constexpr = gl.num_warps()
         BF16: gl.constexpr = x_desc.dtype == gl.bfloat16
         dt: gl.constexpr = x_desc.dtype
-        WL: gl.constexpr = _word_layout(BLOCK_N, KS, NUM_WARPS)
-        WLT: gl.constexpr = _word_layout_t(BLOCK_N, KS, NUM_WARPS)
-        ZL: gl.constexpr = gl.SliceLayout(1, WL)
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                      instr_shape=[16, BLOCK_M, 16])
-        OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        XL: gl.constexpr = _x_layout(BLOCK_M, KS, NUM_WARPS)
+        LAYOUTS: gl.constexpr = _wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS)
+        WL: gl.constexpr = LAYOUTS[0]
+        WLT: gl.constexpr = LAYOUTS[1]
+        ZL: gl.constexpr = LAYOUTS[2]
+        MMA: gl.constexpr = LAYOUTS[3]
+        OP: gl.constexpr = LAYOUTS[4]
+        XL: gl.constexpr = LAYOUTS[5]
+        ROW: gl.constexpr = LAYOUTS[6]
+        COL: gl.constexpr = LAYOUTS[7]
         XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, KS], dt)
-        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
-        COL: gl.constexpr = gl.SliceLayout(0, MMA)
 
         pid = gl.program_id(0)
         P = gl.num_programs(0)
@@ -576,11 +609,8 @@ if HAVE_GLUON:
             slot = i % STAGES
             mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
             if PARAM_TMA:
-                s_cur = s_smem.index(slot).reshape([BLOCK_N]).load(ROW).to(gl.float32)
-                if HAS_ZEROS:
-                    zz_cur = _zero_pairs(z_smem.index(slot).reshape([BLOCK_N]).load(ZL), True, BF16)
-                else:
-                    zz_cur = _zero_pairs(gl.zeros([BLOCK_N], gl.float32, layout=ZL), False, BF16)
+                s_cur, zz_cur = _slot_params(s_smem.index(slot), z_smem.index(slot if HAS_ZEROS else 0), HAS_ZEROS,
+                                             BF16, BLOCK_N, ROW, ZL)
             else:
                 s_cur = sv1.to(gl.float32)
                 zz_cur = _zero_pairs(zv1, HAS_ZEROS, BF16)
@@ -588,8 +618,7 @@ if HAVE_GLUON:
                 sv2, zv2 = _sk_params(s_ptr, z_ptr, s + 2, s_hi, spt, tiles_n, N, nr, nz, stride_sn, stride_sg,
                                       stride_zn, stride_zg, GROUP, HAS_ZEROS, KS, BLOCK_N, ZL, PARAM_TMA)
             xb = x_smem.index(i % 2)
-            xb.store(_x_dot_order(xr_smem.index(slot).load(XL), BLOCK_M, KS))
-            words = gl.convert_layout(gl.permute(w_smem.index(slot).load(WLT), (1, 0)), WL, assert_trivial=True)
+            words = _slot_operands(w_smem.index(slot), xr_smem.index(slot), xb, BLOCK_M, KS, WL, WLT, XL)
             fence_async_shared()
             gl.thread_barrier()  # x^T stored by every warp; every warp done with step i - 1 and this slot's loads
             nxt = s + STAGES - 1
@@ -597,9 +626,7 @@ if HAVE_GLUON:
             _sk_issue(w_desc, x_desc, s_desc, z_desc, bars.index(ns), w_smem.index(ns), xr_smem.index(ns),
                       s_smem.index(ns), z_smem.index(ns if HAS_ZEROS else 0), nxt, nxt < s_hi, spt, tiles_n,
                       GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA)
-            a = _unpack_operand(words, zz_cur[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
-            d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
-            acc += d * s_cur[:, None]
+            acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP)
             if (ks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
                 _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
                           stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA)
