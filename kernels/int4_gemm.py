@@ -1540,6 +1540,14 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             for stages, per_sm in ((4, 3), (3, 4), (5, 3)):
                 out.append({"impl": "wgr", "STREAM": 1, "WS": 1, "BLOCK_M": bm_w, "BLOCK_N": 128, "BLOCK_K": block_k,
                             "SPLIT_K": 1, "CTAS_PER_SM": per_sm, "num_warps": 4, "num_stages": stages})
+    if 16 < M <= 64 and group_size >= 32:
+        # wgr with 32 / 64 rows (wgmma N = BLOCK_M): the weights are unpacked once for all the rows, where the tiled
+        # kernel (the M = 64 pick) stores dequantized tiles to shared memory. Offline sm_90a, 128 columns x 4 warps x 3
+        # stages: 143 registers / 67 KB at 32 rows, 218 / 108 KB at 64; 64 columns: 80 / 54 KB, 117 / 95 KB.
+        bm_w = 32 if M <= 32 else 64
+        for bn, per_sm in ((128, 3 if bm_w == 32 else 2), (64, 4 if bm_w == 32 else 2)):
+            out.append({"impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "BLOCK_M": bm_w, "BLOCK_N": bn,
+                        "BLOCK_K": block_k, "SPLIT_K": 1, "CTAS_PER_SM": per_sm, "num_warps": 4, "num_stages": 3})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     # the wave-filling splits can repeat a listed tile: time each config once
     return list({tuple(sorted(c.items())): c for c in out}.values())

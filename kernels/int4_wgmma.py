@@ -707,9 +707,9 @@ def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_p
     bm, bn = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
     warps = int(cfg.get("num_warps", 4))
     ks = min(group_size, 128)
-    if bm not in (8, 16) or bn % (16 * warps) or warps not in (4, 8):
-        raise ValueError(f"int4_gemm: impl 'wgr' takes BLOCK_M 8 / 16, 4 or 8 warps and BLOCK_N a multiple of "
-                         f"16 x warps, got BLOCK_M={bm} BLOCK_N={bn} num_warps={warps}")
+    if bm not in (8, 16, 32, 64) or bn % (16 * warps) or warps not in (4, 8):
+        raise ValueError(f"int4_gemm: impl 'wgr' takes BLOCK_M 8 / 16 / 32 / 64, 4 or 8 warps and BLOCK_N a multiple "
+                         f"of 16 x warps, got BLOCK_M={bm} BLOCK_N={bn} num_warps={warps}")
     if k_per_split % ks:
         raise ValueError(f"int4_gemm: impl 'wgr' needs K per split ({k_per_split}) a multiple of {ks}")
     if x.stride(1) != 1:

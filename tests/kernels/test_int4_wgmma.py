@@ -78,7 +78,9 @@ def test_wgr_in_small_m_candidates_only_for_groups_of_32_and_more():
         assert wgr and all(c["BLOCK_M"] == (8 if M <= 8 else 16) and c["BLOCK_K"] == 128 for c in wgr)
         assert all(c["SPLIT_K"] >= 1 for c in wgr)
     assert not [c for c in candidate_configs(1, 4096, 4096, 16) if c["impl"] == "wgr"]
-    assert not [c for c in candidate_configs(64, 4096, 4096, 128) if c["impl"] == "wgr"]
+    assert {c["BLOCK_M"] for c in candidate_configs(64, 4096, 4096, 128) if c["impl"] == "wgr"} == {64}
+    assert {c["BLOCK_M"] for c in candidate_configs(17, 4096, 4096, 128) if c["impl"] == "wgr"} == {32}
+    assert not [c for c in candidate_configs(65, 4096, 4096, 128) if c["impl"] == "wgr"]
 
 
 WGR = {"impl": "wgr", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "num_stages": 4}
@@ -164,6 +166,20 @@ def test_wgr_gpu_group_sizes_and_row_tiles(M, g, asym):
     _check_twice([base, {**base, "SPLIT_K": 3}, {**stream, "CTAS_PER_SM": 1}, {**stream, "CTAS_PER_SM": 40},
                   {**stream, "CTAS_PER_SM": 3, "PARAM_TMA": 1}, {**stream, "CTAS_PER_SM": 3, "WS": 1},
                   {**stream, "CTAS_PER_SM": 40, "WS": 1, "num_stages": 2}], x, qweight, scales, zeros, g, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("asym", [True, False])
+@pytest.mark.parametrize("M", [17, 40, 64])
+def test_wgr_gpu_wide_row_tiles(M, asym):
+    """32- and 64-row tiles (the M = 17..64 candidates): every candidate, N = 1000, K = 5 steps, bias, twice."""
+    dtype, g, N, K = torch.bfloat16, 128, 1000, 640
+    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    bias = torch.randn(N, dtype=dtype, device="cuda")
+    cands = [c for c in candidate_configs(M, 14336, 4096, g) if c["impl"] == "wgr"]
+    assert cands
+    _check_twice(cands, x, qweight, scales, zeros, g, bias)
 
 
 @pytest.mark.gpu
