@@ -479,6 +479,9 @@ CASES = [
          expect={"_int4_wgr_sk_kernel": ("wgmma", "tma")}),
     Case("int4 M4 (table: wgr stream-K, 8 rows)", _int4(4), expect={"_int4_wgr_sk_kernel": ("wgmma", "tma")}),
     Case("int4 M16 4096^2 (table: wgr split-K)", _int4(16, N=HIDDEN), expect={"_int4_wgr_kernel": ("wgmma", "tma")}),
+    Case("int4 M64 (table: wgr stream-K, 64 rows)", _int4(64, zeros=True, bias=True),
+         expect={"_int4_wgr_sk_kernel": ("wgmma", "tma")}),
+    Case("int4 M32 (table: wgr stream-K, 32 rows)", _int4(32), expect={"_int4_wgr_sk_kernel": ("wgmma", "tma")}),
     Case("int4 M16 (tiled2, the table without wgr)", _int4(16, config={
         "impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": 4, "num_warps": 4,
         "num_stages": 3})),

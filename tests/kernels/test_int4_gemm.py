@@ -413,7 +413,13 @@ def test_select_config_table():
     assert select_config(16, 4096, 4096, 128, False, bf16)["SPLIT_K"] == 8
     assert select_config(16, 14336, 4096, 16, False, bf16)["impl"] == "tiled2"
     assert select_config(16, 14336, 4096, 128, False, torch.float32)["impl"] == "tiled2"
-    assert select_config(17, 14336, 4096, 128, False, bf16)["impl"] == "tiled"
+    # M = 17..64 above 4096^2: wgr with 32 / 64 rows; at 4096^2 (and past M = 64) the tiled kernel
+    assert [(c["impl"], c["BLOCK_M"], c["BLOCK_N"]) for c in (select_config(m, 14336, 4096, 128, False, bf16)
+                                                               for m in (17, 32, 33, 64))] == \
+        [("wgr", 32, 128), ("wgr", 32, 128), ("wgr", 64, 64), ("wgr", 64, 64)]
+    assert select_config(17, 4096, 4096, 128, False, bf16)["impl"] == "tiled"
+    assert select_config(65, 14336, 4096, 128, False, bf16)["impl"] == "tiled"
+    assert select_config(64, 14336, 4096, 128, False, bf16, wgr=False)["impl"] == "tiled"
     assert select_config(64, 14336, 4096, 128)["impl"] == "tiled"
     assert select_config(256, 14336, 4096, 128)["impl"] in ("tiled", "dequant_cublas")
     assert select_config(8192, 14336, 4096, 128)["impl"] == "dequant_cublas"
