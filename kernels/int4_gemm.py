@@ -176,7 +176,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .host import cdiv, next_power_of_2
-from .int4_wgmma import int4_wgr_gemm, wgr_supported
+from .int4_wgmma import int4_wgr_gemm, tma_rows_ok, wgr_supported
 from .pdl import launch_kwargs, use_pdl
 from .tile_order import tile_coords
 from .workspace import arrival_counters, split_k_gather
@@ -1688,10 +1688,7 @@ def _table_wgr(x, qweight, scales, zeros, group_size) -> bool:
     the Triton kernels are cheaper than that)."""
     if not x.is_cuda or wgr_supported(x, qweight, group_size) is not None:
         return False
-    for t in (scales, zeros):
-        if t is not None and (t.stride(0) != 1 or (t.stride(1) * t.element_size()) % 16 or t.data_ptr() % 16):
-            return False
-    return True
+    return all(t is None or tma_rows_ok(t) for t in (scales, zeros))
 
 
 def gated_epilogue(cfg: dict, M: int) -> bool:
@@ -1758,7 +1755,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         # The dot's operands are 16-bit (B + q and x); x in bf16 would round an fp32 x (float32 tolerance fails),
         # an exact 3-way bf16 split of x is possible but unbuilt (see the kernel's docstring).
         raise ValueError("int4_gemm: tcasm takes float16/bfloat16 x only, got float32 (use gemv2 for float32 x)")
-    if impl == "wgr":
+    if impl == "wgr" and config is not None:  # (the table offers wgr only where _table_wgr checked this)
         why = wgr_supported(x, qweight, group_size)
         if why:
             raise ValueError(f"int4_gemm: impl 'wgr': {why}")

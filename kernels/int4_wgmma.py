@@ -67,6 +67,9 @@ from typing import Optional
 
 import torch
 
+from .host import cdiv, sm_count
+from .workspace import arrival_counters
+
 try:  # Gluon ships with triton >= 3.5; kernopt's CPU installs have it too (triton 3.6)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -685,6 +688,12 @@ def wgr_emulate(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     return acc.t().to(x.dtype)
 
 
+def tma_rows_ok(t: torch.Tensor) -> bool:
+    """Whether a logical [N, G] tensor (words, scales, zeros) is stored N-contiguous with 16-byte aligned rows, so
+    that TMA reads its [G, N] view as it is."""
+    return t.stride(0) == 1 and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
 def wgr_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> Optional[str]:
     """None when the wgr kernel takes this launch, else why not (the caller falls back)."""
     if not HAVE_GLUON:
@@ -694,17 +703,15 @@ def wgr_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> Op
     if group_size < 32:
         return f"group_size must be >= 32 (a step spans 32-column chunks), got {group_size}"
     N = qweight.shape[0]
-    if qweight.stride(0) != 1 or (qweight.stride(1) * 4) % 16 or qweight.data_ptr() % 16 or N % 4:
+    if not tma_rows_ok(qweight) or N % 4:
         return "qweight must be N-contiguous with 16-byte aligned rows of its [K / 8, N] view (the TMA box)"
     return None
 
 
 def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split, has_zeros, has_bias,
                   cfg: dict, part: Optional[torch.Tensor], counters: Optional[torch.Tensor]):
-    """Launch the wgr kernel (int4_gemm's dispatch has checked shapes and built the split-K workspace)."""
-    why = wgr_supported(x, qweight, group_size)
-    if why:
-        raise ValueError(f"int4_gemm: impl 'wgr': {why}")
+    """Launch the wgr kernel (int4_gemm's dispatch has checked shapes and wgr_supported, and built the split-K
+    workspace)."""
     bm, bn = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
     warps = int(cfg.get("num_warps", 4))
     ks = min(group_size, 128)
@@ -722,7 +729,7 @@ def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_p
                                 warps, ks)
     if part is None:
         part, counters = out, out  # never touched with SPLIT_K=1
-    grid = (triton_cdiv(N, bn), split, triton_cdiv(M, bm))
+    grid = (cdiv(N, bn), split, cdiv(M, bm))
     _int4_wgr_kernel[grid](
         desc, x, scales, z, b, out, part, counters, M, N, K, k_per_split, split,
         x.stride(0), x.stride(1), scales.stride(0), scales.stride(1), z.stride(0), z.stride(1),
@@ -730,10 +737,6 @@ def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_p
         GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, SPLIT=split > 1, BLOCK_M=bm, BLOCK_N=bn, KS=ks,
         STAGES=int(cfg.get("num_stages", 4)), num_warps=warps)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def sk_partition(W: int, P: int, spt: int) -> tuple[list[int], int]:
@@ -746,9 +749,6 @@ def sk_partition(W: int, P: int, spt: int) -> tuple[list[int], int]:
 
 
 def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn, warps, ks):
-    from .host import sm_count
-    from .workspace import arrival_counters
-
     if not x.is_contiguous() or x.data_ptr() % 16:  # the x tiles' TMA: K % 8 == 0, so rows are 16-byte aligned
         x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)
     x_desc = TensorDescriptor.from_tensor(x, [bm, ks], gl.NVMMASharedLayout.get_default_for([bm, ks], _GL_DTYPE[x.dtype]))
@@ -757,12 +757,12 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
     param_tma = bool(int(cfg.get("PARAM_TMA", 0)))
     s_desc = _row_desc(scales, bn) if param_tma else x_desc
     z_desc = _row_desc(z, bn) if param_tma and has_zeros else s_desc
-    tiles_n, tiles_m = triton_cdiv(N, bn), triton_cdiv(M, bm)
-    spt = triton_cdiv(K, ks)
+    tiles_n, tiles_m = cdiv(N, bn), cdiv(M, bm)
+    spt = cdiv(K, ks)
     W = tiles_n * tiles_m * spt
     P = max(1, min(W, int(cfg.get("CTAS_PER_SM", 3)) * sm_count(x.device)))
     # the most programs one tile can meet: a tile's spt steps over ranges of >= W // P steps each
-    maxc = min(P, triton_cdiv(spt, max(1, W // P)) + 1)
+    maxc = min(P, cdiv(spt, max(1, W // P)) + 1)
     part = torch.empty((tiles_n * tiles_m, maxc, bn * bm), dtype=torch.float32, device=x.device)
     counters = arrival_counters(x.device, tiles_n * tiles_m)
     if int(cfg.get("WS", 0)):
@@ -791,7 +791,7 @@ def _row_desc(t: torch.Tensor, bn: int):
     """TMA descriptor of per-group rows (scales or zeros, logical [N, K / g]) as [K / g, N] boxes of [1, bn]; a copy
     in that storage when the tensor is not already N-contiguous with 16-byte aligned rows (a cost per call)."""
     v = t.t()
-    if v.stride(1) != 1 or (v.stride(0) * v.element_size()) % 16 or v.data_ptr() % 16:
+    if not tma_rows_ok(t):
         n = v.shape[1]
         pad = -(-n * v.element_size() // 16) * 16 // v.element_size()
         v = torch.zeros((v.shape[0], pad), dtype=v.dtype, device=v.device)[:, :n].copy_(v)
