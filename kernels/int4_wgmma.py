@@ -355,33 +355,52 @@ if HAVE_GLUON:
         return ((s + 1) * P + W - 1) // W - 1
 
     @gluon.jit
-    def _sk_issue(w_desc, x_desc, s_desc, z_desc, bar, w_buf, x_buf, s_buf, z_buf, s, ok, spt, tiles_n,
-                  GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, KS: gl.constexpr, BLOCK_N: gl.constexpr,
-                  BLOCK_M: gl.constexpr, PARAM_TMA: gl.constexpr):
-        """TMA of global step s's words [KS / 8, BLOCK_N], x tile [BLOCK_M, KS] and the group's scales (and zeros)
-        [1, BLOCK_N] into one ring slot: no global load in the loop is waited on by the warps."""
+    def _sk_coords(s, spt, tiles_n):
+        """Global step s as (K step, column tile, row tile): the divisions once per program, before its loop."""
         tile = s // spt
-        k0 = (s % spt) * KS
-        n0 = (tile % tiles_n) * BLOCK_N
+        return s % spt, tile % tiles_n, tile // tiles_n
+
+    @gluon.jit
+    def _sk_next(ks, tn, tm, spt, tiles_n):
+        """The step after (ks, tn, tm) in the tile-major order, by carries instead of a division per step (three
+        runtime divisions a step were ~10 % of the loop's instructions, offline sm_90a)."""
+        wrap = (ks + 1 == spt).to(gl.int32)
+        ks = (ks + 1) * (1 - wrap)
+        tn = tn + wrap
+        wrap = (tn == tiles_n).to(gl.int32)
+        return ks, tn * (1 - wrap), tm + wrap
+
+    @gluon.jit
+    def _sk_issue(w_desc, x_desc, s_desc, z_desc, bar, w_buf, xr_smem, xr0, s_smem, z_smem, p0, ks, tn, tm, ok,
+                  GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, KS: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_M: gl.constexpr, PARAM_TMA: gl.constexpr, GPS: gl.constexpr = 1):
+        """TMA of the step (K step ks of column tile tn, row tile tm: _sk_coords) into one ring slot: its GPS
+        sub-steps' words [GPS KS / 8, BLOCK_N] (one box), x tiles [BLOCK_M, KS] (xr_smem[xr0 + h]) and the groups'
+        scales (and zeros) [1, BLOCK_N] each (s_smem[p0 + r]): no global load in the loop is waited on by the warps."""
+        SROWS: gl.constexpr = (GPS * KS + GROUP - 1) // GROUP
+        k0 = ks * (GPS * KS)
+        n0 = tn * BLOCK_N
         if PARAM_TMA and HAS_ZEROS:
-            mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes + s_desc.block_type.nbytes
-                            + z_desc.block_type.nbytes, pred=ok)
+            mbarrier.expect(bar, w_desc.block_type.nbytes + GPS * x_desc.block_type.nbytes
+                            + SROWS * (s_desc.block_type.nbytes + z_desc.block_type.nbytes), pred=ok)
         elif PARAM_TMA:
-            mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes + s_desc.block_type.nbytes,
-                            pred=ok)
+            mbarrier.expect(bar, w_desc.block_type.nbytes + GPS * x_desc.block_type.nbytes
+                            + SROWS * s_desc.block_type.nbytes, pred=ok)
         else:
             mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=ok)
         tma.async_copy_global_to_shared(w_desc, [k0 // 8, n0], bar, w_buf, pred=ok)
-        tma.async_copy_global_to_shared(x_desc, [(tile // tiles_n) * BLOCK_M, k0], bar, x_buf, pred=ok)
+        for h in gl.static_range(GPS):
+            tma.async_copy_global_to_shared(x_desc, [tm * BLOCK_M, k0 + h * KS], bar, xr_smem.index(xr0 + h), pred=ok)
         if PARAM_TMA:
-            tma.async_copy_global_to_shared(s_desc, [k0 // GROUP, n0], bar, s_buf, pred=ok)
-            if HAS_ZEROS:
-                tma.async_copy_global_to_shared(z_desc, [k0 // GROUP, n0], bar, z_buf, pred=ok)
+            for r in gl.static_range(SROWS):
+                tma.async_copy_global_to_shared(s_desc, [k0 // GROUP + r, n0], bar, s_smem.index(p0 + r), pred=ok)
+                if HAS_ZEROS:
+                    tma.async_copy_global_to_shared(z_desc, [k0 // GROUP + r, n0], bar, z_smem.index(p0 + r), pred=ok)
 
     @gluon.jit
     def _slot_params(s_buf, z_buf, HAS_ZEROS: gl.constexpr, BF16: gl.constexpr, BLOCK_N: gl.constexpr,
                      ROW: gl.constexpr, ZL: gl.constexpr):
-        """A ring slot's scales (fp32, MMA row layout) and zero pairs (word layout, _zero_pairs)."""
+        """A ring slot's scales (fp32, MMA row layout) and zero pairs (word layout, _zero_pairs), of [1, BLOCK_N]."""
         s_cur = s_buf.reshape([BLOCK_N]).load(ROW).to(gl.float32)
         if HAS_ZEROS:
             zz_cur = _zero_pairs(z_buf.reshape([BLOCK_N]).load(ZL), True, BF16)
@@ -449,12 +468,14 @@ if HAVE_GLUON:
         P = gl.num_programs(0)
         s_lo = (pid * W) // P
         s_hi = ((pid + 1) * W) // P
+        ks, tn, tm = _sk_coords(s_lo, spt, tiles_n)
         for i in range(s_hi - s_lo):
             slot = i % STAGES
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-            _sk_issue(w_desc, x_desc, s_desc, z_desc, ready.index(slot), w_smem.index(slot), xr_smem.index(slot),
-                      s_smem.index(slot), z_smem.index(slot if HAS_ZEROS else 0), s_lo + i, True, spt, tiles_n,
+            _sk_issue(w_desc, x_desc, s_desc, z_desc, ready.index(slot), w_smem.index(slot), xr_smem, slot,
+                      s_smem, z_smem, slot, ks, tn, tm, True,
                       GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, True)
+            ks, tn, tm = _sk_next(ks, tn, tm, spt, tiles_n)
 
     @gluon.jit
     def _sk_consumer(x_desc, w_smem, xr_smem, x_smem, s_smem, z_smem, ready, empty, b_ptr, out_ptr, part_ptr,
@@ -482,10 +503,9 @@ if HAVE_GLUON:
         mr = gl.arange(0, BLOCK_M, layout=COL)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
         zero_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+        ks, tn, tm = _sk_coords(s_lo, spt, tiles_n)
         for i in range(s_hi - s_lo):
             s = s_lo + i
-            tile = s // spt
-            ks = s % spt
             slot = i % STAGES
             mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
             s_cur, zz_cur = _slot_params(s_smem.index(slot), z_smem.index(slot if HAS_ZEROS else 0), HAS_ZEROS, BF16,
@@ -497,9 +517,10 @@ if HAVE_GLUON:
             mbarrier.arrive(empty.index(slot), count=1)
             acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP)
             if (ks == spt - 1) | (s == s_hi - 1):
-                _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
-                          stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA)
+                _sk_flush(acc, tm * tiles_n + tn, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr,
+                          b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA)
                 acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+            ks, tn, tm = _sk_next(ks, tn, tm, spt, tiles_n)
 
     @gluon.jit
     def _int4_wgr_ws_kernel(
@@ -558,7 +579,7 @@ if HAVE_GLUON:
         M, N, K, W, spt, tiles_n, MAXC, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
         GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr,
-        PARAM_TMA: gl.constexpr,
+        PARAM_TMA: gl.constexpr, GPS: gl.constexpr = 1,
     ):
         """Persistent stream-K wgr: program p runs global steps [p W // P, (p + 1) W // P) of the W = tiles x spt
         (tile, K step) sequence, tile-major, through one TMA ring of words and x tiles; a tile's partial sums from
@@ -582,19 +603,24 @@ if HAVE_GLUON:
         s_lo = (pid * W) // P
         s_hi = ((pid + 1) * W) // P
 
-        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KS // 8, BLOCK_N], w_desc.layout)
-        xr_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, KS], x_desc.layout)
-        x_smem = gl.allocate_shared_memory(dt, [2, BLOCK_M, KS], XS)
-        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, BLOCK_N], s_desc.layout)
-        z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES if HAS_ZEROS else 1, 1, BLOCK_N], z_desc.layout)
+        # GPS sub-steps (groups, or KS-wide parts of one) per ring slot: one wait, barrier and TMA issue for all
+        SROWS: gl.constexpr = (GPS * KS + GROUP - 1) // GROUP  # the groups (scale / zero rows) a slot meets
+        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, GPS * KS // 8, BLOCK_N], w_desc.layout)
+        xr_smem = gl.allocate_shared_memory(dt, [STAGES * GPS, BLOCK_M, KS], x_desc.layout)
+        x_smem = gl.allocate_shared_memory(dt, [2 * GPS, BLOCK_M, KS], XS)
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES * SROWS, 1, BLOCK_N], s_desc.layout)
+        z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES * SROWS if HAS_ZEROS else 1, 1, BLOCK_N], z_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         fence_async_shared()
+        cks, ctn, ctm = _sk_coords(s_lo, spt, tiles_n)  # the step consumed next, and (below) the one issued next
+        iks, itn, itm = cks, ctn, ctm
         for i in gl.static_range(STAGES - 1):
-            _sk_issue(w_desc, x_desc, s_desc, z_desc, bars.index(i), w_smem.index(i), xr_smem.index(i),
-                      s_smem.index(i), z_smem.index(i if HAS_ZEROS else 0), s_lo + i, s_lo + i < s_hi, spt, tiles_n,
-                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA)
+            _sk_issue(w_desc, x_desc, s_desc, z_desc, bars.index(i), w_smem.index(i), xr_smem, i * GPS,
+                      s_smem, z_smem, i * SROWS, iks, itn, itm, s_lo + i < s_hi,
+                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA, GPS)
+            iks, itn, itm = _sk_next(iks, itn, itm, spt, tiles_n)
 
         nr = gl.arange(0, BLOCK_N, layout=ROW)
         nz = gl.arange(0, BLOCK_N, layout=ZL)
@@ -608,33 +634,44 @@ if HAVE_GLUON:
         zero_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
         for i in range(s_hi - s_lo):
             s = s_lo + i
-            tile = s // spt
-            ks = s % spt
             slot = i % STAGES
             mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
             if PARAM_TMA:
-                s_cur, zz_cur = _slot_params(s_smem.index(slot), z_smem.index(slot if HAS_ZEROS else 0), HAS_ZEROS,
-                                             BF16, BLOCK_N, ROW, ZL)
+                s_cur, zz_cur = _slot_params(s_smem.index(slot * SROWS), z_smem.index(slot * SROWS if HAS_ZEROS else 0),
+                                             HAS_ZEROS, BF16, BLOCK_N, ROW, ZL)
             else:
                 s_cur = sv1.to(gl.float32)
                 zz_cur = _zero_pairs(zv1, HAS_ZEROS, BF16)
                 sv1, zv1 = sv2, zv2
                 sv2, zv2 = _sk_params(s_ptr, z_ptr, s + 2, s_hi, spt, tiles_n, N, nr, nz, stride_sn, stride_sg,
                                       stride_zn, stride_zg, GROUP, HAS_ZEROS, KS, BLOCK_N, ZL, PARAM_TMA)
-            xb = x_smem.index(i % 2)
-            words = _slot_operands(w_smem.index(slot), xr_smem.index(slot), xb, BLOCK_M, KS, WL, WLT, XL)
+            xb = x_smem.index((i % 2) * GPS)
+            words = _slot_operands(w_smem.index(slot).slice(0, KS // 8), xr_smem.index(slot * GPS), xb, BLOCK_M, KS,
+                                   WL, WLT, XL)
+            for h in gl.static_range(1, GPS):
+                x_smem.index((i % 2) * GPS + h).store(_x_dot_order(xr_smem.index(slot * GPS + h).load(XL), BLOCK_M,
+                                                                   KS))
             fence_async_shared()
             gl.thread_barrier()  # x^T stored by every warp; every warp done with step i - 1 and this slot's loads
             nxt = s + STAGES - 1
             ns = (i + STAGES - 1) % STAGES
-            _sk_issue(w_desc, x_desc, s_desc, z_desc, bars.index(ns), w_smem.index(ns), xr_smem.index(ns),
-                      s_smem.index(ns), z_smem.index(ns if HAS_ZEROS else 0), nxt, nxt < s_hi, spt, tiles_n,
-                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA)
+            _sk_issue(w_desc, x_desc, s_desc, z_desc, bars.index(ns), w_smem.index(ns), xr_smem, ns * GPS,
+                      s_smem, z_smem, ns * SROWS, iks, itn, itm, nxt < s_hi,
+                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA, GPS)
+            iks, itn, itm = _sk_next(iks, itn, itm, spt, tiles_n)
             acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP)
-            if (ks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
-                _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
-                          stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA)
+            for h in gl.static_range(1, GPS):  # the slot's further sub-steps (PARAM_TMA: the host asks for it)
+                s_h, zz_h = _slot_params(s_smem.index(slot * SROWS + (h * KS) // GROUP),
+                                         z_smem.index(slot * SROWS + (h * KS) // GROUP if HAS_ZEROS else 0), HAS_ZEROS, BF16, BLOCK_N, ROW, ZL)
+                words_h = gl.convert_layout(gl.permute(w_smem.index(slot).slice(h * KS // 8, KS // 8).load(WLT),
+                                                       (1, 0)), WL, assert_trivial=True)
+                acc = _step_mma(acc, words_h, zz_h, s_h, x_smem.index((i % 2) * GPS + h), zero_acc, BLOCK_N, KS, BF16,
+                                HAS_ZEROS, OP)
+            if (cks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
+                _sk_flush(acc, ctm * tiles_n + ctn, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr,
+                          b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA)
                 acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+            cks, ctn, ctm = _sk_next(cks, ctn, ctm, spt, tiles_n)
 
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
@@ -723,10 +760,15 @@ def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_p
     if x.stride(1) != 1:
         x = x.contiguous()
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    desc = TensorDescriptor.from_tensor(qweight.t(), [ks // 8, bn], layout)
+    gps = int(cfg.get("GPS", 1))
+    if gps != 1 and not (int(cfg.get("STREAM", 0)) and int(cfg.get("PARAM_TMA", 0)) and not int(cfg.get("WS", 0))
+                         and gps in (2, 4)):
+        raise ValueError(f"int4_gemm: impl 'wgr' takes GPS (sub-steps per ring slot) 2 or 4 only with STREAM and "
+                         f"PARAM_TMA (not WS), got {cfg}")
+    desc = TensorDescriptor.from_tensor(qweight.t(), [gps * ks // 8, bn], layout)
     if int(cfg.get("STREAM", 0)):
         return _launch_stream_k(desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn,
-                                warps, ks)
+                                warps, ks, gps)
     if part is None:
         part, counters = out, out  # never touched with SPLIT_K=1
     grid = (cdiv(N, bn), split, cdiv(M, bm))
@@ -748,7 +790,8 @@ def sk_partition(W: int, P: int, spt: int) -> tuple[list[int], int]:
     return counts, max(counts, default=1)
 
 
-def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn, warps, ks):
+def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn, warps, ks,
+                     gps=1):
     if not x.is_contiguous() or x.data_ptr() % 16:  # the x tiles' TMA: K % 8 == 0, so rows are 16-byte aligned
         x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)
     x_desc = TensorDescriptor.from_tensor(x, [bm, ks], gl.NVMMASharedLayout.get_default_for([bm, ks], _GL_DTYPE[x.dtype]))
@@ -758,7 +801,7 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
     s_desc = _row_desc(scales, bn) if param_tma else x_desc
     z_desc = _row_desc(z, bn) if param_tma and has_zeros else s_desc
     tiles_n, tiles_m = cdiv(N, bn), cdiv(M, bm)
-    spt = cdiv(K, ks)
+    spt = cdiv(K, gps * ks)  # ring slots per tile (a ragged last one reads TMA's zero fill)
     W = tiles_n * tiles_m * spt
     P = max(1, min(W, int(cfg.get("CTAS_PER_SM", 3)) * sm_count(x.device)))
     # the most programs one tile can meet: a tile's spt steps over ranges of >= W // P steps each
@@ -780,7 +823,7 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
         w_desc, x_desc, s_desc, z_desc, scales, z, b, out, part, counters, M, N, K, W, spt, tiles_n, maxc,
         scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, KS=ks,
-        STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, num_warps=warps)
+        STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, GPS=gps, num_warps=warps)
     return out
 
 
