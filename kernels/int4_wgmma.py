@@ -73,6 +73,7 @@ from .workspace import arrival_counters
 try:  # Gluon ships with triton >= 3.5; kernopt's CPU installs have it too (triton 3.6)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -148,15 +149,39 @@ if HAVE_GLUON:
         return gl.BlockedLayout([1, 8], [32 // tk, tk], [NUM_WARPS, 1], [1, 0])
 
     @gluon.constexpr_function
-    def _wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS):
+    def _wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS, MMA2=False):
         """The kernels' register layouts: words (WL) and as TMA stores them (WLT), the word rows' vectors (ZL), the
-        wgmma accumulator (MMA), its register A operand (OP), the natural-order x tile (XL), the accumulator's rows
-        (ROW) and columns (COL)."""
+        accumulator (MMA: wgmma's, or mma.sync's with MMA2), its register A operand (OP), the natural-order x tile
+        (XL), the accumulator's rows (ROW) and columns (COL)."""
         wl = _word_layout(BLOCK_N, KS, NUM_WARPS)
-        mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
+        if MMA2:
+            mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8])
+        else:
+            mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                            instr_shape=[16, BLOCK_M, 16])
         return (wl, _word_layout_t(BLOCK_N, KS, NUM_WARPS), gl.SliceLayout(1, wl), mma,
                 gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2), _x_layout(BLOCK_M, KS, NUM_WARPS),
                 gl.SliceLayout(1, mma), gl.SliceLayout(0, mma))
+
+    @gluon.constexpr_function
+    def _x_operand_layout(b_lin):
+        """MMA2: the layout of a natural-order [BLOCK_M, KS] x tile whose _x_dot_order, transposed, is mma.sync's B
+        operand (b_lin: that operand's linear layout over [KS, BLOCK_M], in the dot's K order p): each basis (p, m)
+        becomes (m, k(p)), k(p) the bit permutation of wgr_k_order (p bits e, l0, l1, h, s -> k bits 2, 3, 4, 0, 1).
+        Every warp reads the whole tile from the TMA slot itself, 8 consecutive k (16 bytes) per register group: no
+        relabelled copy in shared memory, no barrier for it."""
+        def k_of(p):
+            k = p & ~31
+            for bit, to in ((0, 2), (1, 3), (2, 4), (3, 0), (4, 1)):
+                if p >> bit & 1:
+                    k |= 1 << to
+            return k
+
+        def move(bases):
+            return [[b[1], k_of(b[0])] for b in bases]
+        return gl.DistributedLinearLayout(reg_bases=move(b_lin.reg_bases), lane_bases=move(b_lin.lane_bases),
+                                          warp_bases=move(b_lin.warp_bases), block_bases=[],
+                                          shape=[b_lin.shape[1], b_lin.shape[0]])
 
     @gluon.jit
     def _pairs(w, zz, ASM: gl.constexpr, BF16: gl.constexpr):
@@ -426,6 +451,18 @@ if HAVE_GLUON:
         return acc + d * s_cur[:, None]
 
     @gluon.jit
+    def _step_mma2(acc, words, zz, s_cur, xr_buf, zero_acc, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                   KS: gl.constexpr, BF16: gl.constexpr, HAS_ZEROS: gl.constexpr, OP: gl.constexpr, XB: gl.constexpr,
+                   BOP: gl.constexpr):
+        """MMA2's step: the words unpacked as _step_mma does, x^T read from the TMA slot straight into mma.sync's B
+        operand (XB: _x_operand_layout), mma.sync (no warpgroup wait: ptxas may overlap the unpack with the MMAs),
+        scaled per row into acc."""
+        a = _unpack_operand(words, zz[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
+        xt = gl.permute(_x_dot_order(xr_buf.load(XB), BLOCK_M, KS), (1, 0))
+        d = mma_v2(a, gl.convert_layout(xt, BOP, assert_trivial=True), zero_acc)
+        return acc + d * s_cur[:, None]
+
+    @gluon.jit
     def _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
                   stride_om, stride_on, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                   MMA: gl.constexpr):
@@ -579,7 +616,7 @@ if HAVE_GLUON:
         M, N, K, W, spt, tiles_n, MAXC, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
         GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr,
-        PARAM_TMA: gl.constexpr, GPS: gl.constexpr = 1,
+        PARAM_TMA: gl.constexpr, GPS: gl.constexpr = 1, MMA2: gl.constexpr = False,
     ):
         """Persistent stream-K wgr: program p runs global steps [p W // P, (p + 1) W // P) of the W = tiles x spt
         (tile, K step) sequence, tile-major, through one TMA ring of words and x tiles; a tile's partial sums from
@@ -587,7 +624,7 @@ if HAVE_GLUON:
         NUM_WARPS: gl.constexpr = gl.num_warps()
         BF16: gl.constexpr = x_desc.dtype == gl.bfloat16
         dt: gl.constexpr = x_desc.dtype
-        LAYOUTS: gl.constexpr = _wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS)
+        LAYOUTS: gl.constexpr = _wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS, MMA2)
         WL: gl.constexpr = LAYOUTS[0]
         WLT: gl.constexpr = LAYOUTS[1]
         ZL: gl.constexpr = LAYOUTS[2]
@@ -597,6 +634,10 @@ if HAVE_GLUON:
         ROW: gl.constexpr = LAYOUTS[6]
         COL: gl.constexpr = LAYOUTS[7]
         XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, KS], dt)
+        # MMA2: mma.sync's B operand and the x tile's load layout (built either way; used only with MMA2)
+        BOP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=_wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS,
+                                                                                     True)[3], k_width=2)
+        XB: gl.constexpr = _x_operand_layout(gl.to_linear_layout(BOP, [KS, BLOCK_M]))
 
         pid = gl.program_id(0)
         P = gl.num_programs(0)
@@ -607,7 +648,7 @@ if HAVE_GLUON:
         SROWS: gl.constexpr = (GPS * KS + GROUP - 1) // GROUP  # the groups (scale / zero rows) a slot meets
         w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, GPS * KS // 8, BLOCK_N], w_desc.layout)
         xr_smem = gl.allocate_shared_memory(dt, [STAGES * GPS, BLOCK_M, KS], x_desc.layout)
-        x_smem = gl.allocate_shared_memory(dt, [2 * GPS, BLOCK_M, KS], XS)
+        x_smem = gl.allocate_shared_memory(dt, [1 if MMA2 else 2 * GPS, BLOCK_M, KS], XS)  # wgmma's x^T operand
         s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES * SROWS, 1, BLOCK_N], s_desc.layout)
         z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES * SROWS if HAS_ZEROS else 1, 1, BLOCK_N], z_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -645,9 +686,13 @@ if HAVE_GLUON:
                 sv1, zv1 = sv2, zv2
                 sv2, zv2 = _sk_params(s_ptr, z_ptr, s + 2, s_hi, spt, tiles_n, N, nr, nz, stride_sn, stride_sg,
                                       stride_zn, stride_zg, GROUP, HAS_ZEROS, KS, BLOCK_N, ZL, PARAM_TMA)
-            xb = x_smem.index((i % 2) * GPS)
-            words = _slot_operands(w_smem.index(slot).slice(0, KS // 8), xr_smem.index(slot * GPS), xb, BLOCK_M, KS,
-                                   WL, WLT, XL)
+            xb = x_smem.index(0 if MMA2 else (i % 2) * GPS)
+            if MMA2:
+                words = gl.convert_layout(gl.permute(w_smem.index(slot).slice(0, KS // 8).load(WLT), (1, 0)), WL,
+                                          assert_trivial=True)
+            else:
+                words = _slot_operands(w_smem.index(slot).slice(0, KS // 8), xr_smem.index(slot * GPS), xb, BLOCK_M,
+                                       KS, WL, WLT, XL)
             for h in gl.static_range(1, GPS):
                 x_smem.index((i % 2) * GPS + h).store(_x_dot_order(xr_smem.index(slot * GPS + h).load(XL), BLOCK_M,
                                                                    KS))
@@ -659,7 +704,11 @@ if HAVE_GLUON:
                       s_smem, z_smem, ns * SROWS, iks, itn, itm, nxt < s_hi,
                       GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA, GPS)
             iks, itn, itm = _sk_next(iks, itn, itm, spt, tiles_n)
-            acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP)
+            if MMA2:
+                acc = _step_mma2(acc, words, zz_cur, s_cur, xr_smem.index(slot * GPS), zero_acc, BLOCK_N, BLOCK_M, KS,
+                                 BF16, HAS_ZEROS, OP, XB, BOP)
+            else:
+                acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP)
             for h in gl.static_range(1, GPS):  # the slot's further sub-steps (PARAM_TMA: the host asks for it)
                 s_h, zz_h = _slot_params(s_smem.index(slot * SROWS + (h * KS) // GROUP),
                                          z_smem.index(slot * SROWS + (h * KS) // GROUP if HAS_ZEROS else 0), HAS_ZEROS, BF16, BLOCK_N, ROW, ZL)
@@ -761,10 +810,13 @@ def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_p
         x = x.contiguous()
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     gps = int(cfg.get("GPS", 1))
-    if gps != 1 and not (int(cfg.get("STREAM", 0)) and int(cfg.get("PARAM_TMA", 0)) and not int(cfg.get("WS", 0))
-                         and gps in (2, 4)):
+    ring = bool(int(cfg.get("STREAM", 0)) and int(cfg.get("PARAM_TMA", 0)) and not int(cfg.get("WS", 0)))
+    if gps != 1 and not (ring and gps in (2, 4) and not int(cfg.get("MMA2", 0))):
         raise ValueError(f"int4_gemm: impl 'wgr' takes GPS (sub-steps per ring slot) 2 or 4 only with STREAM and "
-                         f"PARAM_TMA (not WS), got {cfg}")
+                         f"PARAM_TMA (not WS, not MMA2), got {cfg}")
+    if int(cfg.get("MMA2", 0)) and not ring:
+        raise ValueError(f"int4_gemm: impl 'wgr' takes MMA2 (mma.sync) only with STREAM and PARAM_TMA (not WS), "
+                         f"got {cfg}")
     desc = TensorDescriptor.from_tensor(qweight.t(), [gps * ks // 8, bn], layout)
     if int(cfg.get("STREAM", 0)):
         return _launch_stream_k(desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn,
@@ -823,7 +875,8 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
         w_desc, x_desc, s_desc, z_desc, scales, z, b, out, part, counters, M, N, K, W, spt, tiles_n, maxc,
         scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, KS=ks,
-        STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, GPS=gps, num_warps=warps)
+        STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, GPS=gps, MMA2=bool(int(cfg.get("MMA2", 0))),
+        num_warps=warps)
     return out
 
 
