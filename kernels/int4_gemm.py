@@ -1552,23 +1552,6 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             for stages, per_sm in ((4, 3), (3, 4), (5, 3)):
                 out.append({"impl": "wgr", "STREAM": 1, "WS": 1, "BLOCK_M": bm_w, "BLOCK_N": 128, "BLOCK_K": block_k,
                             "SPLIT_K": 1, "CTAS_PER_SM": per_sm, "num_warps": 4, "num_stages": stages})
-            # GPS: 2 or 4 steps (groups) per ring slot: one mbarrier wait, barrier and TMA issue for all, the
-            # step's bookkeeping once. Why: the PARAM_TMA kernel issues ~10 us of instructions per scheduler at M=4
-            # K4096 N14336 (ncu: 50 % of cycles issue, 16.9 us), ~46 % of its step path outside the unpack (offline
-            # sm_90a: 482 instructions a step, 431 a group at GPS 2, 408 at 4).
-            # MMA2: mma.sync instead of wgmma, x^T read from the TMA slot straight into the B operand (no relabelled
-            # copy, no warpgroup wait): ptxas interleaves the unpack with the MMAs and keeps 63 registers (wgmma's
-            # register operand: 127 at 8 rows), so 6-8 programs fit an SM (offline sm_90a, 8 rows x 128 columns).
-            for bn, warps, stages, per_sm in ((128, 4, 3, 6), (128, 4, 2, 8), (128, 4, 4, 4), (256, 8, 3, 3)):
-                if bm_w == 16:
-                    per_sm = min(per_sm, 5 if warps == 4 else 2)  # 96 registers at 16 rows (8 warps: 2)
-                out.append({"impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "MMA2": 1, "BLOCK_M": bm_w, "BLOCK_N": bn,
-                            "BLOCK_K": block_k, "SPLIT_K": 1, "CTAS_PER_SM": per_sm, "num_warps": warps,
-                            "num_stages": stages})
-            for gps, stages, per_sm in ((2, 2, 4), (2, 3, 3), (4, 2, 2)):
-                out.append({"impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "GPS": gps, "BLOCK_M": bm_w, "BLOCK_N": 128,
-                            "BLOCK_K": block_k, "SPLIT_K": 1, "CTAS_PER_SM": per_sm, "num_warps": 4,
-                            "num_stages": stages})
     if 16 < M <= 64 and group_size >= 32:
         # wgr with 32 / 64 rows (wgmma N = BLOCK_M): the weights are unpacked once for all the rows, where the tiled
         # kernel (the M = 64 pick) stores dequantized tiles to shared memory. Offline sm_90a, 128 columns x 4 warps x 3

@@ -51,7 +51,17 @@ global loads whose values the compiler consumed at once (x's relabelling PRMTs r
 conversions); register loads two steps ahead were slower still. What did not: stream-K instead of split-K at the
 same loads (within 1 %, though SMs were active only 75 % of the split-K kernel's cycles), warp specialisation
 (within +-3 %: the 4-6 CTA-wide barriers a step Gluon puts around the TMA issue were not the bound), 8 warps,
-6 stages, 64 columns. Left: the wgmma is synchronous every step (its wait, then the scale FFMAs, sit on each
+6 stages, 64 columns. Since 47969ee the stream-K kernels carry their (K step, column tile, row tile) from step to
+step instead of dividing by the runtime tile counts (524 -> 482 SASS instructions on the step path at 8 rows x 128
+columns, offline sm_90a): the table picks ran ~5 % faster (sweeps/gps: M = 4 16.03 / 17.23 us, M = 16 18.45 /
+20.23 at K4096 N14336 / K14336 N4096). Tried after that and dropped (code at 47969ee and 2cd5585): two or four
+steps per ring slot (GPS: one wait, barrier and TMA issue for all, 431 / 408 instructions a step; slower
+everywhere, M = 16 by a third: sweeps/gps) and mma.sync instead of wgmma with x^T read from the TMA slot straight
+into the B operand (MMA2: 63 registers instead of 127, 466 instructions a step, up to 8 programs per SM; 12-18 %
+slower: sweeps/mma2). ncu of the table pick at M = 4 K4096 N14336 (profiles/ncu-wgr-m4-d1daae1.txt): 17.4 us,
+issue slots 63 % busy at 3.7 warps per scheduler, DRAM 38 %, L1 44 %, L2 47 %, 64 % of shared-load wavefronts
+from bank conflicts; per issued instruction 1.21 cycles not selected, 1.05 barrier, 0.86 long scoreboard: no unit
+is saturated, the CTA-wide barriers and the step's serial chain are what is left. Left: the wgmma is synchronous every step (its wait, then the scale FFMAs, sit on each
 step's path; an async wgmma overlapping the next step's unpack is the next lever), and 4-way shared-memory bank
 conflicts on the word reads (ncu: 65 % excess wavefronts).
 
@@ -73,7 +83,6 @@ from .workspace import arrival_counters
 try:  # Gluon ships with triton >= 3.5; kernopt's CPU installs have it too (triton 3.6)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -149,39 +158,15 @@ if HAVE_GLUON:
         return gl.BlockedLayout([1, 8], [32 // tk, tk], [NUM_WARPS, 1], [1, 0])
 
     @gluon.constexpr_function
-    def _wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS, MMA2=False):
+    def _wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS):
         """The kernels' register layouts: words (WL) and as TMA stores them (WLT), the word rows' vectors (ZL), the
-        accumulator (MMA: wgmma's, or mma.sync's with MMA2), its register A operand (OP), the natural-order x tile
-        (XL), the accumulator's rows (ROW) and columns (COL)."""
+        wgmma accumulator (MMA), its register A operand (OP), the natural-order x tile (XL), the accumulator's rows
+        (ROW) and columns (COL)."""
         wl = _word_layout(BLOCK_N, KS, NUM_WARPS)
-        if MMA2:
-            mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8])
-        else:
-            mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                            instr_shape=[16, BLOCK_M, 16])
+        mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
         return (wl, _word_layout_t(BLOCK_N, KS, NUM_WARPS), gl.SliceLayout(1, wl), mma,
                 gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2), _x_layout(BLOCK_M, KS, NUM_WARPS),
                 gl.SliceLayout(1, mma), gl.SliceLayout(0, mma))
-
-    @gluon.constexpr_function
-    def _x_operand_layout(b_lin):
-        """MMA2: the layout of a natural-order [BLOCK_M, KS] x tile whose _x_dot_order, transposed, is mma.sync's B
-        operand (b_lin: that operand's linear layout over [KS, BLOCK_M], in the dot's K order p): each basis (p, m)
-        becomes (m, k(p)), k(p) the bit permutation of wgr_k_order (p bits e, l0, l1, h, s -> k bits 2, 3, 4, 0, 1).
-        Every warp reads the whole tile from the TMA slot itself, 8 consecutive k (16 bytes) per register group: no
-        relabelled copy in shared memory, no barrier for it."""
-        def k_of(p):
-            k = p & ~31
-            for bit, to in ((0, 2), (1, 3), (2, 4), (3, 0), (4, 1)):
-                if p >> bit & 1:
-                    k |= 1 << to
-            return k
-
-        def move(bases):
-            return [[b[1], k_of(b[0])] for b in bases]
-        return gl.DistributedLinearLayout(reg_bases=move(b_lin.reg_bases), lane_bases=move(b_lin.lane_bases),
-                                          warp_bases=move(b_lin.warp_bases), block_bases=[],
-                                          shape=[b_lin.shape[1], b_lin.shape[0]])
 
     @gluon.jit
     def _pairs(w, zz, ASM: gl.constexpr, BF16: gl.constexpr):
@@ -396,36 +381,33 @@ if HAVE_GLUON:
         return ks, tn * (1 - wrap), tm + wrap
 
     @gluon.jit
-    def _sk_issue(w_desc, x_desc, s_desc, z_desc, bar, w_buf, xr_smem, xr0, s_smem, z_smem, p0, ks, tn, tm, ok,
+    def _sk_issue(w_desc, x_desc, s_desc, z_desc, bar, w_buf, x_buf, s_buf, z_buf, ks, tn, tm, ok,
                   GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, KS: gl.constexpr, BLOCK_N: gl.constexpr,
-                  BLOCK_M: gl.constexpr, PARAM_TMA: gl.constexpr, GPS: gl.constexpr = 1):
-        """TMA of the step (K step ks of column tile tn, row tile tm: _sk_coords) into one ring slot: its GPS
-        sub-steps' words [GPS KS / 8, BLOCK_N] (one box), x tiles [BLOCK_M, KS] (xr_smem[xr0 + h]) and the groups'
-        scales (and zeros) [1, BLOCK_N] each (s_smem[p0 + r]): no global load in the loop is waited on by the warps."""
-        SROWS: gl.constexpr = (GPS * KS + GROUP - 1) // GROUP
-        k0 = ks * (GPS * KS)
+                  BLOCK_M: gl.constexpr, PARAM_TMA: gl.constexpr):
+        """TMA of the step (K step ks of column tile tn, row tile tm: _sk_coords) words [KS / 8, BLOCK_N], x tile
+        [BLOCK_M, KS] and the group's scales (and zeros) [1, BLOCK_N] into one ring slot: no global load in the loop
+        is waited on by the warps."""
+        k0 = ks * KS
         n0 = tn * BLOCK_N
         if PARAM_TMA and HAS_ZEROS:
-            mbarrier.expect(bar, w_desc.block_type.nbytes + GPS * x_desc.block_type.nbytes
-                            + SROWS * (s_desc.block_type.nbytes + z_desc.block_type.nbytes), pred=ok)
+            mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes + s_desc.block_type.nbytes
+                            + z_desc.block_type.nbytes, pred=ok)
         elif PARAM_TMA:
-            mbarrier.expect(bar, w_desc.block_type.nbytes + GPS * x_desc.block_type.nbytes
-                            + SROWS * s_desc.block_type.nbytes, pred=ok)
+            mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes + s_desc.block_type.nbytes,
+                            pred=ok)
         else:
             mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=ok)
         tma.async_copy_global_to_shared(w_desc, [k0 // 8, n0], bar, w_buf, pred=ok)
-        for h in gl.static_range(GPS):
-            tma.async_copy_global_to_shared(x_desc, [tm * BLOCK_M, k0 + h * KS], bar, xr_smem.index(xr0 + h), pred=ok)
+        tma.async_copy_global_to_shared(x_desc, [tm * BLOCK_M, k0], bar, x_buf, pred=ok)
         if PARAM_TMA:
-            for r in gl.static_range(SROWS):
-                tma.async_copy_global_to_shared(s_desc, [k0 // GROUP + r, n0], bar, s_smem.index(p0 + r), pred=ok)
-                if HAS_ZEROS:
-                    tma.async_copy_global_to_shared(z_desc, [k0 // GROUP + r, n0], bar, z_smem.index(p0 + r), pred=ok)
+            tma.async_copy_global_to_shared(s_desc, [k0 // GROUP, n0], bar, s_buf, pred=ok)
+            if HAS_ZEROS:
+                tma.async_copy_global_to_shared(z_desc, [k0 // GROUP, n0], bar, z_buf, pred=ok)
 
     @gluon.jit
     def _slot_params(s_buf, z_buf, HAS_ZEROS: gl.constexpr, BF16: gl.constexpr, BLOCK_N: gl.constexpr,
                      ROW: gl.constexpr, ZL: gl.constexpr):
-        """A ring slot's scales (fp32, MMA row layout) and zero pairs (word layout, _zero_pairs), of [1, BLOCK_N]."""
+        """A ring slot's scales (fp32, MMA row layout) and zero pairs (word layout, _zero_pairs)."""
         s_cur = s_buf.reshape([BLOCK_N]).load(ROW).to(gl.float32)
         if HAS_ZEROS:
             zz_cur = _zero_pairs(z_buf.reshape([BLOCK_N]).load(ZL), True, BF16)
@@ -448,18 +430,6 @@ if HAVE_GLUON:
         per row into acc."""
         a = _unpack_operand(words, zz[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
         d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
-        return acc + d * s_cur[:, None]
-
-    @gluon.jit
-    def _step_mma2(acc, words, zz, s_cur, xr_buf, zero_acc, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                   KS: gl.constexpr, BF16: gl.constexpr, HAS_ZEROS: gl.constexpr, OP: gl.constexpr, XB: gl.constexpr,
-                   BOP: gl.constexpr):
-        """MMA2's step: the words unpacked as _step_mma does, x^T read from the TMA slot straight into mma.sync's B
-        operand (XB: _x_operand_layout), mma.sync (no warpgroup wait: ptxas may overlap the unpack with the MMAs),
-        scaled per row into acc."""
-        a = _unpack_operand(words, zz[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
-        xt = gl.permute(_x_dot_order(xr_buf.load(XB), BLOCK_M, KS), (1, 0))
-        d = mma_v2(a, gl.convert_layout(xt, BOP, assert_trivial=True), zero_acc)
         return acc + d * s_cur[:, None]
 
     @gluon.jit
@@ -509,8 +479,8 @@ if HAVE_GLUON:
         for i in range(s_hi - s_lo):
             slot = i % STAGES
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-            _sk_issue(w_desc, x_desc, s_desc, z_desc, ready.index(slot), w_smem.index(slot), xr_smem, slot,
-                      s_smem, z_smem, slot, ks, tn, tm, True,
+            _sk_issue(w_desc, x_desc, s_desc, z_desc, ready.index(slot), w_smem.index(slot), xr_smem.index(slot),
+                      s_smem.index(slot), z_smem.index(slot if HAS_ZEROS else 0), ks, tn, tm, True,
                       GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, True)
             ks, tn, tm = _sk_next(ks, tn, tm, spt, tiles_n)
 
@@ -616,7 +586,7 @@ if HAVE_GLUON:
         M, N, K, W, spt, tiles_n, MAXC, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
         GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr,
-        PARAM_TMA: gl.constexpr, GPS: gl.constexpr = 1, MMA2: gl.constexpr = False,
+        PARAM_TMA: gl.constexpr,
     ):
         """Persistent stream-K wgr: program p runs global steps [p W // P, (p + 1) W // P) of the W = tiles x spt
         (tile, K step) sequence, tile-major, through one TMA ring of words and x tiles; a tile's partial sums from
@@ -624,7 +594,7 @@ if HAVE_GLUON:
         NUM_WARPS: gl.constexpr = gl.num_warps()
         BF16: gl.constexpr = x_desc.dtype == gl.bfloat16
         dt: gl.constexpr = x_desc.dtype
-        LAYOUTS: gl.constexpr = _wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS, MMA2)
+        LAYOUTS: gl.constexpr = _wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS)
         WL: gl.constexpr = LAYOUTS[0]
         WLT: gl.constexpr = LAYOUTS[1]
         ZL: gl.constexpr = LAYOUTS[2]
@@ -634,23 +604,17 @@ if HAVE_GLUON:
         ROW: gl.constexpr = LAYOUTS[6]
         COL: gl.constexpr = LAYOUTS[7]
         XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, KS], dt)
-        # MMA2: mma.sync's B operand and the x tile's load layout (built either way; used only with MMA2)
-        BOP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=_wgr_layouts(BLOCK_N, BLOCK_M, KS, NUM_WARPS,
-                                                                                     True)[3], k_width=2)
-        XB: gl.constexpr = _x_operand_layout(gl.to_linear_layout(BOP, [KS, BLOCK_M]))
 
         pid = gl.program_id(0)
         P = gl.num_programs(0)
         s_lo = (pid * W) // P
         s_hi = ((pid + 1) * W) // P
 
-        # GPS sub-steps (groups, or KS-wide parts of one) per ring slot: one wait, barrier and TMA issue for all
-        SROWS: gl.constexpr = (GPS * KS + GROUP - 1) // GROUP  # the groups (scale / zero rows) a slot meets
-        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, GPS * KS // 8, BLOCK_N], w_desc.layout)
-        xr_smem = gl.allocate_shared_memory(dt, [STAGES * GPS, BLOCK_M, KS], x_desc.layout)
-        x_smem = gl.allocate_shared_memory(dt, [1 if MMA2 else 2 * GPS, BLOCK_M, KS], XS)  # wgmma's x^T operand
-        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES * SROWS, 1, BLOCK_N], s_desc.layout)
-        z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES * SROWS if HAS_ZEROS else 1, 1, BLOCK_N], z_desc.layout)
+        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KS // 8, BLOCK_N], w_desc.layout)
+        xr_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, KS], x_desc.layout)
+        x_smem = gl.allocate_shared_memory(dt, [2, BLOCK_M, KS], XS)
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, BLOCK_N], s_desc.layout)
+        z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES if HAS_ZEROS else 1, 1, BLOCK_N], z_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
@@ -658,9 +622,9 @@ if HAVE_GLUON:
         cks, ctn, ctm = _sk_coords(s_lo, spt, tiles_n)  # the step consumed next, and (below) the one issued next
         iks, itn, itm = cks, ctn, ctm
         for i in gl.static_range(STAGES - 1):
-            _sk_issue(w_desc, x_desc, s_desc, z_desc, bars.index(i), w_smem.index(i), xr_smem, i * GPS,
-                      s_smem, z_smem, i * SROWS, iks, itn, itm, s_lo + i < s_hi,
-                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA, GPS)
+            _sk_issue(w_desc, x_desc, s_desc, z_desc, bars.index(i), w_smem.index(i), xr_smem.index(i),
+                      s_smem.index(i), z_smem.index(i if HAS_ZEROS else 0), iks, itn, itm, s_lo + i < s_hi,
+                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA)
             iks, itn, itm = _sk_next(iks, itn, itm, spt, tiles_n)
 
         nr = gl.arange(0, BLOCK_N, layout=ROW)
@@ -678,44 +642,25 @@ if HAVE_GLUON:
             slot = i % STAGES
             mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
             if PARAM_TMA:
-                s_cur, zz_cur = _slot_params(s_smem.index(slot * SROWS), z_smem.index(slot * SROWS if HAS_ZEROS else 0),
-                                             HAS_ZEROS, BF16, BLOCK_N, ROW, ZL)
+                s_cur, zz_cur = _slot_params(s_smem.index(slot), z_smem.index(slot if HAS_ZEROS else 0), HAS_ZEROS,
+                                             BF16, BLOCK_N, ROW, ZL)
             else:
                 s_cur = sv1.to(gl.float32)
                 zz_cur = _zero_pairs(zv1, HAS_ZEROS, BF16)
                 sv1, zv1 = sv2, zv2
                 sv2, zv2 = _sk_params(s_ptr, z_ptr, s + 2, s_hi, spt, tiles_n, N, nr, nz, stride_sn, stride_sg,
                                       stride_zn, stride_zg, GROUP, HAS_ZEROS, KS, BLOCK_N, ZL, PARAM_TMA)
-            xb = x_smem.index(0 if MMA2 else (i % 2) * GPS)
-            if MMA2:
-                words = gl.convert_layout(gl.permute(w_smem.index(slot).slice(0, KS // 8).load(WLT), (1, 0)), WL,
-                                          assert_trivial=True)
-            else:
-                words = _slot_operands(w_smem.index(slot).slice(0, KS // 8), xr_smem.index(slot * GPS), xb, BLOCK_M,
-                                       KS, WL, WLT, XL)
-            for h in gl.static_range(1, GPS):
-                x_smem.index((i % 2) * GPS + h).store(_x_dot_order(xr_smem.index(slot * GPS + h).load(XL), BLOCK_M,
-                                                                   KS))
+            xb = x_smem.index(i % 2)
+            words = _slot_operands(w_smem.index(slot), xr_smem.index(slot), xb, BLOCK_M, KS, WL, WLT, XL)
             fence_async_shared()
             gl.thread_barrier()  # x^T stored by every warp; every warp done with step i - 1 and this slot's loads
             nxt = s + STAGES - 1
             ns = (i + STAGES - 1) % STAGES
-            _sk_issue(w_desc, x_desc, s_desc, z_desc, bars.index(ns), w_smem.index(ns), xr_smem, ns * GPS,
-                      s_smem, z_smem, ns * SROWS, iks, itn, itm, nxt < s_hi,
-                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA, GPS)
+            _sk_issue(w_desc, x_desc, s_desc, z_desc, bars.index(ns), w_smem.index(ns), xr_smem.index(ns),
+                      s_smem.index(ns), z_smem.index(ns if HAS_ZEROS else 0), iks, itn, itm, nxt < s_hi,
+                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA)
             iks, itn, itm = _sk_next(iks, itn, itm, spt, tiles_n)
-            if MMA2:
-                acc = _step_mma2(acc, words, zz_cur, s_cur, xr_smem.index(slot * GPS), zero_acc, BLOCK_N, BLOCK_M, KS,
-                                 BF16, HAS_ZEROS, OP, XB, BOP)
-            else:
-                acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP)
-            for h in gl.static_range(1, GPS):  # the slot's further sub-steps (PARAM_TMA: the host asks for it)
-                s_h, zz_h = _slot_params(s_smem.index(slot * SROWS + (h * KS) // GROUP),
-                                         z_smem.index(slot * SROWS + (h * KS) // GROUP if HAS_ZEROS else 0), HAS_ZEROS, BF16, BLOCK_N, ROW, ZL)
-                words_h = gl.convert_layout(gl.permute(w_smem.index(slot).slice(h * KS // 8, KS // 8).load(WLT),
-                                                       (1, 0)), WL, assert_trivial=True)
-                acc = _step_mma(acc, words_h, zz_h, s_h, x_smem.index((i % 2) * GPS + h), zero_acc, BLOCK_N, KS, BF16,
-                                HAS_ZEROS, OP)
+            acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP)
             if (cks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
                 _sk_flush(acc, ctm * tiles_n + ctn, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr,
                           b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA)
@@ -809,18 +754,10 @@ def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_p
     if x.stride(1) != 1:
         x = x.contiguous()
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    gps = int(cfg.get("GPS", 1))
-    ring = bool(int(cfg.get("STREAM", 0)) and int(cfg.get("PARAM_TMA", 0)) and not int(cfg.get("WS", 0)))
-    if gps != 1 and not (ring and gps in (2, 4) and not int(cfg.get("MMA2", 0))):
-        raise ValueError(f"int4_gemm: impl 'wgr' takes GPS (sub-steps per ring slot) 2 or 4 only with STREAM and "
-                         f"PARAM_TMA (not WS, not MMA2), got {cfg}")
-    if int(cfg.get("MMA2", 0)) and not ring:
-        raise ValueError(f"int4_gemm: impl 'wgr' takes MMA2 (mma.sync) only with STREAM and PARAM_TMA (not WS), "
-                         f"got {cfg}")
-    desc = TensorDescriptor.from_tensor(qweight.t(), [gps * ks // 8, bn], layout)
+    desc = TensorDescriptor.from_tensor(qweight.t(), [ks // 8, bn], layout)
     if int(cfg.get("STREAM", 0)):
         return _launch_stream_k(desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn,
-                                warps, ks, gps)
+                                warps, ks)
     if part is None:
         part, counters = out, out  # never touched with SPLIT_K=1
     grid = (cdiv(N, bn), split, cdiv(M, bm))
@@ -842,8 +779,7 @@ def sk_partition(W: int, P: int, spt: int) -> tuple[list[int], int]:
     return counts, max(counts, default=1)
 
 
-def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn, warps, ks,
-                     gps=1):
+def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn, warps, ks):
     if not x.is_contiguous() or x.data_ptr() % 16:  # the x tiles' TMA: K % 8 == 0, so rows are 16-byte aligned
         x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)
     x_desc = TensorDescriptor.from_tensor(x, [bm, ks], gl.NVMMASharedLayout.get_default_for([bm, ks], _GL_DTYPE[x.dtype]))
@@ -853,7 +789,7 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
     s_desc = _row_desc(scales, bn) if param_tma else x_desc
     z_desc = _row_desc(z, bn) if param_tma and has_zeros else s_desc
     tiles_n, tiles_m = cdiv(N, bn), cdiv(M, bm)
-    spt = cdiv(K, gps * ks)  # ring slots per tile (a ragged last one reads TMA's zero fill)
+    spt = cdiv(K, ks)
     W = tiles_n * tiles_m * spt
     P = max(1, min(W, int(cfg.get("CTAS_PER_SM", 3)) * sm_count(x.device)))
     # the most programs one tile can meet: a tile's spt steps over ranges of >= W // P steps each
@@ -875,8 +811,7 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
         w_desc, x_desc, s_desc, z_desc, scales, z, b, out, part, counters, M, N, K, W, spt, tiles_n, maxc,
         scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, KS=ks,
-        STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, GPS=gps, MMA2=bool(int(cfg.get("MMA2", 0))),
-        num_warps=warps)
+        STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, num_warps=warps)
     return out
 
 

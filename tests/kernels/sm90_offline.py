@@ -144,7 +144,7 @@ class Case:
     name: str
     build: Callable          # build(rec) -> the config dict it launched with
     selected: bool = True    # the family's table (select_config) picks this config: it must not spill
-    expect: dict = field(default_factory=dict)  # kernel name -> checks: "wgmma", "wgmma_e4m3", "mma_sync", "tma", "ws"
+    expect: dict = field(default_factory=dict)  # kernel name -> checks: "wgmma", "wgmma_e4m3", "tma", "ws"
     canary: bool = False     # a config known to spill: proves the spill detection sees spills
     no_spill: bool = False   # not the table's pick, but a candidate whose point is to fit: must not spill either
 
@@ -536,22 +536,6 @@ CASES = [
     Case("int4 M1 wgr stream-K 64 g64", _int4(1, group=64, config={
         "impl": "wgr", "STREAM": 1, "BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, "CTAS_PER_SM": 5,
         "num_warps": 4, "num_stages": 6}), selected=False, no_spill=True, expect={"_int4_wgr_sk_kernel": ("wgmma", "tma")}),
-    Case("int4 M4 wgr stream-K GPS2 zeros+bias", _int4(4, zeros=True, bias=True, config={
-        "impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "GPS": 2, "BLOCK_M": 8, "BLOCK_N": 128, "BLOCK_K": 128,
-        "SPLIT_K": 1, "CTAS_PER_SM": 4, "num_warps": 4, "num_stages": 2}), selected=False, no_spill=True,
-         expect={"_int4_wgr_sk_kernel": ("wgmma", "tma")}),
-    Case("int4 M4 wgr stream-K MMA2 zeros+bias", _int4(4, zeros=True, bias=True, config={
-        "impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "MMA2": 1, "BLOCK_M": 8, "BLOCK_N": 128, "BLOCK_K": 128,
-        "SPLIT_K": 1, "CTAS_PER_SM": 6, "num_warps": 4, "num_stages": 3}), selected=False, no_spill=True,
-         expect={"_int4_wgr_sk_kernel": ("mma_sync", "tma")}),
-    Case("int4 M16 wgr stream-K MMA2 g64 8 warps", _int4(16, group=64, config={
-        "impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "MMA2": 1, "BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 64,
-        "SPLIT_K": 1, "CTAS_PER_SM": 2, "num_warps": 8, "num_stages": 3}), selected=False, no_spill=True,
-         expect={"_int4_wgr_sk_kernel": ("mma_sync", "tma")}),
-    Case("int4 M16 wgr stream-K GPS4 g32", _int4(16, group=32, config={
-        "impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "GPS": 4, "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 32,
-        "SPLIT_K": 1, "CTAS_PER_SM": 2, "num_warps": 4, "num_stages": 2}), selected=False, no_spill=True,
-         expect={"_int4_wgr_sk_kernel": ("wgmma", "tma")}),
     Case("int4 M16 wgr stream-K WS zeros+bias", _int4(16, zeros=True, bias=True, config={
         "impl": "wgr", "STREAM": 1, "WS": 1, "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1,
         "CTAS_PER_SM": 3, "num_warps": 4, "num_stages": 4}), selected=False, no_spill=True,

@@ -108,13 +108,6 @@ def test_wgr_refusals(monkeypatch):
     with pytest.raises(ValueError, match="BLOCK_M 8 / 16"):
         wg.int4_wgr_gemm(x, qweight, scales, scales, scales, torch.empty(2, 64, dtype=dtype), 2, 64, 256, 128, 1,
                          256, False, False, {**WGR, "BLOCK_M": 4}, None, None)
-    stream = {**WGR, "STREAM": 1, "PARAM_TMA": 1, "SPLIT_K": 1}
-    for cfg in ({**WGR, "GPS": 2}, {**stream, "GPS": 3}, {**stream, "GPS": 2, "PARAM_TMA": 0},
-                {**stream, "GPS": 2, "WS": 1}, {**stream, "GPS": 2, "MMA2": 1}, {**stream, "MMA2": 1, "PARAM_TMA": 0},
-                {**WGR, "MMA2": 1}):  # sub-steps per slot, mma.sync: the stream-K PARAM_TMA ring only
-        with pytest.raises(ValueError, match="GPS" if cfg.get("GPS") else "MMA2"):
-            wg.int4_wgr_gemm(x, qweight, scales, scales, scales, torch.empty(2, 64, dtype=dtype), 2, 64, 256, 128, 1,
-                             256, False, False, cfg, None, None)
 
 
 def _expected(x, qweight, scales, zeros, g, bias):
@@ -152,8 +145,7 @@ def test_wgr_gpu_candidates(M, asym, dtype):
     cands = [c for c in candidate_configs(M, 14336, 4096, g) if c["impl"] == "wgr"]
     assert any(c.get("STREAM") for c in cands)
     if dtype == torch.float16:  # the fp16 unpack differs only in its constants: two tiles of each kernel
-        cands = cands[:2] + [c for c in cands if c.get("STREAM")][:3] + [c for c in cands if c.get("WS")][:1] + \
-            [c for c in cands if c.get("MMA2")][:1]
+        cands = cands[:2] + [c for c in cands if c.get("STREAM")][:3] + [c for c in cands if c.get("WS")][:1]
     _check_twice(cands + [{**cands[0], "SPLIT_K": 1}], x, qweight, scales, zeros, g, bias)
 
 
@@ -162,8 +154,7 @@ def test_wgr_gpu_candidates(M, asym, dtype):
 @pytest.mark.parametrize("M", [3, 9, 17])
 def test_wgr_gpu_group_sizes_and_row_tiles(M, g, asym):
     """Groups of 32 / 64 (a step is one group) and 256 (two steps per group), M within one 8- or 16-row tile or
-    across two (17), K = 5 groups, split 1 and 3, bias; stream-K variants, 2 and 4 steps per ring slot (GPS),
-    mma.sync (MMA2)."""
+    across two (17), K = 5 groups, split 1 and 3, bias."""
     dtype = torch.bfloat16
     N, K = 1000, 5 * g
     qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
@@ -174,14 +165,7 @@ def test_wgr_gpu_group_sizes_and_row_tiles(M, g, asym):
     # stream-K with 1 program per SM (tiles of several programs) and 40 (programs of a few steps, many idle)
     _check_twice([base, {**base, "SPLIT_K": 3}, {**stream, "CTAS_PER_SM": 1}, {**stream, "CTAS_PER_SM": 40},
                   {**stream, "CTAS_PER_SM": 3, "PARAM_TMA": 1}, {**stream, "CTAS_PER_SM": 3, "WS": 1},
-                  {**stream, "CTAS_PER_SM": 40, "WS": 1, "num_stages": 2},
-                  # 2 / 4 steps a ring slot: K = 5 steps leaves the last slot ragged (TMA's zero fill)
-                  {**stream, "CTAS_PER_SM": 3, "PARAM_TMA": 1, "GPS": 2, "num_stages": 2},
-                  {**stream, "CTAS_PER_SM": 40, "PARAM_TMA": 1, "GPS": 4, "num_stages": 2},
-                  # mma.sync, x^T from the slot into the B operand
-                  {**stream, "CTAS_PER_SM": 6, "PARAM_TMA": 1, "MMA2": 1, "num_stages": 3},
-                  {**stream, "CTAS_PER_SM": 40, "PARAM_TMA": 1, "MMA2": 1, "num_stages": 2}],
-                 x, qweight, scales, zeros, g, bias)
+                  {**stream, "CTAS_PER_SM": 40, "WS": 1, "num_stages": 2}], x, qweight, scales, zeros, g, bias)
 
 
 @pytest.mark.gpu
