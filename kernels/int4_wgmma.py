@@ -425,12 +425,31 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _step_mma(acc, words, zz, s_cur, xb, zero_acc, BLOCK_N: gl.constexpr, KS: gl.constexpr, BF16: gl.constexpr,
-                  HAS_ZEROS: gl.constexpr, OP: gl.constexpr):
+                  HAS_ZEROS: gl.constexpr, OP: gl.constexpr, ABLATE: gl.constexpr = 0, ROW: gl.constexpr = None):
         """One step's product: the words unpacked to (q - z) in the register operand, times x^T from xb, scaled
-        per row into acc."""
-        a = _unpack_operand(words, zz[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
+        per row into acc. ABLATE (a measurement, wrong results; benchmarks/wgr_ablate.py only): 1 the operand is
+        the words' bits as they are (no unpack), 2 neither unpack nor MMA (a row sum of the words instead)."""
+        if ABLATE == 2:
+            return acc + gl.convert_layout(gl.sum(words, axis=1).to(gl.float32), ROW)[:, None] * s_cur[:, None]
+        if ABLATE == 1:
+            p = _raw_pairs(words, BF16)
+            j = gl.reshape(gl.join(gl.join(p, p), gl.join(p, p)), [BLOCK_N, KS // 32, 4, 2, 2, 2])
+            a = gl.convert_layout(gl.reshape(gl.permute(j, _A_PERM.value), [BLOCK_N, KS]), OP, assert_trivial=True)
+        else:
+            a = _unpack_operand(words, zz[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
         d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
         return acc + d * s_cur[:, None]
+
+    @gluon.jit
+    def _raw_pairs(w, BF16: gl.constexpr):
+        """ABLATE 1: a word's 32 bits as one pair of 16-bit floats (one mov, no unpack)."""
+        if BF16:
+            lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [w], dtype=(gl.bfloat16, gl.bfloat16),
+                                               is_pure=True, pack=1)
+        else:
+            lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [w], dtype=(gl.float16, gl.float16),
+                                               is_pure=True, pack=1)
+        return gl.join(lo, hi)
 
     @gluon.jit
     def _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
@@ -586,7 +605,7 @@ if HAVE_GLUON:
         M, N, K, W, spt, tiles_n, MAXC, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
         GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr,
-        PARAM_TMA: gl.constexpr,
+        PARAM_TMA: gl.constexpr, ABLATE: gl.constexpr = 0,
     ):
         """Persistent stream-K wgr: program p runs global steps [p W // P, (p + 1) W // P) of the W = tiles x spt
         (tile, K step) sequence, tile-major, through one TMA ring of words and x tiles; a tile's partial sums from
@@ -660,7 +679,7 @@ if HAVE_GLUON:
                       s_smem.index(ns), z_smem.index(ns if HAS_ZEROS else 0), iks, itn, itm, nxt < s_hi,
                       GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA)
             iks, itn, itm = _sk_next(iks, itn, itm, spt, tiles_n)
-            acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP)
+            acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP, ABLATE, ROW)
             if (cks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
                 _sk_flush(acc, ctm * tiles_n + ctn, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr,
                           b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA)
@@ -740,9 +759,10 @@ def wgr_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> Op
 
 
 def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split, has_zeros, has_bias,
-                  cfg: dict, part: Optional[torch.Tensor], counters: Optional[torch.Tensor]):
+                  cfg: dict, part: Optional[torch.Tensor], counters: Optional[torch.Tensor], _ablate: int = 0):
     """Launch the wgr kernel (int4_gemm's dispatch has checked shapes and wgr_supported, and built the split-K
-    workspace)."""
+    workspace). `_ablate` (stream-K PARAM_TMA only; benchmarks/wgr_ablate.py, never int4_gemm): the kernel with
+    parts of its step left out, to time what they cost; its outputs are wrong."""
     bm, bn = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
     warps = int(cfg.get("num_warps", 4))
     ks = min(group_size, 128)
@@ -757,7 +777,7 @@ def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_p
     desc = TensorDescriptor.from_tensor(qweight.t(), [ks // 8, bn], layout)
     if int(cfg.get("STREAM", 0)):
         return _launch_stream_k(desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn,
-                                warps, ks)
+                                warps, ks, _ablate)
     if part is None:
         part, counters = out, out  # never touched with SPLIT_K=1
     grid = (cdiv(N, bn), split, cdiv(M, bm))
@@ -779,7 +799,8 @@ def sk_partition(W: int, P: int, spt: int) -> tuple[list[int], int]:
     return counts, max(counts, default=1)
 
 
-def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn, warps, ks):
+def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn, warps, ks,
+                     ablate=0):
     if not x.is_contiguous() or x.data_ptr() % 16:  # the x tiles' TMA: K % 8 == 0, so rows are 16-byte aligned
         x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)
     x_desc = TensorDescriptor.from_tensor(x, [bm, ks], gl.NVMMASharedLayout.get_default_for([bm, ks], _GL_DTYPE[x.dtype]))
@@ -796,6 +817,8 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
     maxc = min(P, cdiv(spt, max(1, W // P)) + 1)
     part = torch.empty((tiles_n * tiles_m, maxc, bn * bm), dtype=torch.float32, device=x.device)
     counters = arrival_counters(x.device, tiles_n * tiles_m)
+    if ablate and (int(cfg.get("WS", 0)) or not param_tma):
+        raise ValueError("wgr ablation: stream-K PARAM_TMA configs only")
     if int(cfg.get("WS", 0)):
         _int4_wgr_ws_kernel[(P,)](
             w_desc, x_desc, _row_desc(scales, bn), _row_desc(z, bn) if has_zeros else x_desc, b, out, part, counters,
@@ -811,7 +834,7 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
         w_desc, x_desc, s_desc, z_desc, scales, z, b, out, part, counters, M, N, K, W, spt, tiles_n, maxc,
         scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, KS=ks,
-        STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, num_warps=warps)
+        STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, ABLATE=ablate, num_warps=warps)
     return out
 
 

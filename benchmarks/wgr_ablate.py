@@ -1,0 +1,85 @@
+"""Where the wgr int4 kernel's time goes: the table's stream-K config timed whole and with parts of its step left out.
+
+    python benchmarks/wgr_ablate.py [--out DIR] [--ms 4,16]   (GPU; writes DIR/wgr_ablate-<gpu>.json)
+
+Per (M, K, N) the table's wgr config (int4_gemm._wgr_pick, weights with zero points, group 128) is timed as the
+gemm_int4 suite times it (CUDA-graph replay, inputs rotated past the L2) in three forms (kernels/int4_wgmma.py
+`_step_mma`, ABLATE):
+  full     the kernel as int4_gemm runs it
+  no_unpack  the word bits go to the wgmma as they are (no shift / LOP3 / subtraction: 250 instead of 482 SASS
+           instructions on the step path at 8 rows x 128 columns, offline sm_90a)
+  ring     neither unpack nor wgmma (a row sum of the words): the TMA ring, x^T relabelling, barriers, scales and
+           the stream-K flush only
+plus bf16 cuBLAS on the same shape. The ablated outputs are wrong by design and are not checked; the full kernel's is
+(against int4_gemm_ref in float64). METHOD.md: time what you leave out; the differences say what bounds the step.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernopt.benchmark import _commit, gpu_slug, require_cuda, rotation, time_graph_ms
+from kernopt.kernels.int4_gemm import _wgr_pick, int4_gemm, int4_gemm_ref
+from kernopt.kernels.int4_wgmma import int4_wgr_gemm
+from kernopt.tolerance import mismatch
+
+SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]
+FORMS = {"full": 0, "no_unpack": 1, "ring": 2}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/sweeps/wgr_ablate")
+    ap.add_argument("--ms", default="4,16")
+    ap.add_argument("--rep", type=int, default=100)
+    args = ap.parse_args()
+    require_cuda("wgr_ablate.py")
+    g, rows = 128, []
+    for M in [int(m) for m in args.ms.split(",")]:
+        for K, N in SHAPES:
+            cfg = _wgr_pick(M, N, K, g)
+            if cfg is None or not cfg.get("STREAM"):
+                print(f"M={M} K={K} N={N}: the table's pick is not the stream-K wgr ({cfg}); skipped")
+                continue
+            copies, calls = rotation(N * K // 2 + N * (K // g) * 4)
+            ops = []
+            for _ in range(copies):
+                qw = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device="cuda").t()
+                s = (torch.rand(K // g, N, device="cuda") * 0.01 + 0.005).to(torch.bfloat16).t()
+                z = torch.randint(0, 16, (K // g, N), device="cuda").to(torch.bfloat16).t()
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                ops.append((x, qw, s, z, torch.empty(M, N, device="cuda", dtype=torch.bfloat16)))
+            x, qw, s, z, out = ops[0]
+            out.fill_(float("nan"))
+            int4_gemm(x, qw, s, z, g, config=cfg, out=out)
+            problem = mismatch(out, int4_gemm_ref(x.double(), qw, s, z, g), torch.bfloat16, scale=2.0)
+            row = {"M": M, "K": K, "N": N, "config": cfg, "check": problem or "ok", "us": {}}
+            for name, ab in FORMS.items():
+                def make(i, ab=ab):
+                    x, qw, s, z, out = ops[i]
+                    return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, cfg, None, None,
+                                                 _ablate=ab)
+                row["us"][name] = round(1e3 * time_graph_ms(make, copies, calls, args.rep), 3)
+            w = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(min(copies, 3))]
+            row["us"]["bf16_cublas"] = round(1e3 * time_graph_ms(
+                lambda i: (lambda: F.linear(ops[i][0], w[i % len(w)])), copies, calls, args.rep), 3)
+            row["gb"] = round((N * K // 2 + 2 * N * (K // g) * 2) / 1e9, 4)
+            print(f"M={M} K={K} N={N}: " + "  ".join(f"{k} {v:.2f} us" for k, v in row["us"].items())
+                  + f"  (check: {row['check']})")
+            rows.append(row)
+    header = {"suite": "wgr_ablate", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "kernopt_commit": _commit(),
+              "date": dt.date.today().isoformat(), "sms": torch.cuda.get_device_properties(0).multi_processor_count}
+    path = Path(args.out) / f"wgr_ablate-{gpu_slug(header['device'])}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
