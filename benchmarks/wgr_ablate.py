@@ -10,6 +10,8 @@ gemm_int4 suite times it (CUDA-graph replay, inputs rotated past the L2) in thre
            instructions on the step path at 8 rows x 128 columns, offline sm_90a)
   ring     neither unpack nor wgmma (a row sum of the words): the TMA ring, x^T relabelling, barriers, scales and
            the stream-K flush only
+  *_no_flush  without the stream-K flush (no partial sums stored, no arrival counters, no output)
+  *_no_x   without x^T's relabelled copy into the wgmma's shared operand (the wgmma reads stale x^T)
 plus bf16 cuBLAS on the same shape. The ablated outputs are wrong by design and are not checked; the full kernel's is
 (against int4_gemm_ref in float64). METHOD.md: time what you leave out; the differences say what bounds the step.
 """
@@ -29,7 +31,8 @@ from kernopt.kernels.int4_wgmma import int4_wgr_gemm
 from kernopt.tolerance import mismatch
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]
-FORMS = {"full": 0, "no_unpack": 1, "ring": 2}
+FORMS = {"full": 0, "no_unpack": 1, "ring": 3, "full_no_flush": 4, "full_no_x": 8, "ring_no_flush": 7,
+         "ring_no_x": 11, "ring_no_x_no_flush": 15}
 
 
 def main() -> None:

@@ -417,21 +417,23 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _slot_operands(w_buf, xr_buf, xb, BLOCK_M: gl.constexpr, KS: gl.constexpr, WL: gl.constexpr,
-                       WLT: gl.constexpr, XL: gl.constexpr):
+                       WLT: gl.constexpr, XL: gl.constexpr, ABLATE: gl.constexpr = 0):
         """A ring slot's x tile stored into xb in the dot's K order, and its words in the word layout (read in the
         tile's own orientation, permuted in registers)."""
-        xb.store(_x_dot_order(xr_buf.load(XL), BLOCK_M, KS))
+        if (ABLATE & 8) == 0:
+            xb.store(_x_dot_order(xr_buf.load(XL), BLOCK_M, KS))
         return gl.convert_layout(gl.permute(w_buf.load(WLT), (1, 0)), WL, assert_trivial=True)
 
     @gluon.jit
     def _step_mma(acc, words, zz, s_cur, xb, zero_acc, BLOCK_N: gl.constexpr, KS: gl.constexpr, BF16: gl.constexpr,
                   HAS_ZEROS: gl.constexpr, OP: gl.constexpr, ABLATE: gl.constexpr = 0, ROW: gl.constexpr = None):
         """One step's product: the words unpacked to (q - z) in the register operand, times x^T from xb, scaled
-        per row into acc. ABLATE (a measurement, wrong results; benchmarks/wgr_ablate.py only): 1 the operand is
-        the words' bits as they are (no unpack), 2 neither unpack nor MMA (a row sum of the words instead)."""
-        if ABLATE == 2:
+        per row into acc. ABLATE (bits; a measurement, wrong results; benchmarks/wgr_ablate.py only): 1 the operand
+        is the words' bits as they are (no unpack), 2 neither unpack nor MMA (a row sum of the words instead); the
+        stream-K kernel also takes 4 (no flush: nothing stored) and 8 (x^T not relabelled into xb)."""
+        if (ABLATE & 2) != 0:
             return acc + gl.convert_layout(gl.sum(words, axis=1).to(gl.float32), ROW)[:, None] * s_cur[:, None]
-        if ABLATE == 1:
+        if (ABLATE & 1) != 0:
             p = _raw_pairs(words, BF16)
             j = gl.reshape(gl.join(gl.join(p, p), gl.join(p, p)), [BLOCK_N, KS // 32, 4, 2, 2, 2])
             a = gl.convert_layout(gl.reshape(gl.permute(j, _A_PERM.value), [BLOCK_N, KS]), OP, assert_trivial=True)
@@ -670,7 +672,7 @@ if HAVE_GLUON:
                 sv2, zv2 = _sk_params(s_ptr, z_ptr, s + 2, s_hi, spt, tiles_n, N, nr, nz, stride_sn, stride_sg,
                                       stride_zn, stride_zg, GROUP, HAS_ZEROS, KS, BLOCK_N, ZL, PARAM_TMA)
             xb = x_smem.index(i % 2)
-            words = _slot_operands(w_smem.index(slot), xr_smem.index(slot), xb, BLOCK_M, KS, WL, WLT, XL)
+            words = _slot_operands(w_smem.index(slot), xr_smem.index(slot), xb, BLOCK_M, KS, WL, WLT, XL, ABLATE)
             fence_async_shared()
             gl.thread_barrier()  # x^T stored by every warp; every warp done with step i - 1 and this slot's loads
             nxt = s + STAGES - 1
@@ -680,11 +682,15 @@ if HAVE_GLUON:
                       GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA)
             iks, itn, itm = _sk_next(iks, itn, itm, spt, tiles_n)
             acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP, ABLATE, ROW)
-            if (cks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
-                _sk_flush(acc, ctm * tiles_n + ctn, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr,
-                          b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA)
-                acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+            if (ABLATE & 4) == 0:  # (the measurement knob leaves the flush out)
+                if (cks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
+                    _sk_flush(acc, ctm * tiles_n + ctn, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr,
+                              b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA)
+                    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
             cks, ctn, ctm = _sk_next(cks, ctn, ctm, spt, tiles_n)
+        if (ABLATE & 4) != 0:  # keep the ablated kernel's products alive: a store no launch takes (s_hi >= 0)
+            if s_hi < 0:
+                gl.store(part_ptr + nr[:, None] * BLOCK_M + mr[None, :], acc)
 
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
