@@ -476,14 +476,9 @@ if HAVE_GLUON:
             arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
             last = arrived == n_c - 1
             total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
-            if last:  # the slots summed in program order, four loads in flight at a time (a tile of K14336 N4096
-                # meets ~17 programs: one L2 round trip each, in series, had cost ~4 us of the kernel's tail,
-                # benchmarks/wgr_ablate.py)
-                for c0 in range(0, n_c, 4):
-                    for u in gl.static_range(4):
-                        total += gl.load(base + (c0 + u) * BLOCK_N * BLOCK_M + offs,
-                                         mask=offs < (n_c - c0 - u) * (BLOCK_N * BLOCK_M), other=0.0,
-                                         cache_modifier=".cg")
+            if last:
+                for c in range(n_c):
+                    total += gl.load(base + c * BLOCK_N * BLOCK_M + offs, cache_modifier=".cg")
                 gl.atomic_xchg(cnt_ptr + tile, 0)
         if last:
             if HAS_BIAS:
