@@ -28,10 +28,9 @@ Algorithms (chosen per shape by `select_config`, the one table of this family):
 - ``dequant_cublas`` (large M): a Triton kernel dequantizes the whole weight to x's dtype, then
   ``F.linear`` (cuBLAS), which wins once the GEMM is compute-bound and the dequant is amortised.
 - ``wgr`` (M = 2..16, and 17..64 above 4096^2; 16-bit x, groups >= 32; kernels/int4_wgmma.py, Gluon): swap-AB wgmma
-  with the words TMA'd into
-  a ring and unpacked two nibbles per LOP3 straight into the register operand; the table's pick there since
-  97e4eb1 (1.52-1.79x bf16 cuBLAS on the H200 at the two large suite shapes, where tiled2 was at ~1x), offered by
-  int4_gemm only where it runs (`_table_wgr`).
+  with the words TMA'd into a ring and unpacked two nibbles per LOP3 straight into the register operand; the table's
+  pick there since 97e4eb1 (1.58-1.88x bf16 cuBLAS on the H200 at the two large suite shapes at b83eb2e, where
+  tiled2 was at ~1x), offered by int4_gemm only where it runs (`_table_wgr`).
 
 Variants (selectable with ``config={"impl": ...}``, swept by `candidate_configs` for M <= 16; all use the
 same storage). Since the H200 sweep of 2026-11-29 `select_config` picks ``gemv2`` at M=1 and ``tiled2`` at

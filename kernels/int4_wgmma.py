@@ -42,28 +42,26 @@ spread the steps over programs (int4_gemm config keys):
 - ``STREAM`` + ``WS`` (``_int4_wgr_ws_kernel``): the same, warp-specialised: a one-warp TMA producer and the
   warpgroup as consumer (ready / empty mbarriers per slot), with maxnreg set so that CTAS_PER_SM programs fit.
 
-Measured on the H200 (bf16 x, group 128; us at K4096 N14336 / K14336 N4096 / 4096^2; gemm_int4-h200.json at
-97e4eb1 with zero points, sweeps/wgr_suite without): M = 2 and 4 16.8-16.9 / 18.1-18.2 / 10.1 (1.77-1.79x,
-1.75-1.76x, 1.30x bf16 cuBLAS; tiled2 30.5 / 32.1 / 12.9 before), M = 16 19.5 / 21.3 / 11.4 (1.56x / 1.52x /
-1.17x); without zero points M = 4 15.8 / 17.1 and M = 16 18.9 / 20.3. What moved it (sweeps/wgr .. wgr5): the
-scales / zeros in the TMA ring (M = 16 22.1 -> 19.5): ncu (profiles/ncu-wgr-*) put 37-38 % of the stalls on
-global loads whose values the compiler consumed at once (x's relabelling PRMTs right after its LDG; zero
-conversions); register loads two steps ahead were slower still. What did not: stream-K instead of split-K at the
-same loads (within 1 %, though SMs were active only 75 % of the split-K kernel's cycles), warp specialisation
-(within +-3 %: the 4-6 CTA-wide barriers a step Gluon puts around the TMA issue were not the bound), 8 warps,
-6 stages, 64 columns. Since 47969ee the stream-K kernels carry their (K step, column tile, row tile) from step to
-step instead of dividing by the runtime tile counts (524 -> 482 SASS instructions on the step path at 8 rows x 128
-columns, offline sm_90a): the table picks ran ~5 % faster (sweeps/gps: M = 4 16.03 / 17.23 us, M = 16 18.45 /
-20.23 at K4096 N14336 / K14336 N4096). Tried after that and dropped (code at 47969ee and 2cd5585): two or four
-steps per ring slot (GPS: one wait, barrier and TMA issue for all, 431 / 408 instructions a step; slower
-everywhere, M = 16 by a third: sweeps/gps) and mma.sync instead of wgmma with x^T read from the TMA slot straight
-into the B operand (MMA2: 63 registers instead of 127, 466 instructions a step, up to 8 programs per SM; 12-18 %
-slower: sweeps/mma2). ncu of the table pick at M = 4 K4096 N14336 (profiles/ncu-wgr-m4-d1daae1.txt): 17.4 us,
-issue slots 63 % busy at 3.7 warps per scheduler, DRAM 38 %, L1 44 %, L2 47 %, 64 % of shared-load wavefronts
-from bank conflicts; per issued instruction 1.21 cycles not selected, 1.05 barrier, 0.86 long scoreboard: no unit
-is saturated, the CTA-wide barriers and the step's serial chain are what is left. Left: the wgmma is synchronous every step (its wait, then the scale FFMAs, sit on each
-step's path; an async wgmma overlapping the next step's unpack is the next lever), and 4-way shared-memory bank
-conflicts on the word reads (ncu: 65 % excess wavefronts).
+Measured on the H200 (bf16 x, group 128; us at K4096 N14336 / K14336 N4096 / 4096^2, with zero points;
+gemm_int4-h200.json at b83eb2e): M = 2 16.07 / 17.48 (1.86x / 1.81x bf16 cuBLAS; two-row PAIRS at 4096^2), M = 4
+16.06 / 17.47 / 9.95 (1.88x / 1.82x / 1.32x), M = 16 18.80 / 20.44 / 11.49 (1.63x / 1.58x / 1.17x); tiled2 was at
+~1x. What moved it (sweeps/wgr .. wgr5, gps): the scales / zeros in the TMA ring (M = 16 22.1 -> 19.5: ncu had put
+37-38 % of the stalls on global loads the compiler consumed at once), and since 47969ee the stream-K step's
+(K step, column tile, row tile) carried from step to step instead of three runtime divisions (524 -> 482 SASS
+instructions on the step path at 8 rows x 128 columns, offline sm_90a; ~5 % faster). What did not: stream-K
+instead of split-K at the same loads, warp specialisation (+-3 %), 8 warps, 6 stages, 64 columns; two or four
+steps per ring slot (GPS, 47969ee: 431 / 408 instructions a step, slower everywhere, M = 16 by a third) and
+mma.sync with x^T read from the slot straight into its B operand (MMA2, 2cd5585: 63 registers instead of 127, up to
+8 programs per SM, 12-18 % slower); both dropped (sweeps/gps, sweeps/mma2).
+
+Where the time goes (M = 4, K4096 N14336; benchmarks/wgr_ablate.py and tma_ring_probe.py, same harness as the
+suite): the kernel 16.1 us; its TMA ring alone, same boxes and walk, 9.6 us (3.26 TB/s, sweeps/tma_ring); the
+kernel without its stream-K flush 13.6, without flush, unpack and wgmma 10.6 (sweeps/wgr_ablate2). So the flush
+(partial store, fence, arrival atomic, the last program's sum: the tail every program ends with) costs 2.5 us (3.9
+at K14336 N4096, where ~17 programs meet each tile), unpack + wgmma ~3 us, the rest of the loop ~1 us; the 3x bar
+(10.2 us) is ~0.6 us above the ring alone. Reading the other programs' partials four at a time did not shorten the
+full kernel (sweeps/wgr_ablate_batched, reverted). ncu of the table pick (profiles/ncu-wgr-m4-d1daae1.txt): issue
+slots 63 % busy, DRAM 38 %, L1 44 %, L2 47 %, 64 % of shared-load wavefronts from bank conflicts (the word reads).
 
 No interpreter: Gluon kernels do not run under TRITON_INTERPRET. On CPU the K-order bookkeeping is tested by
 emulation (`wgr_emulate` repeats the kernel's joins, reshapes and permutations in torch), the stream-K partition
@@ -446,11 +444,11 @@ if HAVE_GLUON:
     def _raw_pairs(w, BF16: gl.constexpr):
         """ABLATE 1: a word's 32 bits as one pair of 16-bit floats (one mov, no unpack)."""
         if BF16:
-            lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [w], dtype=(gl.bfloat16, gl.bfloat16),
-                                               is_pure=True, pack=1)
+            lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [w],
+                                               dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
         else:
-            lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [w], dtype=(gl.float16, gl.float16),
-                                               is_pure=True, pack=1)
+            lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [w],
+                                               dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
         return gl.join(lo, hi)
 
     @gluon.jit
