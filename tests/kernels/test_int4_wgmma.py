@@ -108,6 +108,12 @@ def test_wgr_refusals(monkeypatch):
     with pytest.raises(ValueError, match="BLOCK_M 8 / 16"):
         wg.int4_wgr_gemm(x, qweight, scales, scales, scales, torch.empty(2, 64, dtype=dtype), 2, 64, 256, 128, 1,
                          256, False, False, {**WGR, "BLOCK_M": 4}, None, None)
+    # benchmarks/wgr_ablate.py's knob exists only in the stream-K PARAM_TMA kernel
+    stream = {**WGR, "BLOCK_M": 8, "STREAM": 1, "SPLIT_K": 1}
+    for cfg in ({**stream, "WS": 1}, {**stream, "PARAM_TMA": 0}):
+        with pytest.raises(ValueError, match="ablation"):
+            wg.int4_wgr_gemm(x, qweight, scales, scales, scales, torch.empty(2, 64, dtype=dtype), 2, 64, 256, 128, 1,
+                             256, False, False, cfg, None, None, _ablate=1)
 
 
 def _expected(x, qweight, scales, zeros, g, bias):
