@@ -15,13 +15,11 @@ zero rows. Each variant's output is checked: the sum of the word rows it read eq
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 from pathlib import Path
 
 import torch
 
-from kernopt.benchmark import _commit, gpu_slug, require_cuda, rotation, time_graph_ms
+from kernopt.benchmark import Suite, require_cuda, rotation, time_graph_ms
 from kernopt.kernels.host import cdiv, sm_count
 from kernopt.kernels.int4_wgmma import TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma
 
@@ -150,13 +148,10 @@ def main() -> None:
             print(f"K={K} N={N} rows {rows_} x {bn} stages {stages} x {ctas}/SM extra {extra}: {us:.2f} us "
                   f"{row['tbps']:.2f} TB/s ({row['check']})")
             rows.append(row)
-    header = {"suite": "tma_ring_probe", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "kernopt_commit": _commit(),
-              "date": dt.date.today().isoformat(), "sms": sms}
-    path = Path(args.out) / f"tma_ring_probe-{gpu_slug(header['device'])}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
-    print("wrote", path)
+    suite = Suite("tma_ring_probe")  # the suites' JSON header (device, versions, commit, date)
+    suite.header["sms"] = sms
+    suite.rows = rows
+    print("wrote", suite.write(Path(args.out)))
 
 
 if __name__ == "__main__":

@@ -18,14 +18,12 @@ plus bf16 cuBLAS on the same shape. The ablated outputs are wrong by design and 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kernopt.benchmark import _commit, gpu_slug, require_cuda, rotation, time_graph_ms
+from kernopt.benchmark import Suite, require_cuda, rotation, time_graph_ms
 from kernopt.kernels.int4_gemm import _wgr_pick, int4_gemm, int4_gemm_ref
 from kernopt.kernels.int4_wgmma import int4_wgr_gemm
 from kernopt.tolerance import mismatch
@@ -75,13 +73,10 @@ def main() -> None:
             print(f"M={M} K={K} N={N}: " + "  ".join(f"{k} {v:.2f} us" for k, v in row["us"].items())
                   + f"  (check: {row['check']})")
             rows.append(row)
-    header = {"suite": "wgr_ablate", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "kernopt_commit": _commit(),
-              "date": dt.date.today().isoformat(), "sms": torch.cuda.get_device_properties(0).multi_processor_count}
-    path = Path(args.out) / f"wgr_ablate-{gpu_slug(header['device'])}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
-    print("wrote", path)
+    suite = Suite("wgr_ablate")  # the suites' JSON header (device, versions, commit, date)
+    suite.header["sms"] = torch.cuda.get_device_properties(0).multi_processor_count
+    suite.rows = rows
+    print("wrote", suite.write(Path(args.out)))
 
 
 if __name__ == "__main__":
