@@ -12,6 +12,8 @@ gemm_int4 suite times it (CUDA-graph replay, inputs rotated past the L2) in thre
            the stream-K flush only
   *_no_flush  without the stream-K flush (no partial sums stored, no arrival counters, no output)
   *_no_x   without x^T's relabelled copy into the wgmma's shared operand (the wgmma reads stale x^T)
+  flush_store_only  the flush stores each program's partial sum and stops (no fence, arrival atomic or sum)
+  flush_no_sum      the flush stores, arrives and re-arms, but the last program neither sums nor writes
 plus bf16 cuBLAS on the same shape. The ablated outputs are wrong by design and are not checked; the full kernel's is
 (against int4_gemm_ref in float64). METHOD.md: time what you leave out; the differences say what bounds the step.
 """
@@ -30,7 +32,7 @@ from kernopt.tolerance import mismatch
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]
 FORMS = {"full": 0, "no_unpack": 1, "ring": 3, "full_no_flush": 4, "full_no_x": 8, "ring_no_flush": 7,
-         "ring_no_x": 11, "ring_no_x_no_flush": 15}
+         "ring_no_x": 11, "ring_no_x_no_flush": 15, "flush_store_only": 16, "flush_no_sum": 32}
 
 
 def main() -> None:

@@ -454,10 +454,12 @@ if HAVE_GLUON:
     @gluon.jit
     def _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
                   stride_om, stride_on, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                  MMA: gl.constexpr):
+                  MMA: gl.constexpr, ABLATE: gl.constexpr = 0):
         """A program's partial sum of `tile` at the end of its segment: the output if it ran the whole tile, else
         its workspace slot (index among the tile's programs), and the last of them to arrive sums the slots in
-        program order, adds the bias, writes the output and re-arms the tile's counter."""
+        program order, adds the bias, writes the output and re-arms the tile's counter. ABLATE (_step_mma's
+        measurement knob): 16 stores the partial only (no arrival), 32 arrives and re-arms but neither sums nor
+        writes the output."""
         rn = (tile % tiles_n) * BLOCK_N + nr
         om = (tile // tiles_n) * BLOCK_M + mr
         mask = (rn < N)[:, None] & (om < M)[None, :]
@@ -470,14 +472,21 @@ if HAVE_GLUON:
             offs = nr[:, None] * BLOCK_M + mr[None, :]
             base = part_ptr + tile.to(gl.int64) * MAXC * BLOCK_N * BLOCK_M
             gl.store(base + (pid - c_lo) * BLOCK_N * BLOCK_M + offs, acc)
-            gl.thread_barrier()  # every thread's partial before the (release) arrival
-            arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            last = arrived == n_c - 1
-            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
-            if last:
-                for c in range(n_c):
-                    total += gl.load(base + c * BLOCK_N * BLOCK_M + offs, cache_modifier=".cg")
-                gl.atomic_xchg(cnt_ptr + tile, 0)
+            if (ABLATE & 16) != 0:
+                total = acc
+                last = False
+            else:
+                gl.thread_barrier()  # every thread's partial before the (release) arrival
+                arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+                last = arrived == n_c - 1
+                total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+                if last:
+                    if (ABLATE & 32) == 0:
+                        for c in range(n_c):
+                            total += gl.load(base + c * BLOCK_N * BLOCK_M + offs, cache_modifier=".cg")
+                    gl.atomic_xchg(cnt_ptr + tile, 0)
+                if (ABLATE & 32) != 0:
+                    last = False
         if last:
             if HAS_BIAS:
                 total += gl.load(b_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[:, None]
@@ -683,7 +692,7 @@ if HAVE_GLUON:
             if (ABLATE & 4) == 0:  # (the measurement knob leaves the flush out)
                 if (cks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
                     _sk_flush(acc, ctm * tiles_n + ctn, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr,
-                              b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA)
+                              b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA, ABLATE)
                     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
             cks, ctn, ctm = _sk_next(cks, ctn, ctm, spt, tiles_n)
         if (ABLATE & 4) != 0:  # keep the ablated kernel's products alive: a store no launch takes (s_hi >= 0)
