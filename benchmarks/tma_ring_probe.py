@@ -21,7 +21,8 @@ import torch
 
 from kernopt.benchmark import Suite, require_cuda, rotation, time_graph_ms
 from kernopt.kernels.host import cdiv, sm_count
-from kernopt.kernels.int4_wgmma import TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma
+from kernopt.kernels.int4_wgmma import (TensorDescriptor, _sk_coords, _sk_next, fence_async_shared, gl, gluon,
+                                        mbarrier, tma)
 
 
 @gluon.jit
@@ -40,13 +41,8 @@ def _issue(w_desc, x_desc, s_desc, z_desc, bar, w_buf, x_buf, s_buf, z_buf, ks, 
 
 
 @gluon.jit
-def _next(ks, tn, spt):
-    wrap = (ks + 1 == spt).to(gl.int32)
-    return (ks + 1) * (1 - wrap), tn + wrap
-
-
-@gluon.jit
-def _tma_ring_kernel(w_desc, x_desc, s_desc, z_desc, out_ptr, W, spt, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+def _tma_ring_kernel(w_desc, x_desc, s_desc, z_desc, out_ptr, W, spt, tiles_n, ROWS: gl.constexpr,
+                     BLOCK_N: gl.constexpr,
                      XK: gl.constexpr, STAGES: gl.constexpr, EXTRA: gl.constexpr):
     pid = gl.program_id(0)
     P = gl.num_programs(0)
@@ -60,14 +56,12 @@ def _tma_ring_kernel(w_desc, x_desc, s_desc, z_desc, out_ptr, W, spt, ROWS: gl.c
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     fence_async_shared()
-    ks = s_lo % spt
-    tn = s_lo // spt
-    iks, itn = ks, tn
+    iks, itn, itm = _sk_coords(s_lo, spt, tiles_n)  # wgr's stream-K walk (one row tile: itm stays 0)
     for i in gl.static_range(STAGES - 1):
         e = i if EXTRA else 0
         _issue(w_desc, x_desc, s_desc, z_desc, bars.index(i), w_smem.index(i), x_smem.index(e), s_smem.index(e),
                z_smem.index(e), iks, itn, s_lo + i < s_hi, ROWS, BLOCK_N, EXTRA)
-        iks, itn = _next(iks, itn, spt)
+        iks, itn, itm = _sk_next(iks, itn, itm, spt, tiles_n)
     L: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [gl.num_warps(), 1], [1, 0])
     acc = gl.zeros([1, BLOCK_N], gl.int32, layout=L)
     for i in range(s_hi - s_lo):
@@ -79,7 +73,7 @@ def _tma_ring_kernel(w_desc, x_desc, s_desc, z_desc, out_ptr, W, spt, ROWS: gl.c
         e = ns if EXTRA else 0
         _issue(w_desc, x_desc, s_desc, z_desc, bars.index(ns), w_smem.index(ns), x_smem.index(e), s_smem.index(e),
                z_smem.index(e), iks, itn, s_lo + i + STAGES - 1 < s_hi, ROWS, BLOCK_N, EXTRA)
-        iks, itn = _next(iks, itn, spt)
+        iks, itn, itm = _sk_next(iks, itn, itm, spt, tiles_n)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, L))
@@ -134,8 +128,8 @@ def main() -> None:
             def make(i, rows_=rows_, bn=bn, stages=stages, extra=extra, W=W, spt=spt, P=P, xk=xk, descs=descs,
                      out=out):
                 wd, xd, sd, zd = descs[i]
-                return lambda: _tma_ring_kernel[(P,)](wd, xd, sd, zd, out, W, spt, ROWS=rows_, BLOCK_N=bn, XK=xk,
-                                                      STAGES=stages, EXTRA=extra, num_warps=4)
+                return lambda: _tma_ring_kernel[(P,)](wd, xd, sd, zd, out, W, spt, cdiv(N, bn), ROWS=rows_,
+                                                      BLOCK_N=bn, XK=xk, STAGES=stages, EXTRA=extra, num_warps=4)
             make(0)()
             want = sets[0][0][::rows_].to(torch.int64).sum()
             got = out.to(torch.int64).sum()

@@ -20,6 +20,7 @@ plus bf16 cuBLAS on the same shape. The ablated outputs are wrong by design and 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +30,9 @@ from kernopt.benchmark import Suite, require_cuda, rotation, time_graph_ms
 from kernopt.kernels.int4_gemm import _wgr_pick, int4_gemm, int4_gemm_ref
 from kernopt.kernels.int4_wgmma import int4_wgr_gemm
 from kernopt.tolerance import mismatch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from bench_gemm_int4 import make_weights  # noqa: E402  (the suite's operands: N-contiguous words, zero points)
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]
 FORMS = {"full": 0, "no_unpack": 1, "ring": 3, "full_no_flush": 4, "full_no_x": 8, "ring_no_flush": 7,
@@ -52,9 +56,7 @@ def main() -> None:
             copies, calls = rotation(N * K // 2 + N * (K // g) * 4)
             ops = []
             for _ in range(copies):
-                qw = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device="cuda").t()
-                s = (torch.rand(K // g, N, device="cuda") * 0.01 + 0.005).to(torch.bfloat16).t()
-                z = torch.randint(0, 16, (K // g, N), device="cuda").to(torch.bfloat16).t()
+                qw, s, z = make_weights(N, K, g, "cuda")
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 ops.append((x, qw, s, z, torch.empty(M, N, device="cuda", dtype=torch.bfloat16)))
             x, qw, s, z, out = ops[0]

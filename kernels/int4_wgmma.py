@@ -115,6 +115,7 @@ if HAVE_GLUON:
     _FP16 = [[gl.constexpr(_pair_asm(4 * i, 0x64006400, "sub.rn.f16x2", z)) for i in range(4)] for z in (0, 1)]
     (_BF16_P0, _BF16_P1, _BF16_P2, _BF16_P3), (_BF16_Z0, _BF16_Z1, _BF16_Z2, _BF16_Z3) = _BF16
     (_FP16_P0, _FP16_P1, _FP16_P2, _FP16_P3), (_FP16_Z0, _FP16_Z1, _FP16_Z2, _FP16_Z3) = _FP16
+    _RAW_PAIR = gl.constexpr("mov.b32 {$0, $1}, $2;")  # ABLATE 1: a word's bits as the pair, no unpack
 
     @gluon.constexpr_function
     def _word_layout(BLOCK_N, KS, NUM_WARPS):
@@ -432,24 +433,13 @@ if HAVE_GLUON:
         if (ABLATE & 2) != 0:
             return acc + gl.convert_layout(gl.sum(words, axis=1).to(gl.float32), ROW)[:, None] * s_cur[:, None]
         if (ABLATE & 1) != 0:
-            p = _raw_pairs(words, BF16)
+            p = _pairs(words, words, _RAW_PAIR, BF16)
             j = gl.reshape(gl.join(gl.join(p, p), gl.join(p, p)), [BLOCK_N, KS // 32, 4, 2, 2, 2])
             a = gl.convert_layout(gl.reshape(gl.permute(j, _A_PERM.value), [BLOCK_N, KS]), OP, assert_trivial=True)
         else:
             a = _unpack_operand(words, zz[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
         d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
         return acc + d * s_cur[:, None]
-
-    @gluon.jit
-    def _raw_pairs(w, BF16: gl.constexpr):
-        """ABLATE 1: a word's 32 bits as one pair of 16-bit floats (one mov, no unpack)."""
-        if BF16:
-            lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [w],
-                                               dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
-        else:
-            lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [w],
-                                               dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
-        return gl.join(lo, hi)
 
     @gluon.jit
     def _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
