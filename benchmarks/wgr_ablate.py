@@ -14,6 +14,8 @@ gemm_int4 suite times it (CUDA-graph replay, inputs rotated past the L2) in thre
   *_no_x   without x^T's relabelled copy into the wgmma's shared operand (the wgmma reads stale x^T)
   flush_store_only  the flush stores each program's partial sum and stops (no fence, arrival atomic or sum)
   flush_no_sum      the flush stores, arrives and re-arms, but the last program neither sums nor writes
+  no_sub   the unpack makes (B + q) and subtracts nothing (the shift and LOP3 only), *_no_flush as above
+  sym      the full kernel on the same words without zero points (one subtraction a pair instead of two)
 plus bf16 cuBLAS on the same shape. The ablated outputs are wrong by design and are not checked; the full kernel's is
 (against int4_gemm_ref in float64). METHOD.md: time what you leave out; the differences say what bounds the step.
 """
@@ -36,7 +38,8 @@ from bench_gemm_int4 import make_weights  # noqa: E402  (the suite's operands: N
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]
 FORMS = {"full": 0, "no_unpack": 1, "ring": 3, "full_no_flush": 4, "full_no_x": 8, "ring_no_flush": 7,
-         "ring_no_x": 11, "ring_no_x_no_flush": 15, "flush_store_only": 16, "flush_no_sum": 32}
+         "ring_no_x": 11, "ring_no_x_no_flush": 15, "flush_store_only": 16, "flush_no_sum": 32, "no_sub": 64,
+         "no_sub_no_flush": 68}
 
 
 def main() -> None:
@@ -70,6 +73,10 @@ def main() -> None:
                     return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, cfg, None, None,
                                                  _ablate=ab)
                 row["us"][name] = round(1e3 * time_graph_ms(make, copies, calls, args.rep), 3)
+            def make_sym(i):
+                x, qw, s, z, out = ops[i]
+                return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, False, False, cfg, None, None)
+            row["us"]["sym"] = round(1e3 * time_graph_ms(make_sym, copies, calls, args.rep), 3)
             w = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(min(copies, 3))]
             row["us"]["bf16_cublas"] = round(1e3 * time_graph_ms(
                 lambda i: (lambda: F.linear(ops[i][0], w[i % len(w)])), copies, calls, args.rep), 3)

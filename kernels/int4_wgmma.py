@@ -91,12 +91,17 @@ except ImportError:  # pragma: no cover - older triton
     HAVE_GLUON = False
 
 
-def _pair_asm(shift: int, bias_hi2: int, sub: str, zeros: bool) -> str:
+def _pair_asm(shift: int, bias_hi2: int, sub: str, zeros: Optional[bool]) -> str:
     """PTX: nibbles i, i + 4 (shift = 4 i) of word $2 as the 16-bit float pair (q_i - z, q_i+4 - z) in $0, $1. The
     LOP3 makes (B + q) under the float's exponent bits; symmetric weights subtract $3 = (B + 8, B + 8) (exact); with
-    zero points (which may be fractional) it subtracts (B, B), exact, then $3 = (z, z), one rounding of q - z."""
-    centre = ("mov.b32 c, %#010x; %s t, t, c; %s t, t, $3;" % (bias_hi2, sub, sub)) if zeros \
-        else ("%s t, t, $3;" % sub)
+    zero points (which may be fractional) it subtracts (B, B), exact, then $3 = (z, z), one rounding of q - z.
+    zeros=None: no subtraction, the pair is (B + q_i, B + q_i+4)."""
+    if zeros is None:
+        centre = ""
+    elif zeros:
+        centre = "mov.b32 c, %#010x; %s t, t, c; %s t, t, $3;" % (bias_hi2, sub, sub)
+    else:
+        centre = "%s t, t, $3;" % sub
     return ("{ .reg .b32 t, c; shr.b32 t, $2, %d; lop3.b32 t, t, 0x000F000F, %#010x, 0xEA; %s mov.b32 {$0, $1}, t; }"
             % (shift, bias_hi2, centre))
 
@@ -116,6 +121,9 @@ if HAVE_GLUON:
     (_BF16_P0, _BF16_P1, _BF16_P2, _BF16_P3), (_BF16_Z0, _BF16_Z1, _BF16_Z2, _BF16_Z3) = _BF16
     (_FP16_P0, _FP16_P1, _FP16_P2, _FP16_P3), (_FP16_Z0, _FP16_Z1, _FP16_Z2, _FP16_Z3) = _FP16
     _RAW_PAIR = gl.constexpr("mov.b32 {$0, $1}, $2;")  # ABLATE 1: a word's bits as the pair, no unpack
+    # ABLATE 64: (B + q) pairs, no subtraction
+    _BF16_B0, _BF16_B1, _BF16_B2, _BF16_B3 = [gl.constexpr(_pair_asm(4 * i, 0x43004300, "", None)) for i in range(4)]
+    _FP16_B0, _FP16_B1, _FP16_B2, _FP16_B3 = [gl.constexpr(_pair_asm(4 * i, 0x64006400, "", None)) for i in range(4)]
 
     @gluon.constexpr_function
     def _word_layout(BLOCK_N, KS, NUM_WARPS):
@@ -179,11 +187,17 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _unpack_operand(w, zz, BLOCK_N: gl.constexpr, KS: gl.constexpr, BF16: gl.constexpr, HAS_ZEROS: gl.constexpr,
-                        OP: gl.constexpr):
+                        OP: gl.constexpr, OFFSET: gl.constexpr = False):
         """[BLOCK_N, KS / 8] words -> [BLOCK_N, KS] (q - z) in wgmma's A-operand layout OP, K in wgr_k_order;
-        zz: the row's pair to subtract (_zero_pairs) as 32 bits, broadcast along the words."""
+        zz: the row's pair to subtract (_zero_pairs) as 32 bits, broadcast along the words. OFFSET: (B + q), nothing
+        subtracted (zz unused)."""
         if BF16:
-            if HAS_ZEROS:
+            if OFFSET:
+                p0 = _pairs(w, zz, _BF16_B0, True)
+                p1 = _pairs(w, zz, _BF16_B1, True)
+                p2 = _pairs(w, zz, _BF16_B2, True)
+                p3 = _pairs(w, zz, _BF16_B3, True)
+            elif HAS_ZEROS:
                 p0 = _pairs(w, zz, _BF16_Z0, True)
                 p1 = _pairs(w, zz, _BF16_Z1, True)
                 p2 = _pairs(w, zz, _BF16_Z2, True)
@@ -194,7 +208,12 @@ if HAVE_GLUON:
                 p2 = _pairs(w, zz, _BF16_P2, True)
                 p3 = _pairs(w, zz, _BF16_P3, True)
         else:
-            if HAS_ZEROS:
+            if OFFSET:
+                p0 = _pairs(w, zz, _FP16_B0, False)
+                p1 = _pairs(w, zz, _FP16_B1, False)
+                p2 = _pairs(w, zz, _FP16_B2, False)
+                p3 = _pairs(w, zz, _FP16_B3, False)
+            elif HAS_ZEROS:
                 p0 = _pairs(w, zz, _FP16_Z0, False)
                 p1 = _pairs(w, zz, _FP16_Z1, False)
                 p2 = _pairs(w, zz, _FP16_Z2, False)
@@ -429,7 +448,8 @@ if HAVE_GLUON:
         """One step's product: the words unpacked to (q - z) in the register operand, times x^T from xb, scaled
         per row into acc. ABLATE (bits; a measurement, wrong results; benchmarks/wgr_ablate.py only): 1 the operand
         is the words' bits as they are (no unpack), 2 neither unpack nor MMA (a row sum of the words instead); the
-        stream-K kernel also takes 4 (no flush: nothing stored) and 8 (x^T not relabelled into xb)."""
+        stream-K kernel also takes 4 (no flush: nothing stored) and 8 (x^T not relabelled into xb); 64 the operand
+        is (B + q), nothing subtracted."""
         if (ABLATE & 2) != 0:
             return acc + gl.convert_layout(gl.sum(words, axis=1).to(gl.float32), ROW)[:, None] * s_cur[:, None]
         if (ABLATE & 1) != 0:
@@ -437,7 +457,7 @@ if HAVE_GLUON:
             j = gl.reshape(gl.join(gl.join(p, p), gl.join(p, p)), [BLOCK_N, KS // 32, 4, 2, 2, 2])
             a = gl.convert_layout(gl.reshape(gl.permute(j, _A_PERM.value), [BLOCK_N, KS]), OP, assert_trivial=True)
         else:
-            a = _unpack_operand(words, zz[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP)
+            a = _unpack_operand(words, zz[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP, (ABLATE & 64) != 0)
         d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
         return acc + d * s_cur[:, None]
 
