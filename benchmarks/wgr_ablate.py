@@ -16,7 +16,6 @@ gemm_int4 suite times it (CUDA-graph replay, inputs rotated past the L2) in thre
   flush_no_sum      the flush stores, arrives and re-arms, but the last program neither sums nor writes
   no_sub   the unpack makes (B + q) and subtracts nothing (the shift and LOP3 only), *_no_flush as above
   sym      the full kernel on the same words without zero points (one subtraction a pair instead of two)
-  xsum     the config with XSUM: the symmetric unpack, the zero points through the step's x row sums in fp32
 plus bf16 cuBLAS on the same shape. The ablated outputs are wrong by design and are not checked; the full kernel's is
 (against int4_gemm_ref in float64). METHOD.md: time what you leave out; the differences say what bounds the step.
 """
@@ -48,7 +47,6 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/sweeps/wgr_ablate")
     ap.add_argument("--ms", default="4,16")
     ap.add_argument("--rep", type=int, default=100)
-    ap.add_argument("--forms", default=None, help="comma-separated subset of the forms (default: all)")
     args = ap.parse_args()
     require_cuda("wgr_ablate.py")
     g, rows = 128, []
@@ -69,8 +67,7 @@ def main() -> None:
             int4_gemm(x, qw, s, z, g, config=cfg, out=out)
             problem = mismatch(out, int4_gemm_ref(x.double(), qw, s, z, g), torch.bfloat16, scale=2.0)
             row = {"M": M, "K": K, "N": N, "config": cfg, "check": problem or "ok", "us": {}}
-            forms = FORMS if args.forms is None else {f: FORMS[f] for f in args.forms.split(",") if f in FORMS}
-            for name, ab in forms.items():
+            for name, ab in FORMS.items():
                 def make(i, ab=ab):
                     x, qw, s, z, out = ops[i]
                     return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, cfg, None, None,
@@ -80,22 +77,12 @@ def main() -> None:
                 x, qw, s, z, out = ops[i]
                 return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, False, False, cfg, None, None)
             row["us"]["sym"] = round(1e3 * time_graph_ms(make_sym, copies, calls, args.rep), 3)
-            xcfg = {**cfg, "XSUM": 1}  # the zero points through the x row sums (checked like the full kernel)
-            out.fill_(float("nan"))
-            int4_gemm(x, qw, s, z, g, config=xcfg, out=out)
-            row["check_xsum"] = mismatch(out, int4_gemm_ref(x.double(), qw, s, z, g), torch.bfloat16, scale=2.0) \
-                or "ok"
-
-            def make_xsum(i):
-                x, qw, s, z, out = ops[i]
-                return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, xcfg, None, None)
-            row["us"]["xsum"] = round(1e3 * time_graph_ms(make_xsum, copies, calls, args.rep), 3)
             w = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(min(copies, 3))]
             row["us"]["bf16_cublas"] = round(1e3 * time_graph_ms(
                 lambda i: (lambda: F.linear(ops[i][0], w[i % len(w)])), copies, calls, args.rep), 3)
             row["gb"] = round((N * K // 2 + 2 * N * (K // g) * 2) / 1e9, 4)
             print(f"M={M} K={K} N={N}: " + "  ".join(f"{k} {v:.2f} us" for k, v in row["us"].items())
-                  + f"  (check: {row['check']}, xsum {row['check_xsum']})")
+                  + f"  (check: {row['check']})")
             rows.append(row)
     suite = Suite("wgr_ablate")  # the suites' JSON header (device, versions, commit, date)
     suite.header["sms"] = torch.cuda.get_device_properties(0).multi_processor_count

@@ -424,44 +424,32 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _slot_params(s_buf, z_buf, HAS_ZEROS: gl.constexpr, BF16: gl.constexpr, BLOCK_N: gl.constexpr,
-                     ROW: gl.constexpr, ZL: gl.constexpr, XSUM: gl.constexpr = False):
-        """A ring slot's scales (fp32, MMA row layout) and zero pairs (word layout, _zero_pairs), and with XSUM the
-        rows' x-sum weights s (8 - z) (row layout; the pairs are then the symmetric ones, q - 8)."""
+                     ROW: gl.constexpr, ZL: gl.constexpr):
+        """A ring slot's scales (fp32, MMA row layout) and zero pairs (word layout, _zero_pairs)."""
         s_cur = s_buf.reshape([BLOCK_N]).load(ROW).to(gl.float32)
-        if HAS_ZEROS and not XSUM:
+        if HAS_ZEROS:
             zz_cur = _zero_pairs(z_buf.reshape([BLOCK_N]).load(ZL), True, BF16)
         else:
             zz_cur = _zero_pairs(gl.zeros([BLOCK_N], gl.float32, layout=ZL), False, BF16)
-        if XSUM:
-            c_cur = s_cur * (8.0 - z_buf.reshape([BLOCK_N]).load(ROW).to(gl.float32))
-        else:
-            c_cur = s_cur
-        return s_cur, zz_cur, c_cur
+        return s_cur, zz_cur
 
     @gluon.jit
     def _slot_operands(w_buf, xr_buf, xb, BLOCK_M: gl.constexpr, KS: gl.constexpr, WL: gl.constexpr,
-                       WLT: gl.constexpr, XL: gl.constexpr, ABLATE: gl.constexpr = 0, xs_buf=None,
-                       XSUM: gl.constexpr = False):
+                       WLT: gl.constexpr, XL: gl.constexpr, ABLATE: gl.constexpr = 0):
         """A ring slot's x tile stored into xb in the dot's K order, and its words in the word layout (read in the
-        tile's own orientation, permuted in registers). XSUM: also x's row sums over the step (fp32) into xs_buf."""
+        tile's own orientation, permuted in registers)."""
         if (ABLATE & 8) == 0:
-            xv = xr_buf.load(XL)
-            xb.store(_x_dot_order(xv, BLOCK_M, KS))
-            if XSUM:
-                xs_buf.store(gl.sum(xv.to(gl.float32), axis=1))
+            xb.store(_x_dot_order(xr_buf.load(XL), BLOCK_M, KS))
         return gl.convert_layout(gl.permute(w_buf.load(WLT), (1, 0)), WL, assert_trivial=True)
 
     @gluon.jit
     def _step_mma(acc, words, zz, s_cur, xb, zero_acc, BLOCK_N: gl.constexpr, KS: gl.constexpr, BF16: gl.constexpr,
-                  HAS_ZEROS: gl.constexpr, OP: gl.constexpr, ABLATE: gl.constexpr = 0, ROW: gl.constexpr = None,
-                  c_cur=None, xs=None, XSUM: gl.constexpr = False):
+                  HAS_ZEROS: gl.constexpr, OP: gl.constexpr, ABLATE: gl.constexpr = 0, ROW: gl.constexpr = None):
         """One step's product: the words unpacked to (q - z) in the register operand, times x^T from xb, scaled
         per row into acc. ABLATE (bits; a measurement, wrong results; benchmarks/wgr_ablate.py only): 1 the operand
         is the words' bits as they are (no unpack), 2 neither unpack nor MMA (a row sum of the words instead); the
         stream-K kernel also takes 4 (no flush: nothing stored) and 8 (x^T not relabelled into xb); 64 the operand
-        is (B + q), nothing subtracted. XSUM (zero points): the operand is q - 8 (the symmetric unpack, one
-        subtraction a pair) and the zero points enter in fp32 as c_cur = s (8 - z) times the step's x row sums xs:
-        s sum (q - z) x = s sum (q - 8) x + s (8 - z) sum x, exact for fractional z too."""
+        is (B + q), nothing subtracted."""
         if (ABLATE & 2) != 0:
             return acc + gl.convert_layout(gl.sum(words, axis=1).to(gl.float32), ROW)[:, None] * s_cur[:, None]
         if (ABLATE & 1) != 0:
@@ -469,11 +457,8 @@ if HAVE_GLUON:
             j = gl.reshape(gl.join(gl.join(p, p), gl.join(p, p)), [BLOCK_N, KS // 32, 4, 2, 2, 2])
             a = gl.convert_layout(gl.reshape(gl.permute(j, _A_PERM.value), [BLOCK_N, KS]), OP, assert_trivial=True)
         else:
-            a = _unpack_operand(words, zz[:, None], BLOCK_N, KS, BF16, HAS_ZEROS and not XSUM, OP,
-                                (ABLATE & 64) != 0)
+            a = _unpack_operand(words, zz[:, None], BLOCK_N, KS, BF16, HAS_ZEROS, OP, (ABLATE & 64) != 0)
         d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
-        if XSUM:
-            return acc + d * s_cur[:, None] + c_cur[:, None] * xs[None, :]
         return acc + d * s_cur[:, None]
 
     @gluon.jit
@@ -568,8 +553,8 @@ if HAVE_GLUON:
             s = s_lo + i
             slot = i % STAGES
             mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-            s_cur, zz_cur, c_cur = _slot_params(s_smem.index(slot), z_smem.index(slot if HAS_ZEROS else 0), HAS_ZEROS,
-                                                BF16, BLOCK_N, ROW, ZL)
+            s_cur, zz_cur = _slot_params(s_smem.index(slot), z_smem.index(slot if HAS_ZEROS else 0), HAS_ZEROS, BF16,
+                                         BLOCK_N, ROW, ZL)
             xb = x_smem.index(i % 2)
             words = _slot_operands(w_smem.index(slot), xr_smem.index(slot), xb, BLOCK_M, KS, WL, WLT, XL)
             fence_async_shared()
@@ -639,7 +624,7 @@ if HAVE_GLUON:
         M, N, K, W, spt, tiles_n, MAXC, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
         GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr,
-        PARAM_TMA: gl.constexpr, ABLATE: gl.constexpr = 0, XSUM: gl.constexpr = False,
+        PARAM_TMA: gl.constexpr, ABLATE: gl.constexpr = 0,
     ):
         """Persistent stream-K wgr: program p runs global steps [p W // P, (p + 1) W // P) of the W = tiles x spt
         (tile, K step) sequence, tile-major, through one TMA ring of words and x tiles; a tile's partial sums from
@@ -668,9 +653,6 @@ if HAVE_GLUON:
         x_smem = gl.allocate_shared_memory(dt, [2, BLOCK_M, KS], XS)
         s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, BLOCK_N], s_desc.layout)
         z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES if HAS_ZEROS else 1, 1, BLOCK_N], z_desc.layout)
-        # XSUM (PARAM_TMA with zero points): each step's x row sums, double-buffered as x^T's copy is
-        XSM: gl.constexpr = XSUM and PARAM_TMA and HAS_ZEROS
-        xs_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
@@ -698,18 +680,16 @@ if HAVE_GLUON:
             slot = i % STAGES
             mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
             if PARAM_TMA:
-                s_cur, zz_cur, c_cur = _slot_params(s_smem.index(slot), z_smem.index(slot if HAS_ZEROS else 0),
-                                                    HAS_ZEROS, BF16, BLOCK_N, ROW, ZL, XSM)
+                s_cur, zz_cur = _slot_params(s_smem.index(slot), z_smem.index(slot if HAS_ZEROS else 0), HAS_ZEROS,
+                                             BF16, BLOCK_N, ROW, ZL)
             else:
                 s_cur = sv1.to(gl.float32)
-                c_cur = s_cur
                 zz_cur = _zero_pairs(zv1, HAS_ZEROS, BF16)
                 sv1, zv1 = sv2, zv2
                 sv2, zv2 = _sk_params(s_ptr, z_ptr, s + 2, s_hi, spt, tiles_n, N, nr, nz, stride_sn, stride_sg,
                                       stride_zn, stride_zg, GROUP, HAS_ZEROS, KS, BLOCK_N, ZL, PARAM_TMA)
             xb = x_smem.index(i % 2)
-            words = _slot_operands(w_smem.index(slot), xr_smem.index(slot), xb, BLOCK_M, KS, WL, WLT, XL, ABLATE,
-                                   xs_smem.index(i % 2), XSM)
+            words = _slot_operands(w_smem.index(slot), xr_smem.index(slot), xb, BLOCK_M, KS, WL, WLT, XL, ABLATE)
             fence_async_shared()
             gl.thread_barrier()  # x^T stored by every warp; every warp done with step i - 1 and this slot's loads
             nxt = s + STAGES - 1
@@ -718,12 +698,7 @@ if HAVE_GLUON:
                       s_smem.index(ns), z_smem.index(ns if HAS_ZEROS else 0), iks, itn, itm, nxt < s_hi,
                       GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA)
             iks, itn, itm = _sk_next(iks, itn, itm, spt, tiles_n)
-            if XSM:
-                xs = xs_smem.index(i % 2).load(COL)
-            else:
-                xs = mr.to(gl.float32)
-            acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP, ABLATE, ROW,
-                            c_cur, xs, XSM)
+            acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP, ABLATE, ROW)
             if (ABLATE & 4) == 0:  # (the measurement knob leaves the flush out)
                 if (cks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
                     _sk_flush(acc, ctm * tiles_n + ctn, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr,
@@ -882,8 +857,7 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
         w_desc, x_desc, s_desc, z_desc, scales, z, b, out, part, counters, M, N, K, W, spt, tiles_n, maxc,
         scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, KS=ks,
-        STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, ABLATE=ablate, XSUM=bool(int(cfg.get("XSUM", 0))),
-        num_warps=warps)
+        STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, ABLATE=ablate, num_warps=warps)
     return out
 
 
