@@ -16,6 +16,8 @@ gemm_int4 suite times it (CUDA-graph replay, inputs rotated past the L2) in thre
   flush_no_sum      the flush stores, arrives and re-arms, but the last program neither sums nor writes
   no_sub   the unpack makes (B + q) and subtracts nothing (the shift and LOP3 only), *_no_flush as above
   sym      the full kernel on the same words without zero points (one subtraction a pair instead of two)
+  words_only  the ring carries the words only: no TMA of x, scales or zeros per step (the slot's stale ones are
+           used), *_no_x / *_no_flush as above; sym_words_only the same without zero points
 plus bf16 cuBLAS on the same shape. The ablated outputs are wrong by design and are not checked; the full kernel's is
 (against int4_gemm_ref in float64). METHOD.md: time what you leave out; the differences say what bounds the step.
 """
@@ -39,7 +41,7 @@ from bench_gemm_int4 import make_weights  # noqa: E402  (the suite's operands: N
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]
 FORMS = {"full": 0, "no_unpack": 1, "ring": 3, "full_no_flush": 4, "full_no_x": 8, "ring_no_flush": 7,
          "ring_no_x": 11, "ring_no_x_no_flush": 15, "flush_store_only": 16, "flush_no_sum": 32, "no_sub": 64,
-         "no_sub_no_flush": 68}
+         "no_sub_no_flush": 68, "words_only": 128, "words_only_no_x": 136, "words_only_no_flush": 132}
 
 
 def main() -> None:
@@ -47,6 +49,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/sweeps/wgr_ablate")
     ap.add_argument("--ms", default="4,16")
     ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--forms", default=None, help="comma-separated subset of the forms (default: all)")
     args = ap.parse_args()
     require_cuda("wgr_ablate.py")
     g, rows = 128, []
@@ -67,16 +70,19 @@ def main() -> None:
             int4_gemm(x, qw, s, z, g, config=cfg, out=out)
             problem = mismatch(out, int4_gemm_ref(x.double(), qw, s, z, g), torch.bfloat16, scale=2.0)
             row = {"M": M, "K": K, "N": N, "config": cfg, "check": problem or "ok", "us": {}}
-            for name, ab in FORMS.items():
+            forms = FORMS if args.forms is None else {f: FORMS[f] for f in args.forms.split(",") if f in FORMS}
+            for name, ab in forms.items():
                 def make(i, ab=ab):
                     x, qw, s, z, out = ops[i]
                     return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, cfg, None, None,
                                                  _ablate=ab)
                 row["us"][name] = round(1e3 * time_graph_ms(make, copies, calls, args.rep), 3)
-            def make_sym(i):
-                x, qw, s, z, out = ops[i]
-                return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, False, False, cfg, None, None)
-            row["us"]["sym"] = round(1e3 * time_graph_ms(make_sym, copies, calls, args.rep), 3)
+            for name, ab in (("sym", 0), ("sym_words_only", 128)):
+                def make_sym(i, ab=ab):
+                    x, qw, s, z, out = ops[i]
+                    return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, False, False, cfg, None, None,
+                                                 _ablate=ab)
+                row["us"][name] = round(1e3 * time_graph_ms(make_sym, copies, calls, args.rep), 3)
             w = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(min(copies, 3))]
             row["us"]["bf16_cublas"] = round(1e3 * time_graph_ms(
                 lambda i: (lambda: F.linear(ops[i][0], w[i % len(w)])), copies, calls, args.rep), 3)

@@ -401,12 +401,17 @@ if HAVE_GLUON:
     @gluon.jit
     def _sk_issue(w_desc, x_desc, s_desc, z_desc, bar, w_buf, x_buf, s_buf, z_buf, ks, tn, tm, ok,
                   GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, KS: gl.constexpr, BLOCK_N: gl.constexpr,
-                  BLOCK_M: gl.constexpr, PARAM_TMA: gl.constexpr):
+                  BLOCK_M: gl.constexpr, PARAM_TMA: gl.constexpr, ABLATE: gl.constexpr = 0):
         """TMA of the step (K step ks of column tile tn, row tile tm: _sk_coords) words [KS / 8, BLOCK_N], x tile
         [BLOCK_M, KS] and the group's scales (and zeros) [1, BLOCK_N] into one ring slot: no global load in the loop
-        is waited on by the warps."""
+        is waited on by the warps. ABLATE 128 (_step_mma's knob): the words only (the slot's x, scales and zeros
+        stay as they were)."""
         k0 = ks * KS
         n0 = tn * BLOCK_N
+        if (ABLATE & 128) != 0:
+            mbarrier.expect(bar, w_desc.block_type.nbytes, pred=ok)
+            tma.async_copy_global_to_shared(w_desc, [k0 // 8, n0], bar, w_buf, pred=ok)
+            return
         if PARAM_TMA and HAS_ZEROS:
             mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes + s_desc.block_type.nbytes
                             + z_desc.block_type.nbytes, pred=ok)
@@ -449,7 +454,7 @@ if HAVE_GLUON:
         per row into acc. ABLATE (bits; a measurement, wrong results; benchmarks/wgr_ablate.py only): 1 the operand
         is the words' bits as they are (no unpack), 2 neither unpack nor MMA (a row sum of the words instead); the
         stream-K kernel also takes 4 (no flush: nothing stored) and 8 (x^T not relabelled into xb); 64 the operand
-        is (B + q), nothing subtracted."""
+        is (B + q), nothing subtracted; 128 the ring carries the words only (_sk_issue)."""
         if (ABLATE & 2) != 0:
             return acc + gl.convert_layout(gl.sum(words, axis=1).to(gl.float32), ROW)[:, None] * s_cur[:, None]
         if (ABLATE & 1) != 0:
@@ -662,7 +667,7 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES - 1):
             _sk_issue(w_desc, x_desc, s_desc, z_desc, bars.index(i), w_smem.index(i), xr_smem.index(i),
                       s_smem.index(i), z_smem.index(i if HAS_ZEROS else 0), iks, itn, itm, s_lo + i < s_hi,
-                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA)
+                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA, ABLATE)
             iks, itn, itm = _sk_next(iks, itn, itm, spt, tiles_n)
 
         nr = gl.arange(0, BLOCK_N, layout=ROW)
@@ -696,7 +701,7 @@ if HAVE_GLUON:
             ns = (i + STAGES - 1) % STAGES
             _sk_issue(w_desc, x_desc, s_desc, z_desc, bars.index(ns), w_smem.index(ns), xr_smem.index(ns),
                       s_smem.index(ns), z_smem.index(ns if HAS_ZEROS else 0), iks, itn, itm, nxt < s_hi,
-                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA)
+                      GROUP, HAS_ZEROS, KS, BLOCK_N, BLOCK_M, PARAM_TMA, ABLATE)
             iks, itn, itm = _sk_next(iks, itn, itm, spt, tiles_n)
             acc = _step_mma(acc, words, zz_cur, s_cur, xb, zero_acc, BLOCK_N, KS, BF16, HAS_ZEROS, OP, ABLATE, ROW)
             if (ABLATE & 4) == 0:  # (the measurement knob leaves the flush out)
