@@ -16,6 +16,7 @@ gemm_int4 suite times it (CUDA-graph replay, inputs rotated past the L2) in thre
   flush_no_sum      the flush stores, arrives and re-arms, but the last program neither sums nor writes
   no_sub   the unpack makes (B + q) and subtracts nothing (the shift and LOP3 only), *_no_flush as above
   sym      the full kernel on the same words without zero points (one subtraction a pair instead of two)
+  flush_loads2 / 4  the full kernel with the config key FLUSH_LOADS (partial sums read 2 / 4 at a time), checked
   words_only  the ring carries the words only: no TMA of x, scales or zeros per step (the slot's stale ones are
            used), *_no_x / *_no_flush as above; sym_words_only the same without zero points
 plus bf16 cuBLAS on the same shape. The ablated outputs are wrong by design and are not checked; the full kernel's is
@@ -42,6 +43,8 @@ SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]
 FORMS = {"full": 0, "no_unpack": 1, "ring": 3, "full_no_flush": 4, "full_no_x": 8, "ring_no_flush": 7,
          "ring_no_x": 11, "ring_no_x_no_flush": 15, "flush_store_only": 16, "flush_no_sum": 32, "no_sub": 64,
          "no_sub_no_flush": 68, "words_only": 128, "words_only_no_x": 136, "words_only_no_flush": 132}
+# the table's config with other keys (kernels/int4_wgmma.py): FLUSH_LOADS, the partial sums' loads in flight
+CFG_FORMS = {"flush_loads2": {"FLUSH_LOADS": 2}, "flush_loads4": {"FLUSH_LOADS": 4}}
 
 
 def main() -> None:
@@ -77,6 +80,17 @@ def main() -> None:
                     return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, cfg, None, None,
                                                  _ablate=ab)
                 row["us"][name] = round(1e3 * time_graph_ms(make, copies, calls, args.rep), 3)
+            for name, over in CFG_FORMS.items():  # whole kernels with other config keys: checked, then timed
+                ocfg = {**cfg, **over}
+                out.fill_(float("nan"))
+                int4_gemm(x, qw, s, z, g, config=ocfg, out=out)
+                row[f"check_{name}"] = mismatch(out, int4_gemm_ref(x.double(), qw, s, z, g), torch.bfloat16,
+                                                scale=2.0) or "ok"
+
+                def make_cfg(i, ocfg=ocfg):
+                    x, qw, s, z, out = ops[i]
+                    return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, ocfg, None, None)
+                row["us"][name] = round(1e3 * time_graph_ms(make_cfg, copies, calls, args.rep), 3)
             for name, ab in (("sym", 0), ("sym_words_only", 128)):
                 def make_sym(i, ab=ab):
                     x, qw, s, z, out = ops[i]
@@ -88,7 +102,7 @@ def main() -> None:
                 lambda i: (lambda: F.linear(ops[i][0], w[i % len(w)])), copies, calls, args.rep), 3)
             row["gb"] = round((N * K // 2 + 2 * N * (K // g) * 2) / 1e9, 4)
             print(f"M={M} K={K} N={N}: " + "  ".join(f"{k} {v:.2f} us" for k, v in row["us"].items())
-                  + f"  (check: {row['check']})")
+                  + "  (checks: " + ", ".join(f"{k} {v}" for k, v in row.items() if k.startswith("check")) + ")")
             rows.append(row)
     suite = Suite("wgr_ablate")  # the suites' JSON header (device, versions, commit, date)
     suite.header["sms"] = torch.cuda.get_device_properties(0).multi_processor_count

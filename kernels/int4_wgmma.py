@@ -469,7 +469,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
                   stride_om, stride_on, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                  MMA: gl.constexpr, ABLATE: gl.constexpr = 0):
+                  MMA: gl.constexpr, ABLATE: gl.constexpr = 0, LOADS: gl.constexpr = 1):
         """A program's partial sum of `tile` at the end of its segment: the output if it ran the whole tile, else
         its workspace slot (index among the tile's programs), and the last of them to arrive sums the slots in
         program order, adds the bias, writes the output and re-arms the tile's counter. ABLATE (_step_mma's
@@ -497,8 +497,15 @@ if HAVE_GLUON:
                 total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
                 if last:
                     if (ABLATE & 32) == 0:
-                        for c in range(n_c):
-                            total += gl.load(base + c * BLOCK_N * BLOCK_M + offs, cache_modifier=".cg")
+                        if LOADS == 1:
+                            for c in range(n_c):
+                                total += gl.load(base + c * BLOCK_N * BLOCK_M + offs, cache_modifier=".cg")
+                        else:  # LOADS slots' loads in flight at a time, summed in the same (program) order
+                            for c0 in range(0, n_c, LOADS):
+                                for u in gl.static_range(LOADS):
+                                    total += gl.load(base + (c0 + u) * BLOCK_N * BLOCK_M + offs,
+                                                     mask=offs < (n_c - c0 - u) * (BLOCK_N * BLOCK_M), other=0.0,
+                                                     cache_modifier=".cg")
                     gl.atomic_xchg(cnt_ptr + tile, 0)
                 if (ABLATE & 32) != 0:
                     last = False
@@ -629,7 +636,7 @@ if HAVE_GLUON:
         M, N, K, W, spt, tiles_n, MAXC, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
         GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr,
-        PARAM_TMA: gl.constexpr, ABLATE: gl.constexpr = 0,
+        PARAM_TMA: gl.constexpr, ABLATE: gl.constexpr = 0, FLUSH_LOADS: gl.constexpr = 1,
     ):
         """Persistent stream-K wgr: program p runs global steps [p W // P, (p + 1) W // P) of the W = tiles x spt
         (tile, K step) sequence, tile-major, through one TMA ring of words and x tiles; a tile's partial sums from
@@ -707,7 +714,7 @@ if HAVE_GLUON:
             if (ABLATE & 4) == 0:  # (the measurement knob leaves the flush out)
                 if (cks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
                     _sk_flush(acc, ctm * tiles_n + ctn, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr,
-                              b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA, ABLATE)
+                              b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA, ABLATE, FLUSH_LOADS)
                     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
             cks, ctn, ctm = _sk_next(cks, ctn, ctm, spt, tiles_n)
         if (ABLATE & 4) != 0:  # keep the ablated kernel's products alive: a store no launch takes (s_hi >= 0)
@@ -862,7 +869,8 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
         w_desc, x_desc, s_desc, z_desc, scales, z, b, out, part, counters, M, N, K, W, spt, tiles_n, maxc,
         scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, KS=ks,
-        STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, ABLATE=ablate, num_warps=warps)
+        STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, ABLATE=ablate,
+        FLUSH_LOADS=int(cfg.get("FLUSH_LOADS", 1)), num_warps=warps)
     return out
 
 
