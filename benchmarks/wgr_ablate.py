@@ -44,7 +44,8 @@ FORMS = {"full": 0, "no_unpack": 1, "ring": 3, "full_no_flush": 4, "full_no_x": 
          "ring_no_x": 11, "ring_no_x_no_flush": 15, "flush_store_only": 16, "flush_no_sum": 32, "no_sub": 64,
          "no_sub_no_flush": 68, "words_only": 128, "words_only_no_x": 136, "words_only_no_flush": 132}
 # the table's config with other keys (kernels/int4_wgmma.py): FLUSH_LOADS, the partial sums' loads in flight
-CFG_FORMS = {"flush_loads2": {"FLUSH_LOADS": 2}, "flush_loads4": {"FLUSH_LOADS": 4}}
+CFG_FORMS = {"flush_loads2": {"FLUSH_LOADS": 2}, "flush_loads4": {"FLUSH_LOADS": 4}, "coalesced": {"PART_COALESCED": 1},
+             "coalesced_loads2": {"PART_COALESCED": 1, "FLUSH_LOADS": 2}}
 
 
 def main() -> None:

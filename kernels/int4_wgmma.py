@@ -466,10 +466,32 @@ if HAVE_GLUON:
         d = warpgroup_mma(a, xb.permute((1, 0)), zero_acc, use_acc=False)
         return acc + d * s_cur[:, None]
 
+    @gluon.constexpr_function
+    def _log2(v):
+        return int(v).bit_length() - 1
+
+    @gluon.jit
+    def _slot_offsets(nr, mr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, NUM_WARPS: gl.constexpr,
+                      COALESCED: gl.constexpr):
+        """[BLOCK_N, BLOCK_M] offsets of the accumulator's elements in a workspace slot. COALESCED: in the order of
+        the wgmma accumulator's registers, so that each warp's load or store of one register pair is 256
+        contiguous bytes (m bit 0, then the lane's bits m 1-2 and n 0-2, the warp's n bits, then the registers' n
+        bit 3, m bits >= 3 and n above the warpgroup); else row-major, where one warp instruction touched 8 rows."""
+        if COALESCED:
+            WB: gl.constexpr = _log2(NUM_WARPS)
+            MB: gl.constexpr = _log2(BLOCK_M // 8)
+            a_n = ((nr & 7) << 3) | (((nr >> 4) & (NUM_WARPS - 1)) << 6) | (((nr >> 3) & 1) << (6 + WB)) \
+                | ((nr >> (4 + WB)) << (7 + WB + MB))
+            a_m = (mr & 1) | (((mr >> 1) & 3) << 1) | ((mr >> 3) << (7 + WB))
+            offs = a_n[:, None] + a_m[None, :]
+            return gl.max_contiguous(gl.multiple_of(offs, [1, 2]), [1, 2])
+        else:
+            return nr[:, None] * BLOCK_M + mr[None, :]
+
     @gluon.jit
     def _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
                   stride_om, stride_on, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                  MMA: gl.constexpr, ABLATE: gl.constexpr = 0, LOADS: gl.constexpr = 1):
+                  MMA: gl.constexpr, ABLATE: gl.constexpr = 0, LOADS: gl.constexpr = 1, COALESCED: gl.constexpr = False):
         """A program's partial sum of `tile` at the end of its segment: the output if it ran the whole tile, else
         its workspace slot (index among the tile's programs), and the last of them to arrive sums the slots in
         program order, adds the bias, writes the output and re-arms the tile's counter. ABLATE (_step_mma's
@@ -484,7 +506,7 @@ if HAVE_GLUON:
             total = acc
             last = True
         else:
-            offs = nr[:, None] * BLOCK_M + mr[None, :]
+            offs = _slot_offsets(nr, mr, BLOCK_N, BLOCK_M, gl.num_warps(), COALESCED)
             base = part_ptr + tile.to(gl.int64) * MAXC * BLOCK_N * BLOCK_M
             gl.store(base + (pid - c_lo) * BLOCK_N * BLOCK_M + offs, acc)
             if (ABLATE & 16) != 0:
@@ -637,6 +659,7 @@ if HAVE_GLUON:
         GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr,
         PARAM_TMA: gl.constexpr, ABLATE: gl.constexpr = 0, FLUSH_LOADS: gl.constexpr = 1,
+        PART_COALESCED: gl.constexpr = False,
     ):
         """Persistent stream-K wgr: program p runs global steps [p W // P, (p + 1) W // P) of the W = tiles x spt
         (tile, K step) sequence, tile-major, through one TMA ring of words and x tiles; a tile's partial sums from
@@ -714,7 +737,8 @@ if HAVE_GLUON:
             if (ABLATE & 4) == 0:  # (the measurement knob leaves the flush out)
                 if (cks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
                     _sk_flush(acc, ctm * tiles_n + ctn, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr,
-                              b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA, ABLATE, FLUSH_LOADS)
+                              b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA, ABLATE, FLUSH_LOADS,
+                              PART_COALESCED)
                     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
             cks, ctn, ctm = _sk_next(cks, ctn, ctm, spt, tiles_n)
         if (ABLATE & 4) != 0:  # keep the ablated kernel's products alive: a store no launch takes (s_hi >= 0)
@@ -870,7 +894,8 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
         scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, KS=ks,
         STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, ABLATE=ablate,
-        FLUSH_LOADS=int(cfg.get("FLUSH_LOADS", 1)), num_warps=warps)
+        FLUSH_LOADS=int(cfg.get("FLUSH_LOADS", 1)), PART_COALESCED=bool(int(cfg.get("PART_COALESCED", 0))),
+        num_warps=warps)
     return out
 
 
