@@ -16,7 +16,8 @@ gemm_int4 suite times it (CUDA-graph replay, inputs rotated past the L2) in thre
   flush_no_sum      the flush stores, arrives and re-arms, but the last program neither sums nor writes
   no_sub   the unpack makes (B + q) and subtracts nothing (the shift and LOP3 only), *_no_flush as above
   sym      the full kernel on the same words without zero points (one subtraction a pair instead of two)
-  flush_loads2 / 4  the full kernel with the config key FLUSH_LOADS (partial sums read 2 / 4 at a time), checked
+  x_dot    the full kernel with the config key X_DOT (x in the dot's order, one copy per call, timed), checked;
+           x_dot_more the same with one more program per SM; x_dot_copy the copy alone
   words_only  the ring carries the words only: no TMA of x, scales or zeros per step (the slot's stale ones are
            used), *_no_x / *_no_flush as above; sym_words_only the same without zero points
 plus bf16 cuBLAS on the same shape. The ablated outputs are wrong by design and are not checked; the full kernel's is
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from kernopt.benchmark import Suite, require_cuda, rotation, time_graph_ms
 from kernopt.kernels.int4_gemm import _wgr_pick, int4_gemm, int4_gemm_ref
-from kernopt.kernels.int4_wgmma import int4_wgr_gemm
+from kernopt.kernels.int4_wgmma import int4_wgr_gemm, wgr_x_dot
 from kernopt.tolerance import mismatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -43,9 +44,9 @@ SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]
 FORMS = {"full": 0, "no_unpack": 1, "ring": 3, "full_no_flush": 4, "full_no_x": 8, "ring_no_flush": 7,
          "ring_no_x": 11, "ring_no_x_no_flush": 15, "flush_store_only": 16, "flush_no_sum": 32, "no_sub": 64,
          "no_sub_no_flush": 68, "words_only": 128, "words_only_no_x": 136, "words_only_no_flush": 132}
-# the table's config with other keys (kernels/int4_wgmma.py): FLUSH_LOADS, the partial sums' loads in flight
-CFG_FORMS = {"flush_loads2": {"FLUSH_LOADS": 2}, "flush_loads4": {"FLUSH_LOADS": 4}, "coalesced": {"PART_COALESCED": 1},
-             "coalesced_loads2": {"PART_COALESCED": 1, "FLUSH_LOADS": 2}}
+# the table's config with other keys (kernels/int4_wgmma.py): X_DOT, x permuted once per call (its copy timed too)
+CFG_FORMS = {"x_dot": lambda c: {"X_DOT": 1},
+             "x_dot_more": lambda c: {"X_DOT": 1, "CTAS_PER_SM": int(c.get("CTAS_PER_SM", 3)) + 1}}
 
 
 def main() -> None:
@@ -82,7 +83,7 @@ def main() -> None:
                                                  _ablate=ab)
                 row["us"][name] = round(1e3 * time_graph_ms(make, copies, calls, args.rep), 3)
             for name, over in CFG_FORMS.items():  # whole kernels with other config keys: checked, then timed
-                ocfg = {**cfg, **over}
+                ocfg = {**cfg, **over(cfg)}
                 out.fill_(float("nan"))
                 int4_gemm(x, qw, s, z, g, config=ocfg, out=out)
                 row[f"check_{name}"] = mismatch(out, int4_gemm_ref(x.double(), qw, s, z, g), torch.bfloat16,
@@ -92,6 +93,8 @@ def main() -> None:
                     x, qw, s, z, out = ops[i]
                     return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, ocfg, None, None)
                 row["us"][name] = round(1e3 * time_graph_ms(make_cfg, copies, calls, args.rep), 3)
+            row["us"]["x_dot_copy"] = round(1e3 * time_graph_ms(
+                lambda i: (lambda: wgr_x_dot(ops[i][0])), copies, calls, args.rep), 3)
             for name, ab in (("sym", 0), ("sym_words_only", 128)):
                 def make_sym(i, ab=ab):
                     x, qw, s, z, out = ops[i]

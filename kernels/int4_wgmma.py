@@ -440,10 +440,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _slot_operands(w_buf, xr_buf, xb, BLOCK_M: gl.constexpr, KS: gl.constexpr, WL: gl.constexpr,
-                       WLT: gl.constexpr, XL: gl.constexpr, ABLATE: gl.constexpr = 0):
-        """A ring slot's x tile stored into xb in the dot's K order, and its words in the word layout (read in the
-        tile's own orientation, permuted in registers)."""
-        if (ABLATE & 8) == 0:
+                       WLT: gl.constexpr, XL: gl.constexpr, ABLATE: gl.constexpr = 0, X_DOT: gl.constexpr = False):
+        """A ring slot's x tile stored into xb in the dot's K order (X_DOT: the slot holds it so already, nothing
+        stored), and its words in the word layout (read in the tile's own orientation, permuted in registers)."""
+        if (ABLATE & 8) == 0 and not X_DOT:
             xb.store(_x_dot_order(xr_buf.load(XL), BLOCK_M, KS))
         return gl.convert_layout(gl.permute(w_buf.load(WLT), (1, 0)), WL, assert_trivial=True)
 
@@ -471,27 +471,24 @@ if HAVE_GLUON:
         return int(v).bit_length() - 1
 
     @gluon.jit
-    def _slot_offsets(nr, mr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, NUM_WARPS: gl.constexpr,
-                      COALESCED: gl.constexpr):
-        """[BLOCK_N, BLOCK_M] offsets of the accumulator's elements in a workspace slot. COALESCED: in the order of
-        the wgmma accumulator's registers, so that each warp's load or store of one register pair is 256
-        contiguous bytes (m bit 0, then the lane's bits m 1-2 and n 0-2, the warp's n bits, then the registers' n
-        bit 3, m bits >= 3 and n above the warpgroup); else row-major, where one warp instruction touched 8 rows."""
-        if COALESCED:
-            WB: gl.constexpr = _log2(NUM_WARPS)
-            MB: gl.constexpr = _log2(BLOCK_M // 8)
-            a_n = ((nr & 7) << 3) | (((nr >> 4) & (NUM_WARPS - 1)) << 6) | (((nr >> 3) & 1) << (6 + WB)) \
-                | ((nr >> (4 + WB)) << (7 + WB + MB))
-            a_m = (mr & 1) | (((mr >> 1) & 3) << 1) | ((mr >> 3) << (7 + WB))
-            offs = a_n[:, None] + a_m[None, :]
-            return gl.max_contiguous(gl.multiple_of(offs, [1, 2]), [1, 2])
-        else:
-            return nr[:, None] * BLOCK_M + mr[None, :]
+    def _slot_offsets(nr, mr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """[BLOCK_N, BLOCK_M] offsets of the accumulator's elements in a workspace slot, in the order of the wgmma
+        accumulator's registers: each warp's load or store of one register pair is 256 contiguous bytes (m bit 0,
+        then the lane's bits m 1-2 and n 0-2, the warp's n bits, then the registers' n bit 3, m bits >= 3 and n above
+        the warpgroup). Row-major slots, where one warp instruction touched 8 rows, made the last program's sum
+        2-8x slower at 32 / 64 rows (M=32 K14336 N4096 32.93 -> 24.73 us, sweeps/wgr_coalesced)."""
+        WB: gl.constexpr = _log2(NUM_WARPS)
+        MB: gl.constexpr = _log2(BLOCK_M // 8)
+        a_n = ((nr & 7) << 3) | (((nr >> 4) & (NUM_WARPS - 1)) << 6) | (((nr >> 3) & 1) << (6 + WB)) \
+            | ((nr >> (4 + WB)) << (7 + WB + MB))
+        a_m = (mr & 1) | (((mr >> 1) & 3) << 1) | ((mr >> 3) << (7 + WB))
+        offs = a_n[:, None] + a_m[None, :]
+        return gl.max_contiguous(gl.multiple_of(offs, [1, 2]), [1, 2])
 
     @gluon.jit
     def _sk_flush(acc, tile, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr, b_ptr, out_ptr,
                   stride_om, stride_on, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                  MMA: gl.constexpr, ABLATE: gl.constexpr = 0, LOADS: gl.constexpr = 1, COALESCED: gl.constexpr = False):
+                  MMA: gl.constexpr, ABLATE: gl.constexpr = 0):
         """A program's partial sum of `tile` at the end of its segment: the output if it ran the whole tile, else
         its workspace slot (index among the tile's programs), and the last of them to arrive sums the slots in
         program order, adds the bias, writes the output and re-arms the tile's counter. ABLATE (_step_mma's
@@ -506,7 +503,7 @@ if HAVE_GLUON:
             total = acc
             last = True
         else:
-            offs = _slot_offsets(nr, mr, BLOCK_N, BLOCK_M, gl.num_warps(), COALESCED)
+            offs = _slot_offsets(nr, mr, BLOCK_N, BLOCK_M, gl.num_warps())
             base = part_ptr + tile.to(gl.int64) * MAXC * BLOCK_N * BLOCK_M
             gl.store(base + (pid - c_lo) * BLOCK_N * BLOCK_M + offs, acc)
             if (ABLATE & 16) != 0:
@@ -519,15 +516,8 @@ if HAVE_GLUON:
                 total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
                 if last:
                     if (ABLATE & 32) == 0:
-                        if LOADS == 1:
-                            for c in range(n_c):
-                                total += gl.load(base + c * BLOCK_N * BLOCK_M + offs, cache_modifier=".cg")
-                        else:  # LOADS slots' loads in flight at a time, summed in the same (program) order
-                            for c0 in range(0, n_c, LOADS):
-                                for u in gl.static_range(LOADS):
-                                    total += gl.load(base + (c0 + u) * BLOCK_N * BLOCK_M + offs,
-                                                     mask=offs < (n_c - c0 - u) * (BLOCK_N * BLOCK_M), other=0.0,
-                                                     cache_modifier=".cg")
+                        for c in range(n_c):
+                            total += gl.load(base + c * BLOCK_N * BLOCK_M + offs, cache_modifier=".cg")
                     gl.atomic_xchg(cnt_ptr + tile, 0)
                 if (ABLATE & 32) != 0:
                     last = False
@@ -658,8 +648,7 @@ if HAVE_GLUON:
         M, N, K, W, spt, tiles_n, MAXC, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
         GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr,
-        PARAM_TMA: gl.constexpr, ABLATE: gl.constexpr = 0, FLUSH_LOADS: gl.constexpr = 1,
-        PART_COALESCED: gl.constexpr = False,
+        PARAM_TMA: gl.constexpr, ABLATE: gl.constexpr = 0, X_DOT: gl.constexpr = False,
     ):
         """Persistent stream-K wgr: program p runs global steps [p W // P, (p + 1) W // P) of the W = tiles x spt
         (tile, K step) sequence, tile-major, through one TMA ring of words and x tiles; a tile's partial sums from
@@ -685,7 +674,8 @@ if HAVE_GLUON:
 
         w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KS // 8, BLOCK_N], w_desc.layout)
         xr_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, KS], x_desc.layout)
-        x_smem = gl.allocate_shared_memory(dt, [2, BLOCK_M, KS], XS)
+        if not X_DOT:  # x^T's copy in the dot's K order (X_DOT: the ring's x tile is the operand)
+            x_smem = gl.allocate_shared_memory(dt, [2, BLOCK_M, KS], XS)
         s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, BLOCK_N], s_desc.layout)
         z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES if HAS_ZEROS else 1, 1, BLOCK_N], z_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -723,9 +713,14 @@ if HAVE_GLUON:
                 sv1, zv1 = sv2, zv2
                 sv2, zv2 = _sk_params(s_ptr, z_ptr, s + 2, s_hi, spt, tiles_n, N, nr, nz, stride_sn, stride_sg,
                                       stride_zn, stride_zg, GROUP, HAS_ZEROS, KS, BLOCK_N, ZL, PARAM_TMA)
-            xb = x_smem.index(i % 2)
-            words = _slot_operands(w_smem.index(slot), xr_smem.index(slot), xb, BLOCK_M, KS, WL, WLT, XL, ABLATE)
-            fence_async_shared()
+            if X_DOT:
+                xb = xr_smem.index(slot)
+            else:
+                xb = x_smem.index(i % 2)
+            words = _slot_operands(w_smem.index(slot), xr_smem.index(slot), xb, BLOCK_M, KS, WL, WLT, XL, ABLATE,
+                                   X_DOT)
+            if not X_DOT:
+                fence_async_shared()
             gl.thread_barrier()  # x^T stored by every warp; every warp done with step i - 1 and this slot's loads
             nxt = s + STAGES - 1
             ns = (i + STAGES - 1) % STAGES
@@ -737,8 +732,7 @@ if HAVE_GLUON:
             if (ABLATE & 4) == 0:  # (the measurement knob leaves the flush out)
                 if (cks == spt - 1) | (s == s_hi - 1):  # the end of this program's segment of the tile
                     _sk_flush(acc, ctm * tiles_n + ctn, pid, P, W, spt, tiles_n, M, N, MAXC, nr, mr, part_ptr, cnt_ptr,
-                              b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA, ABLATE, FLUSH_LOADS,
-                              PART_COALESCED)
+                              b_ptr, out_ptr, stride_om, stride_on, HAS_BIAS, BLOCK_N, BLOCK_M, MMA, ABLATE)
                     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
             cks, ctn, ctm = _sk_next(cks, ctn, ctm, spt, tiles_n)
         if (ABLATE & 4) != 0:  # keep the ablated kernel's products alive: a store no launch takes (s_hi >= 0)
@@ -769,9 +763,16 @@ def _emulate_operand(words: torch.Tensor, ks: int) -> torch.Tensor:
     return j.reshape(n, ks // 32, 4, 2, 2, 2).permute(A_PERM).reshape(n, ks)
 
 
+def wgr_x_dot(x: torch.Tensor) -> torch.Tensor:
+    """[M, K] x (K % 32 == 0) in natural order -> a contiguous copy in the dot's K order (the kernel's _x_dot_order
+    on every 32-column chunk: reshape, X_PERM)."""
+    M, K = x.shape
+    return x.reshape(M, K // 32, 4, 2, 2, 2).permute(X_PERM).reshape(M, K).contiguous()
+
+
 def _emulate_x(x: torch.Tensor, ks: int) -> torch.Tensor:
     """The kernel's _x_dot_order: [M, ks] x in natural order -> the dot's order (reshape, X_PERM)."""
-    return x.reshape(x.shape[0], ks // 32, 4, 2, 2, 2).permute(X_PERM).reshape(x.shape[0], ks)
+    return wgr_x_dot(x)
 
 
 def wgr_emulate(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
@@ -860,6 +861,12 @@ def sk_partition(W: int, P: int, spt: int) -> tuple[list[int], int]:
 
 def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn, warps, ks,
                      ablate=0):
+    # X_DOT: x permuted into the dot's K order once per call (wgr_x_dot, one copy kernel), so that the ring's x tile
+    # is the wgmma's operand as TMA lands it; else every program relabels every step's tile in registers and stores
+    # a copy (9 of 38 us at 64 rows, sweeps/wgr_wide_ablate)
+    x_dot = bool(int(cfg.get("X_DOT", 0)))
+    if x_dot:
+        x = wgr_x_dot(x)
     if not x.is_contiguous() or x.data_ptr() % 16:  # the x tiles' TMA: K % 8 == 0, so rows are 16-byte aligned
         x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)
     x_desc = TensorDescriptor.from_tensor(x, [bm, ks], gl.NVMMASharedLayout.get_default_for([bm, ks], _GL_DTYPE[x.dtype]))
@@ -878,6 +885,8 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
     counters = arrival_counters(x.device, tiles_n * tiles_m)
     if ablate and (int(cfg.get("WS", 0)) or not param_tma):
         raise ValueError("wgr ablation: stream-K PARAM_TMA configs only")
+    if x_dot and int(cfg.get("WS", 0)):
+        raise ValueError("int4_gemm: impl 'wgr' takes X_DOT without WS only")
     if int(cfg.get("WS", 0)):
         _int4_wgr_ws_kernel[(P,)](
             w_desc, x_desc, _row_desc(scales, bn), _row_desc(z, bn) if has_zeros else x_desc, b, out, part, counters,
@@ -894,8 +903,7 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
         scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         GROUP=group_size, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, KS=ks,
         STAGES=int(cfg.get("num_stages", 4)), PARAM_TMA=param_tma, ABLATE=ablate,
-        FLUSH_LOADS=int(cfg.get("FLUSH_LOADS", 1)), PART_COALESCED=bool(int(cfg.get("PART_COALESCED", 0))),
-        num_warps=warps)
+        X_DOT=x_dot, num_warps=warps)
     return out
 
 
