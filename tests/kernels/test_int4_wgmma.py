@@ -248,3 +248,19 @@ def test_wgr_gpu_table_picks_and_fallbacks(M, asym):
         for _ in range(2):
             assert_close(_run(x, qweight, s, zeros, g, None, bias), _expected(x, qweight, s, zeros, g, bias), dtype,
                          scale=2.0)
+
+
+@pytest.mark.parametrize("M,K", [(1, 32), (3, 4096), (5, 1056), (64, 160)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_x_dot_kernel_matches_permutation(M, K, dtype):
+    """X_DOT's copy (the Triton kernel, interpreter on CPU) equals the reshape / X_PERM permutation, on row widths that
+    are not multiples of its 1024-column block and on a strided x, output poisoned first."""
+    torch.manual_seed(M * K)
+    base = torch.randn(M, K + 7, dtype=dtype)
+    x = base[:, 3:3 + K]  # row stride K + 7: not contiguous
+    ref = wg.wgr_x_dot_ref(x)
+    out = wg.wgr_x_dot(x, out=torch.full((M, K), float("nan"), dtype=dtype))
+    assert torch.equal(out, ref)
+    # the permutation is wgr_k_order's: position p of each 32-chunk holds column k(p)
+    order = wg.wgr_k_order(32)
+    assert torch.equal(ref[:, :32], x[:, order])
