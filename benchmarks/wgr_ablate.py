@@ -79,7 +79,7 @@ def main() -> None:
             for name, ab in forms.items():
                 def make(i, ab=ab):
                     x, qw, s, z, out = ops[i]
-                    return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, cfg, None, None,
+                    return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, cfg, None,
                                                  _ablate=ab)
                 row["us"][name] = round(1e3 * time_graph_ms(make, copies, calls, args.rep), 3)
             for name, over in CFG_FORMS.items():  # whole kernels with other config keys: checked, then timed
@@ -91,14 +91,14 @@ def main() -> None:
 
                 def make_cfg(i, ocfg=ocfg):
                     x, qw, s, z, out = ops[i]
-                    return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, ocfg, None, None)
+                    return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, ocfg, None)
                 row["us"][name] = round(1e3 * time_graph_ms(make_cfg, copies, calls, args.rep), 3)
             row["us"]["x_dot_copy"] = round(1e3 * time_graph_ms(
                 lambda i: (lambda: wgr_x_dot(ops[i][0])), copies, calls, args.rep), 3)
             for name, ab in (("sym", 0), ("sym_words_only", 128)):
                 def make_sym(i, ab=ab):
                     x, qw, s, z, out = ops[i]
-                    return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, False, False, cfg, None, None,
+                    return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, False, False, cfg, None,
                                                  _ablate=ab)
                 row["us"][name] = round(1e3 * time_graph_ms(make_sym, copies, calls, args.rep), 3)
             w = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(min(copies, 3))]

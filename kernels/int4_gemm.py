@@ -1345,7 +1345,10 @@ def _wgr_pick(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
     - M = 17..64, above 4096^2 (sweeps/wgr_wide, 3a9f013; the tiled kernel's 42.7 / 42.6 at M=32 and 45.0 / 44.0 at
       M=64 in the same run, bf16 cuBLAS 31.1 / 33.2 and 33.2 / 36.2): 32 rows x 128 columns x 3 per SM to M = 32
       (25.66 / 32.24), 64 rows x 64 columns x 2 per SM above (40.47 / 41.61). At 4096^2 the tiled kernel stays
-      (16.78 / 17.83 against 16.89 / 19.35).
+      (16.78 / 17.83 against 16.89 / 19.35). Since the workspace slots are coalesced (sweeps/wgr_coalesced) and
+      X_DOT (x permuted once per call, sweeps/wgr_xdot): 64 rows with X_DOT and 3 programs per SM (its shared memory
+      fits 3 without x^T's copy) 28.88 / 29.81 against 36.23 / 37.04 without X_DOT at 2 per SM; at 32 rows X_DOT
+      lost (23.62 / 26.05 against 22.36 / 24.76).
     M = 1 stays on the PAIRS GEMV (15.7 / 16.0 / 7.8 against wgr's 16.8 / 18.1 / 10.1)."""
     if group_size < 32 or M < 2 or M > 64:
         return None
@@ -1354,7 +1357,7 @@ def _wgr_pick(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
         if N * K <= 4096 * 4096:
             return None
         wide = {"BLOCK_M": 32, "BLOCK_N": 128, "CTAS_PER_SM": 3} if M <= 32 else \
-            {"BLOCK_M": 64, "BLOCK_N": 64, "CTAS_PER_SM": 2}
+            {"BLOCK_M": 64, "BLOCK_N": 64, "CTAS_PER_SM": 3, "X_DOT": 1}
         return {"impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, **wide, "BLOCK_K": block_k, "SPLIT_K": 1, "num_warps": 4,
                 "num_stages": 3}
     if M <= 8:
@@ -1559,6 +1562,11 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
         for bn, per_sm in ((128, 3 if bm_w == 32 else 2), (64, 4 if bm_w == 32 else 2)):
             out.append({"impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "BLOCK_M": bm_w, "BLOCK_N": bn,
                         "BLOCK_K": block_k, "SPLIT_K": 1, "CTAS_PER_SM": per_sm, "num_warps": 4, "num_stages": 3})
+        # X_DOT: x permuted once per call, the ring's x tile the wgmma's operand (no relabelled copy: 33 KB less
+        # shared memory at 64 rows x 64 columns, room for a third program per SM)
+        for bn, per_sm in ((128, 3), (64, 3), (64, 4)):
+            out.append({"impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "X_DOT": 1, "BLOCK_M": bm_w, "BLOCK_N": bn,
+                        "BLOCK_K": block_k, "SPLIT_K": 1, "CTAS_PER_SM": per_sm, "num_warps": 4, "num_stages": 3})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     # the wave-filling splits can repeat a listed tile: time each config once
     return list({tuple(sorted(c.items())): c for c in out}.values())
@@ -1627,8 +1635,8 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
                         has_zeros, has_bias, gated=False):
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     tiles = cdiv(M, bm) * cdiv(N, bn)
-    if split > 1:
-        part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    if split > 1:  # (wgr lays out its own partial sums)
+        part = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if impl != "wgr" else out
         counters = arrival_counters(x.device, tiles)
     else:
         part, counters = out, out  # never touched with SPLIT_K=1
@@ -1666,7 +1674,7 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
                                  N_OUT=N // 2, PDL=pdl, **common, **launch_kwargs(pdl))
     elif impl == "wgr":  # kernels/int4_wgmma.py (Gluon)
         int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split, has_zeros, has_bias,
-                      cfg, part if split > 1 else None, counters if split > 1 else None)
+                      cfg, counters if split > 1 else None)
     elif impl == "tcasm":
         _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],
                                                                DIRECT=int(cfg.get("DIRECT", 0)), **common)

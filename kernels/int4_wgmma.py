@@ -359,19 +359,19 @@ if HAVE_GLUON:
         if not SPLIT:  # one K slice (SPLIT_K, a runtime value, is 1)
             total = acc
             last = True
-        else:
-            offs = om[None, :] * N + rn[:, None]
-            gl.store(part_ptr + offs + pid_k.to(gl.int64) * M * N, acc, mask=mask)
-            gl.thread_barrier()  # every thread's partial before the (release) arrival
+        else:  # the tile's SPLIT_K workspace slots (_slot_offsets: coalesced), one per K slice
             tile = pid_m * gl.num_programs(0) + pid_n
+            offs = _slot_offsets(gl.arange(0, BLOCK_N, layout=ROW), gl.arange(0, BLOCK_M, layout=COL), BLOCK_N, BLOCK_M,
+                                 NUM_WARPS)
+            base = part_ptr + tile.to(gl.int64) * SPLIT_K * BLOCK_N * BLOCK_M
+            gl.store(base + pid_k * BLOCK_N * BLOCK_M + offs, acc)
+            gl.thread_barrier()  # every thread's partial before the (release) arrival
             arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
             last = arrived == SPLIT_K - 1
             total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
             if last:
-                p_ptrs = part_ptr + offs
-                for _ in range(SPLIT_K):
-                    total += gl.load(p_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-                    p_ptrs += M * N
+                for c in range(SPLIT_K):
+                    total += gl.load(base + c * BLOCK_N * BLOCK_M + offs, cache_modifier=".cg")
                 gl.atomic_xchg(cnt_ptr + tile, 0)
         if last:
             if HAS_BIAS:
@@ -851,9 +851,9 @@ def wgr_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> Op
 
 
 def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split, has_zeros, has_bias,
-                  cfg: dict, part: Optional[torch.Tensor], counters: Optional[torch.Tensor], _ablate: int = 0):
-    """Launch the wgr kernel (int4_gemm's dispatch has checked shapes and wgr_supported, and built the split-K
-    workspace). `_ablate` (stream-K PARAM_TMA only; benchmarks/wgr_ablate.py, never int4_gemm): the kernel with
+                  cfg: dict, counters: Optional[torch.Tensor], _ablate: int = 0):
+    """Launch the wgr kernel (int4_gemm's dispatch has checked shapes and wgr_supported, and reserved the split-K
+    arrival counters; the partial sums' slots are allocated here). `_ablate` (stream-K PARAM_TMA only; benchmarks/wgr_ablate.py, never int4_gemm): the kernel with
     parts of its step left out, to time what they cost; its outputs are wrong."""
     bm, bn = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
     warps = int(cfg.get("num_warps", 4))
@@ -870,8 +870,10 @@ def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_p
     if int(cfg.get("STREAM", 0)):
         return _launch_stream_k(desc, x, scales, z, b, out, M, N, K, group_size, has_zeros, has_bias, cfg, bm, bn,
                                 warps, ks, _ablate)
-    if part is None:
+    if split == 1:
         part, counters = out, out  # never touched with SPLIT_K=1
+    else:  # the kernel's own slots: cdiv(N, bn) x cdiv(M, bm) tiles x split, each bn x bm in _slot_offsets' order
+        part = torch.empty(cdiv(N, bn) * cdiv(M, bm) * split * bn * bm, dtype=torch.float32, device=x.device)
     grid = (cdiv(N, bn), split, cdiv(M, bm))
     _int4_wgr_kernel[grid](
         desc, x, scales, z, b, out, part, counters, M, N, K, k_per_split, split,

@@ -107,13 +107,13 @@ def test_wgr_refusals(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="BLOCK_M 8 / 16"):
         wg.int4_wgr_gemm(x, qweight, scales, scales, scales, torch.empty(2, 64, dtype=dtype), 2, 64, 256, 128, 1,
-                         256, False, False, {**WGR, "BLOCK_M": 4}, None, None)
+                         256, False, False, {**WGR, "BLOCK_M": 4}, None)
     # benchmarks/wgr_ablate.py's knob exists only in the stream-K PARAM_TMA kernel
     stream = {**WGR, "BLOCK_M": 8, "STREAM": 1, "SPLIT_K": 1}
     for cfg in ({**stream, "WS": 1}, {**stream, "PARAM_TMA": 0}):
         with pytest.raises(ValueError, match="ablation"):
             wg.int4_wgr_gemm(x, qweight, scales, scales, scales, torch.empty(2, 64, dtype=dtype), 2, 64, 256, 128, 1,
-                             256, False, False, cfg, None, None, _ablate=1)
+                             256, False, False, cfg, None, _ablate=1)
 
 
 def _expected(x, qweight, scales, zeros, g, bias):
@@ -160,7 +160,7 @@ def test_wgr_gpu_candidates(M, asym, dtype):
 @pytest.mark.parametrize("M", [3, 9, 17])
 def test_wgr_gpu_group_sizes_and_row_tiles(M, g, asym):
     """Groups of 32 / 64 (a step is one group) and 256 (two steps per group), M within one 8- or 16-row tile or
-    across two (17), K = 5 groups, split 1 and 3, bias."""
+    across two (17), K = 5 groups, split 1 and 3, bias; stream-K with and without X_DOT (x permuted per 32 columns)."""
     dtype = torch.bfloat16
     N, K = 1000, 5 * g
     qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
@@ -170,7 +170,8 @@ def test_wgr_gpu_group_sizes_and_row_tiles(M, g, asym):
     stream = {**base, "STREAM": 1, "SPLIT_K": 1}
     # stream-K with 1 program per SM (tiles of several programs) and 40 (programs of a few steps, many idle)
     _check_twice([base, {**base, "SPLIT_K": 3}, {**stream, "CTAS_PER_SM": 1}, {**stream, "CTAS_PER_SM": 40},
-                  {**stream, "CTAS_PER_SM": 3, "PARAM_TMA": 1}, {**stream, "CTAS_PER_SM": 3, "WS": 1},
+                  {**stream, "CTAS_PER_SM": 3, "PARAM_TMA": 1}, {**stream, "CTAS_PER_SM": 3, "PARAM_TMA": 1, "X_DOT": 1},
+                  {**stream, "CTAS_PER_SM": 3, "WS": 1},
                   {**stream, "CTAS_PER_SM": 40, "WS": 1, "num_stages": 2}], x, qweight, scales, zeros, g, bias)
 
 
