@@ -27,7 +27,7 @@ Algorithms (chosen per shape by `select_config`, the one table of this family):
   cast to x's dtype and fed to ``tl.dot`` with fp32 accumulation; optional split-K for small M.
 - ``dequant_cublas`` (large M): a Triton kernel dequantizes the whole weight to x's dtype, then
   ``F.linear`` (cuBLAS), which wins once the GEMM is compute-bound and the dequant is amortised.
-- ``wgr`` (M = 2..16, and 17..64 above 4096^2; 16-bit x, groups >= 32; kernels/int4_wgmma.py, Gluon): swap-AB wgmma
+- ``wgr`` (M = 2..64; 16-bit x, groups >= 32; kernels/int4_wgmma.py, Gluon): swap-AB wgmma
   with the words TMA'd into a ring and unpacked two nibbles per LOP3 straight into the register operand; the table's
   pick there since 97e4eb1 (1.58-1.88x bf16 cuBLAS on the H200 at the two large suite shapes at b83eb2e, where
   tiled2 was at ~1x), offered by int4_gemm only where it runs (`_table_wgr`).
@@ -1342,22 +1342,26 @@ def _wgr_pick(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
     - M = 9..16: the same kernel with 16 rows, 4 stages, 3 programs per SM: 19.55 / 21.33 with zero points, 18.95 /
       20.26 without; at 4096^2 and below the split-K wgr (64 columns, one wave of 5 programs per SM) was faster:
       11.48 / 11.01 (sweeps/wgr3) against the stream-K's 12.5-13.5 and tiled2's 13.76.
-    - M = 17..64, above 4096^2 (sweeps/wgr_wide, 3a9f013; the tiled kernel's 42.7 / 42.6 at M=32 and 45.0 / 44.0 at
+    - M = 17..64 (sweeps/wgr_wide, 3a9f013, above 4096^2; the tiled kernel's 42.7 / 42.6 at M=32 and 45.0 / 44.0 at
       M=64 in the same run, bf16 cuBLAS 31.1 / 33.2 and 33.2 / 36.2): 32 rows x 128 columns x 3 per SM to M = 32
       (25.66 / 32.24), 64 rows x 64 columns x 2 per SM above (40.47 / 41.61). At 4096^2 the tiled kernel stays
       (16.78 / 17.83 against 16.89 / 19.35). Since the workspace slots are coalesced (sweeps/wgr_coalesced) and
-      X_DOT (x permuted once per call, sweeps/wgr_xdot): 64 rows with X_DOT and 3 programs per SM (its shared memory
-      fits 3 without x^T's copy) 28.88 / 29.81 against 36.23 / 37.04 without X_DOT at 2 per SM; at 32 rows X_DOT
-      lost (23.62 / 26.05 against 22.36 / 24.76).
+      X_DOT (x permuted once per call, sweeps/wgr_xdot, wgr_xdot2): 64 rows with X_DOT and 3 programs per SM (its
+      shared memory fits 3 without x^T's copy) 27.14 / 28.18 against 36.23 / 37.04 without X_DOT at 2 per SM; 32
+      rows with X_DOT 21.92 / 24.31 against 22.39 / 24.68. At 4096^2 (sweeps/wgr_4096sq, --tune) wgr now wins too:
+      M=64 the same 64-row X_DOT tile 15.67 against the tiled kernel's 17.70, M=32 32 rows x 64 columns x 4 per
+      SM without X_DOT 12.69 against 15.81.
     M = 1 stays on the PAIRS GEMV (15.7 / 16.0 / 7.8 against wgr's 16.8 / 18.1 / 10.1)."""
     if group_size < 32 or M < 2 or M > 64:
         return None
     block_k = min(group_size, 128)
     if M > 16:
-        if N * K <= 4096 * 4096:
-            return None
-        wide = {"BLOCK_M": 32, "BLOCK_N": 128, "CTAS_PER_SM": 3} if M <= 32 else \
-            {"BLOCK_M": 64, "BLOCK_N": 64, "CTAS_PER_SM": 3, "X_DOT": 1}
+        if M > 32:
+            wide = {"BLOCK_M": 64, "BLOCK_N": 64, "CTAS_PER_SM": 3, "X_DOT": 1}
+        elif N * K <= 4096 * 4096:
+            wide = {"BLOCK_M": 32, "BLOCK_N": 64, "CTAS_PER_SM": 4}
+        else:
+            wide = {"BLOCK_M": 32, "BLOCK_N": 128, "CTAS_PER_SM": 3, "X_DOT": 1}
         return {"impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, **wide, "BLOCK_K": block_k, "SPLIT_K": 1, "num_warps": 4,
                 "num_stages": 3}
     if M <= 8:

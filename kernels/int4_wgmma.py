@@ -2,8 +2,8 @@
 
 y[M, N] = x[M, K] @ dequant(qweight, scales, zeros)[N, K].T (+ bias), kernopt's int4 format (kernels/int4_gemm.py:
 N-contiguous int32 words, nibble i of word j is k = 8 j + i), BLOCK_M (8, 16, 32 or 64) rows of x per tile. int4_gemm's
-table picks it at M = 2..16 and, above 4096^2 weights, M = 17..64, with 16-bit x and groups >= 32
-(`int4_gemm._wgr_pick`); M = 1 stays on the PAIRS GEMV.
+table picks it at M = 2..64 with 16-bit x and groups >= 32 (`int4_gemm._wgr_pick`); M = 1 stays on the PAIRS
+GEMV.
 
 Why Gluon: the Triton tensor-core int4 kernels (tiled2 / tiled3 / tcasm in int4_gemm.py) all ran at ~1x bf16
 cuBLAS at M = 4..16 on the H200, whatever their SASS count, because the compiler chose their data movement:

@@ -413,11 +413,11 @@ def test_select_config_table():
     assert select_config(16, 4096, 4096, 128, False, bf16)["SPLIT_K"] == 8
     assert select_config(16, 14336, 4096, 16, False, bf16)["impl"] == "tiled2"
     assert select_config(16, 14336, 4096, 128, False, torch.float32)["impl"] == "tiled2"
-    # M = 17..64 above 4096^2: wgr with 32 / 64 rows; at 4096^2 (and past M = 64) the tiled kernel
-    assert [(c["impl"], c["BLOCK_M"], c["BLOCK_N"]) for c in (select_config(m, 14336, 4096, 128, False, bf16)
-                                                               for m in (17, 32, 33, 64))] == \
-        [("wgr", 32, 128), ("wgr", 32, 128), ("wgr", 64, 64), ("wgr", 64, 64)]
-    assert select_config(17, 4096, 4096, 128, False, bf16)["impl"] == "tiled"
+    # M = 17..64: wgr with 32 / 64 rows, x permuted once per call (X_DOT) except 32 rows at 4096^2; past 64 tiled
+    assert [(c["impl"], c["BLOCK_M"], c["BLOCK_N"], c.get("X_DOT", 0))
+            for c in (select_config(m, n, 4096, 128, False, bf16) for n in (14336, 4096) for m in (17, 32, 33, 64))] \
+        == [("wgr", 32, 128, 1), ("wgr", 32, 128, 1), ("wgr", 64, 64, 1), ("wgr", 64, 64, 1),
+            ("wgr", 32, 64, 0), ("wgr", 32, 64, 0), ("wgr", 64, 64, 1), ("wgr", 64, 64, 1)]
     assert select_config(65, 14336, 4096, 128, False, bf16)["impl"] == "tiled"
     assert select_config(64, 14336, 4096, 128, False, bf16, wgr=False)["impl"] == "tiled"
     assert select_config(64, 14336, 4096, 128)["impl"] == "tiled"
