@@ -27,7 +27,10 @@ pipeline, so this kernel has the data path of a Marlin-style kernel:
 - **The K order is permuted, not the weights.** Position p = 32 c + 16 s + 8 h + 2 l + e of a step's dot holds
   nibble i = 2 s + h + 4 e of word 4 c + l, i.e. k = 32 c + 8 l + 2 s + h + 4 e (`wgr_k_order`; A_PERM / X_PERM).
   x is read in natural order and relabelled in registers into that order before its store to the wgmma's shared
-  operand; the sum over k does not care.
+  operand; the sum over k does not care. ``X_DOT`` (the table's pick at 17-64 rows): x is permuted into that order
+  once per call instead (`wgr_x_dot`, one Triton launch of 1.5-2 us), and the ring's x tile is the operand as TMA
+  lands it: at 64 rows the relabelled copy cost 9 of 37 us (sweeps/wgr_wide_ablate); at 2-16 rows it costs 0.4-0.9
+  us, less than the extra launch.
 
 One step is KS = min(group, 128) of K: [KS / 8, BLOCK_N] words, one x^T tile, one dot, one scale. Three ways to
 spread the steps over programs (int4_gemm config keys):
@@ -42,26 +45,36 @@ spread the steps over programs (int4_gemm config keys):
 - ``STREAM`` + ``WS`` (``_int4_wgr_ws_kernel``): the same, warp-specialised: a one-warp TMA producer and the
   warpgroup as consumer (ready / empty mbarriers per slot), with maxnreg set so that CTAS_PER_SM programs fit.
 
+Partial sums (split-K and stream-K alike) go to workspace slots in the accumulator's register order
+(`_slot_offsets`), so that one warp's store or load of a register pair is 256 contiguous bytes: row-major slots,
+where a warp instruction touched 8 rows, made the last program's sum of 13 slots cost ~12 us at 32 rows
+(sweeps/wgr_coalesced: M=32 K14336 N4096 32.93 -> 24.73 us, M=16 20.44 -> 19.12).
+
 Measured on the H200 (bf16 x, group 128; us at K4096 N14336 / K14336 N4096 / 4096^2, with zero points;
-gemm_int4-h200.json at b83eb2e): M = 2 16.07 / 17.48 (1.86x / 1.81x bf16 cuBLAS; two-row PAIRS at 4096^2), M = 4
-16.06 / 17.47 / 9.95 (1.88x / 1.82x / 1.32x), M = 16 18.80 / 20.44 / 11.49 (1.63x / 1.58x / 1.17x); tiled2 was at
-~1x. What moved it (sweeps/wgr .. wgr5, gps): the scales / zeros in the TMA ring (M = 16 22.1 -> 19.5: ncu had put
-37-38 % of the stalls on global loads the compiler consumed at once), and since 47969ee the stream-K step's
-(K step, column tile, row tile) carried from step to step instead of three runtime divisions (524 -> 482 SASS
-instructions on the step path at 8 rows x 128 columns, offline sm_90a; ~5 % faster). What did not: stream-K
-instead of split-K at the same loads, warp specialisation (+-3 %), 8 warps, 6 stages, 64 columns; two or four
-steps per ring slot (GPS, 47969ee: 431 / 408 instructions a step, slower everywhere, M = 16 by a third) and
-mma.sync with x^T read from the slot straight into its B operand (MMA2, 2cd5585: 63 registers instead of 127, up to
-8 programs per SM, 12-18 % slower); both dropped (sweeps/gps, sweeps/mma2).
+gemm_int4-h200.json at 77f2b22): M = 2 16.07 / 17.30 (1.86x / 1.83x bf16 cuBLAS; two-row PAIRS at 4096^2), M = 4
+16.11 / 17.36 / 9.94 (1.88x / 1.83x / 1.32x), M = 16 18.37 / 19.22 / 10.38 (1.66x / 1.68x / 1.29x), M = 64 27.35 /
+28.32 / 15.83 (1.22x / 1.26x / 0.75x; the tiled kernel had 0.88x / 0.94x / 0.66x); tiled2 was at ~1x. What moved it
+(sweeps/wgr .. wgr5, gps): the scales / zeros in the TMA ring (M = 16 22.1 -> 19.5: ncu had put 37-38 % of the
+stalls on global loads the compiler consumed at once), and since 47969ee the stream-K step's (K step, column tile,
+row tile) carried from step to step instead of three runtime divisions (524 -> 482 SASS instructions on the step
+path at 8 rows x 128 columns, offline sm_90a; ~5 % faster). What did not: stream-K instead of split-K at the same
+loads, warp specialisation (+-3 %), 8 warps, 6 stages, 64 columns; two or four steps per ring slot (GPS, 47969ee:
+431 / 408 instructions a step, slower everywhere, M = 16 by a third) and mma.sync with x^T read from the slot
+straight into its B operand (MMA2, 2cd5585: 63 registers instead of 127, up to 8 programs per SM, 12-18 % slower);
+both dropped (sweeps/gps, sweeps/mma2).
 
 Where the time goes (M = 4, K4096 N14336; benchmarks/wgr_ablate.py and tma_ring_probe.py, same harness as the
-suite): the kernel 16.1 us; its TMA ring alone, same boxes and walk, 9.6 us (3.26 TB/s, sweeps/tma_ring); the
-kernel without its stream-K flush 13.6, without flush, unpack and wgmma 10.6 (sweeps/wgr_ablate2). So the flush
-(partial store, fence, arrival atomic, the last program's sum: the tail every program ends with) costs 2.5 us (3.9
-at K14336 N4096, where ~17 programs meet each tile), unpack + wgmma ~3 us, the rest of the loop ~1 us; the 3x bar
-(10.2 us) is ~0.6 us above the ring alone. Reading the other programs' partials four at a time did not shorten the
-full kernel (sweeps/wgr_ablate_batched, reverted). ncu of the table pick (profiles/ncu-wgr-m4-d1daae1.txt): issue
-slots 63 % busy, DRAM 38 %, L1 44 %, L2 47 %, 64 % of shared-load wavefronts from bank conflicts (the word reads).
+suite): the kernel 16.1 us; its TMA ring alone, same boxes and walk, 9.6 us (3.26 TB/s, sweeps/tma_ring); the kernel
+without its stream-K flush 13.6, without flush, unpack and wgmma 10.6 (sweeps/wgr_ablate2). So the flush (partial
+store, fence, arrival atomic, the last program's sum: the tail every program ends with) costs 2.5 us (3.9 at K14336
+N4096, where ~17 programs meet each tile), unpack + wgmma ~3 us, the rest of the loop ~1 us; the 3x bar (10.2 us) is
+~0.6 us above the ring alone. Reading the other programs' partials two or four at a time did not shorten the full
+kernel (sweeps/wgr_ablate_batched, wgr_flush_loads). The second subtraction of the zero-point unpack costs ~0.8 us
+(sweeps/wgr_nosub: without it 15.35-15.40, symmetric weights 15.22-15.25); taking the zero points out of the unpack
+into fp32 x row sums per step (XSUM, 18 fewer instructions) was slower, 16.74 (sweeps/wgr_xsum). A ring carrying the
+words only (x, scales and zeros left out, ABLATE 128) bounds loading those once per program instead of per step at
+0.45-1.1 us (sweeps/wgr_words). ncu of the table pick (profiles/ncu-wgr-m4-d1daae1.txt): issue slots 63 % busy, DRAM
+38 %, L1 44 %, L2 47 %, 64 % of shared-load wavefronts from bank conflicts (the word reads).
 
 No interpreter: Gluon kernels do not run under TRITON_INTERPRET. On CPU the K-order bookkeeping is tested by
 emulation (`wgr_emulate` repeats the kernel's joins, reshapes and permutations in torch), the stream-K partition
@@ -853,8 +866,9 @@ def wgr_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> Op
 def int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split, has_zeros, has_bias,
                   cfg: dict, counters: Optional[torch.Tensor], _ablate: int = 0):
     """Launch the wgr kernel (int4_gemm's dispatch has checked shapes and wgr_supported, and reserved the split-K
-    arrival counters; the partial sums' slots are allocated here). `_ablate` (stream-K PARAM_TMA only; benchmarks/wgr_ablate.py, never int4_gemm): the kernel with
-    parts of its step left out, to time what they cost; its outputs are wrong."""
+    arrival counters; the partial sums' slots are allocated here). `_ablate` (stream-K PARAM_TMA only;
+    benchmarks/wgr_ablate.py, never int4_gemm): the kernel with parts of its step left out, to time what they cost;
+    its outputs are wrong."""
     bm, bn = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
     warps = int(cfg.get("num_warps", 4))
     ks = min(group_size, 128)

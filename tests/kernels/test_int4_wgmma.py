@@ -170,7 +170,8 @@ def test_wgr_gpu_group_sizes_and_row_tiles(M, g, asym):
     stream = {**base, "STREAM": 1, "SPLIT_K": 1}
     # stream-K with 1 program per SM (tiles of several programs) and 40 (programs of a few steps, many idle)
     _check_twice([base, {**base, "SPLIT_K": 3}, {**stream, "CTAS_PER_SM": 1}, {**stream, "CTAS_PER_SM": 40},
-                  {**stream, "CTAS_PER_SM": 3, "PARAM_TMA": 1}, {**stream, "CTAS_PER_SM": 3, "PARAM_TMA": 1, "X_DOT": 1},
+                  {**stream, "CTAS_PER_SM": 3, "PARAM_TMA": 1},
+                  {**stream, "CTAS_PER_SM": 3, "PARAM_TMA": 1, "X_DOT": 1},
                   {**stream, "CTAS_PER_SM": 3, "WS": 1},
                   {**stream, "CTAS_PER_SM": 40, "WS": 1, "num_stages": 2}], x, qweight, scales, zeros, g, bias)
 
