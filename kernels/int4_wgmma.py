@@ -202,6 +202,14 @@ if HAVE_GLUON:
         return gl.join(lo, hi)
 
     @gluon.jit
+    def _word_pairs(w, zz, A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr, A3: gl.constexpr,
+                    BF16: gl.constexpr):
+        """Each word's four pairs (_pairs with the shifts 0, 4, 8, 12 of A0..A3), joined as [n, word, e, h, s]:
+        nibble 2 s + h + 4 e."""
+        return gl.join(gl.join(_pairs(w, zz, A0, BF16), _pairs(w, zz, A1, BF16)),
+                       gl.join(_pairs(w, zz, A2, BF16), _pairs(w, zz, A3, BF16)))
+
+    @gluon.jit
     def _unpack_operand(w, zz, BLOCK_N: gl.constexpr, KS: gl.constexpr, BF16: gl.constexpr, HAS_ZEROS: gl.constexpr,
                         OP: gl.constexpr, OFFSET: gl.constexpr = False):
         """[BLOCK_N, KS / 8] words -> [BLOCK_N, KS] (q - z) in wgmma's A-operand layout OP, K in wgr_k_order;
@@ -209,37 +217,18 @@ if HAVE_GLUON:
         subtracted (zz unused)."""
         if BF16:
             if OFFSET:
-                p0 = _pairs(w, zz, _BF16_B0, True)
-                p1 = _pairs(w, zz, _BF16_B1, True)
-                p2 = _pairs(w, zz, _BF16_B2, True)
-                p3 = _pairs(w, zz, _BF16_B3, True)
+                j = _word_pairs(w, zz, _BF16_B0, _BF16_B1, _BF16_B2, _BF16_B3, True)
             elif HAS_ZEROS:
-                p0 = _pairs(w, zz, _BF16_Z0, True)
-                p1 = _pairs(w, zz, _BF16_Z1, True)
-                p2 = _pairs(w, zz, _BF16_Z2, True)
-                p3 = _pairs(w, zz, _BF16_Z3, True)
+                j = _word_pairs(w, zz, _BF16_Z0, _BF16_Z1, _BF16_Z2, _BF16_Z3, True)
             else:
-                p0 = _pairs(w, zz, _BF16_P0, True)
-                p1 = _pairs(w, zz, _BF16_P1, True)
-                p2 = _pairs(w, zz, _BF16_P2, True)
-                p3 = _pairs(w, zz, _BF16_P3, True)
+                j = _word_pairs(w, zz, _BF16_P0, _BF16_P1, _BF16_P2, _BF16_P3, True)
         else:
             if OFFSET:
-                p0 = _pairs(w, zz, _FP16_B0, False)
-                p1 = _pairs(w, zz, _FP16_B1, False)
-                p2 = _pairs(w, zz, _FP16_B2, False)
-                p3 = _pairs(w, zz, _FP16_B3, False)
+                j = _word_pairs(w, zz, _FP16_B0, _FP16_B1, _FP16_B2, _FP16_B3, False)
             elif HAS_ZEROS:
-                p0 = _pairs(w, zz, _FP16_Z0, False)
-                p1 = _pairs(w, zz, _FP16_Z1, False)
-                p2 = _pairs(w, zz, _FP16_Z2, False)
-                p3 = _pairs(w, zz, _FP16_Z3, False)
+                j = _word_pairs(w, zz, _FP16_Z0, _FP16_Z1, _FP16_Z2, _FP16_Z3, False)
             else:
-                p0 = _pairs(w, zz, _FP16_P0, False)
-                p1 = _pairs(w, zz, _FP16_P1, False)
-                p2 = _pairs(w, zz, _FP16_P2, False)
-                p3 = _pairs(w, zz, _FP16_P3, False)
-        j = gl.join(gl.join(p0, p1), gl.join(p2, p3))      # [n, word, e, h, s]: nibble 2 s + h + 4 e
+                j = _word_pairs(w, zz, _FP16_P0, _FP16_P1, _FP16_P2, _FP16_P3, False)
         j = gl.reshape(j, [BLOCK_N, KS // 32, 4, 2, 2, 2])  # [n, c, l, e, h, s]: word = 4 c + l
         j = gl.permute(j, _A_PERM.value)                       # [n, c, s, h, l, e]
         a = gl.reshape(j, [BLOCK_N, KS])                    # p = 32 c + 16 s + 8 h + 2 l + e
