@@ -34,7 +34,8 @@ Algorithms (chosen per shape by `select_config`, the one table of this family):
 
 Variants (selectable with ``config={"impl": ...}``, swept by `candidate_configs` for M <= 16; all use the
 same storage). Since the H200 sweep of 2026-11-29 `select_config` picks ``gemv2`` at M=1 and ``tiled2`` at
-M=2..16; ``tiled3`` stays a candidate (25.2 us at M=1 K=4096 N=14336 against gemv2's 22.2: its ~8 us of
+M=2..16 where ``wgr`` does not run (16-bit x, groups >= 32, a CUDA launch: `_table_wgr`; wgr is the pick elsewhere
+at M = 2..64); ``tiled3`` stays a candidate (25.2 us at M=1 K=4096 N=14336 against gemv2's 22.2: its ~8 us of
 issue time, below, is not what bounds it).
 
 - ``gemv2``: the GEMV with (1) a cheaper unpack: each nibble is moved to bit 12 or 16 (4 shifts per
