@@ -73,7 +73,7 @@ kernel (sweeps/wgr_ablate_batched, wgr_flush_loads). The second subtraction of t
 (sweeps/wgr_nosub: without it 15.35-15.40, symmetric weights 15.22-15.25); taking the zero points out of the unpack
 into fp32 x row sums per step (XSUM, 18 fewer instructions) was slower, 16.74 (sweeps/wgr_xsum). A ring carrying the
 words only (x, scales and zeros left out, ABLATE 128) bounds loading those once per program instead of per step at
-0.45-1.1 us (sweeps/wgr_words). ncu of the table pick (profiles/ncu-wgr-m4-d1daae1.txt): issue slots 63 % busy, DRAM
+0.4-1.1 us (sweeps/wgr_words). ncu of the table pick (profiles/ncu-wgr-m4-d1daae1.txt): issue slots 63 % busy, DRAM
 38 %, L1 44 %, L2 47 %, 64 % of shared-load wavefronts from bank conflicts (the word reads).
 
 No interpreter: Gluon kernels do not run under TRITON_INTERPRET. On CPU the K-order bookkeeping is tested by
