@@ -70,37 +70,32 @@ def main() -> None:
                 qw, s, z = make_weights(N, K, g, "cuda")
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 ops.append((x, qw, s, z, torch.empty(M, N, device="cuda", dtype=torch.bfloat16)))
-            x, qw, s, z, out = ops[0]
-            out.fill_(float("nan"))
-            int4_gemm(x, qw, s, z, g, config=cfg, out=out)
-            problem = mismatch(out, int4_gemm_ref(x.double(), qw, s, z, g), torch.bfloat16, scale=2.0)
-            row = {"M": M, "K": K, "N": N, "config": cfg, "check": problem or "ok", "us": {}}
+
+            def check(c):  # the kernel as int4_gemm runs it with config c, NaN-poisoned out, float64 reference
+                x, qw, s, z, out = ops[0]
+                out.fill_(float("nan"))
+                int4_gemm(x, qw, s, z, g, config=c, out=out)
+                return mismatch(out, int4_gemm_ref(x.double(), qw, s, z, g), torch.bfloat16, scale=2.0) or "ok"
+
+            def timed(c, zeros=True, ab=0):  # us of int4_wgr_gemm with config c over the rotated operands
+                def make(i):
+                    x, qw, s, z, out = ops[i]
+                    return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, zeros, False, c, None,
+                                                 _ablate=ab)
+                return round(1e3 * time_graph_ms(make, copies, calls, args.rep), 3)
+
+            row = {"M": M, "K": K, "N": N, "config": cfg, "check": check(cfg), "us": {}}
             forms = FORMS if args.forms is None else {f: FORMS[f] for f in args.forms.split(",") if f in FORMS}
             for name, ab in forms.items():
-                def make(i, ab=ab):
-                    x, qw, s, z, out = ops[i]
-                    return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, cfg, None,
-                                                 _ablate=ab)
-                row["us"][name] = round(1e3 * time_graph_ms(make, copies, calls, args.rep), 3)
+                row["us"][name] = timed(cfg, ab=ab)
             for name, over in CFG_FORMS.items():  # whole kernels with other config keys: checked, then timed
                 ocfg = {**cfg, **over(cfg)}
-                out.fill_(float("nan"))
-                int4_gemm(x, qw, s, z, g, config=ocfg, out=out)
-                row[f"check_{name}"] = mismatch(out, int4_gemm_ref(x.double(), qw, s, z, g), torch.bfloat16,
-                                                scale=2.0) or "ok"
-
-                def make_cfg(i, ocfg=ocfg):
-                    x, qw, s, z, out = ops[i]
-                    return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, True, False, ocfg, None)
-                row["us"][name] = round(1e3 * time_graph_ms(make_cfg, copies, calls, args.rep), 3)
+                row[f"check_{name}"] = check(ocfg)
+                row["us"][name] = timed(ocfg)
             row["us"]["x_dot_copy"] = round(1e3 * time_graph_ms(
                 lambda i: (lambda: wgr_x_dot(ops[i][0])), copies, calls, args.rep), 3)
-            for name, ab in (("sym", 0), ("sym_words_only", 128)):
-                def make_sym(i, ab=ab):
-                    x, qw, s, z, out = ops[i]
-                    return lambda: int4_wgr_gemm(x, qw, s, z, z, out, M, N, K, g, 1, K, False, False, cfg, None,
-                                                 _ablate=ab)
-                row["us"][name] = round(1e3 * time_graph_ms(make_sym, copies, calls, args.rep), 3)
+            row["us"]["sym"] = timed(cfg, zeros=False)
+            row["us"]["sym_words_only"] = timed(cfg, zeros=False, ab=128)
             w = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(min(copies, 3))]
             row["us"]["bf16_cublas"] = round(1e3 * time_graph_ms(
                 lambda i: (lambda: F.linear(ops[i][0], w[i % len(w)])), copies, calls, args.rep), 3)

@@ -20,6 +20,11 @@ def next_power_of_2(n: int) -> int:
     return n if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def interpreting() -> bool:
+    """Whether Triton kernels run under its interpreter (TRITON_INTERPRET=1, the CPU tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def env_switch(name: str, default: str) -> bool:
     """A '0' / '1' environment switch (default: its value when unset); any other value is a clear error."""
     v = os.environ.get(name, default)

@@ -175,7 +175,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .host import cdiv, next_power_of_2
+from .host import cdiv, interpreting, next_power_of_2
 from .int4_wgmma import int4_wgr_gemm, tma_rows_ok, wgr_supported
 from .pdl import launch_kwargs, use_pdl
 from .tile_order import tile_coords
@@ -1640,9 +1640,13 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
                         has_zeros, has_bias, gated=False):
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     tiles = cdiv(M, bm) * cdiv(N, bn)
-    if split > 1:  # (wgr lays out its own partial sums)
-        part = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if impl != "wgr" else out
-        counters = arrival_counters(x.device, tiles)
+    counters = arrival_counters(x.device, tiles) if split > 1 else None
+    if impl == "wgr":  # kernels/int4_wgmma.py (Gluon), which lays out its own partial sums
+        int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split, has_zeros, has_bias,
+                      cfg, counters)
+        return out
+    if split > 1:
+        part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
     else:
         part, counters = out, out  # never touched with SPLIT_K=1
     args = (x, qweight, scales, z, b, out, part, counters, M, N, K, k_per_split, 0,
@@ -1677,9 +1681,6 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
         _int4_gemv2_kernel[grid](*args, PREFETCH=int(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
                                  PLANES=planes, PAIRS=pairs, ASM=asm, PREFETCH_X=prefetch_x, GATED=gated,
                                  N_OUT=N // 2, PDL=pdl, **common, **launch_kwargs(pdl))
-    elif impl == "wgr":  # kernels/int4_wgmma.py (Gluon)
-        int4_wgr_gemm(x, qweight, scales, z, b, out, M, N, K, group_size, split, k_per_split, has_zeros, has_bias,
-                      cfg, counters if split > 1 else None)
     elif impl == "tcasm":
         _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],
                                                                DIRECT=int(cfg.get("DIRECT", 0)), **common)
@@ -1771,7 +1772,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         why = wgr_supported(x, qweight, group_size)
         if why:
             raise ValueError(f"int4_gemm: impl 'wgr': {why}")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") == "1":
+        if not x.is_cuda and interpreting():
             raise ValueError("int4_gemm: impl 'wgr' is a Gluon kernel, which Triton's interpreter does not run")
     if impl in ("gemv2", "tiled2", "tiled3", "tcasm", "wgr"):
         return _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group_size, split,

@@ -84,14 +84,13 @@ gemm_int4 suite's check of every timed config).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, sm_count
+from .host import cdiv, interpreting, sm_count
 from .workspace import arrival_counters
 
 try:  # Gluon ships with triton >= 3.5; kernopt's CPU installs have it too (triton 3.6)
@@ -791,17 +790,13 @@ def wgr_x_dot(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tens
     """wgr_x_dot_ref by one Triton launch (torch's permuted copy took 2.4-3.7 us in a graph at 64 rows), into out
     (contiguous [M, K]) when given."""
     M, K = x.shape
-    if not (x.is_cuda or _interpreting()):
+    if not (x.is_cuda or interpreting()):
         return wgr_x_dot_ref(x)
     if out is None:
         out = torch.empty((M, K), dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(K))
     _x_dot_kernel[(M, cdiv(K, block))](x, out, K, x.stride(0), x.stride(1), BLOCK=block, num_warps=4)
     return out
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _emulate_x(x: torch.Tensor, ks: int) -> torch.Tensor:
@@ -902,6 +897,8 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
     # is the wgmma's operand as TMA lands it; else every program relabels every step's tile in registers and stores
     # a copy (9 of 38 us at 64 rows, sweeps/wgr_wide_ablate)
     x_dot = bool(int(cfg.get("X_DOT", 0)))
+    if x_dot and int(cfg.get("WS", 0)):
+        raise ValueError("int4_gemm: impl 'wgr' takes X_DOT without WS only")
     if x_dot:
         x = wgr_x_dot(x)
     if not x.is_contiguous() or x.data_ptr() % 16:  # the x tiles' TMA: K % 8 == 0, so rows are 16-byte aligned
@@ -922,8 +919,6 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
     counters = arrival_counters(x.device, tiles_n * tiles_m)
     if ablate and (int(cfg.get("WS", 0)) or not param_tma):
         raise ValueError("wgr ablation: stream-K PARAM_TMA configs only")
-    if x_dot and int(cfg.get("WS", 0)):
-        raise ValueError("int4_gemm: impl 'wgr' takes X_DOT without WS only")
     if int(cfg.get("WS", 0)):
         _int4_wgr_ws_kernel[(P,)](
             w_desc, x_desc, _row_desc(scales, bn), _row_desc(z, bn) if has_zeros else x_desc, b, out, part, counters,
