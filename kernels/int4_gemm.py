@@ -56,7 +56,7 @@ issue time, below, is not what bounds it).
   per SM). Expected: 30 -> ~15-20 us at M=1 if issue + exposed latency is the bound; if gemv2 is not
   faster, the bound is memory-level parallelism and the next step is more bytes in flight per SM.
 - ``gemv2`` ``PAIRS`` (the table's M=1 pick for bf16 x since 471c8f1, any zero points): packed bf16x2 math, two
-  nibbles per instruction (_word_pairs_ptx). prmt puts byte m of a word and byte m of (word >> 4) in the two halves
+  nibbles per instruction (int4_tgemv.word_pairs_ptx). prmt puts byte m of a word and byte m of (word >> 4) in the two halves
   of a register, one LOP3 makes them the bf16 pair (128 + q_2m, 128 + q_2m+1), one HFMA2 centres it to q - 8
   (exact), and four HFMA2 sum x (q - 8) over the word's 8 nibbles against x's own adjacent pairs, read as int32
   (no x conversion, no relayout); the two bf16 lanes (4 products each) go to fp32 and are added; zero and scale
@@ -176,6 +176,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .host import cdiv, interpreting, next_power_of_2
+from .int4_tgemv import int4_tgemv, strip_warps, tgemv_supported, word_pairs_ptx
 from .int4_wgmma import int4_wgr_gemm, tma_rows_ok, wgr_supported
 from .pdl import launch_kwargs, use_pdl
 from .tile_order import tile_coords
@@ -412,43 +413,11 @@ def _word_rows_zero_scale(acc_w, xq, xb, xs, z, s, MULTI: tl.constexpr):
     return acc_w
 
 
-def _word_pairs_ptx() -> str:
-    """PAIRS' PTX for one word $1 and x's four bf16 pairs $2..$5 (pair m = x[k + 2m], x[k + 2m + 1]): the fp32 sum
-    $0 = sum_i x_i (q_i - 8) over the word's 8 nibbles, with packed bf16x2 math (two nibbles per instruction).
-
-    prmt puts byte m of the word (nibbles 2m, 2m + 1) in the low half and byte m of (word >> 4) in the high half, so
-    lop3 (& 0x000F000F | 0x43004300) reads bf16 (128 + q_2m, 128 + q_2m+1): the nibble pair in x's own pair order.
-    One packed FMA (x 1 - 136) centres it to q - 8, exactly (so the products carry no 128 bias into the bf16 sums),
-    four packed FMAs sum the 8 products into two bf16 lanes (4 terms each), and the lanes go to fp32 (shift / mask)
-    and are added. Per word: SHF + 4 PRMT + 4 LOP3 + 4 + 4 HFMA2 + 3 = 20 instructions here; the compiled loop,
-    with its loads, addresses and the scale FFMA, has 26 per word (413 per 16 words, sass_loop --symmetric) against
-    43 for gemv2's fp32 path with bf16 x."""
-    lop = "".join(f"\n    prmt.b32 t{m}, $1, s4, {(m | m << 4 | (4 + m) << 8 | (4 + m) << 12):#06x};"
-                  f"\n    lop3.b32 t{m}, t{m}, 0x000F000F, 0x43004300, 0xEA;"
-                  f"\n    fma.rn.bf16x2 t{m}, t{m}, one, c8;" for m in range(4))
-    return f"""
-    {{
-    .reg .b32 s4, t0, t1, t2, t3, one, c8, nz, acc, lo, hi;
-    mov.b32 one, 0x3F803F80;
-    mov.b32 c8, 0xC308C308;
-    mov.b32 nz, 0x80008000;
-    shr.u32 s4, $1, 4;{lop}
-    fma.rn.bf16x2 acc, t0, $2, nz;
-    fma.rn.bf16x2 acc, t1, $3, acc;
-    fma.rn.bf16x2 acc, t2, $4, acc;
-    fma.rn.bf16x2 acc, t3, $5, acc;
-    shl.b32 lo, acc, 16;
-    and.b32 hi, acc, 0xFFFF0000;
-    add.f32 $0, lo, hi;
-    }}
-    """
-
-
-_WORD_PAIRS_PTX = tl.constexpr(_word_pairs_ptx())
+_WORD_PAIRS_PTX = tl.constexpr(word_pairs_ptx())  # kernels/int4_tgemv.py, shared with the tgemv kernel
 
 
 def _unpack_pairs_ptx() -> str:
-    """Multi-row PAIRS, first half of _word_pairs_ptx: word $4 -> its 8 nibbles as four packed bf16x2 (q - 8) pairs
+    """Multi-row PAIRS, first half of word_pairs_ptx: word $4 -> its 8 nibbles as four packed bf16x2 (q - 8) pairs
     $0..$3 (pair m: nibbles 2m, 2m + 1, in x's own pair order), unpacked once for every row of x."""
     lop = "".join(f"\n    prmt.b32 ${m}, $4, s4, {(m | m << 4 | (4 + m) << 8 | (4 + m) << 12):#06x};"
                   f"\n    lop3.b32 ${m}, ${m}, 0x000F000F, 0x43004300, 0xEA;"
@@ -464,7 +433,7 @@ def _unpack_pairs_ptx() -> str:
 
 
 def _pairs_dot_ptx() -> str:
-    """Multi-row PAIRS, second half of _word_pairs_ptx: the four (q - 8) pairs $1..$4 against one row's four x pairs
+    """Multi-row PAIRS, second half of word_pairs_ptx: the four (q - 8) pairs $1..$4 against one row's four x pairs
     $5..$8 -> the fp32 sum $0 (four packed FMAs into two bf16 lanes, then the lanes to fp32 and added): per row the
     same instructions, in the same order, as the one-row PAIRS, so each row's sums are the one-row kernel's bit for
     bit."""
@@ -1445,7 +1414,7 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
                                 "PREFETCH": prefetch, "PLANES": 1, "num_warps": warps, "num_stages": stages})
         if M == 1:
-            # PAIRS: packed bf16x2 word sums (_word_pairs_ptx; bf16 x only on the GPU). H200 --tune at a14fa7a
+            # PAIRS: packed bf16x2 word sums (word_pairs_ptx; bf16 x only on the GPU). H200 --tune at a14fa7a
             # (sweeps/pairs/gemm_int4_sym-h200.json): 128 x 4 warps best at every shape (split 4 / 16 / 16), 256 and
             # 512 columns and 8 warps slower (dropped: 256 x 8 warps, 256 x 2 blocks x 8 warps, 512). Not yet timed:
             # 64 columns (offline sm_90a: 48 registers at 4 warps, 3.5 instructions per nibble: twice the programs
@@ -1572,6 +1541,14 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
         for bn, per_sm in ((128, 3), (64, 3), (64, 4)):
             out.append({"impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "X_DOT": 1, "BLOCK_M": bm_w, "BLOCK_N": bn,
                         "BLOCK_K": block_k, "SPLIT_K": 1, "CTAS_PER_SM": per_sm, "num_warps": 4, "num_stages": 3})
+    if M == 1 and 32 <= group_size <= 2048:
+        # tgemv (kernels/int4_tgemv.py, Gluon; bf16 x): a program per column strip over all of K, words / scales /
+        # zeros by TMA into a ring of ROWS word rows a step; no split-K
+        for bn, rows, stages, warps in ((32, 64, 4, 8), (32, 64, 6, 8), (32, 128, 3, 8), (32, 128, 4, 8),
+                                        (32, 128, 3, 4), (32, 256, 2, 8), (32, 64, 4, 4), (32, 32, 8, 4),
+                                        (64, 64, 4, 8), (64, 128, 3, 8), (16, 64, 6, 4)):
+            if strip_warps(max(1, max(rows, group_size // 8) * 8 // group_size), group_size // 8, bn, warps):
+                out.append({"impl": "tgemv", "BLOCK_N": bn, "ROWS": rows, "num_warps": warps, "num_stages": stages})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     # the wave-filling splits can repeat a listed tile: time each config once
     return list({tuple(sorted(c.items())): c for c in out}.values())
@@ -1630,7 +1607,7 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
     return w
 
 
-IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "tcasm", "wgr", "dequant_cublas")
+IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "tcasm", "wgr", "tgemv", "dequant_cublas")
 
 # Arrival counters of the single-pass split-K kernels: kernels/workspace.py (one zeroed buffer per device,
 # reserved outside CUDA-graph captures).
@@ -1745,6 +1722,13 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         return out.copy_(F.linear(x, w, bias))
     if impl not in IMPLS:
         raise ValueError(f"int4_gemm: unknown impl {impl!r}; valid: {', '.join(map(repr, IMPLS))}")
+    if impl == "tgemv":  # kernels/int4_tgemv.py (Gluon): whole-K column strips fed by TMA, one row of bf16 x
+        why = tgemv_supported(x, qweight, scales, zeros, group_size)
+        if why is None and not x.is_cuda and interpreting():
+            why = "a Gluon kernel, which Triton's interpreter does not run"
+        if why:
+            raise ValueError(f"int4_gemm: impl 'tgemv': {why}")
+        return int4_tgemv(x, qweight, scales, zeros, bias, out, group_size, cfg)
 
     block_k = cfg["BLOCK_K"]
     # gemv2 at BLOCK_M 1 (or with PAIRS) also takes K blocks of several whole groups (zero and scale per word row)

@@ -540,6 +540,16 @@ CASES = [
         "impl": "wgr", "STREAM": 1, "WS": 1, "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1,
         "CTAS_PER_SM": 3, "num_warps": 4, "num_stages": 4}), selected=False, no_spill=True,
          expect={"_int4_wgr_ws_kernel": ("wgmma", "tma", "ws")}),
+    # tgemv (kernels/int4_tgemv.py, Gluon): one row, whole-K column strips fed by a TMA ring
+    Case("int4 M1 tgemv 32x64 w8 zeros+bias", _int4(1, zeros=True, bias=True, config={
+        "impl": "tgemv", "BLOCK_N": 32, "ROWS": 64, "num_warps": 8, "num_stages": 4}),
+         selected=False, no_spill=True, expect={"_int4_tgemv_kernel": ("tma",)}),
+    Case("int4 M1 tgemv K14336 N4096 g32", _int4(1, N=HIDDEN, K=MLP, group=32, config={
+        "impl": "tgemv", "BLOCK_N": 32, "ROWS": 64, "num_warps": 8, "num_stages": 6}),
+         selected=False, no_spill=True, expect={"_int4_tgemv_kernel": ("tma",)}),
+    Case("int4 M1 tgemv 64x128 w8 g256", _int4(1, group=256, config={
+        "impl": "tgemv", "BLOCK_N": 64, "ROWS": 128, "num_warps": 8, "num_stages": 3}),
+         selected=False, no_spill=True, expect={"_int4_tgemv_kernel": ("tma",)}),
     # fp8: activation quantization + swap-AB pointer kernel (decode), persistent TMA kernel (prefill)
     Case("fp8 M16 swap-AB", _fp8(16), expect={"_fp8_gemm_kernel": E4}),
     Case("fp8 M16 swap-AB bias prequant", _fp8(16, bias=True, prequant=True), expect={"_fp8_gemm_kernel": E4}),
