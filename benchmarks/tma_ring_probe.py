@@ -97,12 +97,17 @@ VARIANTS = [  # (ROWS, BLOCK_N, STAGES, CTAS per SM, EXTRA)
     (16, 128, 6, 4, 1),
     (32, 128, 3, 3, 1),
 ]
+# --strips: CTAS 0 = one program per column tile over all of K (the tgemv kernel's walk, kernels/int4_tgemv.py): how
+# fast whole-K column strips of 32 / 64 / 128 words stream, against the stream-K walk's (16, 128, 3, 4)
+STRIPS = [(16, 128, 3, 4, 0), (64, 32, 4, 0, 0), (128, 32, 3, 0, 0), (256, 32, 2, 0, 0), (64, 64, 4, 0, 0),
+          (32, 128, 4, 0, 0), (16, 128, 6, 0, 0), (64, 128, 3, 0, 0)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/sweeps/tma_ring")
     ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--strips", action="store_true", help="the STRIPS variants instead of VARIANTS")
     args = ap.parse_args()
     require_cuda("tma_ring_probe.py")
     sms, g, rows = sm_count(torch.device("cuda")), 128, []
@@ -116,10 +121,10 @@ def main() -> None:
             z = torch.rand(K // g, N, device="cuda").to(torch.bfloat16)
             x = torch.randn(8, K, device="cuda", dtype=torch.bfloat16)
             sets.append((words, s, z, x))
-        for rows_, bn, stages, ctas, extra in VARIANTS:
+        for rows_, bn, stages, ctas, extra in (STRIPS if args.strips else VARIANTS):
             spt = cdiv(K // 8, rows_)
             W = cdiv(N, bn) * spt
-            P = min(W, ctas * sms)
+            P = min(W, ctas * sms) if ctas else cdiv(N, bn)  # ctas 0: a program per column tile, all of K
             xk = min(256, rows_ * 8)  # TMA boxes are <= 256 a side (EXTRA variants: 16 / 32 rows, x boxes of 8 ROWS)
             descs = [(_desc(w, [rows_, bn]), _desc(x, [8, xk]), _desc(s, [1, bn]), _desc(z, [1, bn]))
                      for w, s, z, x in sets]
