@@ -1542,13 +1542,12 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             out.append({"impl": "wgr", "STREAM": 1, "PARAM_TMA": 1, "X_DOT": 1, "BLOCK_M": bm_w, "BLOCK_N": bn,
                         "BLOCK_K": block_k, "SPLIT_K": 1, "CTAS_PER_SM": per_sm, "num_warps": 4, "num_stages": 3})
     if M == 1 and 32 <= group_size <= 2048:
-        # tgemv (kernels/int4_tgemv.py, Gluon; bf16 x): a program per column strip over all of K, words / scales /
-        # zeros by TMA into a ring of ROWS word rows a step; no split-K
-        for bn, rows, stages, warps in ((32, 64, 4, 8), (32, 64, 6, 8), (32, 128, 3, 8), (32, 128, 4, 8),
-                                        (32, 128, 3, 4), (32, 256, 2, 8), (32, 64, 4, 4), (32, 32, 8, 4),
-                                        (64, 64, 4, 8), (64, 128, 3, 8), (16, 64, 6, 4)):
-            if strip_warps(max(1, max(rows, group_size // 8) * 8 // group_size), group_size // 8, bn, warps):
-                out.append({"impl": "tgemv", "BLOCK_N": bn, "ROWS": rows, "num_warps": warps, "num_stages": stages})
+        # tgemv (kernels/int4_tgemv.py, Gluon; bf16 x): a program per 32-word column strip over all of K, words /
+        # scales / zeros by TMA into a ring of ROWS word rows a step; no split-K. Slower than PAIRS everywhere on the
+        # H200 (sweeps/tgemv1, tgemv2): never the table's pick; these are the first sweep's best tiles per shape.
+        for rows, stages, warps in ((64, 4, 4), (128, 3, 4), (128, 3, 8), (256, 2, 8)):
+            if strip_warps(max(1, max(rows, group_size // 8) * 8 // group_size), group_size // 8, 32, warps):
+                out.append({"impl": "tgemv", "BLOCK_N": 32, "ROWS": rows, "num_warps": warps, "num_stages": stages})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     # the wave-filling splits can repeat a listed tile: time each config once
     return list({tuple(sorted(c.items())): c for c in out}.values())

@@ -3,9 +3,9 @@
 y[1, N] = x[1, K] @ dequant(qweight, scales, zeros)[N, K].T (+ bias), kernopt's int4 format (kernels/int4_gemm.py:
 N-contiguous int32 words, nibble i of word j is k = 8 j + i), bf16 x.
 
-Why: at one row the product is a read of the words (K N / 2 bytes) and little else, and the Triton GEMV (gemv2
-PAIRS, the table's M = 1 pick) reads them at about half the H200's rate: 15.7 us at K4096 N14336 where a TMA ring
-alone moves the same words in 8.7-9.6 us (sweeps/tma_ring). ncu put PAIRS at 38 % of DRAM bandwidth with 1.07
+Why it was built: at one row the product is a read of the words (K N / 2 bytes) and little else, and the Triton GEMV
+(gemv2 PAIRS, the table's M = 1 pick) reads them at about half the H200's rate: 15.7 us at K4096 N14336 where a TMA
+ring alone moves the same words in 8.7-9.6 us (sweeps/tma_ring). ncu put PAIRS at 38 % of DRAM bandwidth with 1.07
 eligible warps per scheduler: its bytes in flight are bounded by the registers of the programs resident, and its
 split-K partials need a second pass (the single-pass arrival and sum). This kernel has neither limit:
 
@@ -18,11 +18,23 @@ split-K partials need a second pass (the single-pass arrival and sum). This kern
   [GR, RPG, BLOCK_N] (GR groups of RPG = group / 8 word rows: the 3-D view of the [K / 8, N] words) and the
   scales / zeros [GR, BLOCK_N], so that in registers a word's scale is its group row broadcast along RPG (no
   gather). TMA zero-fills past K and N: such words and scales contribute 0.
-- **x once per program, in shared memory** as its bf16 pairs per word row ([step, pair, GR, RPG] int32), with the
+- **x once per program, in shared memory** as its bf16 pairs per word row ([4 step + pair, GR, RPG] int32), with the
   fp32 sum of each word row's 8 x (zero points) beside it.
-- **The math is PAIRS'** (kernels/int4_gemm.py `word_pairs_ptx`): per word the fp32 sum of x_k (q_k - 8) over its 8
-  nibbles with packed bf16x2 instructions, then ``acc += (sum + (8 - z) xsum) s`` (``acc += sum s`` without zero
-  points) into a [GR, RPG, BLOCK_N] fp32 accumulator, summed over its two word-row axes at the end.
+- **The math is PAIRS'** (`word_pairs_ptx`, shared with kernels/int4_gemm.py): per word the fp32 sum of
+  x_k (q_k - 8) over its 8 nibbles with packed bf16x2 instructions, then ``acc += (sum + (8 - z) xsum) s``
+  (``acc += sum s`` without zero points) into a [GR, RPG, BLOCK_N] fp32 accumulator, summed over its two word-row
+  axes at the end.
+
+Measured on the H200 (bf16 x, group 128; int4_gemm's --tune, CUDA-graph replay): **slower than PAIRS everywhere**,
+so not the table's pick (a --tune candidate). sweeps/tgemv1 (a3e1b86, this x handling): best 20.05 / 18.09 / 8.42 us
+at K4096 N14336 / K14336 N4096 / 4096^2 with zero points (17.93 / 16.83 / 7.93 symmetric) against PAIRS' 15.67 /
+15.83 / 7.69 (13.84 / 13.76 / 7.15) in the same runs. The walk is not what limits it: the ring alone over the same
+whole-K 32-word strips streams the words in 8.9-9.1 us at K4096 N14336 (sweeps/tma_ring_strips, as fast as the
+stream-K walk; 10.3 us at K14336 N4096, one program per SM). The kernel is: ncu (profiles/ncu-tgemv-1e09a65.txt,
+a variant that TMA'd x and split its pairs in registers, 23-25 us, sweeps/tgemv2) counts 42 instructions a word
+(PAIRS' compiled loop 26), 0.46 issued per cycle per scheduler with 0.96 eligible warps, and 36 % of the stall
+cycles on the long scoreboard. Groups of 256 first faulted (misaligned address): a scale slot of 64 bytes broke TMA's
+128-byte shared-memory alignment; slots are now rounded up to 128 bytes (GRP rows).
 
 No interpreter: Gluon kernels do not run under TRITON_INTERPRET. tests/kernels/sm90_offline.py compiles it for sm_90a
 on CPU (registers, shared memory, spills); the GPU tests (marked gpu) check it against the dequantized reference.
@@ -119,7 +131,7 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(z_desc, [step * GR, col0], bar, z_smem.index(slot).slice(0, GR), pred=ok)
 
     @gluon.jit
-    def _int4_tgemv_kernel(w_desc, s_desc, z_desc, x_desc, b_ptr, out_ptr, N, stride_b, stride_on,
+    def _int4_tgemv_kernel(w_desc, s_desc, z_desc, xp_ptr, b_ptr, out_ptr, N, KW, stride_b, stride_on,
                            GROUP: gl.constexpr, GR: gl.constexpr, GRP: gl.constexpr, NSTEPS: gl.constexpr,
                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_ZEROS: gl.constexpr,
                            HAS_BIAS: gl.constexpr):
@@ -129,25 +141,43 @@ if HAVE_GLUON:
         XL: gl.constexpr = gl.SliceLayout(2, L3)  # [GR, RPG]: per word row (x pairs, x sums)
         col0 = gl.program_id(0) * BLOCK_N
 
-        # x, as its bf16 pairs (int32) [step, GR, RPG, pair m] (pair m of word row R = x[8 R + 2 m], x[8 R + 2 m + 1],
-        # zero past K): all of it by one burst of TMA copies on its own barrier, in flight with the ring's first steps
-        x_smem = gl.allocate_shared_memory(gl.int32, [NSTEPS, GR, RPG, 4], x_desc.layout)
         w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, GR, RPG, BLOCK_N], w_desc.layout)
         # scale / zero slots of GRP >= GR rows: each slot a multiple of 128 bytes (TMA's shared-memory alignment)
         s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, GRP, BLOCK_N], s_desc.layout)
         z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES if HAS_ZEROS else 1, GRP, BLOCK_N], z_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES + 1):
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         fence_async_shared()
-        x_bar = bars.index(STAGES)
-        mbarrier.expect(x_bar, NSTEPS * x_desc.block_type.nbytes)
-        for c in range(NSTEPS):
-            tma.async_copy_global_to_shared(x_desc, [c * GR, 0, 0], x_bar, x_smem.index(c))
         for i in gl.static_range(STAGES):
             _tgemv_issue(w_desc, s_desc, z_desc, bars.index(i), w_smem, s_smem, z_smem, i, i, col0, i < NSTEPS,
                          GR, HAS_ZEROS)
-        mbarrier.wait(x_bar, 0)
+
+        # x (bf16 pairs as int32, [1, K / 2]) into shared memory while the first copies fly: [4 step + m, GR, RPG] is
+        # pair m of the step's word rows (pair m of word row R = x[8 R + 2 m], x[8 R + 2 m + 1]), zero past K; with
+        # zero points also the fp32 sum of each word row's 8 x.
+        XS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])  # the layout of one index (a rank below)
+        x_smem = gl.allocate_shared_memory(gl.int32, [4 * NSTEPS, GR, RPG], XS)
+        xs_smem = gl.allocate_shared_memory(gl.float32, [NSTEPS if HAS_ZEROS else 1, GR, RPG], XS)
+        PL: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32, 1], [gl.num_warps(), 1, 1], [2, 1, 0])
+        pg = gl.arange(0, GR, layout=gl.SliceLayout(1, gl.SliceLayout(2, PL)))
+        pr = gl.arange(0, RPG, layout=gl.SliceLayout(0, gl.SliceLayout(2, PL)))
+        pm = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, PL)))
+        for c in range(NSTEPS):
+            row = gl.expand_dims(gl.expand_dims((c * GR + pg) * RPG, 1) + gl.expand_dims(pr, 0), 2)  # [GR, RPG, 1]
+            xp = gl.load(xp_ptr + row * 4 + gl.expand_dims(gl.expand_dims(pm, 0), 1), mask=row < KW, other=0)
+            even, odd = gl.split(gl.reshape(xp, [GR, RPG, 2, 2]))  # m = 2 a + b, split on b: pairs (0, 2), (1, 3)
+            x0, x2 = gl.split(even)
+            x1, x3 = gl.split(odd)
+            x_smem.index(4 * c).store(x0)
+            x_smem.index(4 * c + 1).store(x1)
+            x_smem.index(4 * c + 2).store(x2)
+            x_smem.index(4 * c + 3).store(x3)
+            if HAS_ZEROS:
+                lo = (xp << 16).to(gl.float32, bitcast=True)
+                hi = (xp & -65536).to(gl.float32, bitcast=True)
+                xs_smem.index(c).store(gl.sum(lo + hi, 2))
+        gl.thread_barrier()  # every warp's x stores land before any warp reads them
 
         acc = gl.zeros([GR, RPG, BLOCK_N], gl.float32, L3)
         for i in range(NSTEPS):
@@ -157,28 +187,21 @@ if HAVE_GLUON:
             s = s_smem.index(slot).slice(0, GR).load(SL).to(gl.float32)
             if HAS_ZEROS:
                 z = z_smem.index(slot).slice(0, GR).load(SL).to(gl.float32)
-            xq = x_smem.index(i).load(L3)  # [GR, RPG, 4]: a word row's 4 pairs in one thread (broadcast on columns)
+                xs = xs_smem.index(i).load(XL)
+            p0 = gl.expand_dims(x_smem.index(4 * i).load(XL), 2)
+            p1 = gl.expand_dims(x_smem.index(4 * i + 1).load(XL), 2)
+            p2 = gl.expand_dims(x_smem.index(4 * i + 2).load(XL), 2)
+            p3 = gl.expand_dims(x_smem.index(4 * i + 3).load(XL), 2)
             gl.thread_barrier()  # every warp has read the slot: refill it STAGES steps ahead
             _tgemv_issue(w_desc, s_desc, z_desc, bars.index(slot), w_smem, s_smem, z_smem, slot, i + STAGES, col0,
                          i + STAGES < NSTEPS, GR, HAS_ZEROS)
-            even, odd = gl.split(gl.reshape(xq, [GR, RPG, 2, 2]))  # m = 2 a + b, split on b: pairs (0, 2), (1, 3)
-            x0, x2 = gl.split(even)
-            x1, x3 = gl.split(odd)
-            p0 = gl.expand_dims(gl.convert_layout(x0, XL, assert_trivial=True), 2)
-            p1 = gl.expand_dims(gl.convert_layout(x1, XL, assert_trivial=True), 2)
-            p2 = gl.expand_dims(gl.convert_layout(x2, XL, assert_trivial=True), 2)
-            p3 = gl.expand_dims(gl.convert_layout(x3, XL, assert_trivial=True), 2)
             ws = gl.inline_asm_elementwise(_PAIRS_PTX, "=r,r,r,r,r,r", [w, p0, p1, p2, p3], dtype=gl.float32,
                                            is_pure=True, pack=1)
             if HAS_ZEROS:
-                # the word row's sum of its 8 x (fp32), for the (8 - z) term of sum_k x (q - z) = sum_k x (q - 8) + ...
-                lo = (xq << 16).to(gl.float32, bitcast=True)
-                hi = (xq & -65536).to(gl.float32, bitcast=True)
-                xs = gl.convert_layout(gl.sum(lo + hi, 2), XL, assert_trivial=True)
                 acc += (ws + gl.expand_dims(xs, 2) * gl.expand_dims(8.0 - z, 1)) * gl.expand_dims(s, 1)
             else:
                 acc += ws * gl.expand_dims(s, 1)
-        for i in gl.static_range(STAGES + 1):
+        for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
         res = gl.sum(gl.sum(acc, 1), 0)  # [BLOCK_N]
@@ -245,16 +268,13 @@ def int4_tgemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     qt = qweight.t()  # [K / 8, N], N-contiguous
     w_desc = TensorDescriptor(qweight, [K // group_size, rpg, N], [rpg * qt.stride(0), qt.stride(0), 1],
                               [gr, rpg, bn], _layout(32, 3))
-    # x's bf16 pairs as [K / g, RPG, 4] int32 (a group's word rows, a word row's 4 pairs): boxes of a step's GR groups
-    x_desc = TensorDescriptor(x.view(torch.int32), [K // group_size, rpg, 4], [rpg * 4, 4, 1], [gr, rpg, 4],
-                              _layout(32, 3))
     s_desc = _rows_desc(scales, gr, bn)
     z_desc = _rows_desc(zeros, gr, bn) if zeros is not None else s_desc
     # rows of a scale / zero slot: GR, or more so that each slot is a multiple of 128 bytes (both powers of two)
     grp = max([gr] + [128 // math.gcd(128, bn * t.element_size()) for t in (scales, zeros) if t is not None])
     b = bias if bias is not None else out
     _int4_tgemv_kernel[(cdiv(N, bn),)](
-        w_desc, s_desc, z_desc, x_desc, b, out, N, b.stride(-1), out.stride(1),
+        w_desc, s_desc, z_desc, x.view(torch.int32), b, out, N, K // 8, b.stride(-1), out.stride(1),
         GROUP=group_size, GR=gr, GRP=grp, NSTEPS=nsteps, BLOCK_N=bn, STAGES=stages, HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None, num_warps=warps)
     return out
