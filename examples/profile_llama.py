@@ -6,9 +6,11 @@ then one more call is profiled. The table lists kernels by total GPU time, with 
 token beside it.
 
     python examples/profile_llama.py [--shape 8B] [--systems kernopt,kernopt_int4] [--prompt 128] [--new 32]
-                                     [--out DIR]
+                                     [--forward] [--out DIR]
 
 Writes ``profile-<shape>-<system>.txt`` per system under --out (default benchmarks/results/profiles).
+``--forward``: one compiled forward of a [1, prompt] batch instead of a `generate` call, as the suite times
+``prefill b1 s2048`` (``torch.compile(model.forward)`` with the system's backend); ``...-forward.txt``.
 """
 from __future__ import annotations
 
@@ -32,12 +34,17 @@ def _sort_key(events) -> str:
         else "self_cuda_time_total"
 
 
-def profile_system(system: str, shape: str, prompt: int, new: int) -> tuple[str, float, float]:
+def profile_system(system: str, shape: str, prompt: int, new: int, forward: bool = False) -> tuple[str, float, float]:
     torch._dynamo.reset()
     model = prepare(system, build(shape, "cuda"), "cuda")
     ids = torch.randint(100, 20000, (1, prompt), device="cuda")
+    if forward:  # the suite's prefill: the forward compiled on its own (kernopt/llama_bench.py run_system)
+        backend = "inductor" if system in ("eager", "hf_static_inductor") else "kernopt"
+        fwd = model.forward if system == "eager" else torch.compile(model.forward, backend=backend)
 
     def gen():
+        if forward:
+            return fwd(ids)
         return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
                               min_new_tokens=new)
 
@@ -70,6 +77,7 @@ def main() -> None:
                     help=f"comma-separated, from: {', '.join(SYSTEMS + EXTRA_SYSTEMS)}")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--forward", action="store_true", help="one compiled forward of the prompt, as the suite's prefill")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "profiles"))
     args = ap.parse_args()
     require_cuda("profile_llama.py")
@@ -82,13 +90,19 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     for system in systems:
         with system_env(system):  # the experiment systems set their switches
-            table, gpu_us, wall_s = profile_system(system, args.shape, args.prompt, args.new)
+            table, gpu_us, wall_s = profile_system(system, args.shape, args.prompt, args.new, args.forward)
         gc.collect()
         torch.cuda.empty_cache()
-        head = (f"{system} {args.shape} bs1 prompt {args.prompt} new {args.new} on {device}, torch {torch.__version__}: "
-                f"{gpu_us / 1e3:.2f} ms of kernel time in one generate call, {gpu_us / args.new:.0f} us per new "
-                f"token (prefill included); unprofiled, the call took {wall_s * 1e3:.2f} ms (best of 3)\n")
-        path = os.path.join(args.out, f"profile-{args.shape}-{system}.txt")
+        if args.forward:
+            head = (f"{system} {args.shape} compiled forward of [1, {args.prompt}] on {device}, torch "
+                    f"{torch.__version__}: {gpu_us / 1e3:.2f} ms of kernel time in one call; unprofiled, the call "
+                    f"took {wall_s * 1e3:.2f} ms (best of 3)\n")
+        else:
+            head = (f"{system} {args.shape} bs1 prompt {args.prompt} new {args.new} on {device}, torch "
+                    f"{torch.__version__}: {gpu_us / 1e3:.2f} ms of kernel time in one generate call, "
+                    f"{gpu_us / args.new:.0f} us per new token (prefill included); unprofiled, the call took "
+                    f"{wall_s * 1e3:.2f} ms (best of 3)\n")
+        path = os.path.join(args.out, f"profile-{args.shape}-{system}{'-forward' if args.forward else ''}.txt")
         with open(path, "w") as f:
             f.write(head + table + "\n")
         print(head + table)
