@@ -11,12 +11,17 @@ token beside it.
 Writes ``profile-<shape>-<system>.txt`` per system under --out (default benchmarks/results/profiles).
 ``--forward``: one compiled forward of a [1, prompt] batch instead of a `generate` call, as the suite times
 ``prefill b1 s2048`` (``torch.compile(model.forward)`` with the system's backend); ``...-forward.txt``.
+``--host``: where the host's time goes too: the profiler's events by self CPU time, and Python's cProfile of three
+more calls (functions by own time), appended to the file.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import os
+import pstats
 import time
 
 import torch
@@ -34,7 +39,8 @@ def _sort_key(events) -> str:
         else "self_cuda_time_total"
 
 
-def profile_system(system: str, shape: str, prompt: int, new: int, forward: bool = False) -> tuple[str, float, float]:
+def profile_system(system: str, shape: str, prompt: int, new: int, forward: bool = False,
+                   host: bool = False) -> tuple[str, float, float]:
     torch._dynamo.reset()
     model = prepare(system, build(shape, "cuda"), "cuda")
     ids = torch.randint(100, 20000, (1, prompt), device="cuda")
@@ -67,7 +73,21 @@ def profile_system(system: str, shape: str, prompt: int, new: int, forward: bool
     # timeline (Inductor's "## Call CompiledFxGraph ##" carries its kernels' time again).
     gpu_us = sum(getattr(e, key) for e in events
                  if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
-    return events.table(sort_by=key, row_limit=45, max_name_column_width=90), gpu_us, min(walls)
+    table = events.table(sort_by=key, row_limit=45, max_name_column_width=90)
+    if host:
+        table += "\n\nBy self CPU time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=40,
+                                                          max_name_column_width=90)
+        py = cProfile.Profile()
+        with torch.no_grad():
+            py.enable()
+            for _ in range(3):
+                gen()
+            torch.cuda.synchronize()
+            py.disable()
+        text = io.StringIO()
+        pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(45)
+        table += "\n\ncProfile of three calls, by own time:\n" + text.getvalue()
+    return table, gpu_us, min(walls)
 
 
 def main() -> None:
@@ -78,6 +98,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--forward", action="store_true", help="one compiled forward of the prompt, as the suite's prefill")
+    ap.add_argument("--host", action="store_true", help="also the host's time: events by CPU time, and cProfile")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "profiles"))
     args = ap.parse_args()
     require_cuda("profile_llama.py")
@@ -90,7 +111,8 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     for system in systems:
         with system_env(system):  # the experiment systems set their switches
-            table, gpu_us, wall_s = profile_system(system, args.shape, args.prompt, args.new, args.forward)
+            table, gpu_us, wall_s = profile_system(system, args.shape, args.prompt, args.new, args.forward,
+                                                   args.host)
         gc.collect()
         torch.cuda.empty_cache()
         if args.forward:
