@@ -750,12 +750,23 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
             return f"mask dtype {mask.dtype} (needs bool or float)"
         if mask.device != q.device:
             return "mask on another device"
-        try:
-            torch.broadcast_shapes(tuple(mask.shape), (B, Hq, Sq, Skv))
-        except RuntimeError:
-            return f"mask {tuple(mask.shape)} not broadcastable to {(B, Hq, Sq, Skv)}"
-        if mask.dim() > 4 or torch.broadcast_shapes(tuple(mask.shape), (B, Hq, Sq, Skv)) != (B, Hq, Sq, Skv):
-            return f"mask {tuple(mask.shape)} broadcasts beyond {(B, Hq, Sq, Skv)}"
+        problem = _mask_fit(tuple(mask.shape), (B, Hq, Sq, Skv))
+        if problem is not None:
+            return f"mask {tuple(mask.shape)} {problem} {(B, Hq, Sq, Skv)}"
+    return None
+
+
+def _mask_fit(shape: tuple, target: tuple) -> Optional[str]:
+    """None when a mask of `shape` broadcasts to exactly `target`, else "not broadcastable to" / "broadcasts beyond".
+
+    torch.broadcast_shapes' answer, in plain Python: under torch 2.11 it runs torch._refs' symbolic-shape checks,
+    ~0.2 ms a call on the host, paid twice by every prompt-length attention call (the int4 1B prompt's compiled
+    forward is host-bound: profiles/profile-1B-kernopt_int4-forward-aeb391d.txt)."""
+    aligned = list(zip(reversed(shape), reversed(target)))
+    if any(m != t and m != 1 and t != 1 for m, t in aligned):
+        return "not broadcastable to"
+    if len(shape) > len(target) or any(m != t and m != 1 for m, t in aligned):
+        return "broadcasts beyond"
     return None
 
 

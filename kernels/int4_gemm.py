@@ -1715,10 +1715,13 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     in_kernel = gated and gated_epilogue(cfg, M)
     if gated and not in_kernel:
         y = int4_gemm(x, qweight, scales, zeros, group_size, bias, cfg)
-        return out.copy_(F.silu(y[:, :n_out]) * y[:, n_out:])
+        return torch.mul(F.silu(y[:, :n_out]), y[:, n_out:], out=out)  # into out: no copy kernel
     if impl == "dequant_cublas":
         w = int4_dequantize(qweight, scales, zeros, group_size, x.dtype, cfg)
-        return out.copy_(F.linear(x, w, bias))
+        # straight into out (F.linear then a copy cost a device copy of the output per call: 1 of 13.5 ms of the
+        # 1B prompt's kernels, profiles/profile-1B-kernopt_int4-forward-aeb391d.txt); the same cuBLAS product
+        wt = w.t()
+        return torch.mm(x, wt, out=out) if bias is None else torch.addmm(bias, x, wt, out=out)
     if impl not in IMPLS:
         raise ValueError(f"int4_gemm: unknown impl {impl!r}; valid: {', '.join(map(repr, IMPLS))}")
     if impl == "tgemv":  # kernels/int4_tgemv.py (Gluon): whole-K column strips fed by TMA, one row of bf16 x

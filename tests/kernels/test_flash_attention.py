@@ -396,13 +396,31 @@ def test_table_pick_drops_warp_spec_where_the_launch_cannot_specialise(monkeypat
         assert_close(out, ref, torch.float16)
 
 
+@settings(max_examples=300, deadline=None)
+@given(shape=st.lists(st.sampled_from([0, 1, 2, 3, 4, 5, 7]), max_size=6),
+       target=st.tuples(*[st.sampled_from([1, 2, 4, 5])] * 4))
+def test_mask_fit_is_broadcast_shapes(shape, target):
+    """supports()' own mask check gives torch.broadcast_shapes' verdict (broadcastable to the [B, Hq, Sq, Skv] target
+    and no larger than it) on every shape, 5- and 6-D and zero-sized dims included."""
+    from kernopt.kernels.flash_attention import _mask_fit
+
+    try:
+        full = torch.broadcast_shapes(tuple(shape), target)
+        expected = "broadcasts beyond" if len(shape) > 4 or full != target else None
+    except RuntimeError:
+        expected = "not broadcastable to"
+    assert _mask_fit(tuple(shape), target) == expected
+
+
 def test_supports_reasons():
     q, k, v = make_qkv(1, 4, 2, 8, 8, 16, torch.float16)
     assert supports(q, k, v) is None
     assert supports(q, k, v, torch.ones(1, 1, 8, 8, dtype=torch.bool, device=DEVICE)) is None
     assert "dtype" in supports(q.double(), k.double(), v.double())
     assert "multiple" in supports(q, k[:, :1].expand(1, 3, 8, 16), v[:, :1].expand(1, 3, 8, 16))
-    assert "broadcast" in supports(q, k, v, torch.ones(1, 1, 8, 5, dtype=torch.bool, device=DEVICE))
+    assert "not broadcastable" in supports(q, k, v, torch.ones(1, 1, 8, 5, dtype=torch.bool, device=DEVICE))
+    assert "beyond" in supports(q, k, v, torch.ones(2, 1, 8, 8, dtype=torch.bool, device=DEVICE))
+    assert "beyond" in supports(q, k, v, torch.ones(1, 1, 1, 8, 8, dtype=torch.bool, device=DEVICE))
     assert "mask dtype" in supports(q, k, v, torch.ones(1, 1, 8, 8, dtype=torch.int32, device=DEVICE))
     big = torch.randn(1, 4, 8, 512, dtype=torch.float16, device=DEVICE)
     assert "head dim" in supports(big, big[:, :2], big[:, :2])

@@ -68,6 +68,21 @@ def test_int4_gemm_matches_reference(device, g, asym, cfg):
     assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_dequant_cublas_writes_into_a_strided_out(device, bias):
+    """dequant + cuBLAS writes its product straight into `out` (mm / addmm out=): a column slice of a wider
+    NaN-poisoned buffer (as a grouped launch's part) gets the product, the columns around it stay untouched."""
+    M, N, K, g = 19, 45, 256, 32
+    x = torch.randn(M, K, dtype=torch.float16, device=device)
+    qweight, scales, zeros = _weights(N, K, g, True, device)
+    b = torch.randn(N, dtype=torch.float16, device=device) if bias else None
+    wide = torch.full((M, N + 9), float("nan"), dtype=x.dtype, device=device)
+    out = wide[:, 4:4 + N]
+    assert int4_gemm(x, qweight, scales, zeros, g, bias=b, config=DEQUANT, out=out) is out
+    assert_close(out, _expected(x, qweight, scales, zeros, g, b), torch.float16)
+    assert torch.isnan(wide[:, :4]).all() and torch.isnan(wide[:, 4 + N:]).all()
+
+
 # The experimental single-pass variants: split-K finished by the last K slice (SPLIT_K=3 gives a
 # ragged last slice), gemv2 with and without the register prefetch, one row and several.
 GEMV2 = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "PREFETCH": 1}
