@@ -26,9 +26,9 @@ split-K partials need a second pass (the single-pass arrival and sum). This kern
   axes at the end.
 
 Measured on the H200 (bf16 x, group 128; int4_gemm's --tune, CUDA-graph replay): **slower than PAIRS everywhere**,
-so not the table's pick (a --tune candidate). sweeps/tgemv1 (a3e1b86, this x handling): best 20.05 / 18.09 / 8.42 us
-at K4096 N14336 / K14336 N4096 / 4096^2 with zero points (17.93 / 16.83 / 7.93 symmetric) against PAIRS' 15.67 /
-15.83 / 7.69 (13.84 / 13.76 / 7.15) in the same runs. The walk is not what limits it: the ring alone over the same
+so not the table's pick (a --tune candidate). sweeps/tgemv3 (5bec603, this kernel): best 20.05 / 18.16 / 8.45 us
+at K4096 N14336 / K14336 N4096 / 4096^2 with zero points (17.95 / 16.92 / 7.94 symmetric) against PAIRS' 15.67 /
+15.91 / 7.72 (13.89 / 13.77 / 7.19) in the same runs (sweeps/tgemv1, a3e1b86 without the slot fix: the same). The walk is not what limits it: the ring alone over the same
 whole-K 32-word strips streams the words in 8.9-9.1 us at K4096 N14336 (sweeps/tma_ring_strips, as fast as the
 stream-K walk; 10.3 us at K14336 N4096, one program per SM). The kernel is: ncu (profiles/ncu-tgemv-1e09a65.txt,
 a variant that TMA'd x and split its pairs in registers, 23-25 us, sweeps/tgemv2) counts 42 instructions a word
