@@ -40,3 +40,24 @@ def _fresh_dynamo():
     # Each test compiles its own models with its own options: start from an empty Dynamo cache.
     torch._dynamo.reset()
     yield
+
+
+def _graph_replays(run, x: torch.Tensor, out: torch.Tensor, check, times: int = 3) -> None:
+    """`run()` writes `out` from `x`: one eager call, a CUDA-graph capture of it, then `times` replays, each on fresh
+    random x into a NaN-poisoned out, each checked by `check(out)` (which asserts)."""
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for _ in range(times):
+        x.copy_(torch.randn_like(x))
+        out.fill_(float("nan"))
+        graph.replay()
+        check(out)
+
+
+@pytest.fixture
+def graph_replays():
+    """_graph_replays, for the GPU tests of kernels that must stay right under CUDA-graph replay."""
+    return _graph_replays
+

@@ -100,7 +100,7 @@ def test_tgemv_gpu_candidates(g, asym):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("asym", [True, False])
-def test_tgemv_gpu_extreme_codes_fractional_zeros_strided_x_graph(asym):
+def test_tgemv_gpu_extreme_codes_fractional_zeros_strided_x_graph(asym, graph_replays):
     """Words of distinct / extreme codes (each nibble must meet its own x), fractional zero points, |x| ~ 1e3, fp32
     scales, a strided x (copied by the launcher), a Llama shape, and CUDA-graph replay."""
     g, N, K = 128, 160, 1024
@@ -117,13 +117,9 @@ def test_tgemv_gpu_extreme_codes_fractional_zeros_strided_x_graph(asym):
     _check(torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda"), qweight, scales, zeros, g, TGEMV)
     x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
     out = torch.empty(1, 14336, dtype=torch.bfloat16, device="cuda")
-    int4_gemm(x, qweight, scales, zeros, g, config=TGEMV, out=out)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        int4_gemm(x, qweight, scales, zeros, g, config=TGEMV, out=out)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        out.fill_(float("nan"))
-        graph.replay()
+
+    def check(o):
         expected = int4_gemm_ref(x.double(), qweight, scales, zeros, g)
-        assert mismatch(out, expected, x.dtype, scale=2.0, magnitude=rms(expected)) is None
+        assert mismatch(o, expected, x.dtype, scale=2.0, magnitude=rms(expected)) is None
+
+    graph_replays(lambda: int4_gemm(x, qweight, scales, zeros, g, config=TGEMV, out=out), x, out, check)

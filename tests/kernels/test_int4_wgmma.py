@@ -192,7 +192,7 @@ def test_wgr_gpu_wide_row_tiles(M, asym):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("asym", [True, False])
-def test_wgr_gpu_extreme_codes_fractional_zeros_strided_x(asym):
+def test_wgr_gpu_extreme_codes_fractional_zeros_strided_x(asym, graph_replays):
     """Words of distinct / extreme codes (each nibble must meet its own x), fractional zero points, |x| ~ 1e3, a
     strided x (copied by the launcher), under CUDA-graph replay too."""
     dtype, g, N, K = torch.bfloat16, 128, 128, 512
@@ -213,15 +213,8 @@ def test_wgr_gpu_extreme_codes_fractional_zeros_strided_x(asym):
                  dtype, scale=2.0)
     x = torch.randn(16, K, dtype=dtype, device="cuda")
     out = torch.empty(16, N, dtype=dtype, device="cuda")
-    int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=out)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=out)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        out.fill_(float("nan"))
-        graph.replay()
-        assert_close(out, _expected(x, qweight, scales, zeros, g, None), dtype, scale=2.0)
+    graph_replays(lambda: int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=out), x, out,
+                  lambda o: assert_close(o, _expected(x, qweight, scales, zeros, g, None), dtype, scale=2.0))
 
 
 def test_table_takes_wgr_only_where_it_runs():
