@@ -56,8 +56,8 @@ issue time, below, is not what bounds it).
   per SM). Expected: 30 -> ~15-20 us at M=1 if issue + exposed latency is the bound; if gemv2 is not
   faster, the bound is memory-level parallelism and the next step is more bytes in flight per SM.
 - ``gemv2`` ``PAIRS`` (the table's M=1 pick for bf16 x since 471c8f1, any zero points): packed bf16x2 math, two
-  nibbles per instruction (int4_tgemv.word_pairs_ptx). prmt puts byte m of a word and byte m of (word >> 4) in the two halves
-  of a register, one LOP3 makes them the bf16 pair (128 + q_2m, 128 + q_2m+1), one HFMA2 centres it to q - 8
+  nibbles per instruction (int4_tgemv.word_pairs_ptx). prmt puts byte m of a word and byte m of (word >> 4) in the
+  two halves of a register, one LOP3 makes them the bf16 pair (128 + q_2m, 128 + q_2m+1), one HFMA2 centres it to q - 8
   (exact), and four HFMA2 sum x (q - 8) over the word's 8 nibbles against x's own adjacent pairs, read as int32
   (no x conversion, no relayout); the two bf16 lanes (4 products each) go to fp32 and are added; zero and scale
   per word row in fp32 as gemv2 does (zero points: + (8 - z) times the row's x sum). Offline sm_90a
@@ -1544,7 +1544,7 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
     if M == 1 and 32 <= group_size <= 2048:
         # tgemv (kernels/int4_tgemv.py, Gluon; bf16 x): a program per 32-word column strip over all of K, words /
         # scales / zeros by TMA into a ring of ROWS word rows a step; no split-K. Slower than PAIRS everywhere on the
-        # H200 (sweeps/tgemv1, tgemv2): never the table's pick; these are the first sweep's best tiles per shape.
+        # H200 (sweeps/tgemv1..3): never the table's pick; these are the first sweep's best tiles per shape.
         for rows, stages, warps in ((64, 4, 4), (128, 3, 4), (128, 3, 8), (256, 2, 8)):
             if strip_warps(max(1, max(rows, group_size // 8) * 8 // group_size), group_size // 8, 32, warps):
                 out.append({"impl": "tgemv", "BLOCK_N": 32, "ROWS": rows, "num_warps": warps, "num_stages": stages})
@@ -1719,7 +1719,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if impl == "dequant_cublas":
         w = int4_dequantize(qweight, scales, zeros, group_size, x.dtype, cfg)
         # straight into out (F.linear then a copy cost a device copy of the output per call: 1 of 13.5 ms of the
-        # 1B prompt's kernels, profiles/profile-1B-kernopt_int4-forward-aeb391d.txt); the same cuBLAS product
+        # 1B prompt's kernels, profiles/profile-1B-kernopt_int4-forward-aeb391d.txt); F.linear's own mm / addmm
         wt = w.t()
         return torch.mm(x, wt, out=out) if bias is None else torch.addmm(bias, x, wt, out=out)
     if impl not in IMPLS:

@@ -12,7 +12,7 @@ split-K partials need a second pass (the single-pass arrival and sum). This kern
 - **One program per column strip, all of K.** Program p owns columns [p BLOCK_N, (p + 1) BLOCK_N) and walks the
   whole of K, so it writes finished outputs: no split-K, no workspace, no arrival counters, no reduction across
   programs. With BLOCK_N = 32 a strip's word rows are 128-byte lines; N / 32 programs (448 at N = 14336, 128 at
-  N = 4096) are resident at once.
+  N = 4096).
 - **Words, scales and zeros by TMA into a STAGES-deep ring** (an mbarrier per slot), ``ROWS`` word rows (8 ROWS of
   K, whole groups) per step: bytes in flight cost shared memory, not registers. A step's boxes are the words
   [GR, RPG, BLOCK_N] (GR groups of RPG = group / 8 word rows: the 3-D view of the [K / 8, N] words) and the
@@ -26,15 +26,16 @@ split-K partials need a second pass (the single-pass arrival and sum). This kern
   axes at the end.
 
 Measured on the H200 (bf16 x, group 128; int4_gemm's --tune, CUDA-graph replay): **slower than PAIRS everywhere**,
-so not the table's pick (a --tune candidate). sweeps/tgemv3 (5bec603, this kernel): best 20.05 / 18.16 / 8.45 us
-at K4096 N14336 / K14336 N4096 / 4096^2 with zero points (17.95 / 16.92 / 7.94 symmetric) against PAIRS' 15.67 /
-15.91 / 7.72 (13.89 / 13.77 / 7.19) in the same runs (sweeps/tgemv1, a3e1b86 without the slot fix: the same). The walk is not what limits it: the ring alone over the same
-whole-K 32-word strips streams the words in 8.9-9.1 us at K4096 N14336 (sweeps/tma_ring_strips, as fast as the
-stream-K walk; 10.3 us at K14336 N4096, one program per SM). The kernel is: ncu (profiles/ncu-tgemv-1e09a65.txt,
-a variant that TMA'd x and split its pairs in registers, 23-25 us, sweeps/tgemv2) counts 42 instructions a word
-(PAIRS' compiled loop 26), 0.46 issued per cycle per scheduler with 0.96 eligible warps, and 36 % of the stall
-cycles on the long scoreboard. Groups of 256 first faulted (misaligned address): a scale slot of 64 bytes broke TMA's
-128-byte shared-memory alignment; slots are now rounded up to 128 bytes (GRP rows).
+so not the table's pick (a --tune candidate). sweeps/tgemv3 (5bec603, this kernel): best 20.05 / 18.16 / 8.45 us at
+K4096 N14336 / K14336 N4096 / 4096^2 with zero points (17.95 / 16.92 / 7.94 symmetric) against PAIRS' 15.67 / 15.91 /
+7.72 (13.89 / 13.77 / 7.19) in the same runs; sweeps/tgemv1 (a3e1b86, before the slot fix) gave the same. The walk is
+not what limits it: the ring alone over the same whole-K 32-word strips streams the words in 8.9-9.1 us at K4096
+N14336 (sweeps/tma_ring_strips, as fast as the stream-K walk; 10.3 us at K14336 N4096, one program per SM). The
+kernel is: ncu (profiles/ncu-tgemv-1e09a65.txt, a variant that TMA'd x and split its pairs in registers, 23-25 us,
+sweeps/tgemv2) counts 42 instructions a word (PAIRS' compiled loop 26), 0.46 issued per cycle per scheduler with 0.96
+eligible warps, and 36 % of the stall cycles on the long scoreboard. Groups of 256 first faulted (misaligned
+address): a scale slot of 64 bytes broke TMA's 128-byte shared-memory alignment; slots are now rounded up to 128
+bytes (GRP rows).
 
 No interpreter: Gluon kernels do not run under TRITON_INTERPRET. tests/kernels/sm90_offline.py compiles it for sm_90a
 on CPU (registers, shared memory, spills); the GPU tests (marked gpu) check it against the dequantized reference.
