@@ -176,7 +176,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .host import cdiv, interpreting, next_power_of_2
-from .int4_tgemv import int4_tgemv, strip_warps, tgemv_supported, word_pairs_ptx
+from .int4_tgemv import int4_tgemv, strip_warps, tgemv_geometry, tgemv_supported, word_pairs_ptx
 from .int4_wgmma import int4_wgr_gemm, tma_rows_ok, wgr_supported
 from .pdl import launch_kwargs, use_pdl
 from .tile_order import tile_coords
@@ -1546,8 +1546,9 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
         # scales / zeros by TMA into a ring of ROWS word rows a step; no split-K. Slower than PAIRS everywhere on the
         # H200 (sweeps/tgemv1..3): never the table's pick; these are the first sweep's best tiles per shape.
         for rows, stages, warps in ((64, 4, 4), (128, 3, 4), (128, 3, 8), (256, 2, 8)):
-            if strip_warps(max(1, max(rows, group_size // 8) * 8 // group_size), group_size // 8, 32, warps):
-                out.append({"impl": "tgemv", "BLOCK_N": 32, "ROWS": rows, "num_warps": warps, "num_stages": stages})
+            cfg = {"impl": "tgemv", "BLOCK_N": 32, "ROWS": rows, "num_warps": warps, "num_stages": stages}
+            if strip_warps(tgemv_geometry(K, group_size, cfg)[0], group_size // 8, 32, warps):
+                out.append(cfg)
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     # the wave-filling splits can repeat a listed tile: time each config once
     return list({tuple(sorted(c.items())): c for c in out}.values())
@@ -1680,6 +1681,15 @@ def _table_wgr(x, qweight, scales, zeros, group_size) -> bool:
     return all(t is None or tma_rows_ok(t) for t in (scales, zeros))
 
 
+def _gluon_refusal(impl: str, why: Optional[str], x: torch.Tensor) -> None:
+    """A clear error for a Gluon kernel's launch it cannot take: `why` (its *_supported check), or a CPU launch
+    under Triton's interpreter, which does not run Gluon."""
+    if why is None and not x.is_cuda and interpreting():
+        why = "a Gluon kernel, which Triton's interpreter does not run"
+    if why:
+        raise ValueError(f"int4_gemm: impl {impl!r}: {why}")
+
+
 def gated_epilogue(cfg: dict, M: int) -> bool:
     """Whether int4_gemm(gated=True) with this config applies the SwiGLU in the kernel's epilogue (gemv2 at one row),
     rather than after the product in torch."""
@@ -1725,11 +1735,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if impl not in IMPLS:
         raise ValueError(f"int4_gemm: unknown impl {impl!r}; valid: {', '.join(map(repr, IMPLS))}")
     if impl == "tgemv":  # kernels/int4_tgemv.py (Gluon): whole-K column strips fed by TMA, one row of bf16 x
-        why = tgemv_supported(x, qweight, scales, zeros, group_size)
-        if why is None and not x.is_cuda and interpreting():
-            why = "a Gluon kernel, which Triton's interpreter does not run"
-        if why:
-            raise ValueError(f"int4_gemm: impl 'tgemv': {why}")
+        _gluon_refusal(impl, tgemv_supported(x, qweight, scales, zeros, group_size), x)
         return int4_tgemv(x, qweight, scales, zeros, bias, out, group_size, cfg)
 
     block_k = cfg["BLOCK_K"]
@@ -1755,11 +1761,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         # an exact 3-way bf16 split of x is possible but unbuilt (see the kernel's docstring).
         raise ValueError("int4_gemm: tcasm takes float16/bfloat16 x only, got float32 (use gemv2 for float32 x)")
     if impl == "wgr" and config is not None:  # (the table offers wgr only where _table_wgr checked this)
-        why = wgr_supported(x, qweight, group_size)
-        if why:
-            raise ValueError(f"int4_gemm: impl 'wgr': {why}")
-        if not x.is_cuda and interpreting():
-            raise ValueError("int4_gemm: impl 'wgr' is a Gluon kernel, which Triton's interpreter does not run")
+        _gluon_refusal(impl, wgr_supported(x, qweight, group_size), x)
     if impl in ("gemv2", "tiled2", "tiled3", "tcasm", "wgr"):
         return _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group_size, split,
                                    k_per_split, zeros is not None, bias is not None, gated=in_kernel)

@@ -51,7 +51,7 @@ from .host import cdiv
 from .int4_wgmma import HAVE_GLUON, tma_rows_ok
 
 if HAVE_GLUON:
-    from .int4_wgmma import TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma
+    from .int4_wgmma import TensorDescriptor, _row_desc, fence_async_shared, gl, gluon, mbarrier, tma
 
 
 def word_pairs_ptx() -> str:
@@ -236,17 +236,6 @@ def tgemv_supported(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     return None
 
 
-def _layout(bits: int, rank: int):
-    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=rank)
-
-
-def _rows_desc(t: torch.Tensor, rows: int, bn: int):
-    """TMA descriptor of per-group rows (scales or zeros, logical [N, K / g], N-contiguous) as [K / g, N] boxes of
-    [rows, bn]."""
-    v = t.t()
-    return TensorDescriptor(v, list(v.shape), list(v.stride()), [rows, bn], _layout(v.element_size() * 8, 2))
-
-
 def tgemv_geometry(K: int, group_size: int, cfg: dict) -> tuple[int, int]:
     """(GR, NSTEPS): groups per step (ROWS word rows, at least one group) and steps over K."""
     rows = max(int(cfg.get("ROWS", 64)), group_size // 8)
@@ -268,9 +257,9 @@ def int4_tgemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         x = torch.empty((1, K), dtype=x.dtype, device=x.device).copy_(x)  # fresh: contiguous, aligned
     qt = qweight.t()  # [K / 8, N], N-contiguous
     w_desc = TensorDescriptor(qweight, [K // group_size, rpg, N], [rpg * qt.stride(0), qt.stride(0), 1],
-                              [gr, rpg, bn], _layout(32, 3))
-    s_desc = _rows_desc(scales, gr, bn)
-    z_desc = _rows_desc(zeros, gr, bn) if zeros is not None else s_desc
+                              [gr, rpg, bn], gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3))
+    s_desc = _row_desc(scales, bn, gr)  # (tgemv_supported has checked that TMA reads them as they are: no copy)
+    z_desc = _row_desc(zeros, bn, gr) if zeros is not None else s_desc
     # rows of a scale / zero slot: GR, or more so that each slot is a multiple of 128 bytes (both powers of two)
     grp = max([gr] + [128 // math.gcd(128, bn * t.element_size()) for t in (scales, zeros) if t is not None])
     b = bias if bias is not None else out

@@ -942,13 +942,13 @@ def _launch_stream_k(w_desc, x, scales, z, b, out, M, N, K, group_size, has_zero
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16} if HAVE_GLUON else {}
 
 
-def _row_desc(t: torch.Tensor, bn: int):
-    """TMA descriptor of per-group rows (scales or zeros, logical [N, K / g]) as [K / g, N] boxes of [1, bn]; a copy
-    in that storage when the tensor is not already N-contiguous with 16-byte aligned rows (a cost per call)."""
+def _row_desc(t: torch.Tensor, bn: int, rows: int = 1):
+    """TMA descriptor of per-group rows (scales or zeros, logical [N, K / g]) as [K / g, N] boxes of [rows, bn]; a
+    copy in that storage when the tensor is not already N-contiguous with 16-byte aligned rows (a cost per call)."""
     v = t.t()
     if not tma_rows_ok(t):
         n = v.shape[1]
         pad = -(-n * v.element_size() // 16) * 16 // v.element_size()
         v = torch.zeros((v.shape[0], pad), dtype=v.dtype, device=v.device)[:, :n].copy_(v)
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=v.element_size() * 8, rank=2)
-    return TensorDescriptor(v, list(v.shape), list(v.stride()), [1, bn], layout)
+    return TensorDescriptor(v, list(v.shape), list(v.stride()), [rows, bn], layout)
