@@ -760,9 +760,10 @@ def _mask_fit(shape: tuple, target: tuple) -> Optional[str]:
     """None when a mask of `shape` broadcasts to exactly `target`, else "not broadcastable to" / "broadcasts beyond".
 
     torch.broadcast_shapes' answer, in plain Python: torch.broadcast_shapes runs torch._refs' symbolic-shape checks,
-    ~16 us a call on a CPU host (torch 2.13; 2 us here), ~0.2 ms under cProfile on the H200's host, paid twice by
-    every attention call, where the int4 1B prompt's compiled forward is host-bound
-    (profiles/profile-1B-kernopt_int4-forward-aeb391d.txt: 13.5 ms of kernels, 29-34 ms a call)."""
+    twice per call here before, and the int4 1B prompt's compiled forward is host-bound
+    (profiles/profile-1B-kernopt_int4-forward-aeb391d.txt: 13.5 ms of kernels, 29-34 ms a call). `python
+    benchmarks/op_host_overhead.py --rounds 7` on a 2-core CPU host (torch 2.13), the launcher with a bool
+    [1, 1, 128, 128] mask: 67-95 us a call before, 23-25 after."""
     aligned = list(zip(reversed(shape), reversed(target)))
     if any(m != t and m != 1 and t != 1 for m, t in aligned):
         return "not broadcastable to"
