@@ -1,12 +1,16 @@
-"""Host (Python) cost of one kernopt int4 / flash_attention op call, Triton launches stubbed out: runs on a CPU.
+"""Host (Python) cost of one kernopt int4 / flash_attention op call: on a CPU with the Triton launches stubbed out,
+or on a GPU with everything real (--device cuda).
 
 Why: the compiled prompt forward runs without CUDA graphs, so every kernopt op's Python sits on the critical
 path of a generate call (H200 profile, benchmarks/NOTES.md: 9 ms of GPU time in a 55-85 ms generate-1-token
-call of the 8B int4 model, ~400 us of CPU per int4 op call under the profiler). This times what is left of a
-call when the kernels cost nothing: the custom-op dispatch, the config lookup, the launcher's checks and
-allocations. The Triton launch itself (binding, specialisation key) is not included: it needs a GPU.
+call of the 8B int4 model, ~400 us of CPU per int4 op call under the profiler). On a CPU this times what is left
+of a call when the kernels cost nothing: the custom-op dispatch, the config lookup, the launcher's checks and
+allocations. --device cuda times the host's issue time per call with the real launches (Triton's binding and
+specialisation included; no synchronisation inside the timed loop, so the GPU's own time is not counted while
+the launch queue has room), beside an aten op, a bare custom op and a bare Triton launch of the same process:
+what each layer of a call costs on the GPU host. The GPU time per call is printed beside it.
 
-    python benchmarks/op_host_overhead.py [--m 128] [--calls 500] [--rounds 1] [--profile]
+    python benchmarks/op_host_overhead.py [--m 128] [--calls 500] [--rounds 1] [--profile] [--device cuda]
 """
 from __future__ import annotations
 
@@ -25,57 +29,114 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+def _probe_ops():
+    """A custom op that does nothing but allocate its output (the dispatch's own cost) and a one-argument Triton
+    kernel (a launch's floor), for --device cuda's comparison rows."""
+    import triton
+    import triton.language as tl
+
+    @torch.library.custom_op("kernopt_probe::empty_like", mutates_args=())
+    def empty_like(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    @empty_like.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    @triton.jit
+    def _touch(p):
+        tl.store(p, 0.0)
+
+    return empty_like, _touch
+
+
+def _time(call, calls: int, rounds: int, sync) -> float:
+    """Best over rounds of the host's seconds per call (no synchronisation inside the timed loop)."""
+    best = float("inf")
+    for _ in range(max(1, rounds)):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        best = min(best, time.perf_counter() - start)
+    sync()
+    return best / calls
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--m", type=int, default=128, help="rows of x (the prompt length at bs1)")
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=1, help="timing rounds per op; the best is printed (noisy hosts)")
     ap.add_argument("--profile", action="store_true", help="also print cProfile's top functions per op")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: Triton launches stubbed out; cuda: every launch real, GPU time per call beside")
     args = ap.parse_args()
 
     import kernopt.ops as ops
     from kernopt.kernels import flash_attention as fa, int4_gemm as q4
 
-    for name in [n for n in dir(q4) if n.startswith("_") and n.endswith("_kernel")]:
-        setattr(q4, name, _NoLaunch())
-    fa._flash_attention_fwd = _NoLaunch()
-    ops.implementation = lambda t: "triton"  # the GPU's code path, on CPU tensors
+    dev = args.device
+    if dev == "cpu":
+        for name in [n for n in dir(q4) if n.startswith("_") and n.endswith("_kernel")]:
+            setattr(q4, name, _NoLaunch())
+        fa._flash_attention_fwd = _NoLaunch()
+        ops.implementation = lambda t: "triton"  # the GPU's code path, on CPU tensors
+        sync = lambda: None  # noqa: E731
+    else:
+        sync = torch.cuda.synchronize
 
     K, g = 4096, 128
     widths = (4096, 1024, 1024)  # Llama-3-8B's q / k / v
-    x = torch.randn(args.m, K, dtype=torch.bfloat16)
-    qweight = torch.zeros(K // 8, sum(widths), dtype=torch.int32).t()  # kernopt's N-contiguous storage
-    scales = torch.ones(K // g, sum(widths), dtype=torch.bfloat16).t()
+    x = torch.randn(args.m, K, dtype=torch.bfloat16, device=dev)
+    qweight = torch.zeros(K // 8, sum(widths), dtype=torch.int32, device=dev).t()  # kernopt's N-contiguous storage
+    scales = torch.ones(K // g, sum(widths), dtype=torch.bfloat16, device=dev).t()
     cols = [0, widths[0], widths[0] + widths[1], sum(widths)]
     parts = [(qweight[a:b], scales[a:b]) for a, b in zip(cols, cols[1:])]
-    calls = {
+    calls = {}
+    if dev == "cuda":
+        empty_like, touch = _probe_ops()
+        w = torch.randn(sum(widths), K, dtype=torch.bfloat16, device=dev)
+        cell = torch.empty(1, device=dev)
+        calls["torch.mm (bf16, same shapes)"] = lambda: torch.mm(x, w.t())
+        calls["bare custom op (empty_like)"] = lambda: torch.ops.kernopt_probe.empty_like.default(x)
+        calls["bare Triton launch (1 argument)"] = lambda: touch[(1,)](cell)
+        calls["int4_dequantize (Triton launch + empty)"] = lambda: q4.int4_dequantize(qweight, scales, None, g)
+    calls.update({
         "int4_linear": lambda: torch.ops.kernopt.int4_linear.default(x, qweight, scales, None, g, None),
         "int4_linear_group (3 parts)": lambda: torch.ops.kernopt.int4_linear_group.default(
             x, [q for q, _ in parts], [s for _, s in parts], [None] * 3, g, [None] * 3),
         "int4_gemm (launcher only)": lambda: q4.int4_gemm(x, qweight, scales, None, g),
-    }
+    })
     # the prompt's causal attention at Llama-3-8B's heads (GQA 32 / 8, head dim 128)
-    q = torch.randn(1, 32, args.m, 128, dtype=torch.bfloat16)
-    k, v = (torch.randn(1, 8, args.m, 128, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(1, 32, args.m, 128, dtype=torch.bfloat16, device=dev)
+    k, v = (torch.randn(1, 8, args.m, 128, dtype=torch.bfloat16, device=dev) for _ in range(2))
     calls["flash_attention"] = lambda: torch.ops.kernopt.flash_attention.default(q, k, v, None, True, 128 ** -0.5)
     calls["flash_attention (launcher only)"] = lambda: fa.flash_attention(q, k, v, None, True, 128 ** -0.5)
     # HF's prompt passes its causal mask as a bool [B, 1, S, S] tensor: supports() checks its broadcast every call
-    mask = torch.ones(1, 1, args.m, args.m, dtype=torch.bool).tril()
+    mask = torch.ones(1, 1, args.m, args.m, dtype=torch.bool, device=dev).tril()
+    calls["flash_attention (bool mask)"] = lambda: torch.ops.kernopt.flash_attention.default(
+        q, k, v, mask, False, 128 ** -0.5)
     calls["flash_attention (bool mask, launcher only)"] = lambda: fa.flash_attention(q, k, v, mask, False, 128 ** -0.5)
+    tail = "Triton launches stubbed" if dev == "cpu" else "host issue time; GPU"
     for name, call in calls.items():
         for _ in range(20):
             call()
-        best = float("inf")
-        for _ in range(max(1, args.rounds)):
-            start = time.perf_counter()
-            for _ in range(args.calls):
+        us = _time(call, args.calls, args.rounds, sync) * 1e6
+        gpu = ""
+        if dev == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
                 call()
-            best = min(best, time.perf_counter() - start)
-        us = best / args.calls * 1e6
-        print(f"{name:44s} {us:8.1f} us per call (M={args.m}, Triton launches stubbed)")
+            end.record()
+            sync()
+            gpu = f" {start.elapsed_time(end) / 20 * 1e3:8.1f} us"
+        print(f"{name:44s} {us:8.1f} us per call (M={args.m}, {tail}{gpu})")
         if args.profile:
             prof = cProfile.Profile()
             prof.runcall(lambda: [call() for _ in range(args.calls)])
+            sync()
             pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
