@@ -102,7 +102,18 @@ def main() -> None:
         calls["bare custom op (empty_like)"] = lambda: torch.ops.kernopt_probe.empty_like.default(x)
         calls["bare Triton launch (1 argument)"] = lambda: touch[(1,)](cell)
         calls["int4_dequantize (Triton launch + empty)"] = lambda: q4.int4_dequantize(qweight, scales, None, g)
+    # int4_linear's layers, outermost last: what each adds
+    from kernopt import workload
+
+    m, n = args.m, sum(widths)
+    bucket = workload.gemm_bucket(m, n, K, ops.int4_bucket_tag(g, True), x.dtype)
     calls.update({
+        "torch.empty (the dequantized weight's)": lambda: torch.empty((n, K), dtype=x.dtype, device=dev),
+        "select_config + _table_wgr": lambda: q4.select_config(
+            m, n, K, g, symmetric=True, x_dtype=x.dtype, wgr=q4._table_wgr(x, qweight, scales, None, g)),
+        "workload.config_for (its tuned-config lookup)": lambda: workload.config_for("int4_gemm", bucket, None, None),
+        "ops._int4_gemm_tuned (no dispatch)": lambda: ops._int4_gemm_tuned(x, qweight, scales, None, g, None),
+        "int4_linear's function (no dispatch)": lambda: ops.int4_linear._init_fn(x, qweight, scales, None, g, None),
         "int4_linear": lambda: torch.ops.kernopt.int4_linear.default(x, qweight, scales, None, g, None),
         "int4_linear_group (3 parts)": lambda: torch.ops.kernopt.int4_linear_group.default(
             x, [q for q, _ in parts], [s for _, s in parts], [None] * 3, g, [None] * 3),
