@@ -1107,6 +1107,22 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K,
              mask=mask_n[:, None])
 
 
+@triton.jit
+def _silu_mul_kernel(y_ptr, out_ptr, M, N, stride_ym, stride_yn, stride_om, stride_on, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """out[m, j] = silu(y[m, j]) * y[m, N + j], rounded as the unfused torch ops round: silu to out's dtype, then
+    the product (the gated launches whose GEMM cannot apply it in its epilogue: one kernel instead of two)."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    rows = y_ptr + offs_m[:, None] * stride_ym
+    g = tl.load(rows + offs_n[None, :] * stride_yn, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(rows + (N + offs_n)[None, :] * stride_yn, mask=mask, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    act = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, (act * u).to(dt), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------------
 # Shape -> config: the one table of this family.
 # --------------------------------------------------------------------------------------------------
@@ -1607,6 +1623,49 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
     return w
 
 
+def silu_mul(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Llama's SwiGLU over a gated product y [M, 2n] (gate columns, then up): silu(y[:, :n]) * y[:, n:] into out
+    [M, n] (any strides), by one Triton kernel; the values are the two torch ops' (each rounded to out's dtype)."""
+    M, n = out.shape
+    if M and n:
+        bm, bn = 4, 256
+        _silu_mul_kernel[(cdiv(n, bn), cdiv(M, bm))](y, out, M, n, y.stride(0), y.stride(1), out.stride(0),
+                                                     out.stride(1), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    return out
+
+
+def dequant_cublas(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                   group_size: int, bias: Optional[torch.Tensor], cfg: dict, out: Optional[torch.Tensor] = None,
+                   gated: bool = False) -> torch.Tensor:
+    """The dequant_cublas launch without int4_gemm's operand checks: the dequantized weight's kernel, then cuBLAS
+    straight into `out` (gated: into a [M, N] product, then `silu_mul` into out [M, N / 2]).
+
+    For operands int4_gemm has accepted (kernopt.ops calls it directly for a signature it has seen go through
+    int4_gemm: the prompt's host-bound forward pays int4_gemm's Python per launch,
+    benchmarks/op_host_overhead.py)."""
+    M, N = x.shape[0], qweight.shape[0]
+    if out is None:
+        out = torch.empty((M, N // 2 if gated else N), dtype=x.dtype, device=x.device)
+    w = int4_dequantize(qweight, scales, zeros, group_size, x.dtype, cfg)
+    # straight into the output (F.linear then a copy cost a device copy of the output per call: 1 of 13.5 ms of the
+    # 1B prompt's kernels, profiles/profile-1B-kernopt_int4-forward-aeb391d.txt); F.linear's own mm / addmm
+    wt = w.t()
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device) if gated else out
+    y = torch.mm(x, wt, out=y) if bias is None else torch.addmm(bias, x, wt, out=y)
+    return silu_mul(y, out) if gated else y
+
+
+def resolve_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                   group_size: int, config: Optional[dict]) -> dict:
+    """The config int4_gemm launches with: a copy of `config`, else the table's (select_config) for these
+    operands."""
+    if config is not None:
+        return dict(config)
+    M, K = x.shape
+    return select_config(M, qweight.shape[0], K, group_size, symmetric=zeros is None and x.dtype != torch.float32,
+                         x_dtype=x.dtype, wgr=_table_wgr(x, qweight, scales, zeros, group_size))
+
+
 IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "tcasm", "wgr", "tgemv", "dequant_cublas")
 
 # Arrival counters of the single-pass split-K kernels: kernels/workspace.py (one zeroed buffer per device,
@@ -1705,7 +1764,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     gated: Llama's SwiGLU over the product, ``silu(y[:, :N/2]) * y[:, N/2:]`` -> [M, N/2] (the weight's rows are the
     gate projection's then the up projection's, as `kernopt.int4.pack_adjacent` stores them), each step rounded to
     x's dtype as the unfused ops round. With gemv2 at one row (M = 1, BLOCK_M = 1) in the GEMV's epilogue: no [M, N]
-    output and no second kernel; any other config runs the product, then the two ops in torch."""
+    output and no second kernel; any other config runs the product, then `silu_mul` (one kernel)."""
     M, N, K = _check(x, qweight, scales, zeros, group_size, bias)
     if gated and N % 2:
         raise ValueError(f"int4_gemm: gated needs an even N (gate rows then up rows), got N={N}")
@@ -1718,20 +1777,13 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if M == 0 or N == 0:
         return out
     # (the GEMV experiment's kernels read 16-bit x only: a float32 x keeps the table's GEMV)
-    cfg = dict(config) if config is not None else \
-        select_config(M, N, K, group_size, symmetric=zeros is None and x.dtype != torch.float32, x_dtype=x.dtype,
-                      wgr=_table_wgr(x, qweight, scales, zeros, group_size))
+    cfg = resolve_config(x, qweight, scales, zeros, group_size, config)
     impl = cfg.get("impl")
+    if impl == "dequant_cublas":
+        return dequant_cublas(x, qweight, scales, zeros, group_size, bias, cfg, out, gated)
     in_kernel = gated and gated_epilogue(cfg, M)
     if gated and not in_kernel:
-        y = int4_gemm(x, qweight, scales, zeros, group_size, bias, cfg)
-        return torch.mul(F.silu(y[:, :n_out]), y[:, n_out:], out=out)  # into out: no copy kernel
-    if impl == "dequant_cublas":
-        w = int4_dequantize(qweight, scales, zeros, group_size, x.dtype, cfg)
-        # straight into out (F.linear then a copy cost a device copy of the output per call: 1 of 13.5 ms of the
-        # 1B prompt's kernels, profiles/profile-1B-kernopt_int4-forward-aeb391d.txt); F.linear's own mm / addmm
-        wt = w.t()
-        return torch.mm(x, wt, out=out) if bias is None else torch.addmm(bias, x, wt, out=out)
+        return silu_mul(int4_gemm(x, qweight, scales, zeros, group_size, bias, cfg), out)
     if impl not in IMPLS:
         raise ValueError(f"int4_gemm: unknown impl {impl!r}; valid: {', '.join(map(repr, IMPLS))}")
     if impl == "tgemv":  # kernels/int4_tgemv.py (Gluon): whole-K column strips fed by TMA, one row of bf16 x

@@ -204,12 +204,36 @@ def int4_bucket_tag(group_size: int, symmetric: bool) -> str:
     return f"g{group_size}" + ("sym" if symmetric else "")
 
 
+# The prompt's lane: operand signatures (_int4_signature) whose int4 launch int4_gemm accepted and resolved to
+# dequantize + cuBLAS -> that config, with the config_epoch it was resolved under. A call with a known signature
+# skips the tuned-config lookup, the table and int4_gemm's operand checks (the same shapes, dtypes and devices
+# passed them) and launches `dequant_cublas` directly. Why: the compiled prompt forward runs without CUDA graphs,
+# so each int4 op's Python is on its critical path (the 1B prompt was host-bound: 12.6 ms of kernels in a 22 ms
+# call, sweeps/llama_1b_5dfe048; per-layer costs in sweeps/host_overhead, benchmarks/op_host_overhead.py). Small
+# M (decode) runs under CUDA graphs and keeps the full path.
+_DEQUANT_LANE: dict = {}
+
+
+def _int4_signature(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
+                    bias: Optional[Tensor], out: Optional[Tensor], gated: bool) -> tuple:
+    """What int4_gemm's checks and config depend on (strides aside: the launch passes them every call)."""
+    return (x2.shape, x2.dtype, x2.device, qweight.shape, qweight.dtype, qweight.device, scales.shape,
+            scales.device, None if zeros is None else (zeros.shape, zeros.device),
+            None if bias is None else (bias.shape, bias.device),
+            None if out is None else (out.shape, out.dtype, out.device), group_size, gated)
+
+
 def _int4_gemm_tuned(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
                      bias: Optional[Tensor], out: Optional[Tensor] = None, gated: bool = False) -> Tensor:
     """The int4 kernel on x2 [M, K] with the tuned config of its (M bucket, N, K, group, dtype); `out` may be a
     preallocated (strided) [M, N] tensor, e.g. a column slice of a grouped output; gated: int4_gemm's SwiGLU
     over the product (the config is the product's)."""
     mod = kernel_module("int4_gemm")
+    signature = _int4_signature(x2, qweight, scales, zeros, group_size, bias, out, gated)
+    epoch = workload.config_epoch()
+    known = _DEQUANT_LANE.get(signature)
+    if known is not None and known[0] == epoch:
+        return mod.dequant_cublas(x2, qweight, scales, zeros, group_size, bias, known[1], out, gated)
     m, n, k = x2.shape[0], scales.shape[0], x2.shape[1]
     call = lambda cfg, x2, q, s, z, b: mod.int4_gemm(x2, q, s, z, group_size, bias=b, config=cfg)  # noqa: E731
     operands = (x2, qweight, scales, zeros, bias)
@@ -218,7 +242,12 @@ def _int4_gemm_tuned(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Optiona
         lambda: mod.candidate_configs(m, n, k, group_size), lambda cfg: call(cfg, *operands),
         lambda: tuning_kit(call, operands,
                            lambda x2, q, s, z, b: mod.int4_gemm_ref(x2, q, s, z, group_size, bias=b)))
-    return mod.int4_gemm(x2, qweight, scales, zeros, group_size, bias=bias, config=config, out=out, gated=gated)
+    result = mod.int4_gemm(x2, qweight, scales, zeros, group_size, bias=bias, config=config, out=out, gated=gated)
+    # (after the launch: int4_gemm raised on operands it does not take, and an empty product launched nothing)
+    resolved = mod.resolve_config(x2, qweight, scales, zeros, group_size, config)
+    if resolved.get("impl") == "dequant_cublas" and m and n:
+        _DEQUANT_LANE[signature] = (workload.config_epoch(), resolved)
+    return result
 
 
 @torch.library.custom_op("kernopt::int4_linear", mutates_args=())

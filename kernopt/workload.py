@@ -181,6 +181,8 @@ class ConfigCache:
                     os.unlink(tmp)
                 raise
             self._entries = merged
+            global _STORES
+            _STORES += 1
 
     def put(self, kernel: str, shape_bucket: str, config: dict) -> None:
         self.put_many({self.key(kernel, shape_bucket): config})
@@ -203,17 +205,28 @@ def _file_lock(path: Path):
 
 _CACHE: Optional[ConfigCache] = None
 _CACHE_ENV: tuple = ()
+_OPENS = 0  # config_cache() re-opens, and stores into any cache: what config_epoch() counts
+_STORES = 0
 
 
 def config_cache() -> ConfigCache:
     """The process's cache object, re-opened when the variables that place it (KERNOPT_CACHE_DIR, HOME) change.
     Compared as strings: every kernel call asks (building the Path each time cost ~35 us of a ~200 us int4 op
     call on the CPU side, which the prompt's uncaptured forward pays per launch)."""
-    global _CACHE, _CACHE_ENV
+    global _CACHE, _CACHE_ENV, _OPENS
     env = (os.environ.get("KERNOPT_CACHE_DIR"), os.environ.get("HOME"))
     if _CACHE is None or env != _CACHE_ENV:
         _CACHE, _CACHE_ENV = ConfigCache(), env
+        _OPENS += 1
     return _CACHE
+
+
+def config_epoch() -> tuple:
+    """Everything `config_for`'s answer for a key depends on besides the key: the cache in use (re-opened when its
+    place changes), the stores made since, and the variables that bypass the cache or turn tuning on. A memo of
+    config_for's answers (kernopt.ops' prompt lane) is valid while this stays equal."""
+    config_cache()
+    return _OPENS, _STORES, os.environ.get("KERNOPT_NO_CACHE"), os.environ.get("KERNOPT_AUTOTUNE")
 
 
 def tuned_config(kernel: str, shape_bucket: str) -> Optional[dict]:

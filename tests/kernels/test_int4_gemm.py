@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kernopt.kernels import workspace
 from kernopt.kernels.int4_gemm import (candidate_configs, dequantize_int4, int4_dequantize, int4_gemm,
-                                       int4_gemm_ref, select_config)
+                                       int4_gemm_ref, select_config, silu_mul)
 from kernopt.tolerance import assert_close, mismatch, rms
 
 
@@ -166,6 +166,31 @@ def test_int4_gemm_gated_swiglu(device, cfg, asym, M):
     with pytest.raises(ValueError, match=r"out must be \[M, N / 2\]"):
         int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=torch.empty(M, 2 * n, dtype=x.dtype, device=device),
                   gated=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M,n", [(1, 7), (7, 300), (9, 256)])
+def test_silu_mul_matches_the_torch_ops(device, dtype, M, n):
+    """silu_mul (the gated launches' second kernel) against F.silu then mul in the same dtype: rows and columns that
+    are not multiples of its 4 x 256 tiles, y a column slice of a wider buffer, out a strided slice of a
+    NaN-poisoned one whose other columns stay NaN."""
+    wide_y = torch.randn(M, 2 * n + 5, dtype=dtype, device=device) * 4
+    y = wide_y[:, 3:3 + 2 * n]
+    buf = torch.full((M, n + 6), float("nan"), dtype=dtype, device=device)
+    out = buf[:, 2:2 + n]
+    assert silu_mul(y, out) is out
+    assert_close(out, torch.mul(F.silu(y[:, :n]), y[:, n:]), dtype)
+    assert buf[:, :2].isnan().all() and buf[:, 2 + n:].isnan().all()
+    assert silu_mul(y[:0], out[:0]).shape == (0, n)  # nothing to launch
+
+
+@pytest.mark.gpu
+def test_silu_mul_gpu_bf16_llama_width():
+    """bf16 (which the interpreter cannot check) at a 1B prompt's SwiGLU width, [300, 2 x 8192] -> [300, 8192]."""
+    y = torch.randn(300, 2 * 8192, dtype=torch.bfloat16, device="cuda") * 4
+    out = torch.full((300, 8192), float("nan"), dtype=torch.bfloat16, device="cuda")
+    silu_mul(y, out)
+    assert_close(out, torch.mul(F.silu(y[:, :8192]), y[:, 8192:]), torch.bfloat16)
 
 
 # tiled3 (swap-AB tensor-core kernel): BLOCK_K 128 (its dots need K = BLOCK_K / 8 >= 16 on the GPU), so
