@@ -12,7 +12,9 @@ Writes ``profile-<shape>-<system>.txt`` per system under --out (default benchmar
 ``--forward``: one compiled forward of a [1, prompt] batch instead of a `generate` call, as the suite times
 ``prefill b1 s2048`` (``torch.compile(model.forward)`` with the system's backend); ``...-forward.txt``.
 ``--host``: where the host's time goes too: the profiler's events by self CPU time, and Python's cProfile of three
-more calls (functions by own time), appended to the file.
+more calls (functions by own time), appended to the file; and whether the call waits on the GPU: the time until it
+returns (no synchronisation) beside the time until its kernels are done, and the synchronising CUDA calls torch
+reports in one more call (`torch.cuda.set_sync_debug_mode`), the first with its stack.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import io
 import os
 import pstats
 import time
+import traceback
+import warnings
 
 import torch
 from torch.autograd import DeviceType
@@ -86,8 +90,43 @@ def profile_system(system: str, shape: str, prompt: int, new: int, forward: bool
             py.disable()
         text = io.StringIO()
         pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(45)
-        table += "\n\ncProfile of three calls, by own time:\n" + text.getvalue()
+        table += "\n\ncProfile of three calls, by own time:\n" + text.getvalue() + "\n" + _waits(gen)
     return table, gpu_us, min(walls)
+
+
+def _waits(gen) -> str:
+    """Whether a call waits on the GPU: ms until it returns and until its kernels finish (best of 3 each), and the
+    synchronising calls torch flags in one call (the first one's stack)."""
+    issue, done = [], []
+    with torch.no_grad():
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            gen()
+            issue.append(time.perf_counter() - t0)
+            torch.cuda.synchronize()
+            done.append(time.perf_counter() - t0)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                gen()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in seen if "synchroniz" in str(w.message)]
+        first = ""
+        if syncs:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                gen()
+            except RuntimeError:
+                first = "".join(traceback.format_exc().splitlines(keepends=True)[-40:])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return (f"Waits: the call returned after {min(issue) * 1e3:.2f} ms, its kernels were done after "
+            f"{min(done) * 1e3:.2f} ms (best of 3); {len(syncs)} synchronising CUDA calls flagged in one call\n"
+            + first)
 
 
 def main() -> None:
