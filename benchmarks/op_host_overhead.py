@@ -129,27 +129,51 @@ def main() -> None:
     calls["flash_attention (bool mask)"] = lambda: torch.ops.kernopt.flash_attention.default(
         q, k, v, mask, False, 128 ** -0.5)
     calls["flash_attention (bool mask, launcher only)"] = lambda: fa.flash_attention(q, k, v, mask, False, 128 ** -0.5)
+    if dev == "cuda":
+        # The same int4 op as Inductor's generated code calls it: a stack of int4 linears (Llama-3.2-1B's width)
+        # compiled with the kernopt backend, per int4 op; and the same ops called one after another in eager.
+        from kernopt.int4 import Int4Linear
+
+        layers = torch.nn.Sequential(*[Int4Linear.from_linear(torch.nn.Linear(
+            2048, 2048, bias=False, device=dev, dtype=torch.bfloat16), g) for _ in range(8)])
+        h = torch.randn(args.m, 2048, dtype=torch.bfloat16, device=dev)
+        compiled = torch.compile(layers, backend="kernopt")
+        mods = list(layers)
+
+        def eager_chain():
+            y = h
+            for mod in mods:
+                y = torch.ops.kernopt.int4_linear.default(y, mod.qweight, mod.scales, mod.zeros, g, None)
+            return y
+
+        calls["8 int4 linears, kernopt-compiled (a call: 8 ops)"] = lambda: compiled(h)
+        calls["8 int4_linear ops in eager (a call: 8 ops)"] = eager_chain
     tail = "Triton launches stubbed" if dev == "cpu" else "host issue time; GPU"
     for name, call in calls.items():
+        with torch.no_grad():
+            _report(name, call, args, sync, dev, tail)
+
+
+def _report(name, call, args, sync, dev, tail) -> None:
+    """One row: warm up, time, the GPU time per call beside (cuda), cProfile (--profile)."""
+    for _ in range(20):
+        call()
+    us = _time(call, args.calls, args.rounds, sync) * 1e6
+    gpu = ""
+    if dev == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         for _ in range(20):
             call()
-        us = _time(call, args.calls, args.rounds, sync) * 1e6
-        gpu = ""
-        if dev == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
-                call()
-            end.record()
-            sync()
-            gpu = f" {start.elapsed_time(end) / 20 * 1e3:8.1f} us"
-        print(f"{name:44s} {us:8.1f} us per call (M={args.m}, {tail}{gpu})")
-        if args.profile:
-            prof = cProfile.Profile()
-            prof.runcall(lambda: [call() for _ in range(args.calls)])
-            sync()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(12)
-
+        end.record()
+        sync()
+        gpu = f" {start.elapsed_time(end) / 20 * 1e3:8.1f} us"
+    print(f"{name:44s} {us:8.1f} us per call (M={args.m}, {tail}{gpu})")
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.runcall(lambda: [call() for _ in range(args.calls)])
+        sync()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 if __name__ == "__main__":
     main()
