@@ -146,12 +146,33 @@ def main() -> None:
                 y = torch.ops.kernopt.int4_linear.default(y, mod.qweight, mod.scales, mod.zeros, g, None)
             return y
 
-        calls["8 int4 linears, kernopt-compiled (a call: 8 ops)"] = lambda: compiled(h)
-        calls["8 int4_linear ops in eager (a call: 8 ops)"] = eager_chain
+        for name, call in (("8 int4 linears, kernopt-compiled", lambda: compiled(h)),
+                           ("8 int4_linear ops in eager", eager_chain)):
+            with torch.no_grad():
+                _report_chain(name, call, args)
     tail = "Triton launches stubbed" if dev == "cpu" else "host issue time; GPU"
     for name, call in calls.items():
         with torch.no_grad():
             _report(name, call, args, sync, dev, tail)
+
+
+def _report_chain(name, call, args, ops_per_call: int = 8) -> None:
+    """A call of several ops: host issue time over 10 calls (few enough launches that the launch queue never fills
+    and blocks the host) and the kernels' own time per call (profiler), per op."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        call()
+    issue = _time(call, 10, args.rounds, torch.cuda.synchronize)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            call()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    gpu = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in kernels) / 5
+    print(f"{name:44s} {issue * 1e6 / ops_per_call:8.1f} us per op (M={args.m}, host issue time; GPU kernels "
+          f"{gpu / ops_per_call:8.1f} us per op; {sum(e.count for e in kernels) / 5 / ops_per_call:.1f} kernels per op)")
 
 
 def _report(name, call, args, sync, dev, tail) -> None:
