@@ -97,15 +97,24 @@ def profile_system(system: str, shape: str, prompt: int, new: int, forward: bool
 def _waits(gen) -> str:
     """Whether a call waits on the GPU: ms until it returns and until its kernels finish (best of 3 each), and the
     synchronising calls torch flags in one call (the first one's stack)."""
-    issue, done = [], []
-    with torch.no_grad():
-        for _ in range(3):
+    def timed(rounds: int = 3) -> tuple[float, float]:
+        issue, done = [], []
+        for _ in range(rounds):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             gen()
             issue.append(time.perf_counter() - t0)
             torch.cuda.synchronize()
             done.append(time.perf_counter() - t0)
+        return min(issue) * 1e3, min(done) * 1e3
+
+    with torch.no_grad():
+        issue, done = timed()
+        gc.disable()  # Python's cyclic collector: does a collection land inside the call?
+        try:
+            issue_nogc, done_nogc = timed()
+        finally:
+            gc.enable()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -114,19 +123,19 @@ def _waits(gen) -> str:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = [w for w in seen if "synchroniz" in str(w.message)]
-        first = ""
+        first = "".join(f"  {w.filename}:{w.lineno}: {str(w.message)[:160]}\n" for w in syncs[:10])
         if syncs:
             torch.cuda.set_sync_debug_mode("error")
             try:
                 gen()
-            except RuntimeError:
-                first = "".join(traceback.format_exc().splitlines(keepends=True)[-40:])
+            except Exception:  # the first synchronising call raises
+                first += "".join(traceback.format_exc().splitlines(keepends=True)[-40:])
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    return (f"Waits: the call returned after {min(issue) * 1e3:.2f} ms, its kernels were done after "
-            f"{min(done) * 1e3:.2f} ms (best of 3); {len(syncs)} synchronising CUDA calls flagged in one call\n"
-            + first)
+    return (f"Waits: the call returned after {issue:.2f} ms, its kernels were done after {done:.2f} ms (best of 3); "
+            f"with Python's garbage collector off {issue_nogc:.2f} / {done_nogc:.2f} ms; {len(syncs)} synchronising "
+            f"CUDA calls flagged in one call\n" + first)
 
 
 def main() -> None:
