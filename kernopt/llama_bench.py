@@ -77,10 +77,10 @@ EXTRA_SYSTEMS = ("kernopt_sync", "kernopt_int4_fp32", "kernopt_int4_planes", "ke
                  "kernopt_int4_prompt_inductor", "kernopt_int4_prompt_nographs", "kernopt_int4_pairs128",
                  "kernopt_int4_pairs64", "kernopt_int4_px", "kernopt_int4_unfused",
                  "kernopt_int4_nocombo", "kernopt_noappend", "kernopt_int4_noappend", "kernopt_pdl",
-                 "kernopt_int4_pdl", "kernopt_int4_split8")
+                 "kernopt_int4_pdl", "kernopt_int4_split8", "kernopt_int4_nolane")
 # The experiment switches each system sets for its own run (every other system runs with them unset, whatever
 # the caller set): kernels/int4_gemm.py GEMV_VARIANT_ENV, passes/int4.py PROMPT_ENV and SWIGLU_ENV,
-# kernopt/backend.py COMBO_ENV, passes/decode_append.py APPEND_ENV, kernels/pdl.py PDL_ENV.
+# kernopt/backend.py COMBO_ENV, passes/decode_append.py APPEND_ENV, kernels/pdl.py PDL_ENV, kernopt/ops.py LANE_ENV.
 SYSTEM_ENV = {"kernopt_int4_fp32": {"KERNOPT_INT4_GEMV": "fp32"}, "kernopt_int4_planes": {"KERNOPT_INT4_GEMV": "planes"},
               "kernopt_int4_tcasm": {"KERNOPT_INT4_GEMV": "tcasm"},
               "kernopt_int4_pairs128": {"KERNOPT_INT4_GEMV": "pairs128"},
@@ -91,7 +91,8 @@ SYSTEM_ENV = {"kernopt_int4_fp32": {"KERNOPT_INT4_GEMV": "fp32"}, "kernopt_int4_
               "kernopt_noappend": {"KERNOPT_DECODE_APPEND": "0"}, "kernopt_int4_noappend": {"KERNOPT_DECODE_APPEND": "0"},
               "kernopt_pdl": {"KERNOPT_PDL": "1"}, "kernopt_int4_pdl": {"KERNOPT_PDL": "1"},
               "kernopt_int4_prompt_inductor": {"KERNOPT_INT4_PROMPT": "inductor"},
-              "kernopt_int4_prompt_nographs": {"KERNOPT_PREFILL_CUDA_GRAPHS": "0"}}
+              "kernopt_int4_prompt_nographs": {"KERNOPT_PREFILL_CUDA_GRAPHS": "0"},
+              "kernopt_int4_nolane": {"KERNOPT_INT4_LANE": "0"}}
 DEVICES = ("cuda", "cpu")
 MIN_COSINE = 0.995  # compiled kernopt vs its own eager reference, bf16
 # Quantized systems pass when within MIN_COSINE of their eager reference, or at least as close to it as that

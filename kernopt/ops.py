@@ -210,8 +210,10 @@ def int4_bucket_tag(group_size: int, symmetric: bool) -> str:
 # passed them) and launches `dequant_cublas` directly. Why: the compiled prompt forward runs without CUDA graphs,
 # so each int4 op's Python is on its critical path (the 1B prompt was host-bound: 12.6 ms of kernels in a 22 ms
 # call, sweeps/llama_1b_5dfe048; per-layer costs in sweeps/host_overhead, benchmarks/op_host_overhead.py). Small
-# M (decode) runs under CUDA graphs and keeps the full path.
+# M (decode) runs under CUDA graphs and keeps the full path. KERNOPT_INT4_LANE=0 turns it off (the llama suite's
+# kernopt_int4_nolane system: the same-run comparison).
 _DEQUANT_LANE: dict = {}
+LANE_ENV = "KERNOPT_INT4_LANE"
 
 
 def _int4_signature(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
@@ -245,7 +247,7 @@ def _int4_gemm_tuned(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Optiona
     result = mod.int4_gemm(x2, qweight, scales, zeros, group_size, bias=bias, config=config, out=out, gated=gated)
     # (after the launch: int4_gemm raised on operands it does not take, and an empty product launched nothing)
     resolved = mod.resolve_config(x2, qweight, scales, zeros, group_size, config)
-    if resolved.get("impl") == "dequant_cublas" and m and n:
+    if resolved.get("impl") == "dequant_cublas" and m and n and os.environ.get(LANE_ENV) != "0":
         _DEQUANT_LANE[signature] = (workload.config_epoch(), resolved)
     return result
 

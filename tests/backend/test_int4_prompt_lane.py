@@ -33,6 +33,7 @@ def calls(monkeypatch, tmp_path):
     monkeypatch.setenv("KERNOPT_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("KERNOPT_NO_CACHE", raising=False)
     monkeypatch.delenv("KERNOPT_AUTOTUNE", raising=False)
+    monkeypatch.delenv(ops.LANE_ENV, raising=False)
     monkeypatch.setattr(ops, "_DEQUANT_LANE", {})
     seen = {"int4_gemm": 0, "dequant_cublas": 0}
     for name in seen:
@@ -94,6 +95,15 @@ def test_the_lane_follows_the_tuned_config_cache_and_its_variables(calls, monkey
     _linear(x, qweight, scales, zeros)
     _linear(x, qweight, scales, zeros)
     assert calls == {"int4_gemm": before["int4_gemm"] + 3, "dequant_cublas": before["dequant_cublas"] + 2}
+
+
+def test_the_lane_switched_off(calls, monkeypatch):
+    monkeypatch.setenv(ops.LANE_ENV, "0")
+    qweight, scales, zeros = _weights()
+    x = torch.randn(M, K, dtype=DT, device=DEV)
+    for _ in range(2):
+        assert_close(_linear(x, qweight, scales, zeros), _expected(x, qweight, scales, zeros))
+    assert calls == {"int4_gemm": 2, "dequant_cublas": 2} and not ops._DEQUANT_LANE
 
 
 def test_small_m_and_refused_operands_never_enter_the_lane(calls):
