@@ -146,6 +146,23 @@ def main() -> None:
                 y = torch.ops.kernopt.int4_linear.default(y, mod.qweight, mod.scales, mod.zeros, g, None)
             return y
 
+        # the prompt lane (kernopt/ops.py) on and off, alternated in this one process
+        import os
+
+        def lane(on: bool, f):
+            def call():
+                if not on:
+                    ops._DEQUANT_LANE.clear()
+                return f()
+            return call
+
+        for _ in range(3):
+            for on in (True, False):
+                os.environ[ops.LANE_ENV] = "1" if on else "0"
+                with torch.no_grad():
+                    _report(f"int4_linear, lane {'on' if on else 'off'}", lane(on, lambda: torch.ops.kernopt.int4_linear
+                            .default(x, qweight, scales, None, g, None)), args, sync, dev, "host issue time; GPU")
+        os.environ.pop(ops.LANE_ENV)
         for name, call in (("8 int4 linears, kernopt-compiled", lambda: compiled(h)),
                            ("8 int4_linear ops in eager", eager_chain)):
             with torch.no_grad():
