@@ -122,7 +122,8 @@ def _waits(gen) -> str:
                 gen()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs = [w for w in seen if "synchroniz" in str(w.message)]
+        # (torch's "called a synchronizing CUDA operation"; not its notice that the mode is a prototype)
+        syncs = [w for w in seen if "called a synchronizing" in str(w.message)]
         first = "".join(f"  {w.filename}:{w.lineno}: {str(w.message)[:160]}\n" for w in syncs[:10])
         if syncs:
             torch.cuda.set_sync_debug_mode("error")

@@ -62,8 +62,10 @@ DECODE_TIMED_CALLS = 5
 SYSTEMS = ("eager", "hf_static_inductor", "kernopt", "kernopt_int4", "kernopt_fp8")
 # Not run unless named: kernopt bf16 with transformers' own synchronous decode loop (the stop flag read every
 # step), to split what the deferred stop check is worth from what the kernels are worth.
-# kernopt_int4_prompt_inductor: kernopt_int4 with the compiled prompt's int4 linears left to Inductor
-# (passes/int4.py PROMPT_ENV). kernopt_int4_prompt_nographs: kernopt_int4 with the compiled prompt forward run
+# kernopt_int4_prompt_inductor / _prompt_kernel: kernopt_int4 with the compiled prompt's int4 linears of 17 rows or
+# more left to Inductor / all on kernopt's op (passes/int4.py PROMPT_ENV; its default "auto" leaves those of 192 rows
+# or more to Inductor). kernopt_int4_nolane: kernopt_int4 without kernopt/ops.py's prompt lane (LANE_ENV=0).
+# kernopt_int4_prompt_nographs: kernopt_int4 with the compiled prompt forward run
 # without CUDA graphs (kernopt/hf.py, KERNOPT_PREFILL_CUDA_GRAPHS=0).
 # kernopt_int4_unfused: kernopt_int4 with silu * mul after the gate/up GEMV, not in its epilogue (passes/int4.py
 # SWIGLU_ENV=0). kernopt_int4_nocombo: kernopt_int4 without Inductor's combo kernels (kernopt/backend.py COMBO_ENV=0).
@@ -77,7 +79,8 @@ EXTRA_SYSTEMS = ("kernopt_sync", "kernopt_int4_fp32", "kernopt_int4_planes", "ke
                  "kernopt_int4_prompt_inductor", "kernopt_int4_prompt_nographs", "kernopt_int4_pairs128",
                  "kernopt_int4_pairs64", "kernopt_int4_px", "kernopt_int4_unfused",
                  "kernopt_int4_nocombo", "kernopt_noappend", "kernopt_int4_noappend", "kernopt_pdl",
-                 "kernopt_int4_pdl", "kernopt_int4_split8", "kernopt_int4_nolane")
+                 "kernopt_int4_pdl", "kernopt_int4_split8", "kernopt_int4_nolane",
+                 "kernopt_int4_prompt_kernel")
 # The experiment switches each system sets for its own run (every other system runs with them unset, whatever
 # the caller set): kernels/int4_gemm.py GEMV_VARIANT_ENV, passes/int4.py PROMPT_ENV and SWIGLU_ENV,
 # kernopt/backend.py COMBO_ENV, passes/decode_append.py APPEND_ENV, kernels/pdl.py PDL_ENV, kernopt/ops.py LANE_ENV.
@@ -91,6 +94,7 @@ SYSTEM_ENV = {"kernopt_int4_fp32": {"KERNOPT_INT4_GEMV": "fp32"}, "kernopt_int4_
               "kernopt_noappend": {"KERNOPT_DECODE_APPEND": "0"}, "kernopt_int4_noappend": {"KERNOPT_DECODE_APPEND": "0"},
               "kernopt_pdl": {"KERNOPT_PDL": "1"}, "kernopt_int4_pdl": {"KERNOPT_PDL": "1"},
               "kernopt_int4_prompt_inductor": {"KERNOPT_INT4_PROMPT": "inductor"},
+              "kernopt_int4_prompt_kernel": {"KERNOPT_INT4_PROMPT": "kernel"},
               "kernopt_int4_prompt_nographs": {"KERNOPT_PREFILL_CUDA_GRAPHS": "0"},
               "kernopt_int4_nolane": {"KERNOPT_INT4_LANE": "0"}}
 DEVICES = ("cuda", "cpu")

@@ -372,7 +372,8 @@ def int4_swiglu(x: Tensor, qweights: list[Tensor], scales: list[Tensor], zeros: 
     Why: at decode the silu * mul between the grouped gate/up GEMV and the down GEMV is a kernel of its own (about
     1.2 us per layer on the H200, plus a kernel boundary); when the parts are adjacent (one storage) and the launch
     is the one-row GEMV, the GEMV's last split-K slice applies it in its epilogue (int4_gemm ``gated``) and
-    writes [1, N] instead of [1, 2N]. Otherwise: the grouped product, then the two ops in torch. The values are
+    writes [1, N] instead of [1, 2N]; adjacent parts with any other launch: the product, then int4_gemm's one
+    silu_mul kernel; parts that are not adjacent: the grouped product, then the two ops in torch. The values are
     the unfused ops' (each rounded to x's dtype in turn). The int4 pass emits this op (``KERNOPT_INT4_SWIGLU=1``)."""
     if len(qweights) != 2 or scales[0].shape[0] != scales[1].shape[0]:
         raise ValueError("kernopt.int4_swiglu takes two parts (gate, up) of equal width")

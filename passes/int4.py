@@ -376,10 +376,10 @@ class Int4Pass:
             return "bias dtype differs from x"
         if any(not isinstance(s, int) for s in wv.shape):
             return "dynamic weight shape"
-        rows = size_hint(_rows(xv))
-        if not ctx.cuda_graphs and rows >= PROMPT_INDUCTOR_MIN_ROWS and prompt_to_inductor():
-            return (f"{rows} rows in a graph without CUDA graphs, {PROMPT_ENV}=inductor: left to Inductor "
-                    "(dequantize + matmul: launches from generated code, no custom-op host time)")
+        rows = _rows(xv)
+        if not ctx.cuda_graphs and prompt_to_inductor(rows):
+            return (f"{size_hint(rows)} rows in a graph without CUDA graphs ({PROMPT_ENV}={prompt_mode()}): left to "
+                    "Inductor (dequantize + matmul: launches from generated code, no custom-op host time)")
         N, K = (wv.shape[1], wv.shape[0]) if transposed else (wv.shape[0], wv.shape[1])
         bad = [n for n in nodes if n.op in ("call_function", "call_method") and n.target not in ALLOWED]
         if bad:
@@ -575,24 +575,44 @@ def _group(gm: fx.GraphModule, ctx: PassContext, x: fx.Node, group_size: int, me
 # ------------------------------------------------------------------------------------------------
 FLOAT_X_ENV = "KERNOPT_INT4_FLOAT_X"
 FLOAT_X_PASS_NAME = "int4_float_x"
-# An experiment switch (default "kernel"): "inductor" leaves int4 linears of PROMPT_INDUCTOR_MIN_ROWS rows or more
-# alone in graphs that run without CUDA graphs (kernopt.optimize's compiled prompt forward), for Inductor's
-# dequantize + matmul. Why: such a graph pays every op's host time (H200 profile of the int4 8B generate-1-token
-# call, benchmarks/NOTES.md: 9 ms of GPU time in 55-85 ms, ~400 us of CPU per int4 op call under the profiler),
-# and Inductor's generated launches cost a fraction of a custom op's. The GPU time it trades: dequantize + cuBLAS
-# against the tiled kernel (80 against 45 us at M=64 K4096 N14336, equal from M=256 where the table picks it).
-# The llama suite's kernopt_int4_prompt_inductor system sets it. Unmeasured end to end. Since 747aee5 the prompt
-# forward against a static cache runs under CUDA graphs (kernopt/hf.py), so there it applies only with
-# KERNOPT_PREFILL_CUDA_GRAPHS=0.
+# Who runs the int4 linears of a graph that runs without CUDA graphs (kernopt.optimize's compiled prompt forward
+# outside a static cache, a plain torch.compile(model, backend="kernopt") of a prompt): such a graph pays every
+# op's host time, and a kernopt op's Python (custom-op dispatch, config, Triton launch: ~100-150 us a call on the
+# H200 host, benchmarks/op_host_overhead.py) costs several times Inductor's generated launches.
+# - "auto" (default): Inductor's dequantize + matmul for linears of a static PROMPT_AUTO_MIN_ROWS rows or more, where
+#   kernopt's own table also picks dequantize + cuBLAS (int4_gemm DEQUANT_CUBLAS_MIN_M), so no GPU time is
+#   traded; the kernel below that and for symbolic rows (a dynamic graph may meet one row, where Inductor would
+#   dequantize the whole weight per call). Measured on the H200 (llama suite, 1B, prefill b1 s2048, the compiled
+#   forward, same run each, this host's noise ~10-20 %): 17.90 ms against 32.94 for the kernel (sweeps/
+#   llama_1b_prompt, 7e3c058) and 14.29 against 30.34 (sweeps/llama_1b_prompt2, a1fb29e, the systems' order
+#   swapped), against 12.05 for bf16 kernopt; the kernel path has 11.25 ms of kernels in a call that returns after
+#   19-29 ms (profiles/profile-1B-kernopt_int4-forward-host-7da6db2.txt): host-bound.
+# - "inductor": that for every linear of PROMPT_INDUCTOR_MIN_ROWS rows or more (the row count's hint when symbolic);
+#   rows 17-191 trade GPU time there (dequantize + cuBLAS against the tiled kernel: 80 against 45 us at M=64
+#   K4096 N14336). The llama suite's kernopt_int4_prompt_inductor system sets it.
+# - "kernel": kernopt's op for every row count.
+# kernopt.optimize's prompt forward against a static cache runs under CUDA graphs (kernopt/hf.py, 747aee5): none
+# of this applies there.
 PROMPT_ENV = "KERNOPT_INT4_PROMPT"
+PROMPT_MODES = ("auto", "inductor", "kernel")
 PROMPT_INDUCTOR_MIN_ROWS = 17  # above the speculative-verification rows that tiled2 serves
+PROMPT_AUTO_MIN_ROWS = 192  # = kernels/int4_gemm.py DEQUANT_CUBLAS_MIN_M (a test keeps them equal)
 
 
-def prompt_to_inductor() -> bool:
-    v = os.environ.get(PROMPT_ENV, "kernel")
-    if v not in ("kernel", "inductor"):
-        raise ValueError(f"{PROMPT_ENV}={v!r}; valid: 'kernel', 'inductor'")
-    return v == "inductor"
+def prompt_mode() -> str:
+    v = os.environ.get(PROMPT_ENV, "auto")
+    if v not in PROMPT_MODES:
+        raise ValueError(f"{PROMPT_ENV}={v!r}; valid: {', '.join(map(repr, PROMPT_MODES))}")
+    return v
+
+
+def prompt_to_inductor(rows) -> bool:
+    """Whether an int4 linear of `rows` rows (an int or a SymInt) in a graph without CUDA graphs is left to
+    Inductor (PROMPT_ENV)."""
+    mode = prompt_mode()
+    if mode == "inductor":
+        return size_hint(rows) >= PROMPT_INDUCTOR_MIN_ROWS
+    return mode == "auto" and not isinstance(rows, torch.SymInt) and int(rows) >= PROMPT_AUTO_MIN_ROWS
 
 
 # ------------------------------------------------------------------------------------------------

@@ -178,14 +178,19 @@ def test_int4_pass_refuses_group_the_kernel_cannot_take():
     assert any("group size 24" in r for r in reasons), reasons
 
 
-def test_prompt_rows_left_to_inductor_outside_cuda_graphs_when_switched(monkeypatch):
-    """KERNOPT_INT4_PROMPT=inductor (an experiment): int4 linears of >= 17 rows in a graph without CUDA graphs stay
-    plain torch for Inductor, with the reason in explain(); decode rows, and graphs under mode="reduce-overhead",
-    keep the kernel; the default rewrites them all; a bad value is an error."""
-    from kernopt.passes.int4 import PROMPT_ENV
+def test_prompt_rows_left_to_inductor_outside_cuda_graphs(monkeypatch):
+    """KERNOPT_INT4_PROMPT: by default ("auto") int4 linears of a static >= 192 rows (where the table picks dequantize +
+    cuBLAS) in a graph without CUDA graphs stay plain torch for Inductor, with the reason in explain(); fewer rows,
+    symbolic rows, and graphs under mode="reduce-overhead" keep the kernel. "inductor" does it from 17 rows, "kernel"
+    never; a bad value is an error. Left alone is still the module's own (reference) math."""
+    from kernopt.kernels.int4_gemm import DEQUANT_CUBLAS_MIN_M
+    from kernopt.passes.int4 import PROMPT_AUTO_MIN_ROWS, PROMPT_ENV
 
+    assert PROMPT_AUTO_MIN_ROWS == DEQUANT_CUBLAS_MIN_M
     m = Int4Linear.from_linear(nn.Linear(128, 24, bias=False).to(DT), 32).to(DEV)
-    prompt, decode = torch.randn(32, 128, dtype=DT, device=DEV), torch.randn(1, 128, dtype=DT, device=DEV)
+    prompt = torch.randn(32, 128, dtype=DT, device=DEV)
+    long = torch.randn(PROMPT_AUTO_MIN_ROWS, 128, dtype=DT, device=DEV)
+    decode = torch.randn(1, 128, dtype=DT, device=DEV)
 
     def rewrote(x, **options):
         torch._dynamo.reset()
@@ -193,14 +198,28 @@ def test_prompt_rows_left_to_inductor_outside_cuda_graphs_when_switched(monkeypa
         _no_pass_errors(report)
         return bool(_rewrites(report)), report
 
-    assert rewrote(prompt)[0] and rewrote(decode)[0]
+    monkeypatch.delenv(PROMPT_ENV, raising=False)
+    assert rewrote(prompt)[0] and rewrote(decode)[0] and rewrote(long, mode="reduce-overhead")[0]
+    done, report = rewrote(long)
+    assert not done and any(f"{PROMPT_AUTO_MIN_ROWS} rows in a graph without CUDA graphs (KERNOPT_INT4_PROMPT=auto)"
+                            in f.reason for f in _refusals(report))
+    assert rewrote(long[:-1].clone())[0]  # one row fewer: the kernel
+    torch._dynamo.reset()  # symbolic rows (a graph compiled for any row count) keep the kernel
+    torch._dynamo.mark_dynamic(long, 0)
+    report = kernopt.explain(m, long, options={"inner": "eager"})
+    assert _rewrites(report)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert_close(torch.compile(m, backend="kernopt")(long), m(long).double(), DT, scale=2.0)
     monkeypatch.setenv(PROMPT_ENV, "inductor")
     done, report = rewrote(prompt)
     assert not done and any("32 rows in a graph without CUDA graphs" in f.reason for f in _refusals(report))
     assert rewrote(decode)[0] and rewrote(prompt, mode="reduce-overhead")[0]
     torch._dynamo.reset()
-    with torch.no_grad():  # left alone is still the module's own (reference) math
+    with torch.no_grad():
         assert_close(torch.compile(m, backend="kernopt")(prompt), m(prompt).double(), DT, scale=2.0)
+    monkeypatch.setenv(PROMPT_ENV, "kernel")
+    assert rewrote(long)[0]
     monkeypatch.setenv(PROMPT_ENV, "always")
     with pytest.raises(Exception, match=PROMPT_ENV):
         rewrote(prompt)
