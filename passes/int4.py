@@ -580,10 +580,12 @@ FLOAT_X_PASS_NAME = "int4_float_x"
 # op's host time, and a kernopt op's Python (custom-op dispatch, config, Triton launch: ~100-150 us a call on the
 # H200 host, benchmarks/op_host_overhead.py) costs several times Inductor's generated launches.
 # - "auto" (default): Inductor's dequantize + matmul for linears of a static PROMPT_AUTO_MIN_ROWS rows or more, where
-#   kernopt's own table also picks dequantize + cuBLAS (int4_gemm DEQUANT_CUBLAS_MIN_M), so no GPU time is
-#   traded; the kernel below that and for symbolic rows (a dynamic graph may meet one row, where Inductor would
-#   dequantize the whole weight per call). Measured on the H200 (llama suite, 1B, prefill b1 s2048, the compiled
-#   forward, same run each, this host's noise ~10-20 %): 17.90 ms against 32.94 for the kernel (sweeps/
+#   kernopt's own table also picks dequantize + cuBLAS (int4_gemm DEQUANT_CUBLAS_MIN_M), so no kernopt kernel is
+#   given up (Inductor's dequantize kernel's GPU time against int4_dequantize's is unmeasured: the 8B prompt is
+#   GPU-bound, benchmarks/NOTES.md runbook 0); the kernel below that and for symbolic rows (a dynamic graph may
+#   meet one row, where Inductor would dequantize the whole weight per call). Measured on the H200 (llama suite,
+#   1B, prefill b1 s2048, the compiled forward; same-run pairs: the host's speed moved 10-50 % between this
+#   session's machines): 17.90 ms against 32.94 for the kernel (sweeps/
 #   llama_1b_prompt, 7e3c058) and 14.29 against 30.34 (sweeps/llama_1b_prompt2, a1fb29e, the systems' order
 #   swapped), against 12.05 for bf16 kernopt; the kernel path has 11.25 ms of kernels in a call that returns after
 #   19-29 ms (profiles/profile-1B-kernopt_int4-forward-host-7da6db2.txt): host-bound.
