@@ -83,6 +83,9 @@ def test_the_lane_follows_the_tuned_config_cache_and_its_variables(calls, monkey
     _linear(x, qweight, scales, zeros)
     assert calls["int4_gemm"] == 2
     monkeypatch.delenv("KERNOPT_NO_CACHE")
+    _linear(x, qweight, scales, zeros)  # the full path once more under the restored variables, then the lane
+    _linear(x, qweight, scales, zeros)
+    assert calls == {"int4_gemm": 3, "dequant_cublas": 5}
     # a tuned config stored for this bucket wins over the lane's: the tiled kernel, every call after
     bucket = workload.gemm_bucket(M, N, K, ops.int4_bucket_tag(G, True), DT)
     tiled = {"impl": "tiled", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 2}
