@@ -94,10 +94,14 @@ def test_the_lane_follows_the_tuned_config_cache_and_its_variables(calls, monkey
     for _ in range(2):
         assert_close(_linear(x, qweight, scales, zeros), _expected(x, qweight, scales, zeros), DT)
     assert calls == {"int4_gemm": before["int4_gemm"] + 2, "dequant_cublas": before["dequant_cublas"]}
-    monkeypatch.setenv("KERNOPT_CACHE_DIR", str(workload.cache_dir() / "elsewhere"))  # another cache: its answer
+    home = workload.cache_dir()
+    monkeypatch.setenv("KERNOPT_CACHE_DIR", str(home / "elsewhere"))  # another cache (empty): the table, then the lane
     _linear(x, qweight, scales, zeros)
     _linear(x, qweight, scales, zeros)
     assert calls == {"int4_gemm": before["int4_gemm"] + 3, "dequant_cublas": before["dequant_cublas"] + 2}
+    monkeypatch.setenv("KERNOPT_CACHE_DIR", str(home))  # back to the one with the tiled config: its answer again
+    assert_close(_linear(x, qweight, scales, zeros), _expected(x, qweight, scales, zeros))
+    assert calls == {"int4_gemm": before["int4_gemm"] + 4, "dequant_cublas": before["dequant_cublas"] + 2}
 
 
 def test_the_lane_switched_off(calls, monkeypatch):
