@@ -1,7 +1,7 @@
 """kernopt.ops' prompt lane: an int4 launch whose operand signature int4_gemm already accepted and resolved to
 dequantize + cuBLAS goes straight to `dequant_cublas` (no tuned-config lookup, table or operand checks), while the
 tuned-config cache and the variables config_for reads stay as they were (workload.config_epoch); anything else takes
-the full path. Interpreter on CPU (fp16); on a machine with a GPU the same tests run the kernels (they are not `-m gpu`)."""
+the full path. Interpreter on CPU (fp16); on a machine with a GPU the same tests run the kernels (not `-m gpu`)."""
 import pytest
 import torch
 
