@@ -188,8 +188,9 @@ def _report_chain(name, call, args, ops_per_call: int = 8) -> None:
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
     gpu = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in kernels) / 5
+    launches = sum(e.count for e in kernels) / 5 / ops_per_call
     print(f"{name:44s} {issue * 1e6 / ops_per_call:8.1f} us per op (M={args.m}, host issue time; GPU kernels "
-          f"{gpu / ops_per_call:8.1f} us per op; {sum(e.count for e in kernels) / 5 / ops_per_call:.1f} kernels per op)")
+          f"{gpu / ops_per_call:8.1f} us per op; {launches:.1f} kernels per op)")
 
 
 def _report(name, call, args, sync, dev, tail) -> None:
