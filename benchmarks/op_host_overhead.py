@@ -77,6 +77,7 @@ def main() -> None:
     from kernopt.kernels import flash_attention as fa, int4_gemm as q4
 
     dev = args.device
+    tail = "Triton launches stubbed" if dev == "cpu" else "host issue time; GPU"
     if dev == "cpu":
         for name in [n for n in dir(q4) if n.startswith("_") and n.endswith("_kernel")]:
             setattr(q4, name, _NoLaunch())
@@ -161,13 +162,12 @@ def main() -> None:
                 os.environ[ops.LANE_ENV] = "1" if on else "0"
                 with torch.no_grad():
                     _report(f"int4_linear, lane {'on' if on else 'off'}", lane(on, lambda: torch.ops.kernopt.int4_linear
-                            .default(x, qweight, scales, None, g, None)), args, sync, dev, "host issue time; GPU")
+                            .default(x, qweight, scales, None, g, None)), args, sync, dev, tail)
         os.environ.pop(ops.LANE_ENV)
         for name, call in (("8 int4 linears, kernopt-compiled", lambda: compiled(h)),
                            ("8 int4_linear ops in eager", eager_chain)):
             with torch.no_grad():
                 _report_chain(name, call, args)
-    tail = "Triton launches stubbed" if dev == "cpu" else "host issue time; GPU"
     for name, call in calls.items():
         with torch.no_grad():
             _report(name, call, args, sync, dev, tail)

@@ -231,11 +231,12 @@ def _int4_gemm_tuned(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Optiona
     preallocated (strided) [M, N] tensor, e.g. a column slice of a grouped output; gated: int4_gemm's SwiGLU
     over the product (the config is the product's)."""
     mod = kernel_module("int4_gemm")
-    signature = _int4_signature(x2, qweight, scales, zeros, group_size, bias, out, gated)
-    epoch = workload.config_epoch()
-    known = _DEQUANT_LANE.get(signature)
-    if known is not None and known[0] == epoch:
-        return mod.dequant_cublas(x2, qweight, scales, zeros, group_size, bias, known[1], out, gated)
+    lane = os.environ.get(LANE_ENV) != "0"
+    if lane:
+        signature = _int4_signature(x2, qweight, scales, zeros, group_size, bias, out, gated)
+        known = _DEQUANT_LANE.get(signature)
+        if known is not None and known[0] == workload.config_epoch():
+            return mod.dequant_cublas(x2, qweight, scales, zeros, group_size, bias, known[1], out, gated)
     m, n, k = x2.shape[0], scales.shape[0], x2.shape[1]
     call = lambda cfg, x2, q, s, z, b: mod.int4_gemm(x2, q, s, z, group_size, bias=b, config=cfg)  # noqa: E731
     operands = (x2, qweight, scales, zeros, bias)
@@ -246,9 +247,10 @@ def _int4_gemm_tuned(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Optiona
                            lambda x2, q, s, z, b: mod.int4_gemm_ref(x2, q, s, z, group_size, bias=b)))
     result = mod.int4_gemm(x2, qweight, scales, zeros, group_size, bias=bias, config=config, out=out, gated=gated)
     # (after the launch: int4_gemm raised on operands it does not take, and an empty product launched nothing)
-    resolved = mod.resolve_config(x2, qweight, scales, zeros, group_size, config)
-    if resolved.get("impl") == "dequant_cublas" and m and n and os.environ.get(LANE_ENV) != "0":
-        _DEQUANT_LANE[signature] = (workload.config_epoch(), resolved)
+    if lane and m and n:
+        resolved = mod.resolve_config(x2, qweight, scales, zeros, group_size, config)
+        if resolved.get("impl") == "dequant_cublas":
+            _DEQUANT_LANE[signature] = (workload.config_epoch(), resolved)
     return result
 
 
