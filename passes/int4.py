@@ -328,33 +328,54 @@ def _signature(nodes: list[fx.Node]) -> Any:
     return tuple(sig)
 
 
+def _int4_linears(gm: fx.GraphModule):
+    """(node, x, w, bias, transposed, w's ancestors, integer leaves) for each linear / matmul of `gm` whose weight
+    depends on an integer tensor: the candidates the pass tries."""
+    for node in list(gm.graph.nodes):
+        if node.graph is not gm.graph or node.op not in ("call_function", "call_method"):
+            continue
+        if is_call(node, *LINEAR):
+            x, w, bias, transposed = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias"), False
+        elif is_call(node, *MATMUL) and len(node.args) == 2:
+            x, w, bias = node.args[0], node.args[1], None
+            transposed = True
+            if is_call(w, "t", torch.t) or (is_call(w, "transpose", torch.transpose)
+                                            and set(w.args[1:3]) in ({0, 1}, {-1, -2})):
+                w, transposed = w.args[0], False
+        else:
+            continue
+        if not isinstance(w, fx.Node):
+            continue
+        nodes = _ancestors(w)
+        packed = [leaf for leaf in _leaves(nodes) if _is_int_leaf(leaf)
+                  and (example_value(leaf).numel() >= 64 or _real_value(leaf) is None)]
+        if packed:  # else a float weight: not ours (the matmul pass takes it)
+            yield node, x, w, bias, transposed, nodes, packed
+
+
+def _mean_macs(found) -> float:
+    """The mean multiply-adds (rows x K x N, symbolic rows at their hint) of the int4 linears `_int4_linears`
+    found that have a recorded static 2-D weight: how much GPU work each of the graph's kernopt ops would cover
+    (PROMPT_AUTO_MAX_MACS)."""
+    macs = []
+    for _, x, w, *_ in found:
+        xv, wv = example_value(x), example_value(w)
+        if xv is not None and wv is not None and wv.dim() == 2 and all(isinstance(s, int) for s in wv.shape):
+            macs.append(size_hint(_rows(xv)) * wv.shape[0] * wv.shape[1])
+    return sum(macs) / len(macs) if macs else 0.0
+
+
 # ------------------------------------------------------------------------------------------------
 # The pass
 # ------------------------------------------------------------------------------------------------
 class Int4Pass:
     name = "int4"
+    _mean_macs = 0.0  # of the graph being rewritten (_mean_macs)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
-        for node in list(gm.graph.nodes):
-            if node.graph is not gm.graph or node.op not in ("call_function", "call_method"):
-                continue
-            if is_call(node, *LINEAR):
-                x, w, bias, transposed = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias"), False
-            elif is_call(node, *MATMUL) and len(node.args) == 2:
-                x, w, bias = node.args[0], node.args[1], None
-                transposed = True
-                if is_call(w, "t", torch.t) or (is_call(w, "transpose", torch.transpose)
-                                                and set(w.args[1:3]) in ({0, 1}, {-1, -2})):
-                    w, transposed = w.args[0], False
-            else:
-                continue
-            if not isinstance(w, fx.Node):
-                continue
-            nodes = _ancestors(w)
-            packed = [leaf for leaf in _leaves(nodes) if _is_int_leaf(leaf)
-                      and (example_value(leaf).numel() >= 64 or _real_value(leaf) is None)]
-            if not packed:
-                continue  # a float weight: not ours (the matmul pass takes it)
+        found = list(_int4_linears(gm))
+        self._mean_macs = _mean_macs(found)
+        for node, x, w, bias, transposed, nodes, packed in found:
             matched = "dequant(int4) -> " + ("linear" if is_call(node, *LINEAR) else "matmul")
             reason = self._try(gm, ctx, node, x, w, bias, transposed, nodes, packed, matched)
             if reason:
@@ -377,9 +398,10 @@ class Int4Pass:
         if any(not isinstance(s, int) for s in wv.shape):
             return "dynamic weight shape"
         rows = _rows(xv)
-        if not ctx.cuda_graphs and prompt_to_inductor(rows):
-            return (f"{size_hint(rows)} rows in a graph without CUDA graphs ({PROMPT_ENV}={prompt_mode()}): left to "
-                    "Inductor (dequantize + matmul: launches from generated code, no custom-op host time)")
+        if not ctx.cuda_graphs and prompt_to_inductor(rows, self._mean_macs):
+            return (f"{size_hint(rows)} rows in a graph without CUDA graphs ({PROMPT_ENV}={prompt_mode()}; its int4 "
+                    f"linears average {self._mean_macs / 1e9:.3g} G multiply-adds): left to Inductor (dequantize + "
+                    "matmul: launches from generated code, no custom-op host time)")
         N, K = (wv.shape[1], wv.shape[0]) if transposed else (wv.shape[0], wv.shape[1])
         bad = [n for n in nodes if n.op in ("call_function", "call_method") and n.target not in ALLOWED]
         if bad:
@@ -580,15 +602,17 @@ FLOAT_X_PASS_NAME = "int4_float_x"
 # op's host time, and a kernopt op's Python (custom-op dispatch, config, Triton launch: ~100-150 us a call on the
 # H200 host, benchmarks/op_host_overhead.py) costs several times Inductor's generated launches.
 # - "auto" (default): Inductor's dequantize + matmul for linears of a static PROMPT_AUTO_MIN_ROWS rows or more, where
-#   kernopt's own table also picks dequantize + cuBLAS (int4_gemm DEQUANT_CUBLAS_MIN_M), so no kernopt kernel is
-#   given up (Inductor's dequantize kernel's GPU time against int4_dequantize's is unmeasured: the 8B prompt is
-#   GPU-bound, benchmarks/NOTES.md runbook 0); the kernel below that and for symbolic rows (a dynamic graph may
-#   meet one row, where Inductor would dequantize the whole weight per call). Measured on the H200 (llama suite,
-#   1B, prefill b1 s2048, the compiled forward; same-run pairs: the host's speed moved 10-50 % between this
-#   session's machines): 17.90 ms against 32.94 for the kernel (sweeps/
-#   llama_1b_prompt, 7e3c058) and 14.29 against 30.34 (sweeps/llama_1b_prompt2, a1fb29e, the systems' order
-#   swapped), against 12.05 for bf16 kernopt; the kernel path has 11.25 ms of kernels in a call that returns after
-#   19-29 ms (profiles/profile-1B-kernopt_int4-forward-host-7da6db2.txt): host-bound.
+#   kernopt's own table also picks dequantize + cuBLAS (int4_gemm DEQUANT_CUBLAS_MIN_M), in graphs whose int4 linears
+#   average fewer than PROMPT_AUTO_MAX_MACS multiply-adds (rows x K x N): there Python issues the kernopt ops more
+#   slowly than the GPU runs them. The kernel below that row count, for symbolic rows (a dynamic graph may meet one
+#   row, where Inductor would dequantize the whole weight per call), and in graphs of larger linears, which are
+#   GPU-bound: there int4_dequantize + cuBLAS costs less GPU time than Inductor's dequantize + matmul. Measured on the
+#   H200 (llama suite, prefill b1 s2048, the compiled forward; same-run pairs: the host's speed moved 10-50 % between
+#   machines): 1B (17.8 G multiply-adds a linear on average) 17.90 ms on Inductor against 32.94 on the kernel
+#   (sweeps/llama_1b_prompt, 7e3c058) and 14.29 against 30.34 (sweeps/llama_1b_prompt2, a1fb29e, the order swapped),
+#   12.05 for bf16 kernopt; the kernel path has 11.25 ms of kernels in a call that returns after 19-29 ms
+#   (profiles/profile-1B-kernopt_int4-forward-host-7da6db2.txt): host-bound. 8B (63.8 G a linear): 70.38 ms on
+#   Inductor against 61.71 on the kernel (sweeps/llama_8b_auto, ac3bf7d): GPU-bound.
 # - "inductor": that for every linear of PROMPT_INDUCTOR_MIN_ROWS rows or more (the row count's hint when symbolic);
 #   rows 17-191 trade GPU time there (dequantize + cuBLAS against the tiled kernel: 80 against 45 us at M=64
 #   K4096 N14336). The llama suite's kernopt_int4_prompt_inductor system sets it.
@@ -599,6 +623,9 @@ PROMPT_ENV = "KERNOPT_INT4_PROMPT"
 PROMPT_MODES = ("auto", "inductor", "kernel")
 PROMPT_INDUCTOR_MIN_ROWS = 17  # above the speculative-verification rows that tiled2 serves
 PROMPT_AUTO_MIN_ROWS = 192  # = kernels/int4_gemm.py DEQUANT_CUBLAS_MIN_M (a test keeps them equal)
+# Between the two measured graphs (geometric mean 33.7 G): ~100 us of bf16 tensor-core work at ~650 TFLOP/s, about
+# the host time of one kernopt int4 op on the H200 host (97-190 us a call, benchmarks/op_host_overhead.py).
+PROMPT_AUTO_MAX_MACS = 32e9
 
 
 def prompt_mode() -> str:
@@ -608,13 +635,14 @@ def prompt_mode() -> str:
     return v
 
 
-def prompt_to_inductor(rows) -> bool:
-    """Whether an int4 linear of `rows` rows (an int or a SymInt) in a graph without CUDA graphs is left to
-    Inductor (PROMPT_ENV)."""
+def prompt_to_inductor(rows, mean_macs: float) -> bool:
+    """Whether an int4 linear of `rows` rows (an int or a SymInt) in a graph without CUDA graphs, whose int4 linears
+    average `mean_macs` multiply-adds, is left to Inductor (PROMPT_ENV)."""
     mode = prompt_mode()
     if mode == "inductor":
         return size_hint(rows) >= PROMPT_INDUCTOR_MIN_ROWS
-    return mode == "auto" and not isinstance(rows, torch.SymInt) and int(rows) >= PROMPT_AUTO_MIN_ROWS
+    return (mode == "auto" and not isinstance(rows, torch.SymInt) and int(rows) >= PROMPT_AUTO_MIN_ROWS
+            and mean_macs < PROMPT_AUTO_MAX_MACS)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -180,10 +180,12 @@ def test_int4_pass_refuses_group_the_kernel_cannot_take():
 
 def test_prompt_rows_left_to_inductor_outside_cuda_graphs(monkeypatch):
     """KERNOPT_INT4_PROMPT: by default ("auto") int4 linears of a static >= 192 rows (where the table picks dequantize +
-    cuBLAS) in a graph without CUDA graphs stay plain torch for Inductor, with the reason in explain(); fewer rows,
-    symbolic rows, and graphs under mode="reduce-overhead" keep the kernel. "inductor" does it from 17 rows, "kernel"
-    never; a bad value is an error. Left alone is still the module's own (reference) math."""
+    cuBLAS) in a graph without CUDA graphs whose int4 linears average fewer than PROMPT_AUTO_MAX_MACS multiply-adds
+    stay plain torch for Inductor, with the reason in explain(); fewer rows, symbolic rows, graphs of larger linears
+    and graphs under mode="reduce-overhead" keep the kernel. "inductor" does it from 17 rows, "kernel" never; a bad
+    value is an error. Left alone is still the module's own (reference) math."""
     from kernopt.kernels.int4_gemm import DEQUANT_CUBLAS_MIN_M
+    from kernopt.passes import int4 as int4_pass
     from kernopt.passes.int4 import PROMPT_AUTO_MIN_ROWS, PROMPT_ENV
 
     assert PROMPT_AUTO_MIN_ROWS == DEQUANT_CUBLAS_MIN_M
@@ -201,9 +203,28 @@ def test_prompt_rows_left_to_inductor_outside_cuda_graphs(monkeypatch):
     monkeypatch.delenv(PROMPT_ENV, raising=False)
     assert rewrote(prompt)[0] and rewrote(decode)[0] and rewrote(long, mode="reduce-overhead")[0]
     done, report = rewrote(long)
-    assert not done and any(f"{PROMPT_AUTO_MIN_ROWS} rows in a graph without CUDA graphs (KERNOPT_INT4_PROMPT=auto)"
-                            in f.reason for f in _refusals(report))
+    macs = PROMPT_AUTO_MIN_ROWS * 128 * 24
+    assert not done and any(f"{PROMPT_AUTO_MIN_ROWS} rows in a graph without CUDA graphs (KERNOPT_INT4_PROMPT=auto; "
+                            f"its int4 linears average {macs / 1e9:.3g} G multiply-adds)" in f.reason
+                            for f in _refusals(report))
     assert rewrote(long[:-1].clone())[0]  # one row fewer: the kernel
+    # A graph whose linears average PROMPT_AUTO_MAX_MACS or more is GPU-bound: the kernel (the bound moved down
+    # to this graph's size instead of building a 32 G multiply-add linear on the CPU).
+    monkeypatch.setattr(int4_pass, "PROMPT_AUTO_MAX_MACS", macs)
+    assert rewrote(long)[0]
+    monkeypatch.setattr(int4_pass, "PROMPT_AUTO_MAX_MACS", macs + 1)
+    assert not rewrote(long)[0]
+    two = nn.Sequential(Int4Linear.from_linear(nn.Linear(128, 32, bias=False).to(DT), 32), nn.ReLU(),
+                        Int4Linear.from_linear(nn.Linear(32, 64, bias=False).to(DT), 32)).to(DEV)
+    mean = PROMPT_AUTO_MIN_ROWS * (128 * 32 + 32 * 64) / 2
+    for bound, kernel in ((mean, True), (mean + 1, False)):  # the mean over the graph's linears, not each one's
+        monkeypatch.setattr(int4_pass, "PROMPT_AUTO_MAX_MACS", bound)
+        torch._dynamo.reset()
+        report = kernopt.explain(two, long, options={"inner": "eager"})
+        _no_pass_errors(report)
+        assert len(_rewrites(report) if kernel else _refusals(report)) == 2, report
+    monkeypatch.undo()
+    monkeypatch.delenv(PROMPT_ENV, raising=False)
     torch._dynamo.reset()  # symbolic rows (a graph compiled for any row count) keep the kernel
     torch._dynamo.mark_dynamic(long, 0)
     report = kernopt.explain(m, long, options={"inner": "eager"})
