@@ -1606,15 +1606,17 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
 
 
 def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group_size: int,
-                    dtype: torch.dtype = torch.bfloat16, config: Optional[dict] = None) -> torch.Tensor:
-    """The [N, K] weight in `dtype`, dequantized by a Triton kernel (the first half of dequant_cublas)."""
+                    dtype: torch.dtype = torch.bfloat16, config: Optional[dict] = None,
+                    wrap=None) -> torch.Tensor:
+    """The [N, K] weight in `dtype`, dequantized by a Triton kernel (the first half of dequant_cublas). wrap: what
+    the kernel goes through before its launch (kernopt.ops.int4_weight passes torch.library.wrap_triton)."""
     N, K = qweight.shape[0], qweight.shape[1] * 8
     cfg = {"BLOCK_N": 64, "BLOCK_K": min(group_size, 128), "num_warps": 4, **(config or {})}
     block_k = min(cfg["BLOCK_K"], group_size)
     w = torch.empty((N, K), dtype=dtype, device=qweight.device)
     z = zeros if zeros is not None else scales
     grid = (cdiv(N, cfg["BLOCK_N"]), K // block_k)
-    _int4_dequant_kernel[grid](
+    (wrap(_int4_dequant_kernel) if wrap is not None else _int4_dequant_kernel)[grid](
         qweight, scales, z, w, N, K,
         qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), z.stride(0), z.stride(1),
         w.stride(0), w.stride(1),

@@ -272,6 +272,22 @@ def _(x, qweight, scales, zeros, group_size, bias):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
 
+@torch.library.triton_op("kernopt::int4_weight", mutates_args=())
+def int4_weight(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
+                dtype: torch.dtype) -> Tensor:
+    """The [N, K] weight of int4 words qweight [N, K / 8] in `dtype`: kernels/int4_gemm.py's dequantize kernel on
+    CUDA, the plain-torch reference elsewhere (the CPU interpreter included: Inductor's CPU code cannot launch a
+    Triton kernel).
+
+    A triton_op, not a custom op: Inductor traces into it and launches the kernel from its generated code, so a
+    call costs none of a custom op's dispatch and Python launcher (passes/int4.py's prompt rows: the weight for
+    Inductor's own matmul in graphs without CUDA graphs, where every op's host time is on the critical path)."""
+    mod = kernel_module("int4_gemm")
+    if qweight.device.type != "cuda" or not _triton_available():
+        return mod.dequantize_int4(qweight, scales, zeros, group_size, dtype)
+    return mod.int4_dequantize(qweight, scales, zeros, group_size, dtype, wrap=torch.library.wrap_triton)
+
+
 def adjacent_view(parts: list) -> Optional[Tensor]:
     """One view over tensors that are consecutive blocks of rows of one storage, or None.
 

@@ -353,16 +353,40 @@ def _int4_linears(gm: fx.GraphModule):
             yield node, x, w, bias, transposed, nodes, packed
 
 
-def _mean_macs(found) -> float:
-    """The mean multiply-adds (rows x K x N, symbolic rows at their hint) of the int4 linears `_int4_linears`
-    found that have a recorded static 2-D weight: how much GPU work each of the graph's kernopt ops would cover
-    (PROMPT_AUTO_MAX_MACS)."""
-    macs = []
-    for _, x, w, *_ in found:
-        xv, wv = example_value(x), example_value(w)
-        if xv is not None and wv is not None and wv.dim() == 2 and all(isinstance(s, int) for s in wv.shape):
-            macs.append(size_hint(_rows(xv)) * wv.shape[0] * wv.shape[1])
-    return sum(macs) / len(macs) if macs else 0.0
+def _operands(gm: fx.GraphModule, anchor: fx.Node, packed: fx.Node, aff: _Affine, plan: _Plan, N: int,
+              K: int) -> tuple:
+    """The kernel's (qweight [N, K / 8], scales [N, G], zeros [N, G] or None) as views of the graph's own tensors
+    (plan: the layout _prove found), inserted before `anchor`."""
+    G = K // plan.group
+
+    def view_ng(src: fx.Node, how: str) -> fx.Node:
+        v = example_value(src)
+        shape = dict(_ng_layouts(v.shape, N, G))[how]
+        out = src
+        if tuple(v.shape) != shape:
+            out = insert_before(gm, anchor, torch.reshape, (out, shape), v.reshape(shape))
+        if how == ".t()":
+            out = insert_before(gm, anchor, torch.t, (out,), example_value(out).t())
+        return out
+
+    qv = example_value(packed)
+    if plan.q_view == ".t()":
+        qw = insert_before(gm, anchor, torch.t, (packed,), qv.t())
+    elif plan.q_view == ".view(int32)":
+        c = insert_before(gm, anchor, torch.Tensor.contiguous, (packed,), qv.contiguous())
+        with gm.graph.inserting_before(anchor):
+            qw = gm.graph.call_method("view", (c, torch.int32))
+        qw.meta["example_value"] = qv.contiguous().view(torch.int32)
+    else:
+        qw = packed
+    scales = view_ng(_kernel_operand(aff.scale, N, G, plan.s_view), plan.s_view)
+    zeros = view_ng(_kernel_operand(aff.zero, N, G, plan.z_view), plan.z_view) if plan.z_view is not None else None
+    return qw, scales, zeros
+
+
+def _layout(plan: _Plan) -> str:
+    return f"qweight{plan.q_view or ''} scales{plan.s_view or ''}" + \
+        (f" zeros{plan.z_view or ''}" if plan.z_view is not None else " symmetric")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,12 +394,9 @@ def _mean_macs(found) -> float:
 # ------------------------------------------------------------------------------------------------
 class Int4Pass:
     name = "int4"
-    _mean_macs = 0.0  # of the graph being rewritten (_mean_macs)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
-        found = list(_int4_linears(gm))
-        self._mean_macs = _mean_macs(found)
-        for node, x, w, bias, transposed, nodes, packed in found:
+        for node, x, w, bias, transposed, nodes, packed in _int4_linears(gm):  # lazily: rewrites change the graph
             matched = "dequant(int4) -> " + ("linear" if is_call(node, *LINEAR) else "matmul")
             reason = self._try(gm, ctx, node, x, w, bias, transposed, nodes, packed, matched)
             if reason:
@@ -398,10 +419,10 @@ class Int4Pass:
         if any(not isinstance(s, int) for s in wv.shape):
             return "dynamic weight shape"
         rows = _rows(xv)
-        if not ctx.cuda_graphs and prompt_to_inductor(rows, self._mean_macs):
-            return (f"{size_hint(rows)} rows in a graph without CUDA graphs ({PROMPT_ENV}={prompt_mode()}; its int4 "
-                    f"linears average {self._mean_macs / 1e9:.3g} G multiply-adds): left to Inductor (dequantize + "
-                    "matmul: launches from generated code, no custom-op host time)")
+        prompt = not ctx.cuda_graphs and prompt_to_inductor(rows)
+        if prompt and prompt_mode() == "inductor":
+            return (f"{size_hint(rows)} rows in a graph without CUDA graphs ({PROMPT_ENV}=inductor): left to Inductor "
+                    "(its own dequantize + matmul)")
         N, K = (wv.shape[1], wv.shape[0]) if transposed else (wv.shape[0], wv.shape[1])
         bad = [n for n in nodes if n.op in ("call_function", "call_method") and n.target not in ALLOWED]
         if bad:
@@ -425,33 +446,34 @@ class Int4Pass:
         plan, reason = _VERDICTS[key]
         if plan is None:
             return reason
+        if prompt:
+            return self._rewrite_weight(gm, ctx, node, x, w, transposed, leaf, aff, plan, N, K, nodes, matched)
         return self._rewrite(gm, ctx, node, x, bias, leaf, aff, plan, N, K, nodes, matched)
 
-    def _rewrite(self, gm, ctx, node, x, bias, packed, aff: _Affine, plan: _Plan, N, K, nodes, matched):
-        G = K // plan.group
-
-        def view_ng(src: fx.Node, how: str) -> fx.Node:
-            v = example_value(src)
-            shape = dict(_ng_layouts(v.shape, N, G))[how]
-            out = src
-            if tuple(v.shape) != shape:
-                out = insert_before(gm, node, torch.reshape, (out, shape), v.reshape(shape))
-            if how == ".t()":
-                out = insert_before(gm, node, torch.t, (out,), example_value(out).t())
-            return out
-
-        qv = example_value(packed)
-        if plan.q_view == ".t()":
-            qw = insert_before(gm, node, torch.t, (packed,), qv.t())
-        elif plan.q_view == ".view(int32)":
-            c = insert_before(gm, node, torch.Tensor.contiguous, (packed,), qv.contiguous())
-            with gm.graph.inserting_before(node):
-                qw = gm.graph.call_method("view", (c, torch.int32))
-            qw.meta["example_value"] = qv.contiguous().view(torch.int32)
+    def _rewrite_weight(self, gm, ctx, node, x, w, transposed, packed, aff: _Affine, plan: _Plan, N, K, nodes,
+                        matched):
+        """Prompt rows outside CUDA graphs (PROMPT_ENV "auto"): only the dequantization becomes kernopt's, as
+        `kernopt.int4_weight` (a triton_op: Inductor launches its kernel from generated code), and the linear stays
+        a plain one on that weight, for the matmul pass or Inductor's matmul."""
+        qw, scales, zeros = _operands(gm, w, packed, aff, plan, N, K)
+        wv, xv = example_value(w), example_value(x)
+        args = (qw, scales, zeros, plan.group, wv.dtype)
+        dead = [n for n in reversed(nodes) if n.op in ("call_function", "call_method")]
+        if transposed:  # w is [K, N]
+            deq = insert_before(gm, w, torch.ops.kernopt.int4_weight.default, args, wv.new_empty((N, K)))
+            replace(gm, w, torch.t, (deq,), dead=dead)
         else:
-            qw = packed
-        scales = view_ng(_kernel_operand(aff.scale, N, G, plan.s_view), plan.s_view)
-        zeros = view_ng(_kernel_operand(aff.zero, N, G, plan.z_view), plan.z_view) if plan.z_view is not None else None
+            replace(gm, w, torch.ops.kernopt.int4_weight.default, args, dead=dead)
+        m_hint = size_hint(_rows(xv))
+        impl = "triton" if xv.is_cuda and ops.implementation(xv) == "triton" else "reference"
+        ctx.rewrote(self.name, node, f"{matched} {aff.form} M={m_hint} N={N} K={K} g{plan.group} [{_layout(plan)}]",
+                    "kernopt.int4_weight", f"{m_hint} rows in a graph without CUDA graphs ({PROMPT_ENV}=auto): the "
+                    "weight by int4_dequantize, the matmul a plain one",
+                    workload.scenario_for_activation(ctx.scenario, [size_hint(d) for d in xv.shape]), impl)
+        return None
+
+    def _rewrite(self, gm, ctx, node, x, bias, packed, aff: _Affine, plan: _Plan, N, K, nodes, matched):
+        qw, scales, zeros = _operands(gm, node, packed, aff, plan, N, K)
         xv = example_value(x)
         m_hint = size_hint(_rows(xv))
         impl = ops.implementation(xv)
@@ -461,9 +483,7 @@ class Int4Pass:
             else "plain-torch reference"
         replace(gm, node, torch.ops.kernopt.int4_linear.default, (x, qw, scales, zeros, plan.group, bias),
                 dead=[n for n in reversed(nodes) if n.op in ("call_function", "call_method")])
-        layout = f"qweight{plan.q_view or ''} scales{plan.s_view or ''}" + \
-            (f" zeros{plan.z_view or ''}" if plan.z_view is not None else " symmetric")
-        ctx.rewrote(self.name, node, f"{matched} {aff.form} M={m_hint} N={N} K={K} g{plan.group} [{layout}]",
+        ctx.rewrote(self.name, node, f"{matched} {aff.form} M={m_hint} N={N} K={K} g{plan.group} [{_layout(plan)}]",
                     "kernopt.int4_linear", config,
                     workload.scenario_for_activation(ctx.scenario, [size_hint(d) for d in xv.shape]), impl)
         return None
@@ -599,33 +619,29 @@ FLOAT_X_ENV = "KERNOPT_INT4_FLOAT_X"
 FLOAT_X_PASS_NAME = "int4_float_x"
 # Who runs the int4 linears of a graph that runs without CUDA graphs (kernopt.optimize's compiled prompt forward
 # outside a static cache, a plain torch.compile(model, backend="kernopt") of a prompt): such a graph pays every
-# op's host time, and a kernopt op's Python (custom-op dispatch, config, Triton launch: ~100-150 us a call on the
-# H200 host, benchmarks/op_host_overhead.py) costs several times Inductor's generated launches.
-# - "auto" (default): Inductor's dequantize + matmul for linears of a static PROMPT_AUTO_MIN_ROWS rows or more, where
-#   kernopt's own table also picks dequantize + cuBLAS (int4_gemm DEQUANT_CUBLAS_MIN_M), in graphs whose int4 linears
-#   average fewer than PROMPT_AUTO_MAX_MACS multiply-adds (rows x K x N): there Python issues the kernopt ops more
-#   slowly than the GPU runs them. The kernel below that row count, for symbolic rows (a dynamic graph may meet one
-#   row, where Inductor would dequantize the whole weight per call), and in graphs of larger linears, which are
-#   GPU-bound: there int4_dequantize + cuBLAS costs less GPU time than Inductor's dequantize + matmul. Measured on the
-#   H200 (llama suite, prefill b1 s2048, the compiled forward; same-run pairs: the host's speed moved 10-50 % between
-#   machines): 1B (17.8 G multiply-adds a linear on average) 17.90 ms on Inductor against 32.94 on the kernel
-#   (sweeps/llama_1b_prompt, 7e3c058) and 14.29 against 30.34 (sweeps/llama_1b_prompt2, a1fb29e, the order swapped),
-#   12.05 for bf16 kernopt; the kernel path has 11.25 ms of kernels in a call that returns after 19-29 ms
-#   (profiles/profile-1B-kernopt_int4-forward-host-7da6db2.txt): host-bound. 8B (63.8 G a linear): 70.38 ms on
-#   Inductor against 61.71 on the kernel (sweeps/llama_8b_auto, ac3bf7d): GPU-bound.
-# - "inductor": that for every linear of PROMPT_INDUCTOR_MIN_ROWS rows or more (the row count's hint when symbolic);
-#   rows 17-191 trade GPU time there (dequantize + cuBLAS against the tiled kernel: 80 against 45 us at M=64
-#   K4096 N14336). The llama suite's kernopt_int4_prompt_inductor system sets it.
-# - "kernel": kernopt's op for every row count.
+# op's host time, and a kernopt custom op's Python (dispatch, config, Triton launch: ~100-190 us a call on the H200
+# host, benchmarks/op_host_overhead.py) costs several times Inductor's generated launches.
+# - "auto" (default): for linears of a static PROMPT_AUTO_MIN_ROWS rows or more (where kernopt's own table picks
+#   dequantize + cuBLAS: int4_gemm DEQUANT_CUBLAS_MIN_M), the weight comes from `kernopt.int4_weight`, a triton_op
+#   whose dequantize kernel Inductor launches from its generated code, and the linear stays a plain one (the matmul
+#   pass's, or Inductor's cuBLAS call): the kernel path's GPU work at generated-code host cost. The kernel below that
+#   row count and for symbolic rows (a dynamic graph may meet one row, where dequantizing the whole weight per call
+#   loses). Before it, on the H200 (llama suite, prefill b1 s2048, the compiled forward; same-run pairs: the host's
+#   speed moved 10-50 % between machines): the 1B prompt is host-bound on the kernel path (11.25 ms of kernels in a
+#   call that returns after 19-29 ms, profiles/profile-1B-kernopt_int4-forward-host-7da6db2.txt), where Inductor's
+#   own dequantize + matmul took 13.03 ms against 22.16 (sweeps/llama_1b_auto, aeeb0c6; bf16 kernopt 11.94); the 8B
+#   prompt is GPU-bound, where Inductor's dequantize kernels cost 3.5x int4_dequantize's GPU time (~16 against 4.5
+#   ms a call, profiles/profile-8B-*-forward-229e8ec.txt) and took 69.92 ms against the kernel's 62.02
+#   (sweeps/llama_8b_auto2).
+# - "inductor": Inductor's own dequantize + matmul for every linear of PROMPT_INDUCTOR_MIN_ROWS rows or more (the
+#   row count's hint when symbolic). The llama suite's kernopt_int4_prompt_inductor system sets it.
+# - "kernel": kernopt's op for every row count (kernopt_int4_prompt_kernel).
 # kernopt.optimize's prompt forward against a static cache runs under CUDA graphs (kernopt/hf.py, 747aee5): none
 # of this applies there.
 PROMPT_ENV = "KERNOPT_INT4_PROMPT"
 PROMPT_MODES = ("auto", "inductor", "kernel")
 PROMPT_INDUCTOR_MIN_ROWS = 17  # above the speculative-verification rows that tiled2 serves
 PROMPT_AUTO_MIN_ROWS = 192  # = kernels/int4_gemm.py DEQUANT_CUBLAS_MIN_M (a test keeps them equal)
-# Between the two measured graphs (geometric mean 33.7 G): ~100 us of bf16 tensor-core work at ~650 TFLOP/s, about
-# the host time of one kernopt int4 op on the H200 host (97-190 us a call, benchmarks/op_host_overhead.py).
-PROMPT_AUTO_MAX_MACS = 32e9
 
 
 def prompt_mode() -> str:
@@ -635,14 +651,13 @@ def prompt_mode() -> str:
     return v
 
 
-def prompt_to_inductor(rows, mean_macs: float) -> bool:
-    """Whether an int4 linear of `rows` rows (an int or a SymInt) in a graph without CUDA graphs, whose int4 linears
-    average `mean_macs` multiply-adds, is left to Inductor (PROMPT_ENV)."""
+def prompt_to_inductor(rows) -> bool:
+    """Whether an int4 linear of `rows` rows (an int or a SymInt) in a graph without CUDA graphs leaves its matmul
+    to Inductor (PROMPT_ENV; "auto": with the weight from kernopt.int4_weight)."""
     mode = prompt_mode()
     if mode == "inductor":
         return size_hint(rows) >= PROMPT_INDUCTOR_MIN_ROWS
-    return (mode == "auto" and not isinstance(rows, torch.SymInt) and int(rows) >= PROMPT_AUTO_MIN_ROWS
-            and mean_macs < PROMPT_AUTO_MAX_MACS)
+    return mode == "auto" and not isinstance(rows, torch.SymInt) and int(rows) >= PROMPT_AUTO_MIN_ROWS
 
 
 # ------------------------------------------------------------------------------------------------

@@ -336,6 +336,38 @@ def test_int4_dequantize_kernel_matches_reference(device):
     assert torch.equal(w, dequantize_int4(qweight, scales, zeros, g, torch.float16))
 
 
+@pytest.mark.parametrize("asym", [True, False])
+def test_int4_weight_op_is_the_reference_dequantization(asym):
+    """kernopt.int4_weight (passes/int4.py's prompt weight): off CUDA the plain-torch dequantization, eagerly and
+    inside a compiled graph."""
+    N, K, g = 37, 192, 64
+    qweight, scales, zeros = _weights(N, K, g, asym, "cpu")
+    want = dequantize_int4(qweight, scales, zeros, g, torch.float32)
+    assert torch.equal(torch.ops.kernopt.int4_weight(qweight, scales, zeros, g, torch.float32), want)
+    x = torch.randn(5, K)
+    torch._dynamo.reset()
+    got = torch.compile(lambda x: x @ torch.ops.kernopt.int4_weight(qweight, scales, zeros, g, torch.float32).t())(x)
+    assert_close(got, x.double() @ want.double().t(), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("asym", [True, False])
+def test_int4_weight_op_on_gpu_eager_and_compiled(dtype, asym):
+    """On CUDA kernopt.int4_weight runs int4_dequantize's kernel: eagerly and launched from Inductor's generated code
+    (a triton_op), bit for bit the reference dequantization, on a weight whose N is not a multiple of the tile and
+    after a NaN-filled block of the same size was freed (the allocator hands it back)."""
+    N, K, g = 45, 384, 128
+    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+    want = dequantize_int4(qweight, scales, zeros, g, dtype)
+    want.new_full((N, K), float("nan"))  # freed at once: the block the op's output may reuse
+    assert torch.equal(torch.ops.kernopt.int4_weight(qweight, scales, zeros, g, dtype), want)
+    torch._dynamo.reset()
+    f = torch.compile(lambda s: torch.ops.kernopt.int4_weight(qweight, s, zeros, g, dtype) * 1)
+    want.new_full((N, K), float("nan"))
+    assert torch.equal(f(scales), want)
+
+
 def test_int4_gemm_ref_is_dequant_then_linear(device):
     M, N, K, g = 4, 16, 64, 32
     x = torch.randn(M, K, dtype=torch.float16, device=device)

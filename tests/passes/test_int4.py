@@ -1,5 +1,7 @@
 """The int4 pass: dequant -> matmul subgraphs, in kernopt's own form and in independently written
 GPTQ-style and uint8-style idioms, rewritten to kernopt.int4_linear; refusals carry reasons."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -180,12 +182,11 @@ def test_int4_pass_refuses_group_the_kernel_cannot_take():
 
 def test_prompt_rows_left_to_inductor_outside_cuda_graphs(monkeypatch):
     """KERNOPT_INT4_PROMPT: by default ("auto") int4 linears of a static >= 192 rows (where the table picks dequantize +
-    cuBLAS) in a graph without CUDA graphs whose int4 linears average fewer than PROMPT_AUTO_MAX_MACS multiply-adds
-    stay plain torch for Inductor, with the reason in explain(); fewer rows, symbolic rows, graphs of larger linears
-    and graphs under mode="reduce-overhead" keep the kernel. "inductor" does it from 17 rows, "kernel" never; a bad
-    value is an error. Left alone is still the module's own (reference) math."""
+    cuBLAS) in a graph without CUDA graphs become kernopt.int4_weight (the dequantize kernel as a triton_op) under a
+    plain linear, in every idiom (F.linear on [N, K], x @ W on [K, N]); fewer rows, symbolic rows, and graphs under
+    mode="reduce-overhead" keep kernopt.int4_linear. "inductor" leaves the whole subgraph to Inductor from 17 rows,
+    "kernel" never; a bad value is an error. The compiled results match the modules' own math."""
     from kernopt.kernels.int4_gemm import DEQUANT_CUBLAS_MIN_M
-    from kernopt.passes import int4 as int4_pass
     from kernopt.passes.int4 import PROMPT_AUTO_MIN_ROWS, PROMPT_ENV
 
     assert PROMPT_AUTO_MIN_ROWS == DEQUANT_CUBLAS_MIN_M
@@ -194,53 +195,43 @@ def test_prompt_rows_left_to_inductor_outside_cuda_graphs(monkeypatch):
     long = torch.randn(PROMPT_AUTO_MIN_ROWS, 128, dtype=DT, device=DEV)
     decode = torch.randn(1, 128, dtype=DT, device=DEV)
 
-    def rewrote(x, **options):
+    def kernels(x, module=m, **options):
         torch._dynamo.reset()
-        report = kernopt.explain(m, x, options={"inner": "eager", **options})
+        report = kernopt.explain(module, x, options={"inner": "eager", **options})
         _no_pass_errors(report)
-        return bool(_rewrites(report)), report
+        return [r.kernel for r in _rewrites(report)], report
 
     monkeypatch.delenv(PROMPT_ENV, raising=False)
-    assert rewrote(prompt)[0] and rewrote(decode)[0] and rewrote(long, mode="reduce-overhead")[0]
-    done, report = rewrote(long)
-    macs = PROMPT_AUTO_MIN_ROWS * 128 * 24
-    assert not done and any(f"{PROMPT_AUTO_MIN_ROWS} rows in a graph without CUDA graphs (KERNOPT_INT4_PROMPT=auto; "
-                            f"its int4 linears average {macs / 1e9:.3g} G multiply-adds)" in f.reason
-                            for f in _refusals(report))
-    assert rewrote(long[:-1].clone())[0]  # one row fewer: the kernel
-    # A graph whose linears average PROMPT_AUTO_MAX_MACS or more is GPU-bound: the kernel (the bound moved down
-    # to this graph's size instead of building a 32 G multiply-add linear on the CPU).
-    monkeypatch.setattr(int4_pass, "PROMPT_AUTO_MAX_MACS", macs)
-    assert rewrote(long)[0]
-    monkeypatch.setattr(int4_pass, "PROMPT_AUTO_MAX_MACS", macs + 1)
-    assert not rewrote(long)[0]
-    two = nn.Sequential(Int4Linear.from_linear(nn.Linear(128, 32, bias=False).to(DT), 32), nn.ReLU(),
-                        Int4Linear.from_linear(nn.Linear(32, 64, bias=False).to(DT), 32)).to(DEV)
-    mean = PROMPT_AUTO_MIN_ROWS * (128 * 32 + 32 * 64) / 2
-    for bound, kernel in ((mean, True), (mean + 1, False)):  # the mean over the graph's linears, not each one's
-        monkeypatch.setattr(int4_pass, "PROMPT_AUTO_MAX_MACS", bound)
-        torch._dynamo.reset()
-        report = kernopt.explain(two, long, options={"inner": "eager"})
-        _no_pass_errors(report)
-        assert len(_rewrites(report) if kernel else _refusals(report)) == 2, report
-    monkeypatch.undo()
-    monkeypatch.delenv(PROMPT_ENV, raising=False)
+    for x, options in ((prompt, {}), (decode, {}), (long, {"mode": "reduce-overhead"}), (long[:-1].clone(), {})):
+        assert kernels(x, **options)[0] == ["kernopt.int4_linear"], (x.shape, options)
+    done, report = kernels(long)
+    assert done == ["kernopt.int4_weight"] and not _refusals(report)
+    assert f"{PROMPT_AUTO_MIN_ROWS} rows in a graph without CUDA graphs (KERNOPT_INT4_PROMPT=auto)" in \
+        _rewrites(report)[0].config
     torch._dynamo.reset()  # symbolic rows (a graph compiled for any row count) keep the kernel
     torch._dynamo.mark_dynamic(long, 0)
-    report = kernopt.explain(m, long, options={"inner": "eager"})
-    assert _rewrites(report)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        assert_close(torch.compile(m, backend="kernopt")(long), m(long).double(), DT, scale=2.0)
+    assert [r.kernel for r in _rewrites(kernopt.explain(m, long, options={"inner": "eager"}))] == \
+        ["kernopt.int4_linear"]
+    for module in (m, GPTQStyle(*_case(N=40, K=128, g=32), 32).to(DEV),
+                   ByteStyle(*_case(N=24, K=128, g=64), 64, torch.randn(24, dtype=DT)).to(DEV)):
+        x = torch.randn(3, PROMPT_AUTO_MIN_ROWS // 3, 128, dtype=DT, device=DEV)  # rows over two dims
+        assert kernels(x, module)[0] == ["kernopt.int4_weight"], type(module).__name__
+        with torch.no_grad():  # the module's math in float64: ByteStyle's fp16 q * s - z * s rounds twice
+            want = copy.deepcopy(module).double()(x.double())
+            for backend_options in ({"inner": "eager"}, {}):
+                torch._dynamo.reset()
+                got = torch.compile(module, backend="kernopt", options=backend_options)(x)
+                assert_close(got, want, DT, scale=2.0)
     monkeypatch.setenv(PROMPT_ENV, "inductor")
-    done, report = rewrote(prompt)
-    assert not done and any("32 rows in a graph without CUDA graphs" in f.reason for f in _refusals(report))
-    assert rewrote(decode)[0] and rewrote(prompt, mode="reduce-overhead")[0]
+    done, report = kernels(prompt)
+    assert not done and any("32 rows in a graph without CUDA graphs (KERNOPT_INT4_PROMPT=inductor)" in f.reason
+                            for f in _refusals(report))
+    assert kernels(decode)[0] == kernels(prompt, mode="reduce-overhead")[0] == ["kernopt.int4_linear"]
     torch._dynamo.reset()
     with torch.no_grad():
         assert_close(torch.compile(m, backend="kernopt")(prompt), m(prompt).double(), DT, scale=2.0)
     monkeypatch.setenv(PROMPT_ENV, "kernel")
-    assert rewrote(long)[0]
+    assert kernels(long)[0] == ["kernopt.int4_linear"]
     monkeypatch.setenv(PROMPT_ENV, "always")
     with pytest.raises(Exception, match=PROMPT_ENV):
-        rewrote(prompt)
+        kernels(prompt)
