@@ -61,6 +61,7 @@ ALLOWED = {
     "transpose", "t", "contiguous", "to", "float", "half", "bfloat16", "type", "int",
 }
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT4_WEIGHT = torch.ops.kernopt.int4_weight.default
 _VERDICTS: dict[Any, Any] = {}
 
 
@@ -347,6 +348,8 @@ def _int4_linears(gm: fx.GraphModule):
         if not isinstance(w, fx.Node):
             continue
         nodes = _ancestors(w)
+        if any(n.target is INT4_WEIGHT for n in nodes):
+            continue  # a weight this pass already gave to kernopt.int4_weight (used by an earlier linear too)
         packed = [leaf for leaf in _leaves(nodes) if _is_int_leaf(leaf)
                   and (example_value(leaf).numel() >= 64 or _real_value(leaf) is None)]
         if packed:  # else a float weight: not ours (the matmul pass takes it)
@@ -460,12 +463,12 @@ class Int4Pass:
         args = (qw, scales, zeros, plan.group, wv.dtype)
         dead = [n for n in reversed(nodes) if n.op in ("call_function", "call_method")]
         if transposed:  # w is [K, N]
-            deq = insert_before(gm, w, torch.ops.kernopt.int4_weight.default, args, wv.new_empty((N, K)))
+            deq = insert_before(gm, w, INT4_WEIGHT, args, wv.new_empty((N, K)))
             replace(gm, w, torch.t, (deq,), dead=dead)
         else:
-            replace(gm, w, torch.ops.kernopt.int4_weight.default, args, dead=dead)
+            replace(gm, w, INT4_WEIGHT, args, dead=dead)
         m_hint = size_hint(_rows(xv))
-        impl = "triton" if xv.is_cuda and ops.implementation(xv) == "triton" else "reference"
+        impl = "triton" if ops.implementation(xv) == "triton" else "reference"  # (int4_weight: no interpreter)
         ctx.rewrote(self.name, node, f"{matched} {aff.form} M={m_hint} N={N} K={K} g{plan.group} [{_layout(plan)}]",
                     "kernopt.int4_weight", f"{m_hint} rows in a graph without CUDA graphs ({PROMPT_ENV}=auto): the "
                     "weight by int4_dequantize, the matmul a plain one",
@@ -622,18 +625,18 @@ FLOAT_X_PASS_NAME = "int4_float_x"
 # op's host time, and a kernopt custom op's Python (dispatch, config, Triton launch: ~100-190 us a call on the H200
 # host, benchmarks/op_host_overhead.py) costs several times Inductor's generated launches.
 # - "auto" (default): for linears of a static PROMPT_AUTO_MIN_ROWS rows or more (where kernopt's own table picks
-#   dequantize + cuBLAS: int4_gemm DEQUANT_CUBLAS_MIN_M), the weight comes from `kernopt.int4_weight`, a triton_op
-#   whose dequantize kernel Inductor launches from its generated code, and the linear stays a plain one (the matmul
-#   pass's, or Inductor's cuBLAS call): the kernel path's GPU work at generated-code host cost. The kernel below that
-#   row count and for symbolic rows (a dynamic graph may meet one row, where dequantizing the whole weight per call
-#   loses). H200, da8ef30 (sweeps/llama_1b_weightop, llama_8b_weightop): 1B prefill 13.00 ms against 21.91 on the
-#   kernel (bf16 kernopt 12.17), 8B 62.36 against 61.95. Before it, on the H200 (llama suite, prefill b1 s2048, the compiled forward; same-run pairs: the host's
-#   speed moved 10-50 % between machines): the 1B prompt is host-bound on the kernel path (11.25 ms of kernels in a
-#   call that returns after 19-29 ms, profiles/profile-1B-kernopt_int4-forward-host-7da6db2.txt), where Inductor's
-#   own dequantize + matmul took 13.03 ms against 22.16 (sweeps/llama_1b_auto, aeeb0c6; bf16 kernopt 11.94); the 8B
-#   prompt is GPU-bound, where Inductor's dequantize kernels cost 3.5x int4_dequantize's GPU time (~16 against 4.5
-#   ms a call, profiles/profile-8B-*-forward-229e8ec.txt) and took 69.92 ms against the kernel's 62.02
-#   (sweeps/llama_8b_auto2).
+#   dequantize + cuBLAS: int4_gemm DEQUANT_CUBLAS_MIN_M), the weight comes from `kernopt.int4_weight`, a triton_op whose
+#   dequantize kernel Inductor launches from its generated code, and the linear stays a plain one (the matmul pass's, or
+#   Inductor's cuBLAS call): the kernel path's GPU work at generated-code host cost. The kernel below that row count and
+#   for symbolic rows (a dynamic graph may meet one row, where dequantizing the whole weight per call loses). H200,
+#   da8ef30 (sweeps/llama_1b_weightop, llama_8b_weightop): 1B prefill 13.00 ms against 21.91 on the kernel (bf16 kernopt
+#   12.17), 8B 62.36 against 61.95. Before it, on the H200 (llama suite, prefill b1 s2048, the compiled forward;
+#   same-run pairs: the host's speed moved 10-50 % between machines): the 1B prompt is host-bound on the kernel path
+#   (11.25 ms of kernels in a call that returns after 19-29 ms,
+#   profiles/profile-1B-kernopt_int4-forward-host-7da6db2.txt), where Inductor's own dequantize + matmul took 13.03 ms
+#   against 22.16 (sweeps/llama_1b_auto, aeeb0c6; bf16 kernopt 11.94); the 8B prompt is GPU-bound, where Inductor's
+#   dequantize kernels cost 3.5x int4_dequantize's GPU time (~16 against 4.5 ms a call,
+#   profiles/profile-8B-*-forward-229e8ec.txt) and took 69.92 ms against the kernel's 62.02 (sweeps/llama_8b_auto2).
 # - "inductor": Inductor's own dequantize + matmul for every linear of PROMPT_INDUCTOR_MIN_ROWS rows or more (the
 #   row count's hint when symbolic). The llama suite's kernopt_int4_prompt_inductor system sets it.
 # - "kernel": kernopt's op for every row count (kernopt_int4_prompt_kernel).

@@ -222,6 +222,24 @@ def test_prompt_rows_left_to_inductor_outside_cuda_graphs(monkeypatch):
                 torch._dynamo.reset()
                 got = torch.compile(module, backend="kernopt", options=backend_options)(x)
                 assert_close(got, want, DT, scale=2.0)
+
+    class Shared(nn.Module):  # one dequantized weight, two linears: one int4_weight, no confusing refusal
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            w = self.lin.dequantize(x.dtype)
+            return F.linear(x, w) + F.linear(x * 2, w)
+
+    shared, x = Shared(m), long.clone()  # (long is marked dynamic above)
+    done, report = kernels(x, shared)
+    assert done == ["kernopt.int4_weight"] and not _refusals(report), report.table()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = copy.deepcopy(shared).double()(x.double())
+        assert_close(torch.compile(shared, backend="kernopt")(x), want, DT, scale=2.0)
+
     monkeypatch.setenv(PROMPT_ENV, "inductor")
     done, report = kernels(prompt)
     assert not done and any("32 rows in a graph without CUDA graphs (KERNOPT_INT4_PROMPT=inductor)" in f.reason
