@@ -64,7 +64,8 @@ SYSTEMS = ("eager", "hf_static_inductor", "kernopt", "kernopt_int4", "kernopt_fp
 # step), to split what the deferred stop check is worth from what the kernels are worth.
 # kernopt_int4_prompt_inductor / _prompt_kernel: kernopt_int4 with the compiled prompt's int4 linears of 17 rows or
 # more left to Inductor's own dequantize + matmul / all on kernopt's op (passes/int4.py PROMPT_ENV; its default "auto"
-# gives those of 192 rows or more kernopt.int4_weight under a plain linear). kernopt_int4_nolane: kernopt_int4 without kernopt/ops.py's prompt lane (LANE_ENV=0).
+# gives those of 192 rows or more kernopt.int4_weight under a plain linear). kernopt_int4_nolane: kernopt_int4
+# without kernopt/ops.py's prompt lane (LANE_ENV=0).
 # kernopt_int4_prompt_nographs: kernopt_int4 with the compiled prompt forward run
 # without CUDA graphs (kernopt/hf.py, KERNOPT_PREFILL_CUDA_GRAPHS=0).
 # kernopt_int4_unfused: kernopt_int4 with silu * mul after the gate/up GEMV, not in its epilogue (passes/int4.py

@@ -283,7 +283,7 @@ def int4_weight(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_
     call costs none of a custom op's dispatch and Python launcher (passes/int4.py's prompt rows: the weight for
     Inductor's own matmul in graphs without CUDA graphs, where every op's host time is on the critical path)."""
     mod = kernel_module("int4_gemm")
-    if qweight.device.type != "cuda" or not _triton_available():
+    if implementation(qweight) != "triton":
         return mod.dequantize_int4(qweight, scales, zeros, group_size, dtype)
     return mod.int4_dequantize(qweight, scales, zeros, group_size, dtype, wrap=torch.library.wrap_triton)
 

@@ -422,8 +422,8 @@ class Int4Pass:
         if any(not isinstance(s, int) for s in wv.shape):
             return "dynamic weight shape"
         rows = _rows(xv)
-        prompt = not ctx.cuda_graphs and prompt_to_inductor(rows)
-        if prompt and prompt_mode() == "inductor":
+        prompt = None if ctx.cuda_graphs else prompt_path(rows)
+        if prompt == "inductor":
             return (f"{size_hint(rows)} rows in a graph without CUDA graphs ({PROMPT_ENV}=inductor): left to Inductor "
                     "(its own dequantize + matmul)")
         N, K = (wv.shape[1], wv.shape[0]) if transposed else (wv.shape[0], wv.shape[1])
@@ -449,7 +449,7 @@ class Int4Pass:
         plan, reason = _VERDICTS[key]
         if plan is None:
             return reason
-        if prompt:
+        if prompt == "weight":
             return self._rewrite_weight(gm, ctx, node, x, w, transposed, leaf, aff, plan, N, K, nodes, matched)
         return self._rewrite(gm, ctx, node, x, bias, leaf, aff, plan, N, K, nodes, matched)
 
@@ -655,13 +655,15 @@ def prompt_mode() -> str:
     return v
 
 
-def prompt_to_inductor(rows) -> bool:
-    """Whether an int4 linear of `rows` rows (an int or a SymInt) in a graph without CUDA graphs leaves its matmul
-    to Inductor (PROMPT_ENV; "auto": with the weight from kernopt.int4_weight)."""
+def prompt_path(rows) -> Optional[str]:
+    """What an int4 linear of `rows` rows (an int or a SymInt) in a graph without CUDA graphs becomes (PROMPT_ENV):
+    "weight" (kernopt.int4_weight under a plain linear), "inductor" (left to Inductor whole) or None (the kernel)."""
     mode = prompt_mode()
     if mode == "inductor":
-        return size_hint(rows) >= PROMPT_INDUCTOR_MIN_ROWS
-    return mode == "auto" and not isinstance(rows, torch.SymInt) and int(rows) >= PROMPT_AUTO_MIN_ROWS
+        return "inductor" if size_hint(rows) >= PROMPT_INDUCTOR_MIN_ROWS else None
+    if mode == "auto" and not isinstance(rows, torch.SymInt) and int(rows) >= PROMPT_AUTO_MIN_ROWS:
+        return "weight"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
