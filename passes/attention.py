@@ -40,6 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from kernopt import ops, workload
+from kernopt.passes.constant_mask import fold_constant_masks
 from kernopt.passes.decode_append import append_enabled, fuse_decode_append
 from kernopt.passes.graph import (ADD, MUL, PassContext, arg, example_value, insert_before, is_call, replace,
                                   size_hint, static_int)
@@ -185,6 +186,8 @@ class AttentionPass:
                 self._rewrite(gm, ctx, m)
             else:
                 ctx.refused(self.name, node, m.matched, reason)
+        # HF's compiled prompt materialises its causal mask from aranges: fold such constants into causal=True
+        fold_constant_masks(gm, ctx, self.name)
         if append_enabled():  # HF static-cache decode: rotary + cache write into the decode kernel
             fuse_decode_append(gm, ctx)
 
