@@ -99,7 +99,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, next_power_of_2, sm_count
+from .host import cdiv, env_switch, next_power_of_2, sm_count
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -313,12 +313,12 @@ def _flash_attention_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om,
-    num_heads, group, seq_q, seq_k, head_dim, qk_scale, batch_heads,
+    num_heads, group, seq_q, seq_k, head_dim, qk_scale, batch_heads, Bounds, stride_bb, stride_bh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr, DEVICE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
     MIN_MASK: tl.constexpr = False, PERSISTENT: tl.constexpr = False, DESC4: tl.constexpr = False,
-    PTR_STORE: tl.constexpr = False, ACC_MASK: tl.constexpr = False,
+    PTR_STORE: tl.constexpr = False, ACC_MASK: tl.constexpr = False, BOUNDS: tl.constexpr = False,
 ):
     n_mblocks = tl.cdiv(seq_q, BLOCK_M)
     if DESC4:
@@ -356,7 +356,7 @@ def _flash_attention_fwd(
                                 stride_mm, stride_mn, stride_ob, stride_oh, stride_om, num_heads, group, seq_q,
                                 seq_k, head_dim, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND,
                                 TMA, DOT_PRECISION, WARP_SPEC, SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK, DESC4, PTR_STORE,
-                                ACC_MASK)
+                                ACC_MASK, Bounds, stride_bb, stride_bh, BOUNDS)
         else:
             for t in tl.range(tl.program_id(0), n_mblocks * batch_heads, tl.num_programs(0)):
                 _flash_tile(t % n_mblocks, t // n_mblocks, Q, K, V, Mask, Out,
@@ -364,7 +364,8 @@ def _flash_attention_fwd(
                             stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
                             stride_ob, stride_oh, stride_om, num_heads, group, seq_q, seq_k, head_dim, qk_scale,
                             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC,
-                            SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK, DESC4, PTR_STORE, ACC_MASK)
+                            SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK, DESC4, PTR_STORE, ACC_MASK, Bounds, stride_bb,
+                            stride_bh, BOUNDS)
     else:
         # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
         pid_m = n_mblocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -373,7 +374,7 @@ def _flash_attention_fwd(
                     stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
                     stride_ob, stride_oh, stride_om, num_heads, group, seq_q, seq_k, head_dim, qk_scale,
                     BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL, MASK_KIND, TMA, DOT_PRECISION, WARP_SPEC, SPLIT,
-                    DEVICE_TMA, EVEN_N, MIN_MASK, DESC4, PTR_STORE, ACC_MASK)
+                    DEVICE_TMA, EVEN_N, MIN_MASK, DESC4, PTR_STORE, ACC_MASK, Bounds, stride_bb, stride_bh, BOUNDS)
 
 
 @triton.jit
@@ -389,6 +390,7 @@ def _flash_tile(
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr, DEVICE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
     MIN_MASK: tl.constexpr, DESC4: tl.constexpr, PTR_STORE: tl.constexpr = False, ACC_MASK: tl.constexpr = False,
+    Bounds=None, stride_bb=0, stride_bh=0, BOUNDS: tl.constexpr = False,
 ):
     """One BLOCK_M-row block of one (batch, head): the kernel's program, or one tile of a persistent program."""
     # on-device K / V descriptors of this tile's (batch, head), unless the persistent program built 4-D ones (DESC4)
@@ -492,6 +494,29 @@ def _flash_tile(
                                        qk_scale, 0, end,
                                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL or not EVEN_N, CAUSAL, MASK_KIND,
                                        TMA, DOT_PRECISION, True, TILE_KV_DESC, MIN_MASK, ACC_MASK)
+        elif BOUNDS:
+            # A caller's mask with its key bounds per row block (mask_bounds): tiles no row of the block sees are
+            # skipped, the tiles every row sees in full ([flo, fhi)) run without the mask, the rest read it.
+            bnd = Bounds + b64 * stride_bb + h.to(tl.int64) * stride_bh + pid_m * 4
+            lo = tl.load(bnd)
+            flo = tl.load(bnd + 1)
+            fhi = tl.load(bnd + 2)
+            hi = tl.load(bnd + 3)
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                       offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, lo, flo,
+                                       BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, CAUSAL, MASK_KIND, TMA,
+                                       DOT_PRECISION, False, TILE_KV_DESC)
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                       offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, flo, fhi,
+                                       BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, CAUSAL, 0, TMA,
+                                       DOT_PRECISION, False, TILE_KV_DESC)
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                       offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, fhi, hi,
+                                       BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, CAUSAL, MASK_KIND, TMA,
+                                       DOT_PRECISION, False, TILE_KV_DESC)
         else:
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
@@ -530,6 +555,60 @@ def _flash_tile(
         else:
             tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out,
                      mask=(offs_m[:, None] < seq_q) & d_ok)
+
+
+@triton.jit
+def _mask_bounds_kernel(Mask, Bounds, stride_mb, stride_mh, stride_mm, stride_mn, stride_bb, stride_bh, n_heads,
+                        seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                        MASK_KIND: tl.constexpr):
+    """Per BLOCK_M-row block of a caller's mask, the key range the flash kernel walks (mask_bounds)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < seq_q
+    base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    first_seen = tl.full([BLOCK_M], seq_k, tl.int32)   # first visible key of each row
+    seen_end = tl.zeros([BLOCK_M], tl.int32)           # one past its last visible key
+    first_plain = tl.full([BLOCK_M], seq_k, tl.int32)  # first key the mask leaves as it is (True / 0.0)
+    plain_end = tl.full([BLOCK_M], seq_k, tl.int32)    # the first key after that one it does not
+    for start in range(0, seq_k, BLOCK_W):
+        cols = start + tl.arange(0, BLOCK_W)
+        ok = row_ok[:, None] & (cols[None, :] < seq_k)
+        m = tl.load(base + rows[:, None] * stride_mm + cols[None, :] * stride_mn, mask=ok, other=0)
+        if MASK_KIND == 1:
+            seen = ok & (m != 0)
+            plain = seen
+        else:
+            mf = m.to(tl.float32)
+            seen = ok & (mf != float("-inf"))
+            plain = ok & (mf == 0.0)
+        c = cols[None, :] + tl.zeros([BLOCK_M, BLOCK_W], tl.int32)
+        first_seen = tl.minimum(first_seen, tl.min(tl.where(seen, c, seq_k), 1))
+        seen_end = tl.maximum(seen_end, tl.max(tl.where(seen, c + 1, 0), 1))
+        first_plain = tl.minimum(first_plain, tl.min(tl.where(plain, c, seq_k), 1))
+        plain_end = tl.minimum(plain_end, tl.min(tl.where(ok & (~plain) & (c > first_plain[:, None]), c, seq_k), 1))
+    lo = tl.min(tl.where(row_ok, first_seen, seq_k), 0)
+    hi = tl.max(tl.where(row_ok, seen_end, 0), 0)
+    flo = tl.max(tl.where(row_ok, first_plain, 0), 0)
+    fhi = tl.min(tl.where(row_ok, plain_end, seq_k), 0)
+    # in whole key tiles: [lo_t, hi_t) covers every visible key, [flo_t, fhi_t) lies inside every row's plain run
+    lo_t = lo // BLOCK_N * BLOCK_N
+    hi_t = tl.cdiv(hi, BLOCK_N) * BLOCK_N
+    empty = hi <= lo
+    lo_t = tl.where(empty, 0, lo_t)
+    hi_t = tl.where(empty, 0, hi_t)
+    flo_t = tl.cdiv(flo, BLOCK_N) * BLOCK_N
+    fhi_t = fhi // BLOCK_N * BLOCK_N
+    none = empty | (flo_t >= fhi_t)
+    flo_t = tl.where(none, hi_t, flo_t)
+    fhi_t = tl.where(none, hi_t, fhi_t)
+    out = Bounds + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh + pid_m * 4
+    tl.store(out, lo_t)
+    tl.store(out + 1, flo_t)
+    tl.store(out + 2, fhi_t)
+    tl.store(out + 3, hi_t)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -801,6 +880,28 @@ def _descriptor_ok(t: torch.Tensor) -> bool:
             and all((s * es) % 16 == 0 for s in t.stride()[:-1]))
 
 
+BOUNDS_ENV = "KERNOPT_MASK_BOUNDS"
+
+
+def mask_bounds(m: torch.Tensor, mask_kind: int, block_m: int, block_n: int) -> torch.Tensor:
+    """int32 [Bm, Hm, cdiv(Sq, block_m), 4] for a mask broadcast to [B, H, Sq, Skv] (Bm / Hm: 1 where the mask is
+    broadcast over that dim): per row block, key tile bounds lo <= flo <= fhi <= hi (multiples of block_n). Every
+    key some row of the block sees lies in [lo, hi); every key in [flo, fhi) is seen, unaltered (bool True, float
+    0.0), by every row (flo = fhi = hi when there is no such tile). A block whose rows see no key gets [0, 0)."""
+    B, H, Sq, Skv = m.shape
+    bm = 1 if m.stride(0) == 0 else B
+    hm = 1 if m.stride(1) == 0 else H
+    out = torch.empty((bm, hm, cdiv(Sq, block_m), 4), dtype=torch.int32, device=m.device)
+    _mask_bounds_kernel[(cdiv(Sq, block_m), bm * hm)](
+        m, out, *m.stride(), out.stride(0), out.stride(1), hm, Sq, Skv,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=64, MASK_KIND=mask_kind, num_warps=4)
+    if bm == 1:
+        out = out.expand(B, hm, -1, -1)
+    if hm == 1:
+        out = out.expand(out.shape[0], H, -1, -1)
+    return out
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
                     causal: bool = False, sm_scale: Optional[float] = None, config: Optional[dict] = None,
                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -890,6 +991,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     # A candidate: within the runs' noise on the H200 (sweeps/desc4, ptrstore, ptrstore2: -3% to +6%).
     desc4 = (persistent > 0 and device_tma and bool(cfg.get("DESC4"))
              and all(st > 0 or n == 1 for t in (k, v) for st, n in zip(t.stride(), t.shape)))
+    # BOUNDS: a caller's mask walks only the key tiles its rows see, and reads it only where it alters a tile
+    # (mask_bounds; KERNOPT_MASK_BOUNDS=0 reads it on every tile). Not with causal (its own bounds) nor in the
+    # warp-specialised / SPLIT loops.
+    bounds = None
+    if mask_kind and not causal and not warp_spec and not split and env_switch(BOUNDS_ENV, "1"):
+        bounds = mask_bounds(m_arg, mask_kind, BM, BN)
+    b_arg, b_strides = (bounds, (bounds.stride(0), bounds.stride(1))) if bounds is not None else (m_arg, (0, 0))
     if persistent:
         grid = (min(cdiv(Sq, BM) * B * Hq, persistent * sm_count(q.device)),)
     else:
@@ -898,13 +1006,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
         q_arg, k_arg, v_arg, m_arg, out,
         *q.stride(), *k.stride(), *v.stride(), *m_strides,
         out.stride(0), out.stride(1), out.stride(2),
-        Hq, Hq // Hkv, Sq, Skv, D, float(sm_scale) * LOG2E, B * Hq,
+        Hq, Hq // Hkv, Sq, Skv, D, float(sm_scale) * LOG2E, B * Hq, b_arg, *b_strides,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, EVEN_D=(BD == D),
         CAUSAL=bool(causal), MASK_KIND=mask_kind, TMA=tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WARP_SPEC=warp_spec, SPLIT=split, DEVICE_TMA=device_tma, EVEN_N=warp_spec and Skv % BN == 0,
         MIN_MASK=min_mask, PERSISTENT=persistent > 0, DESC4=desc4, PTR_STORE=warp_spec and bool(cfg.get("PTR_STORE")),
-        ACC_MASK=acc_mask, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        ACC_MASK=acc_mask, BOUNDS=bounds is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 

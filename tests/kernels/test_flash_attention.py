@@ -499,3 +499,121 @@ def test_bf16_gpu_all_candidates():
         for cfg in candidate_configs(128, causal, 777, 777, 16, torch.bfloat16):
             out, _ = run(q, k, v, causal=causal, config=cfg)
             assert mismatch(out, ref, torch.bfloat16) is None, cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# BOUNDS: a caller's mask walks only the key tiles its rows see (mask_bounds), unmasked where it alters nothing
+# ------------------------------------------------------------------------------------------------
+def _structured_masks(B, Sq, Skv):
+    """name -> bool keep [B, 1, Sq, Skv] (True = attend): the shapes whose whole tiles the bounds skip."""
+    i = torch.arange(Sq)[:, None]
+    j = torch.arange(Skv)[None, :]
+    pad = torch.randint(0, Sq // 2, (B,))
+    holes = torch.rand(B, 1, Sq, Skv) > 0.4
+    holes[..., : Skv // 3] = False  # a run of whole empty tiles before the random part
+    dead = (j <= i).expand(B, 1, Sq, Skv).clone()
+    dead[:, :, 3:20] = False  # query rows (a whole 16-row block among them) that see no key
+    return {
+        # HF's static-cache prompt: causal from the top left, the cache's unfilled slots hidden
+        "static_cache": (j <= i).expand(B, 1, Sq, Skv),
+        "left_pad_causal": (j <= i)[None, None] & (j[None, None] >= pad[:, None, None, None]),
+        "sliding_window": ((j <= i) & (j > i - 20)).expand(B, 1, Sq, Skv),
+        "holes": holes,
+        "dead_rows": dead,
+        "all": torch.ones(B, 1, Sq, Skv, dtype=torch.bool),
+    }
+
+
+def _bounds_ref(seen: torch.Tensor, plain: torch.Tensor, BM: int, BN: int) -> torch.Tensor:
+    """mask_bounds's definition, row by row in Python: seen / plain [Sq, Skv] bool of one (batch, head)."""
+    Sq, Skv = seen.shape
+    out = []
+    for r0 in range(0, Sq, BM):
+        firsts, ends, pfirst, pend = [], [], [], []
+        for r in range(r0, min(Sq, r0 + BM)):
+            cols = seen[r].nonzero().flatten().tolist()
+            firsts.append(cols[0] if cols else Skv)
+            ends.append(cols[-1] + 1 if cols else 0)
+            pcols = plain[r].nonzero().flatten().tolist()
+            f = pcols[0] if pcols else Skv
+            e = next((c for c in range(f + 1, Skv) if not plain[r, c]), Skv)
+            pfirst.append(f)
+            pend.append(e)
+        lo, hi, flo, fhi = min(firsts), max(ends), max(pfirst), min(pend)
+        if hi <= lo:
+            lo_t = hi_t = 0
+        else:
+            lo_t, hi_t = lo // BN * BN, -(-hi // BN) * BN
+        flo_t, fhi_t = -(-flo // BN) * BN, fhi // BN * BN
+        if hi <= lo or flo_t >= fhi_t:
+            flo_t = fhi_t = hi_t
+        out.append([lo_t, flo_t, fhi_t, hi_t])
+    return torch.tensor(out, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive_inf", "additive_finite"])
+@pytest.mark.parametrize("BM,BN", [(16, 16), (32, 16), (16, 64)])
+def test_mask_bounds_match_their_definition(kind, BM, BN):
+    from kernopt.kernels.flash_attention import _broadcast_mask, mask_bounds
+
+    B, H, Sq, Skv = 2, 3, 45, 71  # neither a multiple of any tile
+    for name, keep in _structured_masks(B, Sq, Skv).items():
+        keep = keep.to(DEVICE)
+        if kind == "bool":
+            mask, arg, mk = keep, keep.view(torch.uint8), 1
+        else:
+            hidden = float("-inf") if kind == "additive_inf" else torch.finfo(torch.float16).min
+            mask = torch.zeros(keep.shape, dtype=torch.float16, device=DEVICE).masked_fill(~keep, hidden)
+            mask[..., ::7, 5] = 0.5  # a finite, non-zero entry: seen, but not plain
+            arg, mk = mask, 2
+        m = _broadcast_mask(arg, (B, H, Sq, Skv))
+        got = torch.full((B, H, -(-Sq // BM), 4), -1, dtype=torch.int32, device=DEVICE)
+        got.copy_(mask_bounds(m, mk, BM, BN))
+        for b in range(B):
+            if kind == "bool":
+                seen = plain = keep[b, 0].cpu()
+            else:
+                mb = mask[b, 0].float().cpu()
+                seen, plain = mb != float("-inf"), mb == 0
+            want = _bounds_ref(seen, plain, BM, BN)
+            for h in range(H):
+                assert torch.equal(got[b, h].cpu(), want), (name, kind, b, h, got[b, h], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("mask_dtype", ["bool", "additive"])
+def test_bounded_masks_match_reference(dtype, mask_dtype, monkeypatch):
+    """Every structured mask, through the bounded loops and with KERNOPT_MASK_BOUNDS=0: the reference's answer
+    either way (rows that see no key: zeros, test_fully_masked_rows_are_zero)."""
+    import kernopt.kernels.flash_attention as fa
+
+    spy = _KwargSpy(fa._flash_attention_fwd)
+    monkeypatch.setattr(fa, "_flash_attention_fwd", spy)
+    B, Sq, Skv = 2, 45, 71
+    q, k, v = make_qkv(B, 4, 2, Sq, Skv, 32, dtype)
+    for name, keep in _structured_masks(B, Sq, Skv).items():
+        keep = keep.to(DEVICE)
+        mask = keep if mask_dtype == "bool" else torch.zeros(
+            keep.shape, dtype=dtype, device=DEVICE).masked_fill(~keep, float("-inf"))
+        for bounds in ("1", "0"):
+            monkeypatch.setenv("KERNOPT_MASK_BOUNDS", bounds)
+            spy.calls.clear()
+            out, ref = run(q, k, v, mask=mask)
+            assert spy.calls[-1]["BOUNDS"] is (bounds == "1"), name
+            ref = torch.nan_to_num(ref, nan=0.0)  # the reference's rows without a key are 0/0
+            assert_close(out, ref, dtype), (name, bounds)
+
+
+def test_bounds_only_where_the_loops_take_them(monkeypatch):
+    import kernopt.kernels.flash_attention as fa
+
+    spy = _KwargSpy(fa._flash_attention_fwd)
+    monkeypatch.setattr(fa, "_flash_attention_fwd", spy)
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 32, torch.float16)
+    keep = padding_mask(1, 40)
+    for mask, causal, cfg, want in ((keep, False, SMALL, True), (keep, True, SMALL, False),
+                                    (None, False, SMALL, False), (keep, False, SPLIT, False)):
+        spy.calls.clear()
+        out, ref = run(q, k, v, mask=mask, causal=causal, config=cfg)
+        assert spy.calls[-1]["BOUNDS"] is want, (mask is None, causal, cfg)
+        assert_close(out, torch.nan_to_num(ref, nan=0.0), torch.float16)
