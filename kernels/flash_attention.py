@@ -495,13 +495,10 @@ def _flash_tile(
                                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL or not EVEN_N, CAUSAL, MASK_KIND,
                                        TMA, DOT_PRECISION, True, TILE_KV_DESC, MIN_MASK, ACC_MASK)
         elif BOUNDS:
-            # A caller's mask with its key bounds per row block (mask_bounds): tiles no row of the block sees are
+            # A caller's mask with its key bounds per row block (mask_rows): tiles no row of the block sees are
             # skipped, the tiles every row sees in full ([flo, fhi)) run without the mask, the rest read it.
-            bnd = Bounds + b64 * stride_bb + h.to(tl.int64) * stride_bh + pid_m * 4
-            lo = tl.load(bnd)
-            flo = tl.load(bnd + 1)
-            fhi = tl.load(bnd + 2)
-            hi = tl.load(bnd + 3)
+            lo, flo, fhi, hi = _row_block_bounds(Bounds + b64 * stride_bb + h.to(tl.int64) * stride_bh, offs_m,
+                                                 seq_q, seq_k, BLOCK_N)
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                        offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, lo, flo,
@@ -558,21 +555,20 @@ def _flash_tile(
 
 
 @triton.jit
-def _mask_bounds_kernel(Mask, Bounds, stride_mb, stride_mh, stride_mm, stride_mn, stride_bb, stride_bh, n_heads,
-                        seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                        MASK_KIND: tl.constexpr):
-    """Per BLOCK_M-row block of a caller's mask, the key range the flash kernel walks (mask_bounds)."""
-    pid_m = tl.program_id(0)
+def _mask_rows_kernel(Mask, Rows, stride_mb, stride_mh, stride_mm, stride_mn, stride_rb, stride_rh, n_heads,
+                      seq_q, seq_k, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Per query row of a caller's mask, where its visible keys lie (mask_rows); BLOCK_R rows a program."""
+    pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < seq_q
     base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-    first_seen = tl.full([BLOCK_M], seq_k, tl.int32)   # first visible key of each row
-    seen_end = tl.zeros([BLOCK_M], tl.int32)           # one past its last visible key
-    first_plain = tl.full([BLOCK_M], seq_k, tl.int32)  # first key the mask leaves as it is (True / 0.0)
-    plain_end = tl.full([BLOCK_M], seq_k, tl.int32)    # the first key after that one it does not
+    first_seen = tl.full([BLOCK_R], seq_k, tl.int32)   # first visible key of each row
+    seen_end = tl.zeros([BLOCK_R], tl.int32)           # one past its last visible key
+    first_plain = tl.full([BLOCK_R], seq_k, tl.int32)  # first key the mask leaves as it is (True / 0.0)
+    plain_end = tl.full([BLOCK_R], seq_k, tl.int32)    # the first key after that one it does not
     for start in range(0, seq_k, BLOCK_W):
         cols = start + tl.arange(0, BLOCK_W)
         ok = row_ok[:, None] & (cols[None, :] < seq_k)
@@ -584,31 +580,36 @@ def _mask_bounds_kernel(Mask, Bounds, stride_mb, stride_mh, stride_mm, stride_mn
             mf = m.to(tl.float32)
             seen = ok & (mf != float("-inf"))
             plain = ok & (mf == 0.0)
-        c = cols[None, :] + tl.zeros([BLOCK_M, BLOCK_W], tl.int32)
+        c = cols[None, :] + tl.zeros([BLOCK_R, BLOCK_W], tl.int32)
         first_seen = tl.minimum(first_seen, tl.min(tl.where(seen, c, seq_k), 1))
         seen_end = tl.maximum(seen_end, tl.max(tl.where(seen, c + 1, 0), 1))
         first_plain = tl.minimum(first_plain, tl.min(tl.where(plain, c, seq_k), 1))
         plain_end = tl.minimum(plain_end, tl.min(tl.where(ok & (~plain) & (c > first_plain[:, None]), c, seq_k), 1))
-    lo = tl.min(tl.where(row_ok, first_seen, seq_k), 0)
-    hi = tl.max(tl.where(row_ok, seen_end, 0), 0)
-    flo = tl.max(tl.where(row_ok, first_plain, 0), 0)
-    fhi = tl.min(tl.where(row_ok, plain_end, seq_k), 0)
-    # in whole key tiles: [lo_t, hi_t) covers every visible key, [flo_t, fhi_t) lies inside every row's plain run
-    lo_t = lo // BLOCK_N * BLOCK_N
-    hi_t = tl.cdiv(hi, BLOCK_N) * BLOCK_N
+    out = Rows + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh + rows * 4
+    tl.store(out, first_seen, mask=row_ok)
+    tl.store(out + 1, seen_end, mask=row_ok)
+    tl.store(out + 2, first_plain, mask=row_ok)
+    tl.store(out + 3, plain_end, mask=row_ok)
+
+
+@triton.jit
+def _row_block_bounds(rows_base, offs_m, seq_q, seq_k, BLOCK_N: tl.constexpr):
+    """(lo, flo, fhi, hi), multiples of BLOCK_N, from mask_rows's rows offs_m: every key some row sees lies in
+    [lo, hi); every key in [flo, fhi) is seen unaltered by every row (flo = fhi = hi when no tile is); [0, 0) when
+    no row sees a key."""
+    ok = offs_m < seq_q
+    p = rows_base + offs_m * 4
+    lo = tl.min(tl.load(p, mask=ok, other=seq_k), 0)
+    hi = tl.max(tl.load(p + 1, mask=ok, other=0), 0)
+    flo = tl.max(tl.load(p + 2, mask=ok, other=0), 0)
+    fhi = tl.min(tl.load(p + 3, mask=ok, other=seq_k), 0)
     empty = hi <= lo
-    lo_t = tl.where(empty, 0, lo_t)
-    hi_t = tl.where(empty, 0, hi_t)
+    lo_t = tl.where(empty, 0, lo // BLOCK_N * BLOCK_N)
+    hi_t = tl.where(empty, 0, tl.cdiv(hi, BLOCK_N) * BLOCK_N)
     flo_t = tl.cdiv(flo, BLOCK_N) * BLOCK_N
     fhi_t = fhi // BLOCK_N * BLOCK_N
     none = empty | (flo_t >= fhi_t)
-    flo_t = tl.where(none, hi_t, flo_t)
-    fhi_t = tl.where(none, hi_t, fhi_t)
-    out = Bounds + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh + pid_m * 4
-    tl.store(out, lo_t)
-    tl.store(out + 1, flo_t)
-    tl.store(out + 2, fhi_t)
-    tl.store(out + 3, hi_t)
+    return lo_t, tl.where(none, hi_t, flo_t), tl.where(none, hi_t, fhi_t), hi_t
 
 
 # --------------------------------------------------------------------------------------------------
@@ -883,23 +884,22 @@ def _descriptor_ok(t: torch.Tensor) -> bool:
 BOUNDS_ENV = "KERNOPT_MASK_BOUNDS"
 
 
-def mask_bounds(m: torch.Tensor, mask_kind: int, block_m: int, block_n: int) -> torch.Tensor:
-    """int32 [Bm, Hm, cdiv(Sq, block_m), 4] for a mask broadcast to [B, H, Sq, Skv] (Bm / Hm: 1 where the mask is
-    broadcast over that dim): per row block, key tile bounds lo <= flo <= fhi <= hi (multiples of block_n). Every
-    key some row of the block sees lies in [lo, hi); every key in [flo, fhi) is seen, unaltered (bool True, float
-    0.0), by every row (flo = fhi = hi when there is no such tile). A block whose rows see no key gets [0, 0)."""
+def mask_rows(m: torch.Tensor, mask_kind: int) -> torch.Tensor:
+    """int32 [Bm, Hm, Sq, 4] for a mask broadcast to [B, H, Sq, Skv] (Bm / Hm: 1 where it is broadcast over that
+    dim; the result expanded back to B / H): per query row, its first visible key, one past its last, its first key
+    the mask leaves unaltered (bool True, float 0.0) and the first key after that one it alters or hides (Skv for
+    none). The flash kernel reduces a row block's rows to the key tiles it walks (_row_block_bounds).
+
+    Many small programs (4 rows x 1024 keys a step): the pass over the mask is a few us, not a latency chain."""
     B, H, Sq, Skv = m.shape
     bm = 1 if m.stride(0) == 0 else B
     hm = 1 if m.stride(1) == 0 else H
-    out = torch.empty((bm, hm, cdiv(Sq, block_m), 4), dtype=torch.int32, device=m.device)
-    _mask_bounds_kernel[(cdiv(Sq, block_m), bm * hm)](
+    out = torch.empty((bm, hm, Sq, 4), dtype=torch.int32, device=m.device)
+    rows = 4
+    _mask_rows_kernel[(cdiv(Sq, rows), bm * hm)](
         m, out, *m.stride(), out.stride(0), out.stride(1), hm, Sq, Skv,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=64, MASK_KIND=mask_kind, num_warps=4)
-    if bm == 1:
-        out = out.expand(B, hm, -1, -1)
-    if hm == 1:
-        out = out.expand(out.shape[0], H, -1, -1)
-    return out
+        BLOCK_R=rows, BLOCK_W=min(1024, max(16, next_power_of_2(Skv))), MASK_KIND=mask_kind, num_warps=4)
+    return out.expand(B, H, Sq, 4)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -992,11 +992,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     desc4 = (persistent > 0 and device_tma and bool(cfg.get("DESC4"))
              and all(st > 0 or n == 1 for t in (k, v) for st, n in zip(t.stride(), t.shape)))
     # BOUNDS: a caller's mask walks only the key tiles its rows see, and reads it only where it alters a tile
-    # (mask_bounds; KERNOPT_MASK_BOUNDS=0 reads it on every tile). Not with causal (its own bounds) nor in the
+    # (mask_rows, _row_block_bounds; KERNOPT_MASK_BOUNDS=0 reads it on every tile). Not with causal (its own bounds) nor in the
     # warp-specialised / SPLIT loops.
     bounds = None
     if mask_kind and not causal and not warp_spec and not split and env_switch(BOUNDS_ENV, "1"):
-        bounds = mask_bounds(m_arg, mask_kind, BM, BN)
+        bounds = mask_rows(m_arg, mask_kind)
     b_arg, b_strides = (bounds, (bounds.stride(0), bounds.stride(1))) if bounds is not None else (m_arg, (0, 0))
     if persistent:
         grid = (min(cdiv(Sq, BM) * B * Hq, persistent * sm_count(q.device)),)
