@@ -367,8 +367,9 @@ def _flash_attention_fwd(
                             SPLIT, DEVICE_TMA, EVEN_N, MIN_MASK, DESC4, PTR_STORE, ACC_MASK, Bounds, stride_bb,
                             stride_bh, BOUNDS)
     else:
-        # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
-        pid_m = n_mblocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+        # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work; the same for a
+        # bounded caller mask (BOUNDS), whose usual form is causal too (HF's static-cache prompt).
+        pid_m = n_mblocks - 1 - tl.program_id(0) if CAUSAL or BOUNDS else tl.program_id(0)
         _flash_tile(pid_m, tl.program_id(1), Q, K, V, Mask, Out,
                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
