@@ -495,35 +495,31 @@ def _flash_tile(
                                        qk_scale, 0, end,
                                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CAUSAL or not EVEN_N, CAUSAL, MASK_KIND,
                                        TMA, DOT_PRECISION, True, TILE_KV_DESC, MIN_MASK, ACC_MASK)
-        elif BOUNDS:
-            # A caller's mask with its key bounds per row block (mask_rows): tiles no row of the block sees are
-            # skipped, the tiles every row sees in full ([flo, fhi)) run without the mask, the rest read it.
-            lo, flo, fhi, hi = _row_block_bounds(Bounds + b64 * stride_bb + h.to(tl.int64) * stride_bh, offs_m,
-                                                 seq_q, seq_k, BLOCK_N)
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                                       offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, lo, flo,
-                                       BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, CAUSAL, MASK_KIND, TMA,
-                                       DOT_PRECISION, False, TILE_KV_DESC)
+        else:
+            # Key tiles [flo, fhi) need no mask, [lo, flo) and [fhi, hi) do. Causal / sequence end: [0, full_end)
+            # and [full_end, end). BOUNDS (a caller's mask with its key bounds per row block, mask_rows): tiles no
+            # row of the block sees are skipped, the tiles every row sees unaltered run without the mask.
+            lo = 0
+            flo = 0
+            fhi = full_end
+            hi = end
+            MID_MASK: tl.constexpr = 0 if BOUNDS else MASK_KIND
+            if BOUNDS:
+                lo, flo, fhi, hi = _row_block_bounds(Bounds + b64 * stride_bb + h.to(tl.int64) * stride_bh, offs_m,
+                                                     seq_q, seq_k, BLOCK_N)
+                acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
+                                           stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                           offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, lo, flo,
+                                           BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, CAUSAL, MASK_KIND, TMA,
+                                           DOT_PRECISION, False, TILE_KV_DESC)
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                        offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, flo, fhi,
-                                       BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, CAUSAL, 0, TMA,
+                                       BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, CAUSAL, MID_MASK, TMA,
                                        DOT_PRECISION, False, TILE_KV_DESC)
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                        offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, fhi, hi,
-                                       BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, CAUSAL, MASK_KIND, TMA,
-                                       DOT_PRECISION, False, TILE_KV_DESC)
-        else:
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                                       offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, 0, full_end,
-                                       BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, CAUSAL, MASK_KIND, TMA,
-                                       DOT_PRECISION, False, TILE_KV_DESC)
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, Mask, b, kv_h, k_base, v_base, m_base,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                                       offs_m, offs_d, d_ok, seq_q, seq_k, causal_shift, qk_scale, full_end, end,
                                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, CAUSAL, MASK_KIND, TMA,
                                        DOT_PRECISION, False, TILE_KV_DESC)
         # Rows that saw no key (l = 0) write 0, not 0/0.

@@ -76,10 +76,10 @@ def _backed_elements(t: torch.Tensor) -> int:
     """Elements a strided tensor spans in memory (an expand's stride-0 dims cost nothing)."""
     if t.numel() == 0:
         return 0
-    return 1 + sum((size_hint_int(s) - 1) * abs(size_hint_int(st)) for s, st in zip(t.shape, t.stride()))
+    return 1 + sum((_static_size(s) - 1) * abs(_static_size(st)) for s, st in zip(t.shape, t.stride()))
 
 
-def size_hint_int(v: Any) -> int:
+def _static_size(v: Any) -> int:
     s = static_int(v)
     if s is None:
         raise _NotConstant("a dynamic size")
@@ -196,6 +196,7 @@ def fold_constant_masks(gm: fx.GraphModule, ctx: PassContext, pass_name: str = "
     if not fold_enabled():
         return
     verdicts: dict[fx.Node, tuple[Optional[torch.Tensor], Optional[list[fx.Node]], str]] = {}
+    reported: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
         if not is_flash_attention(node) or len(node.args) < 6 or node.kwargs:
             continue
@@ -222,7 +223,11 @@ def fold_constant_masks(gm: fx.GraphModule, ctx: PassContext, pass_name: str = "
             if kind is None:
                 reason = "neither all-attend nor exactly bottom-right causal"
         if kind is None:
-            ctx.refused(pass_name, node, f"constant mask fold ({mask.name})", f"mask kept: {reason}")
+            if mask not in reported:  # once per mask: every layer of a model reads the same one
+                reported.add(mask)
+                users = sum(1 for u in mask.users if is_flash_attention(u))
+                ctx.refused(pass_name, node, f"constant mask fold ({mask.name}, {users} attention call(s))",
+                            f"mask kept: {reason}")
             continue
         new_causal = causal or kind == "causal"
         node.update_arg(3, None)

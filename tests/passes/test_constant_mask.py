@@ -221,3 +221,17 @@ def test_classify():
     assert classify(per_batch[:, None], s, s) is None  # one batch differs
     assert classify(torch.ones(9, s, dtype=torch.bool).tril(s - 9), 9, s) is None  # Sq > Skv
     assert classify(torch.zeros(s, s, dtype=torch.bool), s, s) is None
+
+
+def test_a_kept_mask_is_reported_once():
+    """Every layer reads the model's one mask: explain() says once why it stays, not once per layer."""
+    q, k, v = _qkv(1, 2, 2, 12, 12, 16, torch.float32)
+
+    def two_layers(q, k, v, m):
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        return F.scaled_dot_product_attention(h, k, v, attn_mask=m)
+
+    torch._dynamo.reset()
+    report = kernopt.explain(two_layers, q, k, v, torch.ones(12, 12, dtype=torch.bool, device=DEV).tril())
+    kept = _kept(report)
+    assert len(kept) == 1 and "2 attention call(s)" in kept[0].matched, report.table()
