@@ -7,6 +7,12 @@ The key range is split in two loops: tiles every row of the block sees in full (
 all) and the few tiles on the causal diagonal / sequence end (masked). Tiles that no row sees are never
 visited. GQA/MQA read KV head `h // (Hq // Hkv)`; K/V are never repeated.
 
+A caller's mask (not causal, not warp-specialised) gets the same treatment from its contents ("BOUNDS",
+KERNOPT_MASK_BOUNDS): `mask_rows` first reads, per query row, where its visible keys and its run of keys the mask
+leaves unaltered lie; each row block reduces its rows to the key tiles it walks (_row_block_bounds), reads the mask
+only on tiles some row needs it for, and skips the rest. HF's static-cache prompt mask (causal over the prompt, the
+unfilled cache hidden) then costs about what causal does (benchmarks/NOTES.md, nineteenth session).
+
 Layouts: q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], any strides (HF hands q as a transpose of
 [B, S, H, D]). mask None, bool (True = attend, SDPA semantics) or additive float, broadcastable to
 [B, Hq, Sq, Skv] (read through stride-0 dims, never materialised). Causal is aligned bottom-right:
