@@ -55,7 +55,10 @@ def test_cpu_smoke_runs_every_system_without_recompiles(tmp_path, capsys, no_cud
     for case, row in rows.items():
         assert "errors" not in row and "warnings" not in row, (case, row)
         assert set(row["results"]) == set(COMPILED), (case, row["results"])
-        assert all(v > 0 for v in row["results"].values()), (case, row["results"])
+        # the decode step is a difference of two timings (generate of N tokens minus generate of 1), clipped at 0:
+        # on a loaded CPU it can come out 0 (seen once, 2026-11-30, with other test runs beside it)
+        floor_ok = (lambda v: v >= 0) if case.endswith("decode step bs1") else (lambda v: v > 0)
+        assert all(floor_ok(v) for v in row["results"].values()), (case, row["results"])
     decode = rows["tiny decode bs1"]["dynamo"]
     for system in COMPILED:
         # The decode step was compiled in the first generate call (else "no recompiles" would prove nothing) ...

@@ -430,3 +430,46 @@ def test_optimize_int4_packs_linears_sharing_an_input_and_groups_them(grouping, 
             assert len({p.untyped_storage().data_ptr() for p in parts}) == 1
             assert ops.adjacent_view(parts) is not None
     assert sorted(r.matched.split(" ")[0] for r in grouped) == ["2", "2", "3", "3"], report.table()
+
+
+def test_static_cache_prompt_with_padding_takes_the_bounded_mask(monkeypatch):
+    """generate's compiled prompt under a static cache: its mask depends on inputs (cache_position, the padding),
+    so it stays a mask, and flash_attention walks it with BOUNDS (kernels/flash_attention.py); the left-padded
+    batch still gives eager's tokens."""
+    import kernopt.hf  # noqa: F401  (loaded lazily)
+    import kernopt.kernels.flash_attention as fa
+
+    launches = []
+    kernel = fa._flash_attention_fwd
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(fa, "_flash_attention_fwd", Spy())
+    monkeypatch.delenv("KERNOPT_CPU")  # the kernels under the interpreter here, not this directory's references
+    monkeypatch.setattr(kernopt.hf, "PREFILL_COMPILE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setenv("KERNOPT_COMPILE_PREFILL", "1")
+    monkeypatch.setenv("KERNOPT_PREFILL_CUDA_GRAPHS", "0")
+    model = tiny_llama()
+    ids = torch.randint(1, 97, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    ids[0, :4] = 0
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        want_logits = model(ids, attention_mask=mask).logits
+        kernopt.optimize(model, cache="static", inner="eager")
+        model.generation_config.compile_config._compile_all_devices = True
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        launched = len(launches)
+        logits = model(ids, attention_mask=mask).logits  # the compiled prompt forward, no cache: the same mask form
+    assert torch.equal(got, want)
+    assert any(kw.get("BOUNDS") for kw in launches[:launched]), [kw.get("BOUNDS") for kw in launches]
+    assert any(kw.get("BOUNDS") for kw in launches[launched:]), [kw.get("BOUNDS") for kw in launches]
+    # the real positions (padding rows are HF's garbage either way)
+    torch.testing.assert_close(logits[1], want_logits[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[0, 4:], want_logits[0, 4:], rtol=1e-4, atol=1e-4)
