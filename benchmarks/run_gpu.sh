@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session: install, run the GPU tests, run the benchmark suites; everything lands in $OUT (or ./gpu_out).
-#   bash benchmarks/run_gpu.sh [tests[:pytest args]][@secs] [suite[:--flag,value]][@secs] ...
+#   bash benchmarks/run_gpu.sh [tests[:pytest args]][@secs] [pytest:files[,args]][@secs] [suite[:--flag,value]][@secs] ...
+#   tests runs `pytest -m gpu` (the gpu-marked tests only); pytest runs every test of what it is given, on the GPU
+#   (unmarked tests too: they run the Triton kernels there instead of the interpreter).
 #   suites: gemm attention decode gemm_int4 gemm_fp8 llama; commas in the args become spaces (and in tests
 #   args '~' a space inside one argument: tests:-k,not~llama_shapes); @secs is that step's timeout (default
 #   $STEP_TIMEOUT, 150 s). Example:
@@ -36,11 +38,12 @@ for arg in "$@"; do
   [ "$what" != "$arg" ] && limit=${arg##*@}
   step=${what%%:*}; extra=""
   [ "$step" != "$what" ] && extra=${what#*:} && extra=${extra//,/ }   # gemm:--rep,50 -> --rep 50
-  if [ "$step" = tests ]; then
+  if [ "$step" = tests ] || [ "$step" = pytest ]; then
     log="$OUT/logs/gpu_tests_$n.log"
     args=()
+    [ "$step" = tests ] && args+=(-m gpu)
     for a in $extra; do args+=("${a//\~/ }"); done   # '~' is a space inside one argument: -k,not~slow
-    timeout "$limit" pytest -m gpu -q -p no:cacheprovider "${args[@]}" 2>&1 | tail -n 80 > "$log"; rc=${PIPESTATUS[0]}
+    timeout "$limit" pytest -q -p no:cacheprovider "${args[@]}" 2>&1 | tail -n 80 > "$log"; rc=${PIPESTATUS[0]}
     tail -n 25 "$log"
   else
     log="$OUT/logs/bench_${step}_$n.log"
