@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from kernopt import ops
 from kernopt.kernels.host import env_switch
-from kernopt.passes.graph import PassContext, example_value, static_int
+from kernopt.passes.graph import PassContext, erase_unused, example_value, static_int
 
 FOLD_ENV = "KERNOPT_MASK_FOLD"
 # The most elements the fold computes at compile time (a node's backing storage, or the mask it compares):
@@ -185,17 +185,12 @@ def _lengths(node: fx.Node) -> Optional[tuple[int, int]]:
     return None if sq is None or skv is None else (sq, skv)
 
 
-def _erase_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
-    for n in reversed(nodes):  # users before what they use
-        if not n.users and n.graph is gm.graph:
-            gm.graph.erase_node(n)
-
-
 def fold_constant_masks(gm: fx.GraphModule, ctx: PassContext, pass_name: str = "attention") -> None:
     """Fold each constant mask of the graph's flash_attention calls (module docstring); record what was done."""
     if not fold_enabled():
         return
     verdicts: dict[fx.Node, tuple[Optional[torch.Tensor], Optional[list[fx.Node]], str]] = {}
+    kinds: dict[tuple, Optional[str]] = {}  # (mask, Sq, Skv) -> classify's answer: one check for all the layers
     reported: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
         if not is_flash_attention(node) or len(node.args) < 6 or node.kwargs:
@@ -219,7 +214,9 @@ def fold_constant_masks(gm: fx.GraphModule, ctx: PassContext, pass_name: str = "
         if keep is not None and lengths is None:
             reason = "dynamic query / key lengths"
         elif keep is not None:
-            kind = classify(keep, *lengths)
+            if (mask, *lengths) not in kinds:
+                kinds[(mask, *lengths)] = classify(keep, *lengths)
+            kind = kinds[(mask, *lengths)]
             if kind is None:
                 reason = "neither all-attend nor exactly bottom-right causal"
         if kind is None:
@@ -236,4 +233,4 @@ def fold_constant_masks(gm: fx.GraphModule, ctx: PassContext, pass_name: str = "
                     f"mask=None causal={new_causal}", implementation=ops.implementation(example_value(node.args[0])))
     for mask, (_, nodes, _) in verdicts.items():
         if nodes is not None and not mask.users:
-            _erase_unused(gm, nodes)
+            erase_unused(gm, nodes)

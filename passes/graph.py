@@ -125,12 +125,17 @@ def replace(gm: fx.GraphModule, old: fx.Node, target: Callable, args: tuple, dea
     new.meta.update({k: v for k, v in old.meta.items() if k in ("example_value", "val", "stack_trace",
                                                                 "nn_module_stack", "source_fn_stack")})
     old.replace_all_uses_with(new)
+    erase_unused(gm, [old, *dead])
+    return new
+
+
+def erase_unused(gm: fx.GraphModule, nodes: Iterable[Any]) -> None:
+    """Erase the call nodes among `nodes` (still in gm's graph) that are left without users, users first."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    doomed = {n for n in [old, *dead] if isinstance(n, fx.Node) and n in order}
+    doomed = {n for n in nodes if isinstance(n, fx.Node) and n in order}
     for n in sorted(doomed, key=order.__getitem__, reverse=True):  # users before what they use
         if n.op in ("call_function", "call_method") and not n.users:
             gm.graph.erase_node(n)
-    return new
 
 
 def insert_before(gm: fx.GraphModule, anchor: fx.Node, target: Callable, args: tuple,
