@@ -25,6 +25,13 @@ kernel differs only where its summation order or rsqrt moves the norm by an ulp.
 the norm's output or an intermediate has another user (the norm must then stay); a norm whose eps is not a
 constant (torch.compile(dynamic=True) lifts float attributes to inputs) is not recognised and stays unfused.
 
+Prompt lane (graphs without CUDA graphs, PROMPT_ENV): a kernopt op's Python (dispatch, config, Triton launch with
+tensor descriptors) costs ~100+ us of host time a call, and a compiled forward that runs without CUDA graphs pays it
+on the critical path (see PROMPT_ENV below for the H200 numbers). There, an `fp8_linear` of a static PROMPT_MIN_ROWS
+rows or more becomes `prompt_linear`: torch._scaled_mm (cuBLAS, row-wise scales) on the graph's own per-token
+quantization, one quantization per input shared by every linear that reads it, all plain torch that Inductor fuses
+and launches from its generated code. Same math as the reference (the quantization's very ops; fp32 accumulation).
+
 Guard: e4m3fn operands (e5m2 refused), 2-D weight, fp32-convertible scales of the shapes above, 1-D bias of
 width N, float output dtype, intermediates used only by the pattern. Refused with a reason:
 per-input-channel scales; `_scaled_mm` with scale_result or without out_dtype; and weight-only fp8
@@ -34,6 +41,7 @@ which would move the result by a few percent, so that stays as written (never wr
 from __future__ import annotations
 
 import operator
+import os
 from typing import Optional
 
 import torch
@@ -166,6 +174,7 @@ class Fp8Pass:
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         self._linear_records: dict[fx.Node, object] = {}  # fp8_linear node -> its Rewrite record
+        self._lane_inputs: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}  # x -> the (codes, scale) its lane linears share
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node.op not in ("call_function", "call_method"):
                 continue
@@ -418,6 +427,8 @@ class Fp8Pass:
         quant = self._quantized_from(m.a8, m.sa) if m.w8 is not None else None
         x, chain = quant if quant is not None else (None, [])
         if x is not None and m.out_dtype == _dtype_of(x):
+            if self._prompt_lane(gm, ctx, m, x, chain, lead, n, k):
+                return
             sw = self._as_fp32(gm, anchor, m.sw)
             impl = ops.implementation(example_value(x))
             new = replace(gm, m.tail, torch.ops.kernopt.fp8_linear.default, (x, m.w8, sw, m.bias),
@@ -455,6 +466,39 @@ class Fp8Pass:
                     self._config(m_hint, n, k_hint, impl), workload.resolve_scenario(ctx.scenario, tokens=m_hint),
                     impl)
 
+
+    def _prompt_lane(self, gm, ctx, m: _Fp8Matmul, x: fx.Node, chain: list, lead: tuple, n: int, k) -> bool:
+        """The per-token-quantized linear as `prompt_linear` (module docstring) when the graph runs without CUDA
+        graphs and has a static PROMPT_MIN_ROWS rows or more; False (the kernel) otherwise, with the reason when
+        the rows qualified but the lane cannot take the operands."""
+        if ctx.cuda_graphs or prompt_mode() != "auto":
+            return False
+        dims = [static_int(d) for d in lead]
+        if any(d is None for d in dims):
+            return False
+        rows = 1
+        for d in dims:
+            rows *= d
+        if rows < PROMPT_MIN_ROWS:
+            return False
+        matched = f"quant_rows(x) -> {m.form} M={rows} N={n} K={size_hint(k)}"
+        bias = m.bias
+        if is_call(bias, "float", "to") and bias.args and isinstance(bias.args[0], fx.Node) and \
+                _dtype_of(bias.args[0]) == m.out_dtype and _dtype_of(bias) == torch.float32:
+            bias = bias.args[0]  # the reference's bias.float(): _scaled_mm adds the bf16 bias in fp32 itself
+        reason = _lane_refusal(m, x, bias, n, k)
+        if reason:
+            ctx.refused(PROMPT_PASS_NAME, m.tail, matched, f"kernopt.fp8_linear instead: {reason}")
+            return False
+        codes, scale = self._lane_inputs.setdefault(x, (m.a8, m.sa))
+        sw = self._as_fp32(gm, m.tail, m.sw)
+        replace(gm, m.tail, prompt_linear, (codes, scale, m.w8, sw, bias, m.out_dtype), dead=m.dead + chain + [m.bias])
+        on_gpu = example_value(x).is_cuda
+        ctx.rewrote(self.name, m.tail, matched, "torch._scaled_mm (prompt lane)",
+                    "row-wise scales" + ("" if codes is m.a8 else ", input quantization shared"),
+                    workload.scenario_for_activation(ctx.scenario, [size_hint(d) for d in example_value(x).shape]),
+                    "cuBLAS" if on_gpu else "torch")
+        return True
 
     # ---------------------------------------------------------------------------------------------
     # RMSNorm feeding only fp8 linears -> one rmsnorm_quant_fp8 (the norm and the quantization in one pass)
@@ -606,6 +650,61 @@ def _norm_users_refusal(out: fx.Node, linears: list) -> Optional[str]:
         if is_call(user, "size", "dim") or (is_call(user, getattr) and user.args[1:] == ("shape",)):
             continue
         return f"the norm's output also feeds {describe(user)}, which needs it unquantized"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# The prompt lane
+# ------------------------------------------------------------------------------------------------
+# Who runs a per-token-quantized fp8 linear (kernopt.fp8.Fp8Linear's form) in a graph without CUDA graphs (a plain
+# torch.compile(model, backend="kernopt") of a prompt, the llama suite's `prefill b1 s2048`):
+# - "auto" (default): linears of a static PROMPT_MIN_ROWS rows or more take `prompt_linear` (torch._scaled_mm on the
+#   graph's own quantization, Inductor's launches); fewer or symbolic rows (a dynamic graph may meet one row, a decode
+#   step) and graphs under CUDA graphs keep kernopt.fp8_linear. Why: on the H200 the 8B fp8 prompt forward had 33.3 ms
+#   of kernels in a call that returned after 41.6 ms and finished after 44.3 (profiles/profile-8B-kernopt_fp8-forward-
+#   0562e2f.txt: 10 kernopt ops a layer, ~130 us of host each), against 52.2 ms of kernels for bf16.
+# - "kernel": kernopt.fp8_linear at every row count (the llama suite's kernopt_fp8_prompt_kernel system).
+PROMPT_ENV = "KERNOPT_FP8_PROMPT"
+PROMPT_MODES = ("auto", "kernel")
+PROMPT_MIN_ROWS = 192  # as the int4 pass's prompt lane (passes/int4.py PROMPT_AUTO_MIN_ROWS)
+PROMPT_PASS_NAME = "fp8_prompt"
+
+
+def prompt_mode() -> str:
+    v = os.environ.get(PROMPT_ENV, "auto")
+    if v not in PROMPT_MODES:
+        raise ValueError(f"{PROMPT_ENV}={v!r}; valid: {', '.join(map(repr, PROMPT_MODES))}")
+    return v
+
+
+def prompt_linear(codes: torch.Tensor, scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+                  bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """fp8_linear on a quantized input, as torch._scaled_mm: codes [.., K] e4m3 with scale [.., 1] fp32 (the
+    per-token quantization), w8 [N, K] e4m3, w_scale [N] fp32; -> [.., N] in out_dtype. Plain torch, traced by
+    Inductor like the rest of the graph."""
+    k = codes.shape[-1]
+    y = torch._scaled_mm(codes.reshape(-1, k), w8.t(), scale_a=scale.reshape(-1, 1),
+                         scale_b=w_scale.reshape(1, -1), bias=bias, out_dtype=out_dtype)
+    return y.reshape(*codes.shape[:-1], w8.shape[0])
+
+
+def _lane_refusal(m: _Fp8Matmul, x: fx.Node, bias: Optional[fx.Node], n: int, k) -> Optional[str]:
+    """Why prompt_linear cannot take this linear (None when it can): what CUDA's row-wise _scaled_mm accepts."""
+    xv, wv, sv = example_value(x), example_value(m.w8), example_value(m.sw)
+    if m.out_dtype != torch.bfloat16:
+        return f"{m.out_dtype} output: row-wise torch._scaled_mm writes bf16 only"
+    if size_hint(k) % 16 or n % 16:
+        return f"K={size_hint(k)}, N={n}: torch._scaled_mm needs multiples of 16"
+    if sv is None or sv.numel() != n:
+        return f"weight scale of shape {_shape(m.sw)}: the lane takes a per-channel scale of N={n} entries"
+    if wv is None or not wv.is_contiguous():
+        return "weight is not a contiguous [N, K] tensor"
+    if bias is not None and _dtype_of(bias) != torch.bfloat16:
+        return f"bias of {_dtype_of(bias)}: torch._scaled_mm adds a bias of its output dtype"
+    if xv.is_cuda and torch.cuda.get_device_capability(xv.device) < (8, 9):
+        return "GPU without fp8 tensor cores (sm_89+)"
+    if xv.device.type not in ("cuda", "cpu"):
+        return f"device {xv.device.type}"
     return None
 
 

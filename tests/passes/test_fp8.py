@@ -334,3 +334,113 @@ def test_tiny_llama_fuses_both_norms_per_layer(monkeypatch):
     # on the GPU a last-bit difference in the norm (summation order) can move a code by one e4m3 step, which
     # two layers carry to the logits at well under a percent of their scale
     _close(got, unfused, rel=2e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The prompt lane: graphs without CUDA graphs, static rows >= PROMPT_MIN_ROWS -> torch._scaled_mm
+# ------------------------------------------------------------------------------------------------
+LANE = "torch._scaled_mm (prompt lane)"
+
+
+def _spy_compile(m, x, options=None):
+    """Compile m with the kernopt backend (rest of the graph eager); the output and the rewritten graph's nodes."""
+    graphs = []
+
+    def spy(gm, example_inputs):
+        from kernopt.backend import kernopt_backend
+
+        out = kernopt_backend(gm, example_inputs, options={"inner": "eager", **(options or {})})
+        graphs.append(gm)
+        return out
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(m, backend=spy)(x)
+    return got, [n for g in graphs for n in g.graph.nodes]
+
+
+def test_prompt_lane_takes_prompt_rows_and_shares_the_quantization():
+    from kernopt.passes.fp8 import PROMPT_MIN_ROWS, prompt_linear
+
+    torch.manual_seed(0)
+    m = quantize_fp8_(NormQKV(d=64), skip=()).to(DEV).to(torch.bfloat16)  # v has a bias
+    x = torch.randn(2, 100, 64, device=DEV).to(torch.bfloat16)
+    assert 200 >= PROMPT_MIN_ROWS
+    report = kernopt.explain(m, x, options={"inner": "eager"})
+    _no_pass_errors(report)
+    lane = _fp8_rewrites(report, LANE)
+    assert len(lane) == 3 and all("M=200" in r.matched for r in lane), report.table()
+    assert sum("shared" in r.config for r in lane) == 2, report.table()  # q quantizes; k and v reuse its codes
+    assert not _fp8_rewrites(report, "kernopt.fp8_linear") and not _fp8_rewrites(report, "kernopt.rmsnorm_quant_fp8")
+    with torch.no_grad():
+        want = m(x)
+    got, nodes = _spy_compile(m, x)
+    calls = [n for n in nodes if n.op == "call_function" and n.target is prompt_linear]
+    assert len(calls) == 3 and len({n.args[0] for n in calls}) == 1 and len({n.args[1] for n in calls}) == 1
+    assert sum(1 for n in nodes if n.target in ("amax", torch.amax)) == 1
+    assert not [n for n in nodes if "kernopt" in str(n.target)]
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    _close(got, want, rel=1e-2)  # each linear's output within a bf16 rounding of the reference's
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("few_rows", None), ("fp16", "bf16 only"), ("cuda_graphs", None), ("switch_off", None),
+    ("odd_n", "multiples of 16")])
+def test_prompt_lane_leaves_the_kernel_where_it_does_not_apply(case, reason, monkeypatch):
+    d, rows, dtype, options = 64, 100, torch.bfloat16, {"inner": "eager"}
+    if case == "few_rows":
+        rows = 5
+    elif case == "fp16":
+        dtype = torch.float16
+    elif case == "cuda_graphs":
+        options["mode"] = "reduce-overhead"
+    elif case == "switch_off":
+        monkeypatch.setenv("KERNOPT_FP8_PROMPT", "kernel")
+    m = NormQKV(d=d)
+    if case == "odd_n":
+        m.q = nn.Linear(d, 40, bias=False)
+        m.k = nn.Linear(d, 20, bias=False)
+        m.v = nn.Linear(d, 20)
+    m = quantize_fp8_(m, skip=()).to(DEV).to(dtype)
+    x = torch.randn(2, rows, d, device=DEV).to(dtype)
+    report = kernopt.explain(m, x, options=options)
+    _no_pass_errors(report)
+    assert not _fp8_rewrites(report, LANE), report.table()
+    assert len(_fp8_rewrites(report, "kernopt.fp8_linear_prequant")) + \
+        len(_fp8_rewrites(report, "kernopt.fp8_linear")) == 3, report.table()
+    lane_notes = [f for f in report.fallbacks if f.pass_name == "fp8_prompt"]
+    if reason is None:
+        assert not lane_notes, report.table()
+    else:
+        assert len(lane_notes) == 3 and all(reason in f.reason for f in lane_notes), report.table()
+
+
+def test_prompt_lane_switch_rejects_unknown_values(monkeypatch):
+    from kernopt.passes.fp8 import prompt_mode
+
+    monkeypatch.setenv("KERNOPT_FP8_PROMPT", "cublas")
+    with pytest.raises(ValueError, match="KERNOPT_FP8_PROMPT"):
+        prompt_mode()
+
+
+def test_tiny_llama_prompt_takes_the_lane_and_matches_eager():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = quantize_fp8_(transformers.LlamaForCausalLM(cfg).eval()).to(DEV).to(torch.bfloat16)
+    ids = torch.randint(0, 97, (1, 200), device=DEV)
+    report = kernopt.explain(model, ids, options={"inner": "eager"})
+    _no_pass_errors(report)
+    lane = _fp8_rewrites(report, LANE)
+    # per layer q/k/v/o/gate/up/down; k, v reuse q's codes and up reuses gate's; lm_head stays bf16
+    assert len(lane) == 14 and sum("shared" in r.config for r in lane) == 6, report.table()
+    assert not _fp8_rewrites(report, "kernopt.fp8_linear") and not _fp8_rewrites(report, "kernopt.fp8_linear_prequant")
+    with torch.no_grad():
+        want = model(ids).logits
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend="kernopt", options={"inner": "eager"})(ids).logits
+    assert not torch.isnan(got).any()
+    # a last-bit difference in one layer (the GEMM's summation order) can move a code of the next by one e4m3 step
+    _close(got, want, rel=2e-2)
