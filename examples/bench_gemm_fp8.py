@@ -13,7 +13,7 @@ config of `candidate_configs` is timed too (row field `candidates`, printed belo
 says whether the table picks the best. The row field `fp8_linear_tflops` times `fp8_linear` (per-token
 activation quantization of a bf16 x included).
 
-    python examples/bench_gemm_fp8.py [--quick] [--no-sweep] [--out DIR]
+    python examples/bench_gemm_fp8.py [--quick | --decode] [--no-sweep] [--out DIR]
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ from kernopt.tolerance import mismatch
 
 CASES = [(m, k, k) for k in (4096, 8192) for m in (16, 128, 1024, 4096, 8192)] + [(4096, 4096, 14336)]
 QUICK = [(16, 4096, 4096), (4096, 4096, 4096)]
+# --decode: one token through each linear of a Llama-3-8B layer as kernopt_fp8 runs them (q / o, k / v, gate / up,
+# down), and 16 tokens through q / o
+DECODE = [(1, 4096, 4096), (1, 4096, 1024), (1, 4096, 14336), (1, 14336, 4096), (16, 4096, 4096)]
 
 
 
@@ -44,6 +47,7 @@ def tflops(M, N, K, ms):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two cases, for a smoke run")
+    ap.add_argument("--decode", action="store_true", help="decode rows at Llama-8B's linear shapes instead")
     ap.add_argument("--no-sweep", action="store_true", help="time only the config select_config picks")
     ap.add_argument("--rep", type=int, default=60, help="do_bench repetition time in ms (with --do-bench)")
     ap.add_argument("--do-bench", action="store_true", help="time with triton do_bench (Python launch included)")
@@ -55,7 +59,7 @@ def main(argv=None):
 
     suite = Suite("gemm_fp8")
     sweeps = []
-    for M, K, N in (QUICK if args.quick else CASES):
+    for M, K, N in (QUICK if args.quick else DECODE if args.decode else CASES):
         case = f"M={M} K={K} N={N}"
         torch.manual_seed(0)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)

@@ -18,6 +18,13 @@ kernel with TMA tensor descriptors (one program per SM walking tiles in grouped 
 a group shares stay in L2); small M (decode) swaps A and B, so the weight rows fill the 64-row wgmma M side
 and the few tokens take the narrow N side, and uses the pointer kernel.
 
+One-row decode (M <= GEMV_MAX_M) runs kernels/gemm.py's gemv instead (``config={"impl": "gemv", ...}``): a
+batch-1 linear is a stream of its weight bytes, and the swap-AB tile pads the one token to 16 tensor-core rows
+with one program per 64 weight rows over all of K (64 programs for N = 4096 on 132 SMs). The gemv loads 16-byte
+vectors of e4m3 codes (16 per vector), multiplies in fp32 (codes are exact there), splits K when the grid is
+short of programs (single-pass, kernels/workspace.py) and scales the sums by x_scale[m] then w_scale[n] in its
+epilogue, as the tensor-core kernels do. KERNOPT_FP8_GEMV=0 keeps swap-AB (the llama suite's kernopt_fp8_nogemv).
+
 All-zero rows: the activation scale is floored (amax >= 1e-12), so a zero row gets a tiny positive scale
 and quantizes to zeros: defined, never NaN.
 """
@@ -29,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, next_power_of_2, sm_count
+from .gemm import _fill_split_k, _single_pass
+from .host import cdiv, env_switch, next_power_of_2, sm_count
 from .tile_order import tile_coords
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -224,10 +232,30 @@ def _fp8_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N,
 # --------------------------------------------------------------------------------------------------
 # Configs: the one shape -> config table of this family.
 # --------------------------------------------------------------------------------------------------
+GEMV_ENV = "KERNOPT_FP8_GEMV"
+GEMV_MAX_M = 1
+# The gemv's tiles for e4m3 rows: (BLOCK_N weight rows, BLOCK_K codes = bytes of a row per K block, warps).
+GEMV_TILE = (16, 2048, 4)
+GEMV_CANDIDATES = ((16, 1024, 4), (16, 2048, 4), (32, 1024, 4), (32, 512, 4), (64, 512, 4), (8, 4096, 4),
+                   (64, 1024, 8))
+
+
+def gemv_enabled() -> bool:
+    return env_switch(GEMV_ENV, "1")
+
+
+def _gemv_cfg(M: int, N: int, K: int, bn: int, bk: int, warps: int, per_sm: int = 1) -> dict:
+    bm = max(1, next_power_of_2(M))
+    return {"impl": "gemv", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+            "SPLIT_K": _fill_split_k(M, N, K, bm, bn, bk, per_sm, min_blocks=2), "num_warps": warps, "num_stages": 1}
+
+
 def select_config(M: int, N: int, K: int) -> dict:
-    """Tile config by shape. Decode (M <= 64) is memory-bound on the weight: swap A/B so the weight rows fill
-    the wgmma M side, small tiles over N for many programs. Prefill is compute-bound: big tensor-core tiles
-    through the persistent TMA kernel."""
+    """Tile config by shape. One row (M <= GEMV_MAX_M): the gemv (module docstring). Decode (M <= 64) is
+    memory-bound on the weight: swap A/B so the weight rows fill the wgmma M side, small tiles over N for many
+    programs. Prefill is compute-bound: big tensor-core tiles through the persistent TMA kernel."""
+    if M <= GEMV_MAX_M and gemv_enabled():
+        return _gemv_cfg(M, N, K, *GEMV_TILE)
     # Measured on an H100 (CUDA-graph replay, K = N = 4096 and 8192): M = 16: swap-AB 64x16x256 5.5 us
     # (~3x cuBLAS _scaled_mm); M = 128: TMA 64x128x128 8.4 us; M >= 1024: TMA 128x256x128 with the tile loop
     # flattened (the next tile's loads overlap this tile's epilogue) 1330-1470 TFLOP/s, 1.05-1.2x cuBLAS.
@@ -247,6 +275,12 @@ def candidate_configs(M: int, N: int, K: int) -> list[dict]:
     if M <= 64:
         tok = max(16, next_power_of_2(M))
         out = []
+        if M <= 16:
+            for bn, bk, warps in GEMV_CANDIDATES:
+                for per_sm in (1, 2):
+                    cfg = _gemv_cfg(M, N, K, bn, bk, warps, per_sm)
+                    if cfg not in out:
+                        out.append(cfg)
         for bm, bk, warps, stages in [(64, 256, 4, 4), (64, 128, 4, 6), (128, 128, 4, 4), (128, 256, 8, 3)]:
             out.append({"SWAP_AB": True, "TMA": False, "BLOCK_M": bm, "BLOCK_N": tok, "BLOCK_K": bk,
                         "GROUP_M": 1, "num_warps": warps, "num_stages": stages})
@@ -268,6 +302,9 @@ def candidate_configs(M: int, N: int, K: int) -> list[dict]:
 
 
 def config_str(cfg: dict) -> str:
+    if cfg.get("impl") == "gemv":
+        return (f"gemv BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} BLOCK_K={cfg['BLOCK_K']} "
+                f"split_k={cfg['SPLIT_K']} warps={cfg['num_warps']}")
     kind = "tma" if cfg.get("TMA") else "ptr"
     s = (f"{kind} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} BLOCK_K={cfg['BLOCK_K']} "
          f"warps={cfg['num_warps']} stages={cfg['num_stages']}")
@@ -351,6 +388,10 @@ def _gemm(a, b, sa, sb, bias, out_dtype, config, out, who):
             out += bias
         return out
     cfg = dict(config) if config is not None else select_config(M, N, K)
+    if cfg.get("impl") == "gemv":
+        # kernels/gemm.py's gemv on the codes: w = b.T is the [N, K] weight; the epilogue scales by sa then sb
+        w = b.t()
+        return _single_pass(a, w, w, bias, out, cfg, 0, scales=(sa, sb))
     if cfg.get("SWAP_AB"):
         # out.T [N, M] = b.T [N, K] @ a.T [K, M]: the weight rows take the wide side of the tensor-core tile
         _launch(b.t(), a.t(), sb, sa, bias, out.t(), cfg, bias_along_m=True)

@@ -217,8 +217,14 @@ def _split_k_reduce_kernel(
 
 @triton.jit
 def _gemv_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn,
-                ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The gemv's epilogue on [BLOCK_M, BLOCK_N] fp32 sums: bias, activation, one rounding, masked store."""
+                ACT: tl.constexpr, HAS_BIAS: tl.constexpr, sa_ptr=None, sb_ptr=None, stride_sa=0, stride_sb=0,
+                SCALED: tl.constexpr = False):
+    """The gemv's epilogue on [BLOCK_M, BLOCK_N] fp32 sums: (SCALED: times sa[m], then sb[n], as the fp8 GEMM's
+    epilogue), bias, activation, one rounding, masked store."""
+    if SCALED:
+        sa = tl.load(sa_ptr + (offs_m % M) * stride_sa)
+        sb = tl.load(sb_ptr + rn * stride_sb)
+        g = g * sa[:, None] * sb[None, :]
     if HAS_BIAS:
         g += tl.load(b_ptr + rn).to(tl.float32)[None, :]
     out = _activation(g, u, ACT)
@@ -233,8 +239,10 @@ def _gemv_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_un, stride_uk, stride_ym, stride_yn, stride_ps,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, sa_ptr=None, sb_ptr=None, stride_sa=0, stride_sb=0, SCALED: tl.constexpr = False,
 ):
+    """SCALED (kernels/fp8_gemm.py's decode rows): x and w are e4m3 codes, exact in fp32, and the sums are scaled
+    by sa[m] (stride_sa 0: one scale) and sb[n] before the bias."""
     if PDL:  # kernels/pdl.py: let the next PDL launch start early, then wait for the kernel before this one
         gdc_launch_dependents()
         gdc_wait()
@@ -289,7 +297,8 @@ def _gemv_kernel(
     u = tl.sum(acc_u, axis=2)
 
     if SPLIT_K == 1:
-        _gemv_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS)
+        _gemv_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS,
+                    sa_ptr, sb_ptr, stride_sa, stride_sb, SCALED)
     else:
         # Single-pass split-K (kernels/workspace.py): fp32 partials [SPLIT_K, M, N] (gate in pg, up in pu,
         # stride_ps = M * N); the slice that arrives last runs the epilogue on the sums.
@@ -298,7 +307,8 @@ def _gemv_kernel(
         last, g, u = split_k_gather(g, u, pg_ptr, pu_ptr, cnt_ptr, tile, pid_k, rows, mask, stride_ps,
                                     SPLIT_K, SWIGLU)
         if last:
-            _gemv_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS)
+            _gemv_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS,
+                        sa_ptr, sb_ptr, stride_sa, stride_sb, SCALED)
 
 
 @triton.jit
@@ -708,8 +718,9 @@ def _check_config(config: dict) -> dict:
     return cfg
 
 
-def _single_pass(x, w, wu, bias, out, cfg, act: int) -> torch.Tensor:
-    """Launch the gemv or swapab kernel: one program per output tile and K slice, single-pass split-K."""
+def _single_pass(x, w, wu, bias, out, cfg, act: int, scales=None) -> torch.Tensor:
+    """Launch the gemv or swapab kernel: one program per output tile and K slice, single-pass split-K.
+    `scales` ((sa, stride_sa), (sb, stride_sb)): the gemv's SCALED epilogue (kernels/fp8_gemm.py, e4m3 x and w)."""
     M, K = x.shape
     N = w.shape[0]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -733,8 +744,14 @@ def _single_pass(x, w, wu, bias, out, cfg, act: int) -> torch.Tensor:
                   BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg["impl"] == "gemv":
         pdl = use_pdl(x)
+        scaled = {}
+        if scales is not None:
+            (sa, stride_sa), (sb, stride_sb) = scales
+            scaled = dict(sa_ptr=sa, sb_ptr=sb, stride_sa=stride_sa, stride_sb=stride_sb, SCALED=True)
         _gemv_kernel[(tiles, split)](*args, VEC=min(bk, 16 // x.element_size()), PDL=pdl, **common,
-                                     **launch_kwargs(pdl))
+                                     **scaled, **launch_kwargs(pdl))
+    elif scales is not None:
+        raise ValueError("scales are a gemv option only")
     else:
         _gemm_swapab_kernel[(tiles, split)](*args, IEEE=x.dtype == torch.float32, **common)
     return out

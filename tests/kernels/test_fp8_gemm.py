@@ -250,6 +250,64 @@ def test_select_config_buckets():
 
 
 # --------------------------------------------------------------------------------------------------
+# The one-row gemv (kernels/gemm.py's, on e4m3 codes with the scales in its epilogue)
+# --------------------------------------------------------------------------------------------------
+def _gemv(bm, bn, bk, split):
+    return dict(impl="gemv", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("M,N,K,cfg", [
+    (1, 37, 200, None),                  # the table's tile; K below one block
+    (1, 24, 3000, _gemv(1, 16, 512, 4)),  # split-K (single pass), a ragged last K block and N tile
+    (1, 70, 1100, _gemv(1, 32, 256, 3)),  # 3 slices: whole blocks per slice, a short last slice
+    (3, 50, 700, _gemv(4, 8, 256, 2)),    # rows past M, bias
+])
+@pytest.mark.parametrize("scaling", SCALINGS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_gemv_matches_reference(M, N, K, cfg, scaling, out_dtype):
+    a, w = _fp8((M, K)), _fp8((N, K), 1.0)
+    sa, sb = _scales(M, N, scaling)
+    bias_t = torch.randn(N, device=DEV) if M > 1 else None
+    out = torch.full((M, N), float("nan"), device=DEV, dtype=out_dtype)
+    got = fp8.fp8_scaled_mm(a, w.t(), sa, sb, bias_t, out_dtype=out_dtype, config=cfg, out=out)
+    assert got is out
+    ref, mag = _gemm_ref64(a, w.t(), sa, sb, bias_t)
+    _assert_gemm_close(out, ref, mag, out_dtype)
+    # twice: the split-K arrival counters are re-armed to 0 by the slice that arrives last
+    out2 = torch.full((M, N), float("nan"), device=DEV, dtype=out_dtype)
+    fp8.fp8_scaled_mm(a, w.t(), sa, sb, bias_t, out_dtype=out_dtype, config=cfg, out=out2)
+    assert torch.equal(out2, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_linear_one_row_takes_the_gemv(dtype, monkeypatch):
+    M, N, K = 1, 45, 300
+    x = torch.randn(M, K, device=DEV).to(dtype)
+    w_fp8, w_scale = fp8.quantize_weight_fp8(torch.randn(N, K, device=DEV))
+    bias = torch.randn(N, device=DEV).to(dtype)
+    assert fp8.select_config(M, N, K)["impl"] == "gemv"
+    out = torch.full((M, N), float("nan"), device=DEV, dtype=dtype)
+    fp8.fp8_linear(x, w_fp8, w_scale, bias, out=out)
+    x_fp8, x_scale = fp8.quantize_rows_fp8_ref(x)
+    ref, mag = _gemm_ref64(x_fp8, w_fp8.t(), x_scale, w_scale, bias)
+    _assert_gemm_close(out, ref, mag, dtype)
+    monkeypatch.setenv("KERNOPT_FP8_GEMV", "0")
+    off = fp8.select_config(M, N, K)
+    assert "impl" not in off and off["SWAP_AB"]
+    _assert_gemm_close(fp8.fp8_linear(x, w_fp8, w_scale, bias), ref, mag, dtype)
+
+
+def test_gemv_candidates_and_table():
+    assert fp8.select_config(2, 4096, 4096)["SWAP_AB"]  # GEMV_MAX_M = 1
+    cands = fp8.candidate_configs(1, 1024, 4096)
+    gemvs = [c for c in cands if c.get("impl") == "gemv"]
+    assert gemvs and any(c["SPLIT_K"] > 1 for c in gemvs) and any(c.get("SWAP_AB") for c in cands)
+    assert not [c for c in fp8.candidate_configs(32, 1024, 4096) if c.get("impl") == "gemv"]
+    for c in gemvs:
+        assert fp8.config_str(c).startswith("gemv")
+
+
+# --------------------------------------------------------------------------------------------------
 # GPU: bf16, the default configs at real sizes, and the tensor-core instruction in the compiled code
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
