@@ -24,6 +24,12 @@ with one program per 64 weight rows over all of K (64 programs for N = 4096 on 1
 vectors of e4m3 codes (16 per vector), multiplies in fp32 (codes are exact there), splits K when the grid is
 short of programs (single-pass, kernels/workspace.py) and scales the sums by x_scale[m] then w_scale[n] in its
 epilogue, as the tensor-core kernels do. KERNOPT_FP8_GEMV=0 keeps swap-AB (the llama suite's kernopt_fp8_nogemv).
+H200 (92efe77, CUDA-graph replay, sweeps/fp8_gemv/gemm_fp8-h200.json), us at M = 1 with GEMV_TILE: K4096 N4096 8.29
+(swap-AB at M = 16: 8.94; bf16 cuBLAS 15.13, cuBLAS _scaled_mm row-wise 14.58), K4096 N1024 6.33 (8.23 / 13.32),
+K4096 N14336 21.26 (36.05 / 26.34), K14336 N4096 21.30 (37.74 / 45.54): 2.0-2.8 TB/s, under the bf16 gemv's 3.4-4.2.
+Llama 8B bs1 decode (sweeps/fp8_gemv/llama-h200.json): 242.74 tok/s, step 4.05 ms, against 211.60 / 4.67 on swap-AB.
+GEMV_TILE is the bf16 gemv's 2 KB rows, not swept for e4m3: `bench_gemm_fp8.py --decode` times GEMV_CANDIDATES (it
+ran past its step limit at 92efe77, benchmarks/NOTES.md).
 
 All-zero rows: the activation scale is floored (amax >= 1e-12), so a zero row gets a tiny positive scale
 and quantizes to zeros: defined, never NaN.
