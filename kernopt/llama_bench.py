@@ -75,7 +75,8 @@ SYSTEMS = ("eager", "hf_static_inductor", "kernopt", "kernopt_int4", "kernopt_fp
 # dependent launch for the decode path's kernels (kernels/pdl.py, KERNOPT_PDL=1). kernopt_nofold: kernopt bf16 with
 # the compiled prompt's constant causal mask left a mask (passes/constant_mask.py FOLD_ENV=0). kernopt_nobounds: kernopt
 # bf16 with a caller mask read on every key tile (kernels/flash_attention.py BOUNDS_ENV=0). kernopt_fp8_prompt_kernel:
-# kernopt_fp8 with the prompt's fp8 linears on kernopt.fp8_linear, not the prompt lane (passes/fp8.py PROMPT_ENV=kernel).
+# kernopt_fp8 with the prompt's fp8 linears on kernopt.fp8_linear, not the prompt lane (passes/fp8.py
+# PROMPT_ENV=kernel).
 # kernopt_fp8_nogemv: kernopt_fp8 with one-row fp8 linears on the swap-AB tensor-core kernel, not the gemv
 # (kernels/fp8_gemm.py GEMV_ENV=0).
 # kernopt_int4_fp32 / _planes / _tcasm / _pairs128 / _pairs64 / _px / _split8: kernopt_int4 with the

@@ -492,7 +492,8 @@ class Fp8Pass:
             return False
         codes, scale = self._lane_inputs.setdefault(x, (m.a8, m.sa))
         sw = self._as_fp32(gm, m.tail, m.sw)
-        replace(gm, m.tail, prompt_linear, (codes, scale, m.w8, sw, bias, m.out_dtype), dead=m.dead + chain + [m.bias])
+        replace(gm, m.tail, prompt_linear, (codes, scale, m.w8, sw, bias, m.out_dtype),
+                dead=m.dead + chain + [m.bias])
         on_gpu = example_value(x).is_cuda
         ctx.rewrote(self.name, m.tail, matched, "torch._scaled_mm (prompt lane)",
                     "row-wise scales" + ("" if codes is m.a8 else ", input quantization shared"),
@@ -662,7 +663,8 @@ def _norm_users_refusal(out: fx.Node, linears: list) -> Optional[str]:
 #   graph's own quantization, Inductor's launches); fewer or symbolic rows (a dynamic graph may meet one row, a decode
 #   step) and graphs under CUDA graphs keep kernopt.fp8_linear. Why: on the H200 the 8B fp8 prompt forward had 33.3 ms
 #   of kernels in a call that returned after 41.6 ms and finished after 44.3 (profiles/profile-8B-kernopt_fp8-forward-
-#   0562e2f.txt: 10 kernopt ops a layer, ~130 us of host each), against 52.2 ms of kernels for bf16.
+#   host-0562e2f.txt: 10 kernopt ops a layer, ~130 us of host each), against 52.2 ms of kernels for bf16. With the
+#   lane (sweeps/fp8_lane, 792c61e, same run): 8B prefill b1 s2048 38.97 ms against 50.49 on kernopt.fp8_linear.
 # - "kernel": kernopt.fp8_linear at every row count (the llama suite's kernopt_fp8_prompt_kernel system).
 PROMPT_ENV = "KERNOPT_FP8_PROMPT"
 PROMPT_MODES = ("auto", "kernel")

@@ -319,7 +319,8 @@ def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
                                                                              "KERNOPT_INT4_SWIGLU",
                                                                              "KERNOPT_INDUCTOR_COMBO",
                                                                              "KERNOPT_DECODE_APPEND", "KERNOPT_PDL", "KERNOPT_MASK_FOLD", "KERNOPT_MASK_BOUNDS",
-                                                                             "KERNOPT_INT4_LANE"}
+                                                                             "KERNOPT_INT4_LANE", "KERNOPT_FP8_PROMPT",
+                                                                             "KERNOPT_FP8_GEMV"}
     assert set(llama_bench.SYSTEM_ENV) <= set(llama_bench.EXTRA_SYSTEMS)
     assert llama_bench.quantize_of("kernopt_noappend") is None and llama_bench.quantize_of("kernopt_int4_noappend") == "int4"
     monkeypatch.setenv(GEMV_VARIANT_ENV, "planes")
@@ -331,6 +332,16 @@ def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
         assert os.environ["KERNOPT_PREFILL_CUDA_GRAPHS"] == "0" and not kernopt.hf.prefill_cuda_graphs_enabled()
     with llama_bench.system_env("kernopt_int4"):
         assert GEMV_VARIANT_ENV not in os.environ  # the table's GEMV for the plain system
+    from kernopt.kernels import fp8_gemm
+    from kernopt.passes import fp8 as fp8_pass
+
+    assert llama_bench.quantize_of("kernopt_fp8_nogemv") == llama_bench.quantize_of("kernopt_fp8_prompt_kernel") == "fp8"
+    with llama_bench.system_env("kernopt_fp8_nogemv"):
+        assert not fp8_gemm.gemv_enabled() and fp8_gemm.select_config(1, 4096, 4096)["SWAP_AB"]
+    with llama_bench.system_env("kernopt_fp8_prompt_kernel"):
+        assert fp8_pass.prompt_mode() == "kernel" and fp8_gemm.gemv_enabled()
+    with llama_bench.system_env("kernopt_fp8"):
+        assert fp8_pass.prompt_mode() == "auto" and fp8_gemm.select_config(1, 4096, 4096)["impl"] == "gemv"
     assert os.environ[GEMV_VARIANT_ENV] == "planes" and PROMPT_ENV not in os.environ
 
 

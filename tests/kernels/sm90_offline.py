@@ -552,6 +552,13 @@ CASES = [
          selected=False, no_spill=True, expect={"_int4_tgemv_kernel": ("tma",)}),
     # fp8: activation quantization + swap-AB pointer kernel (decode), persistent TMA kernel (prefill)
     Case("fp8 M16 swap-AB", _fp8(16), expect={"_fp8_gemm_kernel": E4}),
+    # the one-row gemv (kernels/gemm.py's, SCALED) at the 8B layer's shapes, and a split-K one
+    Case("fp8 M1 gemv K4096 N14336", _fp8(1), expect={"_gemv_kernel": ()}),
+    Case("fp8 M1 gemv bias prequant K14336 N4096", _fp8(1, N=HIDDEN, K=MLP, bias=True, prequant=True),
+         expect={"_gemv_kernel": ()}),
+    Case("fp8 M1 gemv K4096 N1024 split 4", _fp8(1, N=1024, config={
+        "impl": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 4, "num_warps": 4, "num_stages": 1}),
+        selected=False, no_spill=True, expect={"_gemv_kernel": ()}),
     Case("fp8 M16 swap-AB bias prequant", _fp8(16, bias=True, prequant=True), expect={"_fp8_gemm_kernel": E4}),
     Case("fp8 M128 tma", _fp8(128), expect={"_fp8_gemm_tma_kernel": TMA}),
     Case("fp8 M4096 tma flatten", _fp8(4096), expect={"_fp8_gemm_tma_kernel": TMA}),
