@@ -427,7 +427,7 @@ class Fp8Pass:
         quant = self._quantized_from(m.a8, m.sa) if m.w8 is not None else None
         x, chain = quant if quant is not None else (None, [])
         if x is not None and m.out_dtype == _dtype_of(x):
-            if self._prompt_lane(gm, ctx, m, x, chain, lead, n, k):
+            if self._prompt_lane(gm, ctx, m, x, chain, rows, n, k):
                 return
             sw = self._as_fp32(gm, anchor, m.sw)
             impl = ops.implementation(example_value(x))
@@ -467,19 +467,14 @@ class Fp8Pass:
                     impl)
 
 
-    def _prompt_lane(self, gm, ctx, m: _Fp8Matmul, x: fx.Node, chain: list, lead: tuple, n: int, k) -> bool:
+    def _prompt_lane(self, gm, ctx, m: _Fp8Matmul, x: fx.Node, chain: list, rows, n: int, k) -> bool:
         """The per-token-quantized linear as `prompt_linear` (module docstring) when the graph runs without CUDA
         graphs and has a static PROMPT_MIN_ROWS rows or more; False (the kernel) otherwise, with the reason when
         the rows qualified but the lane cannot take the operands."""
         if ctx.cuda_graphs or prompt_mode() != "auto":
             return False
-        dims = [static_int(d) for d in lead]
-        if any(d is None for d in dims):
-            return False
-        rows = 1
-        for d in dims:
-            rows *= d
-        if rows < PROMPT_MIN_ROWS:
+        rows = static_int(rows)  # None for symbolic rows (a dynamic graph): the kernel
+        if rows is None or rows < PROMPT_MIN_ROWS:
             return False
         matched = f"quant_rows(x) -> {m.form} M={rows} N={n} K={size_hint(k)}"
         bias = m.bias
