@@ -13,7 +13,7 @@ config of `candidate_configs` is timed too (row field `candidates`, printed belo
 says whether the table picks the best. The row field `fp8_linear_tflops` times `fp8_linear` (per-token
 activation quantization of a bf16 x included).
 
-    python examples/bench_gemm_fp8.py [--quick | --decode] [--no-sweep] [--out DIR]
+    python examples/bench_gemm_fp8.py [--quick | --decode] [--no-sweep] [--filter S] [--out DIR]
 """
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="two cases, for a smoke run")
     ap.add_argument("--decode", action="store_true", help="decode rows at Llama-8B's linear shapes instead")
     ap.add_argument("--no-sweep", action="store_true", help="time only the config select_config picks")
+    ap.add_argument("--filter", default=None,
+                    help="sweep only the candidates whose config string contains this (e.g. swapab)")
     ap.add_argument("--rep", type=int, default=60, help="do_bench repetition time in ms (with --do-bench)")
     ap.add_argument("--do-bench", action="store_true", help="time with triton do_bench (Python launch included)")
     ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
@@ -115,6 +117,8 @@ def main(argv=None):
         if not args.no_sweep:
             cands = {}
             for c in fp8.candidate_configs(M, N, K):
+                if args.filter and args.filter not in fp8.config_str(c):
+                    continue
                 try:
                     o = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
                     fp8.fp8_scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16, config=c, out=o)

@@ -246,6 +246,20 @@ GEMV_CANDIDATES = ((16, 1024, 4), (16, 2048, 4), (32, 1024, 4), (32, 512, 4), (6
                    (64, 1024, 8))
 
 
+# Split-K swap-AB (kernels/gemm.py's swapab kernel on e4m3 codes, the SCALED epilogue): the tensor cores do the
+# math, so the weight stream costs no conversions, and K slices fill the SMs that swap-AB's 64-row tiles leave idle
+# (64 tiles at N = 4096). (BLOCK_N weight rows, BLOCK_K codes, num_stages, programs per SM the split aims for).
+SPLIT_SWAPAB_CANDIDATES = ((64, 256, 4, 2), (64, 256, 4, 4), (64, 128, 6, 4), (64, 128, 4, 8), (128, 128, 4, 2),
+                           (128, 256, 3, 2))
+
+
+def _split_swapab_cfg(M: int, N: int, K: int, bn: int, bk: int, stages: int, per_sm: int) -> dict:
+    bm = max(16, next_power_of_2(M))
+    return {"impl": "swapab", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+            "SPLIT_K": _fill_split_k(M, N, K, bm, bn, bk, per_sm, min_blocks=2), "num_warps": 4,
+            "num_stages": stages}
+
+
 def gemv_enabled() -> bool:
     return env_switch(GEMV_ENV, "1")
 
@@ -287,6 +301,10 @@ def candidate_configs(M: int, N: int, K: int) -> list[dict]:
                     cfg = _gemv_cfg(M, N, K, bn, bk, warps, per_sm)
                     if cfg not in out:
                         out.append(cfg)
+            for bn, bk, stages, per_sm in SPLIT_SWAPAB_CANDIDATES:
+                cfg = _split_swapab_cfg(M, N, K, bn, bk, stages, per_sm)
+                if cfg not in out:
+                    out.append(cfg)
         for bm, bk, warps, stages in [(64, 256, 4, 4), (64, 128, 4, 6), (128, 128, 4, 4), (128, 256, 8, 3)]:
             out.append({"SWAP_AB": True, "TMA": False, "BLOCK_M": bm, "BLOCK_N": tok, "BLOCK_K": bk,
                         "GROUP_M": 1, "num_warps": warps, "num_stages": stages})
@@ -308,9 +326,10 @@ def candidate_configs(M: int, N: int, K: int) -> list[dict]:
 
 
 def config_str(cfg: dict) -> str:
-    if cfg.get("impl") == "gemv":
-        return (f"gemv BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} BLOCK_K={cfg['BLOCK_K']} "
-                f"split_k={cfg['SPLIT_K']} warps={cfg['num_warps']}")
+    if cfg.get("impl") in ("gemv", "swapab"):
+        return (f"{cfg['impl']} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} BLOCK_K={cfg['BLOCK_K']} "
+                f"split_k={cfg['SPLIT_K']} warps={cfg['num_warps']}"
+                + (f" stages={cfg['num_stages']}" if cfg["impl"] == "swapab" else ""))
     kind = "tma" if cfg.get("TMA") else "ptr"
     s = (f"{kind} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} BLOCK_K={cfg['BLOCK_K']} "
          f"warps={cfg['num_warps']} stages={cfg['num_stages']}")
@@ -394,8 +413,9 @@ def _gemm(a, b, sa, sb, bias, out_dtype, config, out, who):
             out += bias
         return out
     cfg = dict(config) if config is not None else select_config(M, N, K)
-    if cfg.get("impl") == "gemv":
-        # kernels/gemm.py's gemv on the codes: w = b.T is the [N, K] weight; the epilogue scales by sa then sb
+    if cfg.get("impl") in ("gemv", "swapab"):
+        # kernels/gemm.py's gemv / split-K swap-AB on the codes: w = b.T is the [N, K] weight; the epilogue
+        # scales by sa then sb
         w = b.t()
         return _single_pass(a, w, w, bias, out, cfg, 0, scales=(sa, sb))
     if cfg.get("SWAP_AB"):

@@ -313,9 +313,15 @@ def _gemv_kernel(
 
 @triton.jit
 def _swapab_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn,
-                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The swap-AB epilogue on transposed [BLOCK_N, BLOCK_M] fp32 sums (rows are output columns): bias
-    along the rows, the activation, one rounding, a masked store through transposed output strides."""
+                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr, sa_ptr=None, sb_ptr=None, stride_sa=0, stride_sb=0,
+                  SCALED: tl.constexpr = False):
+    """The swap-AB epilogue on transposed [BLOCK_N, BLOCK_M] fp32 sums (rows are output columns): (SCALED: times
+    sa[m], then sb[n], as _gemv_store), bias along the rows, the activation, one rounding, a masked store through
+    transposed output strides."""
+    if SCALED:
+        sa = tl.load(sa_ptr + (offs_m % M) * stride_sa)
+        sb = tl.load(sb_ptr + rn * stride_sb)
+        g = g * sa[None, :] * sb[:, None]
     if HAS_BIAS:
         g += tl.load(b_ptr + rn).to(tl.float32)[:, None]
     out = _activation(g, u, ACT)
@@ -330,9 +336,11 @@ def _gemm_swapab_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_un, stride_uk, stride_ym, stride_yn, stride_ps,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    sa_ptr=None, sb_ptr=None, stride_sa=0, stride_sb=0, SCALED: tl.constexpr = False,
 ):
     """out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, K] @ x^T [K, BLOCK_M]: the weight rows are the tensor-core
-    tile's M side (wgmma's 64-row unit), the few x rows its N side."""
+    tile's M side (wgmma's 64-row unit), the few x rows its N side. SCALED (kernels/fp8_gemm.py's decode rows):
+    x and w are e4m3 codes (wgmma e4m3, fp32 accumulation) and the epilogue scales as the gemv's does."""
     SWIGLU: tl.constexpr = ACT == 4
     tile = tl.program_id(0)  # n-blocks fastest: neighbouring programs share the x rows
     pid_k = tl.program_id(1)
@@ -380,7 +388,8 @@ def _gemm_swapab_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     if SPLIT_K == 1:
-        _swapab_store(acc, acc_u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS)
+        _swapab_store(acc, acc_u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS,
+                      sa_ptr, sb_ptr, stride_sa, stride_sb, SCALED)
     else:
         # Single-pass split-K, as the gemv's, on the transposed [BLOCK_N, BLOCK_M] tiles.
         mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
@@ -388,7 +397,8 @@ def _gemm_swapab_kernel(
         last, g, u = split_k_gather(acc, acc_u, pg_ptr, pu_ptr, cnt_ptr, tile, pid_k, cols, mask, stride_ps,
                                     SPLIT_K, SWIGLU)
         if last:
-            _swapab_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS)
+            _swapab_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS,
+                          sa_ptr, sb_ptr, stride_sa, stride_sb, SCALED)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -720,7 +730,8 @@ def _check_config(config: dict) -> dict:
 
 def _single_pass(x, w, wu, bias, out, cfg, act: int, scales=None) -> torch.Tensor:
     """Launch the gemv or swapab kernel: one program per output tile and K slice, single-pass split-K.
-    `scales` ((sa, stride_sa), (sb, stride_sb)): the gemv's SCALED epilogue (kernels/fp8_gemm.py, e4m3 x and w)."""
+    `scales` ((sa, stride_sa), (sb, stride_sb)): the SCALED epilogue of either kernel (kernels/fp8_gemm.py, e4m3
+    x and w)."""
     M, K = x.shape
     N = w.shape[0]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -742,18 +753,16 @@ def _single_pass(x, w, wu, bias, out, cfg, act: int, scales=None) -> torch.Tenso
             out.stride(0), out.stride(1), M * N)
     common = dict(ACT=act, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    scaled = {}
+    if scales is not None:
+        (sa, stride_sa), (sb, stride_sb) = scales
+        scaled = dict(sa_ptr=sa, sb_ptr=sb, stride_sa=stride_sa, stride_sb=stride_sb, SCALED=True)
     if cfg["impl"] == "gemv":
         pdl = use_pdl(x)
-        scaled = {}
-        if scales is not None:
-            (sa, stride_sa), (sb, stride_sb) = scales
-            scaled = dict(sa_ptr=sa, sb_ptr=sb, stride_sa=stride_sa, stride_sb=stride_sb, SCALED=True)
         _gemv_kernel[(tiles, split)](*args, VEC=min(bk, 16 // x.element_size()), PDL=pdl, **common,
                                      **scaled, **launch_kwargs(pdl))
-    elif scales is not None:
-        raise ValueError("scales are a gemv option only")
     else:
-        _gemm_swapab_kernel[(tiles, split)](*args, IEEE=x.dtype == torch.float32, **common)
+        _gemm_swapab_kernel[(tiles, split)](*args, IEEE=x.dtype == torch.float32, **common, **scaled)
     return out
 
 

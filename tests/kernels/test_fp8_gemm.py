@@ -256,11 +256,19 @@ def _gemv(bm, bn, bk, split):
     return dict(impl="gemv", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=1)
 
 
+def _swapab(bn, bk, split, stages=2):
+    return dict(impl="swapab", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
+
+
 @pytest.mark.parametrize("M,N,K,cfg", [
     (1, 37, 200, None),                  # the table's tile; K below one block
     (1, 24, 3000, _gemv(1, 16, 512, 4)),  # split-K (single pass), a ragged last K block and N tile
     (1, 70, 1100, _gemv(1, 32, 256, 3)),  # 3 slices: whole blocks per slice, a short last slice
     (3, 50, 700, _gemv(4, 8, 256, 2)),    # rows past M, bias
+    # split-K swap-AB (kernels/gemm.py's swapab kernel on the codes, the same SCALED epilogue)
+    (1, 70, 1100, _swapab(64, 128, 3)),   # 3 slices, a short last slice, a ragged N tile
+    (3, 50, 300, _swapab(64, 64, 1)),     # one slice, x rows past M masked, bias
+    (16, 130, 520, _swapab(128, 64, 4)),  # 16 rows, two N tiles, a ragged last K block
 ])
 @pytest.mark.parametrize("scaling", SCALINGS)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
@@ -305,6 +313,9 @@ def test_gemv_candidates_and_table():
     assert not [c for c in fp8.candidate_configs(32, 1024, 4096) if c.get("impl") == "gemv"]
     for c in gemvs:
         assert fp8.config_str(c).startswith("gemv")
+    swapabs = [c for c in cands if c.get("impl") == "swapab"]
+    assert swapabs and any(c["SPLIT_K"] > 1 for c in swapabs)
+    assert all(fp8.config_str(c).startswith("swapab") and c["BLOCK_M"] == 16 for c in swapabs)
 
 
 # --------------------------------------------------------------------------------------------------
