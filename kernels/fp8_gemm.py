@@ -28,8 +28,8 @@ H200 (92efe77, CUDA-graph replay, sweeps/fp8_gemv/gemm_fp8-h200.json), us at M =
 (swap-AB at M = 16: 8.94; bf16 cuBLAS 15.13, cuBLAS _scaled_mm row-wise 14.58), K4096 N1024 6.33 (8.23 / 13.32),
 K4096 N14336 21.26 (36.05 / 26.34), K14336 N4096 21.30 (37.74 / 45.54): 2.0-2.8 TB/s, under the bf16 gemv's 3.4-4.2.
 Llama 8B bs1 decode (sweeps/fp8_gemv/llama-h200.json): 242.74 tok/s, step 4.05 ms, against 211.60 / 4.67 on swap-AB.
-GEMV_TILE is the bf16 gemv's 2 KB rows, not swept for e4m3: `bench_gemm_fp8.py --decode` times GEMV_CANDIDATES (it
-ran past its step limit at 92efe77, benchmarks/NOTES.md).
+The tile is picked per weight shape since (`gemv_tile`, from `bench_gemm_fp8.py --decode`'s sweep of
+GEMV_CANDIDATES and the split-K swap-AB candidates).
 
 All-zero rows: the activation scale is floored (amax >= 1e-12), so a zero row gets a tiny positive scale
 and quantizes to zeros: defined, never NaN.
@@ -241,7 +241,17 @@ def _fp8_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N,
 GEMV_ENV = "KERNOPT_FP8_GEMV"
 GEMV_MAX_M = 1
 # The gemv's tiles for e4m3 rows: (BLOCK_N weight rows, BLOCK_K codes = bytes of a row per K block, warps).
-GEMV_TILE = (16, 2048, 4)
+# Its loop is not pipelined (kernels/gemm.py): what a program has in flight is one K block, 32 KB in every tile
+# below. H200 sweep (sweeps/fp8_gemv_tiles, f4d2c0c, CUDA-graph replay, us at M = 1; the old default in brackets):
+# K4096 N4096 8 x 4096 7.80 (16 x 2048 8.18); K4096 N1024 8 x 4096 4.93 (6.45: 64 programs); K4096 N14336
+# 32 x 512 19.57 (20.97; 8 x 4096 21.75); K14336 N4096 16 x 2048 20.97 (no tile faster; 8 x 4096, with a half
+# block at the end, 29.36). Split-K swap-AB on the tensor cores (SPLIT_SWAPAB_CANDIDATES, sweeps/fp8_swapab) was
+# slower at all four: 10.17 / 5.99 / 22.16 / 22.58.
+GEMV_TILE = (16, 2048, 4)  # K above GEMV_WHOLE_K
+GEMV_WHOLE_K = 4096  # up to this K: one K block per row (BLOCK_K = K rounded up to a power of two)
+GEMV_WIDE = (32, 512, 4)  # N >= GEMV_WIDE_N and K <= GEMV_WHOLE_K
+GEMV_WIDE_N = 8192
+GEMV_BLOCK_BYTES = 32 * 1024
 GEMV_CANDIDATES = ((16, 1024, 4), (16, 2048, 4), (32, 1024, 4), (32, 512, 4), (64, 512, 4), (8, 4096, 4),
                    (64, 1024, 8))
 
@@ -264,6 +274,16 @@ def gemv_enabled() -> bool:
     return env_switch(GEMV_ENV, "1")
 
 
+def gemv_tile(N: int, K: int) -> tuple[int, int, int]:
+    """The gemv's (BLOCK_N, BLOCK_K, warps) for an [N, K] e4m3 weight (the sweep above GEMV_TILE)."""
+    if K > GEMV_WHOLE_K:
+        return GEMV_TILE
+    if N >= GEMV_WIDE_N:
+        return GEMV_WIDE
+    bk = max(16, next_power_of_2(K))
+    return min(GEMV_BLOCK_BYTES // bk, max(8, next_power_of_2(N))), bk, 4
+
+
 def _gemv_cfg(M: int, N: int, K: int, bn: int, bk: int, warps: int, per_sm: int = 1) -> dict:
     bm = max(1, next_power_of_2(M))
     return {"impl": "gemv", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
@@ -275,7 +295,7 @@ def select_config(M: int, N: int, K: int) -> dict:
     memory-bound on the weight: swap A/B so the weight rows fill the wgmma M side, small tiles over N for many
     programs. Prefill is compute-bound: big tensor-core tiles through the persistent TMA kernel."""
     if M <= GEMV_MAX_M and gemv_enabled():
-        return _gemv_cfg(M, N, K, *GEMV_TILE)
+        return _gemv_cfg(M, N, K, *gemv_tile(N, K))
     # Measured on an H100 (CUDA-graph replay, K = N = 4096 and 8192): M = 16: swap-AB 64x16x256 5.5 us
     # (~3x cuBLAS _scaled_mm); M = 128: TMA 64x128x128 8.4 us; M >= 1024: TMA 128x256x128 with the tile loop
     # flattened (the next tile's loads overlap this tile's epilogue) 1330-1470 TFLOP/s, 1.05-1.2x cuBLAS.
