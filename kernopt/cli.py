@@ -50,9 +50,10 @@ def cmd_explain(args) -> int:
 
         quantize_int4_grouped_(model, group_size=args.group_size, run=_tiny_forward(model))
     elif args.quantize == "fp8":
-        from kernopt.fp8 import quantize_fp8_
+        from kernopt.fp8 import quantize_fp8_grouped_
+        from kernopt.hf import _tiny_forward
 
-        quantize_fp8_(model)
+        quantize_fp8_grouped_(model, run=_tiny_forward(model))
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     report = kernopt.explain(model, ids, options={"scenario": args.scenario, "inner": args.inner})
     print(report.table())
@@ -130,10 +131,11 @@ def cmd_tune(args) -> int:
     tokens = [int(t) for t in args.tokens.split(",")]
     kind = args.quantize or "bf16"
     groups = []
-    if kind == "int4":  # the grouped launches' widths too (optimize() packs linears that read one input)
-        from kernopt.int4 import grouping_enabled, linears_sharing_input
+    if kind in ("int4", "fp8"):  # the grouped launches' widths too (optimize() packs linears that read one input)
+        from kernopt import fp8, int4
+        from kernopt.int4 import linears_sharing_input
 
-        groups = linears_sharing_input(model) if grouping_enabled() else []
+        groups = linears_sharing_input(model) if (int4 if kind == "int4" else fp8).grouping_enabled() else []
     jobs = [(m, n, k) for (n, k) in linear_shapes(model, groups) for m in tokens]
     for m, n, k in tqdm(jobs, desc=f"kernopt tune ({kind})", unit="shape"):
         kernel, key, candidates, run, check, timer = tune_job(kind, m, n, k, args.group_size)

@@ -16,12 +16,13 @@ kernel that quantizes activations would change the result by a few percent, whic
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from kernopt.kernels.fp8_gemm import FP8_DTYPE, fp8_linear_ref, quantize_weight_fp8
+from kernopt.kernels.host import env_switch
 
 
 class Fp8Linear(nn.Module):
@@ -100,3 +101,97 @@ def quantize_fp8_(model: nn.Module, skip: Iterable[str] = ("lm_head",),
                 continue
             setattr(parent, child_name, Fp8Linear.from_linear(child))
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Linears that read one input: adjacent storage, so one kernel launch computes them all
+# --------------------------------------------------------------------------------------------------
+GROUP_ENV = "KERNOPT_FP8_GROUP"
+
+
+def grouping_enabled() -> bool:
+    """Whether fp8 linears that share an input are packed (`optimize`) and fused into one launch (the fp8 pass's
+    `fp8_group`). ``KERNOPT_FP8_GROUP=0`` turns both off: every linear keeps its own tensors and its own launch."""
+    return env_switch(GROUP_ENV, "1")
+
+
+def _compatible(a: Fp8Linear, b: Fp8Linear) -> Optional[str]:
+    """Why two Fp8Linear modules cannot share buffers, or None."""
+    for what, va, vb in (("in_features", a.in_features, b.in_features), ("device", a.weight.device, b.weight.device),
+                         ("weight dtype", a.weight.dtype, b.weight.dtype),
+                         ("weight_scale dtype", a.weight_scale.dtype, b.weight_scale.dtype)):
+        if va != vb:
+            return f"{what} differs ({va} vs {vb})"
+    return None
+
+
+def pack_adjacent(modules: Sequence[Fp8Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-lay Fp8Linear modules (same in_features, device and dtypes) into shared buffers: their weights become
+    consecutive row blocks of one [N1 + N2 + ..., K] e4m3 tensor and their scales of one [N1 + N2 + ...] tensor,
+    so the group as a whole is one weight (`kernopt.ops.adjacent_view`) and
+    `torch.ops.kernopt.fp8_linear_prequant_group` runs one launch for all of them. Biases are packed the same way
+    when every module has one (of one dtype); otherwise each keeps its own. Values are copied exactly, so every
+    module's forward is unchanged; the old tensors are released as each module takes its view.
+
+    Returns the group's combined (weight [Ntot, K], weight_scale [Ntot]) views.
+    Note: the modules' state_dict tensors now share storage (safetensors refuses shared tensors; save a model
+    packed like this with torch.save, or quantize again after loading)."""
+    mods = list(modules)
+    if not mods:
+        raise ValueError("pack_adjacent: no modules")
+    for m in mods:
+        if not isinstance(m, Fp8Linear):
+            raise TypeError(f"pack_adjacent: {type(m).__name__} is not an Fp8Linear")
+        why = _compatible(mods[0], m)
+        if why:
+            raise ValueError(f"pack_adjacent: modules cannot share buffers: {why}")
+    first = mods[0]
+    widths = [m.out_features for m in mods]
+    total, dev = sum(widths), first.weight.device
+    with torch.no_grad():
+        w_base = torch.empty((total, first.in_features), dtype=first.weight.dtype, device=dev)
+        s_base = torch.empty(total, dtype=first.weight_scale.dtype, device=dev)
+        biases = [m.bias for m in mods]
+        pack_bias = all(b is not None for b in biases) and len({b.dtype for b in biases}) == 1
+        b_base = torch.empty(total, dtype=biases[0].dtype, device=dev) if pack_bias else None
+        row = 0
+        for m, n in zip(mods, widths):
+            rows = slice(row, row + n)
+            w_base[rows].copy_(m.weight)
+            s_base[rows].copy_(m.weight_scale.reshape(-1))
+            m.weight, m.weight_scale = w_base[rows], s_base[rows]
+            if b_base is not None:
+                b_base[rows].copy_(m.bias)
+                m.bias = b_base[rows]
+            row += n
+    return w_base, s_base
+
+
+def pack_shared_input_linears_(model: nn.Module, groups: Iterable[Iterable[str]]) -> list[list[str]]:
+    """`pack_adjacent` each group of module names (`kernopt.int4.linears_sharing_input`), over the members that are
+    Fp8Linear modules able to share buffers with the group's first. Returns the groups packed."""
+    packed = []
+    for names in groups:
+        mods = [(n, model.get_submodule(n)) for n in names]
+        mods = [(n, m) for n, m in mods if isinstance(m, Fp8Linear)]
+        if len(mods) < 2:
+            continue
+        mods = [(n, m) for n, m in mods if _compatible(mods[0][1], m) is None]
+        if len(mods) < 2:
+            continue
+        pack_adjacent([m for _, m in mods])
+        packed.append([n for n, _ in mods])
+    return packed
+
+
+def quantize_fp8_grouped_(model: nn.Module, skip: Iterable[str] = ("lm_head",),
+                          run: Optional[Callable[[], Any]] = None) -> list[list[str]]:
+    """`quantize_fp8_`, then `pack_shared_input_linears_` over the linears that read one input (found on the float
+    model before quantizing, by `run` or by name: `kernopt.int4.linears_sharing_input`), unless
+    KERNOPT_FP8_GROUP=0. What `kernopt.optimize(quantize="fp8")` and `kernopt explain --quantize fp8` do. Returns
+    the packed groups."""
+    from kernopt.int4 import linears_sharing_input
+
+    shared = linears_sharing_input(model, run) if grouping_enabled() else []
+    quantize_fp8_(model, skip=skip)
+    return pack_shared_input_linears_(model, shared)

@@ -52,6 +52,7 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
     if scenario != "auto" and scenario not in workload.SCENARIOS:
         raise ValueError(f"scenario={scenario!r}; valid: 'auto', {', '.join(map(repr, workload.SCENARIOS))}")
     int4_groups: list[list[str]] = []
+    fp8_groups: list[list[str]] = []
     if quantize == "int4":
         from kernopt import int4
 
@@ -61,9 +62,10 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
         # in one launch (kernopt.ops.int4_linear_group); found on the float model, before quantizing.
         int4_groups = int4.quantize_int4_grouped_(model, group_size=group_size, skip=skip, run=_tiny_forward(model))
     elif quantize == "fp8":
-        from kernopt.fp8 import quantize_fp8_
+        from kernopt.fp8 import quantize_fp8_grouped_
 
-        quantize_fp8_(model, skip=skip)
+        # as int4: q/k/v and gate/up in shared buffers, one launch each (kernopt.ops.fp8_linear_prequant_group)
+        fp8_groups = quantize_fp8_grouped_(model, skip=skip, run=_tiny_forward(model))
 
     if compile:
         # Eager calls (transformers' uncompiled prefill under cache="static") run the fused ops on a GPU too.
@@ -85,7 +87,8 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
         if compile and compile_prefill_enabled() and _device_of(model).type in PREFILL_COMPILE_DEVICES:
             _compile_prefill(model, options)
         _defer_stop_checks_in_generate(model)
-        model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario, "int4_groups": int4_groups}
+        model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario, "int4_groups": int4_groups,
+                          "fp8_groups": fp8_groups}
         return model
 
     from kernopt import hf_attention
@@ -95,7 +98,8 @@ def optimize(model, quantize: Optional[str] = None, group_size: int = 128, scena
         model.forward = torch.compile(model.forward, backend="kernopt", options=options)
     _give_generate_a_paged_cache(model, hf_attention)
     _defer_stop_checks_in_generate(model)
-    model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario, "int4_groups": int4_groups}
+    model._kernopt = {"quantize": quantize, "cache": cache, "scenario": scenario, "int4_groups": int4_groups,
+                          "fp8_groups": fp8_groups}
     return model
 
 

@@ -488,3 +488,45 @@ def fp8_linear_prequant(x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: 
 @fp8_linear_prequant.register_fake
 def _(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype):
     return x_fp8.new_empty((*x_fp8.shape[:-1], w_fp8.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("kernopt::fp8_linear_prequant_group", mutates_args=())
+def fp8_linear_prequant_group(x_fp8: Tensor, x_scale: Tensor, w_fp8s: list[Tensor], w_scales: list[Tensor],
+                              biases: list[Optional[Tensor]], out_dtype: torch.dtype) -> Tensor:
+    """Several fp8 linears of one quantized input, as [..., N1 + N2 + ...]: column block i is
+    ``fp8_linear_prequant(x_fp8, x_scale, w_fp8s[i], w_scales[i], biases[i], out_dtype)``.
+
+    Why: as int4_linear_group (the fp8 pass emits this op for q/k/v and gate/up, which read one
+    rmsnorm_quant_fp8): at decode the k and v GEMVs of an 8B layer (N = 1024, 4 MB each) cost ~5 us apiece, most of
+    it launch, ramp and tail. `kernopt.fp8.pack_adjacent` stores the weights and scales as consecutive row blocks
+    of shared buffers; checked per call: when both lists are adjacent (`adjacent_view`) the kernel runs once on
+    the combined views (biases: their combined view or a small concatenation); otherwise each part runs its own
+    launch into its slice of the one output. Each output column is the same sum either way (a GEMM's column does
+    not depend on the other columns, nor on the tile's width: the table's tile for the combined width may differ,
+    so the values agree to fp32 summation order). The reference runs each part's reference and concatenates."""
+    lead = x_fp8.shape[:-1]
+    x2 = x_fp8.reshape(-1, x_fp8.shape[-1])
+    widths = [w.shape[0] for w in w_fp8s]
+    impl = implementation(x_fp8)
+    gemm = kernel_module("fp8_gemm")
+    if impl == "reference" or (impl == "interpreter" and torch.bfloat16 in (out_dtype, *(getattr(b, "dtype", None)
+                                                                                        for b in biases))):
+        out = torch.cat([gemm.fp8_linear_prequant_ref(x2, x_scale, w, s, bias=b, out_dtype=out_dtype)
+                         for w, s, b in zip(w_fp8s, w_scales, biases)], dim=-1)
+        return out.reshape(*lead, out.shape[-1])
+    w_all, s_all = adjacent_view(w_fp8s), adjacent_view([s.reshape(-1) for s in w_scales])
+    if w_all is not None and s_all is not None:
+        out = gemm.fp8_linear_prequant(x2, x_scale, w_all, s_all, bias=_grouped_bias(biases, widths),
+                                       out_dtype=out_dtype)
+    else:
+        out = x2.new_empty((x2.shape[0], sum(widths)), dtype=out_dtype)
+        col = 0
+        for w, sc, b, n in zip(w_fp8s, w_scales, biases, widths):
+            gemm.fp8_linear_prequant(x2, x_scale, w, sc, bias=b, out_dtype=out_dtype, out=out[:, col:col + n])
+            col += n
+    return out.reshape(*lead, out.shape[-1])
+
+
+@fp8_linear_prequant_group.register_fake
+def _(x_fp8, x_scale, w_fp8s, w_scales, biases, out_dtype):
+    return x_fp8.new_empty((*x_fp8.shape[:-1], sum(w.shape[0] for w in w_fp8s)), dtype=out_dtype)

@@ -49,6 +49,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from kernopt import ops, workload
+from kernopt.fp8 import grouping_enabled
+from kernopt.passes import grouping
 from kernopt.passes.graph import (ADD, MUL, PassContext, arg, describe, example_value, insert_before, is_call,
                                   replace, single_user, size_hint, static_int)
 
@@ -188,6 +190,8 @@ class Fp8Pass:
                     self._rewrite(gm, ctx, m)
         if self.fuse_rmsnorm:
             self._fuse_rmsnorms(gm, ctx)
+        if grouping_enabled():
+            group_shared_inputs(gm, ctx)
 
     # ---------------------------------------------------------------------------------------------
     # torch._scaled_mm
@@ -703,6 +707,63 @@ def _lane_refusal(m: _Fp8Matmul, x: fx.Node, bias: Optional[fx.Node], n: int, k)
     if xv.device.type not in ("cuda", "cpu"):
         return f"device {xv.device.type}"
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# fp8_linear_prequant nodes of one quantized input -> one launch (kernopt.fp8.GROUP_ENV)
+# ------------------------------------------------------------------------------------------------
+GROUP_PASS_NAME = "fp8_group"  # its own name in reports: the fp8 rewrites stay one per linear
+
+
+def group_shared_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Replace fp8_linear_prequant nodes that read the same (codes, scale) nodes into the same output dtype (q/k/v
+    after one rmsnorm_quant_fp8, gate/up after another) by one `kernopt.fp8_linear_prequant_group` node and a
+    column slice per linear. Not for the prompt lane's linears (cuBLAS launches from Inductor's code)."""
+    prequant = torch.ops.kernopt.fp8_linear_prequant.default
+
+    def key_of(n: fx.Node):
+        if len(n.args) != 6 or n.kwargs:
+            return None
+        q, s, w8, _, _, out_dtype = n.args
+        wv = example_value(w8) if isinstance(w8, fx.Node) else None
+        if example_value(n) is None or wv is None or static_int(wv.shape[0]) is None:
+            return None  # a column offset must be a constant
+        return q, s, out_dtype
+
+    grouping.group_shared_inputs(gm, prequant, key_of, lambda key, members, order: _group(gm, ctx, members, order))
+
+
+def _group(gm: fx.GraphModule, ctx: PassContext, members: list[fx.Node], order: dict[fx.Node, int]) -> None:
+    # kernopt.fp8.pack_adjacent lays q, k, v out in call order, so the storage order is normally graph order
+    # (biases do not decide it: the op concatenates them when they are not adjacent, a small copy)
+    members, adjacent = grouping.storage_order(members, (2, 3), (), ops.adjacent_view, flat=(3,))
+    q, s, out_dtype = members[0].args[0], members[0].args[1], members[0].args[5]
+    anchor = grouping.anchor_after_inputs(gm, members, order)
+    widths = [static_int(example_value(m.args[2]).shape[0]) for m in members]
+    args = (q, s, [m.args[2] for m in members], [m.args[3] for m in members], [m.args[4] for m in members], out_dtype)
+    group = insert_before(gm, anchor, torch.ops.kernopt.fp8_linear_prequant_group.default, args,
+                          torch.cat([example_value(m) for m in members], dim=-1))
+    grouping.replace_with_slices(gm, anchor, group, members, widths)
+    qv = example_value(q)
+    k = qv.shape[-1]
+    rows = 1
+    for d in qv.shape[:-1]:
+        rows = rows * d
+    m_hint = size_hint(rows)
+    impl = ops.implementation(qv)
+    if impl == "reference":
+        config = "plain-torch reference (per part)"
+    elif adjacent is False:
+        config = "weights not in one storage: one launch per part into one output"
+    else:
+        from kernopt.kernels import fp8_gemm
+
+        config = fp8_gemm.config_str(fp8_gemm.select_config(m_hint, sum(widths), size_hint(k)))
+        config = ("one launch " if adjacent else "one launch if adjacent (checked per call) ") + config
+    ctx.rewrote(GROUP_PASS_NAME, group,
+                f"{len(members)} fp8_linear_prequant of one input -> one launch M={m_hint} "
+                f"N={'+'.join(map(str, widths))} K={size_hint(k)}", "kernopt.fp8_linear_prequant_group", config,
+                workload.scenario_for_activation(ctx.scenario, [size_hint(d) for d in qv.shape]), impl)
 
 
 def replace_with(gm: fx.GraphModule, old: fx.Node, new: fx.Node, dead) -> None:

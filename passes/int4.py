@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from kernopt import ops, workload
 from kernopt.int4 import grouping_enabled
 from kernopt.kernels.host import env_switch
+from kernopt.passes import grouping
+from kernopt.passes.grouping import copy_source_meta, real_value
 from kernopt.passes.graph import (SILU, PassContext, arg, describe, example_value, format_config, insert_before,
                                   is_call, replace, size_hint, static_int)
 
@@ -135,18 +137,9 @@ def _read_affine(w: fx.Node, packed: fx.Node) -> tuple[Optional[_Affine], Option
 # ------------------------------------------------------------------------------------------------
 # Probing: evaluate the weight subgraph on random leaves and compare with a candidate layout.
 # ------------------------------------------------------------------------------------------------
-def _real_value(n: fx.Node) -> Optional[torch.Tensor]:
-    ga = n.meta.get("grapharg")
-    try:
-        v = ga.example if ga is not None else None
-    except Exception:  # a dead weakref or a source without a value
-        v = None
-    return v if isinstance(v, torch.Tensor) else None
-
-
 def _probe_leaf(n: fx.Node, gen: torch.Generator) -> torch.Tensor:
     v = example_value(n)
-    real = _real_value(n)
+    real = real_value(n)
     if real is not None and real.numel() <= 64:  # shift tables and other small constants: keep their values
         return real.detach().clone()
     shape, dev = tuple(size_hint(s) for s in v.shape), v.device
@@ -254,16 +247,6 @@ def _rows(xv: torch.Tensor):
     return rows
 
 
-_SOURCE_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
-
-
-def _copy_source_meta(dst: fx.Node, src: fx.Node) -> None:
-    """Where `dst` came from in the user's code, as `src` says (explain() and error messages read it)."""
-    for key in _SOURCE_META:
-        if key in src.meta:
-            dst.meta[key] = src.meta[key]
-
-
 class _Plan:
     def __init__(self, q_view: str, s_view: str, z_view: Optional[str], group: int):
         self.q_view, self.s_view, self.z_view, self.group = q_view, s_view, z_view, group
@@ -321,7 +304,7 @@ def _signature(nodes: list[fx.Node]) -> Any:
     sig = []
     for n in nodes:
         v = example_value(n)
-        real = _real_value(n) if n.op == "placeholder" else None
+        real = real_value(n) if n.op == "placeholder" else None
         consts = tuple(repr(a) for a in fx.node.map_arg((n.args, n.kwargs), lambda x: None)) if n.op != "placeholder" else ()
         small = tuple(real.flatten().tolist()) if real is not None and real.numel() <= 64 else None
         sig.append((n.op, str(n.target) if n.op != "placeholder" else "", consts,
@@ -351,7 +334,7 @@ def _int4_linears(gm: fx.GraphModule):
         if any(n.target is INT4_WEIGHT for n in nodes):
             continue  # a weight this pass already gave to kernopt.int4_weight (used by an earlier linear too)
         packed = [leaf for leaf in _leaves(nodes) if _is_int_leaf(leaf)
-                  and (example_value(leaf).numel() >= 64 or _real_value(leaf) is None)]
+                  and (example_value(leaf).numel() >= 64 or real_value(leaf) is None)]
         if packed:  # else a float weight: not ours (the matmul pass takes it)
             yield node, x, w, bias, transposed, nodes, packed
 
@@ -498,105 +481,33 @@ class Int4Pass:
 INT4_LINEAR = torch.ops.kernopt.int4_linear.default
 INT4_GROUP = torch.ops.kernopt.int4_linear_group.default
 GROUP_PASS_NAME = "int4_group"  # its own name in reports: the int4 rewrites stay one per linear
-# Users that read a column slice like any tensor and write a fresh one: a slice feeding only these is left a
-# strided view; any other user gets `.contiguous()` (a no-op at M=1, where a slice is contiguous already), so
-# a later `.view()` or a kernel that assumes packed rows sees the tensor the linear used to produce.
-ELEMENTWISE = {
-    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
-    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.sigmoid, torch.tanh, torch.relu,
-    F.silu, F.gelu, F.relu, F.sigmoid, F.tanh, F.softplus,
-    "mul", "add", "sub", "div", "neg", "__mul__", "__add__", "__sub__", "__truediv__", "__rmul__", "__radd__",
-    "sigmoid", "tanh", "relu", "float", "half", "bfloat16",
-}
-
-
-def _elementwise_user(n: fx.Node) -> bool:
-    return n.op in ("call_function", "call_method") and n.target in ELEMENTWISE and not n.kwargs.get("inplace")
-
-
-def _clusters(members: list[fx.Node], order: dict[fx.Node, int]) -> list[list[fx.Node]]:
-    """Split int4_linear nodes of one x into groups that one node can replace: every input of the group is
-    defined before every user of any member (so no member depends on another's output, and one insertion
-    point serves them all). Greedy in graph order; groups of one are dropped."""
-    groups: list[tuple[list[fx.Node], int, int]] = []  # (members, last input position, first user position)
-    for m in sorted(members, key=order.__getitem__):
-        last_in = max((order[i] for i in m.all_input_nodes), default=-1)
-        first_use = min((order[u] for u in m.users), default=len(order))
-        for k, (ms, li, fu) in enumerate(groups):
-            if max(li, last_in) < min(fu, first_use):
-                groups[k] = (ms + [m], max(li, last_in), min(fu, first_use))
-                break
-        else:
-            groups.append(([m], last_in, first_use))
-    return [ms for ms, _, _ in groups if len(ms) > 1]
-
-
-def _storage_order(members: list[fx.Node]) -> tuple[list[fx.Node], Optional[bool]]:
-    """Members in the order their qweights lie in one storage, when Dynamo recorded their real tensors
-    (`pack_adjacent` lays q, k, v out in call order, so this is normally graph order), and whether the
-    qweights, scales and zeros are adjacent now (None: not knowable here; the op checks on every call)."""
-    reals = []
-    for m in members:
-        vals = [_real_value(a) if isinstance(a, fx.Node) and a.op == "placeholder" else None
-                for a in (m.args[1], m.args[2], m.args[3])]
-        if vals[0] is None or vals[1] is None or (m.args[3] is not None and vals[2] is None):
-            return members, None
-        reals.append(vals)
-    storages = {v[0].untyped_storage().data_ptr() for v in reals}
-    if len(storages) != 1:
-        return members, False
-    ranked = sorted(zip(members, reals), key=lambda mr: mr[1][0].storage_offset())
-    members, reals = [m for m, _ in ranked], [r for _, r in ranked]
-    adjacent = all(ops.adjacent_view([r[i] for r in reals]) is not None for i in (0, 1)) and \
-        (members[0].args[3] is None or ops.adjacent_view([r[2] for r in reals]) is not None)
-    return members, adjacent
-
-
 def group_shared_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
     """Replace int4_linear nodes that take the same x node (same group size, all symmetric or all with zeros)
     by one `kernopt.int4_linear_group` node and a column slice per linear. ``KERNOPT_INT4_GROUP=0`` skips it."""
-    tried: set = set()
-    while True:  # one x at a time, reading the graph afresh after each rewrite
-        by_input: dict[tuple, list[fx.Node]] = {}
-        for n in gm.graph.nodes:
-            if n.op != "call_function" or n.target is not INT4_LINEAR or len(n.args) != 6 or n.kwargs:
-                continue
-            x, _, scales, zeros, group_size, _ = n.args
-            sv = example_value(scales)
-            if example_value(n) is None or sv is None or static_int(sv.shape[0]) is None:
-                continue  # a column offset must be a constant
-            by_input.setdefault((x, group_size, zeros is None), []).append(n)
-        todo = [(key, ms) for key, ms in by_input.items() if len(ms) > 1 and key not in tried]
-        if not todo:
-            return
-        (x, group_size, symmetric), members = todo[0]
-        tried.add((x, group_size, symmetric))
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        for group in _clusters(members, order):  # disjoint; later insertions keep old nodes' relative order
-            _group(gm, ctx, x, group_size, group, order)
+
+    def key_of(n: fx.Node):
+        if len(n.args) != 6 or n.kwargs:
+            return None
+        x, _, scales, zeros, group_size, _ = n.args
+        sv = example_value(scales)
+        if example_value(n) is None or sv is None or static_int(sv.shape[0]) is None:
+            return None  # a column offset must be a constant
+        return x, group_size, zeros is None
+
+    grouping.group_shared_inputs(gm, INT4_LINEAR, key_of, lambda key, members, order: _group(gm, ctx, members, order))
 
 
-def _group(gm: fx.GraphModule, ctx: PassContext, x: fx.Node, group_size: int, members: list[fx.Node],
-           order: dict[fx.Node, int]) -> None:
-    members, adjacent = _storage_order(members)
-    last_in = max(order[i] for m in members for i in m.all_input_nodes)
-    anchor = next(n for n in gm.graph.nodes if order.get(n, -1) > last_in and n.op != "placeholder")
+def _group(gm: fx.GraphModule, ctx: PassContext, members: list[fx.Node], order: dict[fx.Node, int]) -> None:
+    # pack_adjacent lays q, k, v out in call order, so the storage order is normally graph order
+    members, adjacent = grouping.storage_order(members, (1, 2), (3,), ops.adjacent_view)
+    x, group_size = members[0].args[0], members[0].args[4]
+    anchor = grouping.anchor_after_inputs(gm, members, order)
     cols = [static_int(example_value(m.args[2]).shape[0]) for m in members]
     evs = [example_value(m) for m in members]
     args = (x, [m.args[1] for m in members], [m.args[2] for m in members], [m.args[3] for m in members],
             group_size, [m.args[5] for m in members])
     group = insert_before(gm, anchor, INT4_GROUP, args, torch.cat(evs, dim=-1))
-    col, slices = 0, []
-    for m, n, ev in zip(members, cols, evs):
-        out = insert_before(gm, anchor, torch.narrow, (group, -1, col, n), example_value(group).narrow(-1, col, n))
-        if not all(_elementwise_user(u) for u in m.users):
-            out = insert_before(gm, anchor, torch.Tensor.contiguous, (out,), ev)
-        _copy_source_meta(out, m)
-        slices.append(out)
-        col += n
-    for m, out in zip(members, slices):  # only now: the anchor may be a member
-        m.replace_all_uses_with(out)
-        gm.graph.erase_node(m)
+    grouping.replace_with_slices(gm, anchor, group, members, cols)
     xv = example_value(x)
     m_hint, K = size_hint(_rows(xv)), size_hint(xv.shape[-1])
     impl = ops.implementation(xv)
@@ -780,7 +691,7 @@ def float_gemv_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
         with gm.graph.inserting_after(node):
             back = gm.graph.call_function(torch.Tensor.to, (node, xv.dtype))
         back.meta["example_value"] = ov
-        _copy_source_meta(back, node)
+        copy_source_meta(back, node)
         node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
         dt = str(xv.dtype).replace("torch.", "")
         op = "kernopt.int4_linear_group" if node.target is INT4_GROUP else "kernopt.int4_linear"

@@ -320,7 +320,7 @@ def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
                                                                              "KERNOPT_INDUCTOR_COMBO",
                                                                              "KERNOPT_DECODE_APPEND", "KERNOPT_PDL", "KERNOPT_MASK_FOLD", "KERNOPT_MASK_BOUNDS",
                                                                              "KERNOPT_INT4_LANE", "KERNOPT_FP8_PROMPT",
-                                                                             "KERNOPT_FP8_GEMV"}
+                                                                             "KERNOPT_FP8_GEMV", "KERNOPT_FP8_GROUP"}
     assert set(llama_bench.SYSTEM_ENV) <= set(llama_bench.EXTRA_SYSTEMS)
     assert llama_bench.quantize_of("kernopt_noappend") is None and llama_bench.quantize_of("kernopt_int4_noappend") == "int4"
     monkeypatch.setenv(GEMV_VARIANT_ENV, "planes")
@@ -332,6 +332,7 @@ def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
         assert os.environ["KERNOPT_PREFILL_CUDA_GRAPHS"] == "0" and not kernopt.hf.prefill_cuda_graphs_enabled()
     with llama_bench.system_env("kernopt_int4"):
         assert GEMV_VARIANT_ENV not in os.environ  # the table's GEMV for the plain system
+    from kernopt import fp8 as fp8_mod
     from kernopt.kernels import fp8_gemm
     from kernopt.passes import fp8 as fp8_pass
 
@@ -340,8 +341,11 @@ def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
         assert not fp8_gemm.gemv_enabled() and fp8_gemm.select_config(1, 4096, 4096)["SWAP_AB"]
     with llama_bench.system_env("kernopt_fp8_prompt_kernel"):
         assert fp8_pass.prompt_mode() == "kernel" and fp8_gemm.gemv_enabled()
+    with llama_bench.system_env("kernopt_fp8_nogroup"):
+        assert not fp8_mod.grouping_enabled() and fp8_gemm.gemv_enabled()
     with llama_bench.system_env("kernopt_fp8"):
         assert fp8_pass.prompt_mode() == "auto" and fp8_gemm.select_config(1, 4096, 4096)["impl"] == "gemv"
+        assert fp8_mod.grouping_enabled()
     assert os.environ[GEMV_VARIANT_ENV] == "planes" and PROMPT_ENV not in os.environ
 
 

@@ -432,6 +432,42 @@ def test_optimize_int4_packs_linears_sharing_an_input_and_groups_them(grouping, 
     assert sorted(r.matched.split(" ")[0] for r in grouped) == ["2", "2", "3", "3"], report.table()
 
 
+@pytest.mark.parametrize("grouping", ["1", "0"])
+def test_optimize_fp8_packs_linears_sharing_an_input_and_groups_them(grouping, monkeypatch):
+    """optimize(quantize="fp8") lays q/k/v and gate/up out in shared buffers (kernopt.fp8.pack_adjacent) and the
+    fp8 pass runs each set as one kernopt.fp8_linear_prequant_group; the logits are those of the same model
+    quantized without any of it (to fp32 summation order: the grouped launch's tile may differ, and a code that
+    moves by one e4m3 step carries on). KERNOPT_FP8_GROUP=0 turns both off."""
+    from kernopt import ops
+    from kernopt.fp8 import quantize_fp8_
+
+    monkeypatch.setenv("KERNOPT_FP8_GROUP", grouping)
+    ref = quantize_fp8_(tiny_llama())
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        want = ref(ids).logits
+        kernopt.optimize(model, quantize="fp8", inner="eager")
+        with listening_report() as report:
+            got = model(ids).logits
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+    groups = model._kernopt["fp8_groups"]
+    grouped = [r for r in report.rewrites if r.pass_name == "fp8_group"]
+    if grouping == "0":
+        assert groups == [] and grouped == []
+        return
+    assert groups == [names for i in range(2) for names in (
+        [f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"], [f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up")])]
+    for names in groups:
+        mods = [model.get_submodule(n) for n in names]
+        for attr in ("weight", "weight_scale"):
+            parts = [getattr(m, attr) for m in mods]
+            assert len({p.untyped_storage().data_ptr() for p in parts}) == 1 and ops.adjacent_view(parts) is not None
+    assert sorted(r.matched.split(" ")[0] for r in grouped) == ["2", "2", "3", "3"], report.table()
+    assert all(r.config.startswith("one launch ") for r in grouped if r.implementation != "reference"), report.table()
+
+
 def test_static_cache_prompt_with_padding_takes_the_bounded_mask(monkeypatch):
     """generate's compiled prompt under a static cache: its mask depends on inputs (cache_position, the padding),
     so it stays a mask, and flash_attention walks it with BOUNDS (kernels/flash_attention.py); the left-padded
