@@ -20,8 +20,8 @@ K, G = 64, 32
 WIDTHS = (40, 24, 24)  # not multiples of the kernels' BLOCK_N
 
 
-def _linears(widths=WIDTHS, symmetric=False, bias=(True, True, False), k=K, g=G):
-    return [Int4Linear.from_linear(nn.Linear(k, n, bias=b).to(DT), g, symmetric=symmetric).to(DEV)
+def _linears(widths=WIDTHS, symmetric=False, bias=(True, True, False), k=K, g=G, device=DEV):
+    return [Int4Linear.from_linear(nn.Linear(k, n, bias=b).to(DT), g, symmetric=symmetric).to(device)
             for n, b in zip(widths, bias)]
 
 
@@ -153,9 +153,9 @@ def test_group_op_llama_shapes_on_gpu(m, launches):
 
 def test_group_op_reference_is_the_separate_references(monkeypatch):
     monkeypatch.setenv("KERNOPT_CPU", "reference")
-    mods = _linears()
+    mods = _linears(device="cpu")
     pack_adjacent(mods)
-    x = torch.randn(2, 3, K, dtype=DT)  # on CPU: both run their plain-torch references
+    x = torch.randn(2, 3, K, dtype=DT)  # on CPU (on a GPU machine too): both run their plain-torch references
     assert torch.equal(_grouped(x, mods), _separate(x, mods))
 
 
