@@ -136,15 +136,9 @@ def pack_adjacent(modules: Sequence[Fp8Linear]) -> tuple[torch.Tensor, torch.Ten
     Returns the group's combined (weight [Ntot, K], weight_scale [Ntot]) views.
     Note: the modules' state_dict tensors now share storage (safetensors refuses shared tensors; save a model
     packed like this with torch.save, or quantize again after loading)."""
-    mods = list(modules)
-    if not mods:
-        raise ValueError("pack_adjacent: no modules")
-    for m in mods:
-        if not isinstance(m, Fp8Linear):
-            raise TypeError(f"pack_adjacent: {type(m).__name__} is not an Fp8Linear")
-        why = _compatible(mods[0], m)
-        if why:
-            raise ValueError(f"pack_adjacent: modules cannot share buffers: {why}")
+    from kernopt.int4 import check_packable
+
+    mods = check_packable(modules, Fp8Linear, _compatible)
     first = mods[0]
     widths = [m.out_features for m in mods]
     total, dev = sum(widths), first.weight.device
@@ -170,18 +164,9 @@ def pack_adjacent(modules: Sequence[Fp8Linear]) -> tuple[torch.Tensor, torch.Ten
 def pack_shared_input_linears_(model: nn.Module, groups: Iterable[Iterable[str]]) -> list[list[str]]:
     """`pack_adjacent` each group of module names (`kernopt.int4.linears_sharing_input`), over the members that are
     Fp8Linear modules able to share buffers with the group's first. Returns the groups packed."""
-    packed = []
-    for names in groups:
-        mods = [(n, model.get_submodule(n)) for n in names]
-        mods = [(n, m) for n, m in mods if isinstance(m, Fp8Linear)]
-        if len(mods) < 2:
-            continue
-        mods = [(n, m) for n, m in mods if _compatible(mods[0][1], m) is None]
-        if len(mods) < 2:
-            continue
-        pack_adjacent([m for _, m in mods])
-        packed.append([n for n, _ in mods])
-    return packed
+    from kernopt import int4
+
+    return int4.pack_shared_input_linears_(model, groups, Fp8Linear, _compatible, pack_adjacent)
 
 
 def quantize_fp8_grouped_(model: nn.Module, skip: Iterable[str] = ("lm_head",),

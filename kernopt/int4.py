@@ -181,6 +181,21 @@ def _compatible(a: "Int4Linear", b: "Int4Linear") -> Optional[str]:
     return None
 
 
+def check_packable(modules: Iterable[nn.Module], cls: type, compatible: Callable) -> list[nn.Module]:
+    """The modules as a list, each a `cls` that can share buffers with the first (`compatible(a, b)` says why
+    not), else a clear error: pack_adjacent's checks, for int4 and fp8 (kernopt/fp8.py) alike."""
+    mods = list(modules)
+    if not mods:
+        raise ValueError("pack_adjacent: no modules")
+    for m in mods:
+        if not isinstance(m, cls):
+            raise TypeError(f"pack_adjacent: {type(m).__name__} is not an {cls.__name__}")
+        why = compatible(mods[0], m)
+        if why:
+            raise ValueError(f"pack_adjacent: modules cannot share buffers: {why}")
+    return mods
+
+
 def pack_adjacent(modules: Sequence["Int4Linear"]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Re-lay Int4Linear modules (same in_features, group size, dtypes, device and symmetry) into shared
     buffers: their qweights become adjacent column blocks of one row-major [K/8, N1 + N2 + ...] int32 tensor
@@ -194,15 +209,7 @@ def pack_adjacent(modules: Sequence["Int4Linear"]) -> tuple[torch.Tensor, torch.
     Returns the group's combined (qweight [Ntot, K/8], scales [Ntot, K/g], zeros or None) views.
     Note: the modules' state_dict tensors now share storage (safetensors refuses shared tensors; save a
     model packed like this with torch.save, or quantize again after loading)."""
-    mods = list(modules)
-    if not mods:
-        raise ValueError("pack_adjacent: no modules")
-    for m in mods:
-        if not isinstance(m, Int4Linear):
-            raise TypeError(f"pack_adjacent: {type(m).__name__} is not an Int4Linear")
-        why = _compatible(mods[0], m)
-        if why:
-            raise ValueError(f"pack_adjacent: modules cannot share buffers: {why}")
+    mods = check_packable(modules, Int4Linear, _compatible)
     first = mods[0]
     K, G, dev = first.in_features, first.in_features // first.group_size, first.qweight.device
     widths = [m.qweight.shape[0] for m in mods]
@@ -284,19 +291,22 @@ def linears_sharing_input(model: nn.Module, run: Optional[Callable[[], Any]] = N
     return groups
 
 
-def pack_shared_input_linears_(model: nn.Module, groups: Iterable[Iterable[str]]) -> list[list[str]]:
+def pack_shared_input_linears_(model: nn.Module, groups: Iterable[Iterable[str]], cls: Optional[type] = None,
+                               compatible: Optional[Callable] = None, pack: Optional[Callable] = None) -> list[list[str]]:
     """`pack_adjacent` each group of module names (`linears_sharing_input`), over the members that are
-    Int4Linear modules able to share buffers with the group's first. Returns the groups packed."""
+    Int4Linear modules able to share buffers with the group's first. Returns the groups packed. (`cls`,
+    `compatible`, `pack`: another format's module type, check and packing; kernopt/fp8.py passes its own.)"""
+    cls, compatible, pack = cls or Int4Linear, compatible or _compatible, pack or pack_adjacent
     packed = []
     for names in groups:
         mods = [(n, model.get_submodule(n)) for n in names]
-        mods = [(n, m) for n, m in mods if isinstance(m, Int4Linear)]
+        mods = [(n, m) for n, m in mods if isinstance(m, cls)]
         if len(mods) < 2:
             continue
-        mods = [(n, m) for n, m in mods if _compatible(mods[0][1], m) is None]
+        mods = [(n, m) for n, m in mods if compatible(mods[0][1], m) is None]
         if len(mods) < 2:
             continue
-        pack_adjacent([m for _, m in mods])
+        pack([m for _, m in mods])
         packed.append([n for n, _ in mods])
     return packed
 

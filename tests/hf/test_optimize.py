@@ -397,27 +397,41 @@ def test_optimize_decode_append_generates_eager_tokens(monkeypatch):
             assert_close(got_t[:, :, :n], want_t[:, :, :n].double(), torch.float16)
 
 
+# (quantize, its switch, its reference quantizer's kwargs, its buffers, its grouped pass, the logits' tolerance)
+GROUPED = {"int4": ("KERNOPT_INT4_GROUP", {"group_size": 32}, ("qweight", "scales"), "int4_group", 0.0),
+           "fp8": ("KERNOPT_FP8_GROUP", {}, ("weight", "weight_scale"), "fp8_group", 2e-2)}
+
+
 @pytest.mark.parametrize("grouping", ["1", "0"])
-def test_optimize_int4_packs_linears_sharing_an_input_and_groups_them(grouping, monkeypatch):
-    """optimize(quantize="int4") traces which linears read one input (q/k/v, gate/up), lays each set out in
-    shared buffers (kernopt.int4.pack_adjacent), and the int4 pass runs each set as one grouped op; the logits
-    are those of the same model quantized without any of it. KERNOPT_INT4_GROUP=0 turns both off."""
+@pytest.mark.parametrize("quantize", ["int4", "fp8"])
+def test_optimize_packs_linears_sharing_an_input_and_groups_them(quantize, grouping, monkeypatch):
+    """optimize(quantize=...) traces which linears read one input (q/k/v, gate/up), lays each set out in shared
+    buffers (kernopt.int4.pack_adjacent / kernopt.fp8.pack_adjacent), and the pass runs each set as one grouped
+    op; the logits are those of the same model quantized without any of it (fp8: to fp32 summation order, since
+    the grouped launch's tile may differ and a code that moves by one e4m3 step carries on). The switch
+    (KERNOPT_INT4_GROUP / KERNOPT_FP8_GROUP = 0) turns both off."""
     from kernopt import ops
+    from kernopt.fp8 import quantize_fp8_
     from kernopt.int4 import quantize_int4_
     from kernopt.tolerance import assert_close
 
-    monkeypatch.setenv("KERNOPT_INT4_GROUP", grouping)
-    ref = quantize_int4_(tiny_llama(), group_size=32)
+    env, kwargs, buffers, pass_name, rel = GROUPED[quantize]
+    monkeypatch.setenv(env, grouping)
+    ref = (quantize_int4_ if quantize == "int4" else quantize_fp8_)(tiny_llama(), **kwargs)
     model = tiny_llama()
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         want = ref(ids).logits
-        kernopt.optimize(model, quantize="int4", group_size=32, inner="eager")
+        kernopt.optimize(model, quantize=quantize, inner="eager", **kwargs)
         with listening_report() as report:
             got = model(ids).logits
-    assert_close(got, want.double(), torch.float32, scale=2.0)
-    groups = model._kernopt["int4_groups"]
-    grouped = [r for r in report.rewrites if r.pass_name == "int4_group"]
+    assert not torch.isnan(got).any()
+    if rel:
+        torch.testing.assert_close(got, want, rtol=rel, atol=rel * float(want.abs().max()))
+    else:
+        assert_close(got, want.double(), torch.float32, scale=2.0)
+    groups = model._kernopt[f"{quantize}_groups"]
+    grouped = [r for r in report.rewrites if r.pass_name == pass_name]
     if grouping == "0":
         assert groups == [] and grouped == []
         return
@@ -425,47 +439,14 @@ def test_optimize_int4_packs_linears_sharing_an_input_and_groups_them(grouping, 
         [f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"], [f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up")])]
     for names in groups:
         mods = [model.get_submodule(n) for n in names]
-        for attr in ("qweight", "scales"):
+        for attr in buffers:
             parts = [getattr(m, attr) for m in mods]
             assert len({p.untyped_storage().data_ptr() for p in parts}) == 1
             assert ops.adjacent_view(parts) is not None
     assert sorted(r.matched.split(" ")[0] for r in grouped) == ["2", "2", "3", "3"], report.table()
-
-
-@pytest.mark.parametrize("grouping", ["1", "0"])
-def test_optimize_fp8_packs_linears_sharing_an_input_and_groups_them(grouping, monkeypatch):
-    """optimize(quantize="fp8") lays q/k/v and gate/up out in shared buffers (kernopt.fp8.pack_adjacent) and the
-    fp8 pass runs each set as one kernopt.fp8_linear_prequant_group; the logits are those of the same model
-    quantized without any of it (to fp32 summation order: the grouped launch's tile may differ, and a code that
-    moves by one e4m3 step carries on). KERNOPT_FP8_GROUP=0 turns both off."""
-    from kernopt import ops
-    from kernopt.fp8 import quantize_fp8_
-
-    monkeypatch.setenv("KERNOPT_FP8_GROUP", grouping)
-    ref = quantize_fp8_(tiny_llama())
-    model = tiny_llama()
-    ids = torch.randint(0, 97, (2, 9))
-    with torch.no_grad():
-        want = ref(ids).logits
-        kernopt.optimize(model, quantize="fp8", inner="eager")
-        with listening_report() as report:
-            got = model(ids).logits
-    assert not torch.isnan(got).any()
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
-    groups = model._kernopt["fp8_groups"]
-    grouped = [r for r in report.rewrites if r.pass_name == "fp8_group"]
-    if grouping == "0":
-        assert groups == [] and grouped == []
-        return
-    assert groups == [names for i in range(2) for names in (
-        [f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"], [f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up")])]
-    for names in groups:
-        mods = [model.get_submodule(n) for n in names]
-        for attr in ("weight", "weight_scale"):
-            parts = [getattr(m, attr) for m in mods]
-            assert len({p.untyped_storage().data_ptr() for p in parts}) == 1 and ops.adjacent_view(parts) is not None
-    assert sorted(r.matched.split(" ")[0] for r in grouped) == ["2", "2", "3", "3"], report.table()
-    assert all(r.config.startswith("one launch ") for r in grouped if r.implementation != "reference"), report.table()
+    if quantize == "fp8":
+        assert all(r.config.startswith("one launch ") for r in grouped if r.implementation != "reference"), \
+            report.table()
 
 
 def test_static_cache_prompt_with_padding_takes_the_bounded_mask(monkeypatch):

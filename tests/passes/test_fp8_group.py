@@ -126,26 +126,16 @@ def test_group_op_leading_dims():
     assert got.shape == (2, 3, sum(WIDTHS)) and torch.equal(got.reshape(6, -1), flat)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, d, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(1 + 0.5 * torch.randn(d))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-
 class NormQKV(nn.Module):
     """input_layernorm -> q/k/v, their outputs reshaped as attention heads would be (a non-elementwise user)."""
 
     def __init__(self, d=K):
         super().__init__()
-        self.norm = RMSNorm(d)
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        self.norm = LlamaRMSNorm(d, eps=1e-6)
+        with torch.no_grad():
+            self.norm.weight.copy_(1 + 0.5 * torch.randn(d))
         self.q, self.k, self.v = nn.Linear(d, 32, bias=False), nn.Linear(d, 16, bias=False), nn.Linear(d, 16)
 
     def forward(self, x):
