@@ -292,7 +292,8 @@ def linears_sharing_input(model: nn.Module, run: Optional[Callable[[], Any]] = N
 
 
 def pack_shared_input_linears_(model: nn.Module, groups: Iterable[Iterable[str]], cls: Optional[type] = None,
-                               compatible: Optional[Callable] = None, pack: Optional[Callable] = None) -> list[list[str]]:
+                               compatible: Optional[Callable] = None,
+                               pack: Optional[Callable] = None) -> list[list[str]]:
     """`pack_adjacent` each group of module names (`linears_sharing_input`), over the members that are
     Int4Linear modules able to share buffers with the group's first. Returns the groups packed. (`cls`,
     `compatible`, `pack`: another format's module type, check and packing; kernopt/fp8.py passes its own.)"""

@@ -187,7 +187,8 @@ def storage_order(members: list[fx.Node], required: tuple[int, ...], optional: t
                                                                                                Optional[bool]]:
     """Members in the order their weights (arg `required[0]`) lie in one storage, when Dynamo recorded the real
     tensors of args `required` (and of `optional` args that are not None; graph inputs or `prep_value`s of them),
-    and whether each of those args is adjacent across the members now (`adjacent_view`; None: not knowable here, the op checks on every call)."""
+    and whether each of those args is adjacent across the members now (`adjacent_view`; None: not knowable here,
+    the op checks on every call). Args in `flat` are compared as the op reads them, flattened ([1, N] scales as [N])."""
     reals = []
     for m in members:
         vals = {}
