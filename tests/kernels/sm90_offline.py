@@ -559,6 +559,12 @@ CASES = [
     Case("fp8 M1 gemv K4096 N1024 split 4", _fp8(1, N=1024, config={
         "impl": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 4, "num_warps": 4, "num_stages": 1}),
         selected=False, no_spill=True, expect={"_gemv_kernel": ()}),
+    # the whole-K 8 x 4096 tile (q / o, and the grouped q/k/v at N = 6144), and a split-K swap-AB candidate (the
+    # swapab kernel on e4m3 codes, kernels/fp8_gemm.py SPLIT_SWAPAB_CANDIDATES)
+    Case("fp8 M1 gemv K4096 N6144 (grouped q/k/v)", _fp8(1, N=6144, prequant=True), expect={"_gemv_kernel": ()}),
+    Case("fp8 M1 swapab split 8 K4096 N4096", _fp8(1, N=HIDDEN, config={
+        "impl": "swapab", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 8, "num_warps": 4, "num_stages": 4}),
+        selected=False, expect={"_gemm_swapab_kernel": E4}),
     Case("fp8 M16 swap-AB bias prequant", _fp8(16, bias=True, prequant=True), expect={"_fp8_gemm_kernel": E4}),
     Case("fp8 M128 tma", _fp8(128), expect={"_fp8_gemm_tma_kernel": TMA}),
     Case("fp8 M4096 tma flatten", _fp8(4096), expect={"_fp8_gemm_tma_kernel": TMA}),
