@@ -136,7 +136,7 @@ def pack_adjacent(modules: Sequence[Fp8Linear]) -> tuple[torch.Tensor, torch.Ten
     Returns the group's combined (weight [Ntot, K], weight_scale [Ntot]) views.
     Note: the modules' state_dict tensors now share storage (safetensors refuses shared tensors; save a model
     packed like this with torch.save, or quantize again after loading)."""
-    from kernopt.int4 import check_packable
+    from kernopt.int4 import check_packable, pack_biases
 
     mods = check_packable(modules, Fp8Linear, _compatible)
     first = mods[0]
@@ -145,9 +145,7 @@ def pack_adjacent(modules: Sequence[Fp8Linear]) -> tuple[torch.Tensor, torch.Ten
     with torch.no_grad():
         w_base = torch.empty((total, first.in_features), dtype=first.weight.dtype, device=dev)
         s_base = torch.empty(total, dtype=first.weight_scale.dtype, device=dev)
-        biases = [m.bias for m in mods]
-        pack_bias = all(b is not None for b in biases) and len({b.dtype for b in biases}) == 1
-        b_base = torch.empty(total, dtype=biases[0].dtype, device=dev) if pack_bias else None
+        b_base = pack_biases(mods, total, dev)
         row = 0
         for m, n in zip(mods, widths):
             rows = slice(row, row + n)

@@ -196,6 +196,15 @@ def check_packable(modules: Iterable[nn.Module], cls: type, compatible: Callable
     return mods
 
 
+def pack_biases(mods: list[nn.Module], total: int, device) -> Optional[torch.Tensor]:
+    """One [total] buffer for the modules' biases when every module has one, of one dtype (pack_adjacent copies
+    each into its block); else None, and each keeps its own."""
+    biases = [m.bias for m in mods]
+    if any(b is None for b in biases) or len({b.dtype for b in biases}) != 1:
+        return None
+    return torch.empty(total, dtype=biases[0].dtype, device=device)
+
+
 def pack_adjacent(modules: Sequence["Int4Linear"]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Re-lay Int4Linear modules (same in_features, group size, dtypes, device and symmetry) into shared
     buffers: their qweights become adjacent column blocks of one row-major [K/8, N1 + N2 + ...] int32 tensor
@@ -218,9 +227,7 @@ def pack_adjacent(modules: Sequence["Int4Linear"]) -> tuple[torch.Tensor, torch.
         q_base = torch.empty((K // 8, total), dtype=torch.int32, device=dev)
         s_base = torch.empty((G, total), dtype=first.scales.dtype, device=dev)
         z_base = torch.empty((G, total), dtype=first.zeros.dtype, device=dev) if first.zeros is not None else None
-        biases = [m.bias for m in mods]
-        pack_bias = all(b is not None for b in biases) and len({b.dtype for b in biases}) == 1
-        b_base = torch.empty(total, dtype=biases[0].dtype, device=dev) if pack_bias else None
+        b_base = pack_biases(mods, total, dev)
         col = 0
         for m, n in zip(mods, widths):
             cols = slice(col, col + n)

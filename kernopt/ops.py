@@ -470,6 +470,13 @@ def _(x, weight, eps):
     return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((rows, 1), dtype=torch.float32)
 
 
+def _fp8_on_reference(impl: str, out_dtype: torch.dtype, biases: list) -> bool:
+    """Whether the prequant fp8 ops run their plain-torch reference: on the reference path, and in the interpreter
+    with bf16 anywhere (the interpreter computes bf16 wrongly)."""
+    return impl == "reference" or (impl == "interpreter" and torch.bfloat16 in (out_dtype, *(getattr(b, "dtype", None)
+                                                                                           for b in biases)))
+
+
 @torch.library.custom_op("kernopt::fp8_linear_prequant", mutates_args=())
 def fp8_linear_prequant(x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                         out_dtype: torch.dtype) -> Tensor:
@@ -477,8 +484,8 @@ def fp8_linear_prequant(x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: 
     lead = x_fp8.shape[:-1]
     gemm = kernel_module("fp8_gemm")
     impl = implementation(x_fp8)
-    if impl == "reference" or (impl == "interpreter" and torch.bfloat16 in (out_dtype, getattr(bias, "dtype", None))):
-        run = gemm.fp8_linear_prequant_ref  # the interpreter computes bf16 wrongly
+    if _fp8_on_reference(impl, out_dtype, [bias]):
+        run = gemm.fp8_linear_prequant_ref
     else:
         run = gemm.fp8_linear_prequant
     out = run(x_fp8.reshape(-1, x_fp8.shape[-1]), x_scale, w_fp8, w_scale, bias=bias, out_dtype=out_dtype)
@@ -509,8 +516,7 @@ def fp8_linear_prequant_group(x_fp8: Tensor, x_scale: Tensor, w_fp8s: list[Tenso
     widths = [w.shape[0] for w in w_fp8s]
     impl = implementation(x_fp8)
     gemm = kernel_module("fp8_gemm")
-    if impl == "reference" or (impl == "interpreter" and torch.bfloat16 in (out_dtype, *(getattr(b, "dtype", None)
-                                                                                        for b in biases))):
+    if _fp8_on_reference(impl, out_dtype, biases):
         out = torch.cat([gemm.fp8_linear_prequant_ref(x2, x_scale, w, s, bias=b, out_dtype=out_dtype)
                          for w, s, b in zip(w_fp8s, w_scales, biases)], dim=-1)
         return out.reshape(*lead, out.shape[-1])

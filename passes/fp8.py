@@ -52,7 +52,7 @@ from kernopt import ops, workload
 from kernopt.fp8 import grouping_enabled
 from kernopt.passes import grouping
 from kernopt.passes.graph import (ADD, MUL, PassContext, arg, describe, example_value, insert_before, is_call,
-                                  replace, single_user, size_hint, static_int)
+                                  leading_rows, replace, single_user, size_hint, static_int)
 
 E4M3 = torch.float8_e4m3fn
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -524,9 +524,7 @@ class Fp8Pass:
         out, x, w = norm.out, norm.x, norm.weight
         xv, wv = example_value(x), example_value(w)
         k = xv.shape[-1]
-        rows = 1
-        for d in xv.shape[:-1]:
-            rows = rows * d
+        rows = leading_rows(xv)
         with gm.graph.inserting_before(out):
             fused = gm.graph.call_function(torch.ops.kernopt.rmsnorm_quant_fp8.default, (x, w, norm.eps))
             q = gm.graph.call_function(operator.getitem, (fused, 0))
@@ -746,20 +744,15 @@ def _group(gm: fx.GraphModule, ctx: PassContext, members: list[fx.Node], order: 
     grouping.replace_with_slices(gm, anchor, group, members, widths)
     qv = example_value(q)
     k = qv.shape[-1]
-    rows = 1
-    for d in qv.shape[:-1]:
-        rows = rows * d
-    m_hint = size_hint(rows)
+    m_hint = size_hint(leading_rows(qv))
     impl = ops.implementation(qv)
-    if impl == "reference":
-        config = "plain-torch reference (per part)"
-    elif adjacent is False:
-        config = "weights not in one storage: one launch per part into one output"
-    else:
+
+    def pick() -> str:
         from kernopt.kernels import fp8_gemm
 
-        config = fp8_gemm.config_str(fp8_gemm.select_config(m_hint, sum(widths), size_hint(k)))
-        config = ("one launch " if adjacent else "one launch if adjacent (checked per call) ") + config
+        return fp8_gemm.config_str(fp8_gemm.select_config(m_hint, sum(widths), size_hint(k)))
+
+    config = grouping.launch_config(impl, adjacent, pick)
     ctx.rewrote(GROUP_PASS_NAME, group,
                 f"{len(members)} fp8_linear_prequant of one input -> one launch M={m_hint} "
                 f"N={'+'.join(map(str, widths))} K={size_hint(k)}", "kernopt.fp8_linear_prequant_group", config,

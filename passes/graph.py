@@ -101,6 +101,14 @@ def single_user(node: fx.Node) -> Optional[fx.Node]:
     return users[0] if len(users) == 1 else None
 
 
+def leading_rows(v: torch.Tensor):
+    """The rows a launch on v sees: the product of its leading dimensions (symbolic if they are)."""
+    rows = 1
+    for d in v.shape[:-1]:
+        rows = rows * d
+    return rows
+
+
 def static_int(v: Any) -> Optional[int]:
     """An int when a size is static; None when it is symbolic (dynamic shapes)."""
     if isinstance(v, int):

@@ -182,6 +182,17 @@ def replace_with_slices(gm: fx.GraphModule, anchor: fx.Node, group: fx.Node, mem
         gm.graph.erase_node(m)
 
 
+def launch_config(impl: str, adjacent: Optional[bool], pick: Callable[[], str]) -> str:
+    """What explain() says a group node runs: the reference per part, per-part launches (weights known not to be
+    adjacent), or one launch with the table's config for the combined width (`pick()`), checked per call when
+    adjacency was not knowable at compile time."""
+    if impl == "reference":
+        return "plain-torch reference (per part)"
+    if adjacent is False:
+        return "weights not in one storage: one launch per part into one output"
+    return ("one launch " if adjacent else "one launch if adjacent (checked per call) ") + pick()
+
+
 def storage_order(members: list[fx.Node], required: tuple[int, ...], optional: tuple[int, ...] = (),
                   adjacent_view: Optional[Callable] = None, flat: tuple[int, ...] = ()) -> tuple[list[fx.Node],
                                                                                                Optional[bool]]:

@@ -41,6 +41,7 @@ from kernopt.kernels.host import env_switch
 from kernopt.passes import grouping
 from kernopt.passes.grouping import copy_source_meta, real_value
 from kernopt.passes.graph import (SILU, PassContext, arg, describe, example_value, format_config, insert_before,
+                                  leading_rows,
                                   is_call, replace, size_hint, static_int)
 
 LINEAR = (F.linear, torch._C._nn.linear)
@@ -239,14 +240,6 @@ def _kernel_operand(node: fx.Node, N: int, G: int, how: str) -> fx.Node:
     return best
 
 
-def _rows(xv: torch.Tensor):
-    """The rows an int4 launch on x sees: the product of x's leading dimensions (symbolic if they are)."""
-    rows = 1
-    for d in xv.shape[:-1]:
-        rows = rows * d
-    return rows
-
-
 class _Plan:
     def __init__(self, q_view: str, s_view: str, z_view: Optional[str], group: int):
         self.q_view, self.s_view, self.z_view, self.group = q_view, s_view, z_view, group
@@ -404,7 +397,7 @@ class Int4Pass:
             return "bias dtype differs from x"
         if any(not isinstance(s, int) for s in wv.shape):
             return "dynamic weight shape"
-        rows = _rows(xv)
+        rows = leading_rows(xv)
         prompt = None if ctx.cuda_graphs else prompt_path(rows)
         if prompt == "inductor":
             return (f"{size_hint(rows)} rows in a graph without CUDA graphs ({PROMPT_ENV}=inductor): left to Inductor "
@@ -450,7 +443,7 @@ class Int4Pass:
             replace(gm, w, torch.t, (deq,), dead=dead)
         else:
             replace(gm, w, INT4_WEIGHT, args, dead=dead)
-        m_hint = size_hint(_rows(xv))
+        m_hint = size_hint(leading_rows(xv))
         impl = "triton" if ops.implementation(xv) == "triton" else "reference"  # (int4_weight: no interpreter)
         ctx.rewrote(self.name, node, f"{matched} {aff.form} M={m_hint} N={N} K={K} g{plan.group} [{_layout(plan)}]",
                     "kernopt.int4_weight", f"{m_hint} rows in a graph without CUDA graphs ({PROMPT_ENV}=auto): the "
@@ -461,7 +454,7 @@ class Int4Pass:
     def _rewrite(self, gm, ctx, node, x, bias, packed, aff: _Affine, plan: _Plan, N, K, nodes, matched):
         qw, scales, zeros = _operands(gm, node, packed, aff, plan, N, K)
         xv = example_value(x)
-        m_hint = size_hint(_rows(xv))
+        m_hint = size_hint(leading_rows(xv))
         impl = ops.implementation(xv)
         kmod = ops.kernel_module("int4_gemm")
         config = kmod.select_config(m_hint, N, K, plan.group, symmetric=zeros is None,
@@ -509,17 +502,10 @@ def _group(gm: fx.GraphModule, ctx: PassContext, members: list[fx.Node], order: 
     group = insert_before(gm, anchor, INT4_GROUP, args, torch.cat(evs, dim=-1))
     grouping.replace_with_slices(gm, anchor, group, members, cols)
     xv = example_value(x)
-    m_hint, K = size_hint(_rows(xv)), size_hint(xv.shape[-1])
+    m_hint, K = size_hint(leading_rows(xv)), size_hint(xv.shape[-1])
     impl = ops.implementation(xv)
-    if impl == "reference":
-        config = "plain-torch reference (per part)"
-    elif adjacent is False:
-        config = "weights not in one storage: one launch per part into one output"
-    else:
-        config = ops.kernel_module("int4_gemm").select_config(m_hint, sum(cols), K, group_size,
-                                                              symmetric=members[0].args[3] is None,
-                                                              x_dtype=xv.dtype)
-        config = ("one launch " if adjacent else "one launch if adjacent (checked per call) ") + format_config(config)
+    config = grouping.launch_config(impl, adjacent, lambda: format_config(ops.kernel_module("int4_gemm").select_config(
+        m_hint, sum(cols), K, group_size, symmetric=members[0].args[3] is None, x_dtype=xv.dtype)))
     ctx.rewrote(GROUP_PASS_NAME, group,
                 f"{len(members)} int4_linear of one x -> one launch M={m_hint} N={'+'.join(map(str, cols))} "
                 f"K={K} g{group_size}", "kernopt.int4_linear_group", config,
@@ -632,7 +618,7 @@ def fuse_swiglu(gm: fx.GraphModule, ctx: PassContext) -> None:
         for dead in (mul, act, up, gate, node):
             gm.graph.erase_node(dead)
         xv = example_value(x)
-        m_hint, K = size_hint(_rows(xv)), size_hint(xv.shape[-1])
+        m_hint, K = size_hint(leading_rows(xv)), size_hint(xv.shape[-1])
         impl = ops.implementation(xv)
         config = "plain-torch reference"
         if impl != "reference":
@@ -678,7 +664,7 @@ def float_gemv_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
         xv, ov = example_value(x), example_value(node)
         if xv is None or ov is None or ops.implementation(xv) not in ("triton", "interpreter"):
             continue
-        rows = static_int(_rows(xv))
+        rows = static_int(leading_rows(xv))
         # per-part operands: lists for the grouped op, one tensor for int4_linear
         scales, zeros = (node.args[i] if node.target is INT4_GROUP else [node.args[i]] for i in (2, 3))
         n_total = sum(size_hint(example_value(s).shape[0]) for s in scales)
