@@ -94,12 +94,6 @@ def main(argv=None):
             if error is None:
                 results["kernopt"] = tflops(M, N, K, bench(
                     lambda i: fp8.fp8_scaled_mm(*fp8_ops[i], sa, sb, out_dtype=torch.bfloat16), fp8_bytes))
-            if error is None and cfg.get("PACKED"):
-                # the same tile with the gemv's exact fp32 sums (KERNOPT_FP8_PACKED=0), same run
-                plain = {**cfg, "PACKED": 0}
-                extra["unpacked_tflops"] = round(tflops(M, N, K, bench(
-                    lambda i: fp8.fp8_scaled_mm(*fp8_ops[i], sa, sb, out_dtype=torch.bfloat16, config=plain),
-                    fp8_bytes)), 2)
         except Exception as e:  # a compile/launch failure is a result of this run, not a crash
             error = f"{type(e).__name__}: {e}"[:300]
         results["cublas_scaled_mm_rowwise"] = tflops(M, N, K, bench(

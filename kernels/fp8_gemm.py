@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm import _fill_split_k, _single_pass, packed_ok
+from .gemm import _fill_split_k, _single_pass
 from .host import cdiv, env_switch, next_power_of_2, sm_count
 from .tile_order import tile_coords
 
@@ -239,10 +239,6 @@ def _fp8_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N,
 # Configs: the one shape -> config table of this family.
 # --------------------------------------------------------------------------------------------------
 GEMV_ENV = "KERNOPT_FP8_GEMV"
-# The gemv's PACKED sums (kernels/gemm.py): packed f16x2 products and 8-term f16 sums per lane, for bf16 / fp16
-# outputs (whose rounding is coarser than those sums'); fp32 outputs keep the exact fp32 sums.
-PACKED_ENV = "KERNOPT_FP8_PACKED"
-PACKED_OUT_DTYPES = (torch.bfloat16, torch.float16)
 GEMV_MAX_M = 1
 # The gemv's tiles for e4m3 rows: (BLOCK_N weight rows, BLOCK_K codes = bytes of a row per K block, warps).
 # Its loop is not pipelined (kernels/gemm.py): what a program has in flight is one K block, 32 KB in every tile
@@ -278,10 +274,6 @@ def gemv_enabled() -> bool:
     return env_switch(GEMV_ENV, "1")
 
 
-def packed_enabled() -> bool:
-    return env_switch(PACKED_ENV, "1")
-
-
 def gemv_tile(N: int, K: int) -> tuple[int, int, int]:
     """The gemv's (BLOCK_N, BLOCK_K, warps) for an [N, K] e4m3 weight (the sweep above GEMV_TILE)."""
     if K > GEMV_WHOLE_K:
@@ -292,11 +284,10 @@ def gemv_tile(N: int, K: int) -> tuple[int, int, int]:
     return min(GEMV_BLOCK_BYTES // bk, max(8, next_power_of_2(N))), bk, 4
 
 
-def _gemv_cfg(M: int, N: int, K: int, bn: int, bk: int, warps: int, per_sm: int = 1, packed: bool = False) -> dict:
+def _gemv_cfg(M: int, N: int, K: int, bn: int, bk: int, warps: int, per_sm: int = 1) -> dict:
     bm = max(1, next_power_of_2(M))
     return {"impl": "gemv", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-            "SPLIT_K": _fill_split_k(M, N, K, bm, bn, bk, per_sm, min_blocks=2), "num_warps": warps, "num_stages": 1,
-            "PACKED": int(packed and bm == 1)}
+            "SPLIT_K": _fill_split_k(M, N, K, bm, bn, bk, per_sm, min_blocks=2), "num_warps": warps, "num_stages": 1}
 
 
 def select_config(M: int, N: int, K: int) -> dict:
@@ -304,7 +295,7 @@ def select_config(M: int, N: int, K: int) -> dict:
     memory-bound on the weight: swap A/B so the weight rows fill the wgmma M side, small tiles over N for many
     programs. Prefill is compute-bound: big tensor-core tiles through the persistent TMA kernel."""
     if M <= GEMV_MAX_M and gemv_enabled():
-        return _gemv_cfg(M, N, K, *gemv_tile(N, K), packed=packed_enabled())
+        return _gemv_cfg(M, N, K, *gemv_tile(N, K))
     # Measured on an H100 (CUDA-graph replay, K = N = 4096 and 8192): M = 16: swap-AB 64x16x256 5.5 us
     # (~3x cuBLAS _scaled_mm); M = 128: TMA 64x128x128 8.4 us; M >= 1024: TMA 128x256x128 with the tile loop
     # flattened (the next tile's loads overlap this tile's epilogue) 1330-1470 TFLOP/s, 1.05-1.2x cuBLAS.
@@ -327,10 +318,9 @@ def candidate_configs(M: int, N: int, K: int) -> list[dict]:
         if M <= 16:
             for bn, bk, warps in GEMV_CANDIDATES:
                 for per_sm in (1, 2):
-                    for packed in (False, True):
-                        cfg = _gemv_cfg(M, N, K, bn, bk, warps, per_sm, packed)
-                        if cfg not in out:
-                            out.append(cfg)
+                    cfg = _gemv_cfg(M, N, K, bn, bk, warps, per_sm)
+                    if cfg not in out:
+                        out.append(cfg)
             for bn, bk, stages, per_sm in SPLIT_SWAPAB_CANDIDATES:
                 cfg = _split_swapab_cfg(M, N, K, bn, bk, stages, per_sm)
                 if cfg not in out:
@@ -359,8 +349,7 @@ def config_str(cfg: dict) -> str:
     if cfg.get("impl") in ("gemv", "swapab"):
         return (f"{cfg['impl']} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} BLOCK_K={cfg['BLOCK_K']} "
                 f"split_k={cfg['SPLIT_K']} warps={cfg['num_warps']}"
-                + (f" stages={cfg['num_stages']}" if cfg["impl"] == "swapab" else "")
-                + (" packed" if cfg.get("PACKED") else ""))
+                + (f" stages={cfg['num_stages']}" if cfg["impl"] == "swapab" else ""))
     kind = "tma" if cfg.get("TMA") else "ptr"
     s = (f"{kind} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} BLOCK_K={cfg['BLOCK_K']} "
          f"warps={cfg['num_warps']} stages={cfg['num_stages']}")
@@ -448,8 +437,7 @@ def _gemm(a, b, sa, sb, bias, out_dtype, config, out, who):
         # kernels/gemm.py's gemv / split-K swap-AB on the codes: w = b.T is the [N, K] weight; the epilogue
         # scales by sa then sb
         w = b.t()
-        packed = bool(cfg.get("PACKED")) and out_dtype in PACKED_OUT_DTYPES and packed_ok(a, w, cfg)
-        return _single_pass(a, w, w, bias, out, cfg, 0, scales=(sa, sb), packed=packed)
+        return _single_pass(a, w, w, bias, out, cfg, 0, scales=(sa, sb))
     if cfg.get("SWAP_AB"):
         # out.T [N, M] = b.T [N, K] @ a.T [K, M]: the weight rows take the wide side of the tensor-core tile
         _launch(b.t(), a.t(), sb, sa, bias, out.t(), cfg, bias_along_m=True)

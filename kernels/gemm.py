@@ -232,115 +232,6 @@ def _gemv_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-# The gemv's PACKED path (kernels/fp8_gemm.py's decode rows, e4m3 codes, 16-bit outputs): cvt turns two codes into an
-# f16x2 pair exactly, so products and their sums run as packed f16x2 FMAs, two codes per instruction. x is scaled by
-# 2^-8 (exact) so that |x w| <= 1.75 * 448 = 784 and each f16 lane's sum of 8 products stays under 6272 (f16 max
-# 65504); each 16-code vector's two lanes go to fp32 once. The sums are 2^-8 of the true ones: the caller scales
-# by 2^8.
-def _e4m3_x_ptx() -> str:
-    """x word $2 (4 codes, k .. k + 3) -> $0 = f16x2 (x_k, x_k+1) * 2^-8, $1 = (x_k+2, x_k+3) * 2^-8."""
-    return """
-    {
-    .reg .b16 a0, a1;
-    .reg .b32 s;
-    mov.b32 s, 0x1C001C00;
-    mov.b32 {a0, a1}, $2;
-    cvt.rn.f16x2.e4m3x2 $0, a0;
-    cvt.rn.f16x2.e4m3x2 $1, a1;
-    mul.rn.f16x2 $0, $0, s;
-    mul.rn.f16x2 $1, $1, s;
-    }
-    """
-
-
-def _e4m3_dot16_ptx() -> str:
-    """Weight words $1..$4 (16 codes) against x's scaled pairs $5..$12 (word j's two pairs at $5 + 2j, $6 + 2j) ->
-    $0 = fp32 sum of the two f16 lanes of sum_k x_k w_k: 8 cvt + 8 packed FMA + 2 cvt + 1 add for 16 codes."""
-    body = []
-    for j in range(4):
-        body.append(f"mov.b32 {{a0, a1}}, ${1 + j};")
-        body.append("cvt.rn.f16x2.e4m3x2 h, a0;")
-        body.append(f"mul.rn.f16x2 acc, h, $5;" if j == 0 else f"fma.rn.f16x2 acc, h, ${5 + 2 * j}, acc;")
-        body.append("cvt.rn.f16x2.e4m3x2 h, a1;")
-        body.append(f"fma.rn.f16x2 acc, h, ${6 + 2 * j}, acc;")
-    lines = "\n    ".join(body)
-    return f"""
-    {{
-    .reg .b16 a0, a1, l16, h16;
-    .reg .b32 h, acc;
-    .reg .f32 lo, hi;
-    {lines}
-    mov.b32 {{l16, h16}}, acc;
-    cvt.f32.f16 lo, l16;
-    cvt.f32.f16 hi, h16;
-    add.f32 $0, lo, hi;
-    }}
-    """
-
-
-_E4M3_X_PTX = tl.constexpr(_e4m3_x_ptx())
-_E4M3_DOT16_PTX = tl.constexpr(_e4m3_dot16_ptx())
-
-
-@triton.jit
-def _split4(t, R: tl.constexpr, C: tl.constexpr):
-    """[R, 4 C] -> its four [R, C] column planes: plane j holds columns 4 c + j (in-thread: a 16-byte vector)."""
-    a, b = tl.split(tl.reshape(t, (R, C, 2, 2)))  # a: j = 0, 2; b: j = 1, 3
-    t0, t2 = tl.split(a)
-    t1, t3 = tl.split(b)
-    return t0, t1, t2, t3
-
-
-@triton.jit
-def _e4m3_word_sums(wt, xw, R: tl.constexpr, C: tl.constexpr, ASM: tl.constexpr):
-    """PACKED: weight words wt [R, 4 C] (int32, 4 e4m3 codes each, k = 4 word + byte) and x's words xw (same shape,
-    constant along the rows) -> [R, C] fp32, per 16-code vector 2^-8 sum_k x_k w_k. ASM: packed f16x2 math (above);
-    else (the interpreter) the same words unpacked byte by byte and summed exactly in fp32."""
-    if ASM:
-        xl, xh = tl.inline_asm_elementwise(asm=_E4M3_X_PTX, constraints="=r,=r,r", args=[xw],
-                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-        w0, w1, w2, w3 = _split4(wt, R, C)
-        l0, l1, l2, l3 = _split4(xl, R, C)
-        h0, h1, h2, h3 = _split4(xh, R, C)
-        return tl.inline_asm_elementwise(asm=_E4M3_DOT16_PTX, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r",
-                                         args=[w0, w1, w2, w3, l0, h0, l1, h1, l2, h2, l3, h3],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        sh = (tl.arange(0, 4) * 8)[None, None, :]
-        wb = ((wt[:, :, None] >> sh) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        xb = ((xw[:, :, None] >> sh) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        return tl.sum(tl.reshape(wb * xb, (R, C, 16)), axis=2) * 0.00390625
-
-
-@triton.jit
-def _gemv_packed_sums(x_ptr, w_ptr, rm, rn, k_lo, k_hi, stride_xq, stride_wq, EVEN_K: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
-    """PACKED (one x row rm [1]): [BLOCK_N] fp32 sums of x w over [k_lo, k_hi), e4m3 codes read as int32 words
-    (stride_xq / stride_wq: row strides in words; K contiguous, 4-byte aligned: the launcher checks)."""
-    W4: tl.constexpr = BLOCK_K // 4
-    C: tl.constexpr = BLOCK_K // 16
-    offs_w = tl.arange(0, W4)
-    kw = k_lo // 4
-    w_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None] * stride_wq + (kw + offs_w)[None, :]
-    # x's words in the weight tile's layout (constant along n), as the fp32 path's x tile; int32 offsets from the
-    # row's base (64-bit pointers per element held registers enough to spill at 16 x 2048)
-    x_row = x_ptr.to(tl.pointer_type(tl.int32)) + tl.max(rm, axis=0) * stride_xq
-    x_offs = (kw + offs_w)[None, :] + 0 * rn[:, None].to(tl.int32)
-    acc = tl.zeros((BLOCK_N, C), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            wt = tl.load(w_ptrs)
-            xw = tl.load(x_row + x_offs)
-        else:
-            kmask = (k0 // 4 + offs_w < k_hi // 4)[None, :]
-            wt = tl.load(w_ptrs, mask=kmask, other=0)
-            xw = tl.load(x_row + x_offs, mask=kmask, other=0)
-        acc += _e4m3_word_sums(wt, xw, BLOCK_N, C, ASM)
-        w_ptrs += W4
-        x_offs += W4
-    return tl.sum(acc, axis=1) * 256.0
-
-
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, wu_ptr, b_ptr, y_ptr, pg_ptr, pu_ptr, cnt_ptr,
@@ -349,11 +240,9 @@ def _gemv_kernel(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     PDL: tl.constexpr = False, sa_ptr=None, sb_ptr=None, stride_sa=0, stride_sb=0, SCALED: tl.constexpr = False,
-    PACKED: tl.constexpr = False, ASM: tl.constexpr = False, stride_xq=0, stride_wq=0,
 ):
     """SCALED (kernels/fp8_gemm.py's decode rows): x and w are e4m3 codes, exact in fp32, and the sums are scaled
-    by sa[m] (stride_sa 0: one scale) and sb[n] before the bias. PACKED (SCALED, one row, no SwiGLU): the sums by
-    _gemv_packed_sums (ASM: packed f16x2 math, for 16-bit outputs)."""
+    by sa[m] (stride_sa 0: one scale) and sb[n] before the bias."""
     if PDL:  # kernels/pdl.py: let the next PDL launch start early, then wait for the kernel before this one
         gdc_launch_dependents()
         gdc_wait()
@@ -369,48 +258,43 @@ def _gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    if PACKED:
-        g = _gemv_packed_sums(x_ptr, w_ptr, rm, rn, k_lo, k_hi, stride_xq, stride_wq, EVEN_K, BLOCK_N, BLOCK_K,
-                              ASM)[None, :]
-        u = g
-    else:
-        w_ptrs = w_ptr + rn[:, None] * stride_wn + (k_lo + offs_k)[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
-        if SWIGLU:
-            u_ptrs = wu_ptr + rn[:, None] * stride_un + (k_lo + offs_k)[None, :] * stride_uk
-        # x as a [BLOCK_M, BLOCK_N, BLOCK_K] tile constant along n: its load gets the w tile's thread layout
-        # (a [BLOCK_M, BLOCK_K] load got its own, converted through shared memory with 4 barriers per K
-        # block in sm_90 compiles), and the compiled code still loads each x vector once per thread.
-        x_ptrs = (x_ptr + rm[:, None, None] * stride_xm + (k_lo + offs_k)[None, None, :] * stride_xk
-                  + 0 * offs_n[None, :, None])
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + (k_lo + offs_k)[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+    if SWIGLU:
+        u_ptrs = wu_ptr + rn[:, None] * stride_un + (k_lo + offs_k)[None, :] * stride_uk
+    # x as a [BLOCK_M, BLOCK_N, BLOCK_K] tile constant along n: its load gets the w tile's thread layout
+    # (a [BLOCK_M, BLOCK_K] load got its own, converted through shared memory with 4 barriers per K
+    # block in sm_90 compiles), and the compiled code still loads each x vector once per thread.
+    x_ptrs = (x_ptr + rm[:, None, None] * stride_xm + (k_lo + offs_k)[None, None, :] * stride_xk
+              + 0 * offs_n[None, :, None])
 
-        # k = VEC * c + v (VEC = 16 bytes of elements, one vector load): the products are summed over v
-        # inside a thread (an FMA chain) and [BLOCK_M, BLOCK_N, BLOCK_K / VEC] fp32 sums are carried; the
-        # cross-thread sum over c runs once, after the K loop.
-        C: tl.constexpr = BLOCK_K // VEC
-        acc = tl.zeros((BLOCK_M, BLOCK_N, C), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N, C), dtype=tl.float32)
-        # Every K block in [k_lo, k_hi) is whole when BLOCK_K divides K (K_PER_SPLIT is a multiple of it).
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+    # k = VEC * c + v (VEC = 16 bytes of elements, one vector load): the products are summed over v
+    # inside a thread (an FMA chain) and [BLOCK_M, BLOCK_N, BLOCK_K / VEC] fp32 sums are carried; the
+    # cross-thread sum over c runs once, after the K loop.
+    C: tl.constexpr = BLOCK_K // VEC
+    acc = tl.zeros((BLOCK_M, BLOCK_N, C), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N, C), dtype=tl.float32)
+    # Every K block in [k_lo, k_hi) is whole when BLOCK_K divides K (K_PER_SPLIT is a multiple of it).
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            kmask = (k0 + offs_k < k_hi)[None, :]
+            xt = tl.load(x_ptrs, mask=kmask[None, :, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=kmask, other=0.0)
+        xf = tl.reshape(xt.to(tl.float32), (BLOCK_M, BLOCK_N, C, VEC))
+        acc += tl.sum(xf * tl.reshape(wt.to(tl.float32), (1, BLOCK_N, C, VEC)), axis=3)
+        if SWIGLU:  # the up projection reuses the x tile already in registers
             if EVEN_K:
-                xt = tl.load(x_ptrs)
-                wt = tl.load(w_ptrs)
+                ut = tl.load(u_ptrs)
             else:
-                kmask = (k0 + offs_k < k_hi)[None, :]
-                xt = tl.load(x_ptrs, mask=kmask[None, :, :], other=0.0)
-                wt = tl.load(w_ptrs, mask=kmask, other=0.0)
-            xf = tl.reshape(xt.to(tl.float32), (BLOCK_M, BLOCK_N, C, VEC))
-            acc += tl.sum(xf * tl.reshape(wt.to(tl.float32), (1, BLOCK_N, C, VEC)), axis=3)
-            if SWIGLU:  # the up projection reuses the x tile already in registers
-                if EVEN_K:
-                    ut = tl.load(u_ptrs)
-                else:
-                    ut = tl.load(u_ptrs, mask=kmask, other=0.0)
-                acc_u += tl.sum(xf * tl.reshape(ut.to(tl.float32), (1, BLOCK_N, C, VEC)), axis=3)
-                u_ptrs += BLOCK_K * stride_uk
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
-        g = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
-        u = tl.sum(acc_u, axis=2)
+                ut = tl.load(u_ptrs, mask=kmask, other=0.0)
+            acc_u += tl.sum(xf * tl.reshape(ut.to(tl.float32), (1, BLOCK_N, C, VEC)), axis=3)
+            u_ptrs += BLOCK_K * stride_uk
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    g = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+    u = tl.sum(acc_u, axis=2)
 
     if SPLIT_K == 1:
         _gemv_store(g, u, b_ptr, y_ptr, offs_m, offs_n, rn, M, N, stride_ym, stride_yn, ACT, HAS_BIAS,
@@ -844,18 +728,10 @@ def _check_config(config: dict) -> dict:
     return cfg
 
 
-def packed_ok(x: torch.Tensor, w: torch.Tensor, cfg: dict) -> bool:
-    """Whether the gemv's PACKED path can read x and w (e4m3 codes) as int32 words: one row per program, K
-    contiguous and a multiple of 4, 4-byte aligned rows."""
-    return (cfg.get("impl") == "gemv" and cfg["BLOCK_M"] == 1 and x.element_size() == 1 and w.element_size() == 1
-            and x.stride(1) == 1 and w.stride(1) == 1 and x.shape[1] % 4 == 0
-            and all(t.stride(0) % 4 == 0 and t.data_ptr() % 4 == 0 for t in (x, w)))
-
-
-def _single_pass(x, w, wu, bias, out, cfg, act: int, scales=None, packed: bool = False) -> torch.Tensor:
+def _single_pass(x, w, wu, bias, out, cfg, act: int, scales=None) -> torch.Tensor:
     """Launch the gemv or swapab kernel: one program per output tile and K slice, single-pass split-K.
     `scales` ((sa, stride_sa), (sb, stride_sb)): the SCALED epilogue of either kernel (kernels/fp8_gemm.py, e4m3
-    x and w). `packed`: the gemv's PACKED sums (the caller checked `packed_ok`; e4m3 only)."""
+    x and w)."""
     M, K = x.shape
     N = w.shape[0]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -881,8 +757,6 @@ def _single_pass(x, w, wu, bias, out, cfg, act: int, scales=None, packed: bool =
     if scales is not None:
         (sa, stride_sa), (sb, stride_sb) = scales
         scaled = dict(sa_ptr=sa, sb_ptr=sb, stride_sa=stride_sa, stride_sb=stride_sb, SCALED=True)
-        if packed:  # ASM: packed f16x2 PTX on a GPU; the interpreter sums the same words exactly
-            scaled.update(PACKED=True, ASM=x.is_cuda, stride_xq=x.stride(0) // 4, stride_wq=w.stride(0) // 4)
     if cfg["impl"] == "gemv":
         pdl = use_pdl(x)
         _gemv_kernel[(tiles, split)](*args, VEC=min(bk, 16 // x.element_size()), PDL=pdl, **common,

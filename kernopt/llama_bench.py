@@ -79,8 +79,7 @@ SYSTEMS = ("eager", "hf_static_inductor", "kernopt", "kernopt_int4", "kernopt_fp
 # PROMPT_ENV=kernel).
 # kernopt_fp8_nogemv: kernopt_fp8 with one-row fp8 linears on the swap-AB tensor-core kernel, not the gemv
 # (kernels/fp8_gemm.py GEMV_ENV=0). kernopt_fp8_nogroup: kernopt_fp8 with one launch per linear, q/k/v and gate/up
-# not packed nor grouped (kernopt/fp8.py GROUP_ENV=0). kernopt_fp8_nopacked: kernopt_fp8 with the one-row gemv's
-# exact fp32 sums instead of its packed f16x2 ones (kernels/fp8_gemm.py PACKED_ENV=0).
+# not packed nor grouped (kernopt/fp8.py GROUP_ENV=0).
 # kernopt_int4_fp32 / _planes / _tcasm / _pairs128 / _pairs64 / _px / _split8: kernopt_int4 with the
 # decode GEMV experiment of kernels/int4_gemm.py (GEMV_VARIANT_ENV) set for that system only. A system's name
 # says what it quantizes to (quantize_of).
@@ -91,12 +90,12 @@ EXTRA_SYSTEMS = ("kernopt_sync", "kernopt_int4_fp32", "kernopt_int4_planes", "ke
                  "kernopt_int4_pdl", "kernopt_int4_split8", "kernopt_int4_nolane",
                  "kernopt_int4_prompt_kernel", "kernopt_nofold",
                  "kernopt_nobounds", "kernopt_fp8_prompt_kernel", "kernopt_fp8_nogemv",
-                 "kernopt_fp8_nogroup", "kernopt_fp8_nopacked")
+                 "kernopt_fp8_nogroup")
 # The experiment switches each system sets for its own run (every other system runs with them unset, whatever
 # the caller set): kernels/int4_gemm.py GEMV_VARIANT_ENV, passes/int4.py PROMPT_ENV and SWIGLU_ENV,
 # kernopt/backend.py COMBO_ENV, passes/decode_append.py APPEND_ENV, kernels/pdl.py PDL_ENV, kernopt/ops.py LANE_ENV,
 # passes/constant_mask.py FOLD_ENV, kernels/flash_attention.py BOUNDS_ENV, passes/fp8.py PROMPT_ENV,
-# kernels/fp8_gemm.py GEMV_ENV and PACKED_ENV, kernopt/fp8.py GROUP_ENV.
+# kernels/fp8_gemm.py GEMV_ENV, kernopt/fp8.py GROUP_ENV.
 SYSTEM_ENV = {"kernopt_int4_fp32": {"KERNOPT_INT4_GEMV": "fp32"}, "kernopt_int4_planes": {"KERNOPT_INT4_GEMV": "planes"},
               "kernopt_int4_tcasm": {"KERNOPT_INT4_GEMV": "tcasm"},
               "kernopt_int4_pairs128": {"KERNOPT_INT4_GEMV": "pairs128"},
@@ -112,8 +111,7 @@ SYSTEM_ENV = {"kernopt_int4_fp32": {"KERNOPT_INT4_GEMV": "fp32"}, "kernopt_int4_
               "kernopt_int4_nolane": {"KERNOPT_INT4_LANE": "0"}, "kernopt_nofold": {"KERNOPT_MASK_FOLD": "0"},
               "kernopt_nobounds": {"KERNOPT_MASK_BOUNDS": "0"},
               "kernopt_fp8_prompt_kernel": {"KERNOPT_FP8_PROMPT": "kernel"},
-              "kernopt_fp8_nogemv": {"KERNOPT_FP8_GEMV": "0"}, "kernopt_fp8_nogroup": {"KERNOPT_FP8_GROUP": "0"},
-              "kernopt_fp8_nopacked": {"KERNOPT_FP8_PACKED": "0"}}
+              "kernopt_fp8_nogemv": {"KERNOPT_FP8_GEMV": "0"}, "kernopt_fp8_nogroup": {"KERNOPT_FP8_GROUP": "0"}}
 DEVICES = ("cuda", "cpu")
 MIN_COSINE = 0.995  # compiled kernopt vs its own eager reference, bf16
 # Quantized systems pass when within MIN_COSINE of their eager reference, or at least as close to it as that
@@ -513,7 +511,7 @@ def _suite(all_results: dict, batch_sizes, prefill: int, device: str = "cuda", s
                                                               "KERNOPT_INT4_SWIGLU", "KERNOPT_INDUCTOR_COMBO",
                                                               "KERNOPT_DECODE_APPEND", "KERNOPT_INT4_GEMV",
                                                               "KERNOPT_PDL", "KERNOPT_FP8_GROUP", "KERNOPT_FP8_GEMV",
-                                                              "KERNOPT_FP8_PROMPT", "KERNOPT_FP8_PACKED")
+                                                              "KERNOPT_FP8_PROMPT")
                                    if k in os.environ}
     suite.header["compile_prefill"] = compile_prefill_enabled()
     suite.header["prefill_cuda_graphs"] = prefill_cuda_graphs_enabled()

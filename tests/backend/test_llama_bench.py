@@ -320,8 +320,7 @@ def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
                                                                              "KERNOPT_INDUCTOR_COMBO",
                                                                              "KERNOPT_DECODE_APPEND", "KERNOPT_PDL", "KERNOPT_MASK_FOLD", "KERNOPT_MASK_BOUNDS",
                                                                              "KERNOPT_INT4_LANE", "KERNOPT_FP8_PROMPT",
-                                                                             "KERNOPT_FP8_GEMV", "KERNOPT_FP8_GROUP",
-                                                                             "KERNOPT_FP8_PACKED"}
+                                                                             "KERNOPT_FP8_GEMV", "KERNOPT_FP8_GROUP"}
     assert set(llama_bench.SYSTEM_ENV) <= set(llama_bench.EXTRA_SYSTEMS)
     assert llama_bench.quantize_of("kernopt_noappend") is None and llama_bench.quantize_of("kernopt_int4_noappend") == "int4"
     monkeypatch.setenv(GEMV_VARIANT_ENV, "planes")
@@ -344,11 +343,8 @@ def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
         assert fp8_pass.prompt_mode() == "kernel" and fp8_gemm.gemv_enabled()
     with llama_bench.system_env("kernopt_fp8_nogroup"):
         assert not fp8_mod.grouping_enabled() and fp8_gemm.gemv_enabled()
-    with llama_bench.system_env("kernopt_fp8_nopacked"):
-        assert not fp8_gemm.select_config(1, 4096, 4096)["PACKED"] and fp8_mod.grouping_enabled()
     with llama_bench.system_env("kernopt_fp8"):
         assert fp8_pass.prompt_mode() == "auto" and fp8_gemm.select_config(1, 4096, 4096)["impl"] == "gemv"
-        assert fp8_gemm.select_config(1, 4096, 4096)["PACKED"]
         assert fp8_mod.grouping_enabled()
     assert os.environ[GEMV_VARIANT_ENV] == "planes" and PROMPT_ENV not in os.environ
 

@@ -314,8 +314,6 @@ def _fp8(M, N=MLP, K=HIDDEN, bias=False, prequant=False, config=None):
         cfg = config or f8.select_config(M, N, K)
         if cfg.get("TMA"):  # a CUDA launch runs min(SM count, tiles) persistent programs (4 on CPU)
             rec.override(NUM_SMS=min(SMS, triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])))
-        if cfg.get("PACKED"):
-            rec.override(ASM=True)  # the launcher passes x.is_cuda: the packed f16x2 PTX
         w = torch.empty((N, K), dtype=f8.FP8_DTYPE)
         w_scale = torch.empty((N,), dtype=torch.float32)
         b = _empty(N) if bias else None

@@ -265,10 +265,6 @@ def _swapab(bn, bk, split, stages=2):
     (1, 24, 3000, _gemv(1, 16, 512, 4)),  # split-K (single pass), a ragged last K block and N tile
     (1, 70, 1100, _gemv(1, 32, 256, 3)),  # 3 slices: whole blocks per slice, a short last slice
     (3, 50, 700, _gemv(4, 8, 256, 2)),    # rows past M, bias
-    # PACKED (the int32-word path; packed f16x2 PTX on a GPU, for fp16 / bf16 outputs: fp32 keeps the exact sums)
-    (1, 24, 3000, {**_gemv(1, 16, 512, 4), "PACKED": 1}),  # split-K, a ragged last K block (masked words)
-    (1, 70, 1100, {**_gemv(1, 32, 256, 3), "PACKED": 1}),  # 3 slices, a short last slice, a ragged N tile
-    (3, 50, 700, {**_gemv(1, 8, 256, 2), "PACKED": 1}),    # 3 rows, one per program, bias
     # split-K swap-AB (kernels/gemm.py's swapab kernel on the codes, the same SCALED epilogue)
     (1, 70, 1100, _swapab(64, 128, 3)),   # 3 slices, a short last slice, a ragged N tile
     (3, 50, 300, _swapab(64, 64, 1)),     # one slice, x rows past M masked, bias
@@ -289,53 +285,6 @@ def test_gemv_matches_reference(M, N, K, cfg, scaling, out_dtype):
     out2 = torch.full((M, N), float("nan"), device=DEV, dtype=out_dtype)
     fp8.fp8_scaled_mm(a, w.t(), sa, sb, bias_t, out_dtype=out_dtype, config=cfg, out=out2)
     assert torch.equal(out2, out)
-
-
-def test_gemv_packed_where_it_can_read_words(monkeypatch):
-    """The table's gemv takes the PACKED sums for 16-bit outputs of 4-byte aligned, K-contiguous codes; fp32 outputs
-    and other layouts keep the exact fp32 sums (and are still right)."""
-    seen = []
-    real = fp8._single_pass
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("packed", False))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fp8, "_single_pass", spy)
-    M, N, K = 1, 40, 264
-    a, w = _fp8((M, K)), _fp8((N, K), 1.0)
-    sa, sb = _scales(M, N, "rowwise")
-    assert fp8.select_config(M, N, K)["PACKED"] == 1
-    odd = _fp8((N, K + 3), 1.0)[:, 1:K + 1]  # rows at odd byte offsets
-    odd_x = _fp8((M, K + 3))[:, 1:K + 1]
-    for aa, ww, dtype in ((a, w, torch.float16), (a, w, torch.float32), (a, odd, torch.float16),
-                          (odd_x, w, torch.float16)):
-        out = torch.full((M, N), float("nan"), device=DEV, dtype=dtype)
-        fp8.fp8_scaled_mm(aa, ww.t(), sa, sb, out_dtype=dtype, out=out)
-        ref, mag = _gemm_ref64(aa, ww.t(), sa, sb, None)
-        _assert_gemm_close(out, ref, mag, dtype)
-    assert seen == [True, False, False, False]
-    monkeypatch.setenv("KERNOPT_FP8_PACKED", "0")
-    assert fp8.select_config(M, N, K)["PACKED"] == 0
-    assert "packed" in fp8.config_str({**fp8.select_config(1, 64, 64), "PACKED": 1})
-
-
-@pytest.mark.parametrize("positive", [False, True])
-@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16])
-def test_gemv_packed_at_the_code_extremes(out_dtype, positive):
-    """Codes at +-448 on both sides (the PACKED sums' f16 lanes must not overflow) and tiny ones, one long K;
-    positive codes: no cancellation, so the outputs are as large as the error normalisation (|a| @ |b|)."""
-    M, N, K = 1, 96, 4096
-    a, w = _fp8((M, K), 600.0), _fp8((N, K), 600.0)  # about half the codes saturate at +-448
-    if positive:
-        a, w = a.float().abs().to(E4M3), w.float().abs().to(E4M3)
-    a[0, ::7] = torch.tensor(2.0 ** -9).to(E4M3)  # the smallest subnormal code
-    sa, sb = _scales(M, N, "rowwise")
-    sa, sb = sa * 1e-3, sb * 1e-3  # outputs of a few units (the sums reach ~1e7)
-    out = torch.full((M, N), float("nan"), device=DEV, dtype=out_dtype)
-    fp8.fp8_scaled_mm(a, w.t(), sa, sb, out_dtype=out_dtype, out=out, config={**_gemv(1, 32, 1024, 2), "PACKED": 1})
-    ref, mag = _gemm_ref64(a, w.t(), sa, sb, None)
-    _assert_gemm_close(out, ref, mag, out_dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
