@@ -702,9 +702,14 @@ def select_config(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch_hea
         # 458.4; GQA S4096 501.3 / 487.5 against 64x64's 441.8 / 457.7. Before the row-side offset (dd10e48) GQA was a
         # tie (sweeps/ptrstore, ptrstore2: 459.6 / 498.4 against 497.5 / 454.2 by do_bench) and kept 64x64 from
         # 213d433 to dd10e48. With the walk over single row blocks (a36c529) the tile had run 357.2 / 429.3 at
-        # S2048 / S8192 (imbalanced programs).
+        # S2048 / S8192 (imbalanced programs). ACC_MASK (the mask as the diagonal tile's initial accumulator; MIN_MASK
+        # where the diagonal is not on whole square tiles) since the twenty-second session, two runs at dd676e5
+        # (sweeps/accmask, accmask2), CUDA-graph replay / do_bench against the same tile with MIN_MASK alone: S2048
+        # 496.3 / 514.5 and 486.4 / 489.7 against 468.9 / 475.2 and 459.1 / 473.6; B1 S8192 554.5 / 539.7 and
+        # 554.6 / 530.2 against 548.1 / 512.2 and 544.4 / 482.5; GQA S4096 a tie, 519.5 / 537.6 and 515.5 / 529.7
+        # against 525.8 / 535.5 and 521.7 / 506.5.
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True, "DEVICE_TMA": True,
-                "WARP_SPEC": True, "MIN_MASK": True, "PERSISTENT": 1, "PTR_STORE": True}
+                "WARP_SPEC": True, "MIN_MASK": True, "PERSISTENT": 1, "PTR_STORE": True, "ACC_MASK": True}
     if causal and seq_q >= 8192:
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "TMA": tma}
     # 64x64 tiles with 4 warps fit two programs per SM, which overlap one's softmax with the other's MMAs.
@@ -772,7 +777,8 @@ def candidate_configs(head_dim: int, causal: bool, seq_q: int, seq_k: int, batch
         # WS picks since 788b9cb: the plain persistent ws128 above is their control)
         cands.append({**ws128, "PERSISTENT": 1, "PTR_STORE": True})
         if causal:
-            # ACC_MASK: the causal mask as the diagonal tile's initial QK^T accumulator (_attn_tile; not yet timed)
+            # ACC_MASK: the causal mask as the diagonal tile's initial QK^T accumulator (_attn_tile; the causal D128
+            # pick since sweeps/accmask, select_config)
             cands.append({**ws128, "PERSISTENT": 1, "PTR_STORE": True, "ACC_MASK": True})
     seen, out = set(), []
     for c in cands:
@@ -983,7 +989,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     # accumulator, keys walked diagonal first. Needs the diagonal on whole square tiles (BLOCK_M == BLOCK_N, the
     # shift and seq_k multiples of BLOCK_N) and sm_scale > 0 (the -2^64 stays far below every score once scaled).
     # Offline sm_90a (persistent 128x128, one consumer's key loop per tile): 547 SASS instructions against
-    # MIN_MASK's 587 and 452 non-causal, the per-score FFMA / FMNMX replaced by ~64 register moves. Not yet timed.
+    # MIN_MASK's 587 and 452 non-causal, the per-score FFMA / FMNMX replaced by ~64 register moves. H200: +2-8 % at
+    # S2048 / S8192, a tie at GQA S4096 (select_config's comment); the causal D128 pick, with MIN_MASK kept in the
+    # config for the shapes whose diagonal is not on whole tiles.
     acc_mask = (warp_spec and causal and bool(cfg.get("ACC_MASK", False)) and sm_scale > 0 and BM == BN
                 and Skv >= Sq and (Skv - Sq) % BN == 0 and Skv % BN == 0)
     min_mask = min_mask and not acc_mask

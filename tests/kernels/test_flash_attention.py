@@ -374,10 +374,12 @@ def test_config_table():
                  (128, False, 512, 512, 8), (96, False, 4096, 4096, 128), (64, False, 4096, 4096, 128),
                  (128, False, 8, 4096, 128), (128, True, 1024, 1024, 128)):
         assert not select_config(*args).get("WARP_SPEC"), args
-    # causal D128 (S >= 2048, seq_k >= seq_q): the WS tile with MIN_MASK, persistent (H200 sweeps)
+    # causal D128 (S >= 2048, seq_k >= seq_q): the WS tile with ACC_MASK (MIN_MASK where the diagonal is not on whole
+    # tiles), persistent (H200 sweeps)
     for s in (2048, 4096, 8192):
         c = select_config(128, True, s, s, 128 if s == 2048 else 32)
         assert c["WARP_SPEC"] and c["MIN_MASK"] and c["PERSISTENT"] == 1 and c["BLOCK_N"] == 128 and c["PTR_STORE"], c
+        assert c["ACC_MASK"], c
     assert not select_config(128, False, 4096, 4096, 128, torch.float32).get("WARP_SPEC")
 
 
