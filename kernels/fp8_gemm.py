@@ -319,7 +319,7 @@ def candidate_configs(M: int, N: int, K: int) -> list[dict]:
         if M <= 16:
             for bn, bk, warps in GEMV_CANDIDATES:
                 for per_sm in (1, 2):
-                    for early in (False, True):
+                    for early in ((False, True) if M == 1 else (False,)):  # the table's gemv rows: M = 1
                         cfg = _gemv_cfg(M, N, K, bn, bk, warps, per_sm, early)
                         if cfg not in out:
                             out.append(cfg)
