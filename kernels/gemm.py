@@ -240,7 +240,6 @@ def _gemv_kernel(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     PDL: tl.constexpr = False, sa_ptr=None, sb_ptr=None, stride_sa=0, stride_sb=0, SCALED: tl.constexpr = False,
-    EARLY: tl.constexpr = False, zero=0,
 ):
     """SCALED (kernels/fp8_gemm.py's decode rows): x and w are e4m3 codes, exact in fp32, and the sums are scaled
     by sa[m] (stride_sa 0: one scale) and sb[n] before the bias."""
@@ -283,12 +282,6 @@ def _gemv_kernel(
             kmask = (k0 + offs_k < k_hi)[None, :]
             xt = tl.load(x_ptrs, mask=kmask[None, :, :], other=0.0)
             wt = tl.load(w_ptrs, mask=kmask, other=0.0)
-        if EARLY:
-            # every load of this K block before a barrier, the math after it: x's first value is re-read after the
-            # barrier (no load moves across it) and, masked to 0 by the runtime `zero`, added to x
-            tl.debug_barrier()
-            z = tl.load(x_ptr + rm * stride_xm + k0 * stride_xk).to(tl.float32).to(tl.int32, bitcast=True) & zero
-            xt = xt.to(tl.float32) + z.to(tl.float32)[:, None, None]
         xf = tl.reshape(xt.to(tl.float32), (BLOCK_M, BLOCK_N, C, VEC))
         acc += tl.sum(xf * tl.reshape(wt.to(tl.float32), (1, BLOCK_N, C, VEC)), axis=3)
         if SWIGLU:  # the up projection reuses the x tile already in registers
@@ -765,8 +758,6 @@ def _single_pass(x, w, wu, bias, out, cfg, act: int, scales=None) -> torch.Tenso
         (sa, stride_sa), (sb, stride_sb) = scales
         scaled = dict(sa_ptr=sa, sb_ptr=sb, stride_sa=stride_sa, stride_sb=stride_sb, SCALED=True)
     if cfg["impl"] == "gemv":
-        if cfg.get("EARLY"):
-            scaled.update(EARLY=True, zero=0)
         pdl = use_pdl(x)
         _gemv_kernel[(tiles, split)](*args, VEC=min(bk, 16 // x.element_size()), PDL=pdl, **common,
                                      **scaled, **launch_kwargs(pdl))

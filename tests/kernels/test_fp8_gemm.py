@@ -265,9 +265,6 @@ def _swapab(bn, bk, split, stages=2):
     (1, 24, 3000, _gemv(1, 16, 512, 4)),  # split-K (single pass), a ragged last K block and N tile
     (1, 70, 1100, _gemv(1, 32, 256, 3)),  # 3 slices: whole blocks per slice, a short last slice
     (3, 50, 700, _gemv(4, 8, 256, 2)),    # rows past M, bias
-    # EARLY: each K block's loads pinned before a barrier, the math after it (x + a runtime 0 re-read after it)
-    (1, 24, 3000, {**_gemv(1, 16, 512, 4), "EARLY": 1}),  # split-K, a ragged last K block
-    (3, 50, 700, {**_gemv(4, 8, 256, 2), "EARLY": 1}),    # rows past M, bias
     # split-K swap-AB (kernels/gemm.py's swapab kernel on the codes, the same SCALED epilogue)
     (1, 70, 1100, _swapab(64, 128, 3)),   # 3 slices, a short last slice, a ragged N tile
     (3, 50, 300, _swapab(64, 64, 1)),     # one slice, x rows past M masked, bias
