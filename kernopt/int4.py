@@ -354,10 +354,14 @@ def quantize_int4_(model: nn.Module, group_size: int = 128, symmetric: bool = Tr
 # --------------------------------------------------------------------------------------------------
 # Loaders: GPTQ / AWQ packed tensors -> kernopt's format
 # --------------------------------------------------------------------------------------------------
-def _group_size_of(scales_kg_n: torch.Tensor, K: int) -> int:
+def _group_size_of(scales_kg_n: torch.Tensor, K: int, N: int, qzeros: torch.Tensor, who: str) -> int:
+    """The group size of a checkpoint's scales [K/g, N], after checking them and qzeros [K/g, N/8] against K, N."""
     groups = scales_kg_n.shape[0]
-    if groups == 0 or K % groups:
-        raise ValueError(f"scales with {groups} groups do not divide K={K}")
+    if scales_kg_n.dim() != 2 or groups == 0 or K % groups or scales_kg_n.shape[1] != N:
+        raise ValueError(f"{who}: scales {tuple(scales_kg_n.shape)} must be [K/g, N] with K={K}, N={N} "
+                         f"(g dividing K)")
+    if tuple(qzeros.shape) != (groups, -(-N // 8)):
+        raise ValueError(f"{who}: qzeros {tuple(qzeros.shape)} must be [K/g, N/8] = [{groups}, {-(-N // 8)}]")
     return K // groups
 
 
@@ -368,7 +372,7 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     (qweight [N, K/8], scales [N, K/g], zeros [N, K/g], group_size). `zeros_minus_one`: v1 checkpoints
     store zero - 1 (the `zeros + 1` of AutoGPTQ's dequant); v2 checkpoints store the zero itself."""
     K, N = qweight.shape[0] * 8, qweight.shape[1]
-    g = _group_size_of(scales, K)
+    g = _group_size_of(scales, K, N, qzeros, "from_gptq")
     if g_idx is not None:
         expected = torch.arange(K, device=g_idx.device) // g
         if not torch.equal(g_idx.to(expected.dtype), expected):
@@ -386,7 +390,7 @@ def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     """AWQ GEMM tensors (qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales [K/g, N], interleaved
     nibble order AWQ_ORDER) -> (qweight [N, K/8], scales [N, K/g], zeros [N, K/g], group_size)."""
     K, N = qweight.shape[0], qweight.shape[1] * 8
-    g = _group_size_of(scales, K)
+    g = _group_size_of(scales, K, N, qzeros, "from_awq")
     codes = _unpack_words_along_last(qweight.to(torch.int32), AWQ_ORDER)  # [K, N]
     zeros = _unpack_words_along_last(qzeros.to(torch.int32), AWQ_ORDER)  # [K/g, N]
     return n_contiguous(pack_int4(codes.t())), scales.t(), zeros.to(scales.dtype).t(), g

@@ -99,6 +99,20 @@ def test_from_awq(g):
     assert torch.equal(dequantize_int4(qw, s, z, g, torch.float32), want)
 
 
+def test_checkpoint_shapes_are_checked():
+    """scales / qzeros whose shape disagrees with qweight's K and N: a clear error, not a wrong weight."""
+    N, K, g = 32, 256, 64
+    codes, zeros, scales, _ = _reference_tensors(N, K, g)
+    qw, qz, sc = _awq_pack(codes.t().contiguous()), _awq_pack(zeros.t().contiguous()), scales.t().contiguous()
+    for bad_scales, bad_zeros, match in ((sc[:, :16], qz, "scales"), (sc, qz[:, :2], "qzeros"),
+                                         (sc[:3], qz[:3], "scales")):
+        with pytest.raises(ValueError, match=match):
+            from_awq(qw, bad_zeros, bad_scales)
+    gptq_w = _words(codes.t().reshape(K // 8, 8, N).transpose(1, 2))  # [K/8, N]: nibble i holds k = 8 r + i
+    with pytest.raises(ValueError, match="from_gptq: scales"):
+        from_gptq(gptq_w, qz, sc[:, :16])
+
+
 def test_load_int4_state_dict_replaces_linears():
     N, K, g = 32, 128, 32
     codes, zeros, scales, want = _reference_tensors(N, K, g)
