@@ -360,8 +360,9 @@ def _group_size_of(scales_kg_n: torch.Tensor, K: int, N: int, qzeros: torch.Tens
     if scales_kg_n.dim() != 2 or groups == 0 or K % groups or scales_kg_n.shape[1] != N:
         raise ValueError(f"{who}: scales {tuple(scales_kg_n.shape)} must be [K/g, N] with K={K}, N={N} "
                          f"(g dividing K)")
-    if tuple(qzeros.shape) != (groups, -(-N // 8)):
-        raise ValueError(f"{who}: qzeros {tuple(qzeros.shape)} must be [K/g, N/8] = [{groups}, {-(-N // 8)}]")
+    if qzeros.dim() != 2 or qzeros.shape[0] != groups or qzeros.shape[1] < -(-N // 8):
+        # wider is fine (packers that pad N to a multiple of 32): the columns past N are dropped
+        raise ValueError(f"{who}: qzeros {tuple(qzeros.shape)} must be [K/g, >= N/8] = [{groups}, {-(-N // 8)}]")
     return K // groups
 
 
@@ -392,7 +393,7 @@ def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     K, N = qweight.shape[0], qweight.shape[1] * 8
     g = _group_size_of(scales, K, N, qzeros, "from_awq")
     codes = _unpack_words_along_last(qweight.to(torch.int32), AWQ_ORDER)  # [K, N]
-    zeros = _unpack_words_along_last(qzeros.to(torch.int32), AWQ_ORDER)  # [K/g, N]
+    zeros = _unpack_words_along_last(qzeros.to(torch.int32), AWQ_ORDER)[:, :N]  # [K/g, N]
     return n_contiguous(pack_int4(codes.t())), scales.t(), zeros.to(scales.dtype).t(), g
 
 

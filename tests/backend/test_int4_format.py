@@ -111,6 +111,10 @@ def test_checkpoint_shapes_are_checked():
     gptq_w = _words(codes.t().reshape(K // 8, 8, N).transpose(1, 2))  # [K/8, N]: nibble i holds k = 8 r + i
     with pytest.raises(ValueError, match="from_gptq: scales"):
         from_gptq(gptq_w, qz, sc[:, :16])
+    # qzeros padded past N/8 words (packers that round N up): the extra columns are dropped
+    padded = torch.cat([qz, torch.zeros_like(qz[:, :2])], dim=1)
+    qw2, s2, z2, g2 = from_awq(qw, padded, sc)
+    assert g2 == g and torch.equal(z2, from_awq(qw, qz, sc)[2])
 
 
 def test_load_int4_state_dict_replaces_linears():
