@@ -284,10 +284,11 @@ def gemv_tile(N: int, K: int) -> tuple[int, int, int]:
     return min(GEMV_BLOCK_BYTES // bk, max(8, next_power_of_2(N))), bk, 4
 
 
-def _gemv_cfg(M: int, N: int, K: int, bn: int, bk: int, warps: int, per_sm: int = 1) -> dict:
+def _gemv_cfg(M: int, N: int, K: int, bn: int, bk: int, warps: int, per_sm: int = 1, stages: int = 1) -> dict:
     bm = max(1, next_power_of_2(M))
     return {"impl": "gemv", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-            "SPLIT_K": _fill_split_k(M, N, K, bm, bn, bk, per_sm, min_blocks=2), "num_warps": warps, "num_stages": 1}
+            "SPLIT_K": _fill_split_k(M, N, K, bm, bn, bk, per_sm, min_blocks=2), "num_warps": warps,
+            "num_stages": stages}
 
 
 def select_config(M: int, N: int, K: int) -> dict:
@@ -318,9 +319,13 @@ def candidate_configs(M: int, N: int, K: int) -> list[dict]:
         if M <= 16:
             for bn, bk, warps in GEMV_CANDIDATES:
                 for per_sm in (1, 2):
-                    cfg = _gemv_cfg(M, N, K, bn, bk, warps, per_sm)
-                    if cfg not in out:
-                        out.append(cfg)
+                    # 3 stages (kernels/gemm.py LOAD_STAGES; untimed, twenty-second session): the K loop pipelined
+                    # through shared memory, two K blocks in flight during one block's math, for the tiles that walk
+                    # several K blocks (the table's 32 x 512 at K4096 N14336 walks 8, 16 x 2048 at K14336 walks 7)
+                    for stages in ((1, 3) if M == 1 and cdiv(K, bk) > 2 else (1,)):
+                        cfg = _gemv_cfg(M, N, K, bn, bk, warps, per_sm, stages)
+                        if cfg not in out:
+                            out.append(cfg)
             for bn, bk, stages, per_sm in SPLIT_SWAPAB_CANDIDATES:
                 cfg = _split_swapab_cfg(M, N, K, bn, bk, stages, per_sm)
                 if cfg not in out:
@@ -349,7 +354,7 @@ def config_str(cfg: dict) -> str:
     if cfg.get("impl") in ("gemv", "swapab"):
         return (f"{cfg['impl']} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} BLOCK_K={cfg['BLOCK_K']} "
                 f"split_k={cfg['SPLIT_K']} warps={cfg['num_warps']}"
-                + (f" stages={cfg['num_stages']}" if cfg["impl"] == "swapab" else ""))
+                + (f" stages={cfg['num_stages']}" if cfg["impl"] == "swapab" or cfg["num_stages"] > 1 else ""))
     kind = "tma" if cfg.get("TMA") else "ptr"
     s = (f"{kind} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} BLOCK_K={cfg['BLOCK_K']} "
          f"warps={cfg['num_warps']} stages={cfg['num_stages']}")

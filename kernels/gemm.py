@@ -29,9 +29,11 @@ stream of its weight bytes, and tl.dot's 16-row tiles only add work, so this ker
   4 warp-instructions per cycle up to M=4, nears the limit at M=8, and caps M=16 near 1.5 TB/s (the
   tiled kernel should keep M=16). Measured on the H200 at M=1 (gemm-h200.json): ahead of cuBLAS at QKV
   and swiglu, level at the down projection, so `select_config` picks it at M=1 (GEMV_MAX_M = 1);
-  `candidate_configs` offers it for M <= 16. Its loop is a plain `range`: Triton 3.6 does not pipeline it
+  `candidate_configs` offers it for M <= 16. Its loop is a `tl.range` with num_stages 1 for bf16: not pipelined
   (each program's one K block of loads is all it has in flight); at M=1 its 16-row x 1024 tiles hold 32 KB
-  each, and it streams 3.4-4.2 TB/s (QKV, down, swiglu).
+  each, and it streams 3.4-4.2 TB/s (QKV, down, swiglu). The fp8 gemv's candidates with num_stages > 1
+  (LOAD_STAGES) let Triton pipeline it through shared memory, x one row per K block (offline sm_90a, 32 x 512 x 3
+  stages: 415 loop instructions against 384, 9 cp.async per K block, 93 registers; untimed).
 
 The swap-AB kernel (``config={"impl": "swapab", ...}``; decode rows, M <= 16): the tiled kernel's 16-row
 tiles put the few x rows on the tensor core's M side, which sm_90 can only feed to mma.sync (wgmma's M
@@ -240,9 +242,12 @@ def _gemv_kernel(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     PDL: tl.constexpr = False, sa_ptr=None, sb_ptr=None, stride_sa=0, stride_sb=0, SCALED: tl.constexpr = False,
+    LOAD_STAGES: tl.constexpr = 1,
 ):
     """SCALED (kernels/fp8_gemm.py's decode rows): x and w are e4m3 codes, exact in fp32, and the sums are scaled
-    by sa[m] (stride_sa 0: one scale) and sb[n] before the bias."""
+    by sa[m] (stride_sa 0: one scale) and sb[n] before the bias. LOAD_STAGES > 1 (fp8 candidates): the K loop is a
+    tl.range that Triton software-pipelines, its loads cp.async'd into LOAD_STAGES shared buffers, LOAD_STAGES - 1
+    K blocks ahead of the math; 1 is the plain loop (one K block in flight)."""
     if PDL:  # kernels/pdl.py: let the next PDL launch start early, then wait for the kernel before this one
         gdc_launch_dependents()
         gdc_wait()
@@ -264,8 +269,11 @@ def _gemv_kernel(
     # x as a [BLOCK_M, BLOCK_N, BLOCK_K] tile constant along n: its load gets the w tile's thread layout
     # (a [BLOCK_M, BLOCK_K] load got its own, converted through shared memory with 4 barriers per K
     # block in sm_90 compiles), and the compiled code still loads each x vector once per thread.
-    x_ptrs = (x_ptr + rm[:, None, None] * stride_xm + (k_lo + offs_k)[None, None, :] * stride_xk
-              + 0 * offs_n[None, :, None])
+    if LOAD_STAGES > 1:  # pipelined: one x row per K block through shared memory, broadcast along n after
+        x_ptrs = x_ptr + rm[:, None, None] * stride_xm + (k_lo + offs_k)[None, None, :] * stride_xk
+    else:
+        x_ptrs = (x_ptr + rm[:, None, None] * stride_xm + (k_lo + offs_k)[None, None, :] * stride_xk
+                  + 0 * offs_n[None, :, None])
 
     # k = VEC * c + v (VEC = 16 bytes of elements, one vector load): the products are summed over v
     # inside a thread (an FMA chain) and [BLOCK_M, BLOCK_N, BLOCK_K / VEC] fp32 sums are carried; the
@@ -274,7 +282,7 @@ def _gemv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N, C), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N, C), dtype=tl.float32)
     # Every K block in [k_lo, k_hi) is whole when BLOCK_K divides K (K_PER_SPLIT is a multiple of it).
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOAD_STAGES):
         if EVEN_K:
             xt = tl.load(x_ptrs)
             wt = tl.load(w_ptrs)
@@ -282,7 +290,7 @@ def _gemv_kernel(
             kmask = (k0 + offs_k < k_hi)[None, :]
             xt = tl.load(x_ptrs, mask=kmask[None, :, :], other=0.0)
             wt = tl.load(w_ptrs, mask=kmask, other=0.0)
-        xf = tl.reshape(xt.to(tl.float32), (BLOCK_M, BLOCK_N, C, VEC))
+        xf = tl.reshape(xt.to(tl.float32), (BLOCK_M, BLOCK_N if LOAD_STAGES == 1 else 1, C, VEC))
         acc += tl.sum(xf * tl.reshape(wt.to(tl.float32), (1, BLOCK_N, C, VEC)), axis=3)
         if SWIGLU:  # the up projection reuses the x tile already in registers
             if EVEN_K:
@@ -416,8 +424,8 @@ def _cfg(bm, bn, bk, warps, stages, group=8, split=1) -> dict:
 
 
 def _gemv_cfg(bm, bn, bk, warps, split=1) -> dict:
-    # num_stages is inert for the gemv: its K loop has no tl.dot, and Triton 3.6 software-pipelines
-    # only loops that feed one (sm_90 compiles at 1 and 3 stages are identical); kept at 1.
+    # num_stages stays 1 for the bf16 gemv: _single_pass passes it to the loop (LOAD_STAGES) only for the fp8
+    # gemv's candidates.
     return {"impl": "gemv", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": split,
             "num_warps": warps, "num_stages": 1}
 
@@ -757,6 +765,8 @@ def _single_pass(x, w, wu, bias, out, cfg, act: int, scales=None) -> torch.Tenso
     if scales is not None:
         (sa, stride_sa), (sb, stride_sb) = scales
         scaled = dict(sa_ptr=sa, sb_ptr=sb, stride_sa=stride_sa, stride_sb=stride_sb, SCALED=True)
+        if cfg["impl"] == "gemv":  # the fp8 gemv's pipelined candidates (kernels/fp8_gemm.py)
+            scaled["LOAD_STAGES"] = cfg["num_stages"]
     if cfg["impl"] == "gemv":
         pdl = use_pdl(x)
         _gemv_kernel[(tiles, split)](*args, VEC=min(bk, 16 // x.element_size()), PDL=pdl, **common,

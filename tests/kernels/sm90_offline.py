@@ -565,6 +565,13 @@ CASES = [
     Case("fp8 M1 swapab split 8 K4096 N4096", _fp8(1, N=HIDDEN, config={
         "impl": "swapab", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 8, "num_warps": 4, "num_stages": 4}),
         selected=False, expect={"_gemm_swapab_kernel": E4}),
+    # pipelined gemv candidates (LOAD_STAGES: tl.range cp.async stages; untimed) at the table's multi-block tiles
+    Case("fp8 M1 gemv 3 stages K4096 N14336", _fp8(1, config={
+        "impl": "gemv", "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}),
+        selected=False, no_spill=True, expect={"_gemv_kernel": ()}),
+    Case("fp8 M1 gemv 3 stages K14336 N4096", _fp8(1, N=HIDDEN, K=MLP, prequant=True, config={
+        "impl": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}),
+        selected=False, no_spill=True, expect={"_gemv_kernel": ()}),
     Case("fp8 M16 swap-AB bias prequant", _fp8(16, bias=True, prequant=True), expect={"_fp8_gemm_kernel": E4}),
     Case("fp8 M128 tma", _fp8(128), expect={"_fp8_gemm_tma_kernel": TMA}),
     Case("fp8 M4096 tma flatten", _fp8(4096), expect={"_fp8_gemm_tma_kernel": TMA}),

@@ -265,6 +265,9 @@ def _swapab(bn, bk, split, stages=2):
     (1, 24, 3000, _gemv(1, 16, 512, 4)),  # split-K (single pass), a ragged last K block and N tile
     (1, 70, 1100, _gemv(1, 32, 256, 3)),  # 3 slices: whole blocks per slice, a short last slice
     (3, 50, 700, _gemv(4, 8, 256, 2)),    # rows past M, bias
+    # the K loop pipelined through shared memory (LOAD_STAGES: x one row a block, broadcast along n after)
+    (1, 24, 3000, {**_gemv(1, 16, 256, 2), "num_stages": 3}),  # 6 blocks a slice, a ragged last one
+    (3, 50, 1100, {**_gemv(4, 8, 128, 1), "num_stages": 2}),   # rows past M, bias, 9 blocks, a ragged last one
     # split-K swap-AB (kernels/gemm.py's swapab kernel on the codes, the same SCALED epilogue)
     (1, 70, 1100, _swapab(64, 128, 3)),   # 3 slices, a short last slice, a ragged N tile
     (3, 50, 300, _swapab(64, 64, 1)),     # one slice, x rows past M masked, bias
