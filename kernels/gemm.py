@@ -268,12 +268,11 @@ def _gemv_kernel(
         u_ptrs = wu_ptr + rn[:, None] * stride_un + (k_lo + offs_k)[None, :] * stride_uk
     # x as a [BLOCK_M, BLOCK_N, BLOCK_K] tile constant along n: its load gets the w tile's thread layout
     # (a [BLOCK_M, BLOCK_K] load got its own, converted through shared memory with 4 barriers per K
-    # block in sm_90 compiles), and the compiled code still loads each x vector once per thread.
-    if LOAD_STAGES > 1:  # pipelined: one x row per K block through shared memory, broadcast along n after
-        x_ptrs = x_ptr + rm[:, None, None] * stride_xm + (k_lo + offs_k)[None, None, :] * stride_xk
-    else:
-        x_ptrs = (x_ptr + rm[:, None, None] * stride_xm + (k_lo + offs_k)[None, None, :] * stride_xk
-                  + 0 * offs_n[None, :, None])
+    # block in sm_90 compiles), and the compiled code still loads each x vector once per thread. Pipelined
+    # (LOAD_STAGES > 1): [BLOCK_M, 1, BLOCK_K], one x row per K block through shared memory, broadcast along n after.
+    x_ptrs = x_ptr + rm[:, None, None] * stride_xm + (k_lo + offs_k)[None, None, :] * stride_xk
+    if LOAD_STAGES == 1:
+        x_ptrs += 0 * offs_n[None, :, None]
 
     # k = VEC * c + v (VEC = 16 bytes of elements, one vector load): the products are summed over v
     # inside a thread (an FMA chain) and [BLOCK_M, BLOCK_N, BLOCK_K / VEC] fp32 sums are carried; the
@@ -290,7 +289,7 @@ def _gemv_kernel(
             kmask = (k0 + offs_k < k_hi)[None, :]
             xt = tl.load(x_ptrs, mask=kmask[None, :, :], other=0.0)
             wt = tl.load(w_ptrs, mask=kmask, other=0.0)
-        xf = tl.reshape(xt.to(tl.float32), (BLOCK_M, BLOCK_N if LOAD_STAGES == 1 else 1, C, VEC))
+        xf = tl.reshape(xt.to(tl.float32), (BLOCK_M, xt.shape[1], C, VEC))
         acc += tl.sum(xf * tl.reshape(wt.to(tl.float32), (1, BLOCK_N, C, VEC)), axis=3)
         if SWIGLU:  # the up projection reuses the x tile already in registers
             if EVEN_K:

@@ -41,8 +41,7 @@ from kernopt.kernels.host import env_switch
 from kernopt.passes import grouping
 from kernopt.passes.grouping import copy_source_meta, real_value
 from kernopt.passes.graph import (SILU, PassContext, arg, describe, example_value, format_config, insert_before,
-                                  leading_rows,
-                                  is_call, replace, size_hint, static_int)
+                                  is_call, leading_rows, replace, size_hint, static_int)
 
 LINEAR = (F.linear, torch._C._nn.linear)
 MATMUL = (torch.matmul, operator.matmul, torch.mm, "matmul", "mm")
