@@ -567,28 +567,6 @@ def _word_pair_sums(w, x_row, kx, x_ok, stride_xk, NEED_XS: tl.constexpr, ASM: t
 
 
 @triton.jit
-def _pairs_zero_term(x_row, row_ok, s_ptr, z_ptr, offs_n, mask_n, k_lo, k_hi, stride_xk, stride_sn, stride_sg,
-                     stride_zn, stride_zg, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ZG: tl.constexpr):
-    """ZSUM (PAIRS, one row, zero points): the zero points' part of the product for the K slice [k_lo, k_hi),
-    sum_g (8 - z_g) s_g (sum of x over group g) per column [BLOCK_N], computed once per program (ZG groups a step)
-    from each group's x sum, so the K loop runs the symmetric loop's instructions: no per-word x sums, no zero
-    loads. sum_k x (q - z) s = sum_k x (q - 8) s + (8 - z) s sum_k x holds for any z (not only integers)."""
-    offs_g = tl.arange(0, ZG)
-    offs_k = tl.arange(0, GROUP)
-    acc_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for g0 in range(k_lo // GROUP, tl.cdiv(k_hi, GROUP), ZG):
-        g = g0 + offs_g
-        kx = g[:, None] * GROUP + offs_k[None, :]
-        xv = tl.load(x_row + kx * stride_xk, mask=(kx < k_hi) & row_ok, other=0.0).to(tl.float32)
-        xs = tl.sum(xv, axis=1)  # [ZG] group sums of x
-        ok = (g * GROUP < k_hi)[:, None] & mask_n[None, :]
-        s, z = _load_group_params(s_ptr, z_ptr, offs_n[None, :], ok, g[:, None], stride_sn, stride_sg, stride_zn,
-                                  stride_zg, True)
-        acc_z += tl.sum((8.0 - z) * s * xs[:, None], axis=0)  # masked groups / columns: s = 0
-    return acc_z
-
-
-@triton.jit
 def _int4_gemv2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
     M, N, K, K_PER_SPLIT, ZERO,
@@ -598,7 +576,6 @@ def _int4_gemv2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     LOAD_STAGES: tl.constexpr, PLANES: tl.constexpr, PAIRS: tl.constexpr = False, ASM: tl.constexpr = False,
     PREFETCH_X: tl.constexpr = False, GATED: tl.constexpr = False, N_OUT=0, PDL: tl.constexpr = False,
-    ZSUM: tl.constexpr = False, ZG: tl.constexpr = 1,
 ):
     if PDL:  # kernels/pdl.py: the next PDL launch may start during this kernel's last wave
         gdc_launch_dependents()
@@ -631,24 +608,17 @@ def _int4_gemv2_kernel(
     # MULTI: a K block spans BLOCK_K / GROUP groups (BLOCK_M == 1, or PAIRS): zero and scale are loaded per word
     # row ([BLOCK_K/8, BLOCK_N], each group's row repeated GROUP/8 times: L1 hits) and applied per word row.
     MULTI: tl.constexpr = BLOCK_K > GROUP
-    # ZSUM (PAIRS, one row): the zero points' term once per program (_pairs_zero_term), so the K loop is the
-    # symmetric one (no zero loads, no x sums); LOOP_ZEROS: whether the loop handles zero points itself.
-    ZSUM_ON: tl.constexpr = ZSUM and HAS_ZEROS
-    LOOP_ZEROS: tl.constexpr = HAS_ZEROS and not ZSUM_ON
     if PREFETCH:
         w, s, z = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k_lo, k_hi, K, stride_qk, stride_sn,
-                               stride_sg, stride_zn, stride_zg, GROUP, LOOP_ZEROS, MULTI)
+                               stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
     if PDL:  # the first K block's constant words / scales / zeros are in flight; x and the outputs wait for the
         gdc_wait()  # kernel before (its writes visible)
-    if ZSUM_ON:  # after gdc_wait: it reads x
-        acc_z = _pairs_zero_term(x_ptr + pid_m * stride_xm, pid_m < M, s_ptr, z_ptr, offs_n, mask_n, k_lo, k_hi,
-                                 stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, GROUP, BLOCK_N, ZG)
     if PREFETCH_X:  # PAIRS: x of the next K block loaded with its words (masked past the slice: never used)
         kxn = k_lo + offs_w * 8
         xp0, xp1, xp2, xp3 = _pair_x(x_ptr + pid_m * stride_xm, kxn, (kxn < k_hi) & (pid_m < M), stride_xk, ASM)
     if PREFETCH == 2:  # two K blocks in flight: the one after next, too
         w2, s2, z2 = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k_lo + BLOCK_K, k_hi, K, stride_qk,
-                                  stride_sn, stride_sg, stride_zn, stride_zg, GROUP, LOOP_ZEROS, MULTI)
+                                  stride_sn, stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
     # tl.range's num_stages pipelines the word / scale / x loads through shared memory by cp.async
     # (LOAD_STAGES - 1 K blocks ahead); a plain range loop without a dot is never pipelined by Triton 3.6,
     # whatever the kernel's num_stages (offline sm_90a compiles), hence PREFETCH's register double buffer.
@@ -657,16 +627,16 @@ def _int4_gemv2_kernel(
             w_cur, s_cur, z_cur = w, s, z
             w, s, z = w2, s2, z2
             w2, s2, z2 = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0 + 2 * BLOCK_K, k_hi, K,
-                                      stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, GROUP, LOOP_ZEROS, MULTI)
+                                      stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
         elif PREFETCH:
             # Register double buffer: the next block's words are in flight while this one is unpacked.
             w_cur, s_cur, z_cur = w, s, z
             w, s, z = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0 + BLOCK_K, k_hi, K, stride_qk,
-                                   stride_sn, stride_sg, stride_zn, stride_zg, GROUP, LOOP_ZEROS, MULTI)
+                                   stride_sn, stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
         else:
             w_cur, s_cur, z_cur = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0, k_hi, K,
                                                stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, GROUP,
-                                               LOOP_ZEROS, MULTI)
+                                               HAS_ZEROS, MULTI)
         if ROWS:
             # Multi-row PAIRS: each word unpacked once into bf16x2 (q - 8) pairs (_unpack_pairs), then per x row the
             # one-row loop's 4 HFMA2, lane sum, zero and scale (_row_pair_acc), each row in the one-row layout.
@@ -692,11 +662,11 @@ def _int4_gemv2_kernel(
                 kxn = kx + BLOCK_K
                 xp0, xp1, xp2, xp3 = _pair_x(x_ptr + pid_m * stride_xm, kxn, (kxn < k_hi) & (pid_m < M), stride_xk,
                                              ASM)
-                ws, xs = _pair_sums_of(w_cur, xc0, xc1, xc2, xc3, LOOP_ZEROS, ASM)
+                ws, xs = _pair_sums_of(w_cur, xc0, xc1, xc2, xc3, HAS_ZEROS, ASM)
             else:
                 ws, xs = _word_pair_sums(w_cur, x_ptr + pid_m * stride_xm, kx, (kx < K) & (pid_m < M), stride_xk,
-                                         LOOP_ZEROS, ASM, MULTI)
-            acc_w = _pairs_zero_scale(acc_w, ws, xs, z_cur, s_cur, LOOP_ZEROS, MULTI)
+                                         HAS_ZEROS, ASM, MULTI)
+            acc_w = _pairs_zero_scale(acc_w, ws, xs, z_cur, s_cur, HAS_ZEROS, MULTI)
         elif PLANES:
             # One nibble plane at a time on the [BLOCK_K/8, BLOCK_N] word tile in its load layout: x_j (k = k0 + 8r
             # + j) is a [BLOCK_K/8] vector per plane, no [.., 8, ..] tensor, so no shared-memory relayout of the
@@ -736,8 +706,6 @@ def _int4_gemv2_kernel(
                     acc = tl.where((offs_m == row)[:, None], acc + part[None, :], acc)
     if BLOCK_M == 1:
         acc = tl.sum(acc_w, axis=0)[None, :] + acc
-    if ZSUM_ON:
-        acc += acc_z[None, :]
     if ROWS:
         row_in = offs_m - pid_m * BLOCK_M
         acc = tl.where((row_in == 0)[:, None], tl.sum(acc_w, axis=0)[None, :], acc)
@@ -1498,21 +1466,11 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             # programs. ncu of the table's pick at K4096 N14336 (64 x 2 warps x split 8, profiles/
             # ncu-pairs-m1-k4096-n14336-166bbf3.txt): 96 registers, 10 programs per SM, a 1792-program grid = 1.36
             # waves, 22.9% achieved occupancy of 31.2%, DRAM 38%, 0.55 instructions issued per cycle per scheduler.
-            wave_splits = set()
             for (bn, warps) in _PAIRS_REGS:
                 for waves in (1, 2):
                     split = _fill_split(cdiv(N, bn), K, block_k, waves * _pairs_programs_per_sm(bn, warps) * _SM_COUNT)
-                    wave_splits.add(split)
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
                                 "PREFETCH": 1, "PAIRS": 1, "num_warps": warps, "num_stages": 1})
-            # ZSUM (weights with zero points; symmetric ones run the same kernel without it): the zero term once per
-            # program from each group's x sum (_pairs_zero_term), so the K loop is the symmetric loop (offline sm_90a,
-            # `int4 M1 zeros+bias (gemv2 PAIRS)`: 499 loop instructions with zero points against 413 without). On
-            # the table's tile families: the wave-filling ones (N > 4096) and 32 columns x 2 warps (N <= 4096).
-            out += [{**c, "ZSUM": 1} for c in out if c.get("PAIRS") and c["BLOCK_M"] == 1 and not c.get("PREFETCH_X")
-                    and c["BLOCK_K"] == block_k and c["PREFETCH"] == 1
-                    and ((c["BLOCK_N"], c["num_warps"]) in _PAIRS_REGS and c["SPLIT_K"] in wave_splits
-                         or (c["BLOCK_N"], c["num_warps"]) == (32, 2))]
         elif M <= 16:
             # Multi-row PAIRS (bf16 x on the GPU; select_config's M=2 pick, see there): each word unpacked into
             # bf16x2 pairs once (_unpack_pairs), then per x row the one-row loop's 4 HFMA2, lane sum, zero and scale
@@ -1710,10 +1668,6 @@ def resolve_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                          x_dtype=x.dtype, wgr=_table_wgr(x, qweight, scales, zeros, group_size))
 
 
-# ZSUM's groups per step (_pairs_zero_term): a [ZSUM_GROUPS, group] tile of x and [ZSUM_GROUPS, BLOCK_N] of zeros and
-# scales; the table's slices hold <= 8 groups (one step)
-ZSUM_GROUPS = 8
-
 IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "tcasm", "wgr", "tgemv", "dequant_cublas")
 
 # Arrival counters of the single-pass split-K kernels: kernels/workspace.py (one zeroed buffer per device,
@@ -1753,11 +1707,6 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
         prefetch_x = bool(cfg.get("PREFETCH_X", 0))
         if prefetch_x and not (pairs and int(cfg.get("PREFETCH", 1)) == 1):
             raise ValueError("int4_gemm: gemv2 PREFETCH_X=1 needs PAIRS=1 and PREFETCH=1")
-        zsum = bool(cfg.get("ZSUM", 0))
-        if zsum and not (pairs and bm == 1 and cfg["BLOCK_K"] <= group_size):
-            raise ValueError("int4_gemm: gemv2 ZSUM=1 needs PAIRS=1, BLOCK_M=1 and BLOCK_K <= group_size")
-        zsum = zsum and has_zeros  # (symmetric weights have no zero term)
-        zg = min(next_power_of_2(cdiv(k_per_split, group_size)), ZSUM_GROUPS) if zsum else 1
         asm = pairs and x.is_cuda
         if asm:
             if x.dtype != torch.bfloat16:
@@ -1769,7 +1718,7 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
         pdl = use_pdl(x)
         _int4_gemv2_kernel[grid](*args, PREFETCH=int(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
                                  PLANES=planes, PAIRS=pairs, ASM=asm, PREFETCH_X=prefetch_x, GATED=gated,
-                                 N_OUT=N // 2, PDL=pdl, ZSUM=zsum, ZG=zg, **common, **launch_kwargs(pdl))
+                                 N_OUT=N // 2, PDL=pdl, **common, **launch_kwargs(pdl))
     elif impl == "tcasm":
         _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],
                                                                DIRECT=int(cfg.get("DIRECT", 0)), **common)

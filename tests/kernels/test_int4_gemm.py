@@ -108,12 +108,6 @@ GEMV2_PAIRS_DEEP_MULTI = {**GEMV2_PAIRS_MULTI_SPLIT, "PREFETCH": 2}
 GEMV2_PAIRS_PX = {**GEMV2_PAIRS, "PREFETCH_X": 1}
 GEMV2_PAIRS_PX_MULTI_SPLIT = {**GEMV2_PAIRS_MULTI_SPLIT, "PREFETCH_X": 1}
 GEMV2_PAIRS_PX_MULTI_TAIL = {**GEMV2_PAIRS_MULTI, "PREFETCH": 1, "num_stages": 1, "PREFETCH_X": 1}
-# PAIRS with the zero term once per program (ZSUM): split-K slices of 4 groups (g32) / 1 group (g128), one slice of 12
-# groups (g32: two steps of 8, the second ragged), x's next block prefetched, and the staged loop
-GEMV2_PAIRS_ZSUM = {**GEMV2_PAIRS, "ZSUM": 1}
-GEMV2_PAIRS_ZSUM_ONE = {**GEMV2_PAIRS_ZSUM, "SPLIT_K": 1}
-GEMV2_PAIRS_ZSUM_PX = {**GEMV2_PAIRS_PX, "ZSUM": 1}
-GEMV2_PAIRS_ZSUM_STAGED = {**GEMV2_PAIRS_ZSUM, "PREFETCH": 0, "num_stages": 3}
 TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "GROUP_M": 2}
 
 
@@ -129,11 +123,7 @@ TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_
                               ("gemv2_pairs_deep_multi", GEMV2_PAIRS_DEEP_MULTI, (32,)),
                               ("gemv2_pairs_px", GEMV2_PAIRS_PX, (32, 64, 128)),
                               ("gemv2_pairs_px_multi_split", GEMV2_PAIRS_PX_MULTI_SPLIT, (32,)),
-                              ("gemv2_pairs_px_multi_tail", GEMV2_PAIRS_PX_MULTI_TAIL, (32, 128)),
-                              ("gemv2_pairs_zsum", GEMV2_PAIRS_ZSUM, (32, 64, 128)),
-                              ("gemv2_pairs_zsum_one", GEMV2_PAIRS_ZSUM_ONE, (32, 128)),
-                              ("gemv2_pairs_zsum_px", GEMV2_PAIRS_ZSUM_PX, (32,)),
-                              ("gemv2_pairs_zsum_staged", GEMV2_PAIRS_ZSUM_STAGED, (32,)))
+                              ("gemv2_pairs_px_multi_tail", GEMV2_PAIRS_PX_MULTI_TAIL, (32, 128)))
     for g in groups for asym in (True, False) if name != "gemv2_rows" or asym == (g == 128)])
 def test_int4_gemm_single_pass_variants(device, g, asym, cfg):
     """Odd M/N, every group size, sym/asym, bias, NaN-poisoned out; with split-K a second call with new
@@ -149,9 +139,9 @@ def _swiglu_expected(x, qweight, scales, zeros, g, bias):
 
 
 @pytest.mark.parametrize("cfg", [GEMV2_PAIRS, GEMV2, {**GEMV2, "SPLIT_K": 1}, GEMV2_PAIRS_PX_MULTI_TAIL,
-                                 GEMV2_PAIRS_MULTI_SPLIT, GEMV2_PAIRS_ZSUM, TILED2, DEQUANT, None],
+                                 GEMV2_PAIRS_MULTI_SPLIT, TILED2, DEQUANT, None],
                          ids=["pairs_split3", "fp32_split3", "fp32_split1", "pairs_px_multi_tail", "pairs_multi_split",
-                              "pairs_zsum_split3", "tiled2_fallback", "dequant_fallback", "table"])
+                              "tiled2_fallback", "dequant_fallback", "table"])
 @pytest.mark.parametrize("asym", [True, False])
 @pytest.mark.parametrize("M", [1, 3])
 def test_int4_gemm_gated_swiglu(device, cfg, asym, M):
@@ -294,7 +284,7 @@ def test_int4_gemm_gemv2_extreme_codes_and_zeros(device):
             out = _run(x, qweight, scales, zeros, g, cfg)
             assert_close(out, _expected(x, qweight, scales, zeros, g), torch.float16)
         for row in range(M):  # the plane-at-a-time unpack and the word sums (one row per launch)
-            for cfg in (GEMV2_PLANES, GEMV2_PAIRS, GEMV2_PAIRS_PX, GEMV2_PAIRS_ZSUM):
+            for cfg in (GEMV2_PLANES, GEMV2_PAIRS, GEMV2_PAIRS_PX):
                 out = _run(x[row:row + 1], qweight, scales, zeros, g, cfg)
                 assert_close(out, _expected(x[row:row + 1], qweight, scales, zeros, g), torch.float16)
 
@@ -309,9 +299,6 @@ def test_int4_gemm_gemv2_planes_needs_one_row():
     for cfg in ({**GEMV2, "PREFETCH_X": 1}, {**GEMV2_PAIRS_PX, "PREFETCH": 2}, {**GEMV2_PAIRS_PX, "PREFETCH": 0}):
         with pytest.raises(ValueError, match="PREFETCH_X=1 needs PAIRS=1 and PREFETCH=1"):
             int4_gemm(x[:1], qweight, scales, zeros, 32, config=cfg)
-    for cfg in ({**GEMV2, "ZSUM": 1}, {**GEMV2_PAIRS_ZSUM, "BLOCK_M": 2}, {**GEMV2_PAIRS_ZSUM, "BLOCK_K": 64}):
-        with pytest.raises(ValueError, match="ZSUM=1 needs PAIRS=1, BLOCK_M=1 and BLOCK_K <= group_size"):
-            int4_gemm(x[:cfg["BLOCK_M"]], qweight, scales, zeros, 32, config=cfg)
 
 
 @pytest.mark.parametrize("cfg", [GEMV_SPLIT, TILED, TILED_SPLIT, GEMV2],
