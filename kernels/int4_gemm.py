@@ -576,7 +576,6 @@ def _int4_gemv2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     LOAD_STAGES: tl.constexpr, PLANES: tl.constexpr, PAIRS: tl.constexpr = False, ASM: tl.constexpr = False,
     PREFETCH_X: tl.constexpr = False, GATED: tl.constexpr = False, N_OUT=0, PDL: tl.constexpr = False,
-    EARLY: tl.constexpr = False,
 ):
     if PDL:  # kernels/pdl.py: the next PDL launch may start during this kernel's last wave
         gdc_launch_dependents()
@@ -634,10 +633,6 @@ def _int4_gemv2_kernel(
             w_cur, s_cur, z_cur = w, s, z
             w, s, z = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0 + BLOCK_K, k_hi, K, stride_qk,
                                    stride_sn, stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
-            if EARLY:
-                # the next block's loads issued before this block's math: ptxas moves no load across a barrier (the
-                # math waits on x, loaded after it); without it the loads sink to ~3/4 of the way through the math
-                tl.debug_barrier()
         else:
             w_cur, s_cur, z_cur = _gemv2_block(w_ptrs, s_ptr, z_ptr, offs_n, offs_w, mask_n, k0, k_hi, K,
                                                stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, GROUP,
@@ -1471,21 +1466,11 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             # programs. ncu of the table's pick at K4096 N14336 (64 x 2 warps x split 8, profiles/
             # ncu-pairs-m1-k4096-n14336-166bbf3.txt): 96 registers, 10 programs per SM, a 1792-program grid = 1.36
             # waves, 22.9% achieved occupancy of 31.2%, DRAM 38%, 0.55 instructions issued per cycle per scheduler.
-            wave_splits = set()
             for (bn, warps) in _PAIRS_REGS:
                 for waves in (1, 2):
                     split = _fill_split(cdiv(N, bn), K, block_k, waves * _pairs_programs_per_sm(bn, warps) * _SM_COUNT)
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
                                 "PREFETCH": 1, "PAIRS": 1, "num_warps": warps, "num_stages": 1})
-                    wave_splits.add(split)
-            # EARLY: the register prefetch's loads pinned ahead of the current block's math by a barrier (offline
-            # sm_90a, `int4 M1 zeros+bias (gemv2 PAIRS)`: without it the next block's LDG.128 issue after ~3/4 of
-            # the block's HFMA2); on the table's tile families: the wave-filling ones (N > 4096) and 32 columns x 2
-            # warps (N <= 4096).
-            out += [{**c, "EARLY": 1} for c in out if c.get("PAIRS") and c["BLOCK_M"] == 1 and not c.get("PREFETCH_X")
-                    and c["BLOCK_K"] == block_k and c["PREFETCH"] == 1
-                    and ((c["BLOCK_N"], c["num_warps"]) in _PAIRS_REGS and c["SPLIT_K"] in wave_splits
-                         or (c["BLOCK_N"], c["num_warps"]) == (32, 2))]
         elif M <= 16:
             # Multi-row PAIRS (bf16 x on the GPU; select_config's M=2 pick, see there): each word unpacked into
             # bf16x2 pairs once (_unpack_pairs), then per x row the one-row loop's 4 HFMA2, lane sum, zero and scale
@@ -1722,9 +1707,6 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
         prefetch_x = bool(cfg.get("PREFETCH_X", 0))
         if prefetch_x and not (pairs and int(cfg.get("PREFETCH", 1)) == 1):
             raise ValueError("int4_gemm: gemv2 PREFETCH_X=1 needs PAIRS=1 and PREFETCH=1")
-        early = bool(cfg.get("EARLY", 0))
-        if early and int(cfg.get("PREFETCH", 1)) != 1:
-            raise ValueError("int4_gemm: gemv2 EARLY=1 needs PREFETCH=1")
         asm = pairs and x.is_cuda
         if asm:
             if x.dtype != torch.bfloat16:
@@ -1736,7 +1718,7 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
         pdl = use_pdl(x)
         _int4_gemv2_kernel[grid](*args, PREFETCH=int(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
                                  PLANES=planes, PAIRS=pairs, ASM=asm, PREFETCH_X=prefetch_x, GATED=gated,
-                                 N_OUT=N // 2, PDL=pdl, EARLY=early, **common, **launch_kwargs(pdl))
+                                 N_OUT=N // 2, PDL=pdl, **common, **launch_kwargs(pdl))
     elif impl == "tcasm":
         _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],
                                                                DIRECT=int(cfg.get("DIRECT", 0)), **common)

@@ -471,9 +471,6 @@ CASES = [
     # int4 weight-only GEMM, K4096 N14336 g128
     Case("int4 M1 (gemv2 PAIRS)", _int4(1)),
     Case("int4 M1 zeros+bias (gemv2 PAIRS)", _int4(1, zeros=True, bias=True)),
-    Case("int4 M1 zeros+bias (gemv2 PAIRS EARLY)", _int4(1, zeros=True, bias=True, pick={
-        "impl": "gemv2", "PAIRS": 1, "EARLY": 1, "BLOCK_N": 64, "SPLIT_K": 5, "num_warps": 2}), selected=False,
-         no_spill=True),
     Case("int4 M1 swiglu (gemv2 PAIRS, gated epilogue)", _int4(1, N=2 * MLP, gated=True)),
     Case("int4 M1 swiglu zeros+bias (gemv2 PAIRS, gated epilogue)", _int4(1, N=2 * MLP, zeros=True, bias=True,
                                                                           gated=True)),
