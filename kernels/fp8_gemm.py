@@ -247,9 +247,12 @@ GEMV_MAX_M = 1
 # 32 x 512 19.57 (20.97; 8 x 4096 21.75); K14336 N4096 16 x 2048 20.97 (no tile faster; 8 x 4096, with a half
 # block at the end, 29.36). Split-K swap-AB on the tensor cores (SPLIT_SWAPAB_CANDIDATES, sweeps/fp8_swapab) was
 # slower at all four: 10.17 / 5.99 / 22.16 / 22.58.
-GEMV_TILE = (16, 2048, 4)  # K above GEMV_WHOLE_K
+# K above GEMV_WHOLE_K: 1024-code blocks through the 3-stage cp.async loop (LOAD_STAGES), two blocks in flight during
+# one block's math. H200 sweeps/fp8_stages (19ca7d0): 5.9 TFLOP/s at K14336 N4096 against 5.52 for 16 x 2048 with
+# one block in flight (19.9 against 21.3 us); the confirming run: sweeps/fp8_stages2.
+GEMV_TILE = (16, 1024, 4, 3)
 GEMV_WHOLE_K = 4096  # up to this K: one K block per row (BLOCK_K = K rounded up to a power of two)
-GEMV_WIDE = (32, 512, 4)  # N >= GEMV_WIDE_N and K <= GEMV_WHOLE_K
+GEMV_WIDE = (32, 512, 4, 1)  # N >= GEMV_WIDE_N and K <= GEMV_WHOLE_K (3 stages: 5.7 against 5.97 TFLOP/s)
 GEMV_WIDE_N = 8192
 GEMV_BLOCK_BYTES = 32 * 1024
 GEMV_CANDIDATES = ((16, 1024, 4), (16, 2048, 4), (32, 1024, 4), (32, 512, 4), (64, 512, 4), (8, 4096, 4),
@@ -274,14 +277,14 @@ def gemv_enabled() -> bool:
     return env_switch(GEMV_ENV, "1")
 
 
-def gemv_tile(N: int, K: int) -> tuple[int, int, int]:
-    """The gemv's (BLOCK_N, BLOCK_K, warps) for an [N, K] e4m3 weight (the sweep above GEMV_TILE)."""
+def gemv_tile(N: int, K: int) -> tuple[int, int, int, int]:
+    """The gemv's (BLOCK_N, BLOCK_K, warps, stages) for an [N, K] e4m3 weight (the sweeps above GEMV_TILE)."""
     if K > GEMV_WHOLE_K:
         return GEMV_TILE
     if N >= GEMV_WIDE_N:
         return GEMV_WIDE
     bk = max(16, next_power_of_2(K))
-    return min(GEMV_BLOCK_BYTES // bk, max(8, next_power_of_2(N))), bk, 4
+    return min(GEMV_BLOCK_BYTES // bk, max(8, next_power_of_2(N))), bk, 4, 1
 
 
 def _gemv_cfg(M: int, N: int, K: int, bn: int, bk: int, warps: int, per_sm: int = 1, stages: int = 1) -> dict:
@@ -296,7 +299,8 @@ def select_config(M: int, N: int, K: int) -> dict:
     memory-bound on the weight: swap A/B so the weight rows fill the wgmma M side, small tiles over N for many
     programs. Prefill is compute-bound: big tensor-core tiles through the persistent TMA kernel."""
     if M <= GEMV_MAX_M and gemv_enabled():
-        return _gemv_cfg(M, N, K, *gemv_tile(N, K))
+        bn, bk, warps, stages = gemv_tile(N, K)
+        return _gemv_cfg(M, N, K, bn, bk, warps, stages=stages)
     # Measured on an H100 (CUDA-graph replay, K = N = 4096 and 8192): M = 16: swap-AB 64x16x256 5.5 us
     # (~3x cuBLAS _scaled_mm); M = 128: TMA 64x128x128 8.4 us; M >= 1024: TMA 128x256x128 with the tile loop
     # flattened (the next tile's loads overlap this tile's epilogue) 1330-1470 TFLOP/s, 1.05-1.2x cuBLAS.

@@ -317,9 +317,9 @@ def test_gemv_candidates_and_table():
     for c in gemvs:
         assert fp8.config_str(c).startswith("gemv")
     # the table's tiles per weight shape (kernels/fp8_gemm.py gemv_tile): whole-K blocks up to 4096, 32 KB each
-    assert fp8.gemv_tile(4096, 4096) == fp8.gemv_tile(1024, 4096) == (8, 4096, 4)
+    assert fp8.gemv_tile(4096, 4096) == fp8.gemv_tile(1024, 4096) == (8, 4096, 4, 1)
     assert fp8.gemv_tile(14336, 4096) == fp8.GEMV_WIDE and fp8.gemv_tile(4096, 14336) == fp8.GEMV_TILE
-    assert fp8.gemv_tile(37, 200) == (64, 256, 4)
+    assert fp8.gemv_tile(37, 200) == (64, 256, 4, 1)
     assert fp8.select_config(1, 1024, 4096)["BLOCK_K"] == 4096
     swapabs = [c for c in cands if c.get("impl") == "swapab"]
     assert swapabs and any(c["SPLIT_K"] > 1 for c in swapabs)
