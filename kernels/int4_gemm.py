@@ -1471,16 +1471,6 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                     split = _fill_split(cdiv(N, bn), K, block_k, waves * _pairs_programs_per_sm(bn, warps) * _SM_COUNT)
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
                                 "PREFETCH": 1, "PAIRS": 1, "num_warps": warps, "num_stages": 1})
-                    # the same tiles through the 3-stage cp.async loop (two K blocks in flight in shared memory, no
-                    # register prefetch): what moved the fp8 gemv at K14336 (sweeps/fp8_stages2, 5.9 against 5.5)
-                    if waves == 1:
-                        out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k,
-                                    "SPLIT_K": split, "PREFETCH": 0, "PAIRS": 1, "num_warps": warps, "num_stages": 3})
-            staged = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": block_k,
-                      "SPLIT_K": _pairs_split(16, K, block_k), "PREFETCH": 0, "PAIRS": 1, "num_warps": 2,
-                      "num_stages": 3}
-            if staged not in out:
-                out.append(staged)
         elif M <= 16:
             # Multi-row PAIRS (bf16 x on the GPU; select_config's M=2 pick, see there): each word unpacked into
             # bf16x2 pairs once (_unpack_pairs), then per x row the one-row loop's 4 HFMA2, lane sum, zero and scale
