@@ -29,7 +29,7 @@ H200 (92efe77, CUDA-graph replay, sweeps/fp8_gemv/gemm_fp8-h200.json), us at M =
 K4096 N14336 21.26 (36.05 / 26.34), K14336 N4096 21.30 (37.74 / 45.54): 2.0-2.8 TB/s, under the bf16 gemv's 3.4-4.2.
 Llama 8B bs1 decode (sweeps/fp8_gemv/llama-h200.json): 242.74 tok/s, step 4.05 ms, against 211.60 / 4.67 on swap-AB.
 The tile is picked per weight shape since (`gemv_tile`, from `bench_gemm_fp8.py --decode`'s sweep of
-GEMV_CANDIDATES and the split-K swap-AB candidates).
+GEMV_CANDIDATES and the split-K swap-AB candidates); at K > 4096 it runs the 3-stage loop (GEMV_TILE).
 
 All-zero rows: the activation scale is floored (amax >= 1e-12), so a zero row gets a tiny positive scale
 and quantizes to zeros: defined, never NaN.
@@ -249,7 +249,7 @@ GEMV_MAX_M = 1
 # slower at all four: 10.17 / 5.99 / 22.16 / 22.58.
 # K above GEMV_WHOLE_K: 1024-code blocks through the 3-stage cp.async loop (LOAD_STAGES), two blocks in flight during
 # one block's math. H200 sweeps/fp8_stages (19ca7d0): 5.9 TFLOP/s at K14336 N4096 against 5.52 for 16 x 2048 with
-# one block in flight (19.9 against 21.3 us); the confirming run: sweeps/fp8_stages2.
+# one block in flight (19.9 against 21.3 us); confirmed twice at c80c4e5: sweeps/fp8_stages2, fp8_stages3.
 GEMV_TILE = (16, 1024, 4, 3)
 GEMV_WHOLE_K = 4096  # up to this K: one K block per row (BLOCK_K = K rounded up to a power of two)
 GEMV_WIDE = (32, 512, 4, 1)  # N >= GEMV_WIDE_N and K <= GEMV_WHOLE_K (3 stages: 5.7 against 5.97 TFLOP/s)
@@ -323,9 +323,10 @@ def candidate_configs(M: int, N: int, K: int) -> list[dict]:
         if M <= 16:
             for bn, bk, warps in GEMV_CANDIDATES:
                 for per_sm in (1, 2):
-                    # 3 stages (kernels/gemm.py LOAD_STAGES; untimed, twenty-second session): the K loop pipelined
-                    # through shared memory, two K blocks in flight during one block's math, for the tiles that walk
-                    # several K blocks (the table's 32 x 512 at K4096 N14336 walks 8, 16 x 2048 at K14336 walks 7)
+                    # 3 stages (kernels/gemm.py LOAD_STAGES): the K loop pipelined through shared memory, two K
+                    # blocks in flight during one block's math, for the tiles that walk several K blocks. H200
+                    # (sweeps/fp8_stages*): the table's pick at K > 4096 (GEMV_TILE); at K4096 N14336 32 x 512 stays
+                    # unstaged (5.97 against 5.7 TFLOP/s), whole-K tiles have nothing to pipeline
                     for stages in ((1, 3) if M == 1 and cdiv(K, bk) > 2 else (1,)):
                         cfg = _gemv_cfg(M, N, K, bn, bk, warps, per_sm, stages)
                         if cfg not in out:

@@ -321,6 +321,9 @@ def test_gemv_candidates_and_table():
     assert fp8.gemv_tile(14336, 4096) == fp8.GEMV_WIDE and fp8.gemv_tile(4096, 14336) == fp8.GEMV_TILE
     assert fp8.gemv_tile(37, 200) == (64, 256, 4, 1)
     assert fp8.select_config(1, 1024, 4096)["BLOCK_K"] == 4096
+    # K > 4096: 1024-code blocks through the 3-stage loop (two blocks in flight), unsplit at the 8B down projection
+    assert fp8.config_str(fp8.select_config(1, 4096, 14336)) == \
+        "gemv BLOCK_M=1 BLOCK_N=16 BLOCK_K=1024 split_k=1 warps=4 stages=3"
     swapabs = [c for c in cands if c.get("impl") == "swapab"]
     assert swapabs and any(c["SPLIT_K"] > 1 for c in swapabs)
     assert all(fp8.config_str(c).startswith("swapab") and c["BLOCK_M"] == 16 for c in swapabs)
