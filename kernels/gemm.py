@@ -31,9 +31,9 @@ stream of its weight bytes, and tl.dot's 16-row tiles only add work, so this ker
   and swiglu, level at the down projection, so `select_config` picks it at M=1 (GEMV_MAX_M = 1);
   `candidate_configs` offers it for M <= 16. Its loop is a `tl.range` with num_stages 1 for bf16: not pipelined
   (each program's one K block of loads is all it has in flight); at M=1 its 16-row x 1024 tiles hold 32 KB
-  each, and it streams 3.4-4.2 TB/s (QKV, down, swiglu). The fp8 gemv's candidates with num_stages > 1
-  (LOAD_STAGES) let Triton pipeline it through shared memory, x one row per K block (offline sm_90a, 32 x 512 x 3
-  stages: 415 loop instructions against 384, 9 cp.async per K block, 93 registers; untimed).
+  each, and it streams 3.4-4.2 TB/s (QKV, down, swiglu). Candidates with num_stages > 1 (LOAD_STAGES, bf16 and
+  fp8) let Triton pipeline it through shared memory, x one row per K block (offline sm_90a, fp8 32 x 512 x 3
+  stages: 415 loop instructions against 384, 9 cp.async per K block, 93 registers); the fp8 gemv's pick at K > 4096.
 
 The swap-AB kernel (``config={"impl": "swapab", ...}``; decode rows, M <= 16): the tiled kernel's 16-row
 tiles put the few x rows on the tensor core's M side, which sm_90 can only feed to mma.sync (wgmma's M
@@ -245,7 +245,7 @@ def _gemv_kernel(
     LOAD_STAGES: tl.constexpr = 1,
 ):
     """SCALED (kernels/fp8_gemm.py's decode rows): x and w are e4m3 codes, exact in fp32, and the sums are scaled
-    by sa[m] (stride_sa 0: one scale) and sb[n] before the bias. LOAD_STAGES > 1 (fp8 candidates): the K loop is a
+    by sa[m] (stride_sa 0: one scale) and sb[n] before the bias. LOAD_STAGES > 1 (candidates): the K loop is a
     tl.range that Triton software-pipelines, its loads cp.async'd into LOAD_STAGES shared buffers, LOAD_STAGES - 1
     K blocks ahead of the math; 1 is the plain loop (one K block in flight)."""
     if PDL:  # kernels/pdl.py: let the next PDL launch start early, then wait for the kernel before this one
@@ -422,11 +422,10 @@ def _cfg(bm, bn, bk, warps, stages, group=8, split=1) -> dict:
             "num_warps": warps, "num_stages": stages}
 
 
-def _gemv_cfg(bm, bn, bk, warps, split=1) -> dict:
-    # num_stages stays 1 for the bf16 gemv: _single_pass passes it to the loop (LOAD_STAGES) only for the fp8
-    # gemv's candidates.
+def _gemv_cfg(bm, bn, bk, warps, split=1, stages=1) -> dict:
+    # num_stages is the K loop's LOAD_STAGES (1: the plain loop, one K block in flight)
     return {"impl": "gemv", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": split,
-            "num_warps": warps, "num_stages": 1}
+            "num_warps": warps, "num_stages": stages}
 
 
 def _stages(bm: int, bn: int, bk: int, weights: int, elem: int, budget: int, most: int = 5) -> int:
@@ -619,10 +618,14 @@ def candidate_configs(M: int, N: int, K: int, activation: str = "none") -> list[
         # The gemv: the table's entry and the alternatives, each unsplit and with the splits that give
         # ~1 (the table's) and ~4 programs per SM (the same choice when the weight rows alone give that many).
         bm = next_power_of_2(max(M, 1))
+        # At one row, tiles that walk more than 2 K blocks also through the 3-stage loop (LOAD_STAGES: two K blocks
+        # in flight during one block's math), the fp8 gemv's pick at K > 4096 (kernels/fp8_gemm.py GEMV_TILE).
         for bn, row_bytes, warps in dict.fromkeys((_GEMV_TILE[bm][swiglu],) + _GEMV_CANDIDATES[bm][swiglu]):
             bk = row_bytes // 2
             for split in sorted({1, _gemv_split_k(M, N, K, bm, bn, bk), _gemv_split_k(M, N, K, bm, bn, bk, 4)}):
                 out.append(_gemv_cfg(bm, bn, bk, warps, split))
+                if M == 1 and not swiglu and cdiv(cdiv(K, split), bk) > 2:
+                    out.append(_gemv_cfg(bm, bn, bk, warps, split, stages=3))
         # The swap-AB tensor-core kernel: its table row and alternatives, each with the split that gives
         # ~4 programs per SM, the table's row also unsplit and with ~2 per SM.
         for i, (bn, bk, stages) in enumerate(_SWAPAB_TILES[swiglu]):
@@ -764,9 +767,8 @@ def _single_pass(x, w, wu, bias, out, cfg, act: int, scales=None) -> torch.Tenso
     if scales is not None:
         (sa, stride_sa), (sb, stride_sb) = scales
         scaled = dict(sa_ptr=sa, sb_ptr=sb, stride_sa=stride_sa, stride_sb=stride_sb, SCALED=True)
-        if cfg["impl"] == "gemv":  # the fp8 gemv's pipelined candidates (kernels/fp8_gemm.py)
-            scaled["LOAD_STAGES"] = cfg["num_stages"]
-    if cfg["impl"] == "gemv":
+    if cfg["impl"] == "gemv":  # its pipelined candidates (num_stages > 1), bf16 and fp8 (kernels/fp8_gemm.py)
+        scaled["LOAD_STAGES"] = cfg["num_stages"]
         pdl = use_pdl(x)
         _gemv_kernel[(tiles, split)](*args, VEC=min(bk, 16 // x.element_size()), PDL=pdl, **common,
                                      **scaled, **launch_kwargs(pdl))

@@ -97,6 +97,15 @@ def test_gemv_split_k(dtype, K, block_k, split, activation, with_bias):
     run_and_check(4, 37, K, dtype, activation, with_bias, {**GEMV, "BLOCK_K": block_k, "SPLIT_K": split})
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("K,split", [(100, 1), (100, 3), (200, 2)])
+def test_gemv_staged_loop(dtype, K, split):
+    """One row through the 3-stage loop (LOAD_STAGES; cp.async on a GPU): 7 / 13 K blocks of 16, a partial last
+    block, with and without split-K, bias, odd N."""
+    cfg = {**GEMV, "BLOCK_M": 1, "SPLIT_K": split, "num_stages": 3}
+    run_and_check(1, 37, K, dtype, "none", True, cfg)
+
+
 @pytest.mark.parametrize("activation", ["silu", "swiglu"])
 def test_gemv_twice_rearms_counters(activation):
     """Two calls in a row on fresh inputs through the same arrival counters (the last slice of each tile
