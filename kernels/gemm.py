@@ -457,6 +457,12 @@ _GEMV_TILE = {1: ((16, 2048, 4), (32, 512, 4)),    # 99 / 99 registers per threa
               4: ((8, 2048, 4), (4, 2048, 4)),     # 121 / 128
               8: ((4, 2048, 4), (2, 2048, 4)),     # 127 / 128
               16: ((2, 2048, 4), (1, 2048, 4))}    # 116 / 112
+# The table's pipelined tile (LOAD_STAGES = 3, two K blocks in flight during one block's math) by row count, one weight
+# (not swiglu), taken where it runs unsplit over more than 2 K blocks (else _GEMV_TILE). One row: 16 x 1024 bytes x 3
+# stages, H200 sweeps/gemv_stages (6e6e917, graph replay): 29.57 us at the down projection K14336 N4096 against 31.89
+# for _GEMV_TILE's 16 x 2048 bytes (cuBLAS + Inductor 32.42), 14.63 against 14.91 at QKV K4096 N6144; the confirming
+# run: sweeps/gemv_stages2. Unpipelined, the 1024-byte rows were slower (16.40 against 15.20 us at QKV).
+_GEMV_STAGED = {1: (16, 1024, 4, 3)}
 # What the --tune sweep tries besides the table's entry, same units, for [one weight, swiglu]; sm_90
 # registers per thread in the comments (all <= 184: at least two 4-warp programs per SM, no spills, no
 # shared memory or barrier in the K loop). Rows of 2 KB on 4 warps / 4 KB on 8 warps keep the warps along K.
@@ -495,8 +501,15 @@ def _fill_split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int, per_sm: int
 def _gemv_config(M: int, N: int, K: int, activation: str = "none", dtype: torch.dtype = torch.bfloat16) -> dict:
     """The gemv row of the table (used by select_config for M <= GEMV_MAX_M)."""
     bm = min(16, next_power_of_2(max(M, 1)))
+    elem = torch.finfo(dtype).bits // 8
+    if bm in _GEMV_STAGED and activation != "swiglu":
+        bn, row_bytes, warps, stages = _GEMV_STAGED[bm]
+        bk = row_bytes // elem
+        split = _gemv_split_k(M, N, K, bm, bn, bk)
+        if split == 1 and cdiv(K, bk) > 2:  # as measured: unsplit, several K blocks
+            return _gemv_cfg(bm, bn, bk, warps, stages=stages)
     bn, row_bytes, warps = _GEMV_TILE[bm][activation == "swiglu"]
-    bk = row_bytes // (torch.finfo(dtype).bits // 8)
+    bk = row_bytes // elem
     return _gemv_cfg(bm, bn, bk, warps, split=_gemv_split_k(M, N, K, bm, bn, bk))
 
 

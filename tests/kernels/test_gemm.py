@@ -501,6 +501,14 @@ def test_gemv_runs_the_measured_rows_and_one_constant_moves_it(monkeypatch):
         assert G.prefer_triton(1, 6144, 4096, act, torch.bfloat16) is None
     assert G._gemv_config(1, 6144, 4096, "none")["SPLIT_K"] == 1  # the sweep's best at the Llama shapes
     assert G._gemv_config(1, 4096, 14336, "none")["SPLIT_K"] == 1
+    # one weight, unsplit over > 2 K blocks: the pipelined 16 x 1024-byte tile (_GEMV_STAGED); swiglu, short K and
+    # split launches keep the plain loop
+    for N, K in ((6144, 4096), (4096, 14336), (4096, 4096)):
+        cfg = G._gemv_config(1, N, K, "none", torch.bfloat16)
+        assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"], cfg["SPLIT_K"]) == (16, 512, 3, 1), (N, K, cfg)
+    assert G._gemv_config(1, 14336, 4096, "swiglu")["num_stages"] == 1
+    assert G._gemv_config(1, 2048, 2048, "none")["num_stages"] == 1  # split 2 at 512 columns: the 2048-byte tile
+    assert G._gemv_config(1, 512, 14336, "none")["num_stages"] == 1
     for M in (4, 16):
         assert G.select_config(M, 14336, 4096, "swiglu", torch.bfloat16)["impl"] == "tiled"
         assert "cuBLAS" in G.prefer_triton(M, 6144, 4096, "none", torch.bfloat16)
