@@ -191,6 +191,11 @@ def _gemv_split(M, N, K, activation, dtype):
     return {**_gemv_table(M, N, K, activation, dtype), "SPLIT_K": 4}
 
 
+def _gemv_staged(M, N, K, activation, dtype):
+    """The gemv row through the 3-stage loop (LOAD_STAGES; the table's pick for one weight, a candidate for SwiGLU)."""
+    return {**_gemv_table(M, N, K, activation, dtype), "num_stages": 3}
+
+
 def _swapab_table(M, N, K, activation, dtype):
     """The swap-AB row select_config picks once SWAPAB_MAX_M covers M (kernels/gemm.py's _SWAPAB_TILES)."""
     from kernopt.kernels import gemm as g
@@ -352,6 +357,10 @@ CASES = [
         "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}),
         selected=False, canary=True),
     Case("gemm gemv M1 swiglu K4096 N14336", _gemm(1, MLP, HIDDEN, "swiglu", config=_gemv_table)),
+    Case("gemm gemv M1 K14336 N4096 (table: 3 stages)", _gemm(1, HIDDEN, MLP, config=_gemv_table),
+         expect={"_gemv_kernel": ("cp_async",)}),
+    Case("gemm gemv M1 swiglu K4096 N14336 3 stages", _gemm(1, MLP, HIDDEN, "swiglu", config=_gemv_staged),
+         selected=False, no_spill=True, expect={"_gemv_kernel": ("cp_async",)}),
     Case("gemm gemv M4 bias K14336 N4096 split", _gemm(4, HIDDEN, MLP, bias=True, config=_gemv_split,
                                                        need_split=True)),
     # the swap-AB decode kernel's table rows (weight rows on wgmma's 64-row side, x rows as n16)

@@ -99,11 +99,12 @@ def test_gemv_split_k(dtype, K, block_k, split, activation, with_bias):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("K,split", [(100, 1), (100, 3), (200, 2)])
-def test_gemv_staged_loop(dtype, K, split):
+@pytest.mark.parametrize("activation,with_bias", [("none", True), ("swiglu", False)])
+def test_gemv_staged_loop(dtype, K, split, activation, with_bias):
     """One row through the 3-stage loop (LOAD_STAGES; cp.async on a GPU): 7 / 13 K blocks of 16, a partial last
-    block, with and without split-K, bias, odd N."""
+    block, with and without split-K, one weight with bias and SwiGLU's two, odd N."""
     cfg = {**GEMV, "BLOCK_M": 1, "SPLIT_K": split, "num_stages": 3}
-    run_and_check(1, 37, K, dtype, "none", True, cfg)
+    run_and_check(1, 37, K, dtype, activation, with_bias, cfg)
 
 
 @pytest.mark.parametrize("activation", ["silu", "swiglu"])
