@@ -29,11 +29,13 @@ stream of its weight bytes, and tl.dot's 16-row tiles only add work, so this ker
   4 warp-instructions per cycle up to M=4, nears the limit at M=8, and caps M=16 near 1.5 TB/s (the
   tiled kernel should keep M=16). Measured on the H200 at M=1 (gemm-h200.json): ahead of cuBLAS at QKV
   and swiglu, level at the down projection, so `select_config` picks it at M=1 (GEMV_MAX_M = 1);
-  `candidate_configs` offers it for M <= 16. Its loop is a `tl.range` with num_stages 1 for bf16: not pipelined
-  (each program's one K block of loads is all it has in flight); at M=1 its 16-row x 1024 tiles hold 32 KB
-  each, and it streams 3.4-4.2 TB/s (QKV, down, swiglu). Candidates with num_stages > 1 (LOAD_STAGES, bf16 and
-  fp8) let Triton pipeline it through shared memory, x one row per K block (offline sm_90a, fp8 32 x 512 x 3
-  stages: 415 loop instructions against 384, 9 cp.async per K block, 93 registers); the fp8 gemv's pick at K > 4096.
+  `candidate_configs` offers it for M <= 16. Its loop is a `tl.range` whose num_stages (LOAD_STAGES) is the
+  config's: at 1 not pipelined (each program's one K block of loads is all it has in flight; 16-row x 1024 tiles
+  of 32 KB, 3.4-4.2 TB/s at QKV, down, swiglu on the H200); at 3 Triton pipelines it through shared memory by
+  cp.async, x one row per K block, two K blocks in flight during one block's math (offline sm_90a, fp8 32 x 512 x 3
+  stages: 415 loop instructions against 384, 9 cp.async per K block, 93 registers). The table runs 3 stages for one
+  bf16 weight at one row over > 2 K blocks (_GEMV_STAGED: 1.08x at the down projection) and for the fp8 gemv at
+  K > 4096 (kernels/fp8_gemm.py GEMV_TILE).
 
 The swap-AB kernel (``config={"impl": "swapab", ...}``; decode rows, M <= 16): the tiled kernel's 16-row
 tiles put the few x rows on the tensor core's M side, which sm_90 can only feed to mma.sync (wgmma's M
@@ -465,7 +467,8 @@ _GEMV_TILE = {1: ((16, 2048, 4), (32, 512, 4)),    # 99 / 99 registers per threa
 _GEMV_STAGED = {1: (16, 1024, 4, 3)}
 # What the --tune sweep tries besides the table's entry, same units, for [one weight, swiglu]; sm_90
 # registers per thread in the comments (all <= 184: at least two 4-warp programs per SM, no spills, no
-# shared memory or barrier in the K loop). Rows of 2 KB on 4 warps / 4 KB on 8 warps keep the warps along K.
+# shared memory or barrier in the K loop; their 3-stage copies at one row go through shared memory). Rows of 2 KB
+# on 4 warps / 4 KB on 8 warps keep the warps along K.
 _GEMV_CANDIDATES = {
     1: (((16, 1024, 4), (64, 512, 4), (16, 2048, 4), (64, 1024, 8), (128, 512, 8)),  # 72 99 99 138 130
         ((32, 512, 4), (64, 512, 4), (16, 2048, 4), (64, 1024, 8), (128, 512, 8))),  # 99 152 152 184 154
@@ -776,17 +779,17 @@ def _single_pass(x, w, wu, bias, out, cfg, act: int, scales=None) -> torch.Tenso
             out.stride(0), out.stride(1), M * N)
     common = dict(ACT=act, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    scaled = {}
+    extra = {}
     if scales is not None:
         (sa, stride_sa), (sb, stride_sb) = scales
-        scaled = dict(sa_ptr=sa, sb_ptr=sb, stride_sa=stride_sa, stride_sb=stride_sb, SCALED=True)
-    if cfg["impl"] == "gemv":  # its pipelined candidates (num_stages > 1), bf16 and fp8 (kernels/fp8_gemm.py)
-        scaled["LOAD_STAGES"] = cfg["num_stages"]
+        extra = dict(sa_ptr=sa, sb_ptr=sb, stride_sa=stride_sa, stride_sb=stride_sb, SCALED=True)
+    if cfg["impl"] == "gemv":  # num_stages > 1: the pipelined K loop, bf16 and fp8 (kernels/fp8_gemm.py)
+        extra["LOAD_STAGES"] = cfg["num_stages"]
         pdl = use_pdl(x)
         _gemv_kernel[(tiles, split)](*args, VEC=min(bk, 16 // x.element_size()), PDL=pdl, **common,
-                                     **scaled, **launch_kwargs(pdl))
+                                     **extra, **launch_kwargs(pdl))
     else:
-        _gemm_swapab_kernel[(tiles, split)](*args, IEEE=x.dtype == torch.float32, **common, **scaled)
+        _gemm_swapab_kernel[(tiles, split)](*args, IEEE=x.dtype == torch.float32, **common, **extra)
     return out
 
 
