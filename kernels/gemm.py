@@ -634,13 +634,14 @@ def candidate_configs(M: int, N: int, K: int, activation: str = "none") -> list[
         # The gemv: the table's entry and the alternatives, each unsplit and with the splits that give
         # ~1 (the table's) and ~4 programs per SM (the same choice when the weight rows alone give that many).
         bm = next_power_of_2(max(M, 1))
-        # At one row, tiles that walk more than 2 K blocks also through the 3-stage loop (LOAD_STAGES: two K blocks
-        # in flight during one block's math): the table's pick for one weight (_GEMV_STAGED); SwiGLU untimed.
+        # At one row, unsplit 4-warp tiles of <= 64 rows over > 2 K blocks also through the 3-stage loop (LOAD_STAGES:
+        # two K blocks in flight during one block's math; split, 8-warp or 128-row staged tiles were slower,
+        # sweeps/gemv_stages): the table's pick for one weight (_GEMV_STAGED); SwiGLU untimed.
         for bn, row_bytes, warps in dict.fromkeys((_GEMV_TILE[bm][swiglu],) + _GEMV_CANDIDATES[bm][swiglu]):
             bk = row_bytes // 2
             for split in sorted({1, _gemv_split_k(M, N, K, bm, bn, bk), _gemv_split_k(M, N, K, bm, bn, bk, 4)}):
                 out.append(_gemv_cfg(bm, bn, bk, warps, split))
-                if M == 1 and cdiv(cdiv(K, split), bk) > 2:
+                if M == 1 and split == 1 and bn <= 64 and warps == 4 and cdiv(K, bk) > 2:
                     out.append(_gemv_cfg(bm, bn, bk, warps, split, stages=3))
         # The swap-AB tensor-core kernel: its table row and alternatives, each with the split that gives
         # ~4 programs per SM, the table's row also unsplit and with ~2 per SM.

@@ -453,10 +453,12 @@ def test_tables_are_valid(M, N, K, activation):
             assert gemv["impl"] == "gemv" and M <= gemv["BLOCK_M"] <= 16, "all decode rows in one program"
             # Several x rows: BLOCK_K spans 2 KB of a weight row, so the 4 warps sit side by side along K
             # (the layout in which x needs no conversion); one row (any layout is conversion-free): the H200
-            # sweep's best, 2 KB plain and 512 B for swiglu's two weights.
+            # sweep's best, 2 KB plain and 512 B for swiglu's two weights; 1 KB through the 3-stage loop for one
+            # weight, unsplit over > 2 K blocks (_GEMV_STAGED).
             row_bytes = gemv["BLOCK_K"] * (torch.finfo(dtype).bits // 8)
-            one_row = 512 if activation == "swiglu" else 2048
+            one_row = 512 if activation == "swiglu" else 1024 if gemv["num_stages"] == 3 else 2048
             assert row_bytes == (one_row if M == 1 else 2048) and gemv["num_warps"] == 4
+            assert gemv["num_stages"] == 1 or (M == 1 and activation != "swiglu" and gemv["SPLIT_K"] == 1)
         if M <= 16 and dtype != torch.float32:
             sab = G._swapab_config(M, N, K, activation, dtype)
             _valid(sab)
