@@ -574,7 +574,8 @@ CASES = [
     Case("fp8 M1 swapab split 8 K4096 N4096", _fp8(1, N=HIDDEN, config={
         "impl": "swapab", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 8, "num_warps": 4, "num_stages": 4}),
         selected=False, expect={"_gemm_swapab_kernel": E4}),
-    # pipelined gemv candidates (LOAD_STAGES: tl.range cp.async stages; untimed) at the table's multi-block tiles
+    # pipelined gemv candidates (LOAD_STAGES: tl.range cp.async stages) at multi-block tiles: 32 x 512 (K4096 N14336's
+    # table tile, unstaged there) and 16 x 2048 (K14336's before its 3-stage 16 x 1024 pick, kernels/fp8_gemm.py)
     Case("fp8 M1 gemv 3 stages K4096 N14336", _fp8(1, config={
         "impl": "gemv", "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}),
         selected=False, no_spill=True, expect={"_gemv_kernel": ()}),
