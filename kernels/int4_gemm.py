@@ -1471,14 +1471,6 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                     split = _fill_split(cdiv(N, bn), K, block_k, waves * _pairs_programs_per_sm(bn, warps) * _SM_COUNT)
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
                                 "PREFETCH": 1, "PAIRS": 1, "num_warps": warps, "num_stages": 1})
-            # Register-capped 64 x 2-warp tiles (maxnreg): 12 / 16 programs per SM instead of 10, i.e. more K blocks
-            # of words in flight per SM at the same words per thread (offline sm_90a: 80 registers spill 64 bytes
-            # with zero points and nothing without, 64 registers spill 240 / 96 bytes), one wave each.
-            for cap in (80, 64):
-                programs = min(32, 65536 // (cap * 64)) * _SM_COUNT
-                out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": block_k,
-                            "SPLIT_K": _fill_split(cdiv(N, 64), K, block_k, programs), "PREFETCH": 1, "PAIRS": 1,
-                            "num_warps": 2, "num_stages": 1, "maxnreg": cap})
         elif M <= 16:
             # Multi-row PAIRS (bf16 x on the GPU; select_config's M=2 pick, see there): each word unpacked into
             # bf16x2 pairs once (_unpack_pairs), then per x row the one-row loop's 4 HFMA2, lane sum, zero and scale
@@ -1726,7 +1718,7 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
         pdl = use_pdl(x)
         _int4_gemv2_kernel[grid](*args, PREFETCH=int(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
                                  PLANES=planes, PAIRS=pairs, ASM=asm, PREFETCH_X=prefetch_x, GATED=gated,
-                                 N_OUT=N // 2, PDL=pdl, **common, **launch_kwargs(pdl), **_maxnreg(cfg))
+                                 N_OUT=N // 2, PDL=pdl, **common, **launch_kwargs(pdl))
     elif impl == "tcasm":
         _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],
                                                                DIRECT=int(cfg.get("DIRECT", 0)), **common)
@@ -1739,12 +1731,6 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         _int4_tiled2_kernel[grid](*args, GROUP_M=cfg.get("GROUP_M", 8), DOT_PRECISION=precision, **common)
     return out
-
-
-def _maxnreg(cfg: dict) -> dict:
-    """A config's register cap per thread (ptxas -maxrregcount), only when it sets one: more resident programs per
-    SM at the price of whatever ptxas then spills or rematerialises."""
-    return {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") else {}
 
 
 def _table_wgr(x, qweight, scales, zeros, group_size) -> bool:

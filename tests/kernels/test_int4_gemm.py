@@ -106,8 +106,6 @@ GEMV2_PAIRS_DEEP_MULTI = {**GEMV2_PAIRS_MULTI_SPLIT, "PREFETCH": 2}
 # PAIRS with x's next K block prefetched beside its words (masked past the slice), one group per block with a ragged
 # split-K, two groups per block with split-K, and a 256-wide block running past K
 GEMV2_PAIRS_PX = {**GEMV2_PAIRS, "PREFETCH_X": 1}
-# a register cap (maxnreg, a launch option: the interpreter takes it and ignores it; ptxas may spill on the GPU)
-GEMV2_PAIRS_CAPPED = {**GEMV2_PAIRS, "maxnreg": 64}
 GEMV2_PAIRS_PX_MULTI_SPLIT = {**GEMV2_PAIRS_MULTI_SPLIT, "PREFETCH_X": 1}
 GEMV2_PAIRS_PX_MULTI_TAIL = {**GEMV2_PAIRS_MULTI, "PREFETCH": 1, "num_stages": 1, "PREFETCH_X": 1}
 TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "GROUP_M": 2}
@@ -124,7 +122,6 @@ TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_
                               ("gemv2_deep", GEMV2_DEEP, (32, 128)), ("gemv2_pairs_deep", GEMV2_PAIRS_DEEP, (32, 128)),
                               ("gemv2_pairs_deep_multi", GEMV2_PAIRS_DEEP_MULTI, (32,)),
                               ("gemv2_pairs_px", GEMV2_PAIRS_PX, (32, 64, 128)),
-                              ("gemv2_pairs_capped", GEMV2_PAIRS_CAPPED, (128,)),
                               ("gemv2_pairs_px_multi_split", GEMV2_PAIRS_PX_MULTI_SPLIT, (32,)),
                               ("gemv2_pairs_px_multi_tail", GEMV2_PAIRS_PX_MULTI_TAIL, (32, 128)))
     for g in groups for asym in (True, False) if name != "gemv2_rows" or asym == (g == 128)])
