@@ -414,7 +414,6 @@ def _word_rows_zero_scale(acc_w, xq, xb, xs, z, s, MULTI: tl.constexpr):
 
 
 _WORD_PAIRS_PTX = tl.constexpr(word_pairs_ptx())  # kernels/int4_tgemv.py, shared with the tgemv kernel
-_WORD_PAIRS_Z_PTX = tl.constexpr(word_pairs_ptx(centre_operand=True))  # INT_ZEROS: centred on -(128 + z)
 
 
 def _unpack_pairs_ptx() -> str:
@@ -511,45 +510,6 @@ def _pair_sums_of(w, p0, p1, p2, p3, NEED_XS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _pair_sums_centred(w, p0, p1, p2, p3, z, MULTI: tl.constexpr, ASM: tl.constexpr):
-    """PAIRS with integer zero points (INT_ZEROS): per word of w [R, C] the fp32 sum of x_k (q_k - z) over its 8
-    nibbles, z the word's zero point ([C], or MULTI [R, C]): the word sums centre each bf16 pair (128 + q) on
-    -(128 + z), exact for an integer z in [-128, 127], so no x sums and no zero term follow. ASM: _WORD_PAIRS_Z_PTX
-    with that centre as a packed bf16x2 operand (the high half of its fp32 bits: exact for such z, truncated
-    otherwise); else the same sums in plain fp32 Triton on the same truncated centre, so that a zero point the
-    centring cannot hold exactly is as wrong here as on the GPU."""
-    if ASM:
-        c = (-(128.0 + z)).to(tl.int32, bitcast=True) & -65536  # bf16 bits of -(128 + z) in the high half
-        c = c | ((c >> 16) & 0xFFFF)
-        if not MULTI:
-            c = c[None, :]
-        ws = tl.inline_asm_elementwise(asm=_WORD_PAIRS_Z_PTX, constraints="=r,r,r,r,r,r,r",
-                                       args=[w, p0[:, None], p1[:, None], p2[:, None], p3[:, None], c],
-                                       dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        if not MULTI:
-            z = z[None, :]
-        centre = ((128.0 + z).to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)  # as the PTX's
-        offs_j = tl.arange(0, 8)
-        ws = tl.zeros(w.shape, dtype=tl.float32)
-        for i in tl.static_range(8):
-            xi = tl.sum(tl.where(offs_j[None, :] == i, p0, 0.0), axis=1)
-            ws += ((((w >> (4 * i)) & 0xF) + 128).to(tl.float32) - centre) * xi[:, None]
-    return ws
-
-
-@triton.jit
-def _zeros_are_small_integers(z_ptr, offs_n, mask_n, k_lo, k_hi, stride_zn, stride_zg, GROUP: tl.constexpr):
-    """INT_ZEROS: whether every zero point of this program's columns and K slice is an integer in [-128, 127] (the
-    exact centring of _pair_sums_centred): one scalar per program, so the K loop's branch on it is uniform."""
-    bad = tl.zeros(offs_n.shape, dtype=tl.int32)
-    for g in range(k_lo // GROUP, (k_hi + GROUP - 1) // GROUP):
-        z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
-        bad += ((z != tl.floor(z)) | (z < -128.0) | (z > 127.0)).to(tl.int32)  # NaN: not an integer
-    return tl.max(bad, axis=0) == 0
-
-
-@triton.jit
 def _unpack_pairs(w, ASM: tl.constexpr):
     """Multi-row PAIRS: the word tile w [R, C] as four packed bf16x2 (q - 8) pair tiles (ASM: _UNPACK_PAIRS_PTX),
     shared by every x row; else (the interpreter) w itself four times, unpacked again by _row_pair_acc."""
@@ -598,6 +558,15 @@ def _pairs_zero_scale(acc_w, ws, xs, z, s, HAS_ZEROS: tl.constexpr, MULTI: tl.co
 
 
 @triton.jit
+def _word_pair_sums(w, x_row, kx, x_ok, stride_xk, NEED_XS: tl.constexpr, ASM: tl.constexpr,
+                    MASK_X: tl.constexpr = True):
+    """PAIRS: per word of w [R, C] (word row r holds k = kx[r] .. kx[r] + 7), the fp32 sum of x_k (q_k - 8), and
+    (NEED_XS) per word row the sum of its 8 x, with x loaded here (_pair_x, then _pair_sums_of)."""
+    p0, p1, p2, p3 = _pair_x(x_row, kx, x_ok, stride_xk, ASM, MASK_X)
+    return _pair_sums_of(w, p0, p1, p2, p3, NEED_XS, ASM)
+
+
+@triton.jit
 def _int4_gemv2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
     M, N, K, K_PER_SPLIT, ZERO,
@@ -607,7 +576,6 @@ def _int4_gemv2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     LOAD_STAGES: tl.constexpr, PLANES: tl.constexpr, PAIRS: tl.constexpr = False, ASM: tl.constexpr = False,
     PREFETCH_X: tl.constexpr = False, GATED: tl.constexpr = False, N_OUT=0, PDL: tl.constexpr = False,
-    INT_ZEROS: tl.constexpr = False,
 ):
     if PDL:  # kernels/pdl.py: the next PDL launch may start during this kernel's last wave
         gdc_launch_dependents()
@@ -645,8 +613,6 @@ def _int4_gemv2_kernel(
                                stride_sg, stride_zn, stride_zg, GROUP, HAS_ZEROS, MULTI)
     if PDL:  # the first K block's constant words / scales / zeros are in flight; x and the outputs wait for the
         gdc_wait()  # kernel before (its writes visible)
-    if INT_ZEROS:  # one-row PAIRS with zero points: integers (RTN / GPTQ / AWQ) take the centred word sums
-        small_int_zeros = _zeros_are_small_integers(z_ptr, offs_n, mask_n, k_lo, k_hi, stride_zn, stride_zg, GROUP)
     if PREFETCH_X:  # PAIRS: x of the next K block loaded with its words (masked past the slice: never used)
         kxn = k_lo + offs_w * 8
         xp0, xp1, xp2, xp3 = _pair_x(x_ptr + pid_m * stride_xm, kxn, (kxn < k_hi) & (pid_m < M), stride_xk, ASM)
@@ -688,7 +654,7 @@ def _int4_gemv2_kernel(
                 acc_w3 = _row_pair_acc(acc_w3, t0, t1, t2, t3, x_ptr + (row0 + 3) * stride_xm, row0 + 3 < M, kx, x_ok,
                                        stride_xk, s_cur, z_cur, HAS_ZEROS, MULTI, ASM)
         elif PAIRS:
-            # Packed bf16x2 word sums (BLOCK_M == 1; _pair_sums_of): sum_k x (q - z) = sum_k x (q - 8) + (8 - z) sum_k x,
+            # Packed bf16x2 word sums (BLOCK_M == 1; _word_pair_sums): sum_k x (q - z) = sum_k x (q - 8) + (8 - z) sum_k x,
             # so symmetric weights need no x sums at all.
             kx = k0 + offs_w * 8
             if PREFETCH_X:
@@ -696,20 +662,11 @@ def _int4_gemv2_kernel(
                 kxn = kx + BLOCK_K
                 xp0, xp1, xp2, xp3 = _pair_x(x_ptr + pid_m * stride_xm, kxn, (kxn < k_hi) & (pid_m < M), stride_xk,
                                              ASM)
-            else:
-                xc0, xc1, xc2, xc3 = _pair_x(x_ptr + pid_m * stride_xm, kx, (kx < K) & (pid_m < M), stride_xk, ASM,
-                                             MULTI)
-            if INT_ZEROS:
-                # Integer zero points: sum_k x (q - z) straight from the word sums (a uniform branch per program)
-                if small_int_zeros:
-                    ws = _pair_sums_centred(w_cur, xc0, xc1, xc2, xc3, z_cur, MULTI, ASM)
-                    acc_w = _pairs_zero_scale(acc_w, ws, ws, z_cur, s_cur, False, MULTI)
-                else:
-                    ws, xs = _pair_sums_of(w_cur, xc0, xc1, xc2, xc3, HAS_ZEROS, ASM)
-                    acc_w = _pairs_zero_scale(acc_w, ws, xs, z_cur, s_cur, HAS_ZEROS, MULTI)
-            else:
                 ws, xs = _pair_sums_of(w_cur, xc0, xc1, xc2, xc3, HAS_ZEROS, ASM)
-                acc_w = _pairs_zero_scale(acc_w, ws, xs, z_cur, s_cur, HAS_ZEROS, MULTI)
+            else:
+                ws, xs = _word_pair_sums(w_cur, x_ptr + pid_m * stride_xm, kx, (kx < K) & (pid_m < M), stride_xk,
+                                         HAS_ZEROS, ASM, MULTI)
+            acc_w = _pairs_zero_scale(acc_w, ws, xs, z_cur, s_cur, HAS_ZEROS, MULTI)
         elif PLANES:
             # One nibble plane at a time on the [BLOCK_K/8, BLOCK_N] word tile in its load layout: x_j (k = k0 + 8r
             # + j) is a [BLOCK_K/8] vector per plane, no [.., 8, ..] tensor, so no shared-memory relayout of the
@@ -1234,7 +1191,6 @@ _PAIRS_VARIANTS = ("", "pairs128", "pairs64", "px", "split8")
 # PAIRS (M=1) programs per SM by tile: (BLOCK_N, warps) -> registers per thread with zero points (offline sm_90a,
 # 166bbf3; the symmetric kernel uses <= these) and what they leave room for in the 64K-register file.
 _PAIRS_REGS = {(32, 2): 48, (64, 2): 96, (32, 4): 40, (64, 4): 48}
-_PAIRS_INTZ_REGS = {(32, 2): 72, (64, 2): 128, (32, 4): 48, (64, 4): 72}  # the same tiles with INT_ZEROS
 
 
 # wgr (BLOCK_N, warps, stages) -> programs per SM by registers (offline sm_90a, BLOCK_M 16, kernels/int4_wgmma.py)
@@ -1515,19 +1471,6 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                     split = _fill_split(cdiv(N, bn), K, block_k, waves * _pairs_programs_per_sm(bn, warps) * _SM_COUNT)
                     out.append({"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split,
                                 "PREFETCH": 1, "PAIRS": 1, "num_warps": warps, "num_stages": 1})
-            # INT_ZEROS: integer zero points centred in the word sums (no x sums, no zero term; _pair_sums_centred),
-            # at the table's pick with zero points, and one wave of each tile at INT_ZEROS' own registers (offline
-            # sm_90a: 72 / 128 / 48 / 72 against 48 / 96 / 40 / 48). Symmetric weights run them as without.
-            pick = select_config(1, N, K, group_size, symmetric=False, x_dtype=torch.bfloat16)
-            if pick.get("PAIRS"):
-                out.append({**pick, "INT_ZEROS": 1})
-            for (bn, warps), regs in _PAIRS_INTZ_REGS.items():
-                per_sm = min(32, 64 // warps, 65536 // (regs * 32 * warps))
-                cand = {"impl": "gemv2", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": block_k,
-                        "SPLIT_K": _fill_split(cdiv(N, bn), K, block_k, per_sm * _SM_COUNT), "PREFETCH": 1, "PAIRS": 1,
-                        "num_warps": warps, "num_stages": 1, "INT_ZEROS": 1}
-                if cand not in out:
-                    out.append(cand)
         elif M <= 16:
             # Multi-row PAIRS (bf16 x on the GPU; select_config's M=2 pick, see there): each word unpacked into
             # bf16x2 pairs once (_unpack_pairs), then per x row the one-row loop's 4 HFMA2, lane sum, zero and scale
@@ -1762,9 +1705,6 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
         if planes and pairs:
             raise ValueError("int4_gemm: gemv2 takes PLANES=1 or PAIRS=1, not both")
         prefetch_x = bool(cfg.get("PREFETCH_X", 0))
-        int_zeros = bool(cfg.get("INT_ZEROS", 0))
-        if int_zeros and not (pairs and bm == 1):
-            raise ValueError("int4_gemm: gemv2 INT_ZEROS=1 needs PAIRS=1 and BLOCK_M=1")
         if prefetch_x and not (pairs and int(cfg.get("PREFETCH", 1)) == 1):
             raise ValueError("int4_gemm: gemv2 PREFETCH_X=1 needs PAIRS=1 and PREFETCH=1")
         asm = pairs and x.is_cuda
@@ -1778,8 +1718,7 @@ def _launch_single_pass(impl, cfg, x, qweight, scales, z, b, out, M, N, K, group
         pdl = use_pdl(x)
         _int4_gemv2_kernel[grid](*args, PREFETCH=int(cfg.get("PREFETCH", 1)), LOAD_STAGES=common["num_stages"],
                                  PLANES=planes, PAIRS=pairs, ASM=asm, PREFETCH_X=prefetch_x, GATED=gated,
-                                 N_OUT=N // 2, PDL=pdl, INT_ZEROS=int_zeros and has_zeros, **common,
-                                 **launch_kwargs(pdl))
+                                 N_OUT=N // 2, PDL=pdl, **common, **launch_kwargs(pdl))
     elif impl == "tcasm":
         _int4_tcasm_kernel[(cdiv(N, bn), split, cdiv(M, bm))](*args, ASM=x.is_cuda, WARPS=common["num_warps"],
                                                                DIRECT=int(cfg.get("DIRECT", 0)), **common)

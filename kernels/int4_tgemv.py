@@ -54,7 +54,7 @@ if HAVE_GLUON:
     from .int4_wgmma import TensorDescriptor, _row_desc, fence_async_shared, gl, gluon, mbarrier, tma
 
 
-def word_pairs_ptx(centre_operand: bool = False) -> str:
+def word_pairs_ptx() -> str:
     """PAIRS' PTX for one word $1 and x's four bf16 pairs $2..$5 (pair m = x[k + 2m], x[k + 2m + 1]): the fp32 sum
     $0 = sum_i x_i (q_i - 8) over the word's 8 nibbles, with packed bf16x2 math (two nibbles per instruction).
 
@@ -64,15 +64,10 @@ def word_pairs_ptx(centre_operand: bool = False) -> str:
     four packed FMAs sum the 8 products into two bf16 lanes (4 terms each), and the lanes go to fp32 (shift / mask)
     and are added. Per word: SHF + 4 PRMT + 4 LOP3 + 4 + 4 HFMA2 + 3 = 20 instructions here; the compiled loop,
     with its loads, addresses and the scale FFMA, has 26 per word (413 per 16 words, sass_loop --symmetric) against
-    43 for gemv2's fp32 path with bf16 x.
-
-    centre_operand: the centring constant is operand $6 (a bf16x2 pair, both halves -(128 + z)) instead of -136, so
-    the sums are of x_k (q_k - z), exactly, for an integer zero point z in [-128, 127] (kernels/int4_gemm.py's
-    INT_ZEROS path: no x sums and no zero term per word row)."""
-    centre = "$6" if centre_operand else "c8"
+    43 for gemv2's fp32 path with bf16 x."""
     lop = "".join(f"\n    prmt.b32 t{m}, $1, s4, {(m | m << 4 | (4 + m) << 8 | (4 + m) << 12):#06x};"
                   f"\n    lop3.b32 t{m}, t{m}, 0x000F000F, 0x43004300, 0xEA;"
-                  f"\n    fma.rn.bf16x2 t{m}, t{m}, one, {centre};" for m in range(4))
+                  f"\n    fma.rn.bf16x2 t{m}, t{m}, one, c8;" for m in range(4))
     return f"""
     {{
     .reg .b32 s4, t0, t1, t2, t3, one, c8, nz, acc, lo, hi;

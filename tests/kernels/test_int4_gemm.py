@@ -106,11 +106,6 @@ GEMV2_PAIRS_DEEP_MULTI = {**GEMV2_PAIRS_MULTI_SPLIT, "PREFETCH": 2}
 # PAIRS with x's next K block prefetched beside its words (masked past the slice), one group per block with a ragged
 # split-K, two groups per block with split-K, and a 256-wide block running past K
 GEMV2_PAIRS_PX = {**GEMV2_PAIRS, "PREFETCH_X": 1}
-# integer zero points centred in the word sums (INT_ZEROS; symmetric weights run the plain loop), with split-K, with
-# K blocks of two groups, and with x prefetched
-GEMV2_PAIRS_INTZ = {**GEMV2_PAIRS, "INT_ZEROS": 1}
-GEMV2_PAIRS_INTZ_MULTI = {**GEMV2_PAIRS_MULTI, "INT_ZEROS": 1}
-GEMV2_PAIRS_INTZ_PX = {**GEMV2_PAIRS_PX, "INT_ZEROS": 1}
 GEMV2_PAIRS_PX_MULTI_SPLIT = {**GEMV2_PAIRS_MULTI_SPLIT, "PREFETCH_X": 1}
 GEMV2_PAIRS_PX_MULTI_TAIL = {**GEMV2_PAIRS_MULTI, "PREFETCH": 1, "num_stages": 1, "PREFETCH_X": 1}
 TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "GROUP_M": 2}
@@ -127,9 +122,6 @@ TILED2 = {"impl": "tiled2", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_
                               ("gemv2_deep", GEMV2_DEEP, (32, 128)), ("gemv2_pairs_deep", GEMV2_PAIRS_DEEP, (32, 128)),
                               ("gemv2_pairs_deep_multi", GEMV2_PAIRS_DEEP_MULTI, (32,)),
                               ("gemv2_pairs_px", GEMV2_PAIRS_PX, (32, 64, 128)),
-                              ("gemv2_pairs_intz", GEMV2_PAIRS_INTZ, (32, 128)),
-                              ("gemv2_pairs_intz_multi", GEMV2_PAIRS_INTZ_MULTI, (32,)),
-                              ("gemv2_pairs_intz_px", GEMV2_PAIRS_INTZ_PX, (128,)),
                               ("gemv2_pairs_px_multi_split", GEMV2_PAIRS_PX_MULTI_SPLIT, (32,)),
                               ("gemv2_pairs_px_multi_tail", GEMV2_PAIRS_PX_MULTI_TAIL, (32, 128)))
     for g in groups for asym in (True, False) if name != "gemv2_rows" or asym == (g == 128)])
@@ -295,35 +287,6 @@ def test_int4_gemm_gemv2_extreme_codes_and_zeros(device):
             for cfg in (GEMV2_PLANES, GEMV2_PAIRS, GEMV2_PAIRS_PX):
                 out = _run(x[row:row + 1], qweight, scales, zeros, g, cfg)
                 assert_close(out, _expected(x[row:row + 1], qweight, scales, zeros, g), torch.float16)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("cfg", [GEMV2_PAIRS_INTZ, GEMV2_PAIRS_INTZ_MULTI], ids=["intz", "intz_multi"])
-def test_int4_gemm_pairs_int_zeros_take_either_branch(device, cfg, dtype):
-    """INT_ZEROS decides per program (its columns, its K slice) whether every zero point is an integer in
-    [-128, 127]: such programs sum x (q - z) directly, the others keep x (q - 8) + (8 - z) sum x. Zeros of int32
-    dtype, fractional zeros, out-of-range integers (+-1001) and a NaN-free mix of both kinds in one weight must all
-    match the reference, with extreme codes (q = 0 and 15 at every nibble) and random words. (float32 x, which the
-    GPU refuses for PAIRS, holds the interpreter's twin to float32 tolerance: a centre rounded like bf16's 128 + z is
-    off by ~1 / |z| of the zero term there.)"""
-    N, K, g = 37, 384, 32
-    x = torch.randn(1, K, dtype=dtype, device=device)
-    qweight, scales, _ = _weights(N, K, g, False, device)
-    ints = torch.randint(0, 16, (N, K // g), device=device)
-    mixed = ints.to(torch.float32)
-    mixed[20:, : K // g // 2] += 0.25  # the last N block's first K slice: fractional; the rest integers
-    wide = ints.to(torch.float32)
-    wide[3, 5], wide[30, 1] = 1001.0, -1001.0  # integers whose 128 + z bf16 cannot hold
-    cases = {"int32": ints.to(torch.int32), "int16": ints.to(torch.float16), "fractional": mixed + 0.5,
-             "mixed": mixed.to(torch.float16), "out of range": wide}
-    extreme = [torch.full((N, K // 8), word, dtype=torch.int32, device=device) for word in (0x0F0F0F0F, -0x0F0F0F10)]
-    for name, zeros in cases.items():
-        for qw in [qweight] + extreme:
-            out = _run(x, qw, scales, zeros, g, cfg)
-            problem = mismatch(out, _expected(x, qw, scales, zeros, g), dtype)
-            assert problem is None, f"{name}: {problem}"
-    with pytest.raises(ValueError, match="INT_ZEROS=1 needs PAIRS=1 and BLOCK_M=1"):
-        _run(x, qweight, scales, cases["int32"], g, {**GEMV2, "INT_ZEROS": 1})
 
 
 def test_int4_gemm_gemv2_planes_needs_one_row():
