@@ -61,6 +61,19 @@ def _read4_kernel(x_ptr, out_ptr, numel, chunk, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _read_tma_kernel(x_ptr, out_ptr, rows, chunk, ROW: tl.constexpr, BLOCK_R: tl.constexpr):
+    """_read_kernel through an in-kernel TMA descriptor: the buffer as [rows, ROW] bf16, each step one bulk copy
+    of BLOCK_R rows (pipelined num_stages deep), so a thread issues no per-element loads."""
+    pid = tl.program_id(0)
+    desc = tl.make_tensor_descriptor(x_ptr, shape=[rows, ROW], strides=[ROW, 1], block_shape=[BLOCK_R, ROW])
+    lo = pid * chunk
+    acc = tl.zeros([BLOCK_R, ROW], tl.float32)
+    for r in range(lo, lo + chunk, BLOCK_R):
+        acc += desc.load([r, 0]).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc))
+
+
+@triton.jit
 def _empty_kernel(out_ptr, n):
     if tl.program_id(0) >= n:  # never: the launch is the whole cost
         tl.store(out_ptr, 0.0)
@@ -95,6 +108,9 @@ def main(argv=None) -> None:
     ap.add_argument("--rep", type=int, default=30, help="do_bench ms per timed graph")
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     ap.add_argument("--launch", type=int, default=0, metavar="S", help="only launch the selected config a few times")
+    ap.add_argument("--tma", action="store_true",
+                    help="the TMA study instead: per length the table's config, its TMA twin and TMA tiles / stages / "
+                         "splits around it (call and split kernel alone), SDPA, and reads by pointer and by TMA")
     args = ap.parse_args(argv)
     require_cuda("decode_probe.py")
     from kernopt.kernels.decode_attention import config_string, decode_attention, fused, select_config
@@ -117,13 +133,23 @@ def main(argv=None) -> None:
         torch.cuda.synchronize()
         return
 
-    suite = Suite("decode_probe")
+    suite = Suite("decode_probe_tma" if args.tma else "decode_probe")
 
     def us(make, copies, calls):
         return 1e3 * time_graph_ms(make, copies, calls, args.rep)
 
     def call(inputs, cfg):
         return lambda i: (lambda x=inputs[i]: decode_attention(x["q"], x["k"], x["v"], config=cfg, out=x["out"]))
+
+    if args.tma:
+        from kernopt.kernels.flash_attention import _ensure_allocator
+
+        _ensure_allocator()
+        for S in (int(s) for s in args.lengths.split(",")):
+            tma_study(suite, S, sm, us, call, make_inputs)
+        print(suite.table())
+        print(f"wrote {suite.write(args.out)}")
+        return
 
     for S in (int(s) for s in args.lengths.split(",")):
         copies, calls = rotation(kv_bytes(S))
@@ -195,6 +221,71 @@ def main(argv=None) -> None:
     print("empty", res)
     print(suite.table())
     print(f"wrote {suite.write(args.out)}")
+
+
+def tma_study(suite, S, sm, us, call, make_inputs) -> None:
+    """--tma: one length. Rows ``tma S<n> ...`` (us per call and split kernel alone, TB/s of the call) and
+    ``read S<n>`` (pointer reads at the configs that won before, TMA reads over 132-1056 programs)."""
+    from kernopt.kernels.decode_attention import config_string, select_config
+
+    copies, calls = rotation(kv_bytes(S))
+    inputs = make_inputs(S, copies)
+    cfg = select_config(1, HKV, HQ, S, D, sm)
+    tried = [cfg, {**cfg, "TMA": True}]
+    for block_n, stages, warps, splits in ((64, 3, 4, 32), (64, 4, 4, 32), (64, 5, 4, 32), (64, 4, 4, 16),
+                                           (64, 4, 4, 64), (128, 2, 4, 16), (128, 3, 4, 16), (128, 3, 8, 16),
+                                           (32, 6, 4, 32), (32, 8, 4, 64), (64, 6, 4, 16), (64, 3, 8, 32)):
+        if splits * block_n <= S:
+            c = {**cfg, "BLOCK_N": block_n, "num_stages": stages, "num_warps": warps, "SPLITS": splits, "TMA": True}
+            if c not in tried:
+                tried.append(c)
+    for c in tried:
+        try:
+            r = {"call": us(call(inputs, c), copies, calls)}
+            if c["SPLITS"] > 1:
+                with split_only():
+                    r["split_only"] = us(call(inputs, c), copies, calls)
+        except Exception as e:  # e.g. out of shared memory
+            print(f"{config_string(c)}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            continue
+        name = "table" if c is cfg else "table tma" if c is tried[1] else config_string(c)
+        row = suite.add(f"tma S{S} {name}", "us", False, r, config=config_string(c),
+                        tbps=round(kv_bytes(S) / (r["call"] * 1e-6) / 1e12, 3))
+        print(row["case"], {k: round(v, 2) for k, v in r.items()}, flush=True)
+    r = {"sdpa": us(lambda i: (lambda x=inputs[i]: F.scaled_dot_product_attention(
+        x["q"], x["k"], x["v"], enable_gqa=True)), copies, calls)}
+    suite.add(f"sdpa S{S}", "us", False, r, tbps=round(kv_bytes(S) / (r["sdpa"] * 1e-6) / 1e12, 3))
+    print(f"sdpa S{S}", r, flush=True)
+
+    flat = [torch.randn(2 * HKV * S * D, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    sink = torch.empty(4096, device="cuda", dtype=torch.float32)
+    numel = flat[0].numel()
+    res = {}
+    for programs in (256, 512, 1024):
+        chunk = math.ceil(math.ceil(numel / programs) / 2048) * 2048
+        res[f"P{programs}_B2048"] = us(lambda i, p=programs, c=chunk: (
+            lambda: _read_kernel[(p,)](flat[i], sink, numel, c, BLOCK=2048, num_warps=4, num_stages=3)), copies, calls)
+    rows = numel // D
+    for programs in (132, 264, 256, 528, 512, 1056):
+        for block_r, stages in ((32, 4), (64, 3), (64, 4), (128, 2)):
+            if rows % (programs * block_r):
+                chunk = math.ceil(math.ceil(rows / programs) / block_r) * block_r
+            else:
+                chunk = rows // programs
+            try:
+                res[f"tma_P{programs}_R{block_r}_s{stages}"] = us(
+                    lambda i, p=programs, c=chunk, br=block_r, st=stages: (lambda: _read_tma_kernel[(p,)](
+                        flat[i], sink, rows, c, ROW=D, BLOCK_R=br, num_warps=8 if br > 64 else 4, num_stages=st)),
+                    copies, calls)
+            except Exception as e:
+                print(f"tma read P{programs} R{block_r} s{stages}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+    best_ptr = min(v for k, v in res.items() if not k.startswith("tma"))
+    best_tma = min((v for k, v in res.items() if k.startswith("tma")), default=float("nan"))
+    res.update(best_ptr=best_ptr, best_tma=best_tma)
+    row = suite.add(f"read S{S}", "us", False, res, tbps={k: round(kv_bytes(S) / (res[k] * 1e-6) / 1e12, 3)
+                                                           for k in ("best_ptr", "best_tma")})
+    print(row["case"], {k: round(v, 2) for k, v in res.items()}, flush=True)
+    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
