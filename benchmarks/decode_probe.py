@@ -98,8 +98,8 @@ def split_only():
         da._merge_splits_kernel = saved
 
 
-def kv_bytes(S: int) -> int:
-    return 2 * HKV * S * D * 2
+def kv_bytes(S: int, B: int = 1) -> int:
+    return 2 * B * HKV * S * D * 2
 
 
 def main(argv=None) -> None:
@@ -111,6 +111,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tma", action="store_true",
                     help="the TMA study instead: per length the table's config, its TMA twin and TMA tiles / stages / "
                          "splits around it (call and split kernel alone), SDPA, and reads by pointer and by TMA")
+    ap.add_argument("--tma-cases", default=None, metavar="BxS,...",
+                    help="the TMA A/B instead: per case (e.g. 32x4096) the table and tiles / stages / warps / splits "
+                         "around it, each by pointer loads and by TMA, and SDPA")
     args = ap.parse_args(argv)
     require_cuda("decode_probe.py")
     from kernopt.kernels.decode_attention import config_string, decode_attention, fused, select_config
@@ -118,11 +121,11 @@ def main(argv=None) -> None:
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     torch.manual_seed(0)
 
-    def make_inputs(S, copies):
-        return [dict(q=torch.randn(1, HQ, 1, D, device="cuda", dtype=torch.bfloat16),
-                     k=torch.randn(1, HKV, S, D, device="cuda", dtype=torch.bfloat16),
-                     v=torch.randn(1, HKV, S, D, device="cuda", dtype=torch.bfloat16),
-                     out=torch.empty(1, HQ, 1, D, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]
+    def make_inputs(S, copies, B=1):
+        return [dict(q=torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16),
+                     k=torch.randn(B, HKV, S, D, device="cuda", dtype=torch.bfloat16),
+                     v=torch.randn(B, HKV, S, D, device="cuda", dtype=torch.bfloat16),
+                     out=torch.empty(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]
 
     if args.launch:
         x = make_inputs(args.launch, 1)[0]
@@ -141,10 +144,18 @@ def main(argv=None) -> None:
     def call(inputs, cfg):
         return lambda i: (lambda x=inputs[i]: decode_attention(x["q"], x["k"], x["v"], config=cfg, out=x["out"]))
 
-    if args.tma:
+    if args.tma or args.tma_cases:
         from kernopt.kernels.flash_attention import _ensure_allocator
 
         _ensure_allocator()
+    if args.tma_cases:
+        for case in args.tma_cases.split(","):
+            B, S = (int(x) for x in case.lower().split("x"))
+            tma_ab(suite, B, S, sm, us, call, make_inputs)
+        print(suite.table())
+        print(f"wrote {suite.write(args.out)}")
+        return
+    if args.tma:
         for S in (int(s) for s in args.lengths.split(",")):
             tma_study(suite, S, sm, us, call, make_inputs)
         print(suite.table())
@@ -285,6 +296,41 @@ def tma_study(suite, S, sm, us, call, make_inputs) -> None:
     row = suite.add(f"read S{S}", "us", False, res, tbps={k: round(kv_bytes(S) / (res[k] * 1e-6) / 1e12, 3)
                                                            for k in ("best_ptr", "best_tma")})
     print(row["case"], {k: round(v, 2) for k, v in res.items()}, flush=True)
+    torch.cuda.empty_cache()
+
+
+def tma_ab(suite, B, S, sm, us, call, make_inputs) -> None:
+    """--tma-cases: one (B, S), contiguous cache. Rows ``ab B<b> S<s> <config>`` with ``ptr`` and ``tma`` (us per
+    call, pointer loads against TMA descriptors, same config), plus SDPA."""
+    from kernopt.kernels.decode_attention import config_string, select_config
+
+    copies, calls = rotation(kv_bytes(S, B))
+    inputs = make_inputs(S, copies, B)
+    cfg = select_config(B, HKV, HQ, S, D, sm)
+    tried = [cfg]
+    split_opts = sorted({cfg["SPLITS"], max(1, cfg["SPLITS"] // 2), min(128, cfg["SPLITS"] * 2)})
+    for block_n, stages, warps in ((64, 2, 4), (64, 3, 4), (64, 4, 4), (128, 2, 4), (128, 3, 4), (128, 3, 8)):
+        for splits in split_opts:
+            c = {**cfg, "BLOCK_N": block_n, "num_stages": stages, "num_warps": warps, "SPLITS": splits}
+            if splits * block_n <= S and c not in tried:
+                tried.append(c)
+    for c in tried:
+        r = {}
+        for key, tma in (("ptr", False), ("tma", True)):
+            try:
+                r[key] = us(call(inputs, {**c, "TMA": tma}), copies, calls)
+            except Exception as e:  # e.g. out of shared memory
+                print(f"{config_string(c)} tma={tma}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        if not r:
+            continue
+        name = "table" if c is cfg else config_string(c)
+        row = suite.add(f"ab B{B} S{S} {name}", "us", False, r, config=config_string(c),
+                        tbps={k: round(kv_bytes(S, B) / (v * 1e-6) / 1e12, 3) for k, v in r.items()})
+        print(row["case"], {k: round(v, 2) for k, v in r.items()}, row["tbps"], flush=True)
+    r = {"sdpa": us(lambda i: (lambda x=inputs[i]: F.scaled_dot_product_attention(
+        x["q"], x["k"], x["v"], enable_gqa=True)), copies, calls)}
+    row = suite.add(f"sdpa B{B} S{S}", "us", False, r, tbps=round(kv_bytes(S, B) / (r["sdpa"] * 1e-6) / 1e12, 3))
+    print(row["case"], r, row["tbps"], flush=True)
     torch.cuda.empty_cache()
 
 
