@@ -61,19 +61,6 @@ def _read4_kernel(x_ptr, out_ptr, numel, chunk, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _read_tma_kernel(x_ptr, out_ptr, rows, chunk, ROW: tl.constexpr, BLOCK_R: tl.constexpr):
-    """_read_kernel through an in-kernel TMA descriptor: the buffer as [rows, ROW] bf16, each step one bulk copy
-    of BLOCK_R rows (pipelined num_stages deep), so a thread issues no per-element loads."""
-    pid = tl.program_id(0)
-    desc = tl.make_tensor_descriptor(x_ptr, shape=[rows, ROW], strides=[ROW, 1], block_shape=[BLOCK_R, ROW])
-    lo = pid * chunk
-    acc = tl.zeros([BLOCK_R, ROW], tl.float32)
-    for r in range(lo, lo + chunk, BLOCK_R):
-        acc += desc.load([r, 0]).to(tl.float32)
-    tl.store(out_ptr + pid, tl.sum(acc))
-
-
-@triton.jit
 def _empty_kernel(out_ptr, n):
     if tl.program_id(0) >= n:  # never: the launch is the whole cost
         tl.store(out_ptr, 0.0)
@@ -108,12 +95,9 @@ def main(argv=None) -> None:
     ap.add_argument("--rep", type=int, default=30, help="do_bench ms per timed graph")
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     ap.add_argument("--launch", type=int, default=0, metavar="S", help="only launch the selected config a few times")
-    ap.add_argument("--tma", action="store_true",
-                    help="the TMA study instead: per length the table's config, its TMA twin and TMA tiles / stages / "
-                         "splits around it (call and split kernel alone), SDPA, and reads by pointer and by TMA")
-    ap.add_argument("--tma-cases", default=None, metavar="BxS,...",
-                    help="the TMA A/B instead: per case (e.g. 32x4096) the table and tiles / stages / warps / splits "
-                         "around it, each by pointer loads and by TMA, and SDPA")
+    ap.add_argument("--cases", default=None, metavar="BxS,...",
+                    help="the table A/B instead: per case (e.g. 32x4096) select_config's pick and tiles / stages / "
+                         "warps / splits around it, contiguous and paged (64-token pages), and SDPA")
     args = ap.parse_args(argv)
     require_cuda("decode_probe.py")
     from kernopt.kernels.decode_attention import config_string, decode_attention, fused, select_config
@@ -136,7 +120,7 @@ def main(argv=None) -> None:
         torch.cuda.synchronize()
         return
 
-    suite = Suite("decode_probe_tma" if args.tma else "decode_probe")
+    suite = Suite("decode_probe_cases" if args.cases else "decode_probe")
 
     def us(make, copies, calls):
         return 1e3 * time_graph_ms(make, copies, calls, args.rep)
@@ -144,20 +128,10 @@ def main(argv=None) -> None:
     def call(inputs, cfg):
         return lambda i: (lambda x=inputs[i]: decode_attention(x["q"], x["k"], x["v"], config=cfg, out=x["out"]))
 
-    if args.tma or args.tma_cases:
-        from kernopt.kernels.flash_attention import _ensure_allocator
-
-        _ensure_allocator()
-    if args.tma_cases:
-        for case in args.tma_cases.split(","):
+    if args.cases:
+        for case in args.cases.split(","):
             B, S = (int(x) for x in case.lower().split("x"))
-            tma_ab(suite, B, S, sm, us, call, make_inputs)
-        print(suite.table())
-        print(f"wrote {suite.write(args.out)}")
-        return
-    if args.tma:
-        for S in (int(s) for s in args.lengths.split(",")):
-            tma_study(suite, S, sm, us, call, make_inputs)
+            table_ab(suite, B, S, sm, us, make_inputs)
         print(suite.table())
         print(f"wrote {suite.write(args.out)}")
         return
@@ -234,78 +208,20 @@ def main(argv=None) -> None:
     print(f"wrote {suite.write(args.out)}")
 
 
-def tma_study(suite, S, sm, us, call, make_inputs) -> None:
-    """--tma: one length. Rows ``tma S<n> ...`` (us per call and split kernel alone, TB/s of the call) and
-    ``read S<n>`` (pointer reads at the configs that won before, TMA reads over 132-1056 programs)."""
-    from kernopt.kernels.decode_attention import config_string, select_config
+def table_ab(suite, B, S, sm, us, make_inputs) -> None:
+    """--cases: one (B, S), every sequence S long. Rows ``ab B<b> S<s> <config>`` with ``contiguous`` and ``paged``
+    (us per call: select_config's pick, ``table``, then tiles / stages / warps / splits around it), and SDPA."""
+    from kernopt.kernels.decode_attention import (config_string, decode_attention, paged_decode_attention,
+                                                  select_config)
 
-    copies, calls = rotation(kv_bytes(S))
-    inputs = make_inputs(S, copies)
-    cfg = select_config(1, HKV, HQ, S, D, sm)
-    tried = [cfg, {**cfg, "TMA": True}]
-    for block_n, stages, warps, splits in ((64, 3, 4, 32), (64, 4, 4, 32), (64, 5, 4, 32), (64, 4, 4, 16),
-                                           (64, 4, 4, 64), (128, 2, 4, 16), (128, 3, 4, 16), (128, 3, 8, 16),
-                                           (32, 6, 4, 32), (32, 8, 4, 64), (64, 6, 4, 16), (64, 3, 8, 32)):
-        if splits * block_n <= S:
-            c = {**cfg, "BLOCK_N": block_n, "num_stages": stages, "num_warps": warps, "SPLITS": splits, "TMA": True}
-            if c not in tried:
-                tried.append(c)
-    for c in tried:
-        try:
-            r = {"call": us(call(inputs, c), copies, calls)}
-            if c["SPLITS"] > 1:
-                with split_only():
-                    r["split_only"] = us(call(inputs, c), copies, calls)
-        except Exception as e:  # e.g. out of shared memory
-            print(f"{config_string(c)}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-            continue
-        name = "table" if c is cfg else "table tma" if c is tried[1] else config_string(c)
-        row = suite.add(f"tma S{S} {name}", "us", False, r, config=config_string(c),
-                        tbps=round(kv_bytes(S) / (r["call"] * 1e-6) / 1e12, 3))
-        print(row["case"], {k: round(v, 2) for k, v in r.items()}, flush=True)
-    r = {"sdpa": us(lambda i: (lambda x=inputs[i]: F.scaled_dot_product_attention(
-        x["q"], x["k"], x["v"], enable_gqa=True)), copies, calls)}
-    suite.add(f"sdpa S{S}", "us", False, r, tbps=round(kv_bytes(S) / (r["sdpa"] * 1e-6) / 1e12, 3))
-    print(f"sdpa S{S}", r, flush=True)
-
-    flat = [torch.randn(2 * HKV * S * D, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-    sink = torch.empty(4096, device="cuda", dtype=torch.float32)
-    numel = flat[0].numel()
-    res = {}
-    for programs in (256, 512, 1024):
-        chunk = math.ceil(math.ceil(numel / programs) / 2048) * 2048
-        res[f"P{programs}_B2048"] = us(lambda i, p=programs, c=chunk: (
-            lambda: _read_kernel[(p,)](flat[i], sink, numel, c, BLOCK=2048, num_warps=4, num_stages=3)), copies, calls)
-    rows = numel // D
-    for programs in (132, 264, 256, 528, 512, 1056):
-        for block_r, stages in ((32, 4), (64, 3), (64, 4), (128, 2)):
-            if rows % (programs * block_r):
-                chunk = math.ceil(math.ceil(rows / programs) / block_r) * block_r
-            else:
-                chunk = rows // programs
-            try:
-                res[f"tma_P{programs}_R{block_r}_s{stages}"] = us(
-                    lambda i, p=programs, c=chunk, br=block_r, st=stages: (lambda: _read_tma_kernel[(p,)](
-                        flat[i], sink, rows, c, ROW=D, BLOCK_R=br, num_warps=8 if br > 64 else 4, num_stages=st)),
-                    copies, calls)
-            except Exception as e:
-                print(f"tma read P{programs} R{block_r} s{stages}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-    best_ptr = min(v for k, v in res.items() if not k.startswith("tma"))
-    best_tma = min((v for k, v in res.items() if k.startswith("tma")), default=float("nan"))
-    res.update(best_ptr=best_ptr, best_tma=best_tma)
-    row = suite.add(f"read S{S}", "us", False, res, tbps={k: round(kv_bytes(S) / (res[k] * 1e-6) / 1e12, 3)
-                                                           for k in ("best_ptr", "best_tma")})
-    print(row["case"], {k: round(v, 2) for k, v in res.items()}, flush=True)
-    torch.cuda.empty_cache()
-
-
-def tma_ab(suite, B, S, sm, us, call, make_inputs) -> None:
-    """--tma-cases: one (B, S), contiguous cache. Rows ``ab B<b> S<s> <config>`` with ``ptr`` and ``tma`` (us per
-    call, pointer loads against TMA descriptors, same config), plus SDPA."""
-    from kernopt.kernels.decode_attention import config_string, select_config
-
+    page = 64
     copies, calls = rotation(kv_bytes(S, B))
     inputs = make_inputs(S, copies, B)
+    for x in inputs:  # the same K / V as a paged pool (pages in sequence order), lengths S
+        x["kp"] = x["k"].permute(0, 2, 1, 3).reshape(B * S // page, page, HKV, D)
+        x["vp"] = x["v"].permute(0, 2, 1, 3).reshape(B * S // page, page, HKV, D)
+        x["table"] = torch.arange(B * S // page, device="cuda", dtype=torch.int32).reshape(B, S // page)
+        x["lens"] = torch.full((B,), S, device="cuda", dtype=torch.int32)
     cfg = select_config(B, HKV, HQ, S, D, sm)
     tried = [cfg]
     split_opts = sorted({cfg["SPLITS"], max(1, cfg["SPLITS"] // 2), min(128, cfg["SPLITS"] * 2)})
@@ -314,16 +230,27 @@ def tma_ab(suite, B, S, sm, us, call, make_inputs) -> None:
             c = {**cfg, "BLOCK_N": block_n, "num_stages": stages, "num_warps": warps, "SPLITS": splits}
             if splits * block_n <= S and c not in tried:
                 tried.append(c)
+    paged_cfg = select_config(B, HKV, HQ, S, D, sm, paged=True)
+    if paged_cfg not in tried:
+        tried.insert(1, paged_cfg)
+
+    def contiguous(c):
+        return lambda i: (lambda x=inputs[i]: decode_attention(x["q"], x["k"], x["v"], config=c, out=x["out"]))
+
+    def paged(c):
+        return lambda i: (lambda x=inputs[i]: paged_decode_attention(x["q"], x["kp"], x["vp"], x["table"], x["lens"],
+                                                                    config=c, out=x["out"]))
+
     for c in tried:
         r = {}
-        for key, tma in (("ptr", False), ("tma", True)):
+        for key, make in (("contiguous", contiguous), ("paged", paged)):
             try:
-                r[key] = us(call(inputs, {**c, "TMA": tma}), copies, calls)
+                r[key] = us(make(c), copies, calls)
             except Exception as e:  # e.g. out of shared memory
-                print(f"{config_string(c)} tma={tma}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                print(f"{config_string(c)} {key}: {type(e).__name__}: {str(e)[:160]}", flush=True)
         if not r:
             continue
-        name = "table" if c is cfg else config_string(c)
+        name = ("table" if c is cfg else "table paged" if c is paged_cfg else config_string(c))
         row = suite.add(f"ab B{B} S{S} {name}", "us", False, r, config=config_string(c),
                         tbps={k: round(kv_bytes(S, B) / (v * 1e-6) / 1e12, 3) for k, v in r.items()})
         print(row["case"], {k: round(v, 2) for k, v in r.items()}, row["tbps"], flush=True)

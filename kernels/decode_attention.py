@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .flash_attention import _ensure_allocator, apply_mask
+from .flash_attention import apply_mask
 from .host import next_power_of_2, sm_count
 from .pdl import launch_kwargs, use_pdl
 from .workspace import arrival_counters as _arrival_counters
@@ -85,7 +85,7 @@ def _attend_split(
     MASK_KIND: tl.constexpr,
     kn_ptr, vn_ptr, cos_ptr, sin_ptr, pos_ptr,
     stride_knb, stride_knh, stride_knd, stride_vnb, stride_vnh, stride_vnd, stride_cb, stride_cd, stride_sb, stride_sd,
-    APPEND: tl.constexpr = False, PDL: tl.constexpr = False, TMA: tl.constexpr = False,
+    APPEND: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     if PDL:  # kernels/pdl.py: let the next PDL launch (the merge) start early, then wait for the kernel before
         gdc_launch_dependents()
@@ -163,14 +163,6 @@ def _attend_split(
     else:
         k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-        if TMA:
-            # In-kernel TMA descriptors over this split's rows [0, hi) of the (sequence, KV head): each tile is one
-            # bulk copy into shared memory (no per-thread addresses), rows past hi come back as zeros, and Triton
-            # pipelines the copies num_stages deep on mbarriers. The launcher checks the 16-byte alignments.
-            k_desc = tl.make_tensor_descriptor(k_base, shape=[hi, HEAD_DIM], strides=[stride_kn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
-            v_desc = tl.make_tensor_descriptor(v_base, shape=[hi, HEAD_DIM], strides=[stride_vn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
 
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
@@ -193,12 +185,8 @@ def _attend_split(
             kv_mask = col_ok[:, None]  # no mask along D: loads stay full-width vectors
         else:
             kv_mask = col_ok[:, None] & d_ok[None, :]
-        if TMA and not PAGED:
-            k = k_desc.load([start, 0])
-            v = v_desc.load([start, 0])
-        else:
-            k = tl.load(k_base + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
 
         if FP32_DOT:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -373,12 +361,17 @@ def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_di
         block_n = 64
     else:
         block_n = 32
-    if block_d == 128 and block_m < 64 and sm_count <= 4 * programs < 4 * sm_count:
+    if block_d == 128 and block_m < 64:
+        # D128 narrow query tiles aim at 2 programs per SM (rounded down) in every regime: H200 A/B (sweeps/
+        # decode_table, benchmarks/decode_probe.py --cases) against 4 per SM (rounded up): B1 S16384 32 splits 22.35
+        # us against 64's 25.60, B1 S32768 33 splits 39.06 against 66's 43.58, B32 S4096 1 split 125.5 against 3's
+        # 132.0 (contiguous; B1 S <= 8192 keeps its splits: the 4-tile floor binds first).
         per_sm, round_up = 2, False
-        if paged:
-            warps = 8
-        else:
-            block_n = 128
+        if sm_count <= 4 * programs < 4 * sm_count:
+            if paged:
+                warps = 8
+            else:
+                block_n = 128
     if block_m >= 64 and block_n > 32:
         block_n //= 2  # a wide query tile (G * Sq >= 64) makes the score tile the register bottleneck
     tiles = max(1, math.ceil(max_len / block_n))
@@ -442,8 +435,6 @@ def config_string(config: dict) -> str:
     """One line per config; split configs end in ``merge=kernel`` (second kernel) or ``merge=fused``."""
     text = (f"BLOCK_M={config['BLOCK_M']} BLOCK_N={config['BLOCK_N']} splits={config['SPLITS']} "
             f"warps={config['num_warps']} stages={config['num_stages']}")
-    if config.get("TMA"):
-        text += " tma"  # (contiguous caches only: the launcher falls back to pointer loads elsewhere, tma_reason)
     if int(config["SPLITS"]) > 1:
         text += " merge=fused" if config.get("FUSED_MERGE") else " merge=kernel"
         if config.get("MERGE_CHUNK"):
@@ -525,9 +516,6 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
         raise ValueError(f"decode attention: MERGE_CHUNK must be a power of two >= 1, got {merge_chunk}")
     dummy = lens if lens is not None else q
     pdl = use_pdl(q)
-    tma = bool(cfg.get("TMA")) and tma_reason(k, v, k_strides, v_strides, paged, append) is None
-    if tma:
-        _ensure_allocator()
     grid = (b * kv_heads, splits)
     _attend_split[grid](
         q, k, v, dummy, table if table is not None else dummy, out, part_o, part_lse, counters, mask_arg,
@@ -538,7 +526,7 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
         SPLIT=splits > 1, PAGED=paged, PAGE_SIZE=page_size, HAS_LENS=lens is not None,
         FP32_DOT=q.dtype == torch.float32, FUSED_MERGE=fused, MERGE_ROWS=merge_rows,
         MERGE_CHUNK=merge_chunk, MASK_KIND=mask_kind,
-        **_append_args(q, append), APPEND=append is not None, PDL=pdl, TMA=tma,
+        **_append_args(q, append), APPEND=append is not None, PDL=pdl,
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **launch_kwargs(pdl),
     )
     if splits > 1 and not fused:
@@ -548,25 +536,6 @@ def _launch(q, k, v, lens, table, out, sm_scale, config, paged, page_size, full_
             BLOCK_D=block_d, PDL=pdl, num_warps=4, **launch_kwargs(pdl),
         )
     return out
-
-
-def tma_reason(k: torch.Tensor, v: torch.Tensor, k_strides: tuple, v_strides: tuple, paged: bool,
-               append: Optional[tuple] = None) -> Optional[str]:
-    """Why a ``TMA`` config runs on pointer loads instead (None: it can use the descriptors). TMA copies need a
-    contiguous head dim and 16-byte aligned rows, (sequence, KV head) bases and data pointers; the paged layout's
-    rows past a sequence's length lie inside its last page (a descriptor cannot zero them), and the append path's
-    own key / value writes would need a proxy fence before the copies read them."""
-    if paged:
-        return "paged cache"
-    if append is not None:
-        return "append (rotary + cache write) path"
-    es = k.element_size()
-    for name, t, st in (("k", k, k_strides), ("v", v, v_strides)):
-        if st[3] != 1:
-            return f"{name} head dim stride {st[3]} != 1"
-        if t.data_ptr() % 16 or any((x * es) % 16 for x in st[:3]):
-            return f"{name} not 16-byte aligned (data pointer or a batch / head / row stride)"
-    return None
 
 
 def _append_args(q: torch.Tensor, append: Optional[tuple]) -> dict:

@@ -466,10 +466,6 @@ CASES = [
     Case("decode paged B32 S4096", _decode(32, 4096, paged=True)),
     Case("decode contiguous B1 S8192 FUSED_MERGE", _decode(1, 8192, fused=True), selected=False),
     Case("decode paged B1 S8192 FUSED_MERGE", _decode(1, 8192, paged=True, fused=True), selected=False),
-    Case("decode contiguous B1 S8192 TMA", _decode(1, 8192, config={
-        "BLOCK_M": 16, "BLOCK_N": 64, "SPLITS": 32, "num_warps": 4, "num_stages": 3, "TMA": True}), selected=False),
-    Case("decode contiguous B1 S8192 TMA 128x3", _decode(1, 8192, config={
-        "BLOCK_M": 16, "BLOCK_N": 128, "SPLITS": 16, "num_warps": 4, "num_stages": 3, "TMA": True}), selected=False),
     Case("decode contiguous B1 S8192 bool mask", _decode(1, 8192, mask="bool")),
     Case("decode contiguous B4 S4096 additive mask", _decode(4, 4096, mask="additive")),
     Case("decode append B1 S256 bool mask", _decode(1, 256, mask="bool", append=True)),

@@ -158,44 +158,6 @@ def test_contiguous(dtype, sq, splits, with_lens):
     assert_close(got, ref, dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sq", [1, 4])
-@pytest.mark.parametrize("splits,fused", [(1, False), (3, False), (3, True)])
-def test_contiguous_tma(dtype, sq, splits, fused):
-    """The TMA config key: K/V tiles by in-kernel tensor descriptors over each split's rows. Ragged lengths with NaN
-    past each (the descriptor's bounds, not a mask, keep them out), D not a power of two (columns zero-filled)."""
-    B, hq, hkv, S, D = 3, 8, 2, 53, 40
-    q, k, v = rand_case(B, hq, hkv, sq, S, D, dtype)
-    lens = torch.tensor([53, 20, 1], dtype=torch.int32, device=DEVICE)
-    for b, n in enumerate(lens.tolist()):
-        k[b, :, n:] = float("nan")
-        v[b, :, n:] = float("nan")
-    assert da.tma_reason(k, v, k.stride(), v.stride(), paged=False) is None
-    cfg = dict(small_config(splits=splits, fused=fused), TMA=True)
-    got = da.decode_attention(q, k, v, lens, config=cfg, out=poisoned_out(q))
-    ref = da.decode_attention_ref(q.double(), k.double(), v.double(), lens)
-    assert_close(got, ref, dtype=dtype)
-
-
-def test_tma_reasons_and_fallback():
-    """Where descriptors cannot serve, a TMA config says why and runs on pointer loads (still right)."""
-    B, hq, hkv, S, D = 2, 4, 2, 30, 16
-    q = torch.randn(B, hq, 1, D, device=DEVICE)
-    k = torch.randn(B, hkv, S, D, device=DEVICE)
-    v = torch.randn(B, hkv, S, D, device=DEVICE)
-    kt = torch.randn(B, hkv, D, S, device=DEVICE).transpose(2, 3)  # head dim stride S
-    odd = torch.randn(B, hkv, S, D + 1, device=DEVICE)[..., :D]  # rows of 17 floats: not 16-byte aligned
-    assert "stride" in da.tma_reason(kt, v, kt.stride(), v.stride(), paged=False)
-    assert "aligned" in da.tma_reason(odd, v, odd.stride(), v.stride(), paged=False)
-    assert da.tma_reason(k, v, k.stride(), v.stride(), paged=True) == "paged cache"
-    assert "append" in da.tma_reason(k, v, k.stride(), v.stride(), paged=False, append=(k,))
-    cfg = dict(small_config(splits=2), TMA=True)
-    assert "tma" in da.config_string(cfg)
-    for kk in (kt, odd):
-        got = da.decode_attention(q, kk, v, config=cfg, out=poisoned_out(q))
-        assert_close(got, da.decode_attention_ref(q.double(), kk.double(), v.double()), dtype=torch.float32)
-
-
 def test_contiguous_strided_like_hf():
     """q and k/v as transposes of [B, S, H, D] (what HF projections give), scale given explicitly."""
     B, hq, hkv, S, D = 2, 4, 4, 30, 16
@@ -453,6 +415,11 @@ def test_select_config_table():
     assert (contig["BLOCK_N"], contig["SPLITS"], contig["num_warps"]) == (128, 4, 4)
     paged = da.select_config(8, 8, 32, 32768, 128, 132, paged=True)
     assert (paged["BLOCK_N"], paged["SPLITS"], paged["num_warps"]) == (64, 4, 8)
+    # D128 aims at 2 programs per SM, rounded down (the H200 A/B in select_config's comment): B1 S32768 33 splits
+    # (not 66), B32 S4096 one split (256 programs, not 768)
+    for paged in (False, True):
+        assert da.select_config(1, 8, 32, 32768, 128, 132, paged=paged)["SPLITS"] == 33
+        assert da.select_config(32, 8, 32, 4096, 128, 132, paged=paged)["SPLITS"] == 1
     assert any(c["BLOCK_N"] == 64 and c["num_stages"] == 3 for c in da.candidate_configs(1, 8, 32, 8192, 128,
                                                                                           paged=True))
     # short caches (>= 256 tokens): 8 splits of one or two tiles (the H200 sweep's best at S256 / S1024); the
@@ -556,22 +523,6 @@ def test_gpu_paged_prefetch_pipelined(block_n, stages, warps, splits):
     cfg = {"BLOCK_M": 16, "BLOCK_N": block_n, "SPLITS": splits, "num_warps": warps, "num_stages": stages}
     got = da.paged_decode_attention(q, kp, vp, table, lens, config=cfg, out=poisoned_out(q))
     assert_close(got, ref, dtype=torch.bfloat16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("block_n,stages,warps,splits", [(64, 3, 4, 32), (64, 5, 4, 32), (128, 3, 4, 16),
-                                                         (32, 6, 4, 64), (64, 4, 8, 16), (64, 3, 4, 1)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_tma_pipelined(block_n, stages, warps, splits, dtype):
-    """The TMA key on hardware (bulk copies on mbarriers, num_stages deep): suite heads, ragged lengths with NaN
-    past them, a length that is not a multiple of the tile."""
-    q, k, v = rand_case(2, 32, 8, 1, 8192, 128, dtype)
-    lens = torch.tensor([8192, 5000 + 37], dtype=torch.int32, device=DEVICE)
-    k[1, :, 5037:] = float("nan")
-    v[1, :, 5037:] = float("nan")
-    ref = da.decode_attention_ref(q.double(), k.double(), v.double(), lens)
-    cfg = {"BLOCK_M": 16, "BLOCK_N": block_n, "SPLITS": splits, "num_warps": warps, "num_stages": stages, "TMA": True}
-    assert_close(da.decode_attention(q, k, v, lens, config=cfg, out=poisoned_out(q)), ref, dtype=dtype)
 
 
 @pytest.mark.gpu
