@@ -464,6 +464,8 @@ CASES = [
     Case("decode contiguous B32 S4096", _decode(32, 4096)),
     Case("decode paged B1 S8192", _decode(1, 8192, paged=True)),
     Case("decode paged B32 S4096", _decode(32, 4096, paged=True)),
+    Case("decode contiguous B64 S4096 (4 stages)", _decode(64, 4096)),
+    Case("decode paged B64 S4096 (4 stages)", _decode(64, 4096, paged=True)),
     Case("decode contiguous B1 S8192 FUSED_MERGE", _decode(1, 8192, fused=True), selected=False),
     Case("decode paged B1 S8192 FUSED_MERGE", _decode(1, 8192, paged=True, fused=True), selected=False),
     Case("decode contiguous B1 S8192 bool mask", _decode(1, 8192, mask="bool")),
