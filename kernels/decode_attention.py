@@ -337,10 +337,13 @@ def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_di
         B8 S32768: paged 4.37 TB/s (the sweep's best) vs 4.02 for the default row (64/4/3, 9 splits);
         contiguous 4.40 (within 1.3% of the sweep's best)
     default (D <= 64 / 65-128 / > 128)                           128/64/32 4     3 (2 for D > 128)  ~4, 4
+        D65-128 with G*Sq < 64: 2 per SM (rounded down), 4 stages when > 3 * sm_count programs stay unsplit
         B1 S8192: paged 2.37 TB/s, the sweep's best (64/4/3, 32 splits); the H100's paged B1 row
         (128/8/2, ~4 splits, 1 tile, measured by do_bench before the block-table prefetch) got 1.87 here.
-        B1 contiguous 2.38 (best 2.41), B32 S4096 4.09-4.12 (best 4.22-4.27), B128 S2048 4.29-4.33 (best
-        4.38-4.41): within 3.5%, not enough to move a row on one run
+        B1 contiguous 2.38 (best 2.41). 2 per SM and 4 stages (sweeps/decode_table, benchmarks/decode_probe.py
+        --cases, 17cf301 / 14df5ec): B1 S16384 / S32768 23.1 / 38.6 us (64 / 66 splits: ~25.4 / 43.1; SDPA 23.0 /
+        37.6), B2 / B4 S8192 22.2 / 37.2 (SDPA 22.4 / 37.2), B32 S4096 one split 4.33-4.35 TB/s (3 splits:
+        4.09-4.12; SDPA 4.34), B64 S4096 247.4 us (SDPA 246.9), B128 S2048 249.7 (SDPA 247.0)
 
     short cache (< 8 splits by the rows above where >= 8 are wanted;   max_len/8 within 32..BLOCK_N, 8 splits
       >= 256 tokens, narrow query tile: B1 S256 / S1024)
