@@ -423,6 +423,9 @@ def test_select_config_table():
         # past one wave of 3-stage programs (3 per SM), 4 stages; up to it, 3
         assert da.select_config(64, 8, 32, 4096, 128, 132, paged=paged)["num_stages"] == 4
         assert da.select_config(48, 8, 32, 4096, 128, 132, paged=paged)["num_stages"] == 3
+        # nearly one program per SM unsplit (B12-B16 at Hkv 8): one split; B8 keeps its 4
+        assert da.select_config(12, 8, 32, 4096, 128, 132, paged=paged)["SPLITS"] == 1
+        assert da.select_config(16, 8, 32, 16384, 128, 132, paged=paged)["SPLITS"] == 1
     assert any(c["BLOCK_N"] == 64 and c["num_stages"] == 3 for c in da.candidate_configs(1, 8, 32, 8192, 128,
                                                                                           paged=True))
     # short caches (>= 256 tokens): 8 splits of one or two tiles (the H200 sweep's best at S256 / S1024); the
@@ -499,7 +502,7 @@ def test_one_split_is_one_launch(monkeypatch, paged):
 # GPU: bf16 and the decode-suite shapes (default configs, splits and the merge on real hardware)
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,S", [(1, 8192), (4, 3000), (32, 1025), (64, 2100)])
+@pytest.mark.parametrize("B,S", [(1, 8192), (4, 3000), (16, 2500), (32, 1025), (64, 2100)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sq", [1, 4])
 def test_gpu_suite_shapes(B, S, dtype, sq):
