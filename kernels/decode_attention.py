@@ -337,7 +337,7 @@ def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_di
         B8 S32768: paged 4.37 TB/s (the sweep's best) vs 4.02 for the default row (64/4/3, 9 splits);
         contiguous 4.40 (within 1.3% of the sweep's best)
       >= 0.7 * sm_count programs (D128, G*Sq < 64): contiguous 128   4      3       1 (no split)
-                                                 paged      64    4      4       1 (no split)
+      >= 0.9 * sm_count programs                  paged      64    4      4       1 (no split)
     default (D <= 64 / 65-128 / > 128)                           128/64/32 4     3 (2 for D > 128)  ~4, 4
         D65-128 with G*Sq < 64: 2 per SM (rounded down), 4 stages when > 3 * sm_count programs stay unsplit
         B1 S8192: paged 2.37 TB/s, the sweep's best (64/4/3, 32 splits); the H100's paged B1 row
@@ -372,11 +372,12 @@ def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_di
         # us against 64's 25.60, B1 S32768 33 splits 39.06 against 66's 43.58, B32 S4096 1 split 125.5 against 3's
         # 132.0 (contiguous; B1 S <= 8192 keeps its splits: the 4-tile floor binds first).
         per_sm, round_up = 2, False
-        if 10 * programs >= 7 * sm_count and programs < sm_count:
+        if (10 * programs >= (9 if paged else 7) * sm_count) and programs < sm_count:
             # Nearly one program per SM already: no split (no merge, no partials). H200 (sweeps/decode_table,
-            # c8a6296, one run; us, contiguous / paged against the 2-split rows): B12 S4096 49.4 / 58.3 against
-            # 58.0 / 57.6 (SDPA 50.6), B16 S4096 63.6 / 64.5 against 68.6 / 67.3 (SDPA 64.0), B16 S16384 240.1 /
-            # 244.3 against 244.9 / 244.9 (SDPA 240.4).
+            # c8a6296; us, contiguous / paged against the 2-split rows): B12 S4096 49.4 / 58.3 against 58.0 / 57.6
+            # (SDPA 50.6), B16 S4096 63.6 / 64.5 against 68.6 / 67.3 (SDPA 64.0), B16 S16384 240.1 / 244.3 against
+            # 244.9 / 244.9 (SDPA 240.4). Again at b8455fc: B12 49.9 / 63.0 (SDPA 51.6), B16 64.7 / 65.9 (65.1),
+            # B16 S16384 245.4 / 244.2 (245.0). Paged B12 lost there, so paged waits for 0.9 program per SM.
             per_sm = 1
             if paged:
                 stages = 4
