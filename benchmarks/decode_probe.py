@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     if args.cases:
         for case in args.cases.split(","):
             B, S = (int(x) for x in case.lower().split("x"))
-            table_ab(suite, B, S, sm, us, make_inputs)
+            table_ab(suite, B, S, sm, us, call, make_inputs)
         print(suite.table())
         print(f"wrote {suite.write(args.out)}")
         return
@@ -208,11 +208,11 @@ def main(argv=None) -> None:
     print(f"wrote {suite.write(args.out)}")
 
 
-def table_ab(suite, B, S, sm, us, make_inputs) -> None:
-    """--cases: one (B, S), every sequence S long. Rows ``ab B<b> S<s> <config>`` with ``contiguous`` and ``paged``
-    (us per call: select_config's pick, ``table``, then tiles / stages / warps / splits around it), and SDPA."""
-    from kernopt.kernels.decode_attention import (config_string, decode_attention, paged_decode_attention,
-                                                  select_config)
+def table_ab(suite, B, S, sm, us, call, make_inputs) -> None:
+    """--cases: one (B, S), every sequence S long. Rows ``ab B<b> S<s> <config>`` with ``contiguous`` (main's
+    ``call``) and ``paged`` (us per call: select_config's pick, ``table``, then tiles / stages / warps / splits
+    around it), and SDPA."""
+    from kernopt.kernels.decode_attention import config_string, paged_decode_attention, select_config
 
     page = 64
     copies, calls = rotation(kv_bytes(S, B))
@@ -234,16 +234,13 @@ def table_ab(suite, B, S, sm, us, make_inputs) -> None:
     if paged_cfg not in tried:
         tried.insert(1, paged_cfg)
 
-    def contiguous(c):
-        return lambda i: (lambda x=inputs[i]: decode_attention(x["q"], x["k"], x["v"], config=c, out=x["out"]))
-
     def paged(c):
         return lambda i: (lambda x=inputs[i]: paged_decode_attention(x["q"], x["kp"], x["vp"], x["table"], x["lens"],
                                                                     config=c, out=x["out"]))
 
     for n, c in enumerate(tried + [cfg]):  # the table again last: a first-timed config can read slow
         r = {}
-        for key, make in (("contiguous", contiguous), ("paged", paged)):
+        for key, make in (("contiguous", lambda c: call(inputs, c)), ("paged", paged)):
             try:
                 r[key] = us(make(c), copies, calls)
             except Exception as e:  # e.g. out of shared memory

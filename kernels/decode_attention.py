@@ -366,7 +366,8 @@ def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_di
         block_n = 64
     else:
         block_n = 32
-    if block_d == 128 and block_m < 64:
+    narrow_d128 = block_d == 128 and block_m < 64  # the measured rows below (Llama-style GQA decode)
+    if narrow_d128:
         # D128 narrow query tiles aim at 2 programs per SM (rounded down) in every regime: H200 A/B (sweeps/
         # decode_table, benchmarks/decode_probe.py --cases) against 4 per SM (rounded up): B1 S16384 32 splits 22.35
         # us against 64's 25.60, B1 S32768 33 splits 39.06 against 66's 43.58, B32 S4096 1 split 125.5 against 3's
@@ -404,7 +405,7 @@ def select_config(batch: int, kv_heads: int, q_heads: int, max_len: int, head_di
             # 64 x 8 splits 0.571 against the 4-split row's 0.492 (contiguous best 128 x 8: 0.631 against 0.466).
             block_n = max(32, min(block_n, next_power_of_2(math.ceil(max_len / _SHORT_SPLITS))))
             splits = min(_SHORT_SPLITS, math.ceil(max_len / block_n))
-    if block_d == 128 and block_m < 64 and block_n == 64 and programs > 3 * sm_count:
+    if narrow_d128 and block_n == 64 and programs > 3 * sm_count:
         # More unsplit programs than one wave of the 3-stage tile (3 per SM by shared memory): 4 stages (2 per SM)
         # stream better than a second, partial wave of 3-stage programs. H200, us (sweeps/decode_table, two runs):
         # B64 S4096 243.6 / 250.1 against 269.2 / 281.9 (paged 251.4 against 285.7), B128 S2048 252.8 against 271.1
