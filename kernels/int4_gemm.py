@@ -176,6 +176,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .host import cdiv, interpreting, next_power_of_2
+from .int4_ldmma import int4_ldmma, ldmma_supported
 from .int4_tgemv import int4_tgemv, strip_warps, tgemv_geometry, tgemv_supported, word_pairs_ptx
 from .int4_wgmma import int4_wgr_gemm, tma_rows_ok, wgr_supported
 from .pdl import launch_kwargs, use_pdl
@@ -1565,6 +1566,11 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             cfg = {"impl": "tgemv", "BLOCK_N": 32, "ROWS": rows, "num_warps": warps, "num_stages": stages}
             if strip_warps(tgemv_geometry(K, group_size, cfg)[0], group_size // 8, 32, warps):
                 out.append(cfg)
+    if M <= 16 and group_size % 32 == 0:
+        # ldmma (kernels/int4_ldmma.py, Gluon; 16-bit x): words by plain loads into mma.sync's registers, a program
+        # per 32 columns over all of K, its warps taking K chunks round robin (more warps: more loads in flight)
+        for warps in (4, 8, 16):
+            out.append({"impl": "ldmma", "BLOCK_M": 8 if M <= 8 else 16, "num_warps": warps})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     # the wave-filling splits can repeat a listed tile: time each config once
     return list({tuple(sorted(c.items())): c for c in out}.values())
@@ -1668,7 +1674,7 @@ def resolve_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                          x_dtype=x.dtype, wgr=_table_wgr(x, qweight, scales, zeros, group_size))
 
 
-IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "tcasm", "wgr", "tgemv", "dequant_cublas")
+IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "tcasm", "wgr", "tgemv", "ldmma", "dequant_cublas")
 
 # Arrival counters of the single-pass split-K kernels: kernels/workspace.py (one zeroed buffer per device,
 # reserved outside CUDA-graph captures).
@@ -1791,6 +1797,9 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if impl == "tgemv":  # kernels/int4_tgemv.py (Gluon): whole-K column strips fed by TMA, one row of bf16 x
         _gluon_refusal(impl, tgemv_supported(x, qweight, scales, zeros, group_size), x)
         return int4_tgemv(x, qweight, scales, zeros, bias, out, group_size, cfg)
+    if impl == "ldmma":  # kernels/int4_ldmma.py (Gluon): words loaded into mma.sync's registers, whole K per program
+        _gluon_refusal(impl, ldmma_supported(x, qweight, group_size), x)
+        return int4_ldmma(x, qweight, scales, zeros, bias, out, group_size, cfg)
 
     block_k = cfg["BLOCK_K"]
     # gemv2 at BLOCK_M 1 (or with PAIRS) also takes K blocks of several whole groups (zero and scale per word row)

@@ -1,0 +1,148 @@
+"""int4_gemm impl "ldmma" (kernels/int4_ldmma.py, Gluon): words loaded straight into mma.sync's A registers, a
+program per 32 columns over all of K, warps taking K chunks round robin.
+
+Gluon kernels do not run under Triton's interpreter: on CPU this file checks the relabelling by emulation (the
+kernel's reshapes and permutations repeated in torch) and the refusals; tests/kernels/test_sm90_compile.py compiles
+the kernel for sm_90a. The kernel itself runs in the tests marked gpu, against the float64 reference.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernopt.kernels import int4_ldmma as ld
+from kernopt.kernels.int4_gemm import candidate_configs, int4_gemm, int4_gemm_ref
+from kernopt.tolerance import assert_close, mismatch, rms
+
+
+def _weights(N, K, g, asym, device, dtype=torch.bfloat16):
+    qweight = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=device).t()
+    scales = (torch.rand(K // g, N, device=device) * 0.02 + 0.005).to(dtype).t()
+    zeros = torch.randint(0, 16, (K // g, N), device=device).to(dtype).t() if asym else None
+    return qweight, scales, zeros
+
+
+def test_rows_map_to_distinct_columns():
+    """The MMA's 32 rows are a permutation of the program's 32 columns (each column read and written once)."""
+    cols = ld.column_of_row(torch.arange(32))
+    assert sorted(cols.tolist()) == list(range(32))
+    assert cols[:8].tolist() == [0, 4, 8, 12, 16, 20, 24, 28]  # rows 0..7: lanes 0, 4, .., 28's first column
+
+
+@pytest.mark.parametrize("g", [32, 64, 128, 256])
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_ldmma_emulation_matches_reference(g, M):
+    """The kernel's relabelling, emulated in float64 (A rows and K positions, x^T's K positions, the rows' scales,
+    the rows written back to their columns): equal to the reference up to its float32 dequantization (a wrong
+    position would be off by the outputs' own size, ~1)."""
+    torch.manual_seed(g + M)
+    N, K = 96, 2 * max(g, 128)
+    qweight, scales, _ = _weights(N, K, g, False, "cpu", torch.float32)
+    x = torch.randn(M, K, dtype=torch.float64)
+    expected = int4_gemm_ref(x, qweight, scales.double(), None, g)
+    torch.testing.assert_close(ld.ldmma_emulate(x, qweight, scales, g), expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(word=st.integers(-2**31, 2**31 - 1), ks=st.sampled_from([32, 64, 128]))
+def test_ldmma_orders_agree(word, ks):
+    """Position p of every A row holds nibble k(p) of that row's words and position p of x^T holds x[k(p)], the
+    same k(p) for every row: a permutation of the chunk's K (distinct and extreme words)."""
+    words = torch.full((ks // 8, 32), word, dtype=torch.int32)
+    words[:, 1::2] = 0x76543210
+    words[-1] = -0x01234568
+    a = ld._emulate_a(words, ks) + 8.0                                  # [32 rows, ks] codes
+    order = ld._emulate_b(torch.arange(ks, dtype=torch.float64)[None], ks)[:, 0].long()
+    assert sorted(order.tolist()) == list(range(ks))
+    codes = ((words.t().long().repeat_interleave(8, 1) >> ((torch.arange(ks) % 8) * 4)) & 0xF).double()  # [32, ks]
+    assert torch.equal(a, codes[ld.column_of_row(torch.arange(32))][:, order])
+
+
+def test_ldmma_candidates_at_small_m_only():
+    assert [c["num_warps"] for c in candidate_configs(1, 14336, 4096, 128) if c["impl"] == "ldmma"] == [4, 8, 16]
+    assert {c["BLOCK_M"] for c in candidate_configs(16, 4096, 4096, 128) if c["impl"] == "ldmma"} == {16}
+    assert not [c for c in candidate_configs(17, 4096, 4096, 128) if c["impl"] == "ldmma"]
+    assert not [c for c in candidate_configs(4, 4096, 4096, 16) if c["impl"] == "ldmma"]
+
+
+def test_ldmma_refusals():
+    """Inputs the kernel cannot take get a clear error, never a wrong answer."""
+    qweight, scales, zeros = _weights(64, 512, 128, True, "cpu")
+    x = torch.randn(2, 512, dtype=torch.bfloat16)
+    assert ld.ldmma_supported(x, qweight, 128) is None
+    assert "16-bit" in ld.ldmma_supported(x.float(), qweight, 128)
+    assert "multiple of 32" in ld.ldmma_supported(x, qweight, 16)
+    assert "N-contiguous" in ld.ldmma_supported(x, qweight.t().contiguous().t().contiguous(), 128)
+    with pytest.raises(ValueError, match="ldmma"):  # a CPU launch: Gluon has no interpreter, or the bad config
+        int4_gemm(x, qweight, scales, zeros, 128, config={"impl": "ldmma", "BLOCK_M": 8, "num_warps": 4})
+
+
+def _expected(x, qweight, scales, zeros, g, bias):
+    return int4_gemm_ref(x.double(), qweight, scales, zeros, g, None if bias is None else bias.double())
+
+
+def _run(x, qweight, scales, zeros, g, cfg, bias):
+    out = torch.full((x.shape[0], qweight.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    assert int4_gemm(x, qweight, scales, zeros, g, bias=bias, config=cfg, out=out) is out
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("asym", [True, False])
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
+def test_ldmma_gpu_candidates(M, asym, dtype):
+    """Every ldmma candidate at M within one 8-row tile or a 16-row one, bf16 and fp16 x, zero points or not,
+    N = 1000 (a ragged last program), K = 11 chunks (warps with unequal chunk counts), bias, NaN-poisoned out."""
+    g, N, K = 128, 1000, 11 * 128
+    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    bias = torch.randn(N, dtype=dtype, device="cuda")
+    expected = _expected(x, qweight, scales, zeros, g, bias)
+    cands = [c for c in candidate_configs(M, 14336, 4096, g) if c["impl"] == "ldmma"]
+    assert cands
+    for cfg in cands:
+        assert_close(_run(x, qweight, scales, zeros, g, cfg, bias), expected, dtype, scale=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g,asym", [(32, True), (64, False), (256, True), (512, False)])
+@pytest.mark.parametrize("M", [2, 13])
+def test_ldmma_gpu_group_sizes(M, g, asym):
+    """Groups of 32 / 64 (a chunk is one group) and 256 / 512 (several chunks per group), K = 3 groups, a row tile
+    past M, 4 and 16 warps."""
+    dtype = torch.bfloat16
+    N, K = 4096 + 64, 3 * g
+    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    bias = torch.randn(N, dtype=dtype, device="cuda")
+    expected = _expected(x, qweight, scales, zeros, g, bias)
+    for warps in (4, 16):
+        cfg = {"impl": "ldmma", "BLOCK_M": 16, "num_warps": warps}
+        assert_close(_run(x, qweight, scales, zeros, g, cfg, bias), expected, dtype, scale=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("asym", [True, False])
+def test_ldmma_gpu_extreme_codes_fractional_zeros_strided_x(asym, graph_replays):
+    """Words of distinct / extreme codes, fractional zero points, |x| ~ 1e3, a strided x (copied by the launcher),
+    under CUDA-graph replay too."""
+    dtype, g, N, K = torch.bfloat16, 128, 128, 512
+    _, s, _ = _weights(N, K, g, False, "cuda", dtype)
+    z = (torch.rand(N, K // g, device="cuda") * 15).to(dtype) if asym else None
+    cfg = {"impl": "ldmma", "BLOCK_M": 8, "num_warps": 4}
+    for word in (0x0F0F0F0F, -0x0F0F0F10, 0x76543210, -0x01234568):
+        qw = torch.full((K // 8, N), word, dtype=torch.int32, device="cuda").t()
+        x = torch.randn(4, K, dtype=dtype, device="cuda") * 1e3
+        expected = _expected(x, qw, s, z, g, None)
+        problem = mismatch(_run(x, qw, s, z, g, cfg, None), expected, dtype, scale=2.0, magnitude=rms(expected))
+        assert problem is None, f"word {word:#x}: {problem}"
+    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+    xs = torch.randn(3, 2 * K, dtype=dtype, device="cuda")[:, ::2]
+    assert_close(_run(xs, qweight, scales, zeros, g, cfg, None), _expected(xs, qweight, scales, zeros, g, None),
+                 dtype, scale=2.0)
+    x = torch.randn(5, K, dtype=dtype, device="cuda")
+    expected = _expected(x, qweight, scales, zeros, g, None)
+    out = torch.full((5, N), float("nan"), dtype=dtype, device="cuda")
+    graph_replays(lambda: int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=out))
+    assert_close(out, expected, dtype, scale=2.0)
