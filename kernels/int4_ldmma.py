@@ -46,42 +46,46 @@ if HAVE_GLUON:
                              _FP16_P0, _FP16_P1, _FP16_P2, _FP16_P3, _FP16_Z0, _FP16_Z1, _FP16_Z2, _FP16_Z3,
                              _word_pairs, _zero_pairs, gl, gluon)
 
-BLOCK_N = 32  # columns per program: 8 lanes x 4 columns (one 16-byte load per lane and word row)
-
-# The relabelling, as the kernel does it (ldmma_emulate repeats these exact ops on CPU).
-# Words [W, RW, 32] unpacked to [W, RW, 32, e, h, s] (nibble 2 s + h + 4 e, int4_wgmma._word_pairs) are viewed as
-# [W, KB, C, R, A, B, E, H, S] (word row 4 kb + c, physical column 4 r + 2 a + b) and A_PERM makes them
-# [W, A, B, R, KB, S, H, C, E]: MMA row 16 a + 8 b + r, dot position p = 32 kb + 16 s + 8 h + 2 c + e (wgr's order).
+# The relabelling, as the kernel does it (ldmma_emulate repeats these exact ops on CPU). A program's BN columns are
+# 8 lanes x CPL = BN / 8 consecutive columns; physical column CPL r + 2 a + b (lane r) is MMA row 16 a + 8 b + r.
+# Words [W, RW, BN] unpacked to [W, RW, BN, e, h, s] (nibble 2 s + h + 4 e, int4_wgmma._word_pairs) are viewed as
+# [W, KB, C, R, A, B, E, H, S] (word row 4 kb + c) and A_PERM makes them [W, A, B, R, KB, S, H, C, E]: MMA row
+# 16 a + 8 b + r, dot position p = 32 kb + 16 s + 8 h + 2 c + e (wgr's order within a chunk).
 # x [W, BM, KS] in natural order, k = 32 kb + 8 c + 4 e + 2 s + h, viewed as [W, BM, KB, C, E, S, H]; X_PERM makes it
-# [W, KB, S, H, C, E, BM]: the same positions p.
+# [W, KB, S, H, C, E, BM]: the same positions p. Scales [W, BN] loaded per physical column, viewed as [W, R, A, B];
+# S_PERM makes them [W, A, B, R]: per MMA row.
 A_PERM = (0, 4, 5, 3, 1, 8, 7, 2, 6)
 X_PERM = (0, 2, 5, 6, 3, 4, 1)
+S_PERM = (0, 2, 3, 1)
 
 
-def column_of_row(n: torch.Tensor) -> torch.Tensor:
-    """The physical column (within a program's 32) of MMA row n: row 16 a + 8 b + r holds column 4 r + 2 a + b."""
-    return 4 * (n % 8) + 2 * (n // 16) + (n // 8) % 2
+def column_of_row(n: torch.Tensor, block_n: int = 32) -> torch.Tensor:
+    """The physical column (within a program's block_n) of MMA row n: row 16 a + 8 b + r holds column
+    (block_n / 8) r + 2 a + b."""
+    return (block_n // 8) * (n % 8) + 2 * (n // 16) + (n // 8) % 2
 
 
 if HAVE_GLUON:
     _A_PERM = gl.constexpr(list(A_PERM))
     _X_PERM = gl.constexpr(list(X_PERM))
-    _BN = gl.constexpr(BLOCK_N)
+    _S_PERM = gl.constexpr(list(S_PERM))
 
     @gluon.constexpr_function
     def _log2(v):
         return v.bit_length() - 1
 
     @gluon.constexpr_function
-    def _ld_layouts(W, RW, BM):
-        """(WL, XL, MMA, OPA, OPB): the [W, RW, 32] word tile (lane t: word row t % 4 (+ 4 c, registers), columns
-        4 (t // 4) .. + 3; warp w: its own chunk), the [W, BM, KS] natural-order x tile (lane t: row t // 4, k
-        8 (t % 4) .. + 7 of each 32), the batched mma.sync accumulator (a warp per batch) and its two operands."""
-        reg = [[0, 0, 1], [0, 0, 2]] + [[0, 1 << b, 0] for b in range(2, _log2(RW))]
-        lane = [[0, 1, 0], [0, 2, 0], [0, 0, 4], [0, 0, 8], [0, 0, 16]]
+    def _ld_layouts(W, RW, BM, BN):
+        """(WL, XL, MMA, OPA, OPB): the [W, RW, BN] word tile (lane t: word row t % 4 (+ 4 c, registers), columns
+        CPL (t // 4) .. + CPL - 1, CPL = BN / 8; warp w: its own chunk), the [W, BM, KS] natural-order x tile (lane
+        t: row t // 4, k 8 (t % 4) .. + 7 of each 32), the batched mma.sync accumulator (a warp per batch) and its
+        two operands."""
+        cpl = BN // 8
+        reg = [[0, 0, 1 << b] for b in range(_log2(cpl))] + [[0, 1 << b, 0] for b in range(2, _log2(RW))]
+        lane = [[0, 1, 0], [0, 2, 0], [0, 0, cpl], [0, 0, 2 * cpl], [0, 0, 4 * cpl]]
         warp = [[1 << b, 0, 0] for b in range(_log2(W))]
         wl = gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=warp, block_bases=[],
-                                        shape=[W, RW, _BN])
+                                        shape=[W, RW, BN])
         ks = RW * 8
         xreg = [[0, 0, 1], [0, 0, 2], [0, 0, 4]] + [[0, 0, 1 << b] for b in range(5, _log2(ks))]
         xreg += [[0, 1 << b, 0] for b in range(3, _log2(BM))]
@@ -93,9 +97,9 @@ if HAVE_GLUON:
                 gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2))
 
     @gluon.jit
-    def _ld_operand_a(w, zz, W: gl.constexpr, KS: gl.constexpr, BF16: gl.constexpr, HAS_ZEROS: gl.constexpr,
-                      OPA: gl.constexpr):
-        """[W, KS / 8, 32] words -> [W, 32, KS] (q - z), the MMA's A operand (rows relabelled, K in wgr's order)."""
+    def _ld_operand_a(w, zz, W: gl.constexpr, BN: gl.constexpr, KS: gl.constexpr, BF16: gl.constexpr,
+                      HAS_ZEROS: gl.constexpr, OPA: gl.constexpr):
+        """[W, KS / 8, BN] words -> [W, BN, KS] (q - z), the MMA's A operand (rows relabelled, K in wgr's order)."""
         if BF16:
             if HAS_ZEROS:
                 j = _word_pairs(w, zz, _BF16_Z0, _BF16_Z1, _BF16_Z2, _BF16_Z3, True)
@@ -106,9 +110,9 @@ if HAVE_GLUON:
                 j = _word_pairs(w, zz, _FP16_Z0, _FP16_Z1, _FP16_Z2, _FP16_Z3, False)
             else:
                 j = _word_pairs(w, zz, _FP16_P0, _FP16_P1, _FP16_P2, _FP16_P3, False)
-        j = gl.reshape(j, [W, KS // 32, 4, 8, 2, 2, 2, 2, 2])  # [W, KB, C, R, A, B, E, H, S]
-        j = gl.permute(j, _A_PERM.value)                       # [W, A, B, R, KB, S, H, C, E]
-        return gl.convert_layout(gl.reshape(j, [W, _BN, KS]), OPA, assert_trivial=True)
+        j = gl.reshape(j, [W, KS // 32, 4, 8, BN // 16, 2, 2, 2, 2])  # [W, KB, C, R, A, B, E, H, S]
+        j = gl.permute(j, _A_PERM.value)                              # [W, A, B, R, KB, S, H, C, E]
+        return gl.convert_layout(gl.reshape(j, [W, BN, KS]), OPA, assert_trivial=True)
 
     @gluon.jit
     def _ld_operand_b(xv, W: gl.constexpr, BM: gl.constexpr, KS: gl.constexpr, OPB: gl.constexpr):
@@ -119,95 +123,116 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.reshape(t, [W, KS, BM]), OPB)
 
     @gluon.jit
-    def _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, sn, zn, n_ok_s, n_ok_z, x_ok,
+    def _ld_rows(v, W: gl.constexpr, BN: gl.constexpr, SL: gl.constexpr):
+        """[W, BN] per physical column (word layout) -> per MMA row (the accumulator's rows)."""
+        t = gl.permute(gl.reshape(v, [W, 8, BN // 16, 2]), _S_PERM.value)  # [W, R, A, B] -> [W, A, B, R]
+        return gl.convert_layout(gl.reshape(t, [W, BN]), SL)
+
+    @gluon.jit
+    def _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, zn, n_ok, x_ok,
                   stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
                   GROUP: gl.constexpr, KS: gl.constexpr, HAS_ZEROS: gl.constexpr, WL: gl.constexpr,
-                  XL: gl.constexpr, SL: gl.constexpr, ZL: gl.constexpr):
-        """One step's loads for every warp: warp w's chunk ch[w] (words [W, RW, 32], x [W, BM, KS], its group's
-        scales [W, 32] in MMA row order and zeros [W, 32] in word order); chunks past NCH load zeros."""
+                  XL: gl.constexpr, ZL: gl.constexpr):
+        """One step's loads for every warp: warp w's chunk ch[w] (words [W, RW, BN], x [W, BM, KS], its group's
+        scales and zeros [W, BN] per physical column); chunks past NCH load zeros."""
         RW: gl.constexpr = KS // 8
         chw = gl.convert_layout(ch, gl.SliceLayout(1, gl.SliceLayout(2, WL)), assert_trivial=True)
         okw = (chw < NCH)[:, None, None]
         wv = gl.load(q_ptr + (chw * RW)[:, None, None] * stride_qk + qj[None, :, None] * stride_qk + qn[None, None, :],
-                     mask=okw & n_ok_z[None, None, :], other=0)
+                     mask=okw & n_ok[None, None, :], other=0)
         chx = gl.convert_layout(ch, gl.SliceLayout(1, gl.SliceLayout(2, XL)))
         kx = (chx * KS)[:, None, None] + xk[None, None, :]
         xv = gl.load(x_ptr + xm[None, :, None] * stride_xm + kx * stride_xk,
                      mask=(chx < NCH)[:, None, None] & x_ok[None, :, None], other=0.0)
-        chs = gl.convert_layout(ch, gl.SliceLayout(1, SL))
-        gs = (chs * KS) // GROUP
-        sv = gl.load(s_ptr + gs[:, None] * stride_sg + sn[None, :] * stride_sn,
-                     mask=(chs < NCH)[:, None] & n_ok_s[None, :], other=0.0)
+        chz = gl.convert_layout(ch, gl.SliceLayout(1, ZL))
+        gz = (chz * KS) // GROUP
+        okz = (chz < NCH)[:, None] & n_ok[None, :]
+        sv = gl.load(s_ptr + gz[:, None] * stride_sg + zn[None, :] * stride_sn, mask=okz, other=0.0)
         if HAS_ZEROS:
-            chz = gl.convert_layout(ch, gl.SliceLayout(1, ZL))
-            gz = (chz * KS) // GROUP
-            zv = gl.load(z_ptr + gz[:, None] * stride_zg + zn[None, :] * stride_zn,
-                         mask=(chz < NCH)[:, None] & n_ok_z[None, :], other=0.0)
+            zv = gl.load(z_ptr + gz[:, None] * stride_zg + zn[None, :] * stride_zn, mask=okz, other=0.0)
         else:
-            zv = gl.zeros([ch.shape[0], _BN], gl.float32, layout=ZL)
+            zv = gl.zeros([ch.shape[0], zn.shape[0]], gl.float32, layout=ZL)
         return wv, xv, sv, zv
+
+    @gluon.jit
+    def _ld_step(acc, zero_acc, wv, xv, sv, zv, W: gl.constexpr, BN: gl.constexpr, KS: gl.constexpr,
+                 BM: gl.constexpr, BF16: gl.constexpr, HAS_ZEROS: gl.constexpr, OPA: gl.constexpr,
+                 OPB: gl.constexpr, SL: gl.constexpr):
+        zz = _zero_pairs(zv, HAS_ZEROS, BF16)
+        a = _ld_operand_a(wv, zz[:, None, :], W, BN, KS, BF16, HAS_ZEROS, OPA)
+        b = _ld_operand_b(xv, W, BM, KS, OPB)
+        d = mma_v2(a, b, zero_acc)
+        return acc + d * _ld_rows(sv.to(gl.float32), W, BN, SL)[:, :, None]
 
     @gluon.jit
     def _int4_ldmma_kernel(
         q_ptr, x_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         M, N, NCH,
         stride_qn, stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
-        GROUP: gl.constexpr, KS: gl.constexpr, BM: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
+        GROUP: gl.constexpr, KS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, PREFETCH: gl.constexpr,
+        HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
     ):
         W: gl.constexpr = gl.num_warps()
         RW: gl.constexpr = KS // 8
         BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
-        LAYOUTS: gl.constexpr = _ld_layouts(W, RW, BM)
+        LAYOUTS: gl.constexpr = _ld_layouts(W, RW, BM, BN)
         WL: gl.constexpr = LAYOUTS[0]
         XL: gl.constexpr = LAYOUTS[1]
         MMA: gl.constexpr = LAYOUTS[2]
         OPA: gl.constexpr = LAYOUTS[3]
         OPB: gl.constexpr = LAYOUTS[4]
-        SL: gl.constexpr = gl.SliceLayout(2, MMA)  # [W, 32]: a warp's scales per MMA row
-        ZL: gl.constexpr = gl.SliceLayout(1, WL)   # [W, 32]: a warp's zero points per physical column
+        SL: gl.constexpr = gl.SliceLayout(2, MMA)  # [W, BN]: per MMA row
+        ZL: gl.constexpr = gl.SliceLayout(1, WL)   # [W, BN]: per physical column (the words' layout)
 
         pid_n = gl.program_id(0)
         pid_m = gl.program_id(1)
-        n0 = pid_n * _BN
-        # words: physical columns n0 + qn, word rows qj of the chunk
-        qn = n0 + gl.arange(0, _BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))
+        n0 = pid_n * BN
+        qn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))
         qj = gl.arange(0, RW, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))
-        zn = n0 + gl.arange(0, _BN, layout=gl.SliceLayout(0, ZL))
-        n_ok_z = zn < N
+        zn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, ZL))
+        n_ok = zn < N
         qn = qn * stride_qn
-        # x rows of this program's row tile, natural K order
         xm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
         xk = gl.arange(0, KS, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
         x_ok = xm < M
-        # scales in MMA row order: row n holds physical column 4 (n % 8) + 2 (n // 16) + (n // 8) % 2
-        rn = gl.arange(0, _BN, layout=gl.SliceLayout(0, SL))
-        sn = n0 + 4 * (rn % 8) + 2 * (rn // 16) + (rn // 8) % 2
-        n_ok_s = sn < N
 
-        ch = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))  # warp w's first chunk
+        # warp w takes chunks w, w + W, ...; PREFETCH chunks per warp in flight ahead of the one multiplied
+        ch = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
         steps = gl.cdiv(NCH, W)
-        wv, xv, sv, zv = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, sn, zn, n_ok_s, n_ok_z, x_ok,
-                                   stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
-                                   GROUP, KS, HAS_ZEROS, WL, XL, SL, ZL)
-        acc = gl.zeros([W, _BN, BM], gl.float32, layout=MMA)
-        zero_acc = gl.zeros([W, _BN, BM], gl.float32, layout=MMA)
+        w0, x0, s0, z0 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, zn, n_ok, x_ok, stride_qk,
+                                   stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, GROUP, KS,
+                                   HAS_ZEROS, WL, XL, ZL)
+        if PREFETCH >= 2:
+            w1, x1, s1, z1 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + W, NCH, qn, qj, xm, xk, zn, n_ok, x_ok,
+                                       stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
+                                       GROUP, KS, HAS_ZEROS, WL, XL, ZL)
+        if PREFETCH >= 3:
+            w2, x2, s2, z2 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + 2 * W, NCH, qn, qj, xm, xk, zn, n_ok, x_ok,
+                                       stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
+                                       GROUP, KS, HAS_ZEROS, WL, XL, ZL)
+        ch = ch + PREFETCH * W
+        acc = gl.zeros([W, BN, BM], gl.float32, layout=MMA)
+        zero_acc = gl.zeros([W, BN, BM], gl.float32, layout=MMA)
         for i in range(steps):
+            wn, xn, sn, zn_ = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, zn, n_ok, x_ok,
+                                        stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
+                                        GROUP, KS, HAS_ZEROS, WL, XL, ZL)
             ch = ch + W
-            # the next chunk's loads in flight while this one is unpacked and multiplied
-            wn, xn, sn_, zn_ = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, sn, zn, n_ok_s, n_ok_z,
-                                         x_ok, stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn,
-                                         stride_zg, GROUP, KS, HAS_ZEROS, WL, XL, SL, ZL)
-            zz = _zero_pairs(zv, HAS_ZEROS, BF16)
-            a = _ld_operand_a(wv, zz[:, None, :], W, KS, BF16, HAS_ZEROS, OPA)
-            b = _ld_operand_b(xv, W, BM, KS, OPB)
-            d = mma_v2(a, b, zero_acc)
-            acc += d * sv.to(gl.float32)[:, :, None]
-            wv, xv, sv, zv = wn, xn, sn_, zn_
+            acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+            if PREFETCH == 1:
+                w0, x0, s0, z0 = wn, xn, sn, zn_
+            elif PREFETCH == 2:
+                w0, x0, s0, z0 = w1, x1, s1, z1
+                w1, x1, s1, z1 = wn, xn, sn, zn_
+            else:
+                w0, x0, s0, z0 = w1, x1, s1, z1
+                w1, x1, s1, z1 = w2, x2, s2, z2
+                w2, x2, s2, z2 = wn, xn, sn, zn_
 
-        total = gl.sum(acc, axis=0)  # [32, BM]: the warps' K chunks summed
+        total = gl.sum(acc, axis=0)  # [BN, BM]: the warps' K chunks summed
         TL: gl.constexpr = gl.SliceLayout(0, MMA)
-        on = gl.arange(0, _BN, layout=gl.SliceLayout(1, TL))
-        on = n0 + 4 * (on % 8) + 2 * (on // 16) + (on // 8) % 2
+        on = gl.arange(0, BN, layout=gl.SliceLayout(1, TL))
+        on = n0 + (BN // 8) * (on % 8) + 2 * (on // 16) + (on // 8) % 2
         om = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, TL))
         on_ok = on < N
         if HAS_BIAS:
@@ -231,24 +256,31 @@ def ldmma_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> 
 
 def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], out: torch.Tensor, group_size: int, cfg: dict) -> torch.Tensor:
-    """Launch the ldmma kernel (int4_gemm has checked shapes and ldmma_supported) for x [M, K] into out [M, N]."""
+    """Launch the ldmma kernel (int4_gemm has checked shapes and ldmma_supported) for x [M, K] into out [M, N].
+    cfg: BLOCK_M (8 / 16: rows of x per program), BLOCK_N (32 / 64 columns), BLOCK_K (the K chunk, 32 / 64 / 128,
+    at most the group), PREFETCH (1..3 chunks per warp in flight), num_warps."""
     M, K = x.shape
     N = qweight.shape[0]
     warps = int(cfg.get("num_warps", 4))
     bm = int(cfg.get("BLOCK_M", 8 if M <= 8 else 16))
-    if bm not in (8, 16) or warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"int4_gemm: impl 'ldmma' takes BLOCK_M 8 or 16 and 1..16 warps (a power of two), got "
-                         f"BLOCK_M={bm} num_warps={warps}")
-    ks = min(group_size, 128)
+    bn = int(cfg.get("BLOCK_N", 32))
+    ks = int(cfg.get("BLOCK_K", min(group_size, 128)))
+    prefetch = int(cfg.get("PREFETCH", 1))
+    if (bm not in (8, 16) or bn not in (32, 64) or warps not in (1, 2, 4, 8, 16) or prefetch not in (1, 2, 3)
+            or ks not in (32, 64, 128) or group_size % ks):
+        raise ValueError(f"int4_gemm: impl 'ldmma' takes BLOCK_M 8 / 16, BLOCK_N 32 / 64, BLOCK_K 32 / 64 / 128 "
+                         f"dividing the group ({group_size}), PREFETCH 1..3 and 1..16 warps (a power of two), got "
+                         f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} PREFETCH={prefetch} num_warps={warps}")
     if x.stride(1) != 1 or x.data_ptr() % 16 or (M > 1 and x.stride(0) % 8):
         x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)  # fresh: 16-byte x loads
     z = zeros if zeros is not None else scales
     b = bias if bias is not None else scales
-    _int4_ldmma_kernel[(cdiv(N, BLOCK_N), cdiv(M, bm))](
+    _int4_ldmma_kernel[(cdiv(N, bn), cdiv(M, bm))](
         qweight, x, scales, z, b, out, M, N, K // ks,
         qweight.stride(0), qweight.stride(1), x.stride(0), x.stride(1), scales.stride(0), scales.stride(1),
         z.stride(0), z.stride(1), out.stride(0), out.stride(1),
-        GROUP=group_size, KS=ks, BM=bm, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, num_warps=warps)
+        GROUP=group_size, KS=ks, BM=bm, BN=bn, PREFETCH=prefetch, HAS_ZEROS=zeros is not None,
+        HAS_BIAS=bias is not None, num_warps=warps)
     return out
 
 
@@ -256,14 +288,15 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
 # CPU emulation of the relabelling (the kernel's joins, reshapes and permutations, in torch)
 # --------------------------------------------------------------------------------------------------
 def _emulate_a(words: torch.Tensor, ks: int) -> torch.Tensor:
-    """[RW, 32] words of one chunk (one warp) -> [32, ks] (q - 8) as the kernel's A operand (rows relabelled, K in
+    """[RW, BN] words of one chunk (one warp) -> [BN, ks] (q - 8) as the kernel's A operand (rows relabelled, K in
     the dot's order), float64."""
+    bn = words.shape[1]
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    nib = ((words.unsqueeze(-1) >> shifts) & 0xF).double() - 8.0   # [RW, 32, i]
+    nib = ((words.unsqueeze(-1) >> shifts) & 0xF).double() - 8.0   # [RW, BN, i]
     e, h, s = torch.meshgrid(torch.arange(2), torch.arange(2), torch.arange(2), indexing="ij")
-    j = nib[:, :, (2 * s + h + 4 * e).reshape(-1)].reshape(ks // 8, 32, 2, 2, 2)  # [RW, 32, e, h, s]
-    j = j.unsqueeze(0).reshape(1, ks // 32, 4, 8, 2, 2, 2, 2, 2).permute(A_PERM)
-    return j.reshape(32, ks)
+    j = nib[:, :, (2 * s + h + 4 * e).reshape(-1)].reshape(ks // 8, bn, 2, 2, 2)  # [RW, BN, e, h, s]
+    j = j.unsqueeze(0).reshape(1, ks // 32, 4, 8, bn // 16, 2, 2, 2, 2).permute(A_PERM)
+    return j.reshape(bn, ks)
 
 
 def _emulate_b(xv: torch.Tensor, ks: int) -> torch.Tensor:
@@ -272,22 +305,28 @@ def _emulate_b(xv: torch.Tensor, ks: int) -> torch.Tensor:
     return xv.unsqueeze(0).reshape(1, bm, ks // 32, 4, 2, 2, 2).permute(X_PERM).reshape(ks, bm)
 
 
-def ldmma_emulate(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """y = x @ dequant(qweight, scales, symmetric).T computed as the kernel relabels it: per program of 32 columns
-    and K chunk, the relabelled A [32, ks] @ B [ks, M] scaled per MMA row, then rows mapped back to columns
-    (column_of_row). float64; N a multiple of 32 and K of the chunk."""
+def _emulate_rows(v: torch.Tensor) -> torch.Tensor:
+    """[BN] per physical column -> per MMA row (the kernel's _ld_rows)."""
+    bn = v.shape[0]
+    return v.reshape(1, 8, bn // 16, 2).permute(S_PERM).reshape(bn)
+
+
+def ldmma_emulate(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                  block_n: int = 32, ks: Optional[int] = None) -> torch.Tensor:
+    """y = x @ dequant(qweight, scales, symmetric).T computed as the kernel relabels it: per program of block_n
+    columns and K chunk, the relabelled A [block_n, ks] @ B [ks, M] times the chunk's scales relabelled per MMA row,
+    then rows mapped back to columns (column_of_row). float64; N a multiple of block_n and K of the chunk."""
     M, K = x.shape
     N = qweight.shape[0]
-    ks = min(group_size, 128)
+    ks = ks or min(group_size, 128)
     qt = qweight.t()  # [K / 8, N]
     out = torch.zeros(M, N, dtype=torch.float64)
-    rows = torch.arange(32)
-    for n0 in range(0, N, 32):
-        acc = torch.zeros(32, M, dtype=torch.float64)
-        cols = n0 + column_of_row(rows)
+    cols = column_of_row(torch.arange(block_n), block_n)
+    for n0 in range(0, N, block_n):
+        acc = torch.zeros(block_n, M, dtype=torch.float64)
         for c in range(K // ks):
-            a = _emulate_a(qt[c * ks // 8:(c + 1) * ks // 8, n0:n0 + 32], ks)
+            a = _emulate_a(qt[c * ks // 8:(c + 1) * ks // 8, n0:n0 + block_n], ks)
             b = _emulate_b(x[:, c * ks:(c + 1) * ks].double(), ks)
-            acc += (a @ b) * scales[cols, (c * ks) // group_size].double()[:, None]
-        out[:, cols] = acc.t()
+            acc += (a @ b) * _emulate_rows(scales[n0:n0 + block_n, (c * ks) // group_size].double())[:, None]
+        out[:, n0 + cols] = acc.t()
     return out

@@ -22,44 +22,51 @@ def _weights(N, K, g, asym, device, dtype=torch.bfloat16):
     return qweight, scales, zeros
 
 
-def test_rows_map_to_distinct_columns():
-    """The MMA's 32 rows are a permutation of the program's 32 columns (each column read and written once)."""
-    cols = ld.column_of_row(torch.arange(32))
-    assert sorted(cols.tolist()) == list(range(32))
-    assert cols[:8].tolist() == [0, 4, 8, 12, 16, 20, 24, 28]  # rows 0..7: lanes 0, 4, .., 28's first column
+@pytest.mark.parametrize("bn", [32, 64])
+def test_rows_map_to_distinct_columns(bn):
+    """The MMA's rows are a permutation of the program's columns (each column read and written once), and the
+    scales' relabelling moves column column_of_row(n) to row n."""
+    cols = ld.column_of_row(torch.arange(bn), bn)
+    assert sorted(cols.tolist()) == list(range(bn))
+    assert cols[:8].tolist() == [bn // 8 * r for r in range(8)]  # rows 0..7: lanes 0, 4, .., 28's first column
+    assert torch.equal(ld._emulate_rows(torch.arange(bn)), cols)
 
 
-@pytest.mark.parametrize("g", [32, 64, 128, 256])
+@pytest.mark.parametrize("g,bn,ks", [(32, 32, None), (64, 64, None), (128, 32, None), (128, 64, 64),
+                                     (256, 32, 128), (256, 64, 32)])
 @pytest.mark.parametrize("M", [1, 5, 16])
-def test_ldmma_emulation_matches_reference(g, M):
+def test_ldmma_emulation_matches_reference(g, bn, ks, M):
     """The kernel's relabelling, emulated in float64 (A rows and K positions, x^T's K positions, the rows' scales,
     the rows written back to their columns): equal to the reference up to its float32 dequantization (a wrong
     position would be off by the outputs' own size, ~1)."""
     torch.manual_seed(g + M)
-    N, K = 96, 2 * max(g, 128)
+    N, K = 3 * bn, 2 * max(g, 128)
     qweight, scales, _ = _weights(N, K, g, False, "cpu", torch.float32)
     x = torch.randn(M, K, dtype=torch.float64)
     expected = int4_gemm_ref(x, qweight, scales.double(), None, g)
-    torch.testing.assert_close(ld.ldmma_emulate(x, qweight, scales, g), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ld.ldmma_emulate(x, qweight, scales, g, bn, ks), expected, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=25, deadline=None)
-@given(word=st.integers(-2**31, 2**31 - 1), ks=st.sampled_from([32, 64, 128]))
-def test_ldmma_orders_agree(word, ks):
+@given(word=st.integers(-2**31, 2**31 - 1), ks=st.sampled_from([32, 64, 128]), bn=st.sampled_from([32, 64]))
+def test_ldmma_orders_agree(word, ks, bn):
     """Position p of every A row holds nibble k(p) of that row's words and position p of x^T holds x[k(p)], the
     same k(p) for every row: a permutation of the chunk's K (distinct and extreme words)."""
-    words = torch.full((ks // 8, 32), word, dtype=torch.int32)
+    words = torch.full((ks // 8, bn), word, dtype=torch.int32)
     words[:, 1::2] = 0x76543210
     words[-1] = -0x01234568
-    a = ld._emulate_a(words, ks) + 8.0                                  # [32 rows, ks] codes
+    a = ld._emulate_a(words, ks) + 8.0                                  # [bn rows, ks] codes
     order = ld._emulate_b(torch.arange(ks, dtype=torch.float64)[None], ks)[:, 0].long()
     assert sorted(order.tolist()) == list(range(ks))
-    codes = ((words.t().long().repeat_interleave(8, 1) >> ((torch.arange(ks) % 8) * 4)) & 0xF).double()  # [32, ks]
-    assert torch.equal(a, codes[ld.column_of_row(torch.arange(32))][:, order])
+    codes = ((words.t().long().repeat_interleave(8, 1) >> ((torch.arange(ks) % 8) * 4)) & 0xF).double()  # [bn, ks]
+    assert torch.equal(a, codes[ld.column_of_row(torch.arange(bn), bn)][:, order])
 
 
 def test_ldmma_candidates_at_small_m_only():
-    assert [c["num_warps"] for c in candidate_configs(1, 14336, 4096, 128) if c["impl"] == "ldmma"] == [4, 8, 16]
+    cands = [c for c in candidate_configs(1, 14336, 4096, 128) if c["impl"] == "ldmma"]
+    assert {c["num_warps"] for c in cands} == {4, 8, 16} and {c["BLOCK_N"] for c in cands} == {32, 64}
+    assert {c["BLOCK_K"] for c in cands} == {32, 64, 128} and {c["PREFETCH"] for c in cands} == {1, 2, 3}
+    assert {c["BLOCK_K"] for c in candidate_configs(1, 4096, 4096, 32) if c["impl"] == "ldmma"} == {32}
     assert {c["BLOCK_M"] for c in candidate_configs(16, 4096, 4096, 128) if c["impl"] == "ldmma"} == {16}
     assert not [c for c in candidate_configs(17, 4096, 4096, 128) if c["impl"] == "ldmma"]
     assert not [c for c in candidate_configs(4, 4096, 4096, 16) if c["impl"] == "ldmma"]
