@@ -22,8 +22,8 @@ and reads them back (64 % of its shared-memory wavefronts were bank conflicts), 
   (chunk c -> warp c % W), each into its own accumulator (a batched MMA: warp = batch), summed across warps once at
   the end. No split-K partials, no arrival counters, no second pass: N / 32 programs (448 at N = 14336, 128 at
   N = 4096), W chosen so that the SM has enough loads in flight.
-- Each warp's next chunk (words, x, scale, zero) is loaded before the current one is unpacked (``PREFETCH`` chunks
-  ahead, in registers).
+- Each warp's next chunk (words, x, scale, zero) is loaded before the current one is unpacked (two chunks a loop
+  iteration, so that the two register buffers alternate without copies).
 
 No interpreter: Gluon kernels do not run under TRITON_INTERPRET. On CPU `ldmma_emulate` repeats the kernel's
 relabelling (joins, reshapes, permutations) in torch against the reference, and tests/kernels/sm90_offline.py
@@ -129,27 +129,45 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.reshape(t, [W, BN]), SL)
 
     @gluon.jit
-    def _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, zn, n_ok, x_ok,
+    def _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, zn, n_ok,
                   stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
-                  GROUP: gl.constexpr, KS: gl.constexpr, HAS_ZEROS: gl.constexpr, WL: gl.constexpr,
-                  XL: gl.constexpr, ZL: gl.constexpr):
+                  GROUP: gl.constexpr, KS: gl.constexpr, HAS_ZEROS: gl.constexpr, EVEN_N: gl.constexpr,
+                  EVEN_K: gl.constexpr, WL: gl.constexpr, XL: gl.constexpr, ZL: gl.constexpr):
         """One step's loads for every warp: warp w's chunk ch[w] (words [W, RW, BN], x [W, BM, KS], its group's
-        scales and zeros [W, BN] per physical column); chunks past NCH load zeros."""
+        scales and zeros [W, BN] per physical column); chunks past NCH load zeros. EVEN_N: no column past N;
+        EVEN_K: every warp's chunk exists (no chunk mask: unpredicated loads, no zero fill)."""
         RW: gl.constexpr = KS // 8
         chw = gl.convert_layout(ch, gl.SliceLayout(1, gl.SliceLayout(2, WL)), assert_trivial=True)
-        okw = (chw < NCH)[:, None, None]
-        wv = gl.load(q_ptr + (chw * RW)[:, None, None] * stride_qk + qj[None, :, None] * stride_qk + qn[None, None, :],
-                     mask=okw & n_ok[None, None, :], other=0)
+        wp = q_ptr + (chw * RW)[:, None, None] * stride_qk + qj[None, :, None] * stride_qk + qn[None, None, :]
         chx = gl.convert_layout(ch, gl.SliceLayout(1, gl.SliceLayout(2, XL)))
-        kx = (chx * KS)[:, None, None] + xk[None, None, :]
-        xv = gl.load(x_ptr + xm[None, :, None] * stride_xm + kx * stride_xk,
-                     mask=(chx < NCH)[:, None, None] & x_ok[None, :, None], other=0.0)
+        xp = x_ptr + xm[None, :, None] * stride_xm + ((chx * KS)[:, None, None] + xk[None, None, :]) * stride_xk
         chz = gl.convert_layout(ch, gl.SliceLayout(1, ZL))
         gz = (chz * KS) // GROUP
-        okz = (chz < NCH)[:, None] & n_ok[None, :]
-        sv = gl.load(s_ptr + gz[:, None] * stride_sg + zn[None, :] * stride_sn, mask=okz, other=0.0)
+        sp = s_ptr + gz[:, None] * stride_sg + zn[None, :] * stride_sn
+        zp = z_ptr + gz[:, None] * stride_zg + zn[None, :] * stride_zn
+        if EVEN_K and EVEN_N:
+            wv = gl.load(wp)
+            sv = gl.load(sp)
+        else:
+            okw = gl.full([ch.shape[0], RW, zn.shape[0]], 1, gl.int1, WL)
+            okz = gl.full([ch.shape[0], zn.shape[0]], 1, gl.int1, ZL)
+            if not EVEN_K:
+                okw = okw & (chw < NCH)[:, None, None]
+                okz = okz & (chz < NCH)[:, None]
+            if not EVEN_N:
+                okw = okw & n_ok[None, None, :]
+                okz = okz & n_ok[None, :]
+            wv = gl.load(wp, mask=okw, other=0)
+            sv = gl.load(sp, mask=okz, other=0.0)
+        if EVEN_K:  # (rows past M read row M - 1: their MMA columns are never stored)
+            xv = gl.load(xp)
+        else:
+            xv = gl.load(xp, mask=(chx < NCH)[:, None, None], other=0.0)
         if HAS_ZEROS:
-            zv = gl.load(z_ptr + gz[:, None] * stride_zg + zn[None, :] * stride_zn, mask=okz, other=0.0)
+            if EVEN_K and EVEN_N:
+                zv = gl.load(zp)
+            else:
+                zv = gl.load(zp, mask=okz, other=0.0)
         else:
             zv = gl.zeros([ch.shape[0], zn.shape[0]], gl.float32, layout=ZL)
         return wv, xv, sv, zv
@@ -169,8 +187,8 @@ if HAVE_GLUON:
         q_ptr, x_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         M, N, NCH,
         stride_qn, stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
-        GROUP: gl.constexpr, KS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, PREFETCH: gl.constexpr,
-        HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
+        GROUP: gl.constexpr, KS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HAS_ZEROS: gl.constexpr,
+        HAS_BIAS: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr,
     ):
         W: gl.constexpr = gl.num_warps()
         RW: gl.constexpr = KS // 8
@@ -194,40 +212,36 @@ if HAVE_GLUON:
         qn = qn * stride_qn
         xm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
         xk = gl.arange(0, KS, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
-        x_ok = xm < M
+        xm = gl.minimum(xm, M - 1)  # rows past M read row M - 1 (no masks): their MMA columns are never stored
 
-        # warp w takes chunks w, w + W, ...; PREFETCH chunks per warp in flight ahead of the one multiplied
+        # warp w takes chunks w, w + W, ...: the next one's loads in flight while one is unpacked and multiplied.
+        # Two steps per iteration (buffers 0 and 1 alternate: no register copies), the last one or two peeled so
+        # that no load runs past the warp's last chunk.
         ch = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
         steps = gl.cdiv(NCH, W)
-        w0, x0, s0, z0 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, zn, n_ok, x_ok, stride_qk,
+        w0, x0, s0, z0 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, zn, n_ok, stride_qk,
                                    stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, GROUP, KS,
-                                   HAS_ZEROS, WL, XL, ZL)
-        if PREFETCH >= 2:
-            w1, x1, s1, z1 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + W, NCH, qn, qj, xm, xk, zn, n_ok, x_ok,
-                                       stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
-                                       GROUP, KS, HAS_ZEROS, WL, XL, ZL)
-        if PREFETCH >= 3:
-            w2, x2, s2, z2 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + 2 * W, NCH, qn, qj, xm, xk, zn, n_ok, x_ok,
-                                       stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
-                                       GROUP, KS, HAS_ZEROS, WL, XL, ZL)
-        ch = ch + PREFETCH * W
+                                   HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL)
         acc = gl.zeros([W, BN, BM], gl.float32, layout=MMA)
         zero_acc = gl.zeros([W, BN, BM], gl.float32, layout=MMA)
-        for i in range(steps):
-            wn, xn, sn, zn_ = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, zn, n_ok, x_ok,
-                                        stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
-                                        GROUP, KS, HAS_ZEROS, WL, XL, ZL)
-            ch = ch + W
+        for i in range((steps - 1) // 2):
+            w1, x1, s1, z1 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + W, NCH, qn, qj, xm, xk, zn, n_ok,
+                                       stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
+                                       GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL)
             acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
-            if PREFETCH == 1:
-                w0, x0, s0, z0 = wn, xn, sn, zn_
-            elif PREFETCH == 2:
-                w0, x0, s0, z0 = w1, x1, s1, z1
-                w1, x1, s1, z1 = wn, xn, sn, zn_
-            else:
-                w0, x0, s0, z0 = w1, x1, s1, z1
-                w1, x1, s1, z1 = w2, x2, s2, z2
-                w2, x2, s2, z2 = wn, xn, sn, zn_
+            w0, x0, s0, z0 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + 2 * W, NCH, qn, qj, xm, xk, zn, n_ok,
+                                       stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
+                                       GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL)
+            acc = _ld_step(acc, zero_acc, w1, x1, s1, z1, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+            ch = ch + 2 * W
+        if (steps - 1) % 2 == 1:  # two steps left
+            w1, x1, s1, z1 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + W, NCH, qn, qj, xm, xk, zn, n_ok,
+                                       stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
+                                       GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL)
+            acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+            acc = _ld_step(acc, zero_acc, w1, x1, s1, z1, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+        else:
+            acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
 
         total = gl.sum(acc, axis=0)  # [BN, BM]: the warps' K chunks summed
         TL: gl.constexpr = gl.SliceLayout(0, MMA)
@@ -258,19 +272,18 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                bias: Optional[torch.Tensor], out: torch.Tensor, group_size: int, cfg: dict) -> torch.Tensor:
     """Launch the ldmma kernel (int4_gemm has checked shapes and ldmma_supported) for x [M, K] into out [M, N].
     cfg: BLOCK_M (8 / 16: rows of x per program), BLOCK_N (32 / 64 columns), BLOCK_K (the K chunk, 32 / 64 / 128,
-    at most the group), PREFETCH (1..3 chunks per warp in flight), num_warps."""
+    at most the group), num_warps (chunk c goes to warp c % num_warps)."""
     M, K = x.shape
     N = qweight.shape[0]
     warps = int(cfg.get("num_warps", 4))
     bm = int(cfg.get("BLOCK_M", 8 if M <= 8 else 16))
     bn = int(cfg.get("BLOCK_N", 32))
     ks = int(cfg.get("BLOCK_K", min(group_size, 128)))
-    prefetch = int(cfg.get("PREFETCH", 1))
-    if (bm not in (8, 16) or bn not in (32, 64) or warps not in (1, 2, 4, 8, 16) or prefetch not in (1, 2, 3)
-            or ks not in (32, 64, 128) or group_size % ks):
+    if (bm not in (8, 16) or bn not in (32, 64) or warps not in (1, 2, 4, 8, 16) or ks not in (32, 64, 128)
+            or group_size % ks):
         raise ValueError(f"int4_gemm: impl 'ldmma' takes BLOCK_M 8 / 16, BLOCK_N 32 / 64, BLOCK_K 32 / 64 / 128 "
-                         f"dividing the group ({group_size}), PREFETCH 1..3 and 1..16 warps (a power of two), got "
-                         f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} PREFETCH={prefetch} num_warps={warps}")
+                         f"dividing the group ({group_size}) and 1..16 warps (a power of two), got "
+                         f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} num_warps={warps}")
     if x.stride(1) != 1 or x.data_ptr() % 16 or (M > 1 and x.stride(0) % 8):
         x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)  # fresh: 16-byte x loads
     z = zeros if zeros is not None else scales
@@ -279,8 +292,8 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         qweight, x, scales, z, b, out, M, N, K // ks,
         qweight.stride(0), qweight.stride(1), x.stride(0), x.stride(1), scales.stride(0), scales.stride(1),
         z.stride(0), z.stride(1), out.stride(0), out.stride(1),
-        GROUP=group_size, KS=ks, BM=bm, BN=bn, PREFETCH=prefetch, HAS_ZEROS=zeros is not None,
-        HAS_BIAS=bias is not None, num_warps=warps)
+        GROUP=group_size, KS=ks, BM=bm, BN=bn, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+        EVEN_N=N % bn == 0, EVEN_K=(K // ks) % warps == 0, num_warps=warps)
     return out
 
 
