@@ -1569,11 +1569,17 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
     if M <= 16 and group_size % 32 == 0:
         # ldmma (kernels/int4_ldmma.py, Gluon; 16-bit x): words by plain loads into mma.sync's registers, a program
         # per 32 columns over all of K, its warps taking K chunks round robin (more warps: more loads in flight)
-        # (sweeps/ldmma2: 2-3 chunks in flight per warp were slower than one, 17.97 / 20.73 against 14.10 us)
-        for warps, bn, bk in ((4, 32, 128), (8, 32, 128), (16, 32, 128), (4, 32, 64), (8, 32, 64), (16, 32, 64),
-                              (4, 64, 64), (8, 64, 64)):
-            out.append({"impl": "ldmma", "BLOCK_M": 8 if M <= 8 else 16, "BLOCK_N": bn, "BLOCK_K": min(bk, group_size),
-                        "num_warps": warps})
+        # (sweeps/ldmma2: 2-3 chunks in flight per warp, before the loop was unrolled, were slower than one,
+        # 17.97 / 20.73 against 14.10 us; BLOCK_N 64 slower everywhere, sweeps/ldmma2-3). AHEAD 2: two chunks in
+        # flight per warp; MAXNREG 128: four 4-warp programs per SM at 16 rows (168 registers otherwise, no spill)
+        bm = 8 if M <= 8 else 16
+        for warps, bk, ahead in ((4, 128, 1), (4, 128, 2), (4, 64, 2), (8, 128, 1), (8, 128, 2), (8, 64, 2),
+                                 (16, 128, 1), (16, 64, 2)):
+            out.append({"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": min(bk, group_size),
+                        "AHEAD": ahead, "num_warps": warps})
+        if bm == 16:
+            out.append({"impl": "ldmma", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(128, group_size), "AHEAD": 1,
+                        "MAXNREG": 128, "num_warps": 4})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     # the wave-filling splits can repeat a listed tile: time each config once
     return list({tuple(sorted(c.items())): c for c in out}.values())

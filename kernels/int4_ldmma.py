@@ -132,10 +132,11 @@ if HAVE_GLUON:
     def _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, zn, n_ok,
                   stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
                   GROUP: gl.constexpr, KS: gl.constexpr, HAS_ZEROS: gl.constexpr, EVEN_N: gl.constexpr,
-                  EVEN_K: gl.constexpr, WL: gl.constexpr, XL: gl.constexpr, ZL: gl.constexpr):
+                  EVEN_K: gl.constexpr, WL: gl.constexpr, XL: gl.constexpr, ZL: gl.constexpr, live=True):
         """One step's loads for every warp: warp w's chunk ch[w] (words [W, RW, BN], x [W, BM, KS], its group's
         scales and zeros [W, BN] per physical column); chunks past NCH load zeros. EVEN_N: no column past N;
-        EVEN_K: every warp's chunk exists (no chunk mask: unpredicated loads, no zero fill)."""
+        EVEN_K: every warp's chunk exists (no chunk mask: unpredicated loads, no zero fill). live (a scalar, the
+        same for every warp): False loads nothing (a prefetch past the last step; its values are never used)."""
         RW: gl.constexpr = KS // 8
         chw = gl.convert_layout(ch, gl.SliceLayout(1, gl.SliceLayout(2, WL)), assert_trivial=True)
         wp = q_ptr + (chw * RW)[:, None, None] * stride_qk + qj[None, :, None] * stride_qk + qn[None, None, :]
@@ -146,8 +147,8 @@ if HAVE_GLUON:
         sp = s_ptr + gz[:, None] * stride_sg + zn[None, :] * stride_sn
         zp = z_ptr + gz[:, None] * stride_zg + zn[None, :] * stride_zn
         if EVEN_K and EVEN_N:
-            wv = gl.load(wp)
-            sv = gl.load(sp)
+            wv = gl.load(wp, mask=live)
+            sv = gl.load(sp, mask=live)
         else:
             okw = gl.full([ch.shape[0], RW, zn.shape[0]], 1, gl.int1, WL)
             okz = gl.full([ch.shape[0], zn.shape[0]], 1, gl.int1, ZL)
@@ -157,17 +158,17 @@ if HAVE_GLUON:
             if not EVEN_N:
                 okw = okw & n_ok[None, None, :]
                 okz = okz & n_ok[None, :]
-            wv = gl.load(wp, mask=okw, other=0)
-            sv = gl.load(sp, mask=okz, other=0.0)
+            wv = gl.load(wp, mask=okw & live, other=0)
+            sv = gl.load(sp, mask=okz & live, other=0.0)
         if EVEN_K:  # (rows past M read row M - 1: their MMA columns are never stored)
-            xv = gl.load(xp)
+            xv = gl.load(xp, mask=live)
         else:
-            xv = gl.load(xp, mask=(chx < NCH)[:, None, None], other=0.0)
+            xv = gl.load(xp, mask=(chx < NCH)[:, None, None] & live, other=0.0)
         if HAS_ZEROS:
             if EVEN_K and EVEN_N:
-                zv = gl.load(zp)
+                zv = gl.load(zp, mask=live)
             else:
-                zv = gl.load(zp, mask=okz, other=0.0)
+                zv = gl.load(zp, mask=okz & live, other=0.0)
         else:
             zv = gl.zeros([ch.shape[0], zn.shape[0]], gl.float32, layout=ZL)
         return wv, xv, sv, zv
@@ -188,7 +189,7 @@ if HAVE_GLUON:
         M, N, NCH,
         stride_qn, stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
         GROUP: gl.constexpr, KS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HAS_ZEROS: gl.constexpr,
-        HAS_BIAS: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr,
+        HAS_BIAS: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, AHEAD: gl.constexpr = 1,
     ):
         W: gl.constexpr = gl.num_warps()
         RW: gl.constexpr = KS // 8
@@ -224,7 +225,7 @@ if HAVE_GLUON:
                                    HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL)
         acc = gl.zeros([W, BN, BM], gl.float32, layout=MMA)
         zero_acc = gl.zeros([W, BN, BM], gl.float32, layout=MMA)
-        for i in range((steps - 1) // 2):
+        for i in range((steps - 1) // 2 if AHEAD == 1 else 0):
             w1, x1, s1, z1 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + W, NCH, qn, qj, xm, xk, zn, n_ok,
                                        stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
                                        GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL)
@@ -234,7 +235,30 @@ if HAVE_GLUON:
                                        GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL)
             acc = _ld_step(acc, zero_acc, w1, x1, s1, z1, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
             ch = ch + 2 * W
-        if (steps - 1) % 2 == 1:  # two steps left
+        if AHEAD == 2:
+            # Two chunks ahead: three buffers in turn, three steps per iteration; a step past the last one is
+            # skipped (a uniform branch) and its prefetch loads nothing.
+            w1, x1, s1, z1 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + W, NCH, qn, qj, xm, xk, zn, n_ok,
+                                       stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
+                                       GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL, steps > 1)
+            for i in range(gl.cdiv(steps, 3)):
+                t = 3 * i
+                w2, x2, s2, z2 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + 2 * W, NCH, qn, qj, xm, xk, zn, n_ok,
+                                           stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn,
+                                           stride_zg, GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL, t + 2 < steps)
+                acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+                w0, x0, s0, z0 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + 3 * W, NCH, qn, qj, xm, xk, zn, n_ok,
+                                           stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn,
+                                           stride_zg, GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL, t + 3 < steps)
+                if t + 1 < steps:
+                    acc = _ld_step(acc, zero_acc, w1, x1, s1, z1, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+                w1, x1, s1, z1 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + 4 * W, NCH, qn, qj, xm, xk, zn, n_ok,
+                                           stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn,
+                                           stride_zg, GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL, t + 4 < steps)
+                if t + 2 < steps:
+                    acc = _ld_step(acc, zero_acc, w2, x2, s2, z2, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+                ch = ch + 3 * W
+        elif (steps - 1) % 2 == 1:  # two steps left
             w1, x1, s1, z1 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + W, NCH, qn, qj, xm, xk, zn, n_ok,
                                        stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
                                        GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL)
@@ -272,18 +296,20 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                bias: Optional[torch.Tensor], out: torch.Tensor, group_size: int, cfg: dict) -> torch.Tensor:
     """Launch the ldmma kernel (int4_gemm has checked shapes and ldmma_supported) for x [M, K] into out [M, N].
     cfg: BLOCK_M (8 / 16: rows of x per program), BLOCK_N (32 / 64 columns), BLOCK_K (the K chunk, 32 / 64 / 128,
-    at most the group), num_warps (chunk c goes to warp c % num_warps)."""
+    at most the group), AHEAD (1 / 2 chunks per warp in flight ahead of the one multiplied), num_warps (chunk c goes
+    to warp c % num_warps), MAXNREG (optional: a register cap per thread, so that more programs fit an SM)."""
     M, K = x.shape
     N = qweight.shape[0]
     warps = int(cfg.get("num_warps", 4))
     bm = int(cfg.get("BLOCK_M", 8 if M <= 8 else 16))
     bn = int(cfg.get("BLOCK_N", 32))
     ks = int(cfg.get("BLOCK_K", min(group_size, 128)))
+    ahead = int(cfg.get("AHEAD", 1))
     if (bm not in (8, 16) or bn not in (32, 64) or warps not in (1, 2, 4, 8, 16) or ks not in (32, 64, 128)
-            or group_size % ks):
+            or group_size % ks or ahead not in (1, 2)):
         raise ValueError(f"int4_gemm: impl 'ldmma' takes BLOCK_M 8 / 16, BLOCK_N 32 / 64, BLOCK_K 32 / 64 / 128 "
-                         f"dividing the group ({group_size}) and 1..16 warps (a power of two), got "
-                         f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} num_warps={warps}")
+                         f"dividing the group ({group_size}), AHEAD 1 / 2 and 1..16 warps (a power of two), got "
+                         f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} AHEAD={ahead} num_warps={warps}")
     if x.stride(1) != 1 or x.data_ptr() % 16 or (M > 1 and x.stride(0) % 8):
         x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)  # fresh: 16-byte x loads
     z = zeros if zeros is not None else scales
@@ -293,7 +319,8 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         qweight.stride(0), qweight.stride(1), x.stride(0), x.stride(1), scales.stride(0), scales.stride(1),
         z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         GROUP=group_size, KS=ks, BM=bm, BN=bn, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
-        EVEN_N=N % bn == 0, EVEN_K=(K // ks) % warps == 0, num_warps=warps)
+        EVEN_N=N % bn == 0, EVEN_K=(K // ks) % warps == 0, AHEAD=ahead, num_warps=warps,
+        **({"maxnreg": int(cfg["MAXNREG"])} if cfg.get("MAXNREG") else {}))
     return out
 
 
