@@ -42,9 +42,9 @@ from .int4_wgmma import HAVE_GLUON
 if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from .int4_wgmma import (_BF16_P0, _BF16_P1, _BF16_P2, _BF16_P3, _BF16_Z0, _BF16_Z1, _BF16_Z2, _BF16_Z3,
+    from .int4_wgmma import (_RAW_PAIR, _BF16_P0, _BF16_P1, _BF16_P2, _BF16_P3, _BF16_Z0, _BF16_Z1, _BF16_Z2, _BF16_Z3,
                              _FP16_P0, _FP16_P1, _FP16_P2, _FP16_P3, _FP16_Z0, _FP16_Z1, _FP16_Z2, _FP16_Z3,
-                             _word_pairs, _zero_pairs, gl, gluon)
+                             _pairs, _word_pairs, _zero_pairs, gl, gluon)
 
 # The relabelling, as the kernel does it (ldmma_emulate repeats these exact ops on CPU). A program's BN columns are
 # 8 lanes x CPL = BN / 8 consecutive columns; physical column CPL r + 2 a + b (lane r) is MMA row 16 a + 8 b + r.
@@ -98,9 +98,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ld_operand_a(w, zz, W: gl.constexpr, BN: gl.constexpr, KS: gl.constexpr, BF16: gl.constexpr,
-                      HAS_ZEROS: gl.constexpr, OPA: gl.constexpr):
-        """[W, KS / 8, BN] words -> [W, BN, KS] (q - z), the MMA's A operand (rows relabelled, K in wgr's order)."""
-        if BF16:
+                      HAS_ZEROS: gl.constexpr, OPA: gl.constexpr, ABLATE: gl.constexpr = 0):
+        """[W, KS / 8, BN] words -> [W, BN, KS] (q - z), the MMA's A operand (rows relabelled, K in wgr's order).
+        ABLATE 1 (benchmarks/ldmma_ablate.py only: wrong values): each word's bits as all four of its pairs."""
+        if ABLATE == 1:
+            p = _pairs(w, w, _RAW_PAIR, BF16)
+            j = gl.join(gl.join(p, p), gl.join(p, p))
+        elif BF16:
             if HAS_ZEROS:
                 j = _word_pairs(w, zz, _BF16_Z0, _BF16_Z1, _BF16_Z2, _BF16_Z3, True)
             else:
@@ -176,9 +180,15 @@ if HAVE_GLUON:
     @gluon.jit
     def _ld_step(acc, zero_acc, wv, xv, sv, zv, W: gl.constexpr, BN: gl.constexpr, KS: gl.constexpr,
                  BM: gl.constexpr, BF16: gl.constexpr, HAS_ZEROS: gl.constexpr, OPA: gl.constexpr,
-                 OPB: gl.constexpr, SL: gl.constexpr):
+                 OPB: gl.constexpr, SL: gl.constexpr, ABLATE: gl.constexpr = 0):
+        """acc += one chunk's product per warp, scaled per MMA row. ABLATE (benchmarks/ldmma_ablate.py only, wrong
+        values): 1 no unpack (the word bits go to the MMA), 2 neither unpack nor MMA nor x (the words summed per
+        column stand in for the product)."""
+        if ABLATE == 2:
+            t = gl.sum(wv, axis=1).to(gl.float32) + zv.to(gl.float32)
+            return acc + (_ld_rows(t, W, BN, SL) * _ld_rows(sv.to(gl.float32), W, BN, SL))[:, :, None]
         zz = _zero_pairs(zv, HAS_ZEROS, BF16)
-        a = _ld_operand_a(wv, zz[:, None, :], W, BN, KS, BF16, HAS_ZEROS, OPA)
+        a = _ld_operand_a(wv, zz[:, None, :], W, BN, KS, BF16, HAS_ZEROS, OPA, ABLATE)
         b = _ld_operand_b(xv, W, BM, KS, OPB)
         d = mma_v2(a, b, zero_acc)
         return acc + d * _ld_rows(sv.to(gl.float32), W, BN, SL)[:, :, None]
@@ -190,6 +200,7 @@ if HAVE_GLUON:
         stride_qn, stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
         GROUP: gl.constexpr, KS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HAS_ZEROS: gl.constexpr,
         HAS_BIAS: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, AHEAD: gl.constexpr = 1,
+        ABLATE: gl.constexpr = 0,
     ):
         W: gl.constexpr = gl.num_warps()
         RW: gl.constexpr = KS // 8
@@ -229,11 +240,11 @@ if HAVE_GLUON:
             w1, x1, s1, z1 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + W, NCH, qn, qj, xm, xk, zn, n_ok,
                                        stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
                                        GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL)
-            acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+            acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE)
             w0, x0, s0, z0 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + 2 * W, NCH, qn, qj, xm, xk, zn, n_ok,
                                        stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
                                        GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL)
-            acc = _ld_step(acc, zero_acc, w1, x1, s1, z1, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+            acc = _ld_step(acc, zero_acc, w1, x1, s1, z1, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE)
             ch = ch + 2 * W
         if AHEAD == 2:
             # Two chunks ahead: three buffers in turn, three steps per iteration; a step past the last one is
@@ -246,26 +257,26 @@ if HAVE_GLUON:
                 w2, x2, s2, z2 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + 2 * W, NCH, qn, qj, xm, xk, zn, n_ok,
                                            stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn,
                                            stride_zg, GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL, t + 2 < steps)
-                acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+                acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE)
                 w0, x0, s0, z0 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + 3 * W, NCH, qn, qj, xm, xk, zn, n_ok,
                                            stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn,
                                            stride_zg, GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL, t + 3 < steps)
                 if t + 1 < steps:
-                    acc = _ld_step(acc, zero_acc, w1, x1, s1, z1, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+                    acc = _ld_step(acc, zero_acc, w1, x1, s1, z1, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE)
                 w1, x1, s1, z1 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + 4 * W, NCH, qn, qj, xm, xk, zn, n_ok,
                                            stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn,
                                            stride_zg, GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL, t + 4 < steps)
                 if t + 2 < steps:
-                    acc = _ld_step(acc, zero_acc, w2, x2, s2, z2, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+                    acc = _ld_step(acc, zero_acc, w2, x2, s2, z2, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE)
                 ch = ch + 3 * W
         elif (steps - 1) % 2 == 1:  # two steps left
             w1, x1, s1, z1 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch + W, NCH, qn, qj, xm, xk, zn, n_ok,
                                        stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
                                        GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL)
-            acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
-            acc = _ld_step(acc, zero_acc, w1, x1, s1, z1, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+            acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE)
+            acc = _ld_step(acc, zero_acc, w1, x1, s1, z1, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE)
         else:
-            acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL)
+            acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE)
 
         total = gl.sum(acc, axis=0)  # [BN, BM]: the warps' K chunks summed
         TL: gl.constexpr = gl.SliceLayout(0, MMA)
@@ -293,11 +304,14 @@ def ldmma_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> 
 
 
 def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-               bias: Optional[torch.Tensor], out: torch.Tensor, group_size: int, cfg: dict) -> torch.Tensor:
+               bias: Optional[torch.Tensor], out: torch.Tensor, group_size: int, cfg: dict,
+               _ablate: int = 0) -> torch.Tensor:
     """Launch the ldmma kernel (int4_gemm has checked shapes and ldmma_supported) for x [M, K] into out [M, N].
     cfg: BLOCK_M (8 / 16: rows of x per program), BLOCK_N (32 / 64 columns), BLOCK_K (the K chunk, 32 / 64 / 128,
     at most the group), AHEAD (1 / 2 chunks per warp in flight ahead of the one multiplied), num_warps (chunk c goes
-    to warp c % num_warps), MAXNREG (optional: a register cap per thread, so that more programs fit an SM)."""
+    to warp c % num_warps), MAXNREG (optional: a register cap per thread, so that more programs fit an SM).
+    `_ablate` (benchmarks/ldmma_ablate.py, never int4_gemm): the kernel with parts of its step left out (_ld_step);
+    its outputs are wrong."""
     M, K = x.shape
     N = qweight.shape[0]
     warps = int(cfg.get("num_warps", 4))
@@ -319,7 +333,7 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         qweight.stride(0), qweight.stride(1), x.stride(0), x.stride(1), scales.stride(0), scales.stride(1),
         z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         GROUP=group_size, KS=ks, BM=bm, BN=bn, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
-        EVEN_N=N % bn == 0, EVEN_K=(K // ks) % warps == 0, AHEAD=ahead, num_warps=warps,
+        EVEN_N=N % bn == 0, EVEN_K=(K // ks) % warps == 0, AHEAD=ahead, ABLATE=_ablate, num_warps=warps,
         **({"maxnreg": int(cfg["MAXNREG"])} if cfg.get("MAXNREG") else {}))
     return out
 

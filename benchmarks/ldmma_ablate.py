@@ -1,0 +1,86 @@
+"""Where the ldmma int4 kernel's time goes: configs timed whole and with parts of their step left out.
+
+    python benchmarks/ldmma_ablate.py [--out DIR] [--ms 1,4]   (GPU; writes DIR/ldmma_ablate-<gpu>.json)
+
+Per (M, K, N) and weights with / without zero points (group 128), each config (kernels/int4_ldmma.py) is timed as the
+gemm_int4 suite times it (CUDA-graph replay, inputs rotated past the L2) in three forms (`_ld_step`, ABLATE):
+  full       the kernel as int4_gemm runs it (checked against int4_gemm_ref in float64)
+  no_unpack  the word bits go to the MMA as they are (no shift / LOP3 / subtraction)
+  loads      neither unpack nor MMA nor x: the words summed per column, scaled (the loads, the loop, the epilogue)
+plus bf16 cuBLAS on the same shape. The ablated outputs are wrong by design and are not checked. METHOD.md: time what
+you leave out; the differences say what bounds the step.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernopt.benchmark import Suite, require_cuda, rotation, time_graph_ms
+from kernopt.kernels.int4_gemm import dequantize_int4, int4_gemm
+from kernopt.kernels.int4_ldmma import int4_ldmma
+from kernopt.tolerance import mismatch, rms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from bench_gemm_int4 import make_weights  # noqa: E402  (the suite's operands: N-contiguous words)
+
+SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]
+FORMS = {"full": 0, "no_unpack": 1, "loads": 2}
+# the sweeps' best ldmma config per shape at M <= 8 (sweeps/ldmma3-4), and 4 / 8 / 16 warps around it
+CONFIGS = [{"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": w} for w in (4, 8, 16)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/sweeps/ldmma_ablate")
+    ap.add_argument("--ms", default="1")
+    ap.add_argument("--rep", type=int, default=50)
+    args = ap.parse_args()
+    require_cuda("ldmma_ablate.py")
+    g = 128
+    suite = Suite("ldmma_ablate")
+    torch.manual_seed(0)
+    for K, N in SHAPES:
+        for symmetric in (False, True):
+            qweight, scales, zeros = make_weights(N, K, g, "cuda", symmetric)
+            w_bf16 = dequantize_int4(qweight, scales, zeros, g, torch.bfloat16)  # the plain-torch reference
+            copies, calls = rotation(qweight.numel() * 4 + scales.numel() * 4)
+            qs = [(qweight, scales, zeros)] + [(qweight.clone(memory_format=torch.preserve_format),
+                                                scales.clone(memory_format=torch.preserve_format),
+                                                None if zeros is None else
+                                                zeros.clone(memory_format=torch.preserve_format))
+                                               for _ in range(copies - 1)]
+            for M in [int(m) for m in args.ms.split(",")]:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                expected = F.linear(x.double(), w_bf16.double())
+                results, extra = {}, {}
+                for cfg in CONFIGS:
+                    name = f"w{cfg['num_warps']}"
+                    out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+                    int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=out)
+                    extra[f"{name}_check"] = mismatch(out, expected, torch.bfloat16, scale=2.0,
+                                                      magnitude=rms(expected))
+                    for form, ablate in FORMS.items():
+                        outs = [torch.empty(M, N, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+
+                        def make(i, cfg=cfg, ablate=ablate, outs=outs):
+                            qw, s, z = qs[i]
+                            return lambda: int4_ldmma(x, qw, s, z, None, outs[i], g, cfg, _ablate=ablate)
+                        results[f"{name}_{form}"] = 1e3 * time_graph_ms(make, copies, calls, args.rep)
+                bcopies, bcalls = rotation(w_bf16.numel() * 2)
+                ws = [w_bf16.contiguous()] + [w_bf16.contiguous() for _ in range(bcopies - 1)]
+                results["bf16_cublas"] = 1e3 * time_graph_ms(lambda i: (lambda: F.linear(x, ws[i])), bcopies, bcalls,
+                                                             args.rep)
+                case = f"M={M} K={K} N={N} g{g}{' sym' if symmetric else ''}"
+                suite.add(case, "µs", False, results, **extra)
+                print(case + ": " + " ".join(f"{k}={v:.2f}" for k, v in results.items()) +
+                      "".join(f" {k}: {v}" for k, v in extra.items() if v))
+    print(suite.table())
+    print(f"wrote {suite.write(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
