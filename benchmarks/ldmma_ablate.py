@@ -71,7 +71,7 @@ def main() -> None:
                             return lambda: int4_ldmma(x, qw, s, z, None, outs[i], g, cfg, _ablate=ablate)
                         results[f"{name}_{form}"] = 1e3 * time_graph_ms(make, copies, calls, args.rep)
                 bcopies, bcalls = rotation(w_bf16.numel() * 2)
-                ws = [w_bf16.contiguous()] + [w_bf16.contiguous() for _ in range(bcopies - 1)]
+                ws = [w_bf16] + [w_bf16.clone() for _ in range(bcopies - 1)]
                 results["bf16_cublas"] = 1e3 * time_graph_ms(lambda i: (lambda: F.linear(x, ws[i])), bcopies, bcalls,
                                                              args.rep)
                 case = f"M={M} K={K} N={N} g{g}{' sym' if symmetric else ''}"
