@@ -1580,6 +1580,11 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
         if bm == 16:
             out.append({"impl": "ldmma", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(128, group_size), "AHEAD": 1,
                         "MAXNREG": 128, "num_warps": 4})
+        # 16-column programs (2 columns a lane): twice the programs, for more warps per SM (sweeps/ldmma_ablate:
+        # the words' loads alone took 11.74 us at K4096 N14336 with 32-column programs of 4 warps, 3.4 per SM)
+        for warps, ahead in ((4, 1), (4, 2), (8, 1), (8, 2)):
+            out.append({"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 16, "BLOCK_K": min(128, group_size),
+                        "AHEAD": ahead, "num_warps": warps})
     out.append({"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4})
     # the wave-filling splits can repeat a listed tile: time each config once
     return list({tuple(sorted(c.items())): c for c in out}.values())

@@ -319,9 +319,9 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     bn = int(cfg.get("BLOCK_N", 32))
     ks = int(cfg.get("BLOCK_K", min(group_size, 128)))
     ahead = int(cfg.get("AHEAD", 1))
-    if (bm not in (8, 16) or bn not in (32, 64) or warps not in (1, 2, 4, 8, 16) or ks not in (32, 64, 128)
+    if (bm not in (8, 16) or bn not in (16, 32, 64) or warps not in (1, 2, 4, 8, 16) or ks not in (32, 64, 128)
             or group_size % ks or ahead not in (1, 2)):
-        raise ValueError(f"int4_gemm: impl 'ldmma' takes BLOCK_M 8 / 16, BLOCK_N 32 / 64, BLOCK_K 32 / 64 / 128 "
+        raise ValueError(f"int4_gemm: impl 'ldmma' takes BLOCK_M 8 / 16, BLOCK_N 16 / 32 / 64, BLOCK_K 32 / 64 / 128 "
                          f"dividing the group ({group_size}), AHEAD 1 / 2 and 1..16 warps (a power of two), got "
                          f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} AHEAD={ahead} num_warps={warps}")
     if x.stride(1) != 1 or x.data_ptr() % 16 or (M > 1 and x.stride(0) % 8):

@@ -22,7 +22,7 @@ def _weights(N, K, g, asym, device, dtype=torch.bfloat16):
     return qweight, scales, zeros
 
 
-@pytest.mark.parametrize("bn", [32, 64])
+@pytest.mark.parametrize("bn", [16, 32, 64])
 def test_rows_map_to_distinct_columns(bn):
     """The MMA's rows are a permutation of the program's columns (each column read and written once), and the
     scales' relabelling moves column column_of_row(n) to row n."""
@@ -33,7 +33,7 @@ def test_rows_map_to_distinct_columns(bn):
 
 
 @pytest.mark.parametrize("g,bn,ks", [(32, 32, None), (64, 64, None), (128, 32, None), (128, 64, 64),
-                                     (256, 32, 128), (256, 64, 32)])
+                                     (128, 16, None), (256, 32, 128), (256, 64, 32)])
 @pytest.mark.parametrize("M", [1, 5, 16])
 def test_ldmma_emulation_matches_reference(g, bn, ks, M):
     """The kernel's relabelling, emulated in float64 (A rows and K positions, x^T's K positions, the rows' scales,
@@ -48,7 +48,7 @@ def test_ldmma_emulation_matches_reference(g, bn, ks, M):
 
 
 @settings(max_examples=25, deadline=None)
-@given(word=st.integers(-2**31, 2**31 - 1), ks=st.sampled_from([32, 64, 128]), bn=st.sampled_from([32, 64]))
+@given(word=st.integers(-2**31, 2**31 - 1), ks=st.sampled_from([32, 64, 128]), bn=st.sampled_from([16, 32, 64]))
 def test_ldmma_orders_agree(word, ks, bn):
     """Position p of every A row holds nibble k(p) of that row's words and position p of x^T holds x[k(p)], the
     same k(p) for every row: a permutation of the chunk's K (distinct and extreme words)."""
@@ -65,6 +65,7 @@ def test_ldmma_orders_agree(word, ks, bn):
 def test_ldmma_candidates_at_small_m_only():
     cands = [c for c in candidate_configs(1, 14336, 4096, 128) if c["impl"] == "ldmma"]
     assert {c["num_warps"] for c in cands} == {4, 8, 16} and {c["AHEAD"] for c in cands} == {1, 2}
+    assert {c["BLOCK_N"] for c in cands} == {16, 32}
     assert {c["BLOCK_K"] for c in cands} == {64, 128}
     assert {c["BLOCK_K"] for c in candidate_configs(1, 4096, 4096, 32) if c["impl"] == "ldmma"} == {32}
     assert {c["BLOCK_M"] for c in candidate_configs(16, 4096, 4096, 128) if c["impl"] == "ldmma"} == {16}
@@ -99,7 +100,7 @@ def _run(x, qweight, scales, zeros, g, cfg, bias):
 @pytest.mark.parametrize("asym", [True, False])
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
 def test_ldmma_gpu_candidates(M, asym, dtype):
-    """Every ldmma candidate (and 64-column programs) at M within one 8-row tile or a 16-row one, bf16 and fp16 x,
+    """Every ldmma candidate (and 16- and 64-column programs) at M within one 8-row tile or a 16-row one, bf16 and fp16 x,
     zero points or not, N = 1000 (a ragged last program), K = 11 chunks (warps with unequal chunk counts and step
     counts not multiples of the loop's 2 or 3), bias, NaN-poisoned out."""
     g, N, K = 128, 1000, 11 * 128
@@ -111,7 +112,7 @@ def test_ldmma_gpu_candidates(M, asym, dtype):
     assert cands
     if dtype == torch.float16:  # the fp16 unpack differs only in its constants
         cands = cands[:2]
-    for cfg in cands + [{**cands[0], "BLOCK_N": 64}]:
+    for cfg in cands + [{**cands[0], "BLOCK_N": 64}, {**cands[0], "BLOCK_N": 16}]:
         assert_close(_run(x, qweight, scales, zeros, g, cfg, bias), expected, dtype, scale=2.0)
 
 
