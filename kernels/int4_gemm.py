@@ -175,7 +175,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .host import cdiv, interpreting, next_power_of_2
+from .host import env_switch, cdiv, interpreting, next_power_of_2
 from .int4_ldmma import int4_ldmma, ldmma_supported
 from .int4_tgemv import int4_tgemv, strip_warps, tgemv_geometry, tgemv_supported, word_pairs_ptx
 from .int4_wgmma import int4_wgr_gemm, tma_rows_ok, wgr_supported
@@ -1142,6 +1142,7 @@ def _silu_mul_kernel(y_ptr, out_ptr, M, N, stride_ym, stride_yn, stride_om, stri
 # (8B bs1, same call, sweeps/pairs/llama-h200.json) the int4 decode step went 3.66 -> 2.73 ms.
 # Update this one table from new --tune runs.
 GEMV_MAX_M = 1
+LDMMA_ENV = "KERNOPT_INT4_LDMMA"  # '0': the table never picks ldmma (A / B runs)
 # gemv2 PAIRS' rows per program: 1, or several x rows against each word unpacked once (multi-row PAIRS, M 2-16)
 PAIRS_ROWS = (1, 2, 4)
 DEQUANT_CUBLAS_MIN_M = 192
@@ -1222,12 +1223,17 @@ def _pairs_split(split: int, K: int, block_k: int) -> int:
 
 
 def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = False,
-                  x_dtype: Optional[torch.dtype] = None, wgr: bool = True) -> dict:
+                  x_dtype: Optional[torch.dtype] = None, wgr: bool = True, ldmma: bool = True) -> dict:
     """The config (a plain dict with "impl") for an [M, K] x int4 [N, K] product with this group size;
     symmetric: the weights have no zero points; x_dtype: x's dtype as the launch sees it (M=1 with bf16 x runs
-    gemv2 PAIRS; None: not bf16); wgr: whether the Gluon kernel may be picked (int4_gemm passes False where it
-    cannot run: CPU / interpreter, or weights it does not take, see _table_wgr)."""
+    gemv2 PAIRS; None: not bf16); wgr / ldmma: whether those Gluon kernels may be picked (int4_gemm passes False
+    where they cannot run: CPU / interpreter, or weights they do not take, see _table_wgr / _table_ldmma; and no
+    ldmma for a gated one-row launch, whose SwiGLU the PAIRS GEMV fuses)."""
     block_k = min(group_size, 128)
+    ldmma_cfg = _ldmma_pick(M, N, K, group_size) if ldmma and x_dtype == torch.bfloat16 and gemv_variant() == "" \
+        else None
+    if ldmma_cfg is not None:
+        return ldmma_cfg
     if M <= GEMV_MAX_M:
         variant = gemv_variant()
         if x_dtype == torch.bfloat16 and variant in _PAIRS_VARIANTS:
@@ -1314,6 +1320,27 @@ def select_config(M: int, N: int, K: int, group_size: int, symmetric: bool = Fal
                 "SPLIT_K": _split_k(tiles, K, bk, wanted=2 * _SM_COUNT if M > 16 else 4 * _SM_COUNT,
                                     min_k_per_split=512, max_split=8)}
     return {"impl": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": min(block_k, 128), "num_warps": 4}
+
+
+def _ldmma_pick(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
+    """The ldmma kernel's table (kernels/int4_ldmma.py; 16-bit x), from the H200 sweeps of 2026-12-02
+    (benchmarks/results/sweeps/ldmma3..6, bf16 x, group 128; us with zero points, symmetric in brackets, against the
+    table before in the same runs): where it won in every run, K = 4096 (shorter K untimed: fewer chunks per warp
+    to hide the first load behind) with 4096 <= N <= 16384 (one wave of 32-column programs) and M <= 8.
+    - N >= 8192: 32-column programs of 4 warps (448 programs at N = 14336, all resident): K4096 N14336 M=1 / 4 / 8
+      14.07 / 14.43 / 14.63 (12.47) against 15.68 / 16.01 / 16.08 (13.87) (sweeps/ldmma6; ldmma3-4 within 0.1 us).
+    - N < 8192: 8 warps (128 programs at N = 4096): 4096^2 M=1 / 4 / 8 7.30-7.48 / 7.76 / 8.01 (6.55-6.64)
+      against 7.68 / 9.85 / 9.95 (7.19-7.20) (sweeps/ldmma3, 4, 6).
+    Not picked: K14336 N4096 (16.06 / 17.10 / 17.57 against 15.86 / 17.22 / 17.37: a tie at best), M = 9..16
+    (16-row programs: 18.66 / 23.13 / 10.27 against 18.10 / 19.08 / 10.42), groups other than 128 (untimed).
+    Where the time goes (sweeps/ldmma_ablate): the words' and scales' loads alone, without x, unpack or MMA,
+    take 11.74 / 10.92 us at M = 1 K4096 N14336, against the 3x bar's 10.3: the load structure bounds the kernel.
+    bf16 x only (fp16 untimed), and not under a KERNOPT_INT4_GEMV experiment; KERNOPT_INT4_LDMMA=0 turns the pick
+    off (A / B runs)."""
+    if M > 8 or K != 4096 or not 4096 <= N <= 16384 or group_size != 128 or not env_switch(LDMMA_ENV, "1"):
+        return None
+    return {"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "AHEAD": 1,
+            "num_warps": 4 if N >= 8192 else 8}
 
 
 def _wgr_pick(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
@@ -1678,14 +1705,15 @@ def dequant_cublas(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 def resolve_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                   group_size: int, config: Optional[dict]) -> dict:
+                   group_size: int, config: Optional[dict], gated: bool = False) -> dict:
     """The config int4_gemm launches with: a copy of `config`, else the table's (select_config) for these
-    operands."""
+    operands (gated: a SwiGLU launch, which keeps the PAIRS GEMV's fused epilogue at one row)."""
     if config is not None:
         return dict(config)
     M, K = x.shape
     return select_config(M, qweight.shape[0], K, group_size, symmetric=zeros is None and x.dtype != torch.float32,
-                         x_dtype=x.dtype, wgr=_table_wgr(x, qweight, scales, zeros, group_size))
+                         x_dtype=x.dtype, wgr=_table_wgr(x, qweight, scales, zeros, group_size),
+                         ldmma=_table_ldmma(x, qweight, group_size) and not (gated and M == 1))
 
 
 IMPLS = ("gemv", "tiled", "gemv2", "tiled2", "tiled3", "tcasm", "wgr", "tgemv", "ldmma", "dequant_cublas")
@@ -1762,6 +1790,12 @@ def _table_wgr(x, qweight, scales, zeros, group_size) -> bool:
     return all(t is None or tma_rows_ok(t) for t in (scales, zeros))
 
 
+def _table_ldmma(x, qweight, group_size) -> bool:
+    """Whether the table may pick ldmma for these operands: a CUDA launch (Gluon has no interpreter) of weights the
+    kernel takes (ldmma_supported)."""
+    return x.is_cuda and ldmma_supported(x, qweight, group_size) is None
+
+
 def _gluon_refusal(impl: str, why: Optional[str], x: torch.Tensor) -> None:
     """A clear error for a Gluon kernel's launch it cannot take: `why` (its *_supported check), or a CPU launch
     under Triton's interpreter, which does not run Gluon."""
@@ -1799,7 +1833,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if M == 0 or N == 0:
         return out
     # (the GEMV experiment's kernels read 16-bit x only: a float32 x keeps the table's GEMV)
-    cfg = resolve_config(x, qweight, scales, zeros, group_size, config)
+    cfg = resolve_config(x, qweight, scales, zeros, group_size, config, gated)
     impl = cfg.get("impl")
     if impl == "dequant_cublas":
         return dequant_cublas(x, qweight, scales, zeros, group_size, bias, cfg, out, gated)

@@ -284,12 +284,12 @@ def _pdl(build):
     return wrapped
 
 
-def _int4(M, N=MLP, K=HIDDEN, group=128, zeros=False, bias=False, pick=None, config=None, gated=False):
+def _int4(M, N=MLP, K=HIDDEN, group=128, zeros=False, bias=False, pick=None, config=None, gated=False, ldmma=True):
     def build(rec):
         import torch
         from kernopt.kernels import int4_gemm as q4
 
-        cfg = config or q4.select_config(M, N, K, group, symmetric=not zeros, x_dtype=_dtype())
+        cfg = config or q4.select_config(M, N, K, group, symmetric=not zeros, x_dtype=_dtype(), ldmma=ldmma)
         if pick is not None:
             cands = [c for c in q4.candidate_configs(M, N, K, group) if all(c.get(k) == v for k, v in pick.items())]
             if not cands:
@@ -475,20 +475,25 @@ CASES = [
     # KERNOPT_PDL=1: griddepcontrol in the decode path's kernels, nothing else changed (so no new spills)
     Case("decode append B1 S256 bool mask PDL", _pdl(_decode(1, 256, mask="bool", append=True)), selected=False,
          no_spill=True, expect={"_attend_split": ("pdl",), "_merge_splits_kernel": ("pdl",)}),
-    Case("int4 M1 (gemv2 PAIRS) PDL", _pdl(_int4(1)), selected=False, no_spill=True,
+    Case("int4 M1 (gemv2 PAIRS) PDL", _pdl(_int4(1, ldmma=False)), selected=False, no_spill=True,
          expect={"_int4_gemv2_kernel": ("pdl",)}),
     Case("gemm gemv M1 swiglu K4096 N14336 PDL", _pdl(_gemm(1, MLP, HIDDEN, "swiglu", config=_gemv_table)),
          selected=False, no_spill=True, expect={"_gemv_kernel": ("pdl",)}),
     # int4 weight-only GEMM, K4096 N14336 g128
-    Case("int4 M1 (gemv2 PAIRS)", _int4(1)),
-    Case("int4 M1 zeros+bias (gemv2 PAIRS)", _int4(1, zeros=True, bias=True)),
+    Case("int4 M1 (table: ldmma)", _int4(1), no_spill=True, expect={"_int4_ldmma_kernel": ("mma_sync",)}),
+    Case("int4 M8 4096^2 zeros+bias (table: ldmma)", _int4(8, N=HIDDEN, zeros=True, bias=True), no_spill=True,
+         expect={"_int4_ldmma_kernel": ("mma_sync",)}),
+    Case("int4 M1 (gemv2 PAIRS)", _int4(1, ldmma=False)),
+    Case("int4 M1 zeros+bias (gemv2 PAIRS)", _int4(1, zeros=True, bias=True, ldmma=False)),
+    Case("int4 M1 K14336 N4096 (table: gemv2 PAIRS)", _int4(1, N=HIDDEN, K=MLP),
+         expect={"_int4_gemv2_kernel": ()}),
     Case("int4 M1 swiglu (gemv2 PAIRS, gated epilogue)", _int4(1, N=2 * MLP, gated=True)),
     Case("int4 M1 swiglu zeros+bias (gemv2 PAIRS, gated epilogue)", _int4(1, N=2 * MLP, zeros=True, bias=True,
                                                                           gated=True)),
     Case("int4 M16 (table: wgr stream-K)", _int4(16), expect={"_int4_wgr_sk_kernel": ("wgmma", "tma")}),
     Case("int4 M16 zeros+bias (table: wgr stream-K)", _int4(16, zeros=True, bias=True),
          expect={"_int4_wgr_sk_kernel": ("wgmma", "tma")}),
-    Case("int4 M4 (table: wgr stream-K, 8 rows)", _int4(4), expect={"_int4_wgr_sk_kernel": ("wgmma", "tma")}),
+    Case("int4 M4 (wgr stream-K, 8 rows)", _int4(4, ldmma=False), expect={"_int4_wgr_sk_kernel": ("wgmma", "tma")}),
     Case("int4 M16 4096^2 (table: wgr split-K)", _int4(16, N=HIDDEN), expect={"_int4_wgr_kernel": ("wgmma", "tma")}),
     Case("int4 M64 (table: wgr stream-K, 64 rows)", _int4(64, zeros=True, bias=True),
          expect={"_int4_wgr_sk_kernel": ("wgmma", "tma")}),

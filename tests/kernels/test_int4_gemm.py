@@ -399,7 +399,7 @@ def test_gemv_variant_switch(device, monkeypatch, variant):
     from kernopt.kernels import int4_gemm as q4
 
     bf16 = torch.bfloat16
-    default = select_config(1, 14336, 4096, 128, symmetric=True, x_dtype=bf16)
+    default = select_config(1, 14336, 4096, 128, symmetric=True, x_dtype=bf16, ldmma=False)
     fp32_path = select_config(1, 14336, 4096, 128, symmetric=True, x_dtype=torch.float32)
     assert default.get("PAIRS") == 1 and not fp32_path.get("PAIRS")
     monkeypatch.setenv(q4.GEMV_VARIANT_ENV, variant)
@@ -428,7 +428,7 @@ def test_gemv_default_pick_and_variants_pairs64_px(monkeypatch):
 
     bf16 = torch.bfloat16
     shapes = ((4096, 6144), (4096, 28672), (4096, 4096), (14336, 4096))
-    table = {kn: select_config(1, kn[1], kn[0], 128, True, bf16) for kn in shapes}
+    table = {kn: select_config(1, kn[1], kn[0], 128, True, bf16, ldmma=False) for kn in shapes}
     assert [(c["BLOCK_N"], c["SPLIT_K"], c["num_warps"]) for c in table.values()] == \
         [(64, 11, 2), (64, 2, 4), (32, 16, 2), (32, 16, 2)]
     monkeypatch.setenv(q4.GEMV_VARIANT_ENV, "pairs64")
@@ -445,6 +445,7 @@ def test_gemv_default_pick_and_variants_pairs64_px(monkeypatch):
     for variant, picks in (("", table), ("pairs64", pairs64), ("px", px), ("split8", split8)):
         monkeypatch.setenv(q4.GEMV_VARIANT_ENV, variant)
         assert "PAIRS" not in select_config(1, 14336, 4096, 128, x_dtype=torch.float16)
+        assert variant == "" or select_config(1, 14336, 4096, 128, True, bf16)["PAIRS"] == 1  # no ldmma
         assert select_config(4, 14336, 4096, 128) == select_config(4, 14336, 4096, 128, symmetric=True)
         for (k, n), cfg in picks.items():
             assert cfg["PAIRS"] == 1 and cfg in candidate_configs(1, n, k, 128), (variant, k, n, cfg)
@@ -454,10 +455,13 @@ def test_select_config_table():
     bf16 = torch.bfloat16
     for sym in (True, False):  # M=1 bf16 x: PAIRS, 32 columns split 16 / 64 columns split to one wave (H200 --tune)
         shapes = ((4096, 14336), (14336, 4096), (4096, 4096), (4096, 6144), (4096, 28672), (512, 1024))
-        assert [select_config(1, n, k, 128, sym, bf16)["SPLIT_K"] for k, n in shapes] == [5, 16, 16, 11, 2, 2]
-        assert [select_config(1, n, k, 128, sym, bf16)["BLOCK_N"] for k, n in shapes] == [64, 32, 32, 64, 64, 32]
-        assert select_config(1, 14336, 4096, 128, sym, bf16)["PAIRS"] == 1
-        assert select_config(1, 14336, 4096, 128, sym, bf16)["BLOCK_N"] == 64
+        pairs = [select_config(1, n, k, 128, sym, bf16, ldmma=False) for k, n in shapes]
+        assert [c["SPLIT_K"] for c in pairs] == [5, 16, 16, 11, 2, 2]
+        assert [c["BLOCK_N"] for c in pairs] == [64, 32, 32, 64, 64, 32]
+        assert select_config(1, 14336, 4096, 128, sym, bf16, ldmma=False)["PAIRS"] == 1
+        # ldmma where it ran: K = 4096, 4096 <= N <= 16384, M <= 8, bf16 x, group 128 (else the table above)
+        assert [select_config(1, n, k, 128, sym, bf16)["impl"] for k, n in shapes] == \
+            ["ldmma", "gemv2", "ldmma", "ldmma", "gemv2", "gemv2"]
     assert "PAIRS" not in select_config(1, 14336, 4096, 128, x_dtype=torch.float16)  # fp16 x: the fp32 path
     assert select_config(1, 14336, 4096, 128)["impl"] == "gemv2"
     assert select_config(1, 14336, 4096, 128)["SPLIT_K"] == 8  # the H200 sweep's best
@@ -466,21 +470,23 @@ def test_select_config_table():
     # M=2 with bf16 x: two-row PAIRS (the H200 sweep's best) up to 4096 x 8192 weights, split down to >= 256 of K
     # per split, and where the wgr kernel may not run; above, wgr (8 rows)
     for sym in (True, False):
-        for cfg in (select_config(2, 4096, 4096, 128, sym, bf16), select_config(2, 14336, 4096, 128, sym, bf16, False)):
+        for cfg in (select_config(2, 4096, 4096, 128, sym, bf16, ldmma=False),
+                    select_config(2, 14336, 4096, 128, sym, bf16, False, ldmma=False)):
             assert (cfg["impl"], cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], cfg["PAIRS"]) == ("gemv2", 2, 32, 8, 1)
-        assert select_config(2, 14336, 4096, 128, sym, bf16)["impl"] == "wgr"
+        assert select_config(2, 14336, 4096, 128, sym, bf16, ldmma=False)["impl"] == "wgr"
+        assert select_config(2, 14336, 4096, 128, sym, bf16)["impl"] == "ldmma"
     assert [select_config(2, 4096, k, g, False, bf16)["SPLIT_K"] for k, g in ((1024, 128), (512, 32), (256, 64))] \
         == [4, 2, 1]
     assert select_config(2, 4096, 4096, 128, x_dtype=torch.float16)["impl"] == "tiled2"
     assert select_config(2, 14336, 4096, 128)["impl"] == "tiled2"
-    assert select_config(3, 14336, 4096, 128, x_dtype=bf16, wgr=False)["impl"] == "tiled2"
+    assert select_config(3, 14336, 4096, 128, x_dtype=bf16, wgr=False, ldmma=False)["impl"] == "tiled2"
     # M = 2..16 with 16-bit x and groups >= 32: the wgr kernel (kernels/int4_wgmma.py), stream-K with 8 rows to M = 8,
     # 16 rows above; the split-K wgr at 16 rows on 4096^2 and smaller weights; nothing for groups of 16, float32 x
     for dt in (bf16, torch.float16):
         for M, N, K, want in ((3, 14336, 4096, (1, 8, 128)), (8, 4096, 14336, (1, 8, 128)), (4, 4096, 4096, (1, 8, 128)),
                               (9, 14336, 4096, (1, 16, 128)), (16, 4096, 14336, (1, 16, 128)),
                               (16, 4096, 4096, (None, 16, 64))):
-            cfg = select_config(M, N, K, 128, False, dt)
+            cfg = select_config(M, N, K, 128, False, dt, ldmma=False)
             assert cfg["impl"] == "wgr" and (cfg.get("STREAM"), cfg["BLOCK_M"], cfg["BLOCK_N"]) == want, (M, N, K)
     assert select_config(16, 4096, 4096, 128, False, bf16)["SPLIT_K"] == 8
     assert select_config(16, 14336, 4096, 16, False, bf16)["impl"] == "tiled2"

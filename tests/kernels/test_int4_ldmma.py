@@ -156,3 +156,21 @@ def test_ldmma_gpu_extreme_codes_fractional_zeros_strided_x(asym, graph_replays)
     out = torch.empty(5, N, dtype=dtype, device="cuda")
     graph_replays(lambda: int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=out), x, out,
                   lambda o: assert_close(o, _expected(x, qweight, scales, zeros, g, None), dtype, scale=2.0))
+
+
+def test_table_picks_ldmma_only_where_it_runs_and_never_for_a_gated_row(monkeypatch):
+    """The table's ldmma pick needs a launch the kernel takes (_table_ldmma: CUDA, ldmma_supported); a gated one-row
+    launch keeps the PAIRS GEMV (its SwiGLU epilogue is fused there); KERNOPT_INT4_LDMMA=0 turns the pick off."""
+    from kernopt.kernels import int4_gemm as q4
+
+    qweight, scales, zeros = _weights(14336, 4096, 128, True, "cpu")
+    x = torch.randn(1, 4096, dtype=torch.bfloat16)
+    assert not q4._table_ldmma(x, qweight, 128)  # a CPU tensor: Gluon has no interpreter
+    assert q4.resolve_config(x, qweight, scales, zeros, 128, None)["impl"] == "gemv2"
+    monkeypatch.setattr(q4, "_table_ldmma", lambda *a: True)
+    assert q4.resolve_config(x, qweight, scales, zeros, 128, None)["impl"] == "ldmma"
+    assert q4.resolve_config(x, qweight, scales, zeros, 128, None, gated=True)["impl"] == "gemv2"
+    x4 = torch.randn(4, 4096, dtype=torch.bfloat16)
+    assert q4.resolve_config(x4, qweight, scales, zeros, 128, None, gated=True)["impl"] == "ldmma"
+    monkeypatch.setenv(q4.LDMMA_ENV, "0")
+    assert q4.resolve_config(x, qweight, scales, zeros, 128, None)["impl"] == "gemv2"
