@@ -1331,6 +1331,10 @@ def _ldmma_pick(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
       14.07 / 14.43 / 14.63 (12.47) against 15.68 / 16.01 / 16.08 (13.87) (sweeps/ldmma6; ldmma3-4 within 0.1 us).
     - N < 8192: 8 warps (128 programs at N = 4096): 4096^2 M=1 / 4 / 8 7.30-7.48 / 7.76 / 8.01 (6.55-6.64)
       against 7.68 / 9.85 / 9.95 (7.19-7.20) (sweeps/ldmma3, 4, 6).
+    In one call, both tables (sweeps/ldmma_table, on / off): K4096 N14336 M=1 / 4 / 8 14.09 / 14.46 / 14.67 (12.46 /
+    12.11 / 12.37) against 15.70 / 16.00 / 16.09 (13.88 / 15.32 / 15.29); 4096^2 7.42 / 7.73 / 8.03 (6.61 / 6.65 /
+    7.08) against 7.69 / 9.86 / 9.93 (7.19 / 9.54 / 9.62); K4096 N6144 M=4 / 8 9.75 / 9.96 (8.88 / 9.25) against
+    10.84 / 10.98 (10.53 / 10.62), but M=1 9.34 against 8.90 (8.29 / 8.52): that row stays on PAIRS.
     Not picked: K14336 N4096 (16.06 / 17.10 / 17.57 against 15.86 / 17.22 / 17.37: a tie at best), M = 9..16
     (16-row programs: 18.66 / 23.13 / 10.27 against 18.10 / 19.08 / 10.42), groups other than 128 (untimed).
     Where the time goes (sweeps/ldmma_ablate): the words' and scales' loads alone, without x, unpack or MMA,
@@ -1338,6 +1342,8 @@ def _ldmma_pick(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
     bf16 x only (fp16 untimed), and not under a KERNOPT_INT4_GEMV experiment; KERNOPT_INT4_LDMMA=0 turns the pick
     off (A / B runs)."""
     if M > 8 or K != 4096 or not 4096 <= N <= 16384 or group_size != 128 or not env_switch(LDMMA_ENV, "1"):
+        return None
+    if M == 1 and 4096 < N < 8192:  # K4096 N6144 M=1: 9.34 against PAIRS' 8.90 us with zero points (8.29 / 8.52 sym)
         return None
     return {"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "AHEAD": 1,
             "num_warps": 4 if N >= 8192 else 8}
