@@ -31,6 +31,10 @@ Algorithms (chosen per shape by `select_config`, the one table of this family):
   with the words TMA'd into a ring and unpacked two nibbles per LOP3 straight into the register operand; the table's
   pick there since 97e4eb1 (1.58-1.88x bf16 cuBLAS on the H200 at the two large suite shapes at b83eb2e, where
   tiled2 was at ~1x), offered by int4_gemm only where it runs (`_table_wgr`).
+- ``ldmma`` (M <= 8, K = 4096, N = 4096..16384; bf16 x, group 128; kernels/int4_ldmma.py, Gluon): swap-AB mma.sync
+  with the words loaded by 16-byte global loads straight into the A fragment, a program per 32 columns over all of K
+  (no split-K partials); the table's pick there since 06413f7 (`_ldmma_pick`: 5-25 % faster than PAIRS / wgr in the
+  same call), offered only where it runs (`_table_ldmma`) and not for a gated one-row launch.
 
 Variants (selectable with ``config={"impl": ...}``, swept by `candidate_configs` for M <= 16; all use the
 same storage). Since the H200 sweep of 2026-11-29 `select_config` picks ``gemv2`` at M=1 and ``tiled2`` at

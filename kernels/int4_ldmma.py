@@ -23,7 +23,20 @@ and reads them back (64 % of its shared-memory wavefronts were bank conflicts), 
   the end. No split-K partials, no arrival counters, no second pass: N / 32 programs (448 at N = 14336, 128 at
   N = 4096), W chosen so that the SM has enough loads in flight.
 - Each warp's next chunk (words, x, scale, zero) is loaded before the current one is unpacked (two chunks a loop
-  iteration, so that the two register buffers alternate without copies).
+  iteration, so that the two register buffers alternate without copies; AHEAD=2: two chunks ahead, three buffers).
+  Where every warp's chunks and every column exist (EVEN_K / EVEN_N) the loads are unmasked; x rows past M read row
+  M - 1 (their MMA columns are never stored). 16.6 SASS instructions a word at M = 1 with symmetric weights
+  (offline sm_90a; 12 of them the unpack and MMA), 96 registers at 4 warps.
+
+Measured on the H200 (bf16 x, group 128, the suite's harness; sweeps/ldmma1..6, ldmma_table, ldmma_ablate): faster
+than the table before at K = 4096 with M <= 8 (K4096 N14336 M=1 / 4 / 8: 14.09 / 14.46 / 14.67 us with zero points
+against 15.70 / 16.00 / 16.09; 4096^2 7.42 / 7.73 / 8.03 against 7.69 / 9.86 / 9.93), the table's pick there
+(int4_gemm._ldmma_pick); a tie at K14336 N4096 (one 16-warp program per 32 columns: 16.06 against 15.86) and slower
+at 16 rows (two waves at N = 14336: 168 registers). Far from the 3x bf16 cuBLAS bar (10.3 us at K4096 N14336): the
+loads alone (words and scales, ABLATE 2: no x, unpack or MMA) take 11.74 / 10.92 us (zero points / symmetric), so
+the load structure bounds it, not the math (the unpack and MMA add 2.4 / 1.5 us). What did not help: 2-3 chunks in
+flight per warp (AHEAD 2 and the earlier PREFETCH, with their extra registers), 64- or 16-column programs, chunks of
+64 or 32.
 
 No interpreter: Gluon kernels do not run under TRITON_INTERPRET. On CPU `ldmma_emulate` repeats the kernel's
 relabelling (joins, reshapes, permutations) in torch against the reference, and tests/kernels/sm90_offline.py
