@@ -55,9 +55,7 @@ from .int4_wgmma import HAVE_GLUON
 if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from .int4_wgmma import (_RAW_PAIR, _BF16_P0, _BF16_P1, _BF16_P2, _BF16_P3, _BF16_Z0, _BF16_Z1, _BF16_Z2, _BF16_Z3,
-                             _FP16_P0, _FP16_P1, _FP16_P2, _FP16_P3, _FP16_Z0, _FP16_Z1, _FP16_Z2, _FP16_Z3,
-                             _pairs, _word_pairs, _zero_pairs, gl, gluon)
+    from .int4_wgmma import _RAW_PAIR, _operand_pairs, _pairs, _zero_pairs, gl, gluon
 
 # The relabelling, as the kernel does it (ldmma_emulate repeats these exact ops on CPU). A program's BN columns are
 # 8 lanes x CPL = BN / 8 consecutive columns; physical column CPL r + 2 a + b (lane r) is MMA row 16 a + 8 b + r.
@@ -117,16 +115,8 @@ if HAVE_GLUON:
         if ABLATE == 1:
             p = _pairs(w, w, _RAW_PAIR, BF16)
             j = gl.join(gl.join(p, p), gl.join(p, p))
-        elif BF16:
-            if HAS_ZEROS:
-                j = _word_pairs(w, zz, _BF16_Z0, _BF16_Z1, _BF16_Z2, _BF16_Z3, True)
-            else:
-                j = _word_pairs(w, zz, _BF16_P0, _BF16_P1, _BF16_P2, _BF16_P3, True)
         else:
-            if HAS_ZEROS:
-                j = _word_pairs(w, zz, _FP16_Z0, _FP16_Z1, _FP16_Z2, _FP16_Z3, False)
-            else:
-                j = _word_pairs(w, zz, _FP16_P0, _FP16_P1, _FP16_P2, _FP16_P3, False)
+            j = _operand_pairs(w, zz, BF16, HAS_ZEROS)
         j = gl.reshape(j, [W, KS // 32, 4, 8, BN // 16, 2, 2, 2, 2])  # [W, KB, C, R, A, B, E, H, S]
         j = gl.permute(j, _A_PERM.value)                              # [W, A, B, R, KB, S, H, C, E]
         return gl.convert_layout(gl.reshape(j, [W, BN, KS]), OPA, assert_trivial=True)

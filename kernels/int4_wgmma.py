@@ -209,11 +209,11 @@ if HAVE_GLUON:
                        gl.join(_pairs(w, zz, A2, BF16), _pairs(w, zz, A3, BF16)))
 
     @gluon.jit
-    def _unpack_operand(w, zz, BLOCK_N: gl.constexpr, KS: gl.constexpr, BF16: gl.constexpr, HAS_ZEROS: gl.constexpr,
-                        OP: gl.constexpr, OFFSET: gl.constexpr = False):
-        """[BLOCK_N, KS / 8] words -> [BLOCK_N, KS] (q - z) in wgmma's A-operand layout OP, K in wgr_k_order;
-        zz: the row's pair to subtract (_zero_pairs) as 32 bits, broadcast along the words. OFFSET: (B + q), nothing
-        subtracted (zz unused)."""
+    def _operand_pairs(w, zz, BF16: gl.constexpr, HAS_ZEROS: gl.constexpr, OFFSET: gl.constexpr = False):
+        """_word_pairs with the unpack for x's dtype (BF16 or fp16) and the weights' zero points: each word's (q - z)
+        pairs joined as [..., e, h, s] (nibble 2 s + h + 4 e); zz: the pair to subtract (_zero_pairs) as 32 bits,
+        broadcast along the words. OFFSET: (B + q), nothing subtracted (zz unused). wgr and ldmma
+        (kernels/int4_ldmma.py) share it."""
         if BF16:
             if OFFSET:
                 j = _word_pairs(w, zz, _BF16_B0, _BF16_B1, _BF16_B2, _BF16_B3, True)
@@ -228,6 +228,15 @@ if HAVE_GLUON:
                 j = _word_pairs(w, zz, _FP16_Z0, _FP16_Z1, _FP16_Z2, _FP16_Z3, False)
             else:
                 j = _word_pairs(w, zz, _FP16_P0, _FP16_P1, _FP16_P2, _FP16_P3, False)
+        return j
+
+    @gluon.jit
+    def _unpack_operand(w, zz, BLOCK_N: gl.constexpr, KS: gl.constexpr, BF16: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                        OP: gl.constexpr, OFFSET: gl.constexpr = False):
+        """[BLOCK_N, KS / 8] words -> [BLOCK_N, KS] (q - z) in wgmma's A-operand layout OP, K in wgr_k_order;
+        zz: the row's pair to subtract (_zero_pairs) as 32 bits, broadcast along the words. OFFSET: (B + q), nothing
+        subtracted (zz unused)."""
+        j = _operand_pairs(w, zz, BF16, HAS_ZEROS, OFFSET)
         j = gl.reshape(j, [BLOCK_N, KS // 32, 4, 2, 2, 2])  # [n, c, l, e, h, s]: word = 4 c + l
         j = gl.permute(j, _A_PERM.value)                       # [n, c, s, h, l, e]
         a = gl.reshape(j, [BLOCK_N, KS])                    # p = 32 c + 16 s + 8 h + 2 l + e

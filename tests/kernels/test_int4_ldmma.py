@@ -12,14 +12,12 @@ from hypothesis import strategies as st
 
 from kernopt.kernels import int4_ldmma as ld
 from kernopt.kernels.int4_gemm import candidate_configs, int4_gemm, int4_gemm_ref
-from kernopt.tolerance import assert_close, mismatch, rms
+from kernopt.tolerance import assert_close
 
-
-def _weights(N, K, g, asym, device, dtype=torch.bfloat16):
-    qweight = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=device).t()
-    scales = (torch.rand(K // g, N, device=device) * 0.02 + 0.005).to(dtype).t()
-    zeros = torch.randint(0, 16, (K // g, N), device=device).to(dtype).t() if asym else None
-    return qweight, scales, zeros
+from int4_cases import check_extreme_codes_fractional_zeros_strided_x
+from int4_cases import expected as _expected
+from int4_cases import run as _run
+from int4_cases import weights as _weights
 
 
 @pytest.mark.parametrize("bn", [16, 32, 64])
@@ -85,16 +83,6 @@ def test_ldmma_refusals():
         int4_gemm(x, qweight, scales, zeros, 128, config={"impl": "ldmma", "BLOCK_M": 8, "num_warps": 4})
 
 
-def _expected(x, qweight, scales, zeros, g, bias):
-    return int4_gemm_ref(x.double(), qweight, scales, zeros, g, None if bias is None else bias.double())
-
-
-def _run(x, qweight, scales, zeros, g, cfg, bias):
-    out = torch.full((x.shape[0], qweight.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
-    assert int4_gemm(x, qweight, scales, zeros, g, bias=bias, config=cfg, out=out) is out
-    return out
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("asym", [True, False])
@@ -136,26 +124,10 @@ def test_ldmma_gpu_group_sizes(M, g, asym):
 @pytest.mark.gpu
 @pytest.mark.parametrize("asym", [True, False])
 def test_ldmma_gpu_extreme_codes_fractional_zeros_strided_x(asym, graph_replays):
-    """Words of distinct / extreme codes, fractional zero points, |x| ~ 1e3, a strided x (copied by the launcher),
-    under CUDA-graph replay too."""
-    dtype, g, N, K = torch.bfloat16, 128, 128, 512
-    _, s, _ = _weights(N, K, g, False, "cuda", dtype)
-    z = (torch.rand(N, K // g, device="cuda") * 15).to(dtype) if asym else None
-    cfg = {"impl": "ldmma", "BLOCK_M": 8, "num_warps": 4}
-    for word in (0x0F0F0F0F, -0x0F0F0F10, 0x76543210, -0x01234568):
-        qw = torch.full((K // 8, N), word, dtype=torch.int32, device="cuda").t()
-        x = torch.randn(4, K, dtype=dtype, device="cuda") * 1e3
-        expected = _expected(x, qw, s, z, g, None)
-        problem = mismatch(_run(x, qw, s, z, g, cfg, None), expected, dtype, scale=2.0, magnitude=rms(expected))
-        assert problem is None, f"word {word:#x}: {problem}"
-    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
-    xs = torch.randn(3, 2 * K, dtype=dtype, device="cuda")[:, ::2]
-    assert_close(_run(xs, qweight, scales, zeros, g, cfg, None), _expected(xs, qweight, scales, zeros, g, None),
-                 dtype, scale=2.0)
-    x = torch.randn(5, K, dtype=dtype, device="cuda")
-    out = torch.empty(5, N, dtype=dtype, device="cuda")
-    graph_replays(lambda: int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=out), x, out,
-                  lambda o: assert_close(o, _expected(x, qweight, scales, zeros, g, None), dtype, scale=2.0))
+    """int4_cases.check_extreme_codes_fractional_zeros_strided_x on 4 warps (every warp's chunks and every column
+    exist: the unmasked loads), 5 rows replayed."""
+    check_extreme_codes_fractional_zeros_strided_x({"impl": "ldmma", "BLOCK_M": 8, "num_warps": 4}, asym,
+                                                   graph_replays, rows=5)
 
 
 def test_table_picks_ldmma_only_where_it_runs_and_never_for_a_gated_row(monkeypatch):

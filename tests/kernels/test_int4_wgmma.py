@@ -14,14 +14,12 @@ from hypothesis import strategies as st
 from kernopt.kernels import int4_wgmma as wg
 from kernopt.kernels import workspace
 from kernopt.kernels.int4_gemm import candidate_configs, int4_gemm, int4_gemm_ref
-from kernopt.tolerance import assert_close, mismatch, rms
+from kernopt.tolerance import assert_close
 
-
-def _weights(N, K, g, asym, device, dtype):
-    qweight = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=device).t()
-    scales = (torch.rand(K // g, N, device=device) * 0.02 + 0.005).to(dtype).t()
-    zeros = torch.randint(0, 16, (K // g, N), device=device).to(dtype).t() if asym else None
-    return qweight, scales, zeros
+from int4_cases import check_extreme_codes_fractional_zeros_strided_x
+from int4_cases import expected as _expected
+from int4_cases import run as _run
+from int4_cases import weights as _weights
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -116,16 +114,6 @@ def test_wgr_refusals(monkeypatch):
                              256, False, False, cfg, None, _ablate=1)
 
 
-def _expected(x, qweight, scales, zeros, g, bias):
-    return int4_gemm_ref(x.double(), qweight, scales, zeros, g, None if bias is None else bias.double())
-
-
-def _run(x, qweight, scales, zeros, g, cfg, bias):
-    out = torch.full((x.shape[0], qweight.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
-    assert int4_gemm(x, qweight, scales, zeros, g, bias=bias, config=cfg, out=out) is out
-    return out
-
-
 def _check_twice(cands, x, qweight, scales, zeros, g, bias):
     """Each config right twice in a row (the second call reads re-armed split-K counters); counters back at 0."""
     expected = _expected(x, qweight, scales, zeros, g, bias)
@@ -193,28 +181,8 @@ def test_wgr_gpu_wide_row_tiles(M, asym):
 @pytest.mark.gpu
 @pytest.mark.parametrize("asym", [True, False])
 def test_wgr_gpu_extreme_codes_fractional_zeros_strided_x(asym, graph_replays):
-    """Words of distinct / extreme codes (each nibble must meet its own x), fractional zero points, |x| ~ 1e3, a
-    strided x (copied by the launcher), under CUDA-graph replay too."""
-    dtype, g, N, K = torch.bfloat16, 128, 128, 512
-    _, s, _ = _weights(N, K, g, False, "cuda", dtype)
-    z = (torch.rand(N, K // g, device="cuda") * 15).to(dtype) if asym else None
-    cfg = {**WGR, "BLOCK_N": 128, "SPLIT_K": 2}
-    for word in (0x0F0F0F0F, -0x0F0F0F10, 0x76543210, -0x01234568):
-        qw = torch.full((K // 8, N), word, dtype=torch.int32, device="cuda").t()
-        x = torch.randn(4, K, dtype=dtype, device="cuda") * 1e3
-        expected = _expected(x, qw, s, z, g, None)
-        # (q - z) is rounded to bf16 once (fractional z), as the reference rounds (q - z) s: an error proportional
-        # to the outputs' RMS, not to each (possibly cancelled) output: atol by the RMS (as the PAIRS test)
-        problem = mismatch(_run(x, qw, s, z, g, cfg, None), expected, dtype, scale=2.0, magnitude=rms(expected))
-        assert problem is None, f"word {word:#x}: {problem}"
-    qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
-    xs = torch.randn(3, 2 * K, dtype=dtype, device="cuda")[:, ::2]
-    assert_close(_run(xs, qweight, scales, zeros, g, cfg, None), _expected(xs, qweight, scales, zeros, g, None),
-                 dtype, scale=2.0)
-    x = torch.randn(16, K, dtype=dtype, device="cuda")
-    out = torch.empty(16, N, dtype=dtype, device="cuda")
-    graph_replays(lambda: int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=out), x, out,
-                  lambda o: assert_close(o, _expected(x, qweight, scales, zeros, g, None), dtype, scale=2.0))
+    """int4_cases.check_extreme_codes_fractional_zeros_strided_x on a split-K wgr config (16 rows replayed)."""
+    check_extreme_codes_fractional_zeros_strided_x({**WGR, "BLOCK_N": 128, "SPLIT_K": 2}, asym, graph_replays)
 
 
 def test_table_takes_wgr_only_where_it_runs():
