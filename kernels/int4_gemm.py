@@ -179,7 +179,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .host import env_switch, cdiv, interpreting, next_power_of_2
+from .host import cdiv, env_switch, interpreting, next_power_of_2
 from .int4_ldmma import int4_ldmma, ldmma_supported
 from .int4_tgemv import int4_tgemv, strip_warps, tgemv_geometry, tgemv_supported, word_pairs_ptx
 from .int4_wgmma import int4_wgr_gemm, tma_rows_ok, wgr_supported
@@ -1832,6 +1832,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     x's dtype as the unfused ops round. With gemv2 at one row (M = 1, BLOCK_M = 1) in the GEMV's epilogue: no [M, N]
     output and no second kernel; any other config runs the product, then `silu_mul` (one kernel)."""
     M, N, K = _check(x, qweight, scales, zeros, group_size, bias)
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the Gluon kernels (wgr, ldmma) read bias[n] at b + n
     if gated and N % 2:
         raise ValueError(f"int4_gemm: gated needs an even N (gate rows then up rows), got N={N}")
     n_out = N // 2 if gated else N

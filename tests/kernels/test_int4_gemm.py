@@ -305,13 +305,13 @@ def test_int4_gemm_gemv2_planes_needs_one_row():
                          ids=["gemv_splitk", "tiled", "tiled_splitk", "gemv2"])
 def test_int4_gemm_bias_and_strided_layouts(device, cfg):
     """Row-major (K-contiguous) storage instead of kernopt's N-contiguous one, and a strided x: the
-    kernel honours strides instead of copying."""
+    kernel honours strides instead of copying; a strided bias (int4_gemm hands the kernels a contiguous one)."""
     M, N, K, g = 5, 41, 192, 64
     x = torch.randn(M, 2 * K, dtype=torch.float16, device=device)[:, ::2]
     qweight, scales, zeros = _weights(N, K, g, True, device)
     qweight_t, scales_t, zeros_t = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     assert qweight_t.stride() != qweight.stride()
-    bias = torch.randn(N, dtype=torch.float16, device=device)
+    bias = torch.randn(2 * N, dtype=torch.float16, device=device)[::2]
     out = _run(x, qweight_t, scales_t, zeros_t, g, cfg, bias=bias)
     assert_close(out, _expected(x, qweight, scales, zeros, g, bias), torch.float16)
 

@@ -5,6 +5,10 @@ Gluon kernels do not run under Triton's interpreter: on CPU this file checks the
 kernel's reshapes and permutations repeated in torch) and the refusals; tests/kernels/test_sm90_compile.py compiles
 the kernel for sm_90a. The kernel itself runs in the tests marked gpu, against the float64 reference.
 """
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,10 +18,12 @@ from kernopt.kernels import int4_ldmma as ld
 from kernopt.kernels.int4_gemm import candidate_configs, int4_gemm, int4_gemm_ref
 from kernopt.tolerance import assert_close
 
-from int4_cases import check_extreme_codes_fractional_zeros_strided_x
-from int4_cases import expected as _expected
-from int4_cases import run as _run
-from int4_cases import weights as _weights
+# the int4 tests' shared operands and checks (tests/kernels/int4_cases.py; importlib mode keeps tests/ off sys.path)
+_spec = importlib.util.spec_from_file_location("kernopt_tests_int4_cases", Path(__file__).with_name("int4_cases.py"))
+int4_cases = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(int4_cases)
+check_extreme_codes_fractional_zeros_strided_x = int4_cases.check_extreme_codes_fractional_zeros_strided_x
+_expected, _run, _weights = int4_cases.expected, int4_cases.run, int4_cases.weights
 
 
 @pytest.mark.parametrize("bn", [16, 32, 64])
@@ -109,12 +115,12 @@ def test_ldmma_gpu_candidates(M, asym, dtype):
 @pytest.mark.parametrize("M", [2, 13])
 def test_ldmma_gpu_group_sizes(M, g, asym):
     """Groups of 32 / 64 (a chunk is one group) and 256 / 512 (several chunks per group), K = 3 groups, a row tile
-    past M, 4 and 16 warps, one and two chunks ahead."""
+    past M, 4 and 16 warps, one and two chunks ahead, a strided bias."""
     dtype = torch.bfloat16
     N, K = 4096 + 64, 3 * g
     qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
     x = torch.randn(M, K, dtype=dtype, device="cuda")
-    bias = torch.randn(N, dtype=dtype, device="cuda")
+    bias = torch.randn(2 * N, dtype=dtype, device="cuda")[::2]  # a strided bias (int4_gemm makes it contiguous)
     expected = _expected(x, qweight, scales, zeros, g, bias)
     for warps, ahead in ((4, 1), (4, 2), (16, 1)):
         cfg = {"impl": "ldmma", "BLOCK_M": 16, "num_warps": warps, "AHEAD": ahead}

@@ -6,6 +6,10 @@ the two orders disagreed, the products would pair the wrong x with each nibble),
 refusals; tests/kernels/test_sm90_compile.py compiles the kernel for sm_90a. The kernel itself runs in the tests
 marked gpu, against the float64 reference.
 """
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,10 +20,12 @@ from kernopt.kernels import workspace
 from kernopt.kernels.int4_gemm import candidate_configs, int4_gemm, int4_gemm_ref
 from kernopt.tolerance import assert_close
 
-from int4_cases import check_extreme_codes_fractional_zeros_strided_x
-from int4_cases import expected as _expected
-from int4_cases import run as _run
-from int4_cases import weights as _weights
+# the int4 tests' shared operands and checks (tests/kernels/int4_cases.py; importlib mode keeps tests/ off sys.path)
+_spec = importlib.util.spec_from_file_location("kernopt_tests_int4_cases", Path(__file__).with_name("int4_cases.py"))
+int4_cases = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(int4_cases)
+check_extreme_codes_fractional_zeros_strided_x = int4_cases.check_extreme_codes_fractional_zeros_strided_x
+_expected, _run, _weights = int4_cases.expected, int4_cases.run, int4_cases.weights
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
