@@ -29,8 +29,11 @@ from bench_gemm_int4 import make_weights  # noqa: E402  (the suite's operands: N
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]
 FORMS = {"full": 0, "no_unpack": 1, "loads": 2}
-# the sweeps' best ldmma config per shape at M <= 8 (sweeps/ldmma3-4), and 4 / 8 / 16 warps around it
-CONFIGS = [{"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": w} for w in (4, 8, 16)]
+# the sweeps' best ldmma config per shape at M <= 8 (sweeps/ldmma3-4), and 4 / 8 / 16 warps around it; and two
+# chunks ahead (AHEAD 2: its 150 registers leave three 4-warp programs per SM in the full kernel, two waves at
+# N = 14336, but the loads-only form fits: does more in flight per warp make the loads themselves faster?)
+CONFIGS = [{"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": w} for w in (4, 8, 16)] + \
+    [{"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "AHEAD": 2, "num_warps": w} for w in (4, 8)]
 
 
 def main() -> None:
@@ -58,7 +61,7 @@ def main() -> None:
                 expected = F.linear(x.double(), w_bf16.double())
                 results, extra = {}, {}
                 for cfg in CONFIGS:
-                    name = f"w{cfg['num_warps']}"
+                    name = f"w{cfg['num_warps']}" + (f"_ahead{cfg['AHEAD']}" if cfg.get("AHEAD", 1) > 1 else "")
                     out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
                     int4_gemm(x, qweight, scales, zeros, g, config=cfg, out=out)
                     extra[f"{name}_check"] = mismatch(out, expected, torch.bfloat16, scale=2.0,
