@@ -310,9 +310,9 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                bias: Optional[torch.Tensor], out: torch.Tensor, group_size: int, cfg: dict,
                _ablate: int = 0) -> torch.Tensor:
     """Launch the ldmma kernel (int4_gemm has checked shapes and ldmma_supported) for x [M, K] into out [M, N].
-    cfg: BLOCK_M (8 / 16: rows of x per program), BLOCK_N (32 / 64 columns), BLOCK_K (the K chunk, 32 / 64 / 128,
-    at most the group), AHEAD (1 / 2 chunks per warp in flight ahead of the one multiplied), num_warps (chunk c goes
-    to warp c % num_warps), MAXNREG (optional: a register cap per thread, so that more programs fit an SM).
+    cfg: BLOCK_M (8 / 16: rows of x per program), BLOCK_N (16 / 32 / 64 columns), BLOCK_K (the K chunk, 32 / 64 /
+    128, at most the group), AHEAD (1 / 2 chunks per warp in flight ahead of the one multiplied), num_warps (chunk c
+    goes to warp c % num_warps), MAXNREG (optional: a register cap per thread, so that more programs fit an SM).
     `_ablate` (benchmarks/ldmma_ablate.py, never int4_gemm): the kernel with parts of its step left out (_ld_step);
     its outputs are wrong."""
     M, K = x.shape

@@ -94,9 +94,9 @@ def test_ldmma_refusals():
 @pytest.mark.parametrize("asym", [True, False])
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
 def test_ldmma_gpu_candidates(M, asym, dtype):
-    """Every ldmma candidate (and 16- and 64-column programs) at M within one 8-row tile or a 16-row one, bf16 and fp16 x,
-    zero points or not, N = 1000 (a ragged last program), K = 11 chunks (warps with unequal chunk counts and step
-    counts not multiples of the loop's 2 or 3), bias, NaN-poisoned out."""
+    """Every ldmma candidate (and 16- and 64-column programs) at M within one 8-row tile or a 16-row one, bf16 and
+    fp16 x, zero points or not, N = 1000 (a ragged last program), K = 11 chunks (warps with unequal chunk counts and
+    step counts not multiples of the loop's 2 or 3), bias, NaN-poisoned out."""
     g, N, K = 128, 1000, 11 * 128
     qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
     x = torch.randn(M, K, dtype=dtype, device="cuda")
@@ -125,6 +125,19 @@ def test_ldmma_gpu_group_sizes(M, g, asym):
     for warps, ahead in ((4, 1), (4, 2), (16, 1)):
         cfg = {"impl": "ldmma", "BLOCK_M": 16, "num_warps": warps, "AHEAD": ahead}
         assert_close(_run(x, qweight, scales, zeros, g, cfg, bias), expected, dtype, scale=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1000, 4096])
+def test_ldmma_gpu_int32_zeros(N):
+    """Integer zero points stored as int32 (GPTQ-style graphs hand them so), masked (N = 1000) and unmasked loads."""
+    g, K, M = 128, 1024, 3
+    qweight, scales, zeros = _weights(N, K, g, True, "cuda")
+    zi = zeros.to(torch.int32)
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    cfg = {"impl": "ldmma", "BLOCK_M": 8, "num_warps": 4}
+    assert_close(_run(x, qweight, scales, zi, g, cfg, None), _expected(x, qweight, scales, zeros, g, None),
+                 torch.bfloat16, scale=2.0)
 
 
 @pytest.mark.gpu
