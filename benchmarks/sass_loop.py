@@ -102,8 +102,12 @@ def main() -> None:
     sass, regs = compile_sass(cfg, args.m, args.n, args.k, args.group, getattr(torch, args.x_dtype),
                               args.symmetric)
     body = loop_body(sass)
-    nibbles = cfg["BLOCK_N"] * cfg["BLOCK_K"] / (32 * cfg.get("num_warps", 4))
-    print(f"registers {regs}; K loop {len(body)} instructions, {len(body) / nibbles:.2f} per nibble per thread")
+    if cfg.get("impl") == "ldmma":  # each warp its own K chunk; the loop runs 2 chunks (AHEAD 2: 3) an iteration
+        nibbles = cfg.get("BLOCK_N", 32) * cfg.get("BLOCK_K", 128) / 32 * (1 + int(cfg.get("AHEAD", 1)))
+    else:
+        nibbles = cfg["BLOCK_N"] * cfg["BLOCK_K"] / (32 * cfg.get("num_warps", 4))
+    print(f"registers {regs}; K loop {len(body)} instructions, {len(body) / nibbles:.2f} per nibble per thread "
+          f"({8 * len(body) / nibbles:.2f} per word)")
     print(", ".join(f"{op} {n}" for op, n in opcodes(body).most_common()))
     if args.dump:
         Path(args.dump).write_text("\n".join(body) + "\n")

@@ -25,8 +25,9 @@ and reads them back (64 % of its shared-memory wavefronts were bank conflicts), 
 - Each warp's next chunk (words, x, scale, zero) is loaded before the current one is unpacked (two chunks a loop
   iteration, so that the two register buffers alternate without copies; AHEAD=2: two chunks ahead, three buffers).
   Where every warp's chunks and every column exist (EVEN_K / EVEN_N) the loads are unmasked; x rows past M read row
-  M - 1 (their MMA columns are never stored). 16.6 SASS instructions a word at M = 1 with symmetric weights
-  (offline sm_90a; 12 of them the unpack and MMA), 96 registers at 4 warps.
+  M - 1 (their MMA columns are never stored). 16.6 SASS instructions a word at M = 1 with symmetric weights, 21.5
+  with zero points (offline sm_90a, benchmarks/sass_loop.py; 12 / 16 of them the unpack and MMA), 96 / 104
+  registers at 4 warps.
 
 Measured on the H200 (bf16 x, group 128, the suite's harness; sweeps/ldmma1..6, ldmma_table, ldmma_ablate): faster
 than the table before at K = 4096 with M <= 8 (K4096 N14336 M=1 / 4 / 8: 14.09 / 14.46 / 14.67 us with zero points
