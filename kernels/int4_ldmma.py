@@ -201,8 +201,8 @@ if HAVE_GLUON:
     def _int4_ldmma_kernel(
         q_ptr, x_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         M, N, NCH,
-        stride_qn, stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
-        GROUP: gl.constexpr, KS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HAS_ZEROS: gl.constexpr,
+        stride_qt, stride_qn, stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, stride_om,
+        stride_on, GROUP: gl.constexpr, KS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HAS_ZEROS: gl.constexpr,
         HAS_BIAS: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, AHEAD: gl.constexpr = 1,
         ABLATE: gl.constexpr = 0,
     ):
@@ -221,11 +221,12 @@ if HAVE_GLUON:
         pid_n = gl.program_id(0)
         pid_m = gl.program_id(1)
         n0 = pid_n * BN
-        qn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))
+        # program pid_n's words start at pid_n * stride_qt (BN columns on: BN * stride_qn in the N-contiguous format,
+        # one tile in the tiled one, ldmma_tile)
+        qn = pid_n * stride_qt + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL))) * stride_qn
         qj = gl.arange(0, RW, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))
         zn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, ZL))
         n_ok = zn < N
-        qn = qn * stride_qn
         xm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
         xk = gl.arange(0, KS, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
         xm = gl.minimum(xm, M - 1)  # rows past M read row M - 1 (no masks): their MMA columns are never stored
@@ -302,7 +303,11 @@ def ldmma_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> 
         return f"x must be float16 / bfloat16 (the MMA's operands are 16-bit), got {x.dtype}"
     if group_size < 32 or group_size % 32:
         return f"group_size must be a multiple of 32 (a K chunk is 32..128 columns of one group), got {group_size}"
-    if qweight.stride(0) != 1 or qweight.shape[0] % 4 or qweight.data_ptr() % 16 or qweight.stride(1) % 4:
+    if qweight.dim() == 3:  # ldmma_tile's format
+        if qweight.stride(2) != 1 or qweight.shape[2] not in (16, 32, 64) or qweight.data_ptr() % 16 \
+                or qweight.stride(1) % 4 or qweight.stride(0) % 4:
+            return "tiled qweight must be [N / BN, K / 8, BN] (BN 16 / 32 / 64) with 16-byte aligned rows"
+    elif qweight.stride(0) != 1 or qweight.shape[0] % 4 or qweight.data_ptr() % 16 or qweight.stride(1) % 4:
         return "qweight must be N-contiguous with 16-byte aligned rows of its [K / 8, N] view (16-byte word loads)"
     return None
 
@@ -317,10 +322,19 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     `_ablate` (benchmarks/ldmma_ablate.py, never int4_gemm): the kernel with parts of its step left out (_ld_step);
     its outputs are wrong."""
     M, K = x.shape
-    N = qweight.shape[0]
     warps = int(cfg.get("num_warps", 4))
     bm = int(cfg.get("BLOCK_M", 8 if M <= 8 else 16))
     bn = int(cfg.get("BLOCK_N", 32))
+    if qweight.dim() == 3:  # the tiled format (ldmma_tile): [N / BN, K / 8, BN], a program's words contiguous
+        if qweight.shape[2] != bn:
+            raise ValueError(f"int4_gemm: ldmma's tiled weights hold {qweight.shape[2]}-column tiles, the config asks "
+                             f"BLOCK_N={bn}")
+        N = qweight.shape[0] * bn
+        stride_qt, stride_qk, stride_qn = qweight.stride()
+    else:
+        N = qweight.shape[0]
+        stride_qn, stride_qk = qweight.stride()
+        stride_qt = bn * stride_qn
     ks = int(cfg.get("BLOCK_K", min(group_size, 128)))
     ahead = int(cfg.get("AHEAD", 1))
     if (bm not in (8, 16) or bn not in (16, 32, 64) or warps not in (1, 2, 4, 8, 16) or ks not in (32, 64, 128)
@@ -334,12 +348,28 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     b = bias if bias is not None else scales
     _int4_ldmma_kernel[(cdiv(N, bn), cdiv(M, bm))](
         qweight, x, scales, z, b, out, M, N, K // ks,
-        qweight.stride(0), qweight.stride(1), x.stride(0), x.stride(1), scales.stride(0), scales.stride(1),
+        stride_qt, stride_qn, stride_qk, x.stride(0), x.stride(1), scales.stride(0), scales.stride(1),
         z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         GROUP=group_size, KS=ks, BM=bm, BN=bn, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
         EVEN_N=N % bn == 0, EVEN_K=(K // ks) % warps == 0, AHEAD=ahead, ABLATE=_ablate, num_warps=warps,
         **({"maxnreg": int(cfg["MAXNREG"])} if cfg.get("MAXNREG") else {}))
     return out
+
+
+def ldmma_tile(qweight: torch.Tensor, block_n: int = 32) -> torch.Tensor:
+    """kernopt's N-contiguous words [N, K / 8] (N a multiple of block_n) -> the tiled format [N / block_n, K / 8,
+    block_n]: program n's words (columns block_n n .. + block_n - 1, all of K) one contiguous block, word row j of it
+    at j * block_n. Word (n, j) of the input is element [n // block_n, j, n % block_n] of the output."""
+    N, KW = qweight.shape
+    if N % block_n:
+        raise ValueError(f"ldmma_tile: N ({N}) must be a multiple of block_n ({block_n})")
+    return qweight.t().reshape(KW, N // block_n, block_n).permute(1, 0, 2).contiguous()
+
+
+def ldmma_untile(tiled: torch.Tensor) -> torch.Tensor:
+    """The inverse of ldmma_tile: [N / BN, K / 8, BN] -> N-contiguous [N, K / 8] (a view of a fresh [K / 8, N])."""
+    T, KW, bn = tiled.shape
+    return tiled.permute(1, 0, 2).reshape(KW, T * bn).t()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -89,6 +89,44 @@ def test_ldmma_refusals():
         int4_gemm(x, qweight, scales, zeros, 128, config={"impl": "ldmma", "BLOCK_M": 8, "num_warps": 4})
 
 
+@pytest.mark.parametrize("bn", [16, 32, 64])
+def test_ldmma_tile_round_trip_and_placement(bn):
+    """ldmma_tile puts word (n, j) at [n // bn, j, n % bn] (a program's words one contiguous block), ldmma_untile
+    inverts it; N not a multiple of the tile is refused."""
+    torch.manual_seed(bn)
+    qweight, _, _ = _weights(3 * bn, 256, 128, False, "cpu")
+    tiled = ld.ldmma_tile(qweight, bn)
+    assert tiled.shape == (3, 32, bn) and tiled.is_contiguous()
+    n, j = torch.randint(0, 3 * bn, (50,)), torch.randint(0, 32, (50,))
+    assert torch.equal(tiled[n // bn, j, n % bn], qweight[n, j])
+    back = ld.ldmma_untile(tiled)
+    assert torch.equal(back, qweight) and back.stride(0) == 1
+    assert ld.ldmma_supported(torch.randn(1, 256, dtype=torch.bfloat16), tiled, 128) is None
+    with pytest.raises(ValueError, match="multiple"):
+        ld.ldmma_tile(qweight[:bn + 4], bn)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("asym", [True, False])
+@pytest.mark.parametrize("M", [1, 6])
+def test_ldmma_gpu_tiled_words(M, asym):
+    """The same kernel on ldmma_tile's format (stride_qt: a program's words one block), 16 / 32 / 64-column tiles,
+    even and ragged K chunk counts, one and two chunks ahead, bias; NaN-poisoned out."""
+    g, N = 128, 1024 + 64
+    for K, warps, ahead in ((4096, 4, 1), (11 * 128, 8, 2), (4096, 16, 1)):
+        qweight, scales, zeros = _weights(N, K, g, asym, "cuda", torch.bfloat16)
+        x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+        bias = torch.randn(N, dtype=torch.bfloat16, device="cuda")
+        expected = _expected(x, qweight, scales, zeros, g, bias)
+        for bn in (16, 32, 64):
+            cfg = {"BLOCK_M": 8, "BLOCK_N": bn, "BLOCK_K": 128, "AHEAD": ahead, "num_warps": warps}
+            out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+            ld.int4_ldmma(x, ld.ldmma_tile(qweight, bn), scales, zeros, bias, out, g, cfg)
+            assert_close(out, expected, torch.bfloat16, scale=2.0)
+        with pytest.raises(ValueError, match="tiles"):
+            ld.int4_ldmma(x, ld.ldmma_tile(qweight, 32), scales, zeros, bias, out, g, {**cfg, "BLOCK_N": 64})
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("asym", [True, False])
