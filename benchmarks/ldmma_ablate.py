@@ -38,6 +38,9 @@ LAYOUTS = ("strip", "tiled")
 # N = 14336, but the loads-only form fits: does more in flight per warp make the loads themselves faster?)
 CONFIGS = [{"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": w} for w in (4, 8, 16)] + \
     [{"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "AHEAD": 2, "num_warps": 4}]
+# the words by TMA into a STAGES-deep shared-memory ring instead (_int4_ldmma_ring_kernel)
+RING = [{"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "STAGES": s, "num_warps": w}
+        for w, s in ((4, 3), (4, 4), (4, 6), (8, 3), (8, 4), (16, 3))]
 
 
 def main() -> None:
@@ -46,12 +49,16 @@ def main() -> None:
     ap.add_argument("--ms", default="1")
     ap.add_argument("--rep", type=int, default=50)
     ap.add_argument("--forms", default="full,loads", help=f"comma-separated, of {list(FORMS)}")
+    ap.add_argument("--configs", default="regs,ring", help="regs (plain loads) and / or ring (the TMA ring)")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,...")
     args = ap.parse_args()
     require_cuda("ldmma_ablate.py")
     g = 128
     suite = Suite("ldmma_ablate")
     torch.manual_seed(0)
-    for K, N in SHAPES:
+    configs = (CONFIGS if "regs" in args.configs else []) + (RING if "ring" in args.configs else [])
+    for K, N in [tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",")]:
         for symmetric in (False, True):
             qweight, scales, zeros = make_weights(N, K, g, "cuda", symmetric)
             w_bf16 = dequantize_int4(qweight, scales, zeros, g, torch.bfloat16)  # the plain-torch reference
@@ -61,14 +68,15 @@ def main() -> None:
                                                 None if zeros is None else
                                                 zeros.clone(memory_format=torch.preserve_format))
                                                for _ in range(copies - 1)]
-            qs = {"strip": qs, "tiled": [(ldmma_tile(qw), s, z) for qw, s, z in qs]}
+            qs = {"strip": qs, "tiled": [(ldmma_tile(qw), s, z) for qw, s, z in qs] if "tiled" in args.layouts else []}
             for M in [int(m) for m in args.ms.split(",")]:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 expected = F.linear(x.double(), w_bf16.double())
                 results, extra = {}, {}
-                for cfg in CONFIGS:
-                    for layout in LAYOUTS:
+                for cfg in configs:
+                    for layout in args.layouts.split(","):
                         name = f"w{cfg['num_warps']}" + (f"_ahead{cfg['AHEAD']}" if cfg.get("AHEAD", 1) > 1 else "")
+                        name += f"_ring{cfg['STAGES']}" if cfg.get("STAGES") else ""
                         name += "" if layout == "strip" else f"_{layout}"
                         out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
                         if layout == "strip":

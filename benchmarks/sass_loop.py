@@ -102,8 +102,9 @@ def main() -> None:
     sass, regs = compile_sass(cfg, args.m, args.n, args.k, args.group, getattr(torch, args.x_dtype),
                               args.symmetric)
     body = loop_body(sass)
-    if cfg.get("impl") == "ldmma":  # each warp its own K chunk; the loop runs 2 chunks (AHEAD 2: 3) an iteration
-        nibbles = cfg.get("BLOCK_N", 32) * cfg.get("BLOCK_K", 128) / 32 * (1 + int(cfg.get("AHEAD", 1)))
+    if cfg.get("impl") == "ldmma":  # each warp its own K chunk; the loop runs 2 chunks (AHEAD 2: 3, STAGES: 1) an iteration
+        steps = 1 if cfg.get("STAGES") else 1 + int(cfg.get("AHEAD", 1))  # (the TMA ring: one chunk a step)
+        nibbles = cfg.get("BLOCK_N", 32) * cfg.get("BLOCK_K", 128) / 32 * steps
     else:
         nibbles = cfg["BLOCK_N"] * cfg["BLOCK_K"] / (32 * cfg.get("num_warps", 4))
     print(f"registers {regs}; K loop {len(body)} instructions, {len(body) / nibbles:.2f} per nibble per thread "

@@ -55,6 +55,8 @@ from .int4_wgmma import HAVE_GLUON
 
 if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .int4_wgmma import _RAW_PAIR, _operand_pairs, _pairs, _zero_pairs, gl, gluon
 
@@ -137,36 +139,26 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.reshape(t, [W, BN]), SL)
 
     @gluon.jit
-    def _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, zn, n_ok,
-                  stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
-                  GROUP: gl.constexpr, KS: gl.constexpr, HAS_ZEROS: gl.constexpr, EVEN_N: gl.constexpr,
-                  EVEN_K: gl.constexpr, WL: gl.constexpr, XL: gl.constexpr, ZL: gl.constexpr, live=True):
-        """One step's loads for every warp: warp w's chunk ch[w] (words [W, RW, BN], x [W, BM, KS], its group's
-        scales and zeros [W, BN] per physical column); chunks past NCH load zeros. EVEN_N: no column past N;
-        EVEN_K: every warp's chunk exists (no chunk mask: unpredicated loads, no zero fill). live (a scalar, the
-        same for every warp): False loads nothing (a prefetch past the last step; its values are never used)."""
-        RW: gl.constexpr = KS // 8
-        chw = gl.convert_layout(ch, gl.SliceLayout(1, gl.SliceLayout(2, WL)), assert_trivial=True)
-        wp = q_ptr + (chw * RW)[:, None, None] * stride_qk + qj[None, :, None] * stride_qk + qn[None, None, :]
+    def _ld_side(x_ptr, s_ptr, z_ptr, ch, NCH, xm, xk, zn, n_ok, stride_xm, stride_xk, stride_sn, stride_sg,
+                 stride_zn, stride_zg, GROUP: gl.constexpr, KS: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                 EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, XL: gl.constexpr, ZL: gl.constexpr, live=True):
+        """Warp w's chunk ch[w] but its words: x [W, BM, KS] and its group's scales and zeros [W, BN] per physical
+        column; chunks past NCH load zeros (EVEN_K: every warp's chunk exists, no mask; EVEN_N: no column past N).
+        live (a scalar, the same for every warp): False loads nothing (a prefetch past the last step)."""
         chx = gl.convert_layout(ch, gl.SliceLayout(1, gl.SliceLayout(2, XL)))
         xp = x_ptr + xm[None, :, None] * stride_xm + ((chx * KS)[:, None, None] + xk[None, None, :]) * stride_xk
         chz = gl.convert_layout(ch, gl.SliceLayout(1, ZL))
         gz = (chz * KS) // GROUP
         sp = s_ptr + gz[:, None] * stride_sg + zn[None, :] * stride_sn
         zp = z_ptr + gz[:, None] * stride_zg + zn[None, :] * stride_zn
+        okz = gl.full([ch.shape[0], zn.shape[0]], 1, gl.int1, ZL)
+        if not EVEN_K:
+            okz = okz & (chz < NCH)[:, None]
+        if not EVEN_N:
+            okz = okz & n_ok[None, :]
         if EVEN_K and EVEN_N:
-            wv = gl.load(wp, mask=live)
             sv = gl.load(sp, mask=live)
         else:
-            okw = gl.full([ch.shape[0], RW, zn.shape[0]], 1, gl.int1, WL)
-            okz = gl.full([ch.shape[0], zn.shape[0]], 1, gl.int1, ZL)
-            if not EVEN_K:
-                okw = okw & (chw < NCH)[:, None, None]
-                okz = okz & (chz < NCH)[:, None]
-            if not EVEN_N:
-                okw = okw & n_ok[None, None, :]
-                okz = okz & n_ok[None, :]
-            wv = gl.load(wp, mask=okw & live, other=0)
             sv = gl.load(sp, mask=okz & live, other=0.0)
         if EVEN_K:  # (rows past M read row M - 1: their MMA columns are never stored)
             xv = gl.load(xp, mask=live)
@@ -179,6 +171,29 @@ if HAVE_GLUON:
                 zv = gl.load(zp, mask=okz & live, other=0.0)
         else:
             zv = gl.zeros([ch.shape[0], zn.shape[0]], gl.float32, layout=ZL)
+        return xv, sv, zv
+
+    @gluon.jit
+    def _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, zn, n_ok,
+                  stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
+                  GROUP: gl.constexpr, KS: gl.constexpr, HAS_ZEROS: gl.constexpr, EVEN_N: gl.constexpr,
+                  EVEN_K: gl.constexpr, WL: gl.constexpr, XL: gl.constexpr, ZL: gl.constexpr, live=True):
+        """One step's loads for every warp: warp w's chunk ch[w] (words [W, RW, BN] by plain loads, and _ld_side's
+        x, scales, zeros); chunks past NCH load zeros."""
+        RW: gl.constexpr = KS // 8
+        chw = gl.convert_layout(ch, gl.SliceLayout(1, gl.SliceLayout(2, WL)), assert_trivial=True)
+        wp = q_ptr + (chw * RW)[:, None, None] * stride_qk + qj[None, :, None] * stride_qk + qn[None, None, :]
+        if EVEN_K and EVEN_N:
+            wv = gl.load(wp, mask=live)
+        else:
+            okw = gl.full([ch.shape[0], RW, zn.shape[0]], 1, gl.int1, WL)
+            if not EVEN_K:
+                okw = okw & (chw < NCH)[:, None, None]
+            if not EVEN_N:
+                okw = okw & n_ok[None, None, :]
+            wv = gl.load(wp, mask=okw & live, other=0)
+        xv, sv, zv = _ld_side(x_ptr, s_ptr, z_ptr, ch, NCH, xm, xk, zn, n_ok, stride_xm, stride_xk, stride_sn,
+                              stride_sg, stride_zn, stride_zg, GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, XL, ZL, live)
         return wv, xv, sv, zv
 
     @gluon.jit
@@ -283,17 +298,100 @@ if HAVE_GLUON:
         else:
             acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE)
 
-        total = gl.sum(acc, axis=0)  # [BN, BM]: the warps' K chunks summed
+        _ld_store(acc, b_ptr, out_ptr, M, N, n0, pid_m * BM, stride_om, stride_on, BN, BM, HAS_BIAS, MMA)
+
+    @gluon.jit
+    def _ld_store(acc, b_ptr, out_ptr, M, N, n0, m0, stride_om, stride_on, BN: gl.constexpr, BM: gl.constexpr,
+                  HAS_BIAS: gl.constexpr, MMA: gl.constexpr):
+        """The warps' K chunks summed, (+ bias), MMA rows written back to their physical columns."""
+        total = gl.sum(acc, axis=0)  # [BN, BM]
         TL: gl.constexpr = gl.SliceLayout(0, MMA)
         on = gl.arange(0, BN, layout=gl.SliceLayout(1, TL))
         on = n0 + (BN // 8) * (on % 8) + 2 * (on // 16) + (on // 8) % 2
-        om = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, TL))
+        om = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, TL))
         on_ok = on < N
         if HAS_BIAS:
             total += gl.load(b_ptr + on, mask=on_ok, other=0.0).to(gl.float32)[:, None]
         gl.store(out_ptr + om[None, :] * stride_om + on[:, None] * stride_on, total.to(out_ptr.dtype.element_ty),
                  mask=on_ok[:, None] & (om < M)[None, :])
 
+    @gluon.jit
+    def _int4_ldmma_ring_kernel(
+        w_desc, x_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+        M, N, NCH, KW,
+        stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
+        GROUP: gl.constexpr, KS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HAS_ZEROS: gl.constexpr,
+        HAS_BIAS: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, TILED: gl.constexpr,
+        STAGES: gl.constexpr, ABLATE: gl.constexpr = 0,
+    ):
+        """_int4_ldmma_kernel with the words landed by TMA in a STAGES-deep shared-memory ring (a slot: the W
+        warps' chunks of one step, W x KS / 8 word rows x BN columns, 128-byte swizzled) and read back by each
+        warp in its A fragment's layout; x, scales and zeros by plain loads one step ahead. Bytes in flight cost
+        no registers. TILED: the words in ldmma_tile's format (w_desc over its [N / BN * K / 8, BN] view)."""
+        W: gl.constexpr = gl.num_warps()
+        RW: gl.constexpr = KS // 8
+        BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
+        LAYOUTS: gl.constexpr = _ld_layouts(W, RW, BM, BN)
+        WL: gl.constexpr = LAYOUTS[0]
+        XL: gl.constexpr = LAYOUTS[1]
+        MMA: gl.constexpr = LAYOUTS[2]
+        OPA: gl.constexpr = LAYOUTS[3]
+        OPB: gl.constexpr = LAYOUTS[4]
+        SL: gl.constexpr = gl.SliceLayout(2, MMA)
+        ZL: gl.constexpr = gl.SliceLayout(1, WL)
+
+        pid_n = gl.program_id(0)
+        pid_m = gl.program_id(1)
+        n0 = pid_n * BN
+        zn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, ZL))
+        n_ok = zn < N
+        xm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
+        xk = gl.arange(0, KS, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
+        xm = gl.minimum(xm, M - 1)
+        if TILED:  # program pid_n's tile: rows pid_n * KW .. + KW - 1 of the [N / BN * K / 8, BN] view
+            r0 = pid_n * KW
+            c0 = 0
+        else:      # the N-contiguous words' [K / 8, N] view: columns n0 .. + BN - 1
+            r0 = 0
+            c0 = n0
+
+        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, W * RW, BN], w_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
+        steps = gl.cdiv(NCH, W)
+        for i in gl.static_range(STAGES - 1):  # the ring's first STAGES - 1 steps
+            ok = i < steps
+            mbarrier.expect(bars.index(i), w_desc.block_type.nbytes, pred=ok)
+            tma.async_copy_global_to_shared(w_desc, [r0 + i * W * RW, c0], bars.index(i), w_smem.index(i), pred=ok)
+
+        ch = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
+        xv, sv, zv = _ld_side(x_ptr, s_ptr, z_ptr, ch, NCH, xm, xk, zn, n_ok, stride_xm, stride_xk, stride_sn,
+                              stride_sg, stride_zn, stride_zg, GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, XL, ZL)
+        acc = gl.zeros([W, BN, BM], gl.float32, layout=MMA)
+        zero_acc = gl.zeros([W, BN, BM], gl.float32, layout=MMA)
+        for i in range(steps):
+            slot = i % STAGES
+            # every warp is done reading step i - 1's slot, the one refilled now (a read-then-TMA-write hazard: the
+            # barrier orders it, no proxy fence needed)
+            gl.thread_barrier()
+            nxt = i + STAGES - 1
+            ok = nxt < steps
+            ns = nxt % STAGES
+            mbarrier.expect(bars.index(ns), w_desc.block_type.nbytes, pred=ok)
+            tma.async_copy_global_to_shared(w_desc, [r0 + nxt * W * RW, c0], bars.index(ns), w_smem.index(ns), pred=ok)
+            x1, s1, z1 = _ld_side(x_ptr, s_ptr, z_ptr, ch + W, NCH, xm, xk, zn, n_ok, stride_xm, stride_xk,
+                                  stride_sn, stride_sg, stride_zn, stride_zg, GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K,
+                                  XL, ZL, i + 1 < steps)
+            mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+            wv = w_smem.index(slot).reshape([W, RW, BN]).load(WL)
+            acc = _ld_step(acc, zero_acc, wv, xv, sv, zv, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE)
+            xv, sv, zv = x1, s1, z1
+            ch = ch + W
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+        _ld_store(acc, b_ptr, out_ptr, M, N, n0, pid_m * BM, stride_om, stride_on, BN, BM, HAS_BIAS, MMA)
 
 def ldmma_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> Optional[str]:
     """None when the ldmma kernel takes this launch, else why not (the caller keeps another kernel)."""
@@ -337,15 +435,33 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         stride_qt = bn * stride_qn
     ks = int(cfg.get("BLOCK_K", min(group_size, 128)))
     ahead = int(cfg.get("AHEAD", 1))
+    stages = int(cfg.get("STAGES", 0))
     if (bm not in (8, 16) or bn not in (16, 32, 64) or warps not in (1, 2, 4, 8, 16) or ks not in (32, 64, 128)
-            or group_size % ks or ahead not in (1, 2)):
+            or group_size % ks or ahead not in (1, 2) or stages not in (0, 2, 3, 4, 5, 6, 8)
+            or (stages and (bn != 32 or warps * ks // 8 > 256))):
         raise ValueError(f"int4_gemm: impl 'ldmma' takes BLOCK_M 8 / 16, BLOCK_N 16 / 32 / 64, BLOCK_K 32 / 64 / 128 "
-                         f"dividing the group ({group_size}), AHEAD 1 / 2 and 1..16 warps (a power of two), got "
-                         f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} AHEAD={ahead} num_warps={warps}")
+                         f"dividing the group ({group_size}), AHEAD 1 / 2, 1..16 warps (a power of two) and STAGES 0 "
+                         f"(plain loads) or 2..8 (a TMA ring: BLOCK_N 32, num_warps x BLOCK_K / 8 <= 256), got "
+                         f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} AHEAD={ahead} STAGES={stages} num_warps={warps}")
     if x.stride(1) != 1 or x.data_ptr() % 16 or (M > 1 and x.stride(0) % 8):
         x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)  # fresh: 16-byte x loads
     z = zeros if zeros is not None else scales
     b = bias if bias is not None else scales
+    if stages:  # the TMA ring: a step's W chunks (W x KS / 8 word rows of BN columns) one box
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+        if qweight.dim() == 3:
+            view = qweight.reshape(qweight.shape[0] * qweight.shape[1], bn)
+        else:
+            view = qweight.t()
+        desc = TensorDescriptor.from_tensor(view, [warps * ks // 8, bn], layout)
+        _int4_ldmma_ring_kernel[(cdiv(N, bn), cdiv(M, bm))](
+            desc, x, scales, z, b, out, M, N, K // ks, K // 8,
+            x.stride(0), x.stride(1), scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0),
+            out.stride(1), GROUP=group_size, KS=ks, BM=bm, BN=bn, HAS_ZEROS=zeros is not None,
+            HAS_BIAS=bias is not None, EVEN_N=N % bn == 0, EVEN_K=(K // ks) % warps == 0, TILED=qweight.dim() == 3,
+            STAGES=stages, ABLATE=_ablate, num_warps=warps,
+            **({"maxnreg": int(cfg["MAXNREG"])} if cfg.get("MAXNREG") else {}))
+        return out
     _int4_ldmma_kernel[(cdiv(N, bn), cdiv(M, bm))](
         qweight, x, scales, z, b, out, M, N, K // ks,
         stride_qt, stride_qn, stride_qk, x.stride(0), x.stride(1), scales.stride(0), scales.stride(1),

@@ -284,6 +284,9 @@ def _pdl(build):
     return wrapped
 
 
+_LDMMA_RING = {"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "STAGES": 4, "num_warps": 4}
+
+
 def _int4(M, N=MLP, K=HIDDEN, group=128, zeros=False, bias=False, pick=None, config=None, gated=False, ldmma=True):
     def build(rec):
         import torch
@@ -483,6 +486,11 @@ CASES = [
     Case("int4 M1 (table: ldmma)", _int4(1), no_spill=True, expect={"_int4_ldmma_kernel": ("mma_sync",)}),
     Case("int4 M8 4096^2 zeros+bias (table: ldmma)", _int4(8, N=HIDDEN, zeros=True, bias=True), no_spill=True,
          expect={"_int4_ldmma_kernel": ("mma_sync",)}),
+    Case("int4 M1 zeros (ldmma TMA ring, 4 stages)", _int4(1, zeros=True, config=_LDMMA_RING), selected=False,
+         no_spill=True, expect={"_int4_ldmma_ring_kernel": ("mma_sync", "tma")}),
+    Case("int4 M16 K14336 N4096 zeros+bias (ldmma TMA ring, 16 warps)",
+         _int4(16, N=HIDDEN, K=MLP, zeros=True, bias=True, config={**_LDMMA_RING, "BLOCK_M": 16, "num_warps": 16}),
+         selected=False, expect={"_int4_ldmma_ring_kernel": ("mma_sync", "tma")}),
     Case("int4 M1 (gemv2 PAIRS)", _int4(1, ldmma=False)),
     Case("int4 M1 zeros+bias (gemv2 PAIRS)", _int4(1, zeros=True, bias=True, ldmma=False)),
     Case("int4 M1 K14336 N4096 (table: gemv2 PAIRS)", _int4(1, N=HIDDEN, K=MLP),

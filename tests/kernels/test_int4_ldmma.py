@@ -87,6 +87,10 @@ def test_ldmma_refusals():
     assert "N-contiguous" in ld.ldmma_supported(x, qweight.t().contiguous().t().contiguous(), 128)
     with pytest.raises(ValueError, match="ldmma"):  # a CPU launch: Gluon has no interpreter, or the bad config
         int4_gemm(x, qweight, scales, zeros, 128, config={"impl": "ldmma", "BLOCK_M": 8, "num_warps": 4})
+    out = torch.empty(2, 64, dtype=torch.bfloat16)
+    for bad in ({"STAGES": 4, "BLOCK_N": 64}, {"STAGES": 7}, {"STAGES": 2, "num_warps": 16, "BLOCK_K": 256}):
+        with pytest.raises(ValueError, match="STAGES"):  # refused before any launch
+            ld.int4_ldmma(x, qweight, scales, zeros, None, out, 128, bad)
 
 
 @pytest.mark.parametrize("bn", [16, 32, 64])
@@ -125,6 +129,30 @@ def test_ldmma_gpu_tiled_words(M, asym):
             assert_close(out, expected, torch.bfloat16, scale=2.0)
         with pytest.raises(ValueError, match="tiles"):
             ld.int4_ldmma(x, ld.ldmma_tile(qweight, 32), scales, zeros, bias, out, g, {**cfg, "BLOCK_N": 64})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("asym", [True, False])
+@pytest.mark.parametrize("M", [1, 6, 16])
+def test_ldmma_gpu_tma_ring(M, asym):
+    """The TMA-ring form (STAGES: the words by TMA into shared memory, read back in the A fragment's layout) on
+    both word formats: N = 1000 (TMA's zero fill past N) with K = 32 chunks, N = 1088 with K = 11 chunks (the last
+    step's box past K: zero fill, or in the tiled format the next tile's words times zero x and scales), rings of 2..6 slots over 4 / 8 / 16 warps, 64- and
+    128-wide chunks, bias; NaN-poisoned out."""
+    g, dtype = 128, torch.bfloat16
+    for N, K in ((1000, 4096), (1088, 11 * 128)):
+        qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+        x = torch.randn(M, K, dtype=dtype, device="cuda")
+        bias = torch.randn(N, dtype=dtype, device="cuda")
+        expected = _expected(x, qweight, scales, zeros, g, bias)
+        bm = 8 if M <= 8 else 16
+        for warps, stages, ks in ((4, 3, 128), (8, 4, 128), (16, 2, 128), (4, 6, 64)):
+            cfg = {"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": ks, "STAGES": stages, "num_warps": warps}
+            assert_close(_run(x, qweight, scales, zeros, g, cfg, bias), expected, dtype, scale=2.0)
+            if N % 32 == 0:
+                out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+                ld.int4_ldmma(x, ld.ldmma_tile(qweight), scales, zeros, bias, out, g, cfg)
+                assert_close(out, expected, dtype, scale=2.0)
 
 
 @pytest.mark.gpu
