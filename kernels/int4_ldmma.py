@@ -83,28 +83,34 @@ if HAVE_GLUON:
     _A_PERM = gl.constexpr(list(A_PERM))
     _X_PERM = gl.constexpr(list(X_PERM))
     _S_PERM = gl.constexpr(list(S_PERM))
+    _ROW_ORDER = gl.constexpr([0, 1, 4, 2, 3, 5, 6, 7, 8])
+    _ROW_ORDER_X = gl.constexpr([0, 1, 2, 5, 3, 4, 6])
 
     @gluon.constexpr_function
     def _log2(v):
         return v.bit_length() - 1
 
     @gluon.constexpr_function
-    def _ld_layouts(W, RW, BM, BN):
+    def _ld_layouts(W, RW, BM, BN, ROWS=0):
         """(WL, XL, MMA, OPA, OPB): the [W, RW, BN] word tile (lane t: word row t % 4 (+ 4 c, registers), columns
         CPL (t // 4) .. + CPL - 1, CPL = BN / 8; warp w: its own chunk), the [W, BM, KS] natural-order x tile (lane
         t: row t // 4, k 8 (t % 4) .. + 7 of each 32), the batched mma.sync accumulator (a warp per batch) and its
-        two operands."""
+        two operands. ROWS 1 (RW >= 8): lane t holds word rows 2 (t % 4) + (c % 2) + 8 (c // 2) instead, so that
+        the 8 lanes of a 16-byte shared-memory load phase read rows 0, 2, 4, 6 (or 1, 3, 5, 7) of two adjacent
+        16-byte columns: distinct banks under the 128-byte swizzle (_ROW_ORDER; the K order follows in x)."""
         cpl = BN // 8
-        reg = [[0, 0, 1 << b] for b in range(_log2(cpl))] + [[0, 1 << b, 0] for b in range(2, _log2(RW))]
-        lane = [[0, 1, 0], [0, 2, 0], [0, 0, cpl], [0, 0, 2 * cpl], [0, 0, 4 * cpl]]
+        rows_lane, rows_reg = ([2, 4], [1] + [1 << b for b in range(3, _log2(RW))]) if ROWS else \
+            ([1, 2], [1 << b for b in range(2, _log2(RW))])
+        reg = [[0, 0, 1 << b] for b in range(_log2(cpl))] + [[0, r, 0] for r in rows_reg]
+        lane = [[0, rows_lane[0], 0], [0, rows_lane[1], 0], [0, 0, cpl], [0, 0, 2 * cpl], [0, 0, 4 * cpl]]
         warp = [[1 << b, 0, 0] for b in range(_log2(W))]
         wl = gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=warp, block_bases=[],
                                         shape=[W, RW, BN])
         ks = RW * 8
-        xreg = [[0, 0, 1], [0, 0, 2], [0, 0, 4]] + [[0, 0, 1 << b] for b in range(5, _log2(ks))]
+        xreg = [[0, 0, 1], [0, 0, 2], [0, 0, 4]] + [[0, 0, 8 * r] for r in rows_reg]
         xreg += [[0, 1 << b, 0] for b in range(3, _log2(BM))]
-        xl = gl.DistributedLinearLayout(reg_bases=xreg, lane_bases=[[0, 0, 8], [0, 0, 16], [0, 1, 0], [0, 2, 0],
-                                                                    [0, 4, 0]],
+        xl = gl.DistributedLinearLayout(reg_bases=xreg, lane_bases=[[0, 0, 8 * rows_lane[0]], [0, 0, 8 * rows_lane[1]],
+                                                                    [0, 1, 0], [0, 2, 0], [0, 4, 0]],
                                         warp_bases=warp, block_bases=[], shape=[W, BM, ks])
         mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
         return (wl, xl, mma, gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
@@ -112,7 +118,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ld_operand_a(w, zz, W: gl.constexpr, BN: gl.constexpr, KS: gl.constexpr, BF16: gl.constexpr,
-                      HAS_ZEROS: gl.constexpr, OPA: gl.constexpr, ABLATE: gl.constexpr = 0):
+                      HAS_ZEROS: gl.constexpr, OPA: gl.constexpr, ABLATE: gl.constexpr = 0, ROWS: gl.constexpr = 0):
         """[W, KS / 8, BN] words -> [W, BN, KS] (q - z), the MMA's A operand (rows relabelled, K in wgr's order).
         ABLATE 1 (benchmarks/ldmma_ablate.py only: wrong values): each word's bits as all four of its pairs."""
         if ABLATE == 1:
@@ -120,14 +126,21 @@ if HAVE_GLUON:
             j = gl.join(gl.join(p, p), gl.join(p, p))
         else:
             j = _operand_pairs(w, zz, BF16, HAS_ZEROS)
+        if ROWS:  # word row 8 jh + 4 j2 + 2 j1 + j0 -> (KB, C) = (2 jh + j0, 2 j2 + j1): the lanes' rows (_ld_layouts)
+            j = gl.reshape(j, [W, KS // 64, 2, 2, 2, BN, 2, 2, 2])       # [W, JH, J2, J1, J0, BN, E, H, S]
+            j = gl.permute(j, _ROW_ORDER.value)                           # [W, JH, J0, J2, J1, BN, E, H, S]
         j = gl.reshape(j, [W, KS // 32, 4, 8, BN // 16, 2, 2, 2, 2])  # [W, KB, C, R, A, B, E, H, S]
         j = gl.permute(j, _A_PERM.value)                              # [W, A, B, R, KB, S, H, C, E]
         return gl.convert_layout(gl.reshape(j, [W, BN, KS]), OPA, assert_trivial=True)
 
     @gluon.jit
-    def _ld_operand_b(xv, W: gl.constexpr, BM: gl.constexpr, KS: gl.constexpr, OPB: gl.constexpr):
+    def _ld_operand_b(xv, W: gl.constexpr, BM: gl.constexpr, KS: gl.constexpr, OPB: gl.constexpr,
+                      ROWS: gl.constexpr = 0):
         """[W, BM, KS] x in natural K order -> [W, KS, BM] in the dot's order, the MMA's B operand (registers
-        relabelled within each lane)."""
+        relabelled within each lane; ROWS: the word rows' order of _ld_operand_a)."""
+        if ROWS:
+            t = gl.reshape(xv, [W, BM, KS // 64, 2, 2, 2, 8])  # [W, BM, JH, J2, J1, J0, I]
+            xv = gl.permute(t, _ROW_ORDER_X.value)              # [W, BM, JH, J0, J2, J1, I]
         t = gl.reshape(xv, [W, BM, KS // 32, 4, 2, 2, 2])  # [W, BM, KB, C, E, S, H]
         t = gl.permute(t, _X_PERM.value)                     # [W, KB, S, H, C, E, BM]
         return gl.convert_layout(gl.reshape(t, [W, KS, BM]), OPB)
@@ -199,16 +212,16 @@ if HAVE_GLUON:
     @gluon.jit
     def _ld_step(acc, zero_acc, wv, xv, sv, zv, W: gl.constexpr, BN: gl.constexpr, KS: gl.constexpr,
                  BM: gl.constexpr, BF16: gl.constexpr, HAS_ZEROS: gl.constexpr, OPA: gl.constexpr,
-                 OPB: gl.constexpr, SL: gl.constexpr, ABLATE: gl.constexpr = 0):
-        """acc += one chunk's product per warp, scaled per MMA row. ABLATE (benchmarks/ldmma_ablate.py only, wrong
+                 OPB: gl.constexpr, SL: gl.constexpr, ABLATE: gl.constexpr = 0, ROWS: gl.constexpr = 0):
+        """acc += one chunk's product per warp, scaled per MMA row (ROWS: the word rows' order, _ld_layouts). ABLATE (benchmarks/ldmma_ablate.py only, wrong
         values): 1 no unpack (the word bits go to the MMA), 2 neither unpack nor MMA nor x (the words summed per
         column stand in for the product)."""
         if ABLATE == 2:
             t = gl.sum(wv, axis=1).to(gl.float32) + zv.to(gl.float32)
             return acc + (_ld_rows(t, W, BN, SL) * _ld_rows(sv.to(gl.float32), W, BN, SL))[:, :, None]
         zz = _zero_pairs(zv, HAS_ZEROS, BF16)
-        a = _ld_operand_a(wv, zz[:, None, :], W, BN, KS, BF16, HAS_ZEROS, OPA, ABLATE)
-        b = _ld_operand_b(xv, W, BM, KS, OPB)
+        a = _ld_operand_a(wv, zz[:, None, :], W, BN, KS, BF16, HAS_ZEROS, OPA, ABLATE, ROWS)
+        b = _ld_operand_b(xv, W, BM, KS, OPB, ROWS)
         d = mma_v2(a, b, zero_acc)
         return acc + d * _ld_rows(sv.to(gl.float32), W, BN, SL)[:, :, None]
 
@@ -322,16 +335,17 @@ if HAVE_GLUON:
         stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
         GROUP: gl.constexpr, KS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HAS_ZEROS: gl.constexpr,
         HAS_BIAS: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, TILED: gl.constexpr,
-        STAGES: gl.constexpr, ABLATE: gl.constexpr = 0,
+        STAGES: gl.constexpr, ROWS: gl.constexpr = 0, ABLATE: gl.constexpr = 0,
     ):
         """_int4_ldmma_kernel with the words landed by TMA in a STAGES-deep shared-memory ring (a slot: the W
         warps' chunks of one step, W x KS / 8 word rows x BN columns, 128-byte swizzled) and read back by each
         warp in its A fragment's layout; x, scales and zeros by plain loads one step ahead. Bytes in flight cost
-        no registers. TILED: the words in ldmma_tile's format (w_desc over its [N / BN * K / 8, BN] view)."""
+        no registers. TILED: the words in ldmma_tile's format (w_desc over its [N / BN * K / 8, BN] view). ROWS 1:
+        the lanes' word rows chosen so that the shared-memory reads are free of bank conflicts (_ld_layouts)."""
         W: gl.constexpr = gl.num_warps()
         RW: gl.constexpr = KS // 8
         BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
-        LAYOUTS: gl.constexpr = _ld_layouts(W, RW, BM, BN)
+        LAYOUTS: gl.constexpr = _ld_layouts(W, RW, BM, BN, ROWS)
         WL: gl.constexpr = LAYOUTS[0]
         XL: gl.constexpr = LAYOUTS[1]
         MMA: gl.constexpr = LAYOUTS[2]
@@ -386,7 +400,8 @@ if HAVE_GLUON:
                                   XL, ZL, i + 1 < steps)
             mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
             wv = w_smem.index(slot).reshape([W, RW, BN]).load(WL)
-            acc = _ld_step(acc, zero_acc, wv, xv, sv, zv, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE)
+            acc = _ld_step(acc, zero_acc, wv, xv, sv, zv, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE,
+                           ROWS)
             xv, sv, zv = x1, s1, z1
             ch = ch + W
         for i in gl.static_range(STAGES):
@@ -436,13 +451,16 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     ks = int(cfg.get("BLOCK_K", min(group_size, 128)))
     ahead = int(cfg.get("AHEAD", 1))
     stages = int(cfg.get("STAGES", 0))
+    rows = int(cfg.get("ROWS", 0))
     if (bm not in (8, 16) or bn not in (16, 32, 64) or warps not in (1, 2, 4, 8, 16) or ks not in (32, 64, 128)
             or group_size % ks or ahead not in (1, 2) or stages not in (0, 2, 3, 4, 5, 6, 8)
-            or (stages and (bn != 32 or warps * ks // 8 > 256))):
+            or (stages and (bn != 32 or warps * ks // 8 > 256)) or rows not in (0, 1)
+            or (rows and (not stages or ks < 64))):
         raise ValueError(f"int4_gemm: impl 'ldmma' takes BLOCK_M 8 / 16, BLOCK_N 16 / 32 / 64, BLOCK_K 32 / 64 / 128 "
                          f"dividing the group ({group_size}), AHEAD 1 / 2, 1..16 warps (a power of two) and STAGES 0 "
-                         f"(plain loads) or 2..8 (a TMA ring: BLOCK_N 32, num_warps x BLOCK_K / 8 <= 256), got "
-                         f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} AHEAD={ahead} STAGES={stages} num_warps={warps}")
+                         f"(plain loads) or 2..8 (a TMA ring: BLOCK_N 32, num_warps x BLOCK_K / 8 <= 256; ROWS 1 with the "
+                         f"ring and BLOCK_K >= 64), got "
+                         f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} AHEAD={ahead} STAGES={stages} ROWS={rows} num_warps={warps}")
     if x.stride(1) != 1 or x.data_ptr() % 16 or (M > 1 and x.stride(0) % 8):
         x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)  # fresh: 16-byte x loads
     z = zeros if zeros is not None else scales
@@ -459,7 +477,7 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             x.stride(0), x.stride(1), scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0),
             out.stride(1), GROUP=group_size, KS=ks, BM=bm, BN=bn, HAS_ZEROS=zeros is not None,
             HAS_BIAS=bias is not None, EVEN_N=N % bn == 0, EVEN_K=(K // ks) % warps == 0, TILED=qweight.dim() == 3,
-            STAGES=stages, ABLATE=_ablate, num_warps=warps,
+            STAGES=stages, ROWS=rows, ABLATE=_ablate, num_warps=warps,
             **({"maxnreg": int(cfg["MAXNREG"])} if cfg.get("MAXNREG") else {}))
         return out
     _int4_ldmma_kernel[(cdiv(N, bn), cdiv(M, bm))](
@@ -491,9 +509,18 @@ def ldmma_untile(tiled: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # CPU emulation of the relabelling (the kernel's joins, reshapes and permutations, in torch)
 # --------------------------------------------------------------------------------------------------
-def _emulate_a(words: torch.Tensor, ks: int) -> torch.Tensor:
+def row_order(rw: int, rows: int = 0) -> torch.Tensor:
+    """The chunk's word rows in the order the kernel's (KB, C) positions take them: natural, or (ROWS 1) word row
+    8 jh + 4 j2 + 2 j1 + j0 at position (2 jh + j0, 2 j2 + j1) (_ld_operand_a's _ROW_ORDER)."""
+    if not rows:
+        return torch.arange(rw)
+    return torch.arange(rw).reshape(rw // 8, 2, 2, 2).permute(0, 3, 1, 2).reshape(-1)
+
+
+def _emulate_a(words: torch.Tensor, ks: int, rows: int = 0) -> torch.Tensor:
     """[RW, BN] words of one chunk (one warp) -> [BN, ks] (q - 8) as the kernel's A operand (rows relabelled, K in
     the dot's order), float64."""
+    words = words[row_order(ks // 8, rows)]
     bn = words.shape[1]
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)
     nib = ((words.unsqueeze(-1) >> shifts) & 0xF).double() - 8.0   # [RW, BN, i]
@@ -503,9 +530,10 @@ def _emulate_a(words: torch.Tensor, ks: int) -> torch.Tensor:
     return j.reshape(bn, ks)
 
 
-def _emulate_b(xv: torch.Tensor, ks: int) -> torch.Tensor:
+def _emulate_b(xv: torch.Tensor, ks: int, rows: int = 0) -> torch.Tensor:
     """[BM, ks] x of one chunk in natural order -> [ks, BM] in the dot's order."""
     bm = xv.shape[0]
+    xv = xv.reshape(bm, ks // 8, 8)[:, row_order(ks // 8, rows)].reshape(bm, ks)
     return xv.unsqueeze(0).reshape(1, bm, ks // 32, 4, 2, 2, 2).permute(X_PERM).reshape(ks, bm)
 
 
@@ -516,10 +544,11 @@ def _emulate_rows(v: torch.Tensor) -> torch.Tensor:
 
 
 def ldmma_emulate(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                  block_n: int = 32, ks: Optional[int] = None) -> torch.Tensor:
+                  block_n: int = 32, ks: Optional[int] = None, rows: int = 0) -> torch.Tensor:
     """y = x @ dequant(qweight, scales, symmetric).T computed as the kernel relabels it: per program of block_n
     columns and K chunk, the relabelled A [block_n, ks] @ B [ks, M] times the chunk's scales relabelled per MMA row,
-    then rows mapped back to columns (column_of_row). float64; N a multiple of block_n and K of the chunk."""
+    then rows mapped back to columns (column_of_row); rows: the word rows' order (ROWS, row_order). float64; N a
+    multiple of block_n and K of the chunk."""
     M, K = x.shape
     N = qweight.shape[0]
     ks = ks or min(group_size, 128)
@@ -529,8 +558,8 @@ def ldmma_emulate(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     for n0 in range(0, N, block_n):
         acc = torch.zeros(block_n, M, dtype=torch.float64)
         for c in range(K // ks):
-            a = _emulate_a(qt[c * ks // 8:(c + 1) * ks // 8, n0:n0 + block_n], ks)
-            b = _emulate_b(x[:, c * ks:(c + 1) * ks].double(), ks)
+            a = _emulate_a(qt[c * ks // 8:(c + 1) * ks // 8, n0:n0 + block_n], ks, rows)
+            b = _emulate_b(x[:, c * ks:(c + 1) * ks].double(), ks, rows)
             acc += (a @ b) * _emulate_rows(scales[n0:n0 + block_n, (c * ks) // group_size].double())[:, None]
         out[:, n0 + cols] = acc.t()
     return out

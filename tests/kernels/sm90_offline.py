@@ -488,6 +488,8 @@ CASES = [
          expect={"_int4_ldmma_kernel": ("mma_sync",)}),
     Case("int4 M1 zeros (ldmma TMA ring, 4 stages)", _int4(1, zeros=True, config=_LDMMA_RING), selected=False,
          no_spill=True, expect={"_int4_ldmma_ring_kernel": ("mma_sync", "tma")}),
+    Case("int4 M1 zeros (ldmma TMA ring, conflict-free rows)", _int4(1, zeros=True, config={**_LDMMA_RING, "ROWS": 1}),
+         selected=False, no_spill=True, expect={"_int4_ldmma_ring_kernel": ("mma_sync", "tma")}),
     Case("int4 M16 K14336 N4096 zeros+bias (ldmma TMA ring, 16 warps)",
          _int4(16, N=HIDDEN, K=MLP, zeros=True, bias=True, config={**_LDMMA_RING, "BLOCK_M": 16, "num_warps": 16}),
          selected=False, expect={"_int4_ldmma_ring_kernel": ("mma_sync", "tma")}),

@@ -36,31 +36,34 @@ def test_rows_map_to_distinct_columns(bn):
     assert torch.equal(ld._emulate_rows(torch.arange(bn)), cols)
 
 
-@pytest.mark.parametrize("g,bn,ks", [(32, 32, None), (64, 64, None), (128, 32, None), (128, 64, 64),
-                                     (128, 16, None), (256, 32, 128), (256, 64, 32)])
+@pytest.mark.parametrize("g,bn,ks,rows", [(32, 32, None, 0), (64, 64, None, 0), (128, 32, None, 0), (128, 64, 64, 0),
+                                          (128, 16, None, 0), (256, 32, 128, 0), (256, 64, 32, 0), (128, 32, None, 1),
+                                          (64, 32, None, 1), (256, 32, 128, 1)])
 @pytest.mark.parametrize("M", [1, 5, 16])
-def test_ldmma_emulation_matches_reference(g, bn, ks, M):
+def test_ldmma_emulation_matches_reference(g, bn, ks, rows, M):
     """The kernel's relabelling, emulated in float64 (A rows and K positions, x^T's K positions, the rows' scales,
-    the rows written back to their columns): equal to the reference up to its float32 dequantization (a wrong
+    the rows written back to their columns; rows 1: the ring's conflict-free word-row order): equal to the reference up to its float32 dequantization (a wrong
     position would be off by the outputs' own size, ~1)."""
     torch.manual_seed(g + M)
     N, K = 3 * bn, 2 * max(g, 128)
     qweight, scales, _ = _weights(N, K, g, False, "cpu", torch.float32)
     x = torch.randn(M, K, dtype=torch.float64)
     expected = int4_gemm_ref(x, qweight, scales.double(), None, g)
-    torch.testing.assert_close(ld.ldmma_emulate(x, qweight, scales, g, bn, ks), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ld.ldmma_emulate(x, qweight, scales, g, bn, ks, rows), expected, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=25, deadline=None)
-@given(word=st.integers(-2**31, 2**31 - 1), ks=st.sampled_from([32, 64, 128]), bn=st.sampled_from([16, 32, 64]))
-def test_ldmma_orders_agree(word, ks, bn):
+@given(word=st.integers(-2**31, 2**31 - 1), ks=st.sampled_from([32, 64, 128]), bn=st.sampled_from([16, 32, 64]),
+       rows=st.sampled_from([0, 1]))
+def test_ldmma_orders_agree(word, ks, bn, rows):
     """Position p of every A row holds nibble k(p) of that row's words and position p of x^T holds x[k(p)], the
-    same k(p) for every row: a permutation of the chunk's K (distinct and extreme words)."""
+    same k(p) for every row: a permutation of the chunk's K (distinct and extreme words; either word-row order)."""
+    rows = rows if ks >= 64 else 0
     words = torch.full((ks // 8, bn), word, dtype=torch.int32)
     words[:, 1::2] = 0x76543210
     words[-1] = -0x01234568
-    a = ld._emulate_a(words, ks) + 8.0                                  # [bn rows, ks] codes
-    order = ld._emulate_b(torch.arange(ks, dtype=torch.float64)[None], ks)[:, 0].long()
+    a = ld._emulate_a(words, ks, rows) + 8.0                                  # [bn rows, ks] codes
+    order = ld._emulate_b(torch.arange(ks, dtype=torch.float64)[None], ks, rows)[:, 0].long()
     assert sorted(order.tolist()) == list(range(ks))
     codes = ((words.t().long().repeat_interleave(8, 1) >> ((torch.arange(ks) % 8) * 4)) & 0xF).double()  # [bn, ks]
     assert torch.equal(a, codes[ld.column_of_row(torch.arange(bn), bn)][:, order])
@@ -137,8 +140,8 @@ def test_ldmma_gpu_tiled_words(M, asym):
 def test_ldmma_gpu_tma_ring(M, asym):
     """The TMA-ring form (STAGES: the words by TMA into shared memory, read back in the A fragment's layout) on
     both word formats: N = 1000 (TMA's zero fill past N) with K = 32 chunks, N = 1088 with K = 11 chunks (the last
-    step's box past K: zero fill, or in the tiled format the next tile's words times zero x and scales), rings of 2..6 slots over 4 / 8 / 16 warps, 64- and
-    128-wide chunks, bias; NaN-poisoned out."""
+    step's box past K: zero fill, or in the tiled format the next tile's words times zero x and scales), rings of
+    2..6 slots over 4 / 8 / 16 warps, 32- to 128-wide chunks, both word-row orders (ROWS), bias; NaN-poisoned out."""
     g, dtype = 128, torch.bfloat16
     for N, K in ((1000, 4096), (1088, 11 * 128)):
         qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
@@ -146,8 +149,9 @@ def test_ldmma_gpu_tma_ring(M, asym):
         bias = torch.randn(N, dtype=dtype, device="cuda")
         expected = _expected(x, qweight, scales, zeros, g, bias)
         bm = 8 if M <= 8 else 16
-        for warps, stages, ks in ((4, 3, 128), (8, 4, 128), (16, 2, 128), (4, 6, 64)):
-            cfg = {"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": ks, "STAGES": stages, "num_warps": warps}
+        for warps, stages, ks, rows in ((4, 3, 128, 0), (8, 4, 128, 1), (16, 2, 128, 0), (4, 6, 64, 1), (4, 4, 32, 0)):
+            cfg = {"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": ks, "STAGES": stages, "ROWS": rows,
+                   "num_warps": warps}
             assert_close(_run(x, qweight, scales, zeros, g, cfg, bias), expected, dtype, scale=2.0)
             if N % 32 == 0:
                 out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
