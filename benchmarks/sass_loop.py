@@ -65,12 +65,13 @@ def sass_of(launch) -> tuple[str, str]:
 
 
 def loop_body(sass: str) -> list[str]:
-    """The instructions of the longest backward branch's range (the K loop)."""
+    """The instructions of the longest predicated backward branch's range (the K loop; an unpredicated one jumps
+    back from an out-of-line stub, e.g. an mbarrier wait's retry, and spans the epilogue)."""
     lines = [line for line in sass.splitlines() if _ADDR.match(line)]
     addr = lambda line: int(_ADDR.match(line).group(1), 16)  # noqa: E731
     best: list[str] = []
     for line in lines:
-        target = re.search(r"BRA\s+.*?0x([0-9a-f]+)", line)
+        target = re.search(r"@!?U?P\w+\s+BRA\s+.*?0x([0-9a-f]+)", line)
         if target and int(target.group(1), 16) < addr(line):
             lo, hi = int(target.group(1), 16), addr(line)
             body = [x for x in lines if lo <= addr(x) <= hi]
