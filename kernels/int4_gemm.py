@@ -1617,6 +1617,13 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
         if bm == 16:
             out.append({"impl": "ldmma", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(128, group_size), "AHEAD": 1,
                         "MAXNREG": 128, "num_warps": 4})
+        # the words by TMA into a shared-memory ring (STAGES slots of one step's chunks; bytes in flight cost no
+        # registers), read back with the conflict-free word-row order (ROWS 1, chunks of 64 or more)
+        for warps, stages in ((4, 4), (4, 6), (8, 3), (8, 4), (16, 3)):
+            bk = min(128, group_size)
+            if warps * bk // 8 <= 256:
+                out.append({"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": bk, "STAGES": stages,
+                            "ROWS": int(bk >= 64), "num_warps": warps})
         # 16-column programs (2 columns a lane): twice the programs, for more warps per SM (sweeps/ldmma_ablate:
         # the words' loads alone took 11.74 us at K4096 N14336 with 32-column programs of 4 warps, 3.4 per SM)
         for warps, ahead in ((4, 1), (4, 2), (8, 1), (8, 2)):
