@@ -42,7 +42,9 @@ CONFIGS = [{"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "num_w
 RING = [{"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "STAGES": s, "num_warps": w}
         for w, s in ((4, 3), (4, 4), (4, 6), (8, 3), (8, 4), (16, 3))] + \
     [{"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "STAGES": s, "ROWS": 1, "num_warps": w}
-     for w, s in ((4, 4), (8, 3), (16, 3))]  # (the word rows that read shared memory without bank conflicts)
+     for w, s in ((4, 4), (8, 3), (16, 3))] + \
+    [{"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "STAGES": s, "ROWS": 1, "SPS": 2, "num_warps": w}
+     for w, s in ((4, 3), (4, 4), (8, 3))]  # (ROWS: no bank conflicts; SPS 2: a barrier per two steps)
 
 
 def main() -> None:
@@ -80,6 +82,7 @@ def main() -> None:
                         name = f"w{cfg['num_warps']}" + (f"_ahead{cfg['AHEAD']}" if cfg.get("AHEAD", 1) > 1 else "")
                         name += f"_ring{cfg['STAGES']}" if cfg.get("STAGES") else ""
                         name += "_rows" if cfg.get("ROWS") else ""
+                        name += "_sps2" if cfg.get("SPS", 1) == 2 else ""
                         name += "" if layout == "strip" else f"_{layout}"
                         out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
                         if layout == "strip":

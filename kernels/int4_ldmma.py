@@ -335,13 +335,14 @@ if HAVE_GLUON:
         stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
         GROUP: gl.constexpr, KS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HAS_ZEROS: gl.constexpr,
         HAS_BIAS: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, TILED: gl.constexpr,
-        STAGES: gl.constexpr, ROWS: gl.constexpr = 0, ABLATE: gl.constexpr = 0,
+        STAGES: gl.constexpr, ROWS: gl.constexpr = 0, SPS: gl.constexpr = 1, ABLATE: gl.constexpr = 0,
     ):
         """_int4_ldmma_kernel with the words landed by TMA in a STAGES-deep shared-memory ring (a slot: the W
         warps' chunks of one step, W x KS / 8 word rows x BN columns, 128-byte swizzled) and read back by each
         warp in its A fragment's layout; x, scales and zeros by plain loads one step ahead. Bytes in flight cost
         no registers. TILED: the words in ldmma_tile's format (w_desc over its [N / BN * K / 8, BN] view). ROWS 1:
-        the lanes' word rows chosen so that the shared-memory reads are free of bank conflicts (_ld_layouts)."""
+        the lanes' word rows chosen so that the shared-memory reads are free of bank conflicts (_ld_layouts). SPS 2:
+        a slot holds two steps (one barrier, TMA and wait per two steps)."""
         W: gl.constexpr = gl.num_warps()
         RW: gl.constexpr = KS // 8
         BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
@@ -369,41 +370,48 @@ if HAVE_GLUON:
             r0 = 0
             c0 = n0
 
-        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, W * RW, BN], w_desc.layout)
+        # a slot: SPS steps (SPS W chunks, one TMA box); one barrier, one refill and one wait per slot
+        SLOT: gl.constexpr = SPS * W * RW
+        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, SLOT, BN], w_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         fence_async_shared()
         steps = gl.cdiv(NCH, W)
-        for i in gl.static_range(STAGES - 1):  # the ring's first STAGES - 1 steps
-            ok = i < steps
+        slots = gl.cdiv(steps, SPS)
+        for i in gl.static_range(STAGES - 1):  # the ring's first STAGES - 1 slots
+            ok = i < slots
             mbarrier.expect(bars.index(i), w_desc.block_type.nbytes, pred=ok)
-            tma.async_copy_global_to_shared(w_desc, [r0 + i * W * RW, c0], bars.index(i), w_smem.index(i), pred=ok)
+            tma.async_copy_global_to_shared(w_desc, [r0 + i * SLOT, c0], bars.index(i), w_smem.index(i), pred=ok)
 
         ch = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
         xv, sv, zv = _ld_side(x_ptr, s_ptr, z_ptr, ch, NCH, xm, xk, zn, n_ok, stride_xm, stride_xk, stride_sn,
                               stride_sg, stride_zn, stride_zg, GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K, XL, ZL)
         acc = gl.zeros([W, BN, BM], gl.float32, layout=MMA)
         zero_acc = gl.zeros([W, BN, BM], gl.float32, layout=MMA)
-        for i in range(steps):
+        for i in range(slots):
             slot = i % STAGES
-            # every warp is done reading step i - 1's slot, the one refilled now (a read-then-TMA-write hazard: the
+            # every warp is done reading slot i - 1, the one refilled now (a read-then-TMA-write hazard: the
             # barrier orders it, no proxy fence needed)
             gl.thread_barrier()
             nxt = i + STAGES - 1
-            ok = nxt < steps
+            ok = nxt < slots
             ns = nxt % STAGES
             mbarrier.expect(bars.index(ns), w_desc.block_type.nbytes, pred=ok)
-            tma.async_copy_global_to_shared(w_desc, [r0 + nxt * W * RW, c0], bars.index(ns), w_smem.index(ns), pred=ok)
-            x1, s1, z1 = _ld_side(x_ptr, s_ptr, z_ptr, ch + W, NCH, xm, xk, zn, n_ok, stride_xm, stride_xk,
-                                  stride_sn, stride_sg, stride_zn, stride_zg, GROUP, KS, HAS_ZEROS, EVEN_N, EVEN_K,
-                                  XL, ZL, i + 1 < steps)
-            mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
-            wv = w_smem.index(slot).reshape([W, RW, BN]).load(WL)
-            acc = _ld_step(acc, zero_acc, wv, xv, sv, zv, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE,
-                           ROWS)
-            xv, sv, zv = x1, s1, z1
-            ch = ch + W
+            tma.async_copy_global_to_shared(w_desc, [r0 + nxt * SLOT, c0], bars.index(ns), w_smem.index(ns), pred=ok)
+            for h in gl.static_range(SPS):
+                st = i * SPS + h
+                x1, s1, z1 = _ld_side(x_ptr, s_ptr, z_ptr, ch + W, NCH, xm, xk, zn, n_ok, stride_xm, stride_xk,
+                                      stride_sn, stride_sg, stride_zn, stride_zg, GROUP, KS, HAS_ZEROS, EVEN_N,
+                                      EVEN_K, XL, ZL, st + 1 < steps)
+                if h == 0:
+                    mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+                if st < steps:  # (a slot's second step past the last: skipped, a uniform branch)
+                    wv = w_smem.index(slot).reshape([SPS * W, RW, BN]).slice(h * W, W).load(WL)
+                    acc = _ld_step(acc, zero_acc, wv, xv, sv, zv, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL,
+                                   ABLATE, ROWS)
+                xv, sv, zv = x1, s1, z1
+                ch = ch + W
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
         _ld_store(acc, b_ptr, out_ptr, M, N, n0, pid_m * BM, stride_om, stride_on, BN, BM, HAS_BIAS, MMA)
@@ -452,15 +460,17 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     ahead = int(cfg.get("AHEAD", 1))
     stages = int(cfg.get("STAGES", 0))
     rows = int(cfg.get("ROWS", 0))
+    sps = int(cfg.get("SPS", 1))
     if (bm not in (8, 16) or bn not in (16, 32, 64) or warps not in (1, 2, 4, 8, 16) or ks not in (32, 64, 128)
             or group_size % ks or ahead not in (1, 2) or stages not in (0, 2, 3, 4, 5, 6, 8)
-            or (stages and (bn != 32 or warps * ks // 8 > 256)) or rows not in (0, 1)
-            or (rows and (not stages or ks < 64))):
+            or (stages and (bn != 32 or sps * warps * ks // 8 > 256)) or rows not in (0, 1) or sps not in (1, 2)
+            or (rows and (not stages or ks < 64)) or (sps > 1 and not stages)):
         raise ValueError(f"int4_gemm: impl 'ldmma' takes BLOCK_M 8 / 16, BLOCK_N 16 / 32 / 64, BLOCK_K 32 / 64 / 128 "
                          f"dividing the group ({group_size}), AHEAD 1 / 2, 1..16 warps (a power of two) and STAGES 0 "
-                         f"(plain loads) or 2..8 (a TMA ring: BLOCK_N 32, num_warps x BLOCK_K / 8 <= 256; ROWS 1 with the "
-                         f"ring and BLOCK_K >= 64), got "
-                         f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} AHEAD={ahead} STAGES={stages} ROWS={rows} num_warps={warps}")
+                         f"(plain loads) or 2..8 (a TMA ring: BLOCK_N 32, SPS x num_warps x BLOCK_K / 8 <= 256; ROWS 1 "
+                         f"and SPS 2 with the ring, ROWS 1 with BLOCK_K >= 64), got "
+                         f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} AHEAD={ahead} STAGES={stages} ROWS={rows} SPS={sps} "
+                         f"num_warps={warps}")
     if x.stride(1) != 1 or x.data_ptr() % 16 or (M > 1 and x.stride(0) % 8):
         x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)  # fresh: 16-byte x loads
     z = zeros if zeros is not None else scales
@@ -471,13 +481,13 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             view = qweight.reshape(qweight.shape[0] * qweight.shape[1], bn)
         else:
             view = qweight.t()
-        desc = TensorDescriptor.from_tensor(view, [warps * ks // 8, bn], layout)
+        desc = TensorDescriptor.from_tensor(view, [sps * warps * ks // 8, bn], layout)
         _int4_ldmma_ring_kernel[(cdiv(N, bn), cdiv(M, bm))](
             desc, x, scales, z, b, out, M, N, K // ks, K // 8,
             x.stride(0), x.stride(1), scales.stride(0), scales.stride(1), z.stride(0), z.stride(1), out.stride(0),
             out.stride(1), GROUP=group_size, KS=ks, BM=bm, BN=bn, HAS_ZEROS=zeros is not None,
             HAS_BIAS=bias is not None, EVEN_N=N % bn == 0, EVEN_K=(K // ks) % warps == 0, TILED=qweight.dim() == 3,
-            STAGES=stages, ROWS=rows, ABLATE=_ablate, num_warps=warps,
+            STAGES=stages, ROWS=rows, SPS=sps, ABLATE=_ablate, num_warps=warps,
             **({"maxnreg": int(cfg["MAXNREG"])} if cfg.get("MAXNREG") else {}))
         return out
     _int4_ldmma_kernel[(cdiv(N, bn), cdiv(M, bm))](

@@ -95,7 +95,8 @@ def test_ldmma_refusals():
     with pytest.raises(ValueError, match="ldmma"):  # a CPU launch: Gluon has no interpreter, or the bad config
         int4_gemm(x, qweight, scales, zeros, 128, config={"impl": "ldmma", "BLOCK_M": 8, "num_warps": 4})
     out = torch.empty(2, 64, dtype=torch.bfloat16)
-    for bad in ({"STAGES": 4, "BLOCK_N": 64}, {"STAGES": 7}, {"STAGES": 2, "num_warps": 16, "BLOCK_K": 256}):
+    for bad in ({"STAGES": 4, "BLOCK_N": 64}, {"STAGES": 7}, {"STAGES": 2, "num_warps": 16, "BLOCK_K": 256},
+                {"STAGES": 3, "SPS": 2, "num_warps": 16}, {"SPS": 2}):
         with pytest.raises(ValueError, match="STAGES"):  # refused before any launch
             ld.int4_ldmma(x, qweight, scales, zeros, None, out, 128, bad)
 
@@ -145,7 +146,9 @@ def test_ldmma_gpu_tma_ring(M, asym):
     """The TMA-ring form (STAGES: the words by TMA into shared memory, read back in the A fragment's layout) on
     both word formats: N = 1000 (TMA's zero fill past N) with K = 32 chunks, N = 1088 with K = 11 chunks (the last
     step's box past K: zero fill, or in the tiled format the next tile's words times zero x and scales), rings of
-    2..6 slots over 4 / 8 / 16 warps, 32- to 128-wide chunks, both word-row orders (ROWS), bias; NaN-poisoned out."""
+    2..6 slots over 4 / 8 / 16 warps, 32- to 128-wide chunks, both word-row orders (ROWS), one or two steps a slot
+    (SPS: with K = 11 chunks on 4 warps, 3 steps, the last slot's second step is skipped), bias; NaN-poisoned
+    out."""
     g, dtype = 128, torch.bfloat16
     for N, K in ((1000, 4096), (1088, 11 * 128)):
         qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
@@ -153,9 +156,10 @@ def test_ldmma_gpu_tma_ring(M, asym):
         bias = torch.randn(N, dtype=dtype, device="cuda")
         expected = _expected(x, qweight, scales, zeros, g, bias)
         bm = 8 if M <= 8 else 16
-        for warps, stages, ks, rows in ((4, 3, 128, 0), (8, 4, 128, 1), (16, 2, 128, 0), (4, 6, 64, 1), (4, 4, 32, 0)):
+        for warps, stages, ks, rows, sps in ((4, 3, 128, 0, 1), (8, 4, 128, 1, 1), (16, 2, 128, 0, 1),
+                                             (4, 6, 64, 1, 1), (4, 4, 32, 0, 1), (4, 3, 128, 1, 2), (8, 2, 64, 1, 2)):
             cfg = {"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": ks, "STAGES": stages, "ROWS": rows,
-                   "num_warps": warps}
+                   "SPS": sps, "num_warps": warps}
             assert_close(_run(x, qweight, scales, zeros, g, cfg, bias), expected, dtype, scale=2.0)
             if N % 32 == 0:
                 out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
