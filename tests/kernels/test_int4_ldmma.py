@@ -74,7 +74,7 @@ def test_ldmma_candidates_at_small_m_only():
     cands = [c for c in everything if not c.get("STAGES")]
     ring = [c for c in everything if c.get("STAGES")]
     assert {c["num_warps"] for c in cands} == {4, 8, 16} and {c["AHEAD"] for c in cands} == {1, 2}
-    assert {c["num_warps"] for c in ring} == {4, 8, 16} and all(c["ROWS"] == 1 and c["BLOCK_N"] == 32 for c in ring)
+    assert {c["num_warps"] for c in ring} == {4, 8} and all(c["ROWS"] == 1 and c["BLOCK_N"] == 32 for c in ring)
     assert {c["ROWS"] for c in candidate_configs(1, 4096, 4096, 32) if c.get("STAGES")} == {0}  # 32-wide chunks
     assert {c["BLOCK_N"] for c in cands} == {16, 32}
     assert {c["BLOCK_K"] for c in cands} == {64, 128}
