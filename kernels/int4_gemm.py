@@ -1342,7 +1342,9 @@ def _ldmma_pick(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
     Not picked: K14336 N4096 (16.06 / 17.10 / 17.57 against 15.86 / 17.22 / 17.37: a tie at best), M = 9..16
     (16-row programs: 18.66 / 23.13 / 10.27 against 18.10 / 19.08 / 10.42), groups other than 128 (untimed).
     Where the time goes (sweeps/ldmma_ablate): the words' and scales' loads alone, without x, unpack or MMA,
-    take 11.74 / 10.92 us at M = 1 K4096 N14336, against the 3x bar's 10.3: the load structure bounds the kernel.
+    take 11.74 / 10.92 us at M = 1 K4096 N14336, against the 3x bar's 10.3 (a plain Triton read of the words in the
+    same grid: 8.99, sweeps/read_probe). The TMA-ring form (STAGES) is slower at every M and shape (sweeps/
+    ldmma_ring, ldmma_ring_ablate): never picked.
     bf16 x only (fp16 untimed), and not under a KERNOPT_INT4_GEMV experiment; KERNOPT_INT4_LDMMA=0 turns the pick
     off (A / B runs)."""
     if M > 8 or K != 4096 or not 4096 <= N <= 16384 or group_size != 128 or not env_switch(LDMMA_ENV, "1"):

@@ -37,7 +37,11 @@ at 16 rows (two waves at N = 14336: 168 registers). Far from the 3x bf16 cuBLAS 
 loads alone (words and scales, ABLATE 2: no x, unpack or MMA) take 11.74 / 10.92 us (zero points / symmetric), so
 the load structure bounds it, not the math (the unpack and MMA add 2.4 / 1.5 us). What did not help: 2-3 chunks in
 flight per warp (AHEAD 2 and the earlier PREFETCH, with their extra registers), 64- or 16-column programs, chunks of
-64 or 32.
+64 or 32; the words in a tiled format (ldmma_tile, a program's words one contiguous block: 2-5 %, sweeps/
+ldmma_layouts) and landed by TMA in a shared-memory ring (_int4_ldmma_ring_kernel, STAGES: slower everywhere, its
+loads alone no faster, sweeps/ldmma_ring_ablate). Plain Triton reads of the same words in this grid take 8.99 us at
+K4096 N14336 (benchmarks/read_probe.py): what is left above that is the unpack / MMA chains with 3.4 warps per
+scheduler, and at N = 4096 the grid itself (128 programs: 12.3 us at K14336, where 4-way split-K reads in 9.0).
 
 No interpreter: Gluon kernels do not run under TRITON_INTERPRET. On CPU `ldmma_emulate` repeats the kernel's
 relabelling (joins, reshapes, permutations) in torch against the reference, and tests/kernels/sm90_offline.py
