@@ -104,7 +104,8 @@ def main() -> None:
                               args.symmetric)
     body = loop_body(sass)
     if cfg.get("impl") == "ldmma":  # each warp its own K chunk; the loop runs 2 chunks (AHEAD 2: 3, STAGES: 1) an iteration
-        steps = int(cfg.get("SPS", 1)) if cfg.get("STAGES") else 1 + int(cfg.get("AHEAD", 1))  # (the ring: SPS a slot)
+        # (the TMA ring: SPS steps a slot, one slot an iteration)
+        steps = int(cfg.get("SPS", 1)) if cfg.get("STAGES") else 1 + int(cfg.get("AHEAD", 1))
         nibbles = cfg.get("BLOCK_N", 32) * cfg.get("BLOCK_K", 128) / 32 * steps
     else:
         nibbles = cfg["BLOCK_N"] * cfg["BLOCK_K"] / (32 * cfg.get("num_warps", 4))

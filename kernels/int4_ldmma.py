@@ -217,9 +217,9 @@ if HAVE_GLUON:
     def _ld_step(acc, zero_acc, wv, xv, sv, zv, W: gl.constexpr, BN: gl.constexpr, KS: gl.constexpr,
                  BM: gl.constexpr, BF16: gl.constexpr, HAS_ZEROS: gl.constexpr, OPA: gl.constexpr,
                  OPB: gl.constexpr, SL: gl.constexpr, ABLATE: gl.constexpr = 0, ROWS: gl.constexpr = 0):
-        """acc += one chunk's product per warp, scaled per MMA row (ROWS: the word rows' order, _ld_layouts). ABLATE (benchmarks/ldmma_ablate.py only, wrong
-        values): 1 no unpack (the word bits go to the MMA), 2 neither unpack nor MMA nor x (the words summed per
-        column stand in for the product)."""
+        """acc += one chunk's product per warp, scaled per MMA row (ROWS: the word rows' order, _ld_layouts).
+        ABLATE (benchmarks/ldmma_ablate.py only, wrong values): 1 no unpack (the word bits go to the MMA), 2 neither
+        unpack nor MMA nor x (the words summed per column stand in for the product)."""
         if ABLATE == 2:
             t = gl.sum(wv, axis=1).to(gl.float32) + zv.to(gl.float32)
             return acc + (_ld_rows(t, W, BN, SL) * _ld_rows(sv.to(gl.float32), W, BN, SL))[:, :, None]

@@ -49,7 +49,8 @@ def test_ldmma_emulation_matches_reference(g, bn, ks, rows, M):
     qweight, scales, _ = _weights(N, K, g, False, "cpu", torch.float32)
     x = torch.randn(M, K, dtype=torch.float64)
     expected = int4_gemm_ref(x, qweight, scales.double(), None, g)
-    torch.testing.assert_close(ld.ldmma_emulate(x, qweight, scales, g, bn, ks, rows), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ld.ldmma_emulate(x, qweight, scales, g, bn, ks, rows), expected, rtol=1e-5,
+                               atol=1e-5)
 
 
 @settings(max_examples=25, deadline=None)
