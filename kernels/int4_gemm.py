@@ -1628,6 +1628,13 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
             if warps * bk // 8 <= 256:
                 out.append({"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": bk, "STAGES": stages,
                             "ROWS": int(bk >= 64), "num_warps": warps})
+        # split-K (SPLIT_K programs per 32 columns, the last to arrive sums their slots) where N / 32 programs leave
+        # SMs idle: plain reads of the words in the unsplit grid take 12.3 us at K14336 N4096 and 5.2 at 4096^2,
+        # 4-way split 9.0 / 4.2 (sweeps/read_probe). Untimed.
+        if N <= 8192:
+            for warps, split in ((4, 2), (4, 4), (8, 2), (8, 4)):
+                out.append({"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": min(128, group_size),
+                            "AHEAD": 1, "SPLIT_K": split, "num_warps": warps})
         # 16-column programs (2 columns a lane): twice the programs, for more warps per SM (sweeps/ldmma_ablate:
         # the words' loads alone took 11.74 us at K4096 N14336 with 32-column programs of 4 warps, 3.4 per SM)
         for warps, ahead in ((4, 1), (4, 2), (8, 1), (8, 2)):

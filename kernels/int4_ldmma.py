@@ -41,7 +41,9 @@ flight per warp (AHEAD 2 and the earlier PREFETCH, with their extra registers), 
 ldmma_layouts) and landed by TMA in a shared-memory ring (_int4_ldmma_ring_kernel, STAGES: slower everywhere, its
 loads alone no faster, sweeps/ldmma_ring_ablate). Plain Triton reads of the same words in this grid take 8.99 us at
 K4096 N14336 (benchmarks/read_probe.py): what is left above that is the unpack / MMA chains with 3.4 warps per
-scheduler, and at N = 4096 the grid itself (128 programs: 12.3 us at K14336, where 4-way split-K reads in 9.0).
+scheduler, and at N = 4096 the grid itself (128 programs: 12.3 us at K14336, where 4-way split-K reads in 9.0):
+SPLIT_K (programs per column block, each a contiguous K slice, the last to arrive summing their slots) is built for
+that, untimed.
 
 No interpreter: Gluon kernels do not run under TRITON_INTERPRET. On CPU `ldmma_emulate` repeats the kernel's
 relabelling (joins, reshapes, permutations) in torch against the reference, and tests/kernels/sm90_offline.py
@@ -56,6 +58,7 @@ import torch
 
 from .host import cdiv
 from .int4_wgmma import HAVE_GLUON
+from .workspace import arrival_counters
 
 if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -231,13 +234,16 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _int4_ldmma_kernel(
-        q_ptr, x_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-        M, N, NCH,
+        q_ptr, x_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+        M, N, NCH, CPS,
         stride_qt, stride_qn, stride_qk, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, stride_om,
         stride_on, GROUP: gl.constexpr, KS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HAS_ZEROS: gl.constexpr,
         HAS_BIAS: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, AHEAD: gl.constexpr = 1,
-        ABLATE: gl.constexpr = 0,
+        SPLIT_K: gl.constexpr = 1, ABLATE: gl.constexpr = 0,
     ):
+        """SPLIT_K > 1: program (pid_n, pid_m, pid_k) takes chunks pid_k CPS .. + CPS - 1 of its columns' K, stores
+        its partial in the tile's workspace slot and the last of the tile's programs to arrive sums them
+        (_ld_store_split); more, shorter programs where N / BN programs leave SMs idle (128 at N = 4096)."""
         W: gl.constexpr = gl.num_warps()
         RW: gl.constexpr = KS // 8
         BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
@@ -252,6 +258,9 @@ if HAVE_GLUON:
 
         pid_n = gl.program_id(0)
         pid_m = gl.program_id(1)
+        pid_k = gl.program_id(2)
+        c_lo = pid_k * CPS
+        NCH = gl.minimum(NCH, c_lo + CPS)  # this program's chunks: c_lo .. NCH - 1 (the masks' bound)
         n0 = pid_n * BN
         # program pid_n's words start at pid_n * stride_qt (BN columns on: BN * stride_qn in the N-contiguous format,
         # one tile in the tiled one, ldmma_tile)
@@ -266,8 +275,8 @@ if HAVE_GLUON:
         # warp w takes chunks w, w + W, ...: the next one's loads in flight while one is unpacked and multiplied.
         # Two steps per iteration (buffers 0 and 1 alternate: no register copies), the last one or two peeled so
         # that no load runs past the warp's last chunk.
-        ch = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
-        steps = gl.cdiv(NCH, W)
+        ch = c_lo + gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
+        steps = gl.cdiv(NCH - c_lo, W)
         w0, x0, s0, z0 = _ld_chunk(q_ptr, x_ptr, s_ptr, z_ptr, ch, NCH, qn, qj, xm, xk, zn, n_ok, stride_qk,
                                    stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg, GROUP, KS,
                                    HAS_ZEROS, EVEN_N, EVEN_K, WL, XL, ZL)
@@ -315,13 +324,44 @@ if HAVE_GLUON:
         else:
             acc = _ld_step(acc, zero_acc, w0, x0, s0, z0, W, BN, KS, BM, BF16, HAS_ZEROS, OPA, OPB, SL, ABLATE)
 
-        _ld_store(acc, b_ptr, out_ptr, M, N, n0, pid_m * BM, stride_om, stride_on, BN, BM, HAS_BIAS, MMA)
+        if SPLIT_K == 1:
+            _ld_store(acc, b_ptr, out_ptr, M, N, n0, pid_m * BM, stride_om, stride_on, BN, BM, HAS_BIAS, MMA)
+        else:
+            _ld_store_split(acc, part_ptr, cnt_ptr, pid_m * gl.num_programs(0) + pid_n, pid_k, b_ptr, out_ptr, M, N,
+                            n0, pid_m * BM, stride_om, stride_on, BN, BM, HAS_BIAS, MMA, SPLIT_K)
+
+    @gluon.jit
+    def _ld_store_split(acc, part_ptr, cnt_ptr, tile, pid_k, b_ptr, out_ptr, M, N, n0, m0, stride_om, stride_on,
+                        BN: gl.constexpr, BM: gl.constexpr, HAS_BIAS: gl.constexpr, MMA: gl.constexpr,
+                        SPLIT_K: gl.constexpr):
+        """Split-K's finish: this K slice's [BN, BM] sum into slot pid_k of the tile's SPLIT_K fp32 slots, an
+        acq_rel arrival on the tile's counter (kernels/workspace.py); the last program to arrive sums the slots,
+        re-arms the counter and writes the tile (_ld_write)."""
+        total = gl.sum(acc, axis=0)  # [BN, BM]
+        TL: gl.constexpr = gl.SliceLayout(0, MMA)
+        offs = gl.arange(0, BN, layout=gl.SliceLayout(1, TL))[:, None] * BM + \
+            gl.arange(0, BM, layout=gl.SliceLayout(0, TL))[None, :]
+        base = part_ptr + tile.to(gl.int64) * (SPLIT_K * BN * BM)
+        gl.store(base + pid_k * (BN * BM) + offs, total)
+        gl.thread_barrier()  # every thread's partial before the (release) arrival
+        arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = gl.zeros([BN, BM], gl.float32, layout=TL)
+            for c in gl.static_range(SPLIT_K):
+                total += gl.load(base + c * (BN * BM) + offs, cache_modifier=".cg")
+            gl.atomic_xchg(cnt_ptr + tile, 0)
+            _ld_write(total, b_ptr, out_ptr, M, N, n0, m0, stride_om, stride_on, BN, BM, HAS_BIAS, MMA)
 
     @gluon.jit
     def _ld_store(acc, b_ptr, out_ptr, M, N, n0, m0, stride_om, stride_on, BN: gl.constexpr, BM: gl.constexpr,
                   HAS_BIAS: gl.constexpr, MMA: gl.constexpr):
-        """The warps' K chunks summed, (+ bias), MMA rows written back to their physical columns."""
-        total = gl.sum(acc, axis=0)  # [BN, BM]
+        """The warps' K chunks summed, written (_ld_write)."""
+        _ld_write(gl.sum(acc, axis=0), b_ptr, out_ptr, M, N, n0, m0, stride_om, stride_on, BN, BM, HAS_BIAS, MMA)
+
+    @gluon.jit
+    def _ld_write(total, b_ptr, out_ptr, M, N, n0, m0, stride_om, stride_on, BN: gl.constexpr, BM: gl.constexpr,
+                  HAS_BIAS: gl.constexpr, MMA: gl.constexpr):
+        """[BN, BM] sums (+ bias), MMA rows written back to their physical columns."""
         TL: gl.constexpr = gl.SliceLayout(0, MMA)
         on = gl.arange(0, BN, layout=gl.SliceLayout(1, TL))
         on = n0 + (BN // 8) * (on % 8) + 2 * (on // 16) + (on // 8) % 2
@@ -443,7 +483,9 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     """Launch the ldmma kernel (int4_gemm has checked shapes and ldmma_supported) for x [M, K] into out [M, N].
     cfg: BLOCK_M (8 / 16: rows of x per program), BLOCK_N (16 / 32 / 64 columns), BLOCK_K (the K chunk, 32 / 64 /
     128, at most the group), AHEAD (1 / 2 chunks per warp in flight ahead of the one multiplied), num_warps (chunk c
-    goes to warp c % num_warps), MAXNREG (optional: a register cap per thread, so that more programs fit an SM).
+    goes to warp c % num_warps), MAXNREG (optional: a register cap per thread, so that more programs fit an SM),
+    SPLIT_K (1 / 2 / 4 / 8 programs per column block, each a contiguous K slice, finished by the last to arrive),
+    STAGES / ROWS / SPS (the TMA ring, _int4_ldmma_ring_kernel).
     `_ablate` (benchmarks/ldmma_ablate.py, never int4_gemm): the kernel with parts of its step left out (_ld_step);
     its outputs are wrong."""
     M, K = x.shape
@@ -465,16 +507,19 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     stages = int(cfg.get("STAGES", 0))
     rows = int(cfg.get("ROWS", 0))
     sps = int(cfg.get("SPS", 1))
+    split = int(cfg.get("SPLIT_K", 1))
     if (bm not in (8, 16) or bn not in (16, 32, 64) or warps not in (1, 2, 4, 8, 16) or ks not in (32, 64, 128)
             or group_size % ks or ahead not in (1, 2) or stages not in (0, 2, 3, 4, 5, 6, 8)
             or (stages and (bn != 32 or sps * warps * ks // 8 > 256)) or rows not in (0, 1) or sps not in (1, 2)
-            or (rows and (not stages or ks < 64)) or (sps > 1 and not stages)):
+            or (rows and (not stages or ks < 64)) or (sps > 1 and not stages) or split not in (1, 2, 4, 8)
+            or (split > 1 and stages)):
         raise ValueError(f"int4_gemm: impl 'ldmma' takes BLOCK_M 8 / 16, BLOCK_N 16 / 32 / 64, BLOCK_K 32 / 64 / 128 "
                          f"dividing the group ({group_size}), AHEAD 1 / 2, 1..16 warps (a power of two) and STAGES 0 "
                          f"(plain loads) or 2..8 (a TMA ring: BLOCK_N 32, SPS x num_warps x BLOCK_K / 8 <= 256; ROWS 1 "
-                         f"and SPS 2 with the ring, ROWS 1 with BLOCK_K >= 64), got "
+                         f"and SPS 2 with the ring, ROWS 1 with BLOCK_K >= 64) and SPLIT_K 1 / 2 / 4 / 8 (plain loads), "
+                         f"got "
                          f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} AHEAD={ahead} STAGES={stages} ROWS={rows} SPS={sps} "
-                         f"num_warps={warps}")
+                         f"SPLIT_K={split} num_warps={warps}")
     if x.stride(1) != 1 or x.data_ptr() % 16 or (M > 1 and x.stride(0) % 8):
         x = torch.empty((M, K), dtype=x.dtype, device=x.device).copy_(x)  # fresh: 16-byte x loads
     z = zeros if zeros is not None else scales
@@ -494,13 +539,21 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             STAGES=stages, ROWS=rows, SPS=sps, ABLATE=_ablate, num_warps=warps,
             **({"maxnreg": int(cfg["MAXNREG"])} if cfg.get("MAXNREG") else {}))
         return out
-    _int4_ldmma_kernel[(cdiv(N, bn), cdiv(M, bm))](
-        qweight, x, scales, z, b, out, M, N, K // ks,
+    nch = K // ks
+    cps = cdiv(nch, split)  # chunks per K slice
+    if split > 1:  # each tile's split fp32 slots (the last program to arrive sums them) and arrival counters
+        tiles = cdiv(N, bn) * cdiv(M, bm)
+        part = torch.empty(tiles * split * bn * bm, dtype=torch.float32, device=x.device)
+        counters = arrival_counters(x.device, tiles)
+    else:
+        part, counters = out, out  # never touched with SPLIT_K=1
+    _int4_ldmma_kernel[(cdiv(N, bn), cdiv(M, bm), split)](
+        qweight, x, scales, z, b, out, part, counters, M, N, nch, cps,
         stride_qt, stride_qn, stride_qk, x.stride(0), x.stride(1), scales.stride(0), scales.stride(1),
         z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         GROUP=group_size, KS=ks, BM=bm, BN=bn, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
-        EVEN_N=N % bn == 0, EVEN_K=(K // ks) % warps == 0, AHEAD=ahead, ABLATE=_ablate, num_warps=warps,
-        **({"maxnreg": int(cfg["MAXNREG"])} if cfg.get("MAXNREG") else {}))
+        EVEN_N=N % bn == 0, EVEN_K=nch % (warps * split) == 0, AHEAD=ahead, SPLIT_K=split, ABLATE=_ablate,
+        num_warps=warps, **({"maxnreg": int(cfg["MAXNREG"])} if cfg.get("MAXNREG") else {}))
     return out
 
 

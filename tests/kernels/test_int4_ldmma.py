@@ -72,6 +72,8 @@ def test_ldmma_orders_agree(word, ks, bn, rows):
 
 def test_ldmma_candidates_at_small_m_only():
     everything = [c for c in candidate_configs(1, 14336, 4096, 128) if c["impl"] == "ldmma"]
+    assert not [c for c in everything if c.get("SPLIT_K", 1) > 1]  # 448 programs at N = 14336: no split
+    assert {c.get("SPLIT_K", 1) for c in candidate_configs(4, 4096, 14336, 128) if c["impl"] == "ldmma"} == {1, 2, 4}
     cands = [c for c in everything if not c.get("STAGES")]
     ring = [c for c in everything if c.get("STAGES")]
     assert {c["num_warps"] for c in cands} == {4, 8, 16} and {c["AHEAD"] for c in cands} == {1, 2}
@@ -97,7 +99,7 @@ def test_ldmma_refusals():
         int4_gemm(x, qweight, scales, zeros, 128, config={"impl": "ldmma", "BLOCK_M": 8, "num_warps": 4})
     out = torch.empty(2, 64, dtype=torch.bfloat16)
     for bad in ({"STAGES": 4, "BLOCK_N": 64}, {"STAGES": 7}, {"STAGES": 2, "num_warps": 16, "BLOCK_K": 256},
-                {"STAGES": 3, "SPS": 2, "num_warps": 16}, {"SPS": 2}):
+                {"STAGES": 3, "SPS": 2, "num_warps": 16}, {"SPS": 2}, {"SPLIT_K": 3}, {"SPLIT_K": 2, "STAGES": 3}):
         with pytest.raises(ValueError, match="STAGES"):  # refused before any launch
             ld.int4_ldmma(x, qweight, scales, zeros, None, out, 128, bad)
 
@@ -138,6 +140,27 @@ def test_ldmma_gpu_tiled_words(M, asym):
             assert_close(out, expected, torch.bfloat16, scale=2.0)
         with pytest.raises(ValueError, match="tiles"):
             ld.int4_ldmma(x, ld.ldmma_tile(qweight, 32), scales, zeros, bias, out, g, {**cfg, "BLOCK_N": 64})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("asym", [True, False])
+@pytest.mark.parametrize("M", [1, 13])
+def test_ldmma_gpu_split_k(M, asym):
+    """SPLIT_K 2 / 4 / 8: K slices per column block finished by the last program to arrive (its slots summed, the
+    counter re-armed: every config runs twice and both results are checked), N = 1000 (a ragged last tile), K = 11
+    chunks (slices of unequal chunk counts, one empty at 8) and 32 chunks (the unmasked loads), bias, 4 / 8 warps,
+    one and two chunks ahead; NaN-poisoned out."""
+    g, dtype, N = 128, torch.bfloat16, 1000
+    for K in (11 * 128, 4096):
+        qweight, scales, zeros = _weights(N, K, g, asym, "cuda", dtype)
+        x = torch.randn(M, K, dtype=dtype, device="cuda")
+        bias = torch.randn(N, dtype=dtype, device="cuda")
+        expected = _expected(x, qweight, scales, zeros, g, bias)
+        for warps, split, ahead in ((4, 2, 1), (4, 4, 2), (8, 2, 1), (4, 8, 1)):
+            cfg = {"impl": "ldmma", "BLOCK_M": 8 if M <= 8 else 16, "BLOCK_N": 32, "BLOCK_K": 128, "AHEAD": ahead,
+                   "SPLIT_K": split, "num_warps": warps}
+            for _ in range(2):
+                assert_close(_run(x, qweight, scales, zeros, g, cfg, bias), expected, dtype, scale=2.0)
 
 
 @pytest.mark.gpu
