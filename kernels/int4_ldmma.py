@@ -516,8 +516,8 @@ def int4_ldmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         raise ValueError(f"int4_gemm: impl 'ldmma' takes BLOCK_M 8 / 16, BLOCK_N 16 / 32 / 64, BLOCK_K 32 / 64 / 128 "
                          f"dividing the group ({group_size}), AHEAD 1 / 2, 1..16 warps (a power of two) and STAGES 0 "
                          f"(plain loads) or 2..8 (a TMA ring: BLOCK_N 32, SPS x num_warps x BLOCK_K / 8 <= 256; ROWS 1 "
-                         f"and SPS 2 with the ring, ROWS 1 with BLOCK_K >= 64) and SPLIT_K 1 / 2 / 4 / 8 (plain loads), "
-                         f"got "
+                         f"and SPS 2 with the ring, ROWS 1 with BLOCK_K >= 64) and SPLIT_K 1 / 2 / 4 / 8 (plain "
+                         f"loads), got "
                          f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={ks} AHEAD={ahead} STAGES={stages} ROWS={rows} SPS={sps} "
                          f"SPLIT_K={split} num_warps={warps}")
     if x.stride(1) != 1 or x.data_ptr() % 16 or (M > 1 and x.stride(0) % 8):
