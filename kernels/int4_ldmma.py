@@ -65,7 +65,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .int4_wgmma import _RAW_PAIR, _operand_pairs, _pairs, _zero_pairs, gl, gluon
+    from .int4_wgmma import _RAW_PAIR, _operand_pairs, _pairs, _slots_finish, _zero_pairs, gl, gluon
 
 # The relabelling, as the kernel does it (ldmma_emulate repeats these exact ops on CPU). A program's BN columns are
 # 8 lanes x CPL = BN / 8 consecutive columns; physical column CPL r + 2 a + b (lane r) is MMA row 16 a + 8 b + r.
@@ -259,8 +259,11 @@ if HAVE_GLUON:
         pid_n = gl.program_id(0)
         pid_m = gl.program_id(1)
         pid_k = gl.program_id(2)
-        c_lo = pid_k * CPS
-        NCH = gl.minimum(NCH, c_lo + CPS)  # this program's chunks: c_lo .. NCH - 1 (the masks' bound)
+        if SPLIT_K == 1:  # (the unsplit kernel stays as measured: no slice bookkeeping)
+            c_lo = 0
+        else:
+            c_lo = pid_k * CPS
+            NCH = gl.minimum(NCH, c_lo + CPS)  # this program's chunks: c_lo .. NCH - 1 (the masks' bound)
         n0 = pid_n * BN
         # program pid_n's words start at pid_n * stride_qt (BN columns on: BN * stride_qn in the N-contiguous format,
         # one tile in the tiled one, ldmma_tile)
@@ -337,19 +340,12 @@ if HAVE_GLUON:
         """Split-K's finish: this K slice's [BN, BM] sum into slot pid_k of the tile's SPLIT_K fp32 slots, an
         acq_rel arrival on the tile's counter (kernels/workspace.py); the last program to arrive sums the slots,
         re-arms the counter and writes the tile (_ld_write)."""
-        total = gl.sum(acc, axis=0)  # [BN, BM]
         TL: gl.constexpr = gl.SliceLayout(0, MMA)
         offs = gl.arange(0, BN, layout=gl.SliceLayout(1, TL))[:, None] * BM + \
             gl.arange(0, BM, layout=gl.SliceLayout(0, TL))[None, :]
         base = part_ptr + tile.to(gl.int64) * (SPLIT_K * BN * BM)
-        gl.store(base + pid_k * (BN * BM) + offs, total)
-        gl.thread_barrier()  # every thread's partial before the (release) arrival
-        arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = gl.zeros([BN, BM], gl.float32, layout=TL)
-            for c in gl.static_range(SPLIT_K):
-                total += gl.load(base + c * (BN * BM) + offs, cache_modifier=".cg")
-            gl.atomic_xchg(cnt_ptr + tile, 0)
+        total, last = _slots_finish(gl.sum(acc, axis=0), base, offs, pid_k, SPLIT_K, cnt_ptr, tile, BN * BM)
+        if last:
             _ld_write(total, b_ptr, out_ptr, M, N, n0, m0, stride_om, stride_on, BN, BM, HAS_BIAS, MMA)
 
     @gluon.jit

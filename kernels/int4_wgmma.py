@@ -374,21 +374,30 @@ if HAVE_GLUON:
             offs = _slot_offsets(gl.arange(0, BLOCK_N, layout=ROW), gl.arange(0, BLOCK_M, layout=COL), BLOCK_N, BLOCK_M,
                                  NUM_WARPS)
             base = part_ptr + tile.to(gl.int64) * SPLIT_K * BLOCK_N * BLOCK_M
-            gl.store(base + pid_k * BLOCK_N * BLOCK_M + offs, acc)
-            gl.thread_barrier()  # every thread's partial before the (release) arrival
-            arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            last = arrived == SPLIT_K - 1
-            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
-            if last:
-                for c in range(SPLIT_K):
-                    total += gl.load(base + c * BLOCK_N * BLOCK_M + offs, cache_modifier=".cg")
-                gl.atomic_xchg(cnt_ptr + tile, 0)
+            total, last = _slots_finish(acc, base, offs, pid_k, SPLIT_K, cnt_ptr, tile, BLOCK_N * BLOCK_M)
         if last:
             if HAS_BIAS:
                 total += gl.load(b_ptr + rn, mask=rn_ok, other=0.0).to(gl.float32)[:, None]
             gl.store(out_ptr + om[None, :] * stride_om + rn[:, None] * stride_on,
                      total.to(out_ptr.dtype.element_ty), mask=mask)
 
+
+    @gluon.jit
+    def _slots_finish(part, base, offs, slot, n_slots, cnt_ptr, tile, SLOT: gl.constexpr):
+        """Single-pass split-K's finish for one output tile (kernels/workspace.py): this slice's fp32 `part` into
+        slot `slot` of the tile's n_slots (base + slot SLOT + offs), an acq_rel arrival on the tile's counter; the
+        last of the n_slots programs to arrive gets the slots' sum and re-arms the counter. (total, last): the sum
+        where last, zeros elsewhere."""
+        gl.store(base + slot * SLOT + offs, part)
+        gl.thread_barrier()  # every thread's partial before the (release) arrival
+        arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        last = arrived == n_slots - 1
+        total = gl.zeros_like(part)
+        if last:
+            for c in range(n_slots):
+                total += gl.load(base + c * SLOT + offs, cache_modifier=".cg")
+            gl.atomic_xchg(cnt_ptr + tile, 0)
+        return total, last
 
     @gluon.jit
     def _sk_cta_of(s, P, W):
