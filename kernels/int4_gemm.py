@@ -31,9 +31,10 @@ Algorithms (chosen per shape by `select_config`, the one table of this family):
   with the words TMA'd into a ring and unpacked two nibbles per LOP3 straight into the register operand; the table's
   pick there since 97e4eb1 (1.58-1.88x bf16 cuBLAS on the H200 at the two large suite shapes at b83eb2e, where
   tiled2 was at ~1x), offered by int4_gemm only where it runs (`_table_wgr`).
-- ``ldmma`` (M <= 8, K = 4096, N = 4096..16384; bf16 x, group 128; kernels/int4_ldmma.py, Gluon): swap-AB mma.sync
-  with the words loaded by 16-byte global loads straight into the A fragment, a program per 32 columns over all of K
-  (no split-K partials); the table's pick there since 06413f7 (`_ldmma_pick`: 5-25 % faster than PAIRS / wgr in the
+- ``ldmma`` (M <= 8, K = 4096, N = 4096..16384, and K14336 N4096 split 4 ways; bf16 x, group 128; kernels/
+  int4_ldmma.py, Gluon): swap-AB mma.sync with the words loaded by 16-byte global loads straight into the A
+  fragment, a program per 32 columns over all of K (at K14336 N4096 four per 32 columns, each a K slice, the last
+  to arrive summing their fp32 slots); the table's pick there since 06413f7 (`_ldmma_pick`: 5-25 % faster than PAIRS / wgr in the
   same call), offered only where it runs (`_table_ldmma`) and not for a gated one-row launch.
 
 Variants (selectable with ``config={"impl": ...}``, swept by `candidate_configs` for M <= 16; all use the
@@ -1339,7 +1340,11 @@ def _ldmma_pick(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
     12.11 / 12.37) against 15.70 / 16.00 / 16.09 (13.88 / 15.32 / 15.29); 4096^2 7.42 / 7.73 / 8.03 (6.61 / 6.65 /
     7.08) against 7.69 / 9.86 / 9.93 (7.19 / 9.54 / 9.62); K4096 N6144 M=4 / 8 9.75 / 9.96 (8.88 / 9.25) against
     10.84 / 10.98 (10.53 / 10.62), but M=1 9.34 against 8.90 (8.29 / 8.52): that row stays on PAIRS.
-    Not picked: K14336 N4096 (16.06 / 17.10 / 17.57 against 15.86 / 17.22 / 17.37: a tie at best), M = 9..16
+    - K14336 N4096 (llama's down_proj): 4-way split-K (4 programs of 4 warps per 32 columns, each a contiguous K
+      slice of 3584, the last to arrive summing the slots): M=1 / 4 / 8 13.71 / 14.14 / 14.99 against the table's
+      16.02 / 17.24 / 17.40 in the same run (sweeps/ldmma_split, 68d93d4); unsplit it was a tie (16.06 / 17.10 /
+      17.57 against 15.86 / 17.22 / 17.37). At 4096^2 the split was no faster (7.76 against 7.30 at M=1).
+    Not picked: M = 9..16
     (16-row programs: 18.66 / 23.13 / 10.27 against 18.10 / 19.08 / 10.42), groups other than 128 (untimed).
     Where the time goes (sweeps/ldmma_ablate): the words' and scales' loads alone, without x, unpack or MMA,
     take 11.74 / 10.92 us at M = 1 K4096 N14336, against the 3x bar's 10.3 (a plain Triton read of the words in the
@@ -1347,7 +1352,12 @@ def _ldmma_pick(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
     ldmma_ring, ldmma_ring_ablate): never picked.
     bf16 x only (fp16 untimed), and not under a KERNOPT_INT4_GEMV experiment; KERNOPT_INT4_LDMMA=0 turns the pick
     off (A / B runs)."""
-    if M > 8 or K != 4096 or not 4096 <= N <= 16384 or group_size != 128 or not env_switch(LDMMA_ENV, "1"):
+    if M > 8 or group_size != 128 or not env_switch(LDMMA_ENV, "1"):
+        return None
+    if K == 14336 and N == 4096:
+        return {"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "AHEAD": 1, "SPLIT_K": 4,
+                "num_warps": 4}
+    if K != 4096 or not 4096 <= N <= 16384:
         return None
     if M == 1 and 4096 < N < 8192:  # K4096 N6144 M=1: 9.34 against PAIRS' 8.90 us with zero points (8.29 / 8.52 sym)
         return None
@@ -1630,11 +1640,12 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
                             "ROWS": int(bk >= 64), "num_warps": warps})
         # split-K (SPLIT_K programs per 32 columns, the last to arrive sums their slots) where N / 32 programs leave
         # SMs idle: plain reads of the words in the unsplit grid take 12.3 us at K14336 N4096 and 5.2 at 4096^2,
-        # 4-way split 9.0 / 4.2 (sweeps/read_probe). Untimed.
-        if N <= 8192:
-            for warps, split in ((4, 2), (4, 4), (8, 2), (8, 4)):
-                out.append({"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": min(128, group_size),
-                            "AHEAD": 1, "SPLIT_K": split, "num_warps": warps})
+        # 4-way split 9.0 / 4.2 (sweeps/read_probe). Timed (sweeps/ldmma_split): 4 warps x split 4 the fastest at
+        # K14336 N4096 M <= 8 (13.71 against the unsplit table's 16.02 us at M=1), no gain at 4096^2.
+        # At N > 8192 (448+ programs, 3.4 of 4 warps per SM) a 2-way split for more warps per scheduler: untimed.
+        for warps, split in ((4, 2), (4, 4), (8, 2), (8, 4)) if N <= 8192 else ((4, 2), (8, 2)):
+            out.append({"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": min(128, group_size),
+                        "AHEAD": 1, "SPLIT_K": split, "num_warps": warps})
         # 16-column programs (2 columns a lane): twice the programs, for more warps per SM (sweeps/ldmma_ablate:
         # the words' loads alone took 11.74 us at K4096 N14336 with 32-column programs of 4 warps, 3.4 per SM)
         for warps, ahead in ((4, 1), (4, 2), (8, 1), (8, 2)):

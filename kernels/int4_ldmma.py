@@ -43,7 +43,8 @@ loads alone no faster, sweeps/ldmma_ring_ablate). Plain Triton reads of the same
 K4096 N14336 (benchmarks/read_probe.py): what is left above that is the unpack / MMA chains with 3.4 warps per
 scheduler, and at N = 4096 the grid itself (128 programs: 12.3 us at K14336, where 4-way split-K reads in 9.0):
 SPLIT_K (programs per column block, each a contiguous K slice, the last to arrive summing their slots) is built for
-that, untimed.
+that: 4 ways at K14336 N4096 M=1 / 4 / 8 13.71 / 14.14 / 14.99 us against the table's 16.02 / 17.24 / 17.40 (the
+table's pick there since), no faster at 4096^2 (7.76 against 7.30; sweeps/ldmma_split).
 
 No interpreter: Gluon kernels do not run under TRITON_INTERPRET. On CPU `ldmma_emulate` repeats the kernel's
 relabelling (joins, reshapes, permutations) in torch against the reference, and tests/kernels/sm90_offline.py

@@ -267,3 +267,21 @@ def test_table_picks_ldmma_only_where_it_runs_and_never_for_a_gated_row(monkeypa
     assert q4.resolve_config(x4, qweight, scales, zeros, 128, None, gated=True)["impl"] == "ldmma"
     monkeypatch.setenv(q4.LDMMA_ENV, "0")
     assert q4.resolve_config(x, qweight, scales, zeros, 128, None)["impl"] == "gemv2"
+
+
+def test_table_splits_ldmma_only_at_the_long_k_shape():
+    """K14336 N4096 (llama's down_proj) takes the 4-way split-K ldmma at M <= 8 (sweeps/ldmma_split); K = 4096 stays
+    unsplit, M > 8 and other group sizes leave ldmma."""
+    from kernopt.kernels import int4_gemm as q4
+
+    bf16 = torch.bfloat16
+    for M in (1, 4, 8):
+        cfg = q4.select_config(M, 4096, 14336, 128, x_dtype=bf16)
+        assert (cfg["impl"], cfg.get("SPLIT_K"), cfg["num_warps"]) == ("ldmma", 4, 4)
+        assert q4.select_config(M, 4096, 14336, 128, symmetric=True, x_dtype=bf16) == cfg
+        assert q4.select_config(M, 4096, 4096, 128, x_dtype=bf16).get("SPLIT_K", 1) == 1
+        assert q4.select_config(M, 4096, 14336, 128, x_dtype=torch.float16)["impl"] != "ldmma"
+        assert q4.select_config(M, 4096, 14336, 128, x_dtype=bf16, ldmma=False)["impl"] != "ldmma"
+    assert q4.select_config(16, 4096, 14336, 128, x_dtype=bf16)["impl"] != "ldmma"
+    assert q4.select_config(1, 4096, 14336, 64, x_dtype=bf16)["impl"] != "ldmma"
+    assert q4.select_config(1, 4096, 8192, 128, x_dtype=bf16)["impl"] != "ldmma"
