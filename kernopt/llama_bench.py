@@ -81,7 +81,8 @@ SYSTEMS = ("eager", "hf_static_inductor", "kernopt", "kernopt_int4", "kernopt_fp
 # (kernels/fp8_gemm.py GEMV_ENV=0). kernopt_fp8_nogroup: kernopt_fp8 with one launch per linear, q/k/v and gate/up
 # not packed nor grouped (kernopt/fp8.py GROUP_ENV=0).
 # kernopt_int4_fp32 / _planes / _tcasm / _pairs128 / _pairs64 / _px / _split8: kernopt_int4 with the
-# decode GEMV experiment of kernels/int4_gemm.py (GEMV_VARIANT_ENV) set for that system only. A system's name
+# decode GEMV experiment of kernels/int4_gemm.py (GEMV_VARIANT_ENV) set for that system only. kernopt_int4_noldmma:
+# kernopt_int4 with the int4 table's ldmma picks off (kernels/int4_gemm.py LDMMA_ENV=0). A system's name
 # says what it quantizes to (quantize_of).
 EXTRA_SYSTEMS = ("kernopt_sync", "kernopt_int4_fp32", "kernopt_int4_planes", "kernopt_int4_tcasm",
                  "kernopt_int4_prompt_inductor", "kernopt_int4_prompt_nographs", "kernopt_int4_pairs128",
@@ -90,12 +91,12 @@ EXTRA_SYSTEMS = ("kernopt_sync", "kernopt_int4_fp32", "kernopt_int4_planes", "ke
                  "kernopt_int4_pdl", "kernopt_int4_split8", "kernopt_int4_nolane",
                  "kernopt_int4_prompt_kernel", "kernopt_nofold",
                  "kernopt_nobounds", "kernopt_fp8_prompt_kernel", "kernopt_fp8_nogemv",
-                 "kernopt_fp8_nogroup")
+                 "kernopt_fp8_nogroup", "kernopt_int4_noldmma")
 # The experiment switches each system sets for its own run (every other system runs with them unset, whatever
 # the caller set): kernels/int4_gemm.py GEMV_VARIANT_ENV, passes/int4.py PROMPT_ENV and SWIGLU_ENV,
 # kernopt/backend.py COMBO_ENV, passes/decode_append.py APPEND_ENV, kernels/pdl.py PDL_ENV, kernopt/ops.py LANE_ENV,
 # passes/constant_mask.py FOLD_ENV, kernels/flash_attention.py BOUNDS_ENV, passes/fp8.py PROMPT_ENV,
-# kernels/fp8_gemm.py GEMV_ENV, kernopt/fp8.py GROUP_ENV.
+# kernels/fp8_gemm.py GEMV_ENV, kernopt/fp8.py GROUP_ENV, kernels/int4_gemm.py LDMMA_ENV.
 SYSTEM_ENV = {"kernopt_int4_fp32": {"KERNOPT_INT4_GEMV": "fp32"}, "kernopt_int4_planes": {"KERNOPT_INT4_GEMV": "planes"},
               "kernopt_int4_tcasm": {"KERNOPT_INT4_GEMV": "tcasm"},
               "kernopt_int4_pairs128": {"KERNOPT_INT4_GEMV": "pairs128"},
@@ -111,7 +112,8 @@ SYSTEM_ENV = {"kernopt_int4_fp32": {"KERNOPT_INT4_GEMV": "fp32"}, "kernopt_int4_
               "kernopt_int4_nolane": {"KERNOPT_INT4_LANE": "0"}, "kernopt_nofold": {"KERNOPT_MASK_FOLD": "0"},
               "kernopt_nobounds": {"KERNOPT_MASK_BOUNDS": "0"},
               "kernopt_fp8_prompt_kernel": {"KERNOPT_FP8_PROMPT": "kernel"},
-              "kernopt_fp8_nogemv": {"KERNOPT_FP8_GEMV": "0"}, "kernopt_fp8_nogroup": {"KERNOPT_FP8_GROUP": "0"}}
+              "kernopt_fp8_nogemv": {"KERNOPT_FP8_GEMV": "0"}, "kernopt_fp8_nogroup": {"KERNOPT_FP8_GROUP": "0"},
+              "kernopt_int4_noldmma": {"KERNOPT_INT4_LDMMA": "0"}}
 DEVICES = ("cuda", "cpu")
 MIN_COSINE = 0.995  # compiled kernopt vs its own eager reference, bf16
 # Quantized systems pass when within MIN_COSINE of their eager reference, or at least as close to it as that

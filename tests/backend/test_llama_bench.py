@@ -320,7 +320,8 @@ def test_experiment_systems_set_their_switches_for_their_run_only(monkeypatch):
                                                                              "KERNOPT_INDUCTOR_COMBO",
                                                                              "KERNOPT_DECODE_APPEND", "KERNOPT_PDL", "KERNOPT_MASK_FOLD", "KERNOPT_MASK_BOUNDS",
                                                                              "KERNOPT_INT4_LANE", "KERNOPT_FP8_PROMPT",
-                                                                             "KERNOPT_FP8_GEMV", "KERNOPT_FP8_GROUP"}
+                                                                             "KERNOPT_FP8_GEMV", "KERNOPT_FP8_GROUP",
+                                                                             "KERNOPT_INT4_LDMMA"}
     assert set(llama_bench.SYSTEM_ENV) <= set(llama_bench.EXTRA_SYSTEMS)
     assert llama_bench.quantize_of("kernopt_noappend") is None and llama_bench.quantize_of("kernopt_int4_noappend") == "int4"
     monkeypatch.setenv(GEMV_VARIANT_ENV, "planes")
