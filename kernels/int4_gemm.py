@@ -34,8 +34,8 @@ Algorithms (chosen per shape by `select_config`, the one table of this family):
 - ``ldmma`` (M <= 8, K = 4096, N = 4096..16384, and K14336 N4096 split 4 ways; bf16 x, group 128; kernels/
   int4_ldmma.py, Gluon): swap-AB mma.sync with the words loaded by 16-byte global loads straight into the A
   fragment, a program per 32 columns over all of K (at K14336 N4096 four per 32 columns, each a K slice, the last
-  to arrive summing their fp32 slots); the table's pick there since 06413f7 (`_ldmma_pick`: 5-25 % faster than PAIRS / wgr in the
-  same call), offered only where it runs (`_table_ldmma`) and not for a gated one-row launch.
+  to arrive summing their fp32 slots); the table's pick there since 06413f7 (`_ldmma_pick`: 5-25 % faster than
+  PAIRS / wgr in the same call), offered only where it runs (`_table_ldmma`) and not for a gated one-row launch.
 
 Variants (selectable with ``config={"impl": ...}``, swept by `candidate_configs` for M <= 16; all use the
 same storage). Since the H200 sweep of 2026-11-29 `select_config` picks ``gemv2`` at M=1 and ``tiled2`` at
