@@ -1643,10 +1643,12 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
         # SMs idle: plain reads of the words in the unsplit grid take 12.3 us at K14336 N4096 and 5.2 at 4096^2,
         # 4-way split 9.0 / 4.2 (sweeps/read_probe). Timed (sweeps/ldmma_split): 4 warps x split 4 the fastest at
         # K14336 N4096 M <= 8 (13.71 against the unsplit table's 16.02 us at M=1), no gain at 4096^2.
-        # At N > 8192 (448+ programs, 3.4 of 4 warps per SM) a 2-way split for more warps per scheduler: untimed.
-        for warps, split in ((4, 2), (4, 4), (8, 2), (8, 4)) if N <= 8192 else ((4, 2), (8, 2)):
-            out.append({"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": min(128, group_size),
-                        "AHEAD": 1, "SPLIT_K": split, "num_warps": warps})
+        # Not at N > 8192: a 2-way split at K4096 N14336 (896 programs, 4 per SM by registers) took 16.33 / 25.13 us
+        # (4 / 8 warps) against the unsplit pick's 14.13 at M=1 (sweeps/ldmma_split2).
+        if N <= 8192:
+            for warps, split in ((4, 2), (4, 4), (8, 2), (8, 4)):
+                out.append({"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": min(128, group_size),
+                            "AHEAD": 1, "SPLIT_K": split, "num_warps": warps})
         # 16-column programs (2 columns a lane): twice the programs, for more warps per SM (sweeps/ldmma_ablate:
         # the words' loads alone took 11.74 us at K4096 N14336 with 32-column programs of 4 warps, 3.4 per SM)
         for warps, ahead in ((4, 1), (4, 2), (8, 1), (8, 2)):
