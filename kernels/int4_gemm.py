@@ -1620,11 +1620,12 @@ def candidate_configs(M: int, N: int, K: int, group_size: int) -> list[dict]:
         # per 32 columns over all of K, its warps taking K chunks round robin (more warps: more loads in flight)
         # (sweeps/ldmma2: 2-3 chunks in flight per warp, before the loop was unrolled, were slower than one,
         # 17.97 / 20.73 against 14.10 us; BLOCK_N 64 slower everywhere, sweeps/ldmma2-3). AHEAD 2: two chunks in
-        # flight per warp; MAXNREG 128: four 4-warp programs per SM at 16 rows (168 registers otherwise, no spill);
-        # chunks of 64 with one ahead: half the x / word registers of 128 (for 16 rows), untimed
+        # flight per warp; MAXNREG 128: four 4-warp programs per SM at 16 rows (168 registers otherwise, no spill).
+        # Chunks of 64 with one ahead (126 registers at 16 rows) beat none of these at M = 9 / 16 (sweeps/ldmma_m16,
+        # ldmma_m16_sym: K4096 N14336 M=16 18.92 against the table's 18.24 us): not listed
         bm = 8 if M <= 8 else 16
-        for warps, bk, ahead in ((4, 128, 1), (4, 128, 2), (4, 64, 1), (4, 64, 2), (8, 128, 1), (8, 128, 2),
-                                 (8, 64, 1), (8, 64, 2), (16, 128, 1), (16, 64, 2)):
+        for warps, bk, ahead in ((4, 128, 1), (4, 128, 2), (4, 64, 2), (8, 128, 1), (8, 128, 2), (8, 64, 2),
+                                 (16, 128, 1), (16, 64, 2)):
             out.append({"impl": "ldmma", "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": min(bk, group_size),
                         "AHEAD": ahead, "num_warps": warps})
         if bm == 16:
