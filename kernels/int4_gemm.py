@@ -1354,15 +1354,14 @@ def _ldmma_pick(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
     off (A / B runs)."""
     if M > 8 or group_size != 128 or not env_switch(LDMMA_ENV, "1"):
         return None
+    base = {"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "AHEAD": 1}
     if K == 14336 and N == 4096:
-        return {"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "AHEAD": 1, "SPLIT_K": 4,
-                "num_warps": 4}
+        return {**base, "SPLIT_K": 4, "num_warps": 4}
     if K != 4096 or not 4096 <= N <= 16384:
         return None
     if M == 1 and 4096 < N < 8192:  # K4096 N6144 M=1: 9.34 against PAIRS' 8.90 us with zero points (8.29 / 8.52 sym)
         return None
-    return {"impl": "ldmma", "BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 128, "AHEAD": 1,
-            "num_warps": 4 if N >= 8192 else 8}
+    return {**base, "num_warps": 4 if N >= 8192 else 8}
 
 
 def _wgr_pick(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
